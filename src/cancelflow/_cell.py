@@ -1,0 +1,222 @@
+"""Shared-memory chunks that hold every token's flag and reason.
+
+A :class:`Chunk` is one ``memfd`` mapped ``MAP_SHARED`` and cut into fixed 128-byte slots;
+slot 0 is the header (a 32-bit *generation* word that every cross-process cancel bumps).
+A token's flag lives in its slot from the token's birth, so a process forked later, or
+started with the token as an argument, sees the same byte: no copy, no message, no lock.
+
+Invariants this layer gives :mod:`cancelflow._token`:
+
+* A slot is never handed out twice while any process may still read it: slots of a chunk
+  that was shared (forked or pickled) are not reused; a new chunk is made instead.
+* A chunk's descriptor is closed once no live token uses it; the mapping goes with the
+  last token object (each token holds the buffer it was built on).
+* :meth:`Chunk.lock_slot` serialises first-cancel-wins *between processes* with an
+  ``fcntl`` record lock, which the kernel drops if the holder dies: no lock can be left
+  held by a dead process. Threads of one process are serialised before that, by the
+  token's own atomic step.
+* Each process has at most one *hub* thread per shared chunk, running only while tokens of
+  that chunk have listeners (callbacks or asyncio waiters). It sleeps on the generation
+  word with ``futex`` and applies cancels made by other processes to local listeners.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import mmap
+import os
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from ._platform import futex_wait, futex_wake
+
+if TYPE_CHECKING:
+    from ._token import CancellationToken
+
+SLOT_SIZE = 128
+#: bytes of a reason that fit in shared memory; longer reasons are cut (UTF-8 safe)
+REASON_MAX = SLOT_SIZE - 8
+REASON_NONE = 0xFFFFFFFF
+DEFAULT_SLOTS = 4096
+
+
+class _Header(ctypes.Structure):
+    _fields_ = (("generation", ctypes.c_uint32),)
+
+
+class Chunk:
+    """A shared-memory arena of token slots (see the module docstring)."""
+
+    def __init__(self, nslots: int = DEFAULT_SLOTS, *, fd: int | None = None) -> None:
+        self.size = nslots * SLOT_SIZE
+        self.owned = fd is None
+        if fd is None:
+            fd = os.memfd_create("cancelflow-tokens", os.MFD_CLOEXEC)
+            os.ftruncate(fd, self.size)
+        else:
+            self.size = os.fstat(fd).st_size
+        self.fd: int = fd
+        self.mm = mmap.mmap(fd, self.size)
+        self.header = _Header.from_buffer(self.mm, 0)
+        self.gen_address = ctypes.addressof(self.header)
+        # Owned chunks hand slots out; attached ones (from another process) never do.
+        self._free: list[int] = (
+            list(range(self.size - SLOT_SIZE, 0, -SLOT_SIZE)) if self.owned else []
+        )
+        self.live = 0
+        #: True once another process may read this chunk (fork, pickling, attached)
+        self.shared = not self.owned
+        self.listeners: dict[int, weakref.ref[CancellationToken]] = {}
+        self._hub_ticket: list[int] = [1]
+        _all_chunks.add(self)
+
+    # -- slots -------------------------------------------------------------------------
+    def allocate(self) -> int | None:
+        """Return a fresh slot offset, or ``None`` if this chunk has none left to give."""
+        try:
+            offset = self._free.pop()
+        except IndexError:
+            return None
+        self.live += 1
+        return offset
+
+    def adopt(self) -> None:
+        """Count a token built on a slot of this chunk that it did not allocate."""
+        self.live += 1
+
+    def release(self, offset: int, *, reusable: bool) -> None:
+        """Give a slot back; close the descriptor once nothing uses the chunk."""
+        self.listeners.pop(offset, None)
+        if reusable and self.owned and not self.shared:
+            self._free.append(offset)
+        self.live -= 1
+        if self.live <= 0:
+            self.close()
+
+    def close(self) -> None:
+        global _current
+        if _current is self:
+            _current = None
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    @contextmanager
+    def lock_slot(self, offset: int) -> Iterator[None]:
+        """Hold a cross-process lock on one slot (dropped by the kernel if we die)."""
+        fd = self.fd
+        if fd < 0:
+            yield
+            return
+        fcntl.lockf(fd, fcntl.LOCK_EX, SLOT_SIZE, offset)
+        try:
+            yield
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, SLOT_SIZE, offset)
+
+    # -- cross-process notification ----------------------------------------------------
+    def ring(self) -> None:
+        """Tell every hub in every process that some slot of this chunk changed."""
+        self.header.generation = (self.header.generation + 1) & 0xFFFFFFFF
+        futex_wake(self.gen_address)
+
+    def watch(self, token: CancellationToken) -> None:
+        """Deliver cancels that other processes make on ``token`` to its local listeners."""
+        self.listeners[token._offset] = weakref.ref(token)
+        if self.shared:
+            self._ensure_hub()
+
+    def unwatch(self, token: CancellationToken) -> None:
+        if self.listeners.pop(token._offset, None) is not None and self.shared and not self.listeners:
+            self.ring()  # lets an idle hub notice it has nothing left to watch
+
+    def mark_shared(self) -> None:
+        if not self.shared:
+            self.shared = True
+            if self.listeners:
+                self._ensure_hub()
+
+    def _ensure_hub(self) -> None:
+        try:
+            self._hub_ticket.pop()
+        except IndexError:
+            self.ring()  # a hub runs already; make it rescan
+            return
+        threading.Thread(target=self._hub, name="cancelflow-token-hub", daemon=True).start()
+
+    def _hub(self) -> None:
+        while True:
+            generation = self.header.generation
+            for offset, ref in list(self.listeners.items()):
+                token = ref()
+                if token is None:
+                    self.listeners.pop(offset, None)
+                elif token.is_cancelled:
+                    self.listeners.pop(offset, None)
+                    token._apply()
+            if not self.listeners:
+                self._hub_ticket.append(1)
+                if not self.listeners:
+                    return
+                try:  # a listener arrived while we were leaving: keep running if we can
+                    self._hub_ticket.pop()
+                except IndexError:
+                    return
+            futex_wait(self.gen_address, generation, None)
+
+
+_all_chunks: weakref.WeakSet[Chunk] = weakref.WeakSet()
+_current: Chunk | None = None
+_attached: weakref.WeakValueDictionary[tuple[int, int], Chunk] = weakref.WeakValueDictionary()
+
+
+def allocate_slot() -> tuple[Chunk, int]:
+    """Return ``(chunk, offset)`` for a new token, making a new chunk when needed."""
+    global _current
+    chunk = _current
+    if chunk is not None:
+        offset = chunk.allocate()
+        if offset is not None:
+            return chunk, offset
+    chunk = _current = Chunk()
+    offset = chunk.allocate()
+    assert offset is not None
+    return chunk, offset
+
+
+def attach_chunk(fd: int) -> Chunk:
+    """Map a chunk made by another process, once per process (``fd`` is consumed)."""
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
+    chunk = _attached.get(key)
+    if chunk is not None and chunk.fd >= 0:
+        os.close(fd)
+        return chunk
+    chunk = Chunk(fd=fd)
+    _attached[key] = chunk
+    return chunk
+
+
+def _before_fork() -> None:
+    # Whatever exists now may be read by the child: never reuse its slots.
+    for chunk in list(_all_chunks):
+        chunk.mark_shared()
+
+
+def _after_fork_in_child() -> None:
+    global _current
+    _current = None  # the child allocates from chunks of its own
+    for chunk in list(_all_chunks):
+        chunk.owned = False
+        chunk._free = []
+        chunk._hub_ticket = [1]  # hub threads do not survive a fork
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)

@@ -1,0 +1,38 @@
+"""The ``cancelflow`` command: ``demo`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ._version import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cancelflow",
+        description=(
+            "Run pipelines across asyncio, threads and processes, and stop them cleanly "
+            "from anywhere."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"cancelflow {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    from . import _demo
+
+    _demo.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cancelflow`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""cancelflow's exceptions: one small hierarchy, every class for one condition.
+
+::
+
+    CancelflowError (Exception)
+    ├── CancelledException               work was stopped on purpose
+    │   └── PipelineTimeoutException     ... because a deadline passed (also TimeoutError)
+    ├── PipelineFailedException          a node raised; the others were stopped
+    ├── PipelineDefinitionError          a bad pipeline, refused before anything ran (also ValueError)
+    ├── WorkerCrashedError               a worker process died by itself (also RuntimeError)
+    └── PoolClosedError                  work offered to a pool that was shut down (also RuntimeError)
+
+Relation to :class:`asyncio.CancelledError`: :class:`CancelledException` is *not* one, and
+never derives from it. asyncio uses ``CancelledError`` to unwind a task that was
+``Task.cancel()``-ed; if our exception were one, a ``CancelledException`` raised inside a
+task would be mistaken by asyncio for the task's own cancellation (``TaskGroup`` and
+``timeout()`` would swallow or re-interpret it). Where cancelflow cancels a coroutine
+node it uses asyncio's own mechanism internally, then reports the outcome to the caller
+as a ``CancelledException``.
+
+All of them pickle, so they cross process boundaries with their data intact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = (
+    "CancelflowError",
+    "CancelledException",
+    "PipelineDefinitionError",
+    "PipelineFailedException",
+    "PipelineTimeoutException",
+    "PoolClosedError",
+    "WorkerCrashedError",
+)
+
+
+class CancelflowError(Exception):
+    """Base class of every error cancelflow raises on purpose."""
+
+
+class CancelledException(CancelflowError):
+    """Work was cancelled; carries why, where, and what was finished before.
+
+    Raised by :meth:`CancellationToken.raise_if_cancelled`, by the pools when a task is
+    stopped, and by :class:`PipelineExecutor` when a pipeline is cancelled (by the
+    registry, the caller's token, a signal, or a newer request superseding it).
+
+    Attributes:
+        message: human-readable summary.
+        reason: the reason given to the first ``cancel()`` (``None`` if none was given).
+        partial_results: results of the work that completed before the cancellation,
+            keyed by node id (plus anything stored with ``store_partial``). Final: it is
+            raised only once nothing of the cancelled work is still running.
+        wave_num: the wave that was running or about to start (0-based), or ``None``.
+    """
+
+    def __init__(
+        self,
+        message: str = "operation cancelled",
+        partial_results: dict[str, Any] | None = None,
+        wave_num: int | None = None,
+        *,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.partial_results: dict[str, Any] = dict(partial_results or {})
+        self.wave_num = wave_num
+        self.reason = reason
+
+    def __str__(self) -> str:
+        where = f" (at wave {self.wave_num})" if self.wave_num is not None else ""
+        return f"{self.message}{where} - {len(self.partial_results)} partial results available"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild,
+            (type(self), (self.message, self.partial_results, self.wave_num), self._extra()),
+        )
+
+    def _extra(self) -> dict[str, Any]:
+        return {"reason": self.reason}
+
+
+class PipelineTimeoutException(CancelledException, TimeoutError):
+    """A pipeline, node or task ran past its deadline and was stopped.
+
+    Also a :class:`TimeoutError`, so ``except TimeoutError`` catches it, and a
+    :class:`CancelledException` (a timeout is one way of being cancelled), so
+    ``partial_results`` and ``wave_num`` are there as for any cancellation.
+    """
+
+    def __init__(
+        self,
+        message: str = "pipeline timed out",
+        partial_results: dict[str, Any] | None = None,
+        wave_num: int | None = None,
+        *,
+        reason: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(message, partial_results, wave_num, reason=reason)
+        self.timeout = timeout
+
+    def _extra(self) -> dict[str, Any]:
+        return {"reason": self.reason, "timeout": self.timeout}
+
+
+class PipelineFailedException(CancelflowError):
+    """A node raised, so the rest of its pipeline was stopped.
+
+    The node's own exception is ``__cause__``. Distinct from :class:`CancelledException`:
+    nobody asked for the stop; the pipeline could not go on.
+
+    Attributes:
+        node_id: the node whose error ended the pipeline (the first one to fail).
+        partial_results: outputs of the nodes that completed, keyed by node id.
+        wave_num: the wave the failing node belonged to.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        node_id: str | None = None,
+        partial_results: dict[str, Any] | None = None,
+        wave_num: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.node_id = node_id
+        self.partial_results: dict[str, Any] = dict(partial_results or {})
+        self.wave_num = wave_num
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild,
+            (
+                type(self),
+                (self.message,),
+                {
+                    "node_id": self.node_id,
+                    "partial_results": self.partial_results,
+                    "wave_num": self.wave_num,
+                },
+            ),
+        )
+
+
+class PipelineDefinitionError(CancelflowError, ValueError):
+    """A pipeline definition is invalid; raised before any node runs.
+
+    Attributes:
+        node_id: the offending node, when one node is to blame.
+    """
+
+    def __init__(self, message: str, *, node_id: str | None = None) -> None:
+        super().__init__(message)
+        self.node_id = node_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), (str(self),), {"node_id": self.node_id}))
+
+
+class WorkerCrashedError(CancelflowError, RuntimeError):
+    """A worker process died by itself (segfault, ``os._exit``, OOM killer, an outside kill).
+
+    Only the task that was running on that worker fails with it; the pool replaces the
+    worker. Distinct from :class:`CancelledException`, where *we* stopped the worker.
+
+    Attributes:
+        exitcode: the exit status if it exited, else ``None``.
+        signal: the number of the signal that killed it, else ``None``.
+        pid: the worker's process id.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exitcode: int | None = None,
+        signal: int | None = None,
+        pid: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.signal = signal
+        self.pid = pid
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild,
+            (
+                type(self),
+                (str(self),),
+                {"exitcode": self.exitcode, "signal": self.signal, "pid": self.pid},
+            ),
+        )
+
+
+class PoolClosedError(CancelflowError, RuntimeError):
+    """Work was offered to a pool or executor after it was shut down."""
+
+
+def _rebuild(cls: type[Exception], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Exception:
+    return cls(*args, **kwargs)

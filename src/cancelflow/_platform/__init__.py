@@ -1,0 +1,118 @@
+"""Operating-system primitives that cancelflow needs, behind one small surface.
+
+Everything that depends on the kernel lives here, so the rest of the package never
+checks ``sys.platform`` itself:
+
+* :func:`futex_wait` / :func:`futex_wake`: block on a 32-bit word in (possibly shared)
+  memory until another thread or process changes it. On Linux this is the ``futex``
+  system call, used through :mod:`ctypes` with the GIL released, so a wait wakes as
+  soon as the word changes, in whatever process the change is made. Elsewhere a
+  documented fallback sleeps in short, growing steps (up to 5 ms) and re-reads the word.
+* :func:`set_child_subreaper`: make this process adopt orphaned descendants, so that a
+  killed task's grandchildren can be reaped here instead of becoming zombies of a PID 1
+  that never reaps (containers). A no-op returning ``False`` where unsupported.
+* :func:`pidfd_open`: a file descriptor that becomes readable when a process exits, for
+  event-driven confirmation that a worker is gone. ``None`` where unsupported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import platform
+import sys
+import time
+
+__all__ = (
+    "HAVE_FUTEX",
+    "futex_wait",
+    "futex_wake",
+    "pidfd_open",
+    "set_child_subreaper",
+)
+
+_FUTEX_WAIT = 0
+_FUTEX_WAKE = 1
+_INT_MAX = 2**31 - 1
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "i686": 240, "armv7l": 240}.get(platform.machine())
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+_libc = _load_libc()
+HAVE_FUTEX: bool = _libc is not None and _SYS_FUTEX is not None
+
+
+def futex_wait(address: int, expected: int, timeout: float | None) -> None:
+    """Block while the 32-bit word at ``address`` equals ``expected``, at most ``timeout`` s.
+
+    May return early (a signal, a spurious wake-up, or a change that was undone): the
+    caller re-reads the word and decides whether to wait again. Never raises for those.
+    Safe from any thread; the GIL is released while blocked, and a signal makes it return
+    so that Python runs the handler.
+    """
+    if HAVE_FUTEX:
+        assert _libc is not None
+        assert _SYS_FUTEX is not None
+        if timeout is None:
+            ts_ptr = None
+        else:
+            seconds = max(timeout, 0.0)
+            ts = _Timespec(int(seconds), int((seconds % 1.0) * 1e9))
+            ts_ptr = ctypes.byref(ts)
+        _libc.syscall(
+            _SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAIT, expected, ts_ptr, None, 0
+        )
+        return
+    # Fallback: a bounded sleep; the caller loops and re-reads the word.
+    time.sleep(0.005 if timeout is None else min(max(timeout, 0.0), 0.005))
+
+
+def futex_wake(address: int) -> None:
+    """Wake every thread, in every process, blocked in :func:`futex_wait` on ``address``.
+
+    Never blocks and takes no lock, so it is safe in a signal handler.
+    """
+    if HAVE_FUTEX:
+        assert _libc is not None
+        assert _SYS_FUTEX is not None
+        _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAKE, _INT_MAX, None, None, 0)
+
+
+def set_child_subreaper(enabled: bool = True) -> bool:
+    """Make this process the reaper of its orphaned descendants; return whether it worked."""
+    if _libc is None:
+        return False
+    return bool(_libc.prctl(_PR_SET_CHILD_SUBREAPER, int(enabled), 0, 0, 0) == 0)
+
+
+def pidfd_open(pid: int) -> int | None:
+    """Return a descriptor that is readable once ``pid`` has exited, or ``None``.
+
+    ``None`` means the platform has no pidfd or the process is already gone
+    (``ESRCH``); the caller then falls back to ``waitpid``.
+    """
+    opener = getattr(os, "pidfd_open", None)
+    if opener is None:
+        return None
+    try:
+        fd: int = opener(pid)
+    except OSError as exc:
+        if exc.errno in (errno.ESRCH, errno.ENOSYS, errno.EPERM):
+            return None
+        raise
+    return fd

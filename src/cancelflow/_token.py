@@ -1,0 +1,481 @@
+"""`CancellationToken`: one flag that any thread, signal handler, event loop or process can
+set, and all of them can read and wait on."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import itertools
+import math
+import multiprocessing.context
+import multiprocessing.reduction
+import time
+import weakref
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from . import _cell, _timer
+from ._exceptions import CancelledException
+from ._log import safe_log
+from ._platform import futex_wait, futex_wake
+
+__all__ = ("CallbackHandle", "CancellationToken", "Reason")
+
+Reason = str | None
+_ids = itertools.count(1)
+
+
+class CallbackHandle:
+    """What :meth:`CancellationToken.on_cancel` returns: lets you take the callback back."""
+
+    __slots__ = ("_id", "_token")
+
+    def __init__(self, token: CancellationToken, ident: int) -> None:
+        self._token = token
+        self._id = ident
+
+    def remove(self) -> bool:
+        """Unregister the callback; return ``True`` if it had not run and now never will.
+
+        Idempotent, lock-free, and safe from any thread or a signal handler.
+        """
+        token = self._token
+        removed = token._callbacks.pop(self._id, None) is not None
+        if removed and not token._callbacks:
+            token._chunk.unwatch(token)
+        return removed
+
+    def __enter__(self) -> CallbackHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class _Cell(ctypes.Structure):
+    # The flag is a ctypes field read straight from shared memory by a C getter:
+    # cheaper than a Python property and visible to every process that maps the slot.
+    _fields_ = (
+        ("is_cancelled", ctypes.c_bool),
+        ("_pad", ctypes.c_uint8 * 3),
+        ("_reason_len", ctypes.c_uint32),
+        ("_reason_bytes", ctypes.c_char * _cell.REASON_MAX),
+    )
+
+
+class CancellationToken(_Cell):
+    """A thread-, signal- and process-safe cancellation flag with a reason.
+
+    A token starts not cancelled. :meth:`cancel` sets it, once: the first call wins, its
+    reason is kept, and later calls (from any thread, any process, or a signal handler)
+    return ``False`` and change nothing. Everything waiting on the token is then woken:
+    ``await token.wait()`` on any asyncio loop, :meth:`wait_blocking` in any thread or
+    process, and every :meth:`on_cancel` callback, exactly once.
+
+    ``token.is_cancelled`` never blocks, takes no lock and makes no system call: it reads
+    one byte of shared memory through a C getter (about as cheap as
+    ``threading.Event.is_set()``, and over ten times cheaper than
+    ``multiprocessing.Event.is_set()``), so it is fine in a hot loop and in a signal handler.
+
+    Linked tokens: :meth:`child` makes a token cancelled whenever this one is (not the
+    reverse); :meth:`linked` one cancelled when any of several is; ``timeout=`` cancels a
+    token by itself after that many seconds. Links and timers are dropped as soon as the
+    token is cancelled, closed or garbage-collected, so a long-lived parent does not grow
+    with the short-lived children it spawns.
+
+    Across processes: pass the token to ``multiprocessing.Process(args=...)`` (any start
+    method) or use cancelflow's pools. Either side may cancel and both see it at once;
+    the other side's waiters wake through a ``futex`` on the shared word. A token cannot
+    be pickled through a queue or pipe to an already-running process (there is no way to
+    hand it the shared memory): that raises ``TypeError``. A reason crosses processes cut
+    to 120 bytes of UTF-8.
+
+    Not promised: ``is_cancelled`` being ``True`` does not mean the work has stopped, only
+    that it was asked to. ``is_cancelled`` is a read-only attribute by contract; writing it
+    bypasses callbacks and waiters.
+
+    Signal safety: :meth:`cancel`, :meth:`on_cancel` and :meth:`CallbackHandle.remove`
+    take no lock within a process (each decision is a single atomic step under the GIL),
+    so a signal handler that calls ``cancel()`` while the interrupted thread is inside any
+    of the token's methods cannot deadlock.
+    """
+
+    # ``is_cancelled`` is the ctypes field declared by _Cell.
+    is_cancelled: bool
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> CancellationToken:
+        chunk, offset = _cell.allocate_slot()
+        self = cls.from_buffer(chunk.mm, offset)
+        self._chunk = chunk
+        self._offset = offset
+        return self
+
+    def __init__(self, *, timeout: float | None = None, name: str | None = None) -> None:
+        """Create a token, optionally cancelling itself after ``timeout`` seconds.
+
+        Args:
+            timeout: seconds after which the token cancels itself with the reason
+                ``"timeout after {timeout}s"``; ``None`` for never.
+            name: a label for log lines and ``repr``.
+
+        Raises:
+            TypeError: ``timeout`` is not a number or ``name`` not a string.
+            ValueError: ``timeout`` is negative or not finite.
+        """
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, not {type(name).__name__}")
+        self._init_local(name)
+        self._clear_shared()
+        if timeout is not None:
+            self._arm_timer(_check_timeout(timeout, "timeout"))
+
+    def _init_local(self, name: str | None) -> None:
+        self._id = next(_ids)
+        self.name = name or f"token-{self._id}"
+        self._once: list[None] = [None]
+        self._applied: list[None] = [None]
+        self._reason: Reason = None
+        self._callbacks: dict[int, Callable[[], object]] = {}
+        self._links: list[CallbackHandle] = []
+        self._timer: _timer.TimerHandle | None = None
+        self._exported = False
+
+    def _clear_shared(self) -> None:
+        self._reason_len = _cell.REASON_NONE
+        self.is_cancelled = False
+
+    @classmethod
+    def _on_slot(cls, chunk: _cell.Chunk, offset: int, name: str | None = None) -> CancellationToken:
+        """A token over an existing slot (another process's token, or a pool's task slot)."""
+        self = cls.from_buffer(chunk.mm, offset)
+        self._chunk = chunk
+        self._offset = offset
+        chunk.adopt()
+        self._init_local(name)
+        if self.is_cancelled:
+            self._once.clear()
+        return self
+
+    # -- reading ------------------------------------------------------------------------
+    @property
+    def cancel_reason(self) -> Reason:
+        """The reason given to the winning :meth:`cancel`, or ``None``.
+
+        ``None`` also while not cancelled. A reason set in another process is read from
+        shared memory (cut to 120 bytes).
+        """
+        if not self.is_cancelled:
+            return None
+        if self._reason is not None:
+            return self._reason
+        return self._read_shared_reason()
+
+    def _read_shared_reason(self) -> Reason:
+        length = self._reason_len
+        if length == _cell.REASON_NONE:
+            return None
+        raw = ctypes.string_at(ctypes.addressof(self) + _Cell._reason_bytes.offset, length)
+        return raw.decode("utf-8", "replace")
+
+    def raise_if_cancelled(self) -> None:
+        """Raise :class:`CancelledException` (with the reason) if the token is cancelled."""
+        if self.is_cancelled:
+            reason = self.cancel_reason
+            raise CancelledException(reason or "operation cancelled", reason=reason)
+
+    # -- cancelling ---------------------------------------------------------------------
+    def cancel(self, reason: Reason = None) -> bool:
+        """Cancel the token; return ``True`` if this call cancelled it.
+
+        Idempotent: only the first call, from whatever thread or process, sets the reason
+        and runs the callbacks; the others return ``False``. Safe from any thread, from a
+        signal handler, and from another process sharing the token. Callbacks run in the
+        calling thread before this returns (each exactly once, errors logged).
+
+        Raises:
+            TypeError: ``reason`` is neither a ``str`` nor ``None``.
+        """
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError(f"reason must be a str or None, not {type(reason).__name__}")
+        try:
+            self._once.pop()
+        except IndexError:
+            return False
+        chunk = self._chunk
+        won = True
+        if chunk.shared:
+            with chunk.lock_slot(self._offset):
+                if self.is_cancelled:
+                    won = False
+                else:
+                    self._write_shared_reason(reason)
+                    self.is_cancelled = True
+        else:
+            self._reason = reason
+            self.is_cancelled = True
+        if won:
+            self._reason = reason
+        self._apply()
+        return won
+
+    def _write_shared_reason(self, reason: Reason) -> None:
+        if reason is None:
+            self._reason_len = _cell.REASON_NONE
+            return
+        raw = reason.encode("utf-8")[: _cell.REASON_MAX]
+        raw = raw.decode("utf-8", "ignore").encode("utf-8")
+        ctypes.memmove(ctypes.addressof(self) + _Cell._reason_bytes.offset, raw, len(raw))
+        self._reason_len = len(raw)
+
+    def _apply(self) -> None:
+        """Deliver a cancellation to this process's waiters, exactly once."""
+        try:
+            self._applied.pop()
+        except IndexError:
+            return
+        self._once.clear()
+        futex_wake(ctypes.addressof(self))
+        chunk = self._chunk
+        if chunk.shared:
+            chunk.ring()
+        self._detach()
+        while self._callbacks:
+            for ident in list(self._callbacks):
+                callback = self._callbacks.pop(ident, None)
+                if callback is not None:
+                    self._run_callback(callback)
+        chunk.unwatch(self)
+
+    def _run_callback(self, callback: Callable[[], object]) -> None:
+        try:
+            callback()
+        except Exception as exc:  # noqa: BLE001 - one callback must not stop the others
+            safe_log(
+                "ERROR",
+                f"cancel callback {callback!r} raised",
+                exception=exc,
+                token=self.name,
+                cancel_reason=self._reason,
+            )
+
+    def _detach(self) -> None:
+        """Drop links to parents and the timer: they can no longer matter."""
+        links, self._links = self._links, []
+        for handle in links:
+            handle.remove()
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def reset(self) -> None:
+        """Make the token not cancelled again. Discouraged: prefer a new token.
+
+        Callbacks that ran are gone (register again if needed); callbacks still registered
+        stay. Children and linked tokens that were already cancelled stay cancelled, and
+        links to parents dropped by the cancellation are not restored. Must not race with
+        :meth:`cancel` on the same token; a timeout that has fired is not re-armed.
+        """
+        self._clear_shared()
+        self._reason = None
+        self._applied = [None]
+        self._once = [None]
+
+    # -- callbacks and waiting ------------------------------------------------------------
+    def on_cancel(self, callback: Callable[[], object]) -> CallbackHandle:
+        """Run ``callback()`` once when the token is cancelled; at once if it already is.
+
+        The callback runs in the thread that cancels (or, for a cancel made in another
+        process, on this process's hub thread). It should be short and must not block; a
+        callback that raises is logged with the token's name and the others still run.
+
+        Raises:
+            TypeError: ``callback`` is not callable.
+        """
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+        ident = next(_ids)
+        self._callbacks[ident] = callback
+        handle = CallbackHandle(self, ident)
+        if self.is_cancelled:
+            if self._callbacks.pop(ident, None) is not None:
+                self._run_callback(callback)
+            if self._applied:  # cancelled by another process, not yet delivered here
+                self._apply()
+        elif self._offset not in self._chunk.listeners:
+            self._chunk.watch(self)
+        return handle
+
+    async def wait(self) -> None:
+        """Return once the token is cancelled. Works on any asyncio loop in any thread.
+
+        A cancel made in another thread, a signal handler or another process wakes this
+        waiter through ``loop.call_soon_threadsafe`` on the waiter's own loop: no polling.
+        """
+        if self.is_cancelled:
+            return
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+        handle = self.on_cancel(wake)
+        try:
+            await future
+        finally:
+            handle.remove()
+
+    def wait_blocking(self, timeout: float | None = None) -> bool:
+        """Block this thread until the token is cancelled or ``timeout`` seconds pass.
+
+        Returns ``is_cancelled``. Works in any thread and in any process sharing the token;
+        a cancel anywhere wakes it at once (a ``futex`` on the shared flag; a short
+        sleep-and-recheck where the platform has none). Do not call it on an event loop
+        thread: use ``await token.wait()`` there.
+
+        Raises:
+            TypeError / ValueError: ``timeout`` is not a non-negative number.
+        """
+        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout, "timeout")
+        address = ctypes.addressof(self)
+        while not self.is_cancelled:
+            remaining = None
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+            futex_wait(address, 0, remaining)
+        if self.is_cancelled and self._applied and self._chunk.shared:
+            self._apply()
+        return self.is_cancelled
+
+    # -- linking ------------------------------------------------------------------------
+    def child(self, *, timeout: float | None = None, name: str | None = None) -> CancellationToken:
+        """A new token cancelled (with this token's reason) whenever this one is."""
+        return CancellationToken.linked(self, timeout=timeout, name=name)
+
+    @classmethod
+    def linked(
+        cls, *tokens: CancellationToken, timeout: float | None = None, name: str | None = None
+    ) -> CancellationToken:
+        """A new token cancelled as soon as any of ``tokens`` is (with that one's reason).
+
+        The new token holds its sources weakly in the other direction: the sources keep
+        one small callback each, removed when the new token is cancelled, closed or
+        collected.
+
+        Raises:
+            TypeError: an argument is not a :class:`CancellationToken`.
+        """
+        for index, source in enumerate(tokens):
+            if not isinstance(source, CancellationToken):
+                raise TypeError(
+                    f"tokens[{index}] must be a CancellationToken, not {type(source).__name__}"
+                )
+        new = cls(timeout=timeout, name=name)
+        ref = weakref.ref(new)
+        for source in tokens:
+            new._links.append(source.on_cancel(_Propagate(ref, source)))
+            if new.is_cancelled:
+                break
+        return new
+
+    def _arm_timer(self, seconds: float) -> None:
+        ref = weakref.ref(self)
+        reason = f"timeout after {seconds:g}s"
+
+        def fire() -> None:
+            token = ref()
+            if token is not None:
+                token.cancel(reason)
+
+        self._timer = _timer.call_at(time.monotonic() + seconds, fire)
+
+    def close(self) -> None:
+        """Drop this token's links to its parents and its timer; it is then never
+        cancelled by them. Idempotent. The token itself stays usable."""
+        self._detach()
+
+    def __enter__(self) -> CancellationToken:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self._detach()
+            self._chunk.release(self._offset, reusable=not self._exported)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # -- pickling -------------------------------------------------------------------------
+    def __reduce__(self) -> tuple[Any, ...]:
+        if multiprocessing.context.get_spawning_popen() is None:
+            raise TypeError(
+                "a CancellationToken can be sent to a process only when that process starts "
+                "(multiprocessing.Process args, any start method) or through cancelflow's "
+                "pools; it cannot travel through a queue or pipe to a running process"
+            )
+        chunk = self._chunk
+        self._exported = True
+        if not chunk.shared:
+            if self.is_cancelled:
+                self._write_shared_reason(self._reason)
+            chunk.mark_shared()
+        return (
+            _rebuild_token,
+            (multiprocessing.reduction.DupFd(chunk.fd), self._offset, self.name),
+        )
+
+    def __repr__(self) -> str:
+        state = f"cancelled, reason={self.cancel_reason!r}" if self.is_cancelled else "active"
+        return f"<CancellationToken {self.name} {state}>"
+
+
+class _Propagate:
+    """Callback on a source token that cancels a linked token, held weakly."""
+
+    __slots__ = ("_source", "_target")
+
+    def __init__(self, target: weakref.ref[CancellationToken], source: CancellationToken) -> None:
+        self._target = target
+        self._source = weakref.ref(source)
+
+    def __call__(self) -> None:
+        target = self._target()
+        source = self._source()
+        if target is not None:
+            target.cancel(source.cancel_reason if source is not None else None)
+
+    def __repr__(self) -> str:
+        return "<linked-token propagation>"
+
+
+def _rebuild_token(dupfd: Any, offset: int, name: str) -> CancellationToken:
+    chunk = _cell.attach_chunk(dupfd.detach())
+    token = CancellationToken._on_slot(chunk, offset, name)
+    return token
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _check_timeout(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds, not {type(value).__name__}")
+    seconds = float(value)
+    if seconds < 0 or math.isnan(seconds) or math.isinf(seconds):
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+    return seconds

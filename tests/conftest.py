@@ -1,0 +1,86 @@
+"""Shared fixtures: every test is checked for leaked threads, child processes and fds."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+# Processes that multiprocessing itself keeps for the life of the interpreter.
+_MP_SINGLETONS = ("resource_tracker", "forkserver")
+
+
+def _children() -> dict[int, str]:
+    found = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+            if child.status() == psutil.STATUS_ZOMBIE:
+                cmd = "<zombie> " + cmd
+        except psutil.Error:
+            continue
+        if any(name in cmd for name in _MP_SINGLETONS):
+            continue
+        found[child.pid] = cmd
+    return found
+
+
+def _fds() -> set[int]:
+    try:
+        return {int(fd) for fd in os.listdir("/proc/self/fd")}
+    except OSError:
+        return set()
+
+
+def _wait_until(check: object, patience: float) -> bool:
+    deadline = time.monotonic() + patience
+    while True:
+        gc.collect()
+        if check():  # type: ignore[operator]
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves threads, child processes or file descriptors behind."""
+    if request.node.get_closest_marker("allow_leaks"):
+        yield
+        return
+    threads_before = set(threading.enumerate())
+    children_before = set(_children())
+    fds_before = _fds()
+    yield
+    new_threads: list[threading.Thread] = []
+    new_children: dict[int, str] = {}
+    new_fds: set[int] = set()
+
+    def clean() -> bool:
+        nonlocal new_threads, new_children, new_fds
+        new_threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+        new_children = {p: c for p, c in _children().items() if p not in children_before}
+        new_fds = _fds() - fds_before
+        return not new_threads and not new_children and not new_fds
+
+    if not _wait_until(clean, patience=10.0):
+        details = []
+        if new_threads:
+            details.append(f"threads: {[t.name for t in new_threads]}")
+        if new_children:
+            details.append(f"child processes: {new_children}")
+        if new_fds:
+            links = {}
+            for fd in new_fds:
+                try:
+                    links[fd] = os.readlink(f"/proc/self/fd/{fd}")
+                except OSError:
+                    pass
+            details.append(f"file descriptors: {links}")
+        pytest.fail("test left resources behind: " + "; ".join(details))
