@@ -27,10 +27,12 @@ import time
 
 __all__ = (
     "HAVE_FUTEX",
+    "descendants",
     "futex_wait",
     "futex_wake",
     "pidfd_open",
     "set_child_subreaper",
+    "set_parent_death_signal",
 )
 
 _FUTEX_WAIT = 0
@@ -116,3 +118,59 @@ def pidfd_open(pid: int) -> int | None:
             return None
         raise
     return fd
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(signum: int) -> bool:
+    """Ask the kernel to send ``signum`` to this process when its parent dies."""
+    if _libc is None:
+        return False
+    return bool(_libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (children first, then theirs), or ``[]``.
+
+    Reads ``/proc/<pid>/task/*/children`` where the kernel has it (cheap: no scan of
+    every process); otherwise asks psutil. A process that exits meanwhile is skipped.
+    """
+    found: list[int] = []
+    frontier = [pid]
+    seen = {pid}
+    while frontier:
+        parent = frontier.pop()
+        for child in _children_of(parent):
+            if child not in seen:
+                seen.add(child)
+                found.append(child)
+                frontier.append(child)
+    return found
+
+
+def _children_of(pid: int) -> list[int]:
+    task_dir = f"/proc/{pid}/task"
+    try:
+        tids = os.listdir(task_dir)
+    except OSError:
+        return _children_psutil(pid)
+    result: list[int] = []
+    for tid in tids:
+        try:
+            with open(f"{task_dir}/{tid}/children", "rb") as handle:
+                result.extend(int(x) for x in handle.read().split())
+        except FileNotFoundError:
+            continue  # the thread exited
+        except OSError:
+            return _children_psutil(pid)
+    return result
+
+
+def _children_psutil(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [child.pid for child in psutil.Process(pid).children()]
+    except psutil.Error:
+        return []

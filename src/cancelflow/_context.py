@@ -1,0 +1,125 @@
+"""What a running task can ask about itself: its token and where its partial results go.
+
+Pools set a :class:`TaskScope` around every task they run (in a thread, or inside a
+process worker), and the task reads it through :func:`current_token`,
+:func:`check_cancelled` and :func:`store_partial`. The same calls work in every place a
+task can run, so a function does not need to know whether it was sent to a thread or to
+a process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from ._token import CancellationToken
+
+__all__ = (
+    "TaskScope",
+    "check_cancelled",
+    "critical_section",
+    "current_token",
+    "store_partial",
+    "task_scope",
+)
+
+PartialSink = Callable[[str, Any], None]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskScope:
+    """The token and partial-result sink of the task running in this context."""
+
+    token: CancellationToken
+    partial_sink: PartialSink | None = None
+
+
+_scope: ContextVar[TaskScope | None] = ContextVar("cancelflow_task_scope", default=None)
+
+
+@contextmanager
+def task_scope(token: CancellationToken, partial_sink: PartialSink | None = None) -> Iterator[TaskScope]:
+    """Make ``token`` (and ``partial_sink``) the current task's for the ``with`` body."""
+    scope = TaskScope(token, partial_sink)
+    reset = _scope.set(scope)
+    try:
+        yield scope
+    finally:
+        _scope.reset(reset)
+
+
+def current_scope() -> TaskScope | None:
+    """The running task's scope, or ``None`` outside a cancelflow task."""
+    return _scope.get()
+
+
+def current_token() -> CancellationToken:
+    """Return the token of the cancelflow task running in this thread or process.
+
+    Raises:
+        RuntimeError: not called from inside a task run by a cancelflow pool or pipeline.
+    """
+    scope = _scope.get()
+    if scope is None:
+        raise RuntimeError("current_token() called outside a cancelflow task")
+    return scope.token
+
+
+def check_cancelled() -> None:
+    """Raise :class:`CancelledException` if the current task was asked to stop.
+
+    A cheap poll for CPU-bound loops in threads and process workers (one shared-memory
+    read when not cancelled). Outside a cancelflow task it does nothing.
+    """
+    scope = _scope.get()
+    if scope is not None and scope.token.is_cancelled:
+        scope.token.raise_if_cancelled()
+
+
+def store_partial(key: str, value: Any) -> None:
+    """Record a partial result of the current task; it survives the task being killed.
+
+    In a process worker the value is pickled and handed to the parent before this returns,
+    so what was stored before a kill is in the ``CancelledException``'s
+    ``partial_results``.
+
+    Raises:
+        RuntimeError: outside a cancelflow task, or the task has no partial-result store.
+        TypeError: ``key`` is not a string.
+    """
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a str, not {type(key).__name__}")
+    scope = _scope.get()
+    if scope is None or scope.partial_sink is None:
+        raise RuntimeError("store_partial() called outside a cancelflow task with a result store")
+    scope.partial_sink(key, value)
+
+
+#: Set by a process worker while it runs a task: makes critical sections defer kills.
+_critical_hook: Callable[[float], AbstractContextManager[None]] | None = None
+
+
+def critical_section(max_seconds: float) -> AbstractContextManager[None]:
+    """Defer a forced stop of this task while the ``with`` body runs, for at most
+    ``max_seconds``.
+
+    Inside a process worker, the pool's SIGTERM and SIGKILL steps wait until the block
+    ends or its declared time runs out, whichever is first; a SIGTERM that arrives
+    meanwhile is delivered as soon as the block exits. Cooperative cancellation is not
+    affected (the token is still set at once). Elsewhere (threads, the event loop) there
+    is nothing to defer and this is a plain no-op context manager.
+
+    Raises:
+        TypeError / ValueError: ``max_seconds`` is not a positive finite number.
+    """
+    if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)):
+        raise TypeError(f"max_seconds must be a number, not {type(max_seconds).__name__}")
+    if not 0 < max_seconds < float("inf"):
+        raise ValueError(f"max_seconds must be a finite number > 0, got {max_seconds!r}")
+    hook = _critical_hook
+    if hook is None or _scope.get() is None:
+        return nullcontext()
+    return hook(float(max_seconds))

@@ -1,0 +1,170 @@
+"""`Node` (one step of a pipeline) and `NodeContext` (what a node's callable receives)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ._context import PartialSink, current_scope
+from ._exceptions import PipelineDefinitionError
+from ._token import CancellationToken
+
+__all__ = ("Node", "NodeContext", "RunIn")
+
+RunIn = Literal["loop", "thread", "process"]
+_RUN_IN: tuple[str, ...] = ("loop", "thread", "process")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One step of a pipeline: an id, a callable, the ids it depends on, where it runs.
+
+    ``fn`` is called with a single :class:`NodeContext`. ``run_in`` says where:
+    ``"loop"`` (a coroutine function, awaited on the event loop), ``"thread"`` (a plain
+    callable in a thread pool) or ``"process"`` (a plain, picklable, module-level callable
+    in a process pool). By default it follows the callable: a coroutine function runs on
+    the loop, anything else in a thread. ``timeout`` bounds this node alone.
+
+    Raises:
+        PipelineDefinitionError: at construction, for an empty or non-string id, a
+            non-callable ``fn``, an unknown ``run_in``, a ``run_in`` that does not fit
+            ``fn`` (a coroutine function off the loop, a plain function on it, a lambda
+            or closure in a process), or a non-positive timeout.
+    """
+
+    id: str
+    fn: Callable[[NodeContext], Any]
+    deps: tuple[str, ...] = ()
+    run_in: RunIn = "thread"
+    timeout: float | None = None
+
+    def __init__(
+        self,
+        id: str,  # noqa: A002 - the seed's public name
+        fn: Callable[[NodeContext], Any],
+        *,
+        deps: tuple[str, ...] | list[str] = (),
+        run_in: RunIn | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        if not isinstance(id, str) or not id:
+            raise PipelineDefinitionError(f"node id must be a non-empty str, got {id!r}")
+        if not callable(fn):
+            raise PipelineDefinitionError(
+                f"node {id!r}: fn must be callable, not {type(fn).__name__}", node_id=id
+            )
+        if isinstance(deps, str) or not all(isinstance(d, str) for d in deps):
+            raise PipelineDefinitionError(
+                f"node {id!r}: deps must be a sequence of node ids (str), got {deps!r}",
+                node_id=id,
+            )
+        is_coroutine = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
+        )
+        if run_in is None:
+            run_in = "loop" if is_coroutine else "thread"
+        if run_in not in _RUN_IN:
+            raise PipelineDefinitionError(
+                f"node {id!r}: run_in must be one of {_RUN_IN}, got {run_in!r}", node_id=id
+            )
+        if run_in == "loop" and not is_coroutine:
+            raise PipelineDefinitionError(
+                f"node {id!r}: run_in='loop' needs a coroutine function, got {fn!r}", node_id=id
+            )
+        if run_in != "loop" and is_coroutine:
+            raise PipelineDefinitionError(
+                f"node {id!r}: a coroutine function runs on the loop, not in a {run_in}",
+                node_id=id,
+            )
+        if run_in == "process":
+            _check_picklable_callable(id, fn)
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+                raise PipelineDefinitionError(
+                    f"node {id!r}: timeout must be a number of seconds, got {timeout!r}",
+                    node_id=id,
+                )
+            if not timeout > 0 or timeout == float("inf"):
+                raise PipelineDefinitionError(
+                    f"node {id!r}: timeout must be a finite number > 0, got {timeout!r}",
+                    node_id=id,
+                )
+        object.__setattr__(self, "id", id)
+        object.__setattr__(self, "fn", fn)
+        object.__setattr__(self, "deps", tuple(deps))
+        object.__setattr__(self, "run_in", run_in)
+        object.__setattr__(self, "timeout", None if timeout is None else float(timeout))
+
+
+def _check_picklable_callable(node_id: str, fn: Callable[..., Any]) -> None:
+    qualname = getattr(fn, "__qualname__", "")
+    if getattr(fn, "__name__", "") == "<lambda>" or "<locals>" in qualname:
+        raise PipelineDefinitionError(
+            f"node {node_id!r}: a process node needs a module-level function "
+            f"(lambdas and closures cannot be pickled), got {fn!r}",
+            node_id=node_id,
+        )
+    import pickle
+
+    try:
+        pickle.dumps(fn)
+    except Exception as exc:
+        raise PipelineDefinitionError(
+            f"node {node_id!r}: the callable of a process node cannot be pickled: {exc}",
+            node_id=node_id,
+        ) from exc
+
+
+@dataclass
+class NodeContext:
+    """What a node's callable receives.
+
+    Attributes:
+        token: the node's cancellation token; check ``token.is_cancelled`` (or call
+            ``token.raise_if_cancelled()``) in long loops to stop early and cleanly.
+        inputs: the outputs of the node's dependencies, keyed by their ids.
+        context: the dict passed to the pipeline (shared, read it; do not mutate it from
+            threads or processes).
+        pipeline_id: the id of the pipeline run.
+        node_id: this node's id.
+
+    In a process node the context is a copy made in the worker: ``token`` is the worker's
+    view of the same cancellation, and :meth:`store_partial` sends the value to the parent
+    before it returns, so it survives the worker being killed.
+    """
+
+    token: CancellationToken
+    inputs: Mapping[str, Any]
+    context: Mapping[str, Any]
+    pipeline_id: str
+    node_id: str
+    _partial_sink: PartialSink | None = field(default=None, repr=False, compare=False)
+
+    def store_partial(self, key: str, value: Any) -> None:
+        """Record a partial result under ``key``; kept if the pipeline is cancelled.
+
+        Stored results appear in ``partial_results`` as ``"{node_id}.{key}"``.
+
+        Raises:
+            TypeError: ``key`` is not a string.
+        """
+        if not isinstance(key, str):
+            raise TypeError(f"key must be a str, not {type(key).__name__}")
+        if self._partial_sink is None:
+            raise RuntimeError("this NodeContext has no partial-result store")
+        self._partial_sink(key, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Sent to a process worker: the token and the sink are the worker's own.
+        return (_rebuild_in_worker, (dict(self.inputs), dict(self.context), self.pipeline_id, self.node_id))
+
+
+def _rebuild_in_worker(
+    inputs: dict[str, Any], context: dict[str, Any], pipeline_id: str, node_id: str
+) -> NodeContext:
+    scope = current_scope()
+    if scope is None:
+        raise RuntimeError("a NodeContext can only be unpickled inside a cancelflow worker task")
+    return NodeContext(scope.token, inputs, context, pipeline_id, node_id, scope.partial_sink)
