@@ -7,6 +7,14 @@ modules is private.
 
 from __future__ import annotations
 
+from . import to_process as to_process, to_thread as to_thread
+from ._context import (
+    check_cancelled as check_cancelled,
+    critical_section as critical_section,
+    current_token as current_token,
+    store_partial as store_partial,
+)
+from ._events import EventBus as EventBus, PipelineEvent as PipelineEvent
 from ._exceptions import (
     CancelflowError as CancelflowError,
     CancelledException as CancelledException,
@@ -15,6 +23,20 @@ from ._exceptions import (
     PipelineTimeoutException as PipelineTimeoutException,
     PoolClosedError as PoolClosedError,
     WorkerCrashedError as WorkerCrashedError,
+)
+from ._executor import PipelineExecutor as PipelineExecutor, PipelineResult as PipelineResult
+from ._node import Node as Node, NodeContext as NodeContext
+from ._process_pool import (
+    ProcessPool as ProcessPool,
+    ProcessPoolStatistics as ProcessPoolStatistics,
+    TaskFuture as TaskFuture,
+)
+from ._registry import CancellationRegistry as CancellationRegistry
+from ._supersede import Superseder as Superseder
+from ._thread_pool import (
+    ThreadPool as ThreadPool,
+    ThreadPoolStatistics as ThreadPoolStatistics,
+    ThreadTaskFuture as ThreadTaskFuture,
 )
 from ._token import CallbackHandle as CallbackHandle, CancellationToken as CancellationToken
 from ._version import __version__ as __version__

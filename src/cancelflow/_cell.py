@@ -18,6 +18,14 @@ Invariants this layer gives :mod:`cancelflow._token`:
 * Each process has at most one *hub* thread per shared chunk, running only while tokens of
   that chunk have listeners (callbacks or asyncio waiters). It sleeps on the generation
   word with ``futex`` and applies cancels made by other processes to local listeners.
+  Listeners are keyed by token object, not by slot: several token objects of one process
+  may sit on the same slot (a pool's per-task tokens).
+* Slot accounting (``allocate``/``adopt``/``release``) is serialised by one re-entrant
+  lock, so a token created or collected on any thread (or in a ``__del__`` run by the
+  garbage collector inside that very code) cannot close a chunk that is being handed out.
+* Callbacks are per process. After a fork the child drops the callbacks it inherited on
+  every token (they are the parent's, and run there), so the child starts like a spawned
+  one: no callbacks, no hub. A child that registers callbacks gets its own hub.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from ._log import safe_log
 from ._platform import futex_wait, futex_wake
 
 if TYPE_CHECKING:
@@ -51,17 +60,26 @@ class _Header(ctypes.Structure):
 class Chunk:
     """A shared-memory arena of token slots (see the module docstring)."""
 
-    def __init__(self, nslots: int = DEFAULT_SLOTS, *, fd: int | None = None) -> None:
+    def __init__(
+        self,
+        nslots: int = DEFAULT_SLOTS,
+        *,
+        fd: int | None = None,
+        pinned: bool = False,
+        label: str = "cancelflow-tokens",
+    ) -> None:
+        #: a pinned chunk is closed by its owner (a pool), never when its last token goes
+        self.pinned = pinned
         self.size = nslots * SLOT_SIZE
         self.owned = fd is None
         if fd is None:
-            fd = os.memfd_create("cancelflow-tokens", os.MFD_CLOEXEC)
+            fd = os.memfd_create(label, os.MFD_CLOEXEC)
             os.ftruncate(fd, self.size)
         else:
             self.size = os.fstat(fd).st_size
         self.fd: int = fd
         self.mm = mmap.mmap(fd, self.size)
-        self.header = _Header.from_buffer(self.mm, 0)
+        self.header: _Header | None = _Header.from_buffer(self.mm, 0)
         self.gen_address = ctypes.addressof(self.header)
         # Owned chunks hand slots out; attached ones (from another process) never do.
         self._free: list[int] = (
@@ -70,6 +88,7 @@ class Chunk:
         self.live = 0
         #: True once another process may read this chunk (fork, pickling, attached)
         self.shared = not self.owned
+        #: token ``_id`` -> token, for the tokens of this process that have listeners
         self.listeners: dict[int, weakref.ref[CancellationToken]] = {}
         self._hub_ticket: list[int] = [1]
         _all_chunks.add(self)
@@ -77,36 +96,46 @@ class Chunk:
     # -- slots -------------------------------------------------------------------------
     def allocate(self) -> int | None:
         """Return a fresh slot offset, or ``None`` if this chunk has none left to give."""
-        try:
-            offset = self._free.pop()
-        except IndexError:
-            return None
-        self.live += 1
-        return offset
+        with _slots_lock:
+            if self.fd < 0:
+                return None
+            self.live += 1  # first: a release re-entering from gc must not close us now
+            try:
+                return self._free.pop()
+            except IndexError:
+                self.live -= 1
+                return None
 
     def adopt(self) -> None:
         """Count a token built on a slot of this chunk that it did not allocate."""
-        self.live += 1
+        with _slots_lock:
+            self.live += 1
 
-    def release(self, offset: int, *, reusable: bool) -> None:
-        """Give a slot back; close the descriptor once nothing uses the chunk."""
-        self.listeners.pop(offset, None)
-        if reusable and self.owned and not self.shared:
-            self._free.append(offset)
-        self.live -= 1
-        if self.live <= 0:
-            self.close()
+    def release(self, offset: int, *, reusable: bool, key: int | None = None) -> None:
+        """Give a slot back; close the descriptor once nothing uses the chunk.
+
+        ``key`` is the releasing token's ``_id``, dropped from the listeners.
+        """
+        if key is not None:
+            self._forget(key)
+        with _slots_lock:
+            if reusable and self.owned and not self.shared:
+                self._free.append(offset)
+            self.live -= 1
+            if self.live <= 0:
+                self.close()
 
     def close(self) -> None:
         global _current
-        if _current is self:
-            _current = None
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with _slots_lock:
+            if _current is self:
+                _current = None
+            fd, self.fd = self.fd, -1
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     @contextmanager
     def lock_slot(self, offset: int) -> Iterator[None]:
@@ -124,43 +153,53 @@ class Chunk:
     # -- cross-process notification ----------------------------------------------------
     def ring(self) -> None:
         """Tell every hub in every process that some slot of this chunk changed."""
-        self.header.generation = (self.header.generation + 1) & 0xFFFFFFFF
+        header = self.header
+        if header is None:
+            return
+        header.generation = (header.generation + 1) & 0xFFFFFFFF
         futex_wake(self.gen_address)
 
     def watch(self, token: CancellationToken) -> None:
-        """Deliver cancels that other processes make on ``token`` to its local listeners."""
-        self.listeners[token._offset] = weakref.ref(token)
+        """Deliver cancels that other processes make on ``token`` to its local listeners.
+
+        The caller re-checks the flag afterwards: a cancel made before the hub saw this
+        listener is the caller's to deliver.
+        """
+        self.listeners[token._id] = weakref.ref(token)
         if self.shared:
             self._ensure_hub()
 
     def unwatch(self, token: CancellationToken) -> None:
-        if self.listeners.pop(token._offset, None) is not None and self.shared and not self.listeners:
+        self._forget(token._id)
+
+    def _forget(self, key: int) -> None:
+        if self.listeners.pop(key, None) is not None and self.shared and not self.listeners:
             self.ring()  # lets an idle hub notice it has nothing left to watch
 
-    def mark_shared(self) -> None:
+    def mark_shared(self, *, start_hub: bool = True) -> None:
         if not self.shared:
             self.shared = True
-            if self.listeners:
+            if start_hub and self.listeners:
                 self._ensure_hub()
 
     def _ensure_hub(self) -> None:
         try:
             self._hub_ticket.pop()
         except IndexError:
-            self.ring()  # a hub runs already; make it rescan
-            return
+            return  # a hub runs already; it rescans at the next ring
         threading.Thread(target=self._hub, name="cancelflow-token-hub", daemon=True).start()
 
     def _hub(self) -> None:
         while True:
-            generation = self.header.generation
-            for offset, ref in list(self.listeners.items()):
-                token = ref()
-                if token is None:
-                    self.listeners.pop(offset, None)
-                elif token.is_cancelled:
-                    self.listeners.pop(offset, None)
-                    token._apply()
+            header = self.header
+            if header is None:
+                self._hub_ticket.append(1)
+                return
+            generation = header.generation
+            try:
+                self._deliver()
+            except BaseException as exc:  # noqa: BLE001 - the hub must outlive one bad token
+                safe_log("ERROR", "token hub failed to deliver a cancel", exception=exc)
             if not self.listeners:
                 self._hub_ticket.append(1)
                 if not self.listeners:
@@ -171,7 +210,19 @@ class Chunk:
                     return
             futex_wait(self.gen_address, generation, None)
 
+    def _deliver(self) -> None:
+        # A method of its own so that no token stays referenced from the hub's frame while
+        # it sleeps (that would keep the token, and its descriptor, alive forever).
+        for key, ref in list(self.listeners.items()):
+            token = ref()
+            if token is None:
+                self.listeners.pop(key, None)
+            elif token.is_cancelled:
+                self.listeners.pop(key, None)
+                token._apply()
 
+
+_slots_lock = threading.RLock()
 _all_chunks: weakref.WeakSet[Chunk] = weakref.WeakSet()
 _current: Chunk | None = None
 _attached: weakref.WeakValueDictionary[tuple[int, int], Chunk] = weakref.WeakValueDictionary()
@@ -180,43 +231,62 @@ _attached: weakref.WeakValueDictionary[tuple[int, int], Chunk] = weakref.WeakVal
 def allocate_slot() -> tuple[Chunk, int]:
     """Return ``(chunk, offset)`` for a new token, making a new chunk when needed."""
     global _current
-    chunk = _current
-    if chunk is not None:
+    with _slots_lock:
+        chunk = _current
+        if chunk is not None:
+            offset = chunk.allocate()
+            if offset is not None:
+                return chunk, offset
+        chunk = _current = Chunk()
         offset = chunk.allocate()
-        if offset is not None:
-            return chunk, offset
-    chunk = _current = Chunk()
-    offset = chunk.allocate()
-    assert offset is not None
-    return chunk, offset
+        assert offset is not None
+        return chunk, offset
 
 
-def attach_chunk(fd: int) -> Chunk:
+def attach_chunk(fd: int, *, pinned: bool = False) -> Chunk:
     """Map a chunk made by another process, once per process (``fd`` is consumed)."""
     st = os.fstat(fd)
     key = (st.st_dev, st.st_ino)
-    chunk = _attached.get(key)
-    if chunk is not None and chunk.fd >= 0:
-        os.close(fd)
+    with _slots_lock:
+        chunk = _attached.get(key)
+        if chunk is not None and chunk.fd >= 0:
+            os.close(fd)
+            return chunk
+        chunk = Chunk(fd=fd)
+        _attached[key] = chunk
         return chunk
-    chunk = Chunk(fd=fd)
-    _attached[key] = chunk
-    return chunk
 
 
 def _before_fork() -> None:
-    # Whatever exists now may be read by the child: never reuse its slots.
+    # Whatever exists now may be read by the child: never reuse its slots. No thread is
+    # started here (a thread born just before fork() is a hazard for the child).
     for chunk in list(_all_chunks):
-        chunk.mark_shared()
+        chunk.mark_shared(start_hub=False)
+
+
+def _after_fork_in_parent() -> None:
+    for chunk in list(_all_chunks):
+        if chunk.listeners:
+            chunk._ensure_hub()
 
 
 def _after_fork_in_child() -> None:
-    global _current
+    global _current, _slots_lock
+    _slots_lock = threading.RLock()  # another thread may have held it at the fork
     _current = None  # the child allocates from chunks of its own
     for chunk in list(_all_chunks):
         chunk.owned = False
         chunk._free = []
+        for ref in chunk.listeners.values():
+            token = ref()
+            if token is not None:
+                token._callbacks.clear()  # the parent's callbacks run in the parent
+        chunk.listeners = {}
         chunk._hub_ticket = [1]  # hub threads do not survive a fork
 
 
-os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)

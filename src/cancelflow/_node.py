@@ -42,7 +42,7 @@ class Node:
 
     def __init__(
         self,
-        id: str,  # noqa: A002 - the seed's public name
+        id: str,
         fn: Callable[[NodeContext], Any],
         *,
         deps: tuple[str, ...] | list[str] = (),

@@ -8,6 +8,7 @@ import atexit
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import heapq
 import io
 import itertools
@@ -151,6 +152,11 @@ class _WorkerHandle:
         self.slot = pool._slot_tokens[index]
         self.control = pool._controls[index]
 
+    def drop_views(self) -> None:
+        """Forget this worker's views of the shared chunk (so it can be unmapped)."""
+        with contextlib.suppress(AttributeError):
+            del self.slot, self.control
+
 
 class _TaskPickler(pickle.Pickler):
     def __init__(self, file: io.BytesIO, tokens: tuple[CancellationToken, ...]) -> None:
@@ -240,7 +246,7 @@ class ProcessPool(concurrent.futures.Executor):
         self._crash_streak = 0
         self._ready_event = threading.Event()
 
-        self._chunk = _cell.Chunk(2 * max_workers + 1)
+        self._chunk = _cell.Chunk(2 * max_workers + 1, pinned=True, label="cancelflow-pool")
         self._chunk.mark_shared()
         self._slot_tokens = [
             CancellationToken._on_slot(self._chunk, (1 + 2 * i) * _SLOT, name=f"{self.name}-slot-{i}")
@@ -344,8 +350,6 @@ class ProcessPool(concurrent.futures.Executor):
             _TaskPickler(buffer, (token,) if token is not None else ()).dump(
                 (fn, tuple(args), dict(kwargs or {}))
             )
-        except TypeError:
-            raise
         except Exception as exc:
             raise TypeError(f"the task cannot be sent to a process: {exc}") from exc
         future = TaskFuture()
@@ -488,8 +492,10 @@ class ProcessPool(concurrent.futures.Executor):
     # == cross-thread requests =================================================================
     def _post(self, command: tuple[Any, ...]) -> None:
         self._commands.append(command)
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"\0")
+        wake = self._wake_w
+        if wake >= 0:
+            with contextlib.suppress(OSError):
+                os.write(wake, b"\0")
 
     def _request_stop(self, task: _Task, kind: str, reason: str | None) -> None:
         if task.done or task.stop_kind is not None:
@@ -694,9 +700,12 @@ class ProcessPool(concurrent.futures.Executor):
             except OSError:
                 pass  # the worker is dying; its pidfd will tell
             if task.timeout is not None:
-                self._at(task.timeout, lambda t=task: self._stop(t, "timeout", f"timeout after {t.timeout:g}s"))
+                self._at(task.timeout, functools.partial(self._on_timeout, task))
             if task.stop_kind is None and task.token is not None and task.token.is_cancelled:
                 self._stop(task, "cancel", task.token.cancel_reason)
+
+    def _on_timeout(self, task: _Task) -> None:
+        self._stop(task, "timeout", f"timeout after {task.timeout:g}s")
 
     # -- the ladder ----------------------------------------------------------------------------
     def _stop(self, task: _Task, kind: str, reason: str | None) -> None:
@@ -816,6 +825,7 @@ class ProcessPool(concurrent.futures.Executor):
             else:
                 self._stats["crashed"] += 1
                 self._finish(task, "crashed", error=_crash_error(worker))
+        worker.drop_views()
         if self._workers.get(worker.index) is worker and not self._closing:
             self._stats["replaced"] += 1
             self._crash_streak += 1 if task is None or task.stage == 0 else 0
@@ -835,7 +845,12 @@ class ProcessPool(concurrent.futures.Executor):
         task.done = True
         if task.handle is not None:
             task.handle.remove()
+        # Release what the finished task no longer needs (tokens, payload, the link back).
+        task.handle = None
+        task.token = None
+        task.payload = b""
         future = task.future
+        future._task = None
         future.fate = fate
         future.partial_results = dict(task.partials)
         future.cancel_reason = task.stop_reason
@@ -898,31 +913,48 @@ class ProcessPool(concurrent.futures.Executor):
         return True
 
     def _teardown(self) -> None:
-        for worker in self._workers.values():
-            if worker.state != "dead":
-                with contextlib.suppress(OSError):
-                    worker.sock.close()
-            if worker.pidfd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(worker.pidfd)
-            for fd in worker.waiting:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._zygote_sock.close()  # EOF: the zygote kills every worker tree and exits
         try:
-            self._zygote.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            kill_tree_of(self._zygote.pid)
-            self._zygote.kill()
-            self._zygote.wait()
-        self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+            self._fail_all(PoolClosedError(f"{self.name} is shut down"))
+            for worker in self._workers.values():
+                if worker.state != "dead":
+                    with contextlib.suppress(OSError):
+                        worker.sock.close()
+                for fd in ([worker.pidfd] if worker.pidfd is not None else []) + list(worker.waiting):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self._zygote_sock.close()  # EOF: the zygote kills every worker tree and exits
+            try:
+                self._zygote.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                kill_tree_of(self._zygote.pid)
+                self._zygote.kill()
+                self._zygote.wait()
+            self._selector.close()
+            wake_r, wake_w = self._wake_r, self._wake_w
+            self._wake_r = self._wake_w = -1
+            os.close(wake_r)
+            os.close(wake_w)
+            self._release_chunk()
+        finally:
+            self._closed.set()
+
+    def _release_chunk(self) -> None:
+        """Drop every view of the shared chunk so that its mapping (and fd) go now."""
+        for worker in self._workers.values():
+            worker.drop_views()
+        self._workers.clear()
         self._slot_tokens.clear()
         self._controls.clear()
-        self._chunk.close()
-        self._fail_all(PoolClosedError(f"{self.name} is shut down"))
-        self._closed.set()
+        chunk = self._chunk
+        chunk.live = 0
+        chunk.close()
+        if not chunk.mm.closed:
+            import gc
+
+            gc.collect()  # views caught in reference cycles (task <-> worker)
+            chunk.header = None
+            with contextlib.suppress(BufferError):
+                chunk.mm.close()
 
     def __enter__(self) -> ProcessPool:
         return self

@@ -7,25 +7,45 @@ long-lived program that makes and drops many timeout tokens keeps no dead entrie
 The thread starts with the first pending timer and ends as soon as none is pending, so an
 idle program holds no cancelflow thread. Callbacks run on the timer thread; one that
 raises is logged and does not disturb the others.
+
+Signal safety: :meth:`TimerHandle.cancel` takes no lock (it is reached from
+``CancellationToken.cancel()``, which may run in a signal handler that interrupted this
+very module). It removes the entry in one atomic step and wakes the timer thread through a
+``futex`` on a private word; the timer thread never waits on a condition variable.
+
+Timers belong to the process that scheduled them: a forked child starts with none (the
+parent's timers keep running in the parent, and a token's flag is shared, so a timeout
+fired there is seen in the child).
 """
 
 from __future__ import annotations
 
+import ctypes
 import heapq
 import itertools
+import os
 import threading
 import time
 from collections.abc import Callable
 
 from ._log import safe_log
+from ._platform import futex_wait, futex_wake
 
 __all__ = ("TimerHandle", "call_at", "pending")
 
-_lock = threading.Condition(threading.Lock())
+_lock = threading.Lock()
 _heap: list[tuple[float, int]] = []
 _entries: dict[int, Callable[[], object]] = {}
 _ids = itertools.count()
 _running = False
+# Bumped (and futex-woken) whenever the timer thread should look again.
+_kicks = ctypes.c_uint32(0)
+_kick_address = ctypes.addressof(_kicks)
+
+
+def _kick() -> None:
+    _kicks.value = (_kicks.value + 1) & 0xFFFFFFFF
+    futex_wake(_kick_address)
 
 
 class TimerHandle:
@@ -37,13 +57,13 @@ class TimerHandle:
         self._id = ident
 
     def cancel(self) -> bool:
-        """Unschedule; return ``True`` if the callback had not run yet."""
-        with _lock:
-            removed = _entries.pop(self._id, None) is not None
-            if removed and len(_heap) > 2 * len(_entries) + 16:
-                _heap[:] = [item for item in _heap if item[1] in _entries]
-                heapq.heapify(_heap)
-            _lock.notify()
+        """Unschedule; return ``True`` if the callback had not run yet.
+
+        Lock-free and safe from any thread or a signal handler.
+        """
+        removed = _entries.pop(self._id, None) is not None
+        if removed:
+            _kick()  # the timer thread drops the heap entry, and exits if nothing is left
         return removed
 
 
@@ -57,35 +77,58 @@ def call_at(deadline: float, callback: Callable[[], object]) -> TimerHandle:
         if not _running:
             _running = True
             threading.Thread(target=_run, name="cancelflow-timer", daemon=True).start()
-        else:
-            _lock.notify()
+    _kick()
     return TimerHandle(ident)
 
 
 def pending() -> int:
     """How many timers are scheduled (for tests and statistics)."""
-    with _lock:
-        return len(_entries)
+    return len(_entries)
+
+
+def _next_due() -> tuple[Callable[[], object] | None, float | None]:
+    """Under ``_lock``: pop a due callback, or say how long to sleep (``None``: exit)."""
+    global _running
+    while _heap and _heap[0][1] not in _entries:
+        heapq.heappop(_heap)
+    if len(_heap) > 2 * len(_entries) + 16:
+        _heap[:] = [item for item in _heap if item[1] in _entries]
+        heapq.heapify(_heap)
+    if not _heap:
+        _running = False
+        return None, None
+    deadline, ident = _heap[0]
+    delay = deadline - time.monotonic()
+    if delay > 0:
+        return None, delay
+    heapq.heappop(_heap)
+    return _entries.pop(ident, None), 0.0
 
 
 def _run() -> None:
-    global _running
     while True:
+        seen = _kicks.value  # read before looking, so a later kick cannot be missed
         with _lock:
-            while True:
-                while _heap and _heap[0][1] not in _entries:
-                    heapq.heappop(_heap)
-                if not _heap:
-                    _running = False
-                    return
-                deadline, ident = _heap[0]
-                delay = deadline - time.monotonic()
-                if delay <= 0:
-                    heapq.heappop(_heap)
-                    callback = _entries.pop(ident)
-                    break
-                _lock.wait(delay)
+            callback, delay = _next_due()
+        if delay is None:
+            return
+        if callback is None:
+            if delay > 0:
+                futex_wait(_kick_address, seen, delay)
+            continue
         try:
             callback()
         except Exception as exc:  # noqa: BLE001 - one timer must not stop the others
             safe_log("ERROR", "timer callback raised", exception=exc)
+        del callback
+
+
+def _after_fork_in_child() -> None:
+    global _lock, _running
+    _lock = threading.Lock()  # another thread may have held it at the fork
+    _running = False
+    _heap.clear()
+    _entries.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

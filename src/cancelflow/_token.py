@@ -82,14 +82,17 @@ class CancellationToken(_Cell):
     reverse); :meth:`linked` one cancelled when any of several is; ``timeout=`` cancels a
     token by itself after that many seconds. Links and timers are dropped as soon as the
     token is cancelled, closed or garbage-collected, so a long-lived parent does not grow
-    with the short-lived children it spawns.
+    with the short-lived children it spawns. Links and timers live in the process that
+    made them; the flag they set is shared.
 
     Across processes: pass the token to ``multiprocessing.Process(args=...)`` (any start
     method) or use cancelflow's pools. Either side may cancel and both see it at once;
     the other side's waiters wake through a ``futex`` on the shared word. A token cannot
     be pickled through a queue or pipe to an already-running process (there is no way to
     hand it the shared memory): that raises ``TypeError``. A reason crosses processes cut
-    to 120 bytes of UTF-8.
+    to 120 bytes of UTF-8. Callbacks, links and timers belong to the process that made
+    them: a child process (forked ones included) starts with no callbacks on the tokens it
+    receives, and a cancel made anywhere runs the callbacks where they were registered.
 
     Not promised: ``is_cancelled`` being ``True`` does not mean the work has stopped, only
     that it was asked to. ``is_cancelled`` is a read-only attribute by contract; writing it
@@ -107,9 +110,17 @@ class CancellationToken(_Cell):
     def __new__(cls, *args: Any, **kwargs: Any) -> CancellationToken:
         chunk, offset = _cell.allocate_slot()
         self = cls.from_buffer(chunk.mm, offset)
+        self._bind(chunk, offset)
+        return self
+
+    def _bind(self, chunk: _cell.Chunk, offset: int) -> None:
+        # Everything __del__ needs, set before anything can fail (a bad argument to
+        # __init__ must still give the slot, and maybe the descriptor, back).
         self._chunk = chunk
         self._offset = offset
-        return self
+        self._links: list[CallbackHandle] = []
+        self._timer: _timer.TimerHandle | None = None
+        self._exported = False
 
     def __init__(self, *, timeout: float | None = None, name: str | None = None) -> None:
         """Create a token, optionally cancelling itself after ``timeout`` seconds.
@@ -137,9 +148,6 @@ class CancellationToken(_Cell):
         self._applied: list[None] = [None]
         self._reason: Reason = None
         self._callbacks: dict[int, Callable[[], object]] = {}
-        self._links: list[CallbackHandle] = []
-        self._timer: _timer.TimerHandle | None = None
-        self._exported = False
 
     def _clear_shared(self) -> None:
         self._reason_len = _cell.REASON_NONE
@@ -149,9 +157,8 @@ class CancellationToken(_Cell):
     def _on_slot(cls, chunk: _cell.Chunk, offset: int, name: str | None = None) -> CancellationToken:
         """A token over an existing slot (another process's token, or a pool's task slot)."""
         self = cls.from_buffer(chunk.mm, offset)
-        self._chunk = chunk
-        self._offset = offset
         chunk.adopt()
+        self._bind(chunk, offset)
         self._init_local(name)
         if self.is_cancelled:
             self._once.clear()
@@ -201,19 +208,30 @@ class CancellationToken(_Cell):
         try:
             self._once.pop()
         except IndexError:
+            if self._callbacks and self.is_cancelled and not self._applied:
+                # Leftovers of a delivery cut short by an exception (a KeyboardInterrupt
+                # landing inside cancel()): they still run, once.
+                self._finish()
             return False
         chunk = self._chunk
         won = True
-        if chunk.shared:
-            with chunk.lock_slot(self._offset):
-                if self.is_cancelled:
-                    won = False
-                else:
-                    self._write_shared_reason(reason)
-                    self.is_cancelled = True
-        else:
-            self._reason = reason
-            self.is_cancelled = True
+        try:
+            if chunk.shared:
+                with chunk.lock_slot(self._offset):
+                    if self.is_cancelled:
+                        won = False
+                    else:
+                        self._write_shared_reason(reason)
+                        self.is_cancelled = True
+            else:
+                self._reason = reason
+                self.is_cancelled = True
+        except BaseException:
+            # Interrupted (say, by a signal handler that raised while we waited for the
+            # slot lock) before the flag was set: let a later cancel() try again.
+            if not self.is_cancelled:
+                self._once.append(None)
+            raise
         if won:
             self._reason = reason
         self._apply()
@@ -236,16 +254,27 @@ class CancellationToken(_Cell):
             return
         self._once.clear()
         futex_wake(ctypes.addressof(self))
-        chunk = self._chunk
-        if chunk.shared:
-            chunk.ring()
+        if self._chunk.shared:
+            self._chunk.ring()
+        self._finish()
+
+    def _finish(self) -> None:
+        """Drop links and timer, then run every registered callback once."""
         self._detach()
-        while self._callbacks:
-            for ident in list(self._callbacks):
-                callback = self._callbacks.pop(ident, None)
+        callbacks = self._callbacks
+        fatal: BaseException | None = None
+        while callbacks:
+            for ident in list(callbacks):
+                callback = callbacks.pop(ident, None)
                 if callback is not None:
-                    self._run_callback(callback)
-        chunk.unwatch(self)
+                    try:
+                        self._run_callback(callback)
+                    except BaseException as exc:  # noqa: BLE001 - re-raised below
+                        # KeyboardInterrupt or SystemExit: the other callbacks still run.
+                        fatal = fatal or exc
+        self._chunk.unwatch(self)
+        if fatal is not None:
+            raise fatal
 
     def _run_callback(self, callback: Callable[[], object]) -> None:
         try:
@@ -256,7 +285,7 @@ class CancellationToken(_Cell):
                 f"cancel callback {callback!r} raised",
                 exception=exc,
                 token=self.name,
-                cancel_reason=self._reason,
+                cancel_reason=self.cancel_reason,
             )
 
     def _detach(self) -> None:
@@ -273,8 +302,13 @@ class CancellationToken(_Cell):
 
         Callbacks that ran are gone (register again if needed); callbacks still registered
         stay. Children and linked tokens that were already cancelled stay cancelled, and
-        links to parents dropped by the cancellation are not restored. Must not race with
-        :meth:`cancel` on the same token; a timeout that has fired is not re-armed.
+        links to parents dropped by the cancellation are not restored; a timeout that has
+        fired is not re-armed.
+
+        Not atomic: it must not race with :meth:`cancel` on the same token. A ``cancel()``
+        that lands in the middle of it (from another thread or a signal handler) may
+        return ``False`` and leave the token not cancelled; it never deadlocks and never
+        runs a callback twice.
         """
         self._clear_shared()
         self._reason = None
@@ -286,8 +320,10 @@ class CancellationToken(_Cell):
         """Run ``callback()`` once when the token is cancelled; at once if it already is.
 
         The callback runs in the thread that cancels (or, for a cancel made in another
-        process, on this process's hub thread). It should be short and must not block; a
-        callback that raises is logged with the token's name and the others still run.
+        process, on this process's hub thread, or in a :meth:`wait_blocking` of this
+        process that sees the cancel first). It should be short and must not block; a
+        callback that raises is logged with the token's name and reason, and the others
+        still run. Thread- and signal-safe; takes no lock.
 
         Raises:
             TypeError: ``callback`` is not callable.
@@ -295,15 +331,19 @@ class CancellationToken(_Cell):
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
         ident = next(_ids)
-        self._callbacks[ident] = callback
+        callbacks = self._callbacks
+        callbacks[ident] = callback
         handle = CallbackHandle(self, ident)
-        if self.is_cancelled:
-            if self._callbacks.pop(ident, None) is not None:
-                self._run_callback(callback)
-            if self._applied:  # cancelled by another process, not yet delivered here
-                self._apply()
-        elif self._offset not in self._chunk.listeners:
-            self._chunk.watch(self)
+        if not self.is_cancelled:
+            chunk = self._chunk
+            if self._id not in chunk.listeners:
+                chunk.watch(self)
+            if not self.is_cancelled:  # re-read: a cancel the hub may not have seen us for
+                return handle
+        if callbacks.pop(ident, None) is not None:
+            self._run_callback(callback)
+        if self._applied:  # cancelled elsewhere, not yet delivered here
+            self._apply()
         return handle
 
     async def wait(self) -> None:
@@ -338,7 +378,8 @@ class CancellationToken(_Cell):
         thread: use ``await token.wait()`` there.
 
         Raises:
-            TypeError / ValueError: ``timeout`` is not a non-negative number.
+            TypeError: ``timeout`` is not a number.
+            ValueError: ``timeout`` is negative or not finite.
         """
         deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout, "timeout")
         address = ctypes.addressof(self)
@@ -414,7 +455,12 @@ class CancellationToken(_Cell):
     def __del__(self) -> None:
         try:
             self._detach()
-            self._chunk.release(self._offset, reusable=not self._exported)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+        try:
+            self._chunk.release(
+                self._offset, reusable=not self._exported, key=getattr(self, "_id", None)
+            )
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 

@@ -54,7 +54,7 @@ class Control(ctypes.Structure):
     )
 
 
-class Terminated(BaseException):  # noqa: N818 - an internal control-flow signal
+class Terminated(BaseException):
     """Raised in a task when the pool sends SIGTERM (the ladder's second step).
 
     A ``BaseException`` so that ``except Exception`` in user code does not swallow it;
@@ -124,6 +124,22 @@ def kill_tree_of(pid: int) -> None:
     for child in stopped:
         with contextlib.suppress(OSError):
             os.kill(child, signal.SIGKILL)
+
+
+def _kill_and_reap_tree() -> None:
+    """Kill everything this worker's task left and wait until each one is reaped.
+
+    The worker is a subreaper, so orphaned grandchildren come back to it; each round kills
+    every current descendant, so the blocking wait returns promptly.
+    """
+    while True:
+        kill_tree_of(os.getpid())
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
 
 
 def _reap_children() -> None:
@@ -198,8 +214,9 @@ class _Worker:
             _state.running = False
             _state.term_pending = False
         if kind == "terminated" or token.is_cancelled:
-            kill_tree_of(os.getpid())
-        _reap_children()
+            _kill_and_reap_tree()
+        else:
+            _reap_children()
         try:
             self.send(("result", seq, kind, value))
         except Exception as exc:  # noqa: BLE001 - the result or error would not pickle
@@ -223,8 +240,7 @@ def _worker_main(sock_fd: int, chunk: _cell.Chunk, token_offset: int, control_of
     try:
         worker.serve()
     finally:
-        kill_tree_of(os.getpid())
-        _reap_children()
+        _kill_and_reap_tree()
         os._exit(0)
 
 
@@ -232,7 +248,7 @@ def zygote_main(control_fd: int, chunk_fd: int) -> None:
     """Entry point of the zygote process (started by the pool with two inherited fds)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctrl = socket.socket(fileno=control_fd)
-    chunk = _cell.attach_chunk(chunk_fd)
+    chunk = _cell.attach_chunk(chunk_fd, pinned=True)
     set_child_subreaper(True)
     prep = recv_seq(ctrl)
     if prep is None:

@@ -40,6 +40,8 @@ _FUTEX_WAKE = 1
 _INT_MAX = 2**31 - 1
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "i686": 240, "armv7l": 240}.get(platform.machine())
 _PR_SET_CHILD_SUBREAPER = 36
+#: longest single futex wait (one day); a longer ``timeout`` just returns early
+_MAX_WAIT = 86_400.0
 
 
 class _Timespec(ctypes.Structure):
@@ -62,8 +64,9 @@ HAVE_FUTEX: bool = _libc is not None and _SYS_FUTEX is not None
 def futex_wait(address: int, expected: int, timeout: float | None) -> None:
     """Block while the 32-bit word at ``address`` equals ``expected``, at most ``timeout`` s.
 
-    May return early (a signal, a spurious wake-up, or a change that was undone): the
-    caller re-reads the word and decides whether to wait again. Never raises for those.
+    May return early (a signal, a spurious wake-up, a change that was undone, or a
+    ``timeout`` over one day): the caller re-reads the word and decides whether to wait
+    again. Never raises for those.
     Safe from any thread; the GIL is released while blocked, and a signal makes it return
     so that Python runs the handler.
     """
@@ -73,11 +76,20 @@ def futex_wait(address: int, expected: int, timeout: float | None) -> None:
         if timeout is None:
             ts_ptr = None
         else:
-            seconds = max(timeout, 0.0)
-            ts = _Timespec(int(seconds), int((seconds % 1.0) * 1e9))
+            # Clamped: a timespec the kernel rejects (huge or NaN) would make the call
+            # return at once, and a caller looping until its deadline would spin.
+            seconds = min(max(timeout, 0.0), _MAX_WAIT) if timeout == timeout else 0.0
+            whole = int(seconds)
+            ts = _Timespec(whole, min(int((seconds - whole) * 1e9), 999_999_999))
             ts_ptr = ctypes.byref(ts)
         _libc.syscall(
-            _SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAIT, expected, ts_ptr, None, 0
+            _SYS_FUTEX,
+            ctypes.c_void_p(address),
+            _FUTEX_WAIT,
+            ctypes.c_uint32(expected & 0xFFFFFFFF),
+            ts_ptr,
+            None,
+            0,
         )
         return
     # Fallback: a bounded sleep; the caller loops and re-reads the word.

@@ -1,0 +1,992 @@
+"""`PipelineExecutor`: runs a DAG of nodes wave by wave and stops it cleanly; `PipelineResult`."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+
+from ._events import EventBus, PipelineEvent
+from ._exceptions import (
+    CancelledException,
+    PipelineFailedException,
+    PipelineTimeoutException,
+    PoolClosedError,
+)
+from ._log import safe_log
+from ._node import Node, NodeContext
+from ._registry import CancellationRegistry, _Entry
+from ._supersede import DEFAULT_SUPERSEDE_REASON, Superseder
+from ._token import CallbackHandle, CancellationToken
+from ._waves import compute_waves, validate_pipeline
+
+if TYPE_CHECKING:
+    from ._context import PartialSink
+
+__all__ = (
+    "DEFAULT_GRACEFUL_TIMEOUT",
+    "Mode",
+    "PipelineExecutor",
+    "PipelineResult",
+    "SyncPool",
+)
+
+Mode = Literal["graceful", "interrupt"]
+_MODES: tuple[str, ...] = ("graceful", "interrupt")
+Outcome = Literal["completed", "cancelled", "timed_out", "failed"]
+
+#: Seconds a graceful cancel waits for the running wave before interrupting it.
+DEFAULT_GRACEFUL_TIMEOUT = 30.0
+# While interrupted coroutine nodes refuse to end, they are cancelled again this often.
+_RECANCEL_INTERVAL = 1.0
+_UNSET: Any = object()
+
+
+class SyncPool(Protocol):
+    """What the executor needs of a thread or process pool (cancelflow's pools fit)."""
+
+    async def run_sync(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        token: CancellationToken | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the pipeline's deadline
+        grace_period: float | None = None,
+        partial_sink: PartialSink | None = None,
+    ) -> Any: ...
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None: ...
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """How a pipeline run ended, as a value: what :meth:`PipelineExecutor.run_pipeline`
+    returns instead of raising (seed 004's graceful response).
+
+    Attributes:
+        pipeline_id: the run's id.
+        results: node outputs keyed by node id; after a cancellation, timeout or failure
+            these are the partial results (plus values stored with ``store_partial``
+            under ``"{node_id}.{key}"``).
+        cancelled: the run was cancelled or timed out (a timeout is a cancellation).
+        cancel_reason: the reason of the cancellation (or timeout), else ``None``.
+        wave_cancelled_at: the first wave that did not complete, for a run that did not
+            complete (``None`` if it completed).
+        timed_out: the run ran past its ``timeout``.
+        error: the exception :meth:`PipelineExecutor.execute_pipeline` would have raised
+            (``CancelledException``, ``PipelineTimeoutException`` or
+            ``PipelineFailedException``), else ``None``.
+        failed_node: the id of the node whose error ended the run, else ``None``.
+        cleanup_errors: errors of cleanup handlers that raised or hung (``TimeoutError``).
+
+    For seed compatibility it can also be read like the seed's response dict:
+    ``result["cancelled"]``, ``result.get("cancel_reason")``.
+    """
+
+    pipeline_id: str
+    results: dict[str, Any]
+    cancelled: bool = False
+    cancel_reason: str | None = None
+    wave_cancelled_at: int | None = None
+    timed_out: bool = False
+    error: BaseException | None = None
+    failed_node: str | None = None
+    cleanup_errors: tuple[BaseException, ...] = ()
+
+    @property
+    def completed(self) -> bool:
+        """The run completed: every node returned."""
+        return self.error is None
+
+    @property
+    def outcome(self) -> Outcome:
+        """``"completed"``, ``"cancelled"``, ``"timed_out"`` or ``"failed"``."""
+        if self.timed_out:
+            return "timed_out"
+        if self.cancelled:
+            return "cancelled"
+        return "failed" if self.error is not None else "completed"
+
+    def unwrap(self) -> dict[str, Any]:
+        """Return ``results`` if the run completed, else raise its ``error``."""
+        if self.error is not None:
+            raise self.error
+        return self.results
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in _RESULT_KEYS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``result[key]`` for the field ``key``, or ``default``."""
+        return getattr(self, key) if key in _RESULT_KEYS else default
+
+
+_RESULT_KEYS = frozenset(
+    (
+        "pipeline_id",
+        "results",
+        "cancelled",
+        "cancel_reason",
+        "wave_cancelled_at",
+        "timed_out",
+        "error",
+        "failed_node",
+        "cleanup_errors",
+    )
+)
+
+
+class PipelineExecutor:
+    """Runs pipelines (DAGs of :class:`Node`) wave by wave, and stops them cleanly.
+
+    Each run is registered in the :class:`CancellationRegistry` under its id, every
+    completed node's output is stored there as a partial result, and the run is always
+    unregistered at its end, whatever happened. Nodes of one wave run concurrently: on
+    the event loop (coroutine functions), in the thread pool or in the process pool.
+
+    **Endings.** A run ends in exactly one way, decided by the first cause that fires;
+    later causes do not change it or its reason:
+
+    * *completed*: every node returned; :meth:`execute_pipeline` returns the outputs.
+    * *cancelled*: the registry cancelled it (:meth:`CancellationRegistry.cancel`, its
+      thread-safe form, ``cancel_all``), the caller's ``cancel_token`` was cancelled, it
+      was superseded, or the task awaiting it was cancelled → :class:`CancelledException`.
+    * *timed out*: the run's ``timeout`` passed → :class:`PipelineTimeoutException`.
+    * *failed*: a node raised, or ran past its own ``timeout`` → the other running nodes
+      are interrupted and :class:`PipelineFailedException` is raised, with the node's
+      error as ``__cause__`` (for a node timeout, a :class:`PipelineTimeoutException`).
+
+    Whatever the ending, the exception is raised only once nothing of the run is still
+    running: coroutine nodes have returned or unwound, process nodes are confirmed
+    stopped by the process pool, and thread nodes have been released by the thread pool
+    (a thread that ignores its token keeps running until it returns, abandoned after the
+    pool's grace period; what it stores after the run ended is dropped, with a debug
+    log). It is raised after the cleanup handlers have run, and the pipeline is
+    unregistered by then, so ``partial_results`` is final. ``wave_num`` is the first
+    wave that did not complete: the waves before it all completed (a graceful cancel
+    during wave *k* gives *k + 1*, an interrupt gives *k*).
+
+    **Modes** (chosen per call, default from the executor) govern how a *cancel* is
+    applied, whatever its source:
+
+    * ``"graceful"`` (seed 004): no new wave starts, the running wave finishes and its
+      results are kept. Nodes are not told: ``ctx.token`` stays uncancelled so a
+      cooperative node completes its work. If the wave has not finished
+      ``graceful_timeout`` seconds (default 30) after the cancel, the run is interrupted
+      as below, so a node that never returns cannot hold the pipeline forever
+      (``None``: wait for the wave however long it takes).
+    * ``"interrupt"``: running nodes are told at once: ``ctx.token`` is cancelled (with
+      the reason), coroutine nodes are cancelled (``Task.cancel()``: they get
+      ``asyncio.CancelledError`` at their next ``await``, their ``finally`` blocks run),
+      thread nodes are released by the thread pool (and abandoned after its grace period
+      if they ignore their token), process nodes are stopped by the process pool
+      (token, then SIGTERM, then SIGKILL).
+
+    A timeout, a node failure and the cancellation of the awaiting task always
+    interrupt, in both modes: a timeout is a deadline.
+
+    **Tokens.** The registry's token for the run is the cancel *request* (and is
+    cancelled, with the ending's reason, on a timeout or failure too, so the outside
+    sees the run is ending). ``ctx.token`` is a different, per-run token that is
+    cancelled only when nodes must stop now (interrupt, escalation, deadline, failure;
+    a node's own timeout cancels only that node's token).
+
+    **Cleanup handlers** registered for the run run exactly once when it ends in any
+    way but *completed*, after every node has stopped; on completion they are dropped.
+    Their errors are logged and returned as ``PipelineResult.cleanup_errors``. A
+    cancel that fires while the last wave is running still ends the run as cancelled
+    (the first cause wins) with every output in ``partial_results``; one that comes
+    after the last node returned finds the run completed and does nothing.
+
+    **Events** are published on :attr:`events` (see :mod:`cancelflow._events`). A
+    subscriber that raises is logged and does not affect the run.
+
+    **Pools.** Pools passed in are used and never shut down by the executor; pools it
+    creates itself (lazily, at the first thread or process node) are shut down by
+    :meth:`aclose` (or ``async with``). Pools never need to exist for loop-only pipelines.
+
+    Args:
+        registry: the registry to register runs in (default: a new one).
+        thread_pool: the pool for ``run_in="thread"`` nodes.
+        process_pool: the pool for ``run_in="process"`` nodes.
+        mode: the default cancel mode, ``"graceful"`` or ``"interrupt"``.
+        graceful_timeout: seconds a graceful cancel waits for the running wave before
+            interrupting it (``None``: no bound). Default 30.
+        cleanup_timeout: per-handler bound on cleanup handlers of runs of this executor
+            (default: the registry's, 5 s).
+        events: the event bus to publish on (default: a new one).
+
+    Raises:
+        ValueError: an unknown ``mode``, a non-positive timeout.
+    """
+
+    def __init__(
+        self,
+        registry: CancellationRegistry | None = None,
+        *,
+        thread_pool: SyncPool | None = None,
+        process_pool: SyncPool | None = None,
+        mode: Mode = "graceful",
+        graceful_timeout: float | None = DEFAULT_GRACEFUL_TIMEOUT,
+        cleanup_timeout: float | None = None,
+        events: EventBus | None = None,
+    ) -> None:
+        if registry is not None and not isinstance(registry, CancellationRegistry):
+            raise TypeError(
+                f"registry must be a CancellationRegistry, not {type(registry).__name__}"
+            )
+        self.registry = registry if registry is not None else CancellationRegistry()
+        self.events = events if events is not None else EventBus()
+        self.mode: Mode = _check_mode(mode)
+        self.graceful_timeout = _check_optional_timeout(graceful_timeout, "graceful_timeout")
+        self.cleanup_timeout = _check_optional_timeout(cleanup_timeout, "cleanup_timeout")
+        self._thread_pool = thread_pool
+        self._process_pool = process_pool
+        self._owned_pools: list[SyncPool] = []
+        self._runs: set[_Run] = set()
+        self._closed = False
+        self._superseder = Superseder()
+
+    # -- running ---------------------------------------------------------------------------
+    async def execute_pipeline(
+        self,
+        pipeline_id: str,
+        nodes: Iterable[Node],
+        context: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the pipeline's deadline
+        cancel_token: CancellationToken | None = None,
+        mode: Mode | None = None,
+        graceful_timeout: float | None = _UNSET,
+    ) -> dict[str, Any]:
+        """Run a pipeline to its end and return ``{node_id: output}``.
+
+        Args:
+            pipeline_id: the run's id in the registry (unique among running pipelines).
+            nodes: the pipeline's nodes; checked as a whole before anything runs.
+            context: a mapping every node reads as ``ctx.context`` (default: empty).
+            timeout: the run's deadline in seconds from now (``None``: none).
+            cancel_token: a token whose cancellation cancels the run (its reason is the
+                run's reason).
+            mode: ``"graceful"`` or ``"interrupt"`` for this run (default: the
+                executor's).
+            graceful_timeout: overrides the executor's for this run.
+
+        Cancellation while it blocks: a cancel from any source (this is checked on
+        entry: a pre-cancelled ``cancel_token`` runs no node) is applied in the run's
+        mode; see the class docstring. If the task awaiting this call is cancelled, the
+        run is interrupted, cleaned up and unregistered before ``asyncio.CancelledError``
+        propagates. Partial results that survive: every completed node's output and
+        every value stored with ``ctx.store_partial``, including by a process node that
+        was killed.
+
+        Raises:
+            CancelledException: the run was cancelled.
+            PipelineTimeoutException: the run passed its ``timeout``.
+            PipelineFailedException: a node raised or passed its own timeout.
+            PipelineDefinitionError: a bad pipeline (nothing ran), or ``pipeline_id`` is
+                already running.
+            PoolClosedError: the executor was closed.
+            ValueError / TypeError: a bad argument.
+        """
+        outcome = await self._execute(
+            pipeline_id, nodes, context, timeout, cancel_token, mode, graceful_timeout
+        )
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.outputs
+
+    async def run_pipeline(
+        self,
+        pipeline_id: str,
+        nodes: Iterable[Node],
+        context: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the pipeline's deadline
+        cancel_token: CancellationToken | None = None,
+        mode: Mode | None = None,
+        graceful_timeout: float | None = _UNSET,
+    ) -> PipelineResult:
+        """Like :meth:`execute_pipeline`, but return every ending as a :class:`PipelineResult`.
+
+        A cancellation or timeout is reported as ``cancelled=True`` (and published as a
+        ``cancellation_handled`` event), a node failure as ``error``/``failed_node``.
+        What is still raised: a bad pipeline or argument, :class:`PoolClosedError`, and
+        ``asyncio.CancelledError`` when the awaiting task is cancelled.
+        """
+        outcome = await self._execute(
+            pipeline_id, nodes, context, timeout, cancel_token, mode, graceful_timeout
+        )
+        return await self._to_result(outcome)
+
+    async def run_superseding(
+        self,
+        key: str,
+        nodes: Iterable[Node],
+        context: Mapping[str, Any] | None = None,
+        *,
+        pipeline_id: str | None = None,
+        reason: str | None = DEFAULT_SUPERSEDE_REASON,
+        timeout: float | None = None,  # noqa: ASYNC109 - the pipeline's deadline
+        mode: Mode | None = None,
+        graceful_timeout: float | None = _UNSET,
+    ) -> PipelineResult:
+        """Run a pipeline for ``key``, superseding the key's running one (seed 004).
+
+        The key's running pipeline (started by this method) is cancelled with ``reason``
+        and awaited to its end (in its own mode: graceful by default, so its running
+        wave finishes); then this one starts. Concurrent calls for one key never run two
+        pipelines at once, and each caller gets its own run's :class:`PipelineResult`:
+        a superseded one has ``cancelled=True`` and ``cancel_reason=reason``. A call
+        superseded before it could start runs nothing and returns a cancelled result
+        with ``wave_cancelled_at=0`` and no results.
+
+        Args:
+            key: what the runs are for (e.g. a conversation id).
+            pipeline_id: the run's id (default: ``key``; runs of one key never overlap).
+            reason: the cancel reason given to the run this call supersedes.
+        """
+        run_id = key if pipeline_id is None else pipeline_id
+
+        async def job(token: CancellationToken) -> PipelineResult:
+            return await self.run_pipeline(
+                run_id,
+                nodes,
+                context,
+                timeout=timeout,
+                cancel_token=token,
+                mode=mode,
+                graceful_timeout=graceful_timeout,
+            )
+
+        try:
+            return await self._superseder.run(key, job, reason=reason)
+        except CancelledException as exc:
+            return PipelineResult(
+                run_id,
+                {},
+                cancelled=True,
+                cancel_reason=exc.reason,
+                wave_cancelled_at=0,
+                error=CancelledException(exc.message, {}, 0, reason=exc.reason),
+            )
+
+    # -- lifecycle ---------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` was called; a closed executor runs nothing more."""
+        return self._closed
+
+    async def aclose(self, reason: str = "executor closed") -> None:
+        """Cancel the running pipelines, wait for their ends, and shut down owned pools.
+
+        Idempotent. Pools passed to the constructor are left open.
+
+        While it blocks: running pipelines are cancelled (reason ``reason``) in their own
+        mode, so a graceful one finishes its running wave (at most ``graceful_timeout``)
+        and an interrupted one stops its nodes; their cleanup handlers run; then owned
+        pools are shut down, waiting for their workers to end (a thread abandoned by the
+        thread pool is not waited for). If the awaiting task is cancelled, the runs and
+        the shutdown go on without it.
+        """
+        self._closed = True
+        runs = list(self._runs)
+        for run in runs:
+            run.request_cancel(reason)
+        if runs:
+            await asyncio.gather(*(asyncio.shield(run.done) for run in runs))
+        pools, self._owned_pools = self._owned_pools, []
+        for pool in pools:
+            await _shutdown_pool(pool)
+
+    async def __aenter__(self) -> PipelineExecutor:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _pool_for(self, run_in: str) -> SyncPool:
+        if self._closed:
+            raise PoolClosedError("the PipelineExecutor is closed")
+        if run_in == "thread":
+            if self._thread_pool is None:
+                from ._thread_pool import ThreadPool
+
+                self._thread_pool = ThreadPool()
+                self._owned_pools.append(self._thread_pool)
+            return self._thread_pool
+        if self._process_pool is None:
+            from ._process_pool import ProcessPool
+
+            self._process_pool = ProcessPool()
+            self._owned_pools.append(self._process_pool)
+        return self._process_pool
+
+    # -- internals ---------------------------------------------------------------------
+    async def _execute(
+        self,
+        pipeline_id: str,
+        nodes: Iterable[Node],
+        context: Mapping[str, Any] | None,
+        timeout: float | None,  # noqa: ASYNC109 - the pipeline's deadline
+        cancel_token: CancellationToken | None,
+        mode: Mode | None,
+        graceful_timeout: float | None,
+    ) -> _Outcome:
+        if self._closed:
+            raise PoolClosedError("the PipelineExecutor is closed")
+        if not isinstance(pipeline_id, str) or not pipeline_id:
+            raise TypeError(f"pipeline_id must be a non-empty str, got {pipeline_id!r}")
+        run_mode = self.mode if mode is None else _check_mode(mode)
+        bound = (
+            self.graceful_timeout
+            if graceful_timeout is _UNSET
+            else _check_optional_timeout(graceful_timeout, "graceful_timeout")
+        )
+        deadline = _check_optional_timeout(timeout, "timeout")
+        if cancel_token is not None and not isinstance(cancel_token, CancellationToken):
+            raise TypeError(
+                f"cancel_token must be a CancellationToken, not {type(cancel_token).__name__}"
+            )
+        if context is None:
+            context = {}
+        elif not isinstance(context, Mapping):
+            raise TypeError(f"context must be a mapping, not {type(context).__name__}")
+        by_id = validate_pipeline(nodes)
+        waves = compute_waves(by_id)
+        self.registry.register(pipeline_id, cleanup_timeout=self.cleanup_timeout)
+        entry = self.registry._get(pipeline_id)
+        self.registry._manage(entry)
+        run = _Run(self, entry, waves, context, run_mode, bound, deadline)
+        self._runs.add(run)
+        try:
+            return await run.drive(cancel_token)
+        finally:
+            self._runs.discard(run)
+            if not run.done.done():
+                run.done.set_result(None)
+            if not entry.finished:
+                # Only reached on an internal error: never leave the id registered.
+                self.registry._release(entry, run_handlers=False)
+                self.registry._drop(entry)
+
+    async def _to_result(self, outcome: _Outcome) -> PipelineResult:
+        error = outcome.error
+        result = PipelineResult(
+            outcome.pipeline_id,
+            outcome.outputs if error is None else outcome.partial_results,
+            cancelled=isinstance(error, CancelledException),
+            cancel_reason=error.reason if isinstance(error, CancelledException) else None,
+            wave_cancelled_at=None if error is None else outcome.wave_num,
+            timed_out=isinstance(error, PipelineTimeoutException),
+            error=error,
+            failed_node=error.node_id if isinstance(error, PipelineFailedException) else None,
+            cleanup_errors=outcome.cleanup_errors,
+        )
+        if isinstance(error, CancelledException) and self.events.has_subscribers():
+            await self.events.emit(
+                PipelineEvent(
+                    "cancellation_handled",
+                    outcome.pipeline_id,
+                    None,
+                    {
+                        "message": error.message,
+                        "wave_num": error.wave_num,
+                        "partial_results_count": len(error.partial_results),
+                        "cancel_reason": error.reason,
+                    },
+                )
+            )
+        return result
+
+
+@dataclass
+class _Outcome:
+    pipeline_id: str
+    outputs: dict[str, Any]
+    partial_results: dict[str, Any]
+    wave_num: int
+    error: CancelledException | PipelineFailedException | None
+    cleanup_errors: tuple[BaseException, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    """One cause of an ending; the first one claimed decides the ending."""
+
+    kind: Literal["completed", "cancelled", "timed_out", "failed"]
+    reason: str | None = None
+    node_id: str | None = None
+    error: BaseException | None = None
+    wave_num: int | None = None
+
+
+class _NodeRun:
+    """One node of a run; also the node's partial-result sink (``self(key, value)``)."""
+
+    __slots__ = ("node", "run", "started", "task", "timed_out", "timer", "token", "wave_num")
+
+    def __init__(self, run: _Run, node: Node, wave_num: int, token: CancellationToken) -> None:
+        self.run = run
+        self.node = node
+        self.wave_num = wave_num
+        self.token = token
+        self.task: asyncio.Task[None] | None = None
+        self.started = False
+        self.timed_out: PipelineTimeoutException | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def __call__(self, key: str, value: Any) -> None:
+        """Store a partial result as ``"{node_id}.{key}"`` (any thread)."""
+        run = self.run
+        if run.closed:
+            safe_log(
+                "DEBUG",
+                f"partial result {key!r} stored after the run ended; dropped",
+                pipeline_id=run.pipeline_id,
+                node_id=self.node.id,
+            )
+            return
+        run.entry.partials[f"{self.node.id}.{key}"] = value
+
+
+class _Run:
+    """The state of one pipeline run; lives on the loop that runs it.
+
+    Causes (cancel requests, the deadline, node failures) may be claimed from any thread
+    or a signal handler: a claim is one ``list.append`` (atomic), the first element of
+    ``claims`` is the ending, and the loop is woken with ``call_soon_threadsafe`` to act.
+    """
+
+    def __init__(
+        self,
+        executor: PipelineExecutor,
+        entry: _Entry,
+        waves: list[list[Node]],
+        context: Mapping[str, Any],
+        mode: Mode,
+        graceful_timeout: float | None,
+        timeout: float | None,
+    ) -> None:
+        self.executor = executor
+        self.registry = executor.registry
+        self.events = executor.events
+        self.entry = entry
+        self.pipeline_id = entry.pipeline_id
+        self.waves = waves
+        self.context = context
+        self.mode = mode
+        self.graceful_timeout = graceful_timeout
+        self.timeout = timeout
+        self.loop = asyncio.get_running_loop()
+        self.claims: list[_Claim] = []
+        self.interrupt = CancellationToken(name=f"{self.pipeline_id}:interrupt")
+        self.interrupted = False
+        self.outputs: dict[str, Any] = {}
+        self.running: dict[str, _NodeRun] = {}
+        self.remaining = 0  # nodes of the current wave not yet ended
+        self.wave_done: asyncio.Future[None] = self.loop.create_future()
+        self.escalation: asyncio.TimerHandle | None = None
+        self.deadline: asyncio.TimerHandle | None = None
+        self.caller_cancelled = False
+        self.closed = False
+        self.done: asyncio.Future[None] = self.loop.create_future()
+
+    # -- causes ----------------------------------------------------------------------------
+    def claim(self, claim: _Claim) -> None:
+        """Record a cause (any thread, signal-safe) and let the loop act on it."""
+        if self.closed:
+            return
+        self.claims.append(claim)
+        try:
+            self.loop.call_soon_threadsafe(self._act, claim)
+        except RuntimeError:  # the loop is closed; the run is long over
+            pass
+
+    def request_cancel(self, reason: str | None) -> None:
+        """Cancel the run as the registry would (any thread)."""
+        self.entry.token.cancel(reason)
+
+    def _on_registry_cancel(self) -> None:
+        self.claim(_Claim("cancelled", self.entry.token.cancel_reason))
+
+    def _act(self, claim: _Claim) -> None:
+        if self.closed:
+            return
+        if claim.kind == "cancelled":
+            if self.mode == "interrupt":
+                self._interrupt()
+            elif self.escalation is None and self.graceful_timeout is not None:
+                self.escalation = self.loop.call_later(self.graceful_timeout, self._escalate)
+        elif claim.kind in ("timed_out", "failed"):
+            # The pipeline's token tells the outside (and cleanup) that the run is ending.
+            self.entry.token.cancel(self.claims[0].reason)
+            self._interrupt()
+
+    def _escalate(self) -> None:
+        safe_log(
+            "WARNING",
+            f"graceful cancel not done after {self.graceful_timeout:g}s; interrupting",
+            pipeline_id=self.pipeline_id,
+        )
+        self._interrupt()
+
+    def _on_deadline(self) -> None:
+        assert self.timeout is not None
+        self.claim(
+            _Claim("timed_out", f"pipeline {self.pipeline_id!r} timed out after {self.timeout:g}s")
+        )
+
+    def _interrupt(self) -> None:
+        """Tell every running node to stop now (idempotent; loop thread)."""
+        if self.interrupted:
+            return
+        self.interrupted = True
+        reason = self.claims[0].reason if self.claims else None
+        self.interrupt.cancel(reason)
+        for node_run in list(self.running.values()):
+            if node_run.started and node_run.task is not None and node_run.node.run_in == "loop":
+                node_run.task.cancel()
+
+    def _on_node_timeout(self, node_run: _NodeRun) -> None:
+        node = node_run.node
+        assert node.timeout is not None
+        reason = f"node {node.id!r} timed out after {node.timeout:g}s"
+        error = PipelineTimeoutException(
+            reason, None, node_run.wave_num, reason=reason, timeout=node.timeout
+        )
+        node_run.timed_out = error
+        node_run.token.cancel(reason)
+        if node_run.task is not None and node.run_in == "loop":
+            node_run.task.cancel()  # started: its timer is armed inside the task
+        self.claim(_Claim("failed", reason, node.id, error, node_run.wave_num))
+
+    # -- driving ---------------------------------------------------------------------------
+    async def drive(self, cancel_token: CancellationToken | None) -> _Outcome:
+        handles: list[CallbackHandle] = [self.entry.token.on_cancel(self._on_registry_cancel)]
+        if cancel_token is not None:
+            registry_token = self.entry.token
+            handles.append(
+                cancel_token.on_cancel(lambda: registry_token.cancel(cancel_token.cancel_reason))
+            )
+        if self.timeout is not None:
+            self.deadline = self.loop.call_later(self.timeout, self._on_deadline)
+        try:
+            await self._emit(
+                "pipeline_started",
+                None,
+                total_waves=len(self.waves),
+                node_count=sum(len(wave) for wave in self.waves),
+                mode=self.mode,
+            )
+            safe_log(
+                "DEBUG", f"pipeline started ({len(self.waves)} waves)", pipeline_id=self.pipeline_id
+            )
+            for wave_num, wave in enumerate(self.waves):
+                if self.claims:
+                    break
+                await self._run_wave(wave_num, wave)
+            if not self.claims:
+                self.claims.append(_Claim("completed"))
+            if self.claims[0].kind == "completed":
+                self.entry.finished = True  # late cancels find it finished
+        except asyncio.CancelledError:
+            # Cancelled outside any wave (e.g. during an event): nothing runs; end it.
+            self._on_caller_cancelled()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return await _uncancellable(self._finish(), self)
+
+    async def _run_wave(self, wave_num: int, wave: list[Node]) -> None:
+        loop = self.loop
+        self.remaining = len(wave)
+        self.wave_done = wave_done = loop.create_future()
+        for node in wave:
+            token = (
+                self.interrupt.child(name=f"{self.pipeline_id}/{node.id}")
+                if (node.timeout is not None or node.run_in != "loop")
+                else self.interrupt
+            )
+            node_run = _NodeRun(self, node, wave_num, token)
+            self.running[node.id] = node_run
+            node_run.task = loop.create_task(self._run_node(node_run))
+        while not wave_done.done():
+            try:
+                await asyncio.wait(
+                    (wave_done,), timeout=_RECANCEL_INTERVAL if self.interrupted else None
+                )
+            except asyncio.CancelledError:
+                self._on_caller_cancelled()
+                continue
+            if not wave_done.done() and self.interrupted:
+                self._recancel()
+
+    def _on_caller_cancelled(self) -> None:
+        self.caller_cancelled = True
+        reason = "the task awaiting the pipeline was cancelled"
+        self.claim(_Claim("cancelled", reason))
+        self.entry.token.cancel(reason)
+        self._interrupt()
+
+    def _recancel(self) -> None:
+        for node_run in list(self.running.values()):
+            safe_log(
+                "WARNING",
+                "interrupted node has not stopped yet",
+                pipeline_id=self.pipeline_id,
+                node_id=node_run.node.id,
+            )
+            if node_run.node.run_in == "loop" and node_run.started and node_run.task is not None:
+                node_run.task.cancel()
+
+    async def _run_node(self, node_run: _NodeRun) -> None:
+        # A node task is only ever cancelled once started (see _interrupt), so this body,
+        # and its finally, always runs: the wave's count of running nodes stays exact.
+        node_run.started = True
+        node = node_run.node
+        node_id = node.id
+        try:
+            if self.interrupted:
+                raise asyncio.CancelledError  # interrupted before it could start
+            ctx = NodeContext(
+                node_run.token,
+                {dep: self.outputs[dep] for dep in node.deps} if node.deps else {},
+                self.context,
+                self.pipeline_id,
+                node_id,
+                node_run,
+            )
+            if node.timeout is not None:
+                node_run.timer = self.loop.call_later(node.timeout, self._on_node_timeout, node_run)
+            emitting = self.events.has_subscribers()
+            if emitting:
+                await self._emit(
+                    "node_started", node_id, wave_num=node_run.wave_num, run_in=node.run_in
+                )
+            if node.run_in == "loop":
+                value = await node.fn(ctx)
+            else:
+                pool = self.executor._pool_for(node.run_in)
+                value = await pool.run_sync(
+                    node.fn, ctx, token=node_run.token, partial_sink=node_run
+                )
+        except asyncio.CancelledError as exc:
+            if self.interrupted or node_run.timed_out is not None:
+                await self._node_stopped(node_run, "interrupted")
+            else:  # not cancelled by us: something inside the node was cancelled
+                await self._node_failed(node_run, exc)
+        except CancelledException as exc:
+            if node_run.timed_out is None and not node_run.token.is_cancelled:
+                await self._node_failed(node_run, exc)  # raised by the node on its own
+            else:
+                await self._node_stopped(node_run, exc.reason)
+        except Exception as exc:  # noqa: BLE001 - a node's error ends the run, reported
+            await self._node_failed(node_run, exc)
+        else:
+            self.outputs[node_id] = value
+            self.entry.partials[node_id] = value
+            if emitting:
+                await self._emit(
+                    "node_finished", node_id, wave_num=node_run.wave_num, run_in=node.run_in
+                )
+        finally:
+            if node_run.timer is not None:
+                node_run.timer.cancel()
+            if node_run.token is not self.interrupt:
+                node_run.token.close()
+            del self.running[node_id]
+            self.remaining -= 1
+            if self.remaining == 0 and not self.wave_done.done():
+                self.wave_done.set_result(None)
+
+    async def _node_stopped(self, node_run: _NodeRun, reason: str | None) -> None:
+        if node_run.timed_out is not None:
+            await self._node_failed(node_run, node_run.timed_out)
+            return
+        node = node_run.node
+        if self.events.has_subscribers():
+            await self._emit(
+                "node_cancelled",
+                node.id,
+                wave_num=node_run.wave_num,
+                run_in=node.run_in,
+                reason=self.interrupt.cancel_reason or reason,
+            )
+
+    async def _node_failed(self, node_run: _NodeRun, error: BaseException) -> None:
+        node = node_run.node
+        if node_run.timed_out is None:
+            self.claim(
+                _Claim(
+                    "failed",
+                    f"node {node.id!r} failed: {error!r}",
+                    node.id,
+                    error,
+                    node_run.wave_num,
+                )
+            )
+        safe_log(
+            "WARNING",
+            f"node failed: {type(error).__name__}: {error}",
+            pipeline_id=self.pipeline_id,
+            node_id=node.id,
+        )
+        if self.events.has_subscribers():
+            await self._emit(
+                "node_failed", node.id, wave_num=node_run.wave_num, run_in=node.run_in, error=error
+            )
+
+    # -- ending ----------------------------------------------------------------------------
+    async def _finish(self) -> _Outcome:
+        """Everything has stopped: decide, clean up, unregister, report (uncancellable)."""
+        for handle in (self.deadline, self.escalation):
+            if handle is not None:
+                handle.cancel()
+        cause = self.claims[0]
+        partial = dict(self.entry.partials)
+        self.closed = True
+        self.interrupt.close()
+        wave_num = self._first_incomplete_wave()
+        error: CancelledException | PipelineFailedException | None
+        if cause.kind == "completed":
+            error = None
+        elif cause.kind == "timed_out":
+            error = PipelineTimeoutException(
+                f"pipeline {self.pipeline_id!r} timed out after {self.timeout:g}s",
+                partial,
+                wave_num,
+                reason=cause.reason,
+                timeout=self.timeout,
+            )
+        elif cause.kind == "cancelled":
+            what = f": {cause.reason}" if cause.reason else ""
+            error = CancelledException(
+                f"pipeline {self.pipeline_id!r} cancelled{what}",
+                partial,
+                wave_num,
+                reason=cause.reason,
+            )
+        else:
+            assert cause.error is not None
+            error = PipelineFailedException(
+                f"pipeline {self.pipeline_id!r} failed: node {cause.node_id!r} raised "
+                f"{type(cause.error).__name__}: {cause.error}",
+                node_id=cause.node_id,
+                partial_results=partial,
+                wave_num=cause.wave_num if cause.wave_num is not None else wave_num,
+            )
+            error.__cause__ = cause.error
+        if isinstance(error, CancelledException):
+            await self._emit(
+                "execution_cancelled",
+                None,
+                wave_num=wave_num,
+                total_waves=len(self.waves),
+                partial_results_count=len(partial),
+                cancel_reason=error.reason,
+            )
+        # Cleanup: exactly once, now that nothing runs; dropped on success.
+        self.registry._release(self.entry, run_handlers=error is not None)
+        if error is not None and (self.entry.handlers or self.entry.cleanup_task is not None):
+            self.registry._request_cleanup(self.entry)
+        if self.entry.cleanup_task is not None:
+            await asyncio.shield(self.entry.cleanup_task)
+        cleanup_errors = tuple(self.entry.cleanup_errors)
+        self.registry._drop(self.entry)
+        outcome_name = cause.kind
+        safe_log(
+            "WARNING" if outcome_name in ("timed_out", "failed") else "INFO",
+            f"pipeline ended: {outcome_name} at wave {wave_num}/{len(self.waves)}",
+            pipeline_id=self.pipeline_id,
+            reason=cause.reason,
+        )
+        await self._emit(
+            "pipeline_finished",
+            None,
+            outcome=outcome_name,
+            wave_num=wave_num,
+            total_waves=len(self.waves),
+            results_count=len(self.outputs),
+            reason=cause.reason,
+        )
+        return _Outcome(self.pipeline_id, self.outputs, partial, wave_num, error, cleanup_errors)
+
+    def _first_incomplete_wave(self) -> int:
+        for wave_num, wave in enumerate(self.waves):
+            if any(node.id not in self.outputs for node in wave):
+                return wave_num
+        return len(self.waves)
+
+    async def _emit(self, name: str, node_id: str | None, **data: Any) -> None:
+        if self.events.has_subscribers():
+            await self.events.emit(PipelineEvent(name, self.pipeline_id, node_id, data))
+
+
+async def _uncancellable(aw: Awaitable[_Outcome], run: _Run) -> _Outcome:
+    """Await ``aw`` to its end even if our task is cancelled meanwhile; then re-raise."""
+    task = asyncio.ensure_future(aw)
+    cancelled = run.caller_cancelled
+    while True:
+        try:
+            outcome = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return outcome
+
+
+async def _shutdown_pool(pool: SyncPool) -> None:
+    closer = getattr(pool, "aclose", None)
+    if closer is not None:
+        await closer()
+        return
+    # shutdown(wait=True) blocks: run it in a thread of its own, not on the loop.
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if not done.done():
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+    def work() -> None:
+        error: BaseException | None = None
+        try:
+            pool.shutdown(True)
+        except Exception as exc:  # noqa: BLE001 - handed to the loop
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, error)
+        except RuntimeError:  # the loop is closed
+            pass
+
+    threading.Thread(target=work, name="cancelflow-pool-shutdown", daemon=True).start()
+    await asyncio.shield(done)
+
+
+def _check_mode(mode: object) -> Mode:
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    return cast("Mode", mode)
+
+
+def _check_optional_timeout(value: object, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds or None, not {type(value).__name__}")
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"{what} must be a finite number > 0 or None, got {value!r}")
+    return float(value)

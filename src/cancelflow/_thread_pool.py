@@ -1,0 +1,961 @@
+"""`ThreadPool`: a `concurrent.futures` executor whose running tasks can be cancelled.
+
+A thread cannot be killed, so a cancelled task is *asked* to stop (its token is cancelled)
+and its caller is released at once. A task that keeps running for ``grace_period`` seconds
+after that is *abandoned*: logged, counted, and no longer counted against ``max_workers``,
+so the pool starts another worker for later work. An abandoned thread that finally returns
+ends, or becomes an ordinary worker again if the pool is under capacity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import ctypes
+import functools
+import itertools
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Executor, Future
+from concurrent.futures._base import (
+    CANCELLED,
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+)
+from dataclasses import dataclass
+from typing import Any, Literal, ParamSpec, TypeVar, TypeVarTuple
+
+from . import _timer
+from ._context import PartialSink, task_scope
+from ._exceptions import CancelledException, PipelineTimeoutException, PoolClosedError
+from ._log import safe_log
+from ._token import CancellationToken, _check_timeout
+
+__all__ = ("TaskFate", "ThreadTaskFuture", "ThreadPool", "ThreadPoolStatistics")
+
+T = TypeVar("T")
+P = ParamSpec("P")
+PosArgsT = TypeVarTuple("PosArgsT")
+
+TaskFate = Literal["pending", "running", "finished", "failed", "cancelled", "abandoned"]
+
+_EMPTY_CONTEXT = contextvars.Context()
+_pool_ids = itertools.count(1)
+_thread_ids = itertools.count(1)
+_task_ids = itertools.count(1)
+
+# After an interrupt has been sent, how long a task gets to unwind before it is abandoned.
+_INTERRUPT_SETTLE = 0.1
+
+# PyThreadState_SetAsyncExc(thread_id, exc): two prototypes of the same C function, one that
+# passes an exception type and one that passes NULL (which clears a pending exception).
+_send_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+_clear_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadPoolStatistics:
+    """A snapshot of a :class:`ThreadPool`, from :meth:`ThreadPool.statistics`.
+
+    The fields are read together under the pool's lock, so they are consistent with each
+    other at one instant; they are stale as soon as they are returned.
+
+    Attributes:
+        workers: live worker threads that count against ``max_workers`` (not abandoned).
+        busy: how many of those are running a task right now.
+        queued: tasks submitted and not started, not counting cancelled ones.
+        abandoned_total: tasks abandoned since the pool was created.
+        abandoned_running: abandoned threads still stuck in their task.
+        completed: tasks whose future got the task's own result or exception.
+        cancelled: futures resolved by a cancellation (queued or running, timeouts too).
+    """
+
+    workers: int
+    busy: int
+    queued: int
+    abandoned_total: int
+    abandoned_running: int
+    completed: int
+    cancelled: int
+
+
+class _Outcome:
+    __slots__ = ("exc", "value")
+
+    def __init__(self, value: object = None, exc: BaseException | None = None) -> None:
+        self.value = value
+        self.exc = exc
+
+
+class _Worker:
+    __slots__ = ("abandoned", "finishing", "ident", "item", "outcome", "retire", "thread")
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.ident = 0
+        self.item: _WorkItem | None = None
+        self.outcome: _Outcome | None = None
+        self.finishing: _WorkItem | None = None
+        self.abandoned = False
+        self.retire = False
+
+
+class _WorkItem:
+    __slots__ = (
+        "args",
+        "cancel_as_future",
+        "cancel_handle",
+        "cancelled_at",
+        "context",
+        "fate",
+        "fn",
+        "fn_name",
+        "future",
+        "grace",
+        "grace_handle",
+        "interrupt",
+        "interrupt_sent",
+        "kwargs",
+        "name",
+        "partials",
+        "pool",
+        "returned",
+        "started",
+        "timed_out",
+        "timeout",
+        "timeout_handle",
+        "token",
+        "user_sink",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        pool: ThreadPool,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        token: CancellationToken,
+        timeout: float | None,
+        grace: float,
+        user_sink: PartialSink | None,
+        interrupt: bool,
+    ) -> None:
+        self.pool = pool
+        self.fn = fn
+        self.fn_name: str = getattr(fn, "__qualname__", None) or repr(fn)
+        self.args = args
+        self.kwargs = kwargs
+        self.token = token
+        self.timeout = timeout
+        self.grace = grace
+        self.user_sink = user_sink
+        self.interrupt = interrupt
+        self.name = f"task-{next(_task_ids)}"
+        self.context = contextvars.copy_context()
+        self.partials: dict[str, Any] = {}
+        self.future: ThreadTaskFuture[Any] = ThreadTaskFuture()
+        self.future._item = self
+        self.worker: _Worker | None = None
+        self.fate: TaskFate = "pending"
+        self.started = False
+        self.returned = False
+        self.cancel_as_future = False
+        self.timed_out = False
+        self.interrupt_sent = False
+        self.cancelled_at = 0.0
+        self.cancel_handle: Any = None
+        self.timeout_handle: _timer.TimerHandle | None = None
+        self.grace_handle: _timer.TimerHandle | None = None
+
+    def sink(self, key: str, value: Any) -> None:
+        self.partials[key] = value
+        if self.user_sink is not None:
+            self.user_sink(key, value)
+
+    def run(self) -> Any:
+        with task_scope(self.token, self.sink):
+            return self.fn(*self.args, **self.kwargs)
+
+    def cancel_exception(self) -> CancelledException:
+        reason = self.token.cancel_reason
+        fn_name = self.fn_name
+        if self.timed_out and self.timeout is not None and reason == _timeout_reason(self.timeout):
+            return PipelineTimeoutException(
+                f"{self.name} ({fn_name}) timed out after {self.timeout:g}s",
+                self.partials,
+                reason=reason,
+                timeout=self.timeout,
+            )
+        return CancelledException(
+            f"{self.name} ({fn_name}) cancelled: {reason or 'no reason given'}",
+            self.partials,
+            reason=reason,
+        )
+
+
+def _timeout_reason(seconds: float) -> str:
+    return f"timeout after {seconds:g}s"
+
+
+class ThreadTaskFuture(Future[T]):
+    """The future of a :class:`ThreadPool` task; unlike its base class, cancellable while running.
+
+    :meth:`cancel` works in every state but finished: a queued task is never started, and a
+    running task has its token cancelled (reason ``"future cancelled"``) while this future
+    becomes cancelled at once, so :meth:`result` raises
+    :class:`concurrent.futures.CancelledError` straight away and ``wait``/``as_completed``
+    and done-callbacks see it done. When the task's token is cancelled any other way (the
+    caller's token, the task's ``timeout``, a pool shutdown), the future fails at once with
+    :class:`CancelledException` (:class:`PipelineTimeoutException` for the timeout) carrying
+    the reason and the partial results stored so far.
+
+    Not promised: a cancelled future does not mean the thread has stopped. See :attr:`fate`
+    for what the thread did: it may finish its cleanup within the grace period
+    (``"cancelled"``) or be abandoned (``"abandoned"``). A result the task returns after
+    its cancellation is dropped.
+
+    Thread safety: every method may be called from any thread. :meth:`cancel` takes only
+    this future's re-entrant lock and the timer's lock, never the pool's, so a cancel made
+    from a signal handler (directly or through a token) cannot deadlock on the pool.
+    Futures are made by the pool; a ``ThreadTaskFuture()`` made directly has no task and
+    behaves as a plain :class:`concurrent.futures.Future`.
+    """
+
+    _item: _WorkItem | None = None
+    _bare_fate: TaskFate | None = None
+
+    def cancel(self) -> bool:
+        """Cancel the task, queued or running; ``False`` only if the future was already done.
+
+        (Done means a result, an exception, or a failure from an earlier token cancel or
+        timeout.) Idempotent: a second call returns ``True`` and changes nothing. Never
+        blocks on the task: the future is cancelled before this returns, whatever the
+        thread does.
+
+        If the task is blocked (in a C call, I/O, a lock) it cannot be interrupted: its
+        token is cancelled, its caller released, and after the grace period the thread is
+        abandoned and its worker slot handed to a new thread.
+        """
+        item = self._item
+        if item is None:
+            return super().cancel()
+        with self._condition:
+            if self._state == FINISHED:
+                return False
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+            item.cancel_as_future = True
+        item.token.cancel("future cancelled")
+        item.pool._settle_cancelled(item)
+        with self._condition:
+            return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+
+    @property
+    def fate(self) -> TaskFate:
+        """What the task's thread did, as far as is known now (read-only, never blocks).
+
+        ``"pending"`` (queued), ``"running"``, ``"finished"`` (returned a value),
+        ``"failed"`` (raised, not cancelled), ``"cancelled"`` (cancelled before it started,
+        or it returned or raised after its token was cancelled, within the grace period)
+        or ``"abandoned"`` (still running ``grace_period`` seconds after the cancel). A
+        task that is abandoned stays ``"abandoned"`` even once its thread returns.
+        """
+        item = self._item
+        if item is None:
+            return self._bare_fate or ("finished" if self.done() else "pending")
+        with self._condition:
+            return item.fate
+
+    @property
+    def cancel_reason(self) -> str | None:
+        """The reason the task's token was cancelled with, or ``None`` if it was not."""
+        item = self._item
+        return None if item is None else item.token.cancel_reason
+
+
+class ThreadPool(Executor):
+    """A thread pool whose tasks can be cancelled, time out, and never starve the pool.
+
+    Each task gets its own token: a :meth:`~CancellationToken.child` of the ``token`` given
+    at submission, or a fresh one. Inside the task, :func:`cancelflow.current_token`,
+    :func:`cancelflow.check_cancelled` and :func:`cancelflow.store_partial` refer to it.
+    Cancelling the task (its future, the caller's token, its timeout, a shutdown with
+    ``cancel_futures=True``) cancels that token and resolves the future at once; the task
+    is expected to notice (``check_cancelled()`` in its loops) and return.
+
+    Invariants: at most ``max_workers`` non-abandoned worker threads exist; a task that
+    still runs ``grace_period`` seconds after its cancel is *abandoned*: logged as a
+    warning with its ids, counted in :meth:`statistics`, and its thread stops counting
+    against ``max_workers``, so a new worker picks up later work. When an abandoned
+    thread returns it ends, or rejoins the pool if the pool is under capacity: the thread
+    count never grows without bound while abandoned tasks come back.
+
+    Not promised: threads cannot be killed. A task blocked in C code, I/O or a lock keeps
+    its thread (and whatever it holds) until it returns; abandoning only stops the pool
+    from waiting for it. ``interrupt_on_cancel=True`` can stop pure-Python loops that
+    never check their token (see :meth:`submit_task`).
+
+    Workers are daemon threads named ``cancelflow-thread-N``, started on demand. Each task
+    runs in a copy of the submitter's :mod:`contextvars` context (as in
+    :func:`asyncio.to_thread`). Methods are safe to call from any thread, including from
+    inside a task (except ``shutdown(wait=True)`` waiting for the task's own thread, which
+    it skips).
+
+    Args:
+        max_workers: the most non-abandoned threads at once; ``None`` for
+            ``min(32, os.cpu_count() + 4)``, as in :class:`~concurrent.futures.ThreadPoolExecutor`.
+        grace_period: default seconds a cancelled running task gets to return before it is
+            abandoned (``0.1``).
+        name: label used in log lines and ``repr``.
+
+    Raises:
+        TypeError: ``max_workers`` is not an int, ``grace_period`` not a number, or
+            ``name`` not a string.
+        ValueError: ``max_workers`` <= 0, or ``grace_period`` negative or not finite.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        *,
+        grace_period: float = 0.1,
+        name: str | None = None,
+    ) -> None:
+        if max_workers is None:
+            max_workers = min(32, (os.cpu_count() or 1) + 4)
+        elif isinstance(max_workers, bool) or not isinstance(max_workers, int):
+            raise TypeError(f"max_workers must be an int or None, not {type(max_workers).__name__}")
+        elif max_workers <= 0:
+            raise ValueError(f"max_workers must be > 0, got {max_workers!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, not {type(name).__name__}")
+        self._max_workers = max_workers
+        self._grace = _check_timeout(grace_period, "grace_period")
+        self._name = name or f"thread-pool-{next(_pool_ids)}"
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._queue: deque[_WorkItem] = deque()
+        self._workers: set[_Worker] = set()
+        self._exited: list[threading.Thread] = []
+        self._active = 0  # live workers that are not abandoned
+        self._idle = 0  # workers waiting for work
+        self._shutdown = False
+        self._abandoned_total = 0
+        self._abandoned_running = 0
+        self._completed = 0
+        self._cancelled = 0
+        # Re-entrant: it may be taken by a cancel callback run from a signal handler.
+        self._count_lock = threading.RLock()
+
+    # -- properties ---------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The pool's label in log lines."""
+        return self._name
+
+    @property
+    def max_workers(self) -> int:
+        """The most non-abandoned worker threads the pool runs at once."""
+        return self._max_workers
+
+    @property
+    def grace_period(self) -> float:
+        """Default seconds a cancelled running task gets before it is abandoned."""
+        return self._grace
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shutdown else "open"
+        return f"<ThreadPool {self._name} {state} max_workers={self._max_workers}>"
+
+    # -- submitting ---------------------------------------------------------------------
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> ThreadTaskFuture[T]:
+        """Schedule ``fn(*args, **kwargs)``; return its cancellable :class:`ThreadTaskFuture`.
+
+        The standard :meth:`Executor.submit`, with a fresh task token, no timeout and the
+        pool's grace period; use :meth:`submit_task` for those options.
+
+        Raises:
+            TypeError: ``fn`` is not callable.
+            PoolClosedError: the pool was shut down.
+        """
+        return self.submit_task(fn, args, kwargs)
+
+    def submit_task(
+        self,
+        fn: Callable[..., T],
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        token: CancellationToken | None = None,
+        timeout: float | None = None,
+        grace_period: float | None = None,
+        partial_sink: PartialSink | None = None,
+        interrupt_on_cancel: bool = False,
+    ) -> ThreadTaskFuture[T]:
+        """Schedule ``fn(*args, **kwargs)`` with cancellation options; return its future.
+
+        The task runs with its own token, a child of ``token`` (or a fresh token), so
+        cancelling ``token`` cancels the task but cancelling the task leaves ``token`` alone.
+
+        If cancelled while blocked: ``token`` is checked on entry: if it is already
+        cancelled, no worker is taken and the returned future has already failed with
+        :class:`CancelledException` (fate ``"cancelled"``). A queued task whose token is
+        cancelled is never started. A running task is released at once (the future fails
+        or is cancelled) and its thread gets ``grace_period`` seconds to return; then it is
+        abandoned and its worker slot comes back at once, as a new thread started when work
+        needs one. Partial results stored with ``store_partial`` before the cancel are in
+        the exception's ``partial_results``; ones stored later reach ``partial_sink`` only.
+
+        Args:
+            fn: the callable to run in a worker thread.
+            args: positional arguments for ``fn``.
+            kwargs: keyword arguments for ``fn``.
+            token: the caller's token; the task is cancelled whenever it is.
+            timeout: seconds the task may *run* (time spent queued does not count); then
+                its token is cancelled with the reason ``"timeout after {timeout}s"`` and
+                the future fails with :class:`PipelineTimeoutException`. ``None``: no limit.
+            grace_period: seconds a cancelled running task gets before it is abandoned;
+                ``None`` for the pool's default.
+            partial_sink: also called as ``partial_sink(key, value)`` by each
+                ``store_partial`` in the task (in the task's thread).
+            interrupt_on_cancel: opt-in. If the task is still running when the grace
+                period ends, raise :class:`CancelledException` inside its thread with
+                ``PyThreadState_SetAsyncExc``, then give it another grace period (at least
+                100 ms) before abandoning it. This stops pure-Python code that never checks
+                its token. Limits: the exception is only delivered between Python bytecodes,
+                so it does not interrupt a C call, ``time.sleep``, blocking I/O or a lock
+                wait (it lands once that returns, if the task is still running); it may
+                land anywhere in the task, including a ``finally`` or ``except`` block or a
+                ``with`` exit, leaving the task's own state half-updated; a task that
+                catches it (``except Exception``) keeps running. It never reaches another
+                task: it is sent under the pool's lock only while the thread still runs this
+                task, and the worker clears any undelivered one before taking the next.
+
+        Returns:
+            The task's :class:`ThreadTaskFuture`.
+
+        Raises:
+            TypeError: ``fn`` or ``partial_sink`` is not callable, ``token`` is not a
+                :class:`CancellationToken`, ``kwargs`` not a mapping, or a number is not
+                a number.
+            ValueError: ``timeout`` or ``grace_period`` is negative or not finite.
+            PoolClosedError: the pool was shut down.
+        """
+        item = self._make_item(
+            fn, args, kwargs, token, timeout, grace_period, partial_sink, interrupt_on_cancel
+        )
+        if item is None:  # the caller's token is already cancelled
+            assert token is not None
+            return _failed_future(token)
+        self._enqueue(item)
+        return item.future
+
+    async def run_sync(
+        self,
+        fn: Callable[[*PosArgsT], T],
+        *args: *PosArgsT,
+        token: CancellationToken | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - a per-task limit, enforced in the thread
+        grace_period: float | None = None,
+        partial_sink: PartialSink | None = None,
+        interrupt_on_cancel: bool = False,
+    ) -> T:
+        """Run ``fn(*args)`` in a worker thread and return its result, from asyncio.
+
+        Behaves like calling ``fn(*args)`` except that it runs in this pool, leaving the
+        event loop free; the options are those of :meth:`submit_task`.
+
+        If cancelled while blocked: ``token`` is checked on entry, and if it is already
+        cancelled :class:`CancelledException` is raised before a worker is taken. If
+        ``token`` is cancelled (from any thread) or the timeout passes while the task runs,
+        this raises :class:`CancelledException` / :class:`PipelineTimeoutException` at
+        once, without waiting for the thread. If the awaiting asyncio task is cancelled,
+        the task's token is cancelled too (reason ``"asyncio task cancelled"``) and
+        :class:`asyncio.CancelledError` propagates. Either way the thread gets the grace
+        period to return, then is abandoned and its slot handed to a new worker.
+
+        Warning: CPU-bound pure-Python work holds the GIL and gains nothing from threads;
+        it should check its token often (``check_cancelled()``), or it can only be
+        abandoned.
+
+        Raises:
+            CancelledException: the task was cancelled (``reason`` says why).
+            PipelineTimeoutException: the task ran longer than ``timeout``.
+            PoolClosedError: the pool was shut down.
+            TypeError, ValueError: as for :meth:`submit_task`.
+        """
+        item = self._make_item(
+            fn, args, None, token, timeout, grace_period, partial_sink, interrupt_on_cancel
+        )
+        if item is None:
+            assert token is not None
+            token.raise_if_cancelled()
+            raise AssertionError("unreachable")  # pragma: no cover
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[T] = loop.create_future()
+
+        def on_done(future: Future[Any]) -> None:
+            try:
+                loop.call_soon_threadsafe(_transfer, future, waiter)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+        self._enqueue(item)
+        item.future.add_done_callback(on_done)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            item.token.cancel("asyncio task cancelled")
+            self._settle_cancelled(item)
+            raise
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """Like :func:`map`, run in the pool; the standard :meth:`Executor.map`.
+
+        All calls are submitted at once. Results are yielded in order; if one raises, or
+        ``timeout`` passes, or the iterator is closed early, the remaining tasks are
+        cancelled, running ones included (their tokens are cancelled and they are
+        abandoned after the grace period if they do not return).
+
+        If cancelled while blocked: ``map`` takes no token; use :meth:`submit_task` with a
+        token for that. Waiting for a result can be bounded only by ``timeout``; when it
+        passes, the remaining tasks are cancelled as above and their slots come back at
+        once (cooperative tasks) or after the grace period (abandoned ones).
+
+        Raises:
+            PoolClosedError: the pool was shut down.
+            TimeoutError: a result was not ready ``timeout`` seconds after this call.
+        """
+        return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+
+    # -- shutting down ------------------------------------------------------------------
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Refuse new work, then (if ``wait``) wait for the workers to end.
+
+        Idempotent. Queued tasks still run unless ``cancel_futures`` is true: then every
+        task not finished is cancelled, queued ones never start and running ones have their
+        tokens cancelled (reason ``"pool shut down"``) and get the grace period.
+
+        If cancelled while blocked: there is no token to cancel this wait; it ends when
+        every non-abandoned worker has ended. Abandoned threads are not waited for: they
+        are left running (daemon threads) and end by themselves when their task returns.
+        Without ``cancel_futures``, running tasks are not cancelled, so this waits for them
+        to return however long that takes. Called from inside a task, it does not wait for
+        that task's own thread.
+        """
+        with self._lock:
+            self._shutdown = True
+            doomed: list[_WorkItem] = []
+            if cancel_futures:
+                doomed = list(self._queue)
+                self._queue.clear()
+                doomed += [w.item for w in self._workers if w.item is not None]
+            self._cond.notify_all()
+        for item in doomed:
+            item.token.cancel("pool shut down")
+            self._settle_cancelled(item)
+        if not wait:
+            return
+        me = threading.current_thread()
+        with self._lock:
+            while any(not w.abandoned and w.thread is not me for w in self._workers):
+                self._cond.wait()
+            exited, self._exited = self._exited, []
+        for thread in exited:
+            if thread is not me:
+                thread.join()
+
+    def statistics(self) -> ThreadPoolStatistics:
+        """A consistent snapshot of the pool's counters; never blocks on a task."""
+        with self._count_lock:
+            cancelled = self._cancelled
+        with self._lock:
+            return ThreadPoolStatistics(
+                workers=self._active,
+                busy=sum(1 for w in self._workers if w.item is not None and not w.abandoned),
+                queued=sum(1 for item in self._queue if item.future._state == PENDING),
+                abandoned_total=self._abandoned_total,
+                abandoned_running=self._abandoned_running,
+                completed=self._completed,
+                cancelled=cancelled,
+            )
+
+    # -- internals: submission ----------------------------------------------------------
+    def _make_item(
+        self,
+        fn: Callable[..., Any],
+        args: Iterable[Any],
+        kwargs: Mapping[str, Any] | None,
+        token: CancellationToken | None,
+        timeout: float | None,
+        grace_period: float | None,
+        partial_sink: PartialSink | None,
+        interrupt_on_cancel: bool,
+    ) -> _WorkItem | None:
+        """Validate a submission; ``None`` means ``token`` is already cancelled."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise TypeError(f"kwargs must be a mapping or None, not {type(kwargs).__name__}")
+        if token is not None and not isinstance(token, CancellationToken):
+            raise TypeError(
+                f"token must be a CancellationToken or None, not {type(token).__name__}"
+            )
+        if partial_sink is not None and not callable(partial_sink):
+            raise TypeError(f"partial_sink must be callable, not {type(partial_sink).__name__}")
+        if not isinstance(interrupt_on_cancel, bool):
+            raise TypeError(
+                f"interrupt_on_cancel must be a bool, not {type(interrupt_on_cancel).__name__}"
+            )
+        seconds = None if timeout is None else _check_timeout(timeout, "timeout")
+        grace = (
+            self._grace if grace_period is None else _check_timeout(grace_period, "grace_period")
+        )
+        if self._shutdown:
+            raise PoolClosedError(f"{self._name} is shut down; cannot submit {fn!r}")
+        if token is not None and token.is_cancelled:
+            return None
+        name = f"{self._name}-task"
+        task_token = token.child(name=name) if token is not None else CancellationToken(name=name)
+        item = _WorkItem(
+            self,
+            fn,
+            tuple(args),
+            dict(kwargs or {}),
+            task_token,
+            seconds,
+            grace,
+            partial_sink,
+            interrupt_on_cancel,
+        )
+        task_token.name = f"{self._name}/{item.name}"
+        return item
+
+    def _enqueue(self, item: _WorkItem) -> None:
+        # From here on a cancel settles the future at once (a queued one is then skipped).
+        item.cancel_handle = item.token.on_cancel(functools.partial(self._settle_cancelled, item))
+        with self._lock:
+            if not self._shutdown:
+                self._queue.append(item)
+                self._cond.notify()
+                self._spawn_if_needed()
+                return
+        item.cancel_handle.remove()
+        item.token.close()
+        raise PoolClosedError(f"{self._name} is shut down; cannot submit {item.fn!r}")
+
+    def _spawn_if_needed(self) -> None:
+        """Start workers for queued work nobody waits for. Caller holds the lock."""
+        while len(self._queue) > self._idle and self._active < self._max_workers:
+            worker = _Worker()
+            thread = threading.Thread(
+                target=self._work,
+                args=(worker,),
+                name=f"cancelflow-thread-{next(_thread_ids)}",
+                daemon=True,
+            )
+            worker.thread = thread
+            self._workers.add(worker)
+            self._active += 1
+            self._idle += 1  # counted idle until it takes an item, so we do not over-spawn
+            thread.start()
+
+    # -- internals: workers -------------------------------------------------------------
+    def _work(self, worker: _Worker) -> None:
+        """Worker thread body.
+
+        A thread interrupt (``interrupt_on_cancel``) may land anywhere in this loop after
+        the task's own frames returned; the state kept on ``worker`` makes every step
+        safe to repeat, and after ``_release`` clears the thread's item no interrupt can
+        be sent to it any more (the sender checks under the lock), so the pending one, if
+        any, is cleared before the next task.
+        """
+        worker.ident = threading.get_ident()
+        with self._lock:
+            self._idle -= 1  # undo the count made when spawned
+        while True:
+            try:
+                if worker.finishing is None:
+                    if worker.item is None and not self._take(worker):
+                        return
+                    item = worker.item
+                    assert item is not None
+                    if worker.outcome is None:
+                        worker.outcome = _call(item)
+                    worker.finishing = item
+                self._release(worker)
+                if worker.finishing.interrupt_sent:
+                    _clear_async_exc(worker.ident, None)
+            except CancelledException as exc:
+                # An interrupt landed in pool code rather than in the task's frames.
+                if worker.item is not None and worker.outcome is None:
+                    worker.outcome = _Outcome(exc=exc)
+                continue
+            # From here on no interrupt can be pending for this thread.
+            finishing, outcome = worker.finishing, worker.outcome
+            assert outcome is not None
+            worker.finishing = worker.outcome = None
+            self._complete(worker, finishing, outcome)
+
+    def _take(self, worker: _Worker) -> bool:
+        """Wait for a task and make it ``worker.item``; ``False`` means the thread must end."""
+        with self._lock:
+            while True:
+                if worker.retire:
+                    self._remove(worker)
+                    return False
+                while self._queue:
+                    item = self._queue.popleft()
+                    if self._start(item, worker):
+                        worker.item = item
+                        return True
+                if self._shutdown:
+                    self._active -= 1
+                    self._remove(worker)
+                    return False
+                self._idle += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._idle -= 1
+
+    def _remove(self, worker: _Worker) -> None:
+        """Forget an ending worker. Caller holds the lock."""
+        self._workers.discard(worker)
+        self._exited = [t for t in self._exited if t.is_alive()]
+        if worker.thread is not None:
+            self._exited.append(worker.thread)
+        self._cond.notify_all()
+
+    def _start(self, item: _WorkItem, worker: _Worker) -> bool:
+        """Mark a dequeued task running; ``False`` if it was cancelled. Caller holds the lock."""
+        future = item.future
+        with future._condition:
+            if future._state != PENDING:
+                return False
+            future._state = RUNNING
+            item.started = True
+            item.worker = worker
+            item.fate = "running"
+        if item.timeout is not None:
+            item.timeout_handle = _timer.call_at(
+                time.monotonic() + item.timeout, functools.partial(_fire_timeout, item)
+            )
+        return True
+
+    def _release(self, worker: _Worker) -> None:
+        """The task's frames have returned: no interrupt may be sent for it from now on."""
+        with self._lock:
+            worker.item = None
+
+    def _complete(self, worker: _Worker, item: _WorkItem, outcome: _Outcome) -> None:
+        """Deliver a returned task's outcome and return the thread to the pool."""
+        for handle in (item.timeout_handle, item.grace_handle):
+            if handle is not None:
+                handle.cancel()
+        if item.cancel_handle is not None:
+            item.cancel_handle.remove()
+        future = item.future
+        resolved = settled = False
+        with future._condition:
+            item.returned = True
+            item.worker = None
+            if item.token.is_cancelled:
+                settled = self._settle_locked(item)
+                if item.fate != "abandoned":
+                    item.fate = "cancelled"
+            elif future._state in (PENDING, RUNNING):
+                resolved = True
+                if outcome.exc is not None:
+                    future._exception = outcome.exc
+                    item.fate = "failed"
+                    for waiter in future._waiters:
+                        waiter.add_exception(future)
+                else:
+                    future._result = outcome.value
+                    item.fate = "finished"
+                    for waiter in future._waiters:
+                        waiter.add_result(future)
+                future._state = FINISHED
+                future._condition.notify_all()
+        if resolved or settled:
+            future._invoke_callbacks()  # type: ignore[attr-defined]
+        item.token.close()
+        # Drop references the finished item no longer needs.
+        item.fn = _noop
+        item.args = ()
+        item.kwargs = {}
+        item.context = _EMPTY_CONTEXT
+        came_back = False
+        with self._lock:
+            if resolved:
+                self._completed += 1
+            if worker.abandoned:
+                came_back = True
+                worker.abandoned = False
+                self._abandoned_running -= 1
+                if self._shutdown or self._active >= self._max_workers:
+                    worker.retire = True
+                else:
+                    self._active += 1
+                self._cond.notify_all()
+        if came_back:
+            safe_log(
+                "INFO",
+                f"abandoned {item.name} returned after "
+                f"{time.monotonic() - item.cancelled_at:.3f}s; "
+                + ("its thread ends" if worker.retire else "its thread rejoins the pool"),
+                task=item.name,
+                pool=self._name,
+                thread=worker.thread.name if worker.thread is not None else None,
+            )
+
+    # -- internals: cancellation --------------------------------------------------------
+    def _settle_cancelled(self, item: _WorkItem) -> None:
+        """Resolve the future of a task whose token was cancelled; start its grace period.
+
+        Runs in the thread that cancelled (possibly a signal handler): takes only the
+        future's re-entrant lock, the counter lock (re-entrant) and the timer's lock.
+        """
+        future = item.future
+        with future._condition:
+            running = future._state == RUNNING and not item.returned
+            resolved = self._settle_locked(item)
+            if resolved and running:
+                item.cancelled_at = time.monotonic()
+        if not resolved:
+            return
+        future._invoke_callbacks()  # type: ignore[attr-defined]
+        if running:
+            handle = _timer.call_at(
+                item.cancelled_at + item.grace, functools.partial(self._grace_expired, item)
+            )
+            item.grace_handle = handle
+            if item.returned:  # it returned before the handle was stored: _complete missed it
+                handle.cancel()
+
+    def _settle_locked(self, item: _WorkItem) -> bool:
+        """Resolve as cancelled if still unresolved; caller holds the future's lock."""
+        future = item.future
+        if future._state not in (PENDING, RUNNING):
+            return False
+        if future._state == PENDING:
+            item.fate = "cancelled"
+        if item.cancel_as_future:
+            future._state = CANCELLED_AND_NOTIFIED
+            for waiter in future._waiters:
+                waiter.add_cancelled(future)
+        else:
+            future._exception = item.cancel_exception()
+            future._state = FINISHED
+            for waiter in future._waiters:
+                waiter.add_exception(future)
+        future._condition.notify_all()
+        with self._count_lock:
+            self._cancelled += 1
+        return True
+
+    def _grace_expired(self, item: _WorkItem) -> None:
+        """Timer thread: the cancelled task had its grace period; interrupt or abandon it."""
+        with self._lock:
+            worker = item.worker
+            if worker is None or worker.item is not item or worker.abandoned:
+                return  # it returned in time
+            if item.interrupt and not item.interrupt_sent:
+                item.interrupt_sent = True
+                _send_async_exc(worker.ident, CancelledException)
+                item.grace_handle = _timer.call_at(
+                    time.monotonic() + max(item.grace, _INTERRUPT_SETTLE),
+                    functools.partial(self._grace_expired, item),
+                )
+                interrupted = True
+            else:
+                interrupted = False
+                worker.abandoned = True
+                self._active -= 1
+                self._abandoned_total += 1
+                self._abandoned_running += 1
+                with item.future._condition:
+                    item.fate = "abandoned"
+                self._spawn_if_needed()
+                self._cond.notify_all()
+        thread = worker.thread.name if worker.thread is not None else None
+        fn_name = item.fn_name
+        if interrupted:
+            safe_log(
+                "DEBUG",
+                f"{item.name} ({fn_name}) ignored its cancellation for {item.grace:g}s; "
+                "raising CancelledException in its thread",
+                task=item.name,
+                pool=self._name,
+                thread=thread,
+            )
+        else:
+            safe_log(
+                "WARNING",
+                f"{item.name} ({fn_name}) still running {time.monotonic() - item.cancelled_at:.3f}s "
+                f"after cancel ({item.token.cancel_reason!r}); thread {thread} abandoned, "
+                "a new worker takes its slot",
+                task=item.name,
+                pool=self._name,
+                thread=thread,
+                cancel_reason=item.token.cancel_reason,
+            )
+
+
+def _call(item: _WorkItem) -> _Outcome:
+    try:
+        return _Outcome(item.context.run(item.run))
+    except BaseException as exc:  # noqa: BLE001 - the task's outcome, whatever it is
+        return _Outcome(exc=exc)
+
+
+def _fire_timeout(item: _WorkItem) -> None:
+    assert item.timeout is not None
+    item.timed_out = True
+    item.token.cancel(_timeout_reason(item.timeout))
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _failed_future(token: CancellationToken) -> ThreadTaskFuture[Any]:
+    """The future of a task refused because ``token`` was already cancelled."""
+    reason = token.cancel_reason
+    future: ThreadTaskFuture[Any] = ThreadTaskFuture()
+    future._bare_fate = "cancelled"
+    future.set_exception(CancelledException(reason or "operation cancelled", reason=reason))
+    return future
+
+
+def _transfer(source: Future[Any], waiter: asyncio.Future[Any]) -> None:
+    """On the event loop: copy a finished task future into the awaited asyncio future."""
+    if waiter.done():
+        return
+    if source.cancelled():
+        item = source._item if isinstance(source, ThreadTaskFuture) else None
+        reason = item.token.cancel_reason if item is not None else None
+        waiter.set_exception(CancelledException(reason or "future cancelled", reason=reason))
+        return
+    exc = source.exception()
+    if exc is not None:
+        waiter.set_exception(exc)
+    else:
+        waiter.set_result(source.result())

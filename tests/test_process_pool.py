@@ -1,0 +1,405 @@
+"""Specification of ProcessPool: stopping running work, reaping trees, healing."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+import pytest
+
+import workloads
+from cancelflow import (
+    CancellationToken,
+    CancelledException,
+    PipelineTimeoutException,
+    PoolClosedError,
+    ProcessPool,
+    WorkerCrashedError,
+)
+
+WAIT = 30  # watchdog for anything awaited in a test (never a measure of speed)
+
+
+class Announcements:
+    """A partial_sink that lets the test wait until the task reported a key."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def _event(self, key: str) -> threading.Event:
+        with self._lock:
+            return self._events.setdefault(key, threading.Event())
+
+    def __call__(self, key: str, value: Any) -> None:
+        self.values[key] = value
+        self._event(key).set()
+
+    def wait(self, key: str) -> Any:
+        assert self._event(key).wait(WAIT), f"the task never reported {key!r}"
+        return self.values[key]
+
+
+def assert_gone(pid: int) -> None:
+    """The process has exited and been reaped (no zombie left)."""
+    try:
+        proc = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    try:
+        proc.wait(timeout=WAIT)
+    except psutil.NoSuchProcess:
+        return
+    except psutil.TimeoutExpired:
+        pytest.fail(f"process {pid} is still there: {proc.status()}")
+
+
+@pytest.fixture
+def pool() -> Iterator[ProcessPool]:
+    with ProcessPool(2, grace_period=0.05, term_grace_period=0.5) as p:
+        assert p.wait_ready(WAIT)
+        yield p
+
+
+class TestProcessPool:
+    def test_submit_returns_result(self, pool: ProcessPool) -> None:
+        """Test that a submitted task's result comes back through its future."""
+        assert pool.submit(workloads.add, 2, 3).result(WAIT) == 5
+
+    def test_map_returns_results_in_order(self, pool: ProcessPool) -> None:
+        """Test that map yields results in the order of its inputs."""
+        assert list(pool.map(workloads.add, range(10), range(10))) == [2 * i for i in range(10)]
+
+    def test_task_error_is_raised_to_caller(self, pool: ProcessPool) -> None:
+        """Test that an exception raised by the task reaches the caller unchanged."""
+        future = pool.submit(workloads.raise_value_error, "boom")
+        with pytest.raises(ValueError, match="boom"):
+            future.result(WAIT)
+        assert future.fate == "failed"
+
+    def test_cancel_queued_task_never_runs(self) -> None:
+        """Test that cancelling a queued task cancels its future at once and it never runs."""
+        seen = Announcements()
+        with ProcessPool(1, grace_period=0, term_grace_period=0) as pool:
+            blocker = pool.submit_task(workloads.announce_and_spin, partial_sink=seen)
+            seen.wait("pid")
+            queued = pool.submit(workloads.whoami)
+            assert queued.cancel()
+            assert queued.cancelled()
+            assert queued.fate == "cancelled"
+            blocker.cancel()
+            with pytest.raises(concurrent.futures.CancelledError):
+                blocker.result(WAIT)
+            assert pool.statistics().completed_total == 0
+
+    def test_cancel_running_cooperative_task(self, pool: ProcessPool) -> None:
+        """Test that a task checking its token returns on cancel, with reason and partials."""
+        seen = Announcements()
+        token = CancellationToken()
+        future = pool.submit_task(
+            workloads.announce_and_wait_cooperatively, token=token, partial_sink=seen
+        )
+        worker = seen.wait("pid")
+        token.cancel("user pressed stop")
+        with pytest.raises(CancelledException) as info:
+            future.result(WAIT)
+        assert info.value.reason == "user pressed stop"
+        assert info.value.partial_results == {"pid": worker}
+        assert future.fate == "cancelled"
+        assert psutil.pid_exists(worker), "a cooperative stop keeps the worker"
+
+    def test_cancel_running_noncooperative_task_kills_worker(self, pool: ProcessPool) -> None:
+        """Test that a task that never checks its token is killed and its worker is gone."""
+        seen = Announcements()
+        token = CancellationToken()
+        future = pool.submit_task(
+            workloads.announce_and_spin, token=token, partial_sink=seen,
+            grace_period=0, term_grace_period=0,
+        )
+        worker = seen.wait("pid")
+        token.cancel("stop now")
+        with pytest.raises(CancelledException):
+            future.result(WAIT)
+        assert future.fate == "killed"
+        assert_gone(worker)
+
+    def test_future_cancel_stops_running_task(self, pool: ProcessPool) -> None:
+        """Test that TaskFuture.cancel() works on a running task, unlike ProcessPoolExecutor."""
+        seen = Announcements()
+        future = pool.submit_task(
+            workloads.announce_and_spin, partial_sink=seen, grace_period=0, term_grace_period=0
+        )
+        worker = seen.wait("pid")
+        assert future.cancel()
+        with pytest.raises(concurrent.futures.CancelledError):
+            future.result(WAIT)
+        assert future.cancelled()
+        assert_gone(worker)
+
+    def test_sigterm_runs_finally_blocks(self, pool: ProcessPool) -> None:
+        """Test that the SIGTERM step turns into an exception so the task's finally runs."""
+        seen = Announcements()
+        token = CancellationToken()
+        future = pool.submit_task(
+            workloads.announce_and_finish_in_finally, token=token, partial_sink=seen,
+            grace_period=0, term_grace_period=WAIT,
+        )
+        seen.wait("pid")
+        token.cancel("terminate")
+        with pytest.raises(CancelledException) as info:
+            future.result(WAIT)
+        assert future.fate == "terminated"
+        assert info.value.partial_results["finally"] == "ran"
+
+    def test_process_tree_is_killed_and_reaped(self, pool: ProcessPool) -> None:
+        """Test that a child ignoring SIGTERM and a grandchild in its own session are reaped."""
+        seen = Announcements()
+        token = CancellationToken()
+        future = pool.submit_task(
+            workloads.spawn_stubborn_tree, token=token, partial_sink=seen,
+            grace_period=0, term_grace_period=0.2,
+        )
+        child, grandchild = seen.wait("tree")
+        token.cancel("kill the tree")
+        with pytest.raises(CancelledException):
+            future.result(WAIT)
+        for pid in (child, grandchild):
+            assert_gone(pid)
+
+    def test_partial_results_survive_kill(self, pool: ProcessPool) -> None:
+        """Test that what a task stored before being killed is in the exception."""
+        seen = Announcements()
+        token = CancellationToken()
+        future = pool.submit_task(
+            workloads.store_then_spin, (50,), token=token, partial_sink=seen,
+            grace_period=0, term_grace_period=0,
+        )
+        seen.wait("pid")
+        token.cancel("enough")
+        with pytest.raises(CancelledException) as info:
+            future.result(WAIT)
+        stored = info.value.partial_results
+        assert all(stored[f"step-{i}"] == i * i for i in range(50))
+
+    def test_critical_section_defers_kill(self, pool: ProcessPool) -> None:
+        """Test that a kill waits for a declared critical section to end."""
+        seen = Announcements()
+        token = CancellationToken()
+        future = pool.submit_task(
+            workloads.announce_then_critical, (1.0,), token=token, partial_sink=seen,
+            grace_period=0, term_grace_period=0,
+        )
+        seen.wait("pid")
+        token.cancel("stop")
+        with pytest.raises(CancelledException) as info:
+            future.result(WAIT)
+        assert info.value.partial_results["critical"] == "completed"
+
+    def test_timeout_raises_pipeline_timeout(self, pool: ProcessPool) -> None:
+        """Test that a task running past its timeout is stopped with a TimeoutError."""
+        future = pool.submit_task(
+            workloads.announce_and_spin, timeout=0.2, grace_period=0, term_grace_period=0
+        )
+        with pytest.raises(PipelineTimeoutException) as info:
+            future.result(WAIT)
+        assert isinstance(info.value, TimeoutError)
+        assert future.fate == "killed"
+
+    def test_segfault_fails_only_its_task(self, pool: ProcessPool) -> None:
+        """Test that a segfaulting worker fails its task with WorkerCrashedError naming SIGSEGV."""
+        crashed = pool.submit(workloads.segfault)
+        with pytest.raises(WorkerCrashedError) as info:
+            crashed.result(WAIT)
+        assert info.value.signal == signal.SIGSEGV
+        assert crashed.fate == "crashed"
+        assert pool.submit(workloads.add, 1, 1).result(WAIT) == 2
+
+    def test_exit_code_is_reported(self, pool: ProcessPool) -> None:
+        """Test that a worker calling os._exit fails its task with the exit code."""
+        with pytest.raises(WorkerCrashedError) as info:
+            pool.submit(workloads.exit_hard, 7).result(WAIT)
+        assert info.value.exitcode == 7
+
+    def test_worker_killed_from_outside(self, pool: ProcessPool) -> None:
+        """Test that a worker SIGKILLed by someone else fails only its own task."""
+        seen = Announcements()
+        future = pool.submit_task(workloads.announce_and_spin, partial_sink=seen)
+        os.kill(seen.wait("pid"), signal.SIGKILL)
+        with pytest.raises(WorkerCrashedError) as info:
+            future.result(WAIT)
+        assert info.value.signal == signal.SIGKILL
+
+    def test_pool_heals_and_keeps_its_size(self, pool: ProcessPool) -> None:
+        """Test that a killed worker is replaced and the pool runs tasks again."""
+        before = set(pool.statistics().worker_pids)
+        with pytest.raises(WorkerCrashedError):
+            pool.submit(workloads.exit_hard, 1).result(WAIT)
+        assert pool.wait_ready(WAIT)
+        stats = pool.statistics()
+        assert stats.workers == 2
+        assert stats.replaced_total == 1
+        assert set(stats.worker_pids) != before
+        assert sorted(pool.map(workloads.add, [1, 2], [1, 2])) == [2, 4]
+
+    def test_unpicklable_argument_is_refused_at_submit(self, pool: ProcessPool) -> None:
+        """Test that an argument that cannot be pickled raises TypeError before anything is sent."""
+        with pytest.raises(TypeError, match="cannot be sent"):
+            pool.submit(workloads.add, threading.Lock(), 1)
+        with pytest.raises(TypeError, match="cannot be sent"):
+            pool.submit(lambda: 1)
+        assert pool.statistics().completed_total == 0
+
+    def test_bad_arguments_are_refused(self) -> None:
+        """Test that bad constructor and submit arguments raise clear errors at once."""
+        with pytest.raises(ValueError, match="max_workers"):
+            ProcessPool(0)
+        with pytest.raises(TypeError, match="max_workers"):
+            ProcessPool("2")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="grace_period"):
+            ProcessPool(1, grace_period=-1)
+
+    def test_submit_after_shutdown_raises(self) -> None:
+        """Test that submitting to a shut-down pool raises PoolClosedError."""
+        pool = ProcessPool(1)
+        pool.shutdown()
+        with pytest.raises(PoolClosedError):
+            pool.submit(workloads.add, 1, 2)
+
+    def test_shutdown_stops_tasks_in_flight(self) -> None:
+        """Test that shutdown(cancel_futures, cancel_running) ends every future and process."""
+        seen = Announcements()
+        pool = ProcessPool(1, grace_period=0, term_grace_period=0)
+        running = pool.submit_task(workloads.announce_and_spin, partial_sink=seen)
+        queued = pool.submit(workloads.add, 1, 2)
+        worker = seen.wait("pid")
+        pool.shutdown(wait=True, cancel_futures=True, cancel_running=True)
+        assert queued.cancelled()
+        assert running.done()
+        assert_gone(worker)
+
+    def test_token_cancelled_before_submit_takes_no_worker(self, pool: ProcessPool) -> None:
+        """Test that a task whose token is already cancelled fails at once without running."""
+        token = CancellationToken()
+        token.cancel("too late")
+        future = pool.submit_task(workloads.whoami, token=token)
+        with pytest.raises(CancelledException, match="too late"):
+            future.result(0)
+        assert pool.statistics().completed_total == 0
+
+    def test_cancel_inside_worker_reaches_caller_token(self, pool: ProcessPool) -> None:
+        """Test that a task cancelling its own token cancels the caller's token too."""
+        token = CancellationToken()
+        future = pool.submit_task(workloads.cancel_own_token, ("done early",), token=token)
+        with pytest.raises(CancelledException):
+            future.result(WAIT)
+        assert token.wait_blocking(WAIT)
+        assert token.cancel_reason == "done early"
+
+    def test_task_token_argument_arrives_as_worker_view(self, pool: ProcessPool) -> None:
+        """Test that passing the task's token as an argument gives the worker's view of it."""
+        token = CancellationToken()
+        future = pool.submit_task(workloads.token_argument_is_current, (token,), token=token)
+        assert future.result(WAIT) is True
+
+    def test_workers_die_with_their_parent(self, tmp_path: Any) -> None:
+        """Test that SIGKILLing the program leaves no worker or task process running."""
+        script = tmp_path / "owner.py"
+        script.write_text(
+            textwrap.dedent(
+                """
+                import os, sys
+                sys.path.insert(0, sys.argv[1])
+                import workloads
+                from cancelflow import ProcessPool
+                from cancelflow import _context
+
+                pool = ProcessPool(1)
+                pids = []
+                pool.submit_task(workloads.announce_and_spin,
+                                 partial_sink=lambda k, v: print(v, flush=True))
+                print(pool._zygote.pid, flush=True)
+                sys.stdin.read()
+                """
+            )
+        )
+        owner = subprocess.Popen(
+            [sys.executable, str(script), os.path.dirname(workloads.__file__)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        assert owner.stdout is not None
+        first, second = int(owner.stdout.readline()), int(owner.stdout.readline())
+        owner.kill()
+        owner.wait(WAIT)
+        owner.stdout.close()
+        assert owner.stdin is not None
+        owner.stdin.close()
+        for pid in (first, second):
+            assert_gone(pid)
+
+
+class TestRunSync:
+    async def _run(self, coro: Any) -> Any:
+        return await asyncio.wait_for(coro, WAIT)
+
+    def test_run_sync_returns_result(self, pool: ProcessPool) -> None:
+        """Test that run_sync awaits the task's result."""
+        assert asyncio.run(self._run(pool.run_sync(workloads.add, 4, 5))) == 9
+
+    def test_token_cancel_from_thread_raises_cancelled(self, pool: ProcessPool) -> None:
+        """Test that cancelling the token from another thread raises CancelledException."""
+        seen = Announcements()
+        token = CancellationToken()
+
+        def cancel_when_running() -> None:
+            seen.wait("pid")
+            token.cancel("from a thread")
+
+        async def main() -> None:
+            thread = threading.Thread(target=cancel_when_running)
+            thread.start()
+            try:
+                with pytest.raises(CancelledException, match="from a thread"):
+                    await pool.run_sync(
+                        workloads.announce_and_spin, token=token, partial_sink=seen, grace_period=0
+                    )
+            finally:
+                thread.join()
+
+        asyncio.run(self._run(main()))
+
+    def test_asyncio_cancellation_stops_the_task(self, pool: ProcessPool) -> None:
+        """Test that cancelling the awaiting asyncio task stops the worker task first."""
+        seen = Announcements()
+
+        async def main() -> None:
+            task = asyncio.create_task(
+                pool.run_sync(
+                    workloads.announce_and_spin, partial_sink=seen, grace_period=0,
+                    term_grace_period=0,
+                )
+            )
+            pid = await asyncio.to_thread(seen.wait, "pid")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+        asyncio.run(self._run(main()))
+
+    def test_cancelled_token_raises_on_entry(self, pool: ProcessPool) -> None:
+        """Test that run_sync with a cancelled token raises before taking a worker."""
+        token = CancellationToken()
+        token.cancel("before")
+        with pytest.raises(CancelledException, match="before"):
+            asyncio.run(self._run(pool.run_sync(workloads.whoami, token=token)))
+        assert pool.statistics().completed_total == 0

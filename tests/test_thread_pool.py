@@ -1,0 +1,673 @@
+"""Tests for ``cancelflow._thread_pool``: ThreadPool, ThreadTaskFuture, ThreadPoolStatistics."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from loguru import logger
+
+from cancelflow import (
+    CancellationToken,
+    CancelledException,
+    PipelineTimeoutException,
+    PoolClosedError,
+)
+from cancelflow._context import check_cancelled, current_token, store_partial
+from cancelflow._thread_pool import ThreadTaskFuture, ThreadPool, ThreadPoolStatistics
+
+WAIT = 10.0  # watchdog for every wait on an event or a future; never reached when passing
+GRACE = 0.05
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPool]:
+    with ThreadPool(2, grace_period=GRACE, name="test-pool") as p:
+        yield p
+
+
+@pytest.fixture
+def one_worker() -> Iterator[ThreadPool]:
+    p = ThreadPool(1, grace_period=GRACE, name="one-worker")
+    yield p
+    p.shutdown(wait=True, cancel_futures=True)
+
+
+class LogCapture:
+    """Collects cancelflow log records; `wait_for` blocks until a matching one arrives."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+
+    def sink(self, message: Any) -> None:
+        with self._cond:
+            self.records.append(message.record)
+            self._cond.notify_all()
+
+    def wait_for(self, match: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        with self._cond:
+            assert self._cond.wait_for(lambda: any(match(r) for r in self.records), WAIT)
+            return next(r for r in self.records if match(r))
+
+
+@pytest.fixture
+def logs() -> Iterator[LogCapture]:
+    capture = LogCapture()
+    handler = logger.add(
+        capture.sink, level="DEBUG", filter=lambda r: bool(r["extra"].get("cancelflow"))
+    )
+    yield capture
+    logger.remove(handler)
+
+
+def fate(future: ThreadTaskFuture[Any]) -> str:
+    """The future's fate, read fresh (keeps type checkers from narrowing it between reads)."""
+    return future.fate
+
+
+def drain(one_worker: ThreadPool) -> None:
+    """Wait until a one-worker pool's thread has finished everything submitted before."""
+    one_worker.submit(lambda: None).result(WAIT)
+
+
+def wait(event: threading.Event) -> None:
+    assert event.wait(WAIT), "watchdog: the event was never set"
+
+
+def cooperative(started: threading.Event, stopped: threading.Event) -> Callable[[], None]:
+    """A task that polls its token in a loop until cancelled."""
+
+    def task() -> None:
+        started.set()
+        try:
+            while True:
+                check_cancelled()
+        finally:
+            stopped.set()
+
+    return task
+
+
+def stuck(started: threading.Event, release: threading.Event) -> Callable[[], str]:
+    """A task that ignores its token until the test releases it."""
+
+    def task() -> str:
+        started.set()
+        assert release.wait(WAIT)
+        return "late"
+
+    return task
+
+
+class TestThreadPool:
+    def test_submit_returns_result(self, pool: ThreadPool) -> None:
+        """Test that submit runs the call in a worker thread and returns its result."""
+
+        def add(a: int, b: int = 0) -> tuple[int, str]:
+            return a + b, threading.current_thread().name
+
+        future = pool.submit(add, 1, b=2)
+        value, thread_name = future.result(WAIT)
+        assert value == 3
+        assert thread_name.startswith("cancelflow-thread-")
+
+    def test_task_exception_fails_future(self, pool: ThreadPool) -> None:
+        """Test that an exception raised by the task is the future's exception."""
+
+        def boom() -> None:
+            raise KeyError("x")
+
+        future = pool.submit(boom)
+        with pytest.raises(KeyError):
+            future.result(WAIT)
+
+    def test_current_token_inside_task(self, pool: ThreadPool) -> None:
+        """Test that current_token() in a task is the task's own token, a child of the caller's."""
+        parent = CancellationToken()
+        started = threading.Event()
+        seen: list[CancellationToken] = []
+
+        def task() -> None:
+            seen.append(current_token())
+            started.set()
+            seen[0].wait_blocking(WAIT)
+
+        future = pool.submit_task(task, token=parent)
+        wait(started)
+        assert seen[0] is not parent
+        assert not seen[0].is_cancelled
+        parent.cancel("parent went away")
+        assert seen[0].cancel_reason == "parent went away"
+        with pytest.raises(CancelledException):
+            future.result(WAIT)
+
+    def test_check_cancelled_inside_task_raises_after_cancel(self, pool: ThreadPool) -> None:
+        """Test that check_cancelled() in a task raises CancelledException once its token is cancelled."""
+        started, stopped = threading.Event(), threading.Event()
+        seen: list[BaseException] = []
+
+        def task() -> None:
+            started.set()
+            try:
+                while True:
+                    check_cancelled()
+            except CancelledException as exc:
+                seen.append(exc)
+            finally:
+                stopped.set()
+
+        future = pool.submit(task)
+        wait(started)
+        future.cancel()
+        wait(stopped)
+        assert len(seen) == 1
+        assert isinstance(seen[0], CancelledException)
+        assert seen[0].reason == "future cancelled"
+
+    def test_caller_token_cancel_fails_running_future(self, pool: ThreadPool) -> None:
+        """Test that cancelling the caller's token fails a running task's future with its reason."""
+        token = CancellationToken()
+        started, stopped = threading.Event(), threading.Event()
+        future = pool.submit_task(cooperative(started, stopped), token=token)
+        wait(started)
+        token.cancel("user pressed stop")
+        with pytest.raises(CancelledException) as info:
+            future.result(WAIT)
+        assert info.value.reason == "user pressed stop"
+        wait(stopped)
+
+    def test_cancelled_token_on_entry_takes_no_worker(self, pool: ThreadPool) -> None:
+        """Test that a task whose token is already cancelled fails at once and starts no thread."""
+        token = CancellationToken()
+        token.cancel("too late")
+        called = threading.Event()
+        future = pool.submit_task(called.set, token=token)
+        assert future.done()
+        with pytest.raises(CancelledException) as info:
+            future.result(0)
+        assert info.value.reason == "too late"
+        assert fate(future) == "cancelled"
+        assert pool.statistics().workers == 0
+        assert not called.is_set()
+
+    def test_timeout_fails_with_pipeline_timeout(self, pool: ThreadPool) -> None:
+        """Test that a task running past its timeout has its token cancelled and fails with PipelineTimeoutException."""
+        started, stopped = threading.Event(), threading.Event()
+        future = pool.submit_task(cooperative(started, stopped), timeout=0.05)
+        with pytest.raises(PipelineTimeoutException) as info:
+            future.result(WAIT)
+        assert isinstance(info.value, TimeoutError)
+        assert info.value.reason == "timeout after 0.05s"
+        assert info.value.timeout == 0.05
+        assert future.cancel_reason == "timeout after 0.05s"
+        wait(stopped)
+
+    def test_timeout_not_reached_returns_result(self, pool: ThreadPool) -> None:
+        """Test that a task finishing within its timeout returns normally."""
+        future = pool.submit_task(lambda: 42, timeout=WAIT)
+        assert future.result(WAIT) == 42
+        assert fate(future) == "finished"
+
+    def test_partial_results_travel_with_cancellation(self, pool: ThreadPool) -> None:
+        """Test that values stored with store_partial before a cancel are in the CancelledException."""
+        started = threading.Event()
+        sunk: list[tuple[str, Any]] = []
+
+        def task() -> None:
+            store_partial("rows", 10)
+            started.set()
+            while True:
+                check_cancelled()
+
+        token = CancellationToken()
+        future = pool.submit_task(task, token=token, partial_sink=lambda k, v: sunk.append((k, v)))
+        wait(started)
+        token.cancel("stop")
+        with pytest.raises(CancelledException) as info:
+            future.result(WAIT)
+        assert info.value.partial_results == {"rows": 10}
+        assert sunk == [("rows", 10)]
+
+    def test_non_cooperative_task_abandoned_and_capacity_replaced(
+        self, one_worker: ThreadPool, logs: LogCapture
+    ) -> None:
+        """Test that a task ignoring its cancel is abandoned after the grace period and a new task still runs."""
+        started, release = threading.Event(), threading.Event()
+        try:
+            blocked = one_worker.submit(stuck(started, release))
+            wait(started)
+            assert blocked.cancel()
+            # Only one worker: this can run only if the stuck thread's slot was replaced.
+            later = one_worker.submit(lambda: threading.current_thread().name)
+            later_thread = later.result(WAIT)
+            assert fate(blocked) == "abandoned"
+            stats = one_worker.statistics()
+            assert stats.abandoned_total == 1
+            assert stats.abandoned_running == 1
+            assert stats.workers == 1
+            record = logs.wait_for(lambda r: r["level"].name == "WARNING")
+            assert record["extra"]["pool"] == "one-worker"
+            assert record["extra"]["task"].startswith("task-")
+            assert record["extra"]["thread"] != later_thread
+        finally:
+            release.set()
+        logs.wait_for(lambda r: "returned after" in r["message"])
+        stats = one_worker.statistics()
+        assert stats.abandoned_running == 0
+        assert stats.workers == 1  # the returning thread retired: no growth
+
+    def test_abandoned_thread_rejoins_when_under_capacity(
+        self, one_worker: ThreadPool, logs: LogCapture
+    ) -> None:
+        """Test that an abandoned thread that returns while the pool has no other worker becomes a worker again."""
+        started, release = threading.Event(), threading.Event()
+        try:
+            blocked = one_worker.submit(stuck(started, release))
+            wait(started)
+            blocked.cancel()
+            logs.wait_for(lambda r: r["level"].name == "WARNING")
+            assert one_worker.statistics().workers == 0  # no work yet: no replacement started
+        finally:
+            release.set()
+        logs.wait_for(lambda r: "rejoins the pool" in r["message"])
+        assert one_worker.statistics().workers == 1
+        assert one_worker.submit(lambda: 7).result(WAIT) == 7
+
+    def test_interrupt_on_cancel_stops_pure_python_loop(self, one_worker: ThreadPool) -> None:
+        """Test that interrupt_on_cancel stops a pure-Python loop that never checks its token, every time."""
+        for _ in range(20):
+            started, finished = threading.Event(), threading.Event()
+
+            def spin(
+                started: threading.Event = started, finished: threading.Event = finished
+            ) -> None:
+                try:  # the interrupt may land as soon as started.set() returns
+                    started.set()
+                    n = 0
+                    while True:
+                        n += 1
+                finally:
+                    finished.set()
+
+            future = one_worker.submit_task(spin, grace_period=0.01, interrupt_on_cancel=True)
+            wait(started)
+            future.cancel()
+            wait(finished)
+            drain(one_worker)
+            assert fate(future) == "cancelled"
+        assert one_worker.statistics().abandoned_total == 0
+
+    def test_interrupt_waits_out_blocking_call_and_spares_next_task(
+        self, one_worker: ThreadPool, logs: LogCapture
+    ) -> None:
+        """Test that an interrupt cannot break a blocking C call, the thread is abandoned, and the next task on it runs clean."""
+        started = threading.Event()
+        lock = threading.Lock()
+        lock.acquire()
+
+        def blocked() -> str:
+            started.set()
+            lock.acquire()  # C-level wait: the pending interrupt cannot be delivered here
+            return threading.current_thread().name
+
+        try:
+            future = one_worker.submit_task(blocked, grace_period=0.01, interrupt_on_cancel=True)
+            wait(started)
+            future.cancel()
+            logs.wait_for(lambda r: "raising CancelledException" in r["message"])
+            logs.wait_for(lambda r: r["level"].name == "WARNING")
+            assert fate(future) == "abandoned"
+        finally:
+            lock.release()
+        logs.wait_for(lambda r: "rejoins the pool" in r["message"])
+        abandoned_thread = logs.wait_for(lambda r: r["level"].name == "WARNING")["extra"]["thread"]
+
+        def innocent() -> tuple[str, int]:
+            total = 0
+            for i in range(50_000):
+                total += i
+            return threading.current_thread().name, total
+
+        assert one_worker.submit(innocent).result(WAIT) == (abandoned_thread, sum(range(50_000)))
+        assert fate(future) == "abandoned"
+
+    def test_interrupt_never_reaches_next_task(self, one_worker: ThreadPool) -> None:
+        """Test that an interrupt racing with a task's return never lands in the next task on that thread."""
+
+        def racer(spins: int, started: threading.Event) -> None:
+            token = current_token()
+            started.set()
+            while not token.is_cancelled:
+                pass
+            for _ in range(spins):  # return around the moment the interrupt is sent
+                pass
+
+        def innocent() -> int:
+            total = 0
+            for i in range(20_000):
+                total += i
+            return total
+
+        for i in range(100):
+            started = threading.Event()
+            future = one_worker.submit_task(
+                racer, ((i * 7919) % 200_000, started), grace_period=0, interrupt_on_cancel=True
+            )
+            nxt = one_worker.submit(innocent)
+            wait(started)
+            future.cancel()
+            assert nxt.result(WAIT) == sum(range(20_000))
+            assert fate(nxt) == "finished"
+        assert one_worker.statistics().workers == 1
+
+    def test_map_returns_results_in_order(self, pool: ThreadPool) -> None:
+        """Test that map yields each call's result in input order."""
+        assert list(pool.map(lambda x, y: x * y, range(10), range(10), timeout=WAIT)) == [
+            x * x for x in range(10)
+        ]
+
+    def test_shutdown_cancel_futures_stops_running_and_queued(self, one_worker: ThreadPool) -> None:
+        """Test that shutdown(cancel_futures=True) cancels the running task and drops queued ones."""
+        started, stopped = threading.Event(), threading.Event()
+        running = one_worker.submit(cooperative(started, stopped))
+        queued = one_worker.submit(lambda: "never")
+        wait(started)
+        one_worker.shutdown(wait=True, cancel_futures=True)
+        assert stopped.is_set()
+        with pytest.raises(CancelledException) as info:
+            running.result(0)
+        assert info.value.reason == "pool shut down"
+        assert fate(running) == "cancelled"
+        assert fate(queued) == "cancelled"
+        with pytest.raises(CancelledException):
+            queued.result(0)
+
+    def test_shutdown_waits_for_running_task(self, one_worker: ThreadPool) -> None:
+        """Test that shutdown(wait=True) without cancel_futures lets queued and running tasks finish."""
+        started, release = threading.Event(), threading.Event()
+        first = one_worker.submit(stuck(started, release))
+        second = one_worker.submit(lambda: "second")
+        wait(started)
+        releaser = threading.Thread(target=release.set)
+        releaser.start()
+        one_worker.shutdown(wait=True)
+        releaser.join()
+        assert first.result(0) == "late"
+        assert second.result(0) == "second"
+
+    def test_shutdown_ends_worker_threads(self) -> None:
+        """Test that shutdown(wait=True) returns only once every worker thread has ended."""
+        p = ThreadPool(3)
+        threads = set(p.map(lambda _: threading.current_thread(), range(6), timeout=WAIT))
+        p.shutdown(wait=True)
+        assert threads
+        assert not any(t.is_alive() for t in threads)
+
+    def test_submit_after_shutdown_raises(self, pool: ThreadPool) -> None:
+        """Test that submitting to a shut-down pool raises PoolClosedError."""
+        pool.shutdown()
+        with pytest.raises(PoolClosedError):
+            pool.submit(print)
+        with pytest.raises(PoolClosedError):
+            asyncio.run(pool.run_sync(print))
+
+    @pytest.mark.parametrize(
+        ("kwargs", "error", "name"),
+        [
+            ({"max_workers": 0}, ValueError, "max_workers"),
+            ({"max_workers": -1}, ValueError, "max_workers"),
+            ({"max_workers": 1.5}, TypeError, "max_workers"),
+            ({"max_workers": True}, TypeError, "max_workers"),
+            ({"grace_period": -0.1}, ValueError, "grace_period"),
+            ({"grace_period": "1"}, TypeError, "grace_period"),
+            ({"name": 3}, TypeError, "name"),
+        ],
+    )
+    def test_bad_constructor_arguments(
+        self, kwargs: dict[str, Any], error: type[Exception], name: str
+    ) -> None:
+        """Test that invalid constructor arguments raise TypeError/ValueError naming the argument."""
+        with pytest.raises(error, match=name):
+            ThreadPool(**kwargs)
+
+    @pytest.mark.parametrize(
+        ("call", "error", "name"),
+        [
+            (lambda p: p.submit(42), TypeError, "fn"),
+            (lambda p: p.submit_task(print, timeout=-1), ValueError, "timeout"),
+            (lambda p: p.submit_task(print, grace_period=-1), ValueError, "grace_period"),
+            (lambda p: p.submit_task(print, token="t"), TypeError, "token"),
+            (lambda p: p.submit_task(print, kwargs=[1]), TypeError, "kwargs"),
+            (lambda p: p.submit_task(print, partial_sink=1), TypeError, "partial_sink"),
+        ],
+    )
+    def test_bad_submit_arguments(
+        self,
+        pool: ThreadPool,
+        call: Callable[[ThreadPool], object],
+        error: type[Exception],
+        name: str,
+    ) -> None:
+        """Test that invalid submit arguments raise at submit time, naming the argument, and start nothing."""
+        with pytest.raises(error, match=name):
+            call(pool)
+        assert pool.statistics().workers == 0
+
+    def test_run_sync_returns_result(self, pool: ThreadPool) -> None:
+        """Test that run_sync returns the callable's result to the awaiting coroutine."""
+
+        async def main() -> str:
+            return await pool.run_sync(lambda a: a * 2, "ab")
+
+        assert asyncio.run(main()) == "abab"
+
+    def test_run_sync_token_cancelled_from_other_thread(self, pool: ThreadPool) -> None:
+        """Test that cancelling the token from another thread releases the awaiting caller with CancelledException."""
+        token = CancellationToken()
+
+        async def main() -> CancelledException:
+            loop = asyncio.get_running_loop()
+            started = asyncio.Event()
+
+            def task() -> None:
+                loop.call_soon_threadsafe(started.set)
+                current_token().wait_blocking(WAIT)
+
+            call = asyncio.create_task(pool.run_sync(task, token=token))
+            await asyncio.wait_for(started.wait(), WAIT)
+            canceller = threading.Thread(target=token.cancel, args=("from elsewhere",))
+            canceller.start()
+            try:
+                with pytest.raises(CancelledException) as info:
+                    await asyncio.wait_for(call, WAIT)
+            finally:
+                canceller.join()
+            return info.value
+
+        exc = asyncio.run(main())
+        assert exc.reason == "from elsewhere"
+
+    def test_run_sync_asyncio_cancel_cancels_task_token(self, pool: ThreadPool) -> None:
+        """Test that cancelling the awaiting asyncio task cancels the task token and propagates CancelledError."""
+        tokens: list[CancellationToken] = []
+        stopped = threading.Event()
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            started = asyncio.Event()
+
+            def task() -> None:
+                tokens.append(current_token())
+                loop.call_soon_threadsafe(started.set)
+                current_token().wait_blocking(WAIT)
+                stopped.set()
+
+            call = asyncio.create_task(pool.run_sync(task))
+            await asyncio.wait_for(started.wait(), WAIT)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+        asyncio.run(main())
+        wait(stopped)
+        assert tokens[0].cancel_reason == "asyncio task cancelled"
+
+    def test_run_sync_cancelled_token_raises_on_entry(self, pool: ThreadPool) -> None:
+        """Test that run_sync with an already-cancelled token raises CancelledException without taking a worker."""
+        token = CancellationToken()
+        token.cancel("before entry")
+        called = threading.Event()
+
+        async def main() -> None:
+            await pool.run_sync(called.set, token=token)
+
+        with pytest.raises(CancelledException) as info:
+            asyncio.run(main())
+        assert info.value.reason == "before entry"
+        assert not called.is_set()
+        assert pool.statistics().workers == 0
+
+    def test_run_sync_timeout(self, pool: ThreadPool) -> None:
+        """Test that run_sync raises PipelineTimeoutException when the task runs past its timeout."""
+        stopped = threading.Event()
+
+        def task() -> None:
+            current_token().wait_blocking(WAIT)
+            stopped.set()
+
+        async def main() -> None:
+            await pool.run_sync(task, timeout=0.02)
+
+        with pytest.raises(PipelineTimeoutException):
+            asyncio.run(main())
+        wait(stopped)
+
+    def test_run_sync_copies_context(self, pool: ThreadPool) -> None:
+        """Test that the task sees the awaiting coroutine's contextvars."""
+        import contextvars
+
+        var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+
+        async def main() -> str:
+            var.set("caller")
+            return await pool.run_sync(var.get)
+
+        assert asyncio.run(main()) == "caller"
+
+
+class TestThreadTaskFuture:
+    def test_cancel_queued_task_never_starts(self, one_worker: ThreadPool) -> None:
+        """Test that cancelling a queued task resolves it at once and it never runs."""
+        started, release = threading.Event(), threading.Event()
+        ran = threading.Event()
+        blocker = one_worker.submit(stuck(started, release))
+        wait(started)
+        queued = one_worker.submit(ran.set)
+        assert fate(queued) == "pending"
+        assert queued.cancel()
+        assert queued.cancelled()
+        assert fate(queued) == "cancelled"
+        release.set()
+        assert blocker.result(WAIT) == "late"
+        # FIFO: had the cancelled task not been skipped, it would run before this one.
+        assert one_worker.submit(lambda: "after").result(WAIT) == "after"
+        assert not ran.is_set()
+
+    def test_cancel_running_cooperative_task(self, one_worker: ThreadPool) -> None:
+        """Test that cancel() on a running task resolves the future at once and the task stops cooperatively."""
+        started, stopped = threading.Event(), threading.Event()
+        future = one_worker.submit(cooperative(started, stopped))
+        wait(started)
+        assert fate(future) == "running"
+        assert future.cancel() is True
+        assert future.cancelled()
+        with pytest.raises(concurrent.futures.CancelledError):
+            future.result(0)
+        assert future.cancel_reason == "future cancelled"
+        wait(stopped)
+        drain(one_worker)
+        assert fate(future) == "cancelled"
+        assert one_worker.statistics().abandoned_total == 0
+
+    def test_cancel_wakes_concurrent_futures_wait(self, pool: ThreadPool) -> None:
+        """Test that concurrent.futures.wait returns when a running task is cancelled."""
+        started, stopped = threading.Event(), threading.Event()
+        future = pool.submit(cooperative(started, stopped))
+        wait(started)
+        canceller = threading.Thread(target=future.cancel)
+        canceller.start()
+        done, _ = concurrent.futures.wait([future], WAIT)
+        canceller.join()
+        assert future in done
+        wait(stopped)
+
+    def test_cancel_is_idempotent(self, pool: ThreadPool) -> None:
+        """Test that cancelling twice returns True both times and keeps the first reason."""
+        started, stopped = threading.Event(), threading.Event()
+        future = pool.submit(cooperative(started, stopped))
+        wait(started)
+        assert future.cancel()
+        assert future.cancel()
+        assert future.cancel_reason == "future cancelled"
+        wait(stopped)
+
+    def test_cancel_finished_returns_false(self, pool: ThreadPool) -> None:
+        """Test that cancel() on a finished task returns False and keeps its result."""
+        future = pool.submit(lambda: 5)
+        assert future.result(WAIT) == 5
+        assert future.cancel() is False
+        assert future.result(0) == 5
+        assert fate(future) == "finished"
+        assert future.cancel_reason is None
+
+    def test_fate_failed(self, one_worker: ThreadPool) -> None:
+        """Test that a task raising without being cancelled has fate 'failed'."""
+        future = one_worker.submit(int, "x")
+        with pytest.raises(ValueError):
+            future.result(WAIT)
+        drain(one_worker)
+        assert fate(future) == "failed"
+
+    def test_done_callback_runs_on_cancel(self, pool: ThreadPool) -> None:
+        """Test that done-callbacks run when a running task is cancelled, not when its thread returns."""
+        started, release = threading.Event(), threading.Event()
+        called = threading.Event()
+        try:
+            future = pool.submit(stuck(started, release))
+            future.add_done_callback(lambda f: called.set())
+            wait(started)
+            future.cancel()
+            assert called.is_set()
+        finally:
+            release.set()
+
+
+class TestThreadPoolStatistics:
+    def test_counts_completed_and_cancelled(self, one_worker: ThreadPool) -> None:
+        """Test that statistics counts completed and cancelled tasks and the queue."""
+        started, release = threading.Event(), threading.Event()
+        blocker = one_worker.submit(stuck(started, release))
+        wait(started)
+        queued = one_worker.submit(lambda: None)
+        stats = one_worker.statistics()
+        assert (stats.workers, stats.busy, stats.queued) == (1, 1, 1)
+        queued.cancel()
+        assert one_worker.statistics().queued == 0
+        release.set()
+        blocker.result(WAIT)
+        one_worker.shutdown(wait=True)
+        stats = one_worker.statistics()
+        assert (stats.completed, stats.cancelled, stats.workers, stats.busy) == (1, 1, 0, 0)
+
+    def test_is_frozen(self, pool: ThreadPool) -> None:
+        """Test that a statistics snapshot cannot be modified."""
+        stats = pool.statistics()
+        assert isinstance(stats, ThreadPoolStatistics)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            stats.workers = 5  # type: ignore[misc]

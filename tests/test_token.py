@@ -1,0 +1,1269 @@
+"""Tests for :mod:`cancelflow._token` (``CancellationToken``, ``CallbackHandle``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import math
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.context
+import multiprocessing.forkserver
+import multiprocessing.process
+import multiprocessing.resource_tracker
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from loguru import logger
+
+from cancelflow import CallbackHandle, CancellationToken, CancelledException
+from cancelflow import _cell, _timer
+
+WATCHDOG = 30.0  # seconds: a bound on waits that must end long before it
+START_METHODS = ("fork", "spawn", "forkserver")
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+class Recorder:
+    """A callback that counts its calls and remembers what it saw."""
+
+    def __init__(self, token: CancellationToken | None = None) -> None:
+        self.calls = 0
+        self.token = token
+        self.reasons: list[str | None] = []
+        self.called = threading.Event()
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.token is not None:
+            self.reasons.append(self.token.cancel_reason)
+        self.called.set()
+
+
+@pytest.fixture
+def log_records() -> Iterator[list[Any]]:
+    """Loguru records emitted while the test runs (every level)."""
+    records: list[Any] = []
+    handler_id = logger.add(lambda message: records.append(message.record), level="TRACE")
+    yield records
+    logger.remove(handler_id)
+    records.clear()  # their tracebacks hold frames, and the frames hold tokens
+
+
+def _memfds() -> set[int]:
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if "cancelflow-tokens" in os.readlink(f"/proc/self/fd/{name}"):
+                found.add(int(name))
+    return found
+
+
+def _share(token: CancellationToken) -> None:
+    # What passing the token to a process does to its memory: from now on other processes
+    # may read it (cross-process locking, no slot reuse, a hub for callbacks).
+    token._chunk.mark_shared()
+
+
+@pytest.fixture(scope="module")
+def mp_singletons() -> None:
+    """Start multiprocessing's lifelong helpers before the leak check's snapshot."""
+    multiprocessing.resource_tracker.ensure_running()
+    multiprocessing.forkserver.ensure_running()
+
+
+@pytest.fixture(params=START_METHODS)
+def mp_context(request: pytest.FixtureRequest, mp_singletons: None) -> multiprocessing.context.BaseContext:
+    return multiprocessing.get_context(request.param)
+
+
+@contextlib.contextmanager
+def running(
+    ctx: multiprocessing.context.BaseContext, target: Callable[..., object], *args: object
+) -> Iterator[multiprocessing.process.BaseProcess]:
+    """Start a process, and always join (or kill) and close it."""
+    proc = ctx.Process(target=target, args=args)  # type: ignore[attr-defined]
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.join(WATCHDOG)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        proc.close()
+
+
+@contextlib.contextmanager
+def pipe() -> Iterator[tuple[multiprocessing.connection.Connection, multiprocessing.connection.Connection]]:
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    try:
+        yield reader, writer
+    finally:
+        reader.close()
+        writer.close()
+
+
+def receive(conn: multiprocessing.connection.Connection) -> Any:
+    assert conn.poll(WATCHDOG), "the child process did not answer"
+    return conn.recv()
+
+
+# Child-process bodies (module level, so spawn and forkserver can import them).
+
+
+def _child_waits(token: CancellationToken, ready: Any, conn: Any) -> None:
+    ready.set()
+    woke = token.wait_blocking(WATCHDOG)
+    conn.send((woke, token.is_cancelled, token.cancel_reason))
+
+
+def _child_cancels(token: CancellationToken, go: Any, reason: str) -> None:
+    if go.wait(WATCHDOG):
+        token.cancel(reason)
+
+
+def _child_awaits(token: CancellationToken, ready: Any, conn: Any) -> None:
+    async def main() -> bool:
+        waiter = asyncio.ensure_future(token.wait())
+        await asyncio.sleep(0)  # let the waiter register
+        ready.set()
+        await asyncio.wait_for(waiter, WATCHDOG)
+        return token.is_cancelled
+
+    conn.send(asyncio.run(main()))
+
+
+def _child_reports_callbacks(token: CancellationToken, conn: Any) -> None:
+    conn.send(len(token._callbacks))
+
+
+def _child_times_out(conn: Any) -> None:
+    conn.send(CancellationToken(timeout=0.01).wait_blocking(WATCHDOG))
+
+
+# -- signal storms -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def sigusr1_storm(handler: Callable[[], None]) -> Iterator[list[int]]:
+    """Run ``handler`` in the main thread on SIGUSR1, sent non-stop by another thread.
+
+    Yields a one-item list counting handler runs. The switch interval is shortened so that
+    signals land at many different points of the main thread's code. A handler may be
+    interrupted by the next signal once (one nested handler); deeper nesting is skipped, or
+    a flood of signals would only measure the recursion limit.
+    """
+    main_ident = threading.main_thread().ident
+    assert main_ident == threading.get_ident(), "signal tests must run in the main thread"
+    assert main_ident is not None
+    handled = [0]
+    depth = [0]
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if depth[0] >= 2:
+            return
+        depth[0] += 1
+        try:
+            handled[0] += 1
+            handler()
+        finally:
+            depth[0] -= 1
+
+    def sender() -> None:
+        while not stop.is_set():
+            signal.pthread_kill(main_ident, signal.SIGUSR1)
+
+    old_handler = signal.signal(signal.SIGUSR1, on_signal)
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    thread = threading.Thread(target=sender, name="sigusr1-storm")
+    thread.start()
+    try:
+        yield handled
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(old_interval)
+        signal.signal(signal.SIGUSR1, old_handler)
+
+
+def storm_loop(handled: list[int], *, signals: int, body: Callable[[int], None]) -> int:
+    """Run ``body(i)`` until ``signals`` signals were handled (and at least that many times)."""
+    i = 0
+    while handled[0] < signals or i < signals:
+        body(i)
+        i += 1
+    return i
+
+
+# -- tests ---------------------------------------------------------------------------------
+
+
+class TestCancellationToken:
+    # -- state and cancel ------------------------------------------------------------------
+    def test_new_token_is_not_cancelled(self) -> None:
+        """Test that a new token is not cancelled and has no reason."""
+        token = CancellationToken()
+        assert token.is_cancelled is False
+        assert token.cancel_reason is None
+
+    def test_cancel_sets_flag_and_reason(self) -> None:
+        """Test that cancel() sets is_cancelled and keeps the reason."""
+        token = CancellationToken()
+        token.cancel("New message received")
+        assert token.is_cancelled is True
+        assert token.cancel_reason == "New message received"
+
+    def test_cancel_without_reason(self) -> None:
+        """Test that cancel() without a reason leaves cancel_reason None."""
+        token = CancellationToken()
+        assert token.cancel() is True
+        assert token.is_cancelled
+        assert token.cancel_reason is None
+
+    def test_cancel_is_idempotent_and_first_reason_wins(self) -> None:
+        """Test that only the first cancel() returns True and its reason is kept."""
+        token = CancellationToken()
+        assert token.cancel("first") is True
+        assert token.cancel("second") is False
+        assert token.cancel() is False
+        assert token.cancel_reason == "first"
+
+    def test_cancel_rejects_non_string_reason(self) -> None:
+        """Test that a non-string reason raises TypeError naming the argument, at once."""
+        token = CancellationToken()
+        with pytest.raises(TypeError, match="reason"):
+            token.cancel(42)  # type: ignore[arg-type]
+        assert not token.is_cancelled
+        token.cancel("ok")
+        with pytest.raises(TypeError, match="reason"):
+            token.cancel(b"bytes")  # type: ignore[arg-type]
+
+    def test_is_cancelled_is_read_only_data(self) -> None:
+        """Test that is_cancelled is a plain bool, not a method to call."""
+        token = CancellationToken()
+        assert isinstance(token.is_cancelled, bool)
+
+    def test_raise_if_cancelled_does_nothing_while_active(self) -> None:
+        """Test that raise_if_cancelled() returns quietly while not cancelled."""
+        CancellationToken().raise_if_cancelled()
+
+    def test_raise_if_cancelled_raises_cancelled_exception(self) -> None:
+        """Test that raise_if_cancelled() raises CancelledException carrying the reason."""
+        token = CancellationToken()
+        token.cancel("user interrupted")
+        with pytest.raises(CancelledException) as info:
+            token.raise_if_cancelled()
+        assert info.value.reason == "user interrupted"
+        assert "user interrupted" in str(info.value)
+        assert not isinstance(info.value, asyncio.CancelledError)
+
+    def test_reset_makes_token_active_again(self) -> None:
+        """Test that reset() clears the flag and reason and allows a new cancel."""
+        token = CancellationToken()
+        token.cancel("one")
+        token.reset()
+        assert not token.is_cancelled
+        assert token.cancel_reason is None
+        assert token.cancel("two") is True
+        assert token.cancel_reason == "two"
+
+    def test_reset_forgets_callbacks_that_ran(self) -> None:
+        """Test that callbacks that ran before reset() do not run again after it."""
+        token = CancellationToken()
+        recorder = Recorder()
+        token.on_cancel(recorder)
+        token.cancel()
+        token.reset()
+        token.cancel()
+        assert recorder.calls == 1
+
+    def test_name_and_repr(self) -> None:
+        """Test that the name appears in repr along with the state and reason."""
+        token = CancellationToken(name="job-7")
+        assert token.name == "job-7"
+        assert "job-7" in repr(token) and "active" in repr(token)
+        token.cancel("stop")
+        assert "cancelled" in repr(token) and "'stop'" in repr(token)
+
+    def test_name_must_be_string(self) -> None:
+        """Test that a non-string name raises TypeError naming the argument."""
+        with pytest.raises(TypeError, match="name"):
+            CancellationToken(name=5)  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize("bad", [-1, -0.001, math.nan, math.inf])
+    def test_timeout_rejects_bad_values(self, bad: float) -> None:
+        """Test that a negative, NaN or infinite timeout raises ValueError naming it."""
+        with pytest.raises(ValueError, match="timeout"):
+            CancellationToken(timeout=bad)
+
+    @pytest.mark.parametrize("bad", ["1", True, [1]])
+    def test_timeout_rejects_non_numbers(self, bad: object) -> None:
+        """Test that a timeout that is not a number raises TypeError naming it."""
+        with pytest.raises(TypeError, match="timeout"):
+            CancellationToken(timeout=bad)  # type: ignore[arg-type]
+
+    def test_failed_construction_releases_the_slot(self) -> None:
+        """Test that a constructor refusing its arguments leaves no descriptor behind."""
+        gc.collect()
+        before = _memfds()
+        for bad in ({"name": 1}, {"timeout": -1}):
+            with pytest.raises((TypeError, ValueError)):
+                CancellationToken(**bad)  # type: ignore[arg-type]
+        gc.collect()
+        assert _memfds() == before
+
+    # -- callbacks ---------------------------------------------------------------------------
+    def test_on_cancel_runs_callback_once(self) -> None:
+        """Test that a callback runs exactly once, on the first cancel."""
+        token = CancellationToken()
+        recorder = Recorder(token)
+        token.on_cancel(recorder)
+        assert recorder.calls == 0
+        token.cancel("go")
+        token.cancel("again")
+        assert recorder.calls == 1
+        assert recorder.reasons == ["go"]
+
+    def test_on_cancel_runs_at_once_when_already_cancelled(self) -> None:
+        """Test that a callback registered on a cancelled token runs immediately, once."""
+        token = CancellationToken()
+        token.cancel()
+        recorder = Recorder()
+        handle = token.on_cancel(recorder)
+        assert recorder.calls == 1
+        assert handle.remove() is False
+        token.cancel()
+        assert recorder.calls == 1
+
+    def test_on_cancel_rejects_non_callable(self) -> None:
+        """Test that a non-callable callback raises TypeError naming the argument."""
+        with pytest.raises(TypeError, match="callback"):
+            CancellationToken().on_cancel("not callable")  # type: ignore[arg-type]
+
+    def test_raising_callback_is_logged_and_others_run(self, log_records: list[Any]) -> None:
+        """Test that a raising callback is logged with the token's context and others run."""
+        token = CancellationToken(name="logged-token")
+        before, after = Recorder(), Recorder()
+
+        def boom() -> None:
+            raise RuntimeError("callback failed")
+
+        token.on_cancel(before)
+        token.on_cancel(boom)
+        token.on_cancel(after)
+        assert token.cancel("why") is True
+        assert before.calls == after.calls == 1
+        errors = [r for r in log_records if r["level"].name == "ERROR"]
+        assert len(errors) == 1
+        record = errors[0]
+        assert record["extra"]["token"] == "logged-token"
+        assert record["extra"]["cancel_reason"] == "why"
+        assert record["extra"]["cancelflow"] is True
+        assert isinstance(record["exception"].value, RuntimeError)
+
+    def test_callback_raising_base_exception_does_not_skip_others(self) -> None:
+        """Test that a callback raising KeyboardInterrupt still lets the others run once."""
+        token = CancellationToken()
+        first, last = Recorder(), Recorder()
+
+        def interrupt() -> None:
+            raise KeyboardInterrupt
+
+        token.on_cancel(first)
+        token.on_cancel(interrupt)
+        token.on_cancel(last)
+        with pytest.raises(KeyboardInterrupt):
+            token.cancel()
+        assert token.is_cancelled
+        assert first.calls == last.calls == 1
+        token.cancel()
+        assert first.calls == last.calls == 1
+
+    def test_interrupted_cancel_leaves_callbacks_to_next_cancel(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that callbacks skipped by an exception inside cancel() run at the next cancel()."""
+        token = CancellationToken()
+        recorder = Recorder()
+        token.on_cancel(recorder)
+
+        def interrupted(address: int) -> None:
+            raise KeyboardInterrupt  # as if SIGINT landed inside cancel()
+
+        monkeypatch.setattr("cancelflow._token.futex_wake", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            token.cancel("first")
+        monkeypatch.undo()
+        assert token.is_cancelled and recorder.calls == 0
+        assert token.cancel("second") is False
+        assert recorder.calls == 1
+        assert token.cancel_reason == "first"
+
+    def test_callback_registered_during_cancel_runs_once(self) -> None:
+        """Test that a callback added by another callback during cancel() runs once."""
+        token = CancellationToken()
+        late = Recorder()
+        token.on_cancel(lambda: token.on_cancel(late))
+        token.cancel()
+        assert late.calls == 1
+
+    def test_callback_can_cancel_its_own_token(self) -> None:
+        """Test that a callback calling cancel() on its own token gets False, no recursion."""
+        token = CancellationToken()
+        results: list[bool] = []
+        token.on_cancel(lambda: results.append(token.cancel("inner")))
+        assert token.cancel("outer") is True
+        assert results == [False]
+        assert token.cancel_reason == "outer"
+
+    def test_callbacks_run_in_cancelling_thread(self) -> None:
+        """Test that callbacks run in the thread that calls cancel(), before it returns."""
+        token = CancellationToken()
+        seen: list[int] = []
+        token.on_cancel(lambda: seen.append(threading.get_ident()))
+        thread = threading.Thread(target=token.cancel)
+        thread.start()
+        thread.join(WATCHDOG)
+        assert seen == [thread.ident]
+
+    def test_on_cancel_after_all_removed_does_not_keep_listeners(self) -> None:
+        """Test that removing every callback leaves nothing registered anywhere."""
+        token = CancellationToken()
+        handles = [token.on_cancel(Recorder()) for _ in range(10)]
+        for handle in handles:
+            handle.remove()
+        assert token._callbacks == {}
+        assert token._id not in token._chunk.listeners
+
+    # -- racing threads ---------------------------------------------------------------------
+    @pytest.mark.parametrize("shared", [False, True], ids=["local", "shared"])
+    def test_racing_cancels_have_one_winner(self, shared: bool) -> None:
+        """Test that 8 threads cancelling at once yield one True and one run per callback."""
+        threads_count = 8
+        old_interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-5)
+        try:
+            for _ in range(40):
+                token = CancellationToken()
+                if shared:
+                    _share(token)
+                recorders = [Recorder(token) for _ in range(5)]
+                for recorder in recorders:
+                    token.on_cancel(recorder)
+                barrier = threading.Barrier(threads_count)
+                results: list[bool | None] = [None] * threads_count
+
+                def racer(index: int, token: CancellationToken = token, barrier: threading.Barrier = barrier) -> None:
+                    barrier.wait(WATCHDOG)
+                    results[index] = token.cancel(f"thread-{index}")
+
+                threads = [threading.Thread(target=racer, args=(i,)) for i in range(threads_count)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join(WATCHDOG)
+                assert results.count(True) == 1
+                assert results.count(False) == threads_count - 1
+                winner = results.index(True)
+                assert token.cancel_reason == f"thread-{winner}"
+                for recorder in recorders:
+                    assert recorder.calls == 1
+                    assert recorder.reasons == [f"thread-{winner}"]
+        finally:
+            sys.setswitchinterval(old_interval)
+
+    def test_on_cancel_racing_cancel_runs_every_callback_once(self) -> None:
+        """Test that callbacks registered while another thread cancels each run exactly once."""
+        old_interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-5)
+        try:
+            for _ in range(20):
+                token = CancellationToken()
+                recorders = [Recorder() for _ in range(200)]
+                barrier = threading.Barrier(2)
+
+                def register(token: CancellationToken = token, barrier: threading.Barrier = barrier,
+                             recorders: list[Recorder] = recorders) -> None:
+                    barrier.wait(WATCHDOG)
+                    for recorder in recorders:
+                        token.on_cancel(recorder)
+
+                registrar = threading.Thread(target=register)
+                registrar.start()
+                barrier.wait(WATCHDOG)
+                token.cancel()
+                registrar.join(WATCHDOG)
+                assert [r.calls for r in recorders] == [1] * len(recorders)
+        finally:
+            sys.setswitchinterval(old_interval)
+
+    def test_tokens_made_and_dropped_on_many_threads_keep_accounts(self) -> None:
+        """Test that concurrent creation and collection never closes a chunk in use."""
+        gc.collect()
+        before = _memfds()
+        old_interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        errors: list[BaseException] = []
+        keep: list[CancellationToken] = []
+
+        def churn() -> None:
+            try:
+                for i in range(3000):
+                    token = CancellationToken()
+                    if i % 500 == 0:
+                        keep.append(token)
+                    del token
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        try:
+            threads = [threading.Thread(target=churn) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(WATCHDOG)
+        finally:
+            sys.setswitchinterval(old_interval)
+        assert errors == []
+        assert all(token._chunk.fd >= 0 for token in keep)  # no chunk closed under a token
+        del keep
+        gc.collect()
+        assert _memfds() == before  # and none was left open with no token
+
+    # -- waiting -----------------------------------------------------------------------------
+    def test_wait_blocking_returns_true_when_cancelled_from_thread(self) -> None:
+        """Test that wait_blocking() returns True once another thread cancels."""
+        token = CancellationToken()
+        ready = threading.Event()
+        result: list[bool] = []
+
+        def waiter() -> None:
+            ready.set()
+            result.append(token.wait_blocking(WATCHDOG))
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        assert ready.wait(WATCHDOG)
+        token.cancel()
+        thread.join(WATCHDOG)
+        assert result == [True]
+
+    def test_wait_blocking_times_out(self) -> None:
+        """Test that wait_blocking() returns False when the timeout passes uncancelled."""
+        token = CancellationToken()
+        assert token.wait_blocking(0.01) is False
+        assert token.wait_blocking(0) is False
+
+    def test_wait_blocking_on_cancelled_token_returns_at_once(self) -> None:
+        """Test that wait_blocking() on a cancelled token returns True without waiting."""
+        token = CancellationToken()
+        token.cancel()
+        assert token.wait_blocking() is True
+
+    @pytest.mark.parametrize("bad", [-1, math.nan])
+    def test_wait_blocking_rejects_bad_timeout(self, bad: float) -> None:
+        """Test that wait_blocking() refuses a negative or NaN timeout, naming it."""
+        with pytest.raises(ValueError, match="timeout"):
+            CancellationToken().wait_blocking(bad)
+
+    def test_wait_blocking_with_huge_timeout_does_not_spin(self) -> None:
+        """Test that a wait with an enormous timeout sleeps in the kernel instead of spinning."""
+        token = CancellationToken()
+        cpu: list[float] = []
+
+        def waiter() -> None:
+            start = time.thread_time()
+            token.wait_blocking(1e19)  # past what a timespec holds
+            cpu.append(time.thread_time() - start)
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        thread.join(0.3)  # the waiter is blocked for this long ...
+        token.cancel()
+        thread.join(WATCHDOG)
+        assert cpu and cpu[0] < 0.1  # ... and must not have burnt it on the CPU
+
+    def test_async_wait_returns_when_cancelled_from_thread(self) -> None:
+        """Test that await wait() resumes once another thread cancels the token."""
+        token = CancellationToken()
+
+        async def main() -> None:
+            waiter = asyncio.ensure_future(token.wait())
+            await asyncio.sleep(0)
+            threading.Thread(target=token.cancel, args=("from thread",)).start()
+            await asyncio.wait_for(waiter, WATCHDOG)
+
+        asyncio.run(main())
+        assert token.cancel_reason == "from thread"
+
+    def test_async_wait_resumes_on_its_own_loop_thread(self) -> None:
+        """Test that a waiter resumes on its loop's thread, not the cancelling thread."""
+        token = CancellationToken()
+        canceller: list[int] = []
+
+        async def main() -> int:
+            waiter = asyncio.ensure_future(token.wait())
+            await asyncio.sleep(0)
+            thread = threading.Thread(target=token.cancel)
+            thread.start()
+            canceller.append(thread.ident or 0)
+            await asyncio.wait_for(waiter, WATCHDOG)
+            thread.join(WATCHDOG)
+            return threading.get_ident()
+
+        assert asyncio.run(main()) == threading.get_ident() != canceller[0]
+
+    def test_async_wait_does_not_poll(self) -> None:
+        """Test that a waiting token schedules no timer on the event loop."""
+        token = CancellationToken()
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            waiter = asyncio.ensure_future(token.wait())
+            await asyncio.sleep(0)
+            assert not loop._scheduled  # type: ignore[attr-defined]
+            token.cancel()
+            await asyncio.wait_for(waiter, WATCHDOG)
+
+        asyncio.run(main())
+
+    def test_async_wait_wakes_waiters_on_several_loops(self) -> None:
+        """Test that one cancel wakes waiters on event loops in different threads."""
+        token = CancellationToken()
+        loops = 3
+        ready = threading.Barrier(loops + 1)
+        woke: list[bool] = []
+
+        def loop_thread() -> None:
+            async def main() -> None:
+                waiter = asyncio.ensure_future(token.wait())
+                await asyncio.sleep(0)
+                ready.wait(WATCHDOG)
+                await asyncio.wait_for(waiter, WATCHDOG)
+                woke.append(token.is_cancelled)
+
+            asyncio.run(main())
+
+        threads = [threading.Thread(target=loop_thread) for _ in range(loops)]
+        for thread in threads:
+            thread.start()
+        ready.wait(WATCHDOG)
+        token.cancel()
+        for thread in threads:
+            thread.join(WATCHDOG)
+        assert woke == [True] * loops
+
+    def test_async_wait_on_cancelled_token_returns_at_once(self) -> None:
+        """Test that await wait() on a cancelled token returns without suspending."""
+        token = CancellationToken()
+        token.cancel()
+        asyncio.run(asyncio.wait_for(token.wait(), WATCHDOG))
+
+    def test_cancelled_waiter_leaves_no_callback(self) -> None:
+        """Test that cancelling the waiting task removes its callback from the token."""
+        token = CancellationToken()
+
+        async def main() -> None:
+            waiter = asyncio.ensure_future(token.wait())
+            await asyncio.sleep(0)
+            assert len(token._callbacks) == 1
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+
+        asyncio.run(main())
+        assert token._callbacks == {}
+
+    def test_repeated_waits_do_not_grow_the_token(self) -> None:
+        """Test that many completed or abandoned waits leave no callbacks behind."""
+        token = CancellationToken()
+
+        async def main() -> None:
+            for _ in range(200):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(token.wait(), 0)
+
+        asyncio.run(main())
+        assert token._callbacks == {}
+
+    # -- linked tokens, timeouts ---------------------------------------------------------------
+    def test_child_cancelled_with_parent(self) -> None:
+        """Test that a child is cancelled, with the parent's reason, when the parent is."""
+        parent = CancellationToken()
+        child = parent.child()
+        grandchild = child.child()
+        parent.cancel("shutdown")
+        assert child.is_cancelled and grandchild.is_cancelled
+        assert child.cancel_reason == grandchild.cancel_reason == "shutdown"
+
+    def test_child_cancel_does_not_reach_parent(self) -> None:
+        """Test that cancelling a child leaves its parent and siblings alone."""
+        parent = CancellationToken()
+        child, sibling = parent.child(), parent.child()
+        child.cancel()
+        assert not parent.is_cancelled
+        assert not sibling.is_cancelled
+
+    def test_child_of_cancelled_parent_starts_cancelled(self) -> None:
+        """Test that a child made from a cancelled parent is cancelled at once."""
+        parent = CancellationToken()
+        parent.cancel("early")
+        child = parent.child()
+        assert child.is_cancelled
+        assert child.cancel_reason == "early"
+
+    def test_linked_cancelled_when_any_source_is(self) -> None:
+        """Test that linked(a, b, c) is cancelled, with that reason, when b is."""
+        a, b, c = CancellationToken(), CancellationToken(), CancellationToken()
+        linked = CancellationToken.linked(a, b, c)
+        assert not linked.is_cancelled
+        b.cancel("b went")
+        assert linked.is_cancelled
+        assert linked.cancel_reason == "b went"
+        assert not a.is_cancelled and not c.is_cancelled
+
+    def test_linked_rejects_non_tokens(self) -> None:
+        """Test that linked() names the argument that is not a token."""
+        with pytest.raises(TypeError, match=r"tokens\[1\]"):
+            CancellationToken.linked(CancellationToken(), "nope")  # type: ignore[arg-type]
+
+    def test_cancelled_link_is_dropped_from_sources(self) -> None:
+        """Test that once a linked token is cancelled, its sources hold no callback for it."""
+        a, b = CancellationToken(), CancellationToken()
+        linked = CancellationToken.linked(a, b)
+        assert len(a._callbacks) == len(b._callbacks) == 1
+        linked.cancel()
+        assert a._callbacks == {} and b._callbacks == {}
+
+    def test_close_unlinks_child(self) -> None:
+        """Test that a closed child is no longer cancelled by its parent."""
+        parent = CancellationToken()
+        child = parent.child()
+        child.close()
+        parent.cancel()
+        assert not child.is_cancelled
+        assert parent._callbacks == {}
+
+    def test_context_manager_closes_token(self) -> None:
+        """Test that leaving a ``with`` block closes the token's links and timer."""
+        parent = CancellationToken()
+        before = _timer.pending()
+        with parent.child(timeout=60) as child:
+            assert _timer.pending() == before + 1
+        assert _timer.pending() == before
+        parent.cancel()
+        assert not child.is_cancelled
+
+    def test_short_lived_children_do_not_grow_parent(self) -> None:
+        """Test that collected children leave the parent's callbacks and timers as before."""
+        parent = CancellationToken()
+        refs = []
+        for _ in range(500):
+            child = parent.child(timeout=60)
+            refs.append(weakref.ref(child))
+            del child
+        gc.collect()
+        assert all(ref() is None for ref in refs)
+        assert parent._callbacks == {}
+        assert _timer.pending() == 0
+
+    def test_linked_token_collected_leaves_sources_clean(self) -> None:
+        """Test that a collected linked token removes its callback from every source."""
+        sources = [CancellationToken() for _ in range(3)]
+        for _ in range(100):
+            CancellationToken.linked(*sources)
+        gc.collect()
+        assert all(source._callbacks == {} for source in sources)
+
+    def test_parent_does_not_keep_children_alive(self) -> None:
+        """Test that a parent holds its children only weakly."""
+        parent = CancellationToken()
+        ref = weakref.ref(parent.child())
+        gc.collect()
+        assert ref() is None
+
+    def test_timeout_cancels_token(self) -> None:
+        """Test that CancellationToken(timeout=s) cancels itself with a timeout reason."""
+        token = CancellationToken(timeout=0.01)
+        assert token.wait_blocking(WATCHDOG) is True
+        assert token.cancel_reason == "timeout after 0.01s"
+        assert _timer.pending() == 0
+
+    def test_child_timeout_cancels_child_only(self) -> None:
+        """Test that a child's timeout cancels the child but not its parent."""
+        parent = CancellationToken()
+        child = parent.child(timeout=0)
+        assert child.wait_blocking(WATCHDOG)
+        assert not parent.is_cancelled
+
+    def test_manual_cancel_removes_timer(self) -> None:
+        """Test that cancelling a timeout token unschedules its timer at once."""
+        token = CancellationToken(timeout=3600)
+        assert _timer.pending() == 1
+        token.cancel()
+        assert _timer.pending() == 0
+
+    def test_collected_timeout_token_removes_timer(self) -> None:
+        """Test that dropping an uncancelled timeout token unschedules its timer."""
+        ref = weakref.ref(CancellationToken(timeout=3600))
+        gc.collect()
+        assert ref() is None
+        assert _timer.pending() == 0
+
+    def test_timeout_tokens_share_one_timer_thread(self) -> None:
+        """Test that many pending timeouts use a single timer thread."""
+        tokens = [CancellationToken(timeout=60 + i) for i in range(20)]
+        timer_threads = [t for t in threading.enumerate() if t.name == "cancelflow-timer"]
+        assert len(timer_threads) == 1
+        for token in tokens:
+            token.close()
+        assert _timer.pending() == 0
+
+    # -- resources and pickling ---------------------------------------------------------------
+    def test_collected_token_releases_its_descriptor(self) -> None:
+        """Test that the shared-memory descriptor closes once its tokens are collected."""
+        gc.collect()
+        before = _memfds()
+        token = CancellationToken()
+        fd = token._chunk.fd
+        assert fd in _memfds()
+        del token
+        gc.collect()
+        assert _memfds() == before
+
+    def test_many_tokens_share_one_descriptor(self) -> None:
+        """Test that a thousand live tokens hold no more than one shared-memory chunk."""
+        gc.collect()
+        before = _memfds()
+        tokens = [CancellationToken() for _ in range(1000)]
+        assert len({id(t._chunk) for t in tokens}) == 1
+        assert len(_memfds() - before) <= 2  # the memfd and the mapping's own duplicate
+        del tokens
+        gc.collect()
+        assert _memfds() == before
+
+    def test_collected_shared_token_stops_its_hub(self) -> None:
+        """Test that dropping a shared token that still has callbacks ends the hub thread."""
+        gc.collect()
+        before = _memfds()
+        token = CancellationToken()
+        _share(token)
+        token.on_cancel(Recorder())
+        hubs = [t for t in threading.enumerate() if t.name == "cancelflow-token-hub"]
+        assert len(hubs) == 1
+        del token
+        gc.collect()
+        hubs[0].join(WATCHDOG)
+        assert not hubs[0].is_alive()
+        assert _memfds() == before
+
+    def test_tokens_on_one_slot_each_get_callbacks(self) -> None:
+        """Test that two token objects on one shared slot (a pool's per-task tokens) both
+        have their callbacks run by a cancel made through either."""
+        first = CancellationToken()
+        _share(first)
+        second = CancellationToken._on_slot(first._chunk, first._offset, name="task-2")
+        first_recorder, second_recorder = Recorder(), Recorder()
+        first.on_cancel(first_recorder)
+        second.on_cancel(second_recorder)
+        second.cancel("through the other object")
+        assert first_recorder.called.wait(WATCHDOG)  # delivered by the hub thread
+        assert (first_recorder.calls, second_recorder.calls) == (1, 1)
+        assert first.cancel_reason == "through the other object"
+
+    def test_pickle_outside_process_start_raises(self) -> None:
+        """Test that pickling a token outside a process start raises TypeError."""
+        with pytest.raises(TypeError, match="process"):
+            pickle.dumps(CancellationToken())
+
+    def test_sending_through_pipe_raises(self) -> None:
+        """Test that sending a token through a pipe to a running process raises TypeError."""
+        with pipe() as (_reader, writer), pytest.raises(TypeError):
+            writer.send(CancellationToken())
+
+    # -- across processes ------------------------------------------------------------------------
+    def test_parent_cancel_wakes_child(self, mp_context: multiprocessing.context.BaseContext) -> None:
+        """Test that a cancel in the parent wakes wait_blocking() in the child, with the reason."""
+        token = CancellationToken()
+        ready = mp_context.Event()
+        with pipe() as (reader, writer), running(mp_context, _child_waits, token, ready, writer) as proc:
+            assert ready.wait(WATCHDOG)
+            token.cancel("parent says stop")
+            assert receive(reader) == (True, True, "parent says stop")
+            proc.join(WATCHDOG)
+            assert proc.exitcode == 0
+
+    def test_child_cancel_reaches_parent_callbacks(self, mp_context: multiprocessing.context.BaseContext) -> None:
+        """Test that a cancel in the child runs the parent's callbacks and sets flag and reason."""
+        token = CancellationToken()
+        recorder = Recorder(token)
+        token.on_cancel(recorder)
+        go = mp_context.Event()
+        with running(mp_context, _child_cancels, token, go, "child says stop") as proc:
+            go.set()
+            assert recorder.called.wait(WATCHDOG)
+            proc.join(WATCHDOG)
+            assert proc.exitcode == 0
+        assert token.is_cancelled
+        assert token.cancel_reason == "child says stop"
+        assert recorder.calls == 1
+        assert recorder.reasons == ["child says stop"]
+        assert token.cancel("late") is False
+
+    def test_child_cancel_wakes_parent_asyncio_waiter(self, mp_context: multiprocessing.context.BaseContext) -> None:
+        """Test that a cancel in the child wakes an asyncio waiter in the parent."""
+        token = CancellationToken()
+        go = mp_context.Event()
+
+        async def main() -> None:
+            waiter = asyncio.ensure_future(token.wait())
+            await asyncio.sleep(0)
+            with running(mp_context, _child_cancels, token, go, "from child") as proc:
+                go.set()
+                await asyncio.wait_for(waiter, WATCHDOG)
+                proc.join(WATCHDOG)
+                assert proc.exitcode == 0
+
+        asyncio.run(main())
+        assert token.cancel_reason == "from child"
+
+    def test_parent_cancel_wakes_asyncio_waiter_in_child(self, mp_singletons: None) -> None:
+        """Test that an asyncio waiter in a forked child wakes on the parent's cancel.
+
+        Regression: a callback registered in the parent before the fork used to stop the
+        child from watching the token, so the child's waiter never woke.
+        """
+        ctx = multiprocessing.get_context("fork")
+        token = CancellationToken()
+        token.on_cancel(Recorder())
+        ready = ctx.Event()
+        with pipe() as (reader, writer), running(ctx, _child_awaits, token, ready, writer) as proc:
+            assert ready.wait(WATCHDOG)
+            token.cancel()
+            assert receive(reader) is True
+            proc.join(WATCHDOG)
+            assert proc.exitcode == 0
+
+    def test_forked_child_starts_without_parent_callbacks(self, mp_singletons: None) -> None:
+        """Test that a forked child does not inherit (and so never reruns) parent callbacks."""
+        ctx = multiprocessing.get_context("fork")
+        token = CancellationToken()
+        token.on_cancel(Recorder())
+        with pipe() as (reader, writer), running(ctx, _child_reports_callbacks, token, writer):
+            assert receive(reader) == 0
+
+    def test_forked_child_timeouts_fire(self, mp_singletons: None) -> None:
+        """Test that a timeout made in a forked child fires while the parent has timers too.
+
+        Regression: the child inherited "timer thread running" without the thread.
+        """
+        ctx = multiprocessing.get_context("fork")
+        pending = CancellationToken(timeout=3600)
+        with pipe() as (reader, writer), running(ctx, _child_times_out, writer) as proc:
+            assert receive(reader) is True
+            proc.join(WATCHDOG)
+        pending.close()
+
+    def test_long_reason_is_cut_across_processes(self, mp_singletons: None) -> None:
+        """Test that a reason crosses processes cut to 120 bytes of whole UTF-8 characters."""
+        ctx = multiprocessing.get_context("spawn")
+        token = CancellationToken()
+        ready = ctx.Event()
+        reason = "é" * 100  # 200 bytes
+        with pipe() as (reader, writer), running(ctx, _child_waits, token, ready, writer):
+            assert ready.wait(WATCHDOG)
+            token.cancel(reason)
+            assert receive(reader) == (True, True, "é" * 60)
+        assert token.cancel_reason == reason
+
+    def test_shared_token_releases_descriptor(self, mp_singletons: None) -> None:
+        """Test that a token passed to a child still frees its descriptor when collected."""
+        ctx = multiprocessing.get_context("spawn")
+        gc.collect()
+        before = _memfds()
+        token = CancellationToken()
+        ready = ctx.Event()
+        with pipe() as (reader, writer), running(ctx, _child_waits, token, ready, writer):
+            assert ready.wait(WATCHDOG)
+            token.cancel()
+            receive(reader)
+        del token
+        gc.collect()
+        assert _memfds() == before
+
+    # -- signal handlers ---------------------------------------------------------------------
+    @pytest.mark.timeout(60)
+    def test_signal_cancel_while_checking_flag(self) -> None:
+        """Test that a handler's cancel() ends a hot is_cancelled loop in the main thread."""
+        token = CancellationToken()
+        with sigusr1_storm(lambda: token.cancel("signal")):
+            while not token.is_cancelled:
+                pass
+        assert token.cancel_reason == "signal"
+
+    @pytest.mark.timeout(60)
+    @pytest.mark.parametrize("shared", [False, True], ids=["local", "shared"])
+    def test_signal_cancel_during_on_cancel_and_remove(self, shared: bool) -> None:
+        """Test that a handler cancelling the token being (un)registered never deadlocks.
+
+        Every callback either ran once or was removed, never both, never twice.
+        """
+        tokens = [CancellationToken() for _ in range(60)]
+        if shared:
+            _share(tokens[0])
+        wins: list[tuple[int, bool]] = []
+        current = [0]
+
+        def handler() -> None:
+            index = current[0]
+            if index < len(tokens) - 1:
+                wins.append((index, tokens[index].cancel("signal")))
+                current[0] = index + 1
+
+        recorders: list[Recorder] = []
+        removed: list[bool] = []
+
+        def body(i: int) -> None:
+            recorder = Recorder()
+            recorders.append(recorder)
+            handle = tokens[current[0]].on_cancel(recorder)
+            removed.append(handle.remove())
+
+        with sigusr1_storm(handler) as handled:
+            storm_loop(handled, signals=50, body=body)
+        cancelled = {index for index, _ in wins}
+        assert sorted(index for index, won in wins if won) == sorted(cancelled)
+        for recorder, was_removed in zip(recorders, removed, strict=True):
+            assert recorder.calls + was_removed == 1
+        assert all(token._callbacks == {} for token in tokens)
+
+    @pytest.mark.timeout(60)
+    @pytest.mark.parametrize("shared", [False, True], ids=["local", "shared"])
+    def test_signal_cancels_other_token_during_on_cancel_and_remove(self, shared: bool) -> None:
+        """Test that a handler cancelling token B while main (un)registers on A never deadlocks."""
+        a = CancellationToken()
+        victims = [CancellationToken() for _ in range(200)]
+        if shared:
+            _share(a)
+        victim_recorders = [Recorder() for _ in victims]
+        for victim, recorder in zip(victims, victim_recorders, strict=True):
+            victim.on_cancel(recorder)
+        a_recorder = Recorder()
+        index = [0]
+
+        def handler() -> None:
+            i = index[0]
+            if i < len(victims):
+                index[0] = i + 1
+                victims[i].cancel("signal")
+
+        def body(i: int) -> None:
+            a.on_cancel(a_recorder).remove()
+
+        with sigusr1_storm(handler) as handled:
+            storm_loop(handled, signals=100, body=body)
+        assert not a.is_cancelled
+        assert a_recorder.calls == 0
+        assert a._callbacks == {}
+        assert index[0] > 0
+        assert [r.calls for r in victim_recorders] == [int(v.is_cancelled) for v in victims]
+
+    @pytest.mark.timeout(60)
+    def test_signal_cancel_during_cancel_and_reset_that_log(self, log_records: list[Any]) -> None:
+        """Test that a handler cancelling A or B while main cancels/resets A, both with
+        logging callbacks, never deadlocks and runs each callback exactly once."""
+        a = CancellationToken(name="A")
+        victims = [CancellationToken(name=f"B{i}") for i in range(200)]
+        victim_calls = [0] * len(victims)
+        a_calls: list[int] = []
+        handler_wins = [0]
+        turn = [0]
+
+        def victim_callback(i: int) -> Callable[[], None]:
+            def callback() -> None:
+                victim_calls[i] += 1
+                logger.trace("victim {} cancelled", i)
+
+            return callback
+
+        for i, victim in enumerate(victims):
+            victim.on_cancel(victim_callback(i))
+
+        def handler() -> None:
+            turn[0] += 1
+            if turn[0] % 2:
+                handler_wins[0] += a.cancel("signal")
+            elif turn[0] // 2 < len(victims):
+                victims[turn[0] // 2].cancel("signal")
+
+        main_wins = [0]
+
+        def body(i: int) -> None:
+            a_calls.append(0)
+
+            def callback(slot: int = i) -> None:
+                a_calls[slot] += 1
+                logger.trace("A cancelled in round {}", slot)
+
+            a.on_cancel(callback)
+            main_wins[0] += a.cancel("main")
+            a.reset()
+
+        with sigusr1_storm(handler) as handled:
+            rounds = storm_loop(handled, signals=200, body=body)
+        assert a_calls == [1] * rounds
+        # One winning cancel per round, plus one if the handler cancelled after the last reset.
+        assert main_wins[0] + handler_wins[0] == rounds + int(a.is_cancelled)
+        cancelled = [v.is_cancelled for v in victims]
+        assert victim_calls == [int(c) for c in cancelled]
+        assert any(r["message"].startswith("A cancelled") for r in log_records)
+
+    @pytest.mark.timeout(60)
+    def test_signal_cancel_while_cancel_logs_callback_errors(self, log_records: list[Any]) -> None:
+        """Test that a handler cancelling B while main's cancel() logs a callback error
+        (and B's callback raises too) never deadlocks and runs every callback once."""
+        victims = [CancellationToken() for _ in range(100)]
+        victim_calls = [0] * len(victims)
+
+        def raising(counter: list[int], i: int) -> Callable[[], None]:
+            def callback() -> None:
+                counter[i] += 1
+                raise ValueError("callback failure")
+
+            return callback
+
+        for i, victim in enumerate(victims):
+            victim.on_cancel(raising(victim_calls, i))
+        index = [0]
+
+        def handler() -> None:
+            i = index[0]
+            if i < len(victims):
+                index[0] = i + 1
+                victims[i].cancel("signal")
+
+        main_calls: list[int] = []
+
+        def body(i: int) -> None:
+            token = CancellationToken()
+            main_calls.append(0)
+            token.on_cancel(raising(main_calls, i))
+            assert token.cancel("main") is True
+
+        with sigusr1_storm(handler) as handled:
+            rounds = storm_loop(handled, signals=60, body=body)
+        assert main_calls == [1] * rounds
+        assert victim_calls == [int(v.is_cancelled) for v in victims]
+        errors = [r for r in log_records if r["level"].name == "ERROR"]
+        assert 0 < len(errors) <= rounds + index[0]
+
+    @pytest.mark.timeout(60)
+    def test_signal_cancel_of_timeout_token_during_timer_work(self) -> None:
+        """Test that a handler cancelling a timeout token while main arms and disarms
+        timers never deadlocks (regression: the timer lock was taken by cancel())."""
+        before = _timer.pending()
+        victims = [CancellationToken(timeout=3600) for _ in range(200)]
+        index = [0]
+
+        def handler() -> None:
+            i = index[0]
+            if i < len(victims):
+                index[0] = i + 1
+                victims[i].cancel("signal")
+
+        def body(i: int) -> None:
+            CancellationToken(timeout=3600).close()
+
+        with sigusr1_storm(handler) as handled:
+            storm_loop(handled, signals=100, body=body)
+        assert any(v.is_cancelled for v in victims)
+        for victim in victims:
+            victim.close()
+        assert _timer.pending() == before
+
+    @pytest.mark.timeout(60)
+    def test_signal_cancel_wakes_asyncio_waiter_in_same_thread(self) -> None:
+        """Test that a cancel() from a signal handler wakes an asyncio waiter on that thread."""
+        token = CancellationToken()
+        main_ident = threading.get_ident()
+        ready = threading.Event()
+        old_handler = signal.signal(signal.SIGUSR1, lambda signum, frame: token.cancel("sig"))
+
+        def kicker() -> None:
+            if ready.wait(WATCHDOG):
+                signal.pthread_kill(main_ident, signal.SIGUSR1)
+
+        async def main() -> None:
+            waiter = asyncio.ensure_future(token.wait())
+            await asyncio.sleep(0)
+            thread = threading.Thread(target=kicker)
+            thread.start()
+            ready.set()
+            try:
+                await asyncio.wait_for(waiter, WATCHDOG)
+            finally:
+                thread.join(WATCHDOG)
+
+        try:
+            asyncio.run(main())
+        finally:
+            signal.signal(signal.SIGUSR1, old_handler)
+        assert token.cancel_reason == "sig"
+
+
+class TestCallbackHandle:
+    def test_remove_before_cancel_prevents_run(self) -> None:
+        """Test that a removed callback never runs and remove() returns True."""
+        token = CancellationToken()
+        recorder = Recorder()
+        handle = token.on_cancel(recorder)
+        assert isinstance(handle, CallbackHandle)
+        assert handle.remove() is True
+        token.cancel()
+        assert recorder.calls == 0
+
+    def test_remove_is_idempotent(self) -> None:
+        """Test that a second remove() returns False and changes nothing."""
+        token = CancellationToken()
+        handle = token.on_cancel(Recorder())
+        assert handle.remove() is True
+        assert handle.remove() is False
+
+    def test_remove_after_run_returns_false(self) -> None:
+        """Test that remove() after the callback ran returns False."""
+        token = CancellationToken()
+        handle = token.on_cancel(Recorder())
+        token.cancel()
+        assert handle.remove() is False
+
+    def test_remove_leaves_other_callbacks(self) -> None:
+        """Test that removing one callback keeps the others registered."""
+        token = CancellationToken()
+        kept, dropped = Recorder(), Recorder()
+        token.on_cancel(kept)
+        token.on_cancel(dropped).remove()
+        token.cancel()
+        assert (kept.calls, dropped.calls) == (1, 0)
+
+    def test_context_manager_removes_callback(self) -> None:
+        """Test that leaving a ``with handle`` block removes the callback."""
+        token = CancellationToken()
+        recorder = Recorder()
+        with token.on_cancel(recorder):
+            pass
+        token.cancel()
+        assert recorder.calls == 0

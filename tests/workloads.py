@@ -1,0 +1,113 @@
+"""Module-level task functions for process-pool tests (workers import them by name)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cancelflow
+from cancelflow import _context
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def whoami() -> int:
+    return os.getpid()
+
+
+def announce_and_spin() -> None:
+    """Never checks its token: a pure-Python busy loop."""
+    _context.store_partial("pid", os.getpid())
+    while True:
+        pass
+
+
+def announce_and_wait_cooperatively() -> str:
+    token = _context.current_token()
+    _context.store_partial("pid", os.getpid())
+    while not token.is_cancelled:
+        pass
+    token.raise_if_cancelled()
+    return "unreachable"
+
+
+def announce_and_finish_in_finally() -> None:
+    try:
+        _context.store_partial("pid", os.getpid())
+        while True:
+            pass
+    finally:
+        _context.store_partial("finally", "ran")
+
+
+def announce_then_critical(seconds: float) -> str:
+    with cancelflow.critical_section(seconds):
+        _context.store_partial("pid", os.getpid())
+        deadline = time.monotonic() + seconds / 2
+        while time.monotonic() < deadline:
+            pass
+        _context.store_partial("critical", "completed")
+    while True:
+        pass
+
+
+def spawn_stubborn_tree() -> None:
+    """Start a child that ignores SIGTERM and a grandchild in its own session, then spin."""
+    code = (
+        "import signal, subprocess, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "g = subprocess.Popen([sys.executable, '-c', 'import signal, time\\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\nwhile True: time.sleep(1)'], "
+        "start_new_session=True)\n"
+        "print(g.pid, flush=True)\n"
+        "while True: time.sleep(1)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    grandchild = int(child.stdout.readline())
+    _context.store_partial("tree", [child.pid, grandchild])
+    while True:
+        pass
+
+
+def segfault() -> None:
+    _context.store_partial("pid", os.getpid())
+    ctypes.string_at(0)
+
+
+def exit_hard(code: int) -> None:
+    os._exit(code)
+
+
+def store_then_spin(count: int) -> None:
+    for index in range(count):
+        _context.store_partial(f"step-{index}", index * index)
+    _context.store_partial("pid", os.getpid())
+    while True:
+        pass
+
+
+def cancel_own_token(reason: str) -> str:
+    _context.current_token().cancel(reason)
+    _context.current_token().raise_if_cancelled()
+    return "unreachable"
+
+
+def token_argument_is_current(token: cancelflow.CancellationToken) -> bool:
+    return token is _context.current_token() and not token.is_cancelled
+
+
+def raise_value_error(message: str) -> None:
+    raise ValueError(message)
+
+
+def sleep_forever_in_c() -> None:
+    _context.store_partial("pid", os.getpid())
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+    time.sleep(3600)
