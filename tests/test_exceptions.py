@@ -168,7 +168,9 @@ class TestPipelineFailedException:
 
     def test_pickle_roundtrip(self) -> None:
         """Test that node_id, partial_results and wave_num survive a pickle round-trip."""
-        exc = PipelineFailedException("node b failed", node_id="b", partial_results={"a": 1}, wave_num=1)
+        exc = PipelineFailedException(
+            "node b failed", node_id="b", partial_results={"a": 1}, wave_num=1
+        )
         copy = roundtrip(exc)
         assert type(copy) is PipelineFailedException
         assert (copy.message, copy.node_id, copy.partial_results, copy.wave_num) == (

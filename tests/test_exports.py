@@ -1,8 +1,8 @@
 """Tests for the public surface, :mod:`cancelflow` itself."""
 
 from __future__ import annotations
-
 import __future__
+
 import ast
 import importlib
 import inspect
@@ -17,14 +17,6 @@ INIT = pathlib.Path(cancelflow.__file__)
 SEED_NAMES = ("CancellationToken", "CancelledException")
 
 
-def _public_names() -> list[str]:
-    return sorted(
-        name
-        for name, value in vars(cancelflow).items()
-        if not name.startswith("_") and not isinstance(value, __future__._Feature)
-    )
-
-
 def _bound_by_imports() -> list[str]:
     """Every name that an import statement of ``cancelflow/__init__.py`` binds."""
     names = []
@@ -34,6 +26,24 @@ def _bound_by_imports() -> list[str]:
         elif isinstance(node, ast.Import):
             names.extend(alias.asname or alias.name.split(".")[0] for alias in node.names)
     return names
+
+
+def _defined_in_init() -> list[str]:
+    """Names that ``cancelflow/__init__.py`` binds at top level other than by import."""
+    names = []
+    for node in ast.parse(INIT.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.append(node.name)
+        elif isinstance(node, ast.Assign):
+            names.extend(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.append(node.target.id)
+    return names
+
+
+def _public_names() -> list[str]:
+    """The public surface: names ``cancelflow/__init__.py`` binds that do not start with _."""
+    return sorted({n for n in _bound_by_imports() + _defined_in_init() if not n.startswith("_")})
 
 
 PUBLIC = _public_names()
@@ -87,6 +97,17 @@ class TestPublicSurface:
     def test_every_public_name_comes_from_an_import_line(self) -> None:
         """Test that every public name is a re-export, not defined in ``__init__.py``."""
         assert set(PUBLIC) <= set(_bound_by_imports())
+
+    def test_no_undeclared_public_attribute(self) -> None:
+        """Test that the package has no public attribute beyond what ``__init__.py`` binds."""
+        stray = sorted(
+            name
+            for name, value in vars(cancelflow).items()
+            if not name.startswith("_")
+            and name not in PUBLIC
+            and not isinstance(value, (types.ModuleType, __future__._Feature))
+        )
+        assert stray == []
 
     def test_dunder_all_matches_if_present(self) -> None:
         """Test that ``__all__``, if the package declares one, lists exactly the public names."""

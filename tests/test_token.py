@@ -25,8 +25,7 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from cancelflow import CallbackHandle, CancellationToken, CancelledException
-from cancelflow import _cell, _timer
+from cancelflow import CallbackHandle, CancellationToken, CancelledException, _timer
 
 WATCHDOG = 30.0  # seconds: a bound on waits that must end long before it
 START_METHODS = ("fork", "spawn", "forkserver")
@@ -84,7 +83,9 @@ def mp_singletons() -> None:
 
 
 @pytest.fixture(params=START_METHODS)
-def mp_context(request: pytest.FixtureRequest, mp_singletons: None) -> multiprocessing.context.BaseContext:
+def mp_context(
+    request: pytest.FixtureRequest, mp_singletons: None
+) -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context(request.param)
 
 
@@ -106,7 +107,9 @@ def running(
 
 
 @contextlib.contextmanager
-def pipe() -> Iterator[tuple[multiprocessing.connection.Connection, multiprocessing.connection.Connection]]:
+def pipe() -> Iterator[
+    tuple[multiprocessing.connection.Connection, multiprocessing.connection.Connection]
+]:
     reader, writer = multiprocessing.Pipe(duplex=False)
     try:
         yield reader, writer
@@ -151,6 +154,23 @@ def _child_reports_callbacks(token: CancellationToken, conn: Any) -> None:
 
 def _child_times_out(conn: Any) -> None:
     conn.send(CancellationToken(timeout=0.01).wait_blocking(WATCHDOG))
+
+
+def race_cancels(token: CancellationToken, count: int) -> list[bool | None]:
+    """Release ``count`` threads at once through a barrier, each calling ``cancel()``."""
+    barrier = threading.Barrier(count)
+    results: list[bool | None] = [None] * count
+
+    def racer(index: int) -> None:
+        barrier.wait(WATCHDOG)
+        results[index] = token.cancel(f"thread-{index}")
+
+    threads = [threading.Thread(target=racer, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WATCHDOG)
+    return results
 
 
 # -- signal storms -------------------------------------------------------------------------
@@ -295,9 +315,11 @@ class TestCancellationToken:
         """Test that the name appears in repr along with the state and reason."""
         token = CancellationToken(name="job-7")
         assert token.name == "job-7"
-        assert "job-7" in repr(token) and "active" in repr(token)
+        assert "job-7" in repr(token)
+        assert "active" in repr(token)
         token.cancel("stop")
-        assert "cancelled" in repr(token) and "'stop'" in repr(token)
+        assert "cancelled" in repr(token)
+        assert "'stop'" in repr(token)
 
     def test_name_must_be_string(self) -> None:
         """Test that a non-string name raises TypeError naming the argument."""
@@ -408,7 +430,8 @@ class TestCancellationToken:
         with pytest.raises(KeyboardInterrupt):
             token.cancel("first")
         monkeypatch.undo()
-        assert token.is_cancelled and recorder.calls == 0
+        assert token.is_cancelled
+        assert recorder.calls == 0
         assert token.cancel("second") is False
         assert recorder.calls == 1
         assert token.cancel_reason == "first"
@@ -464,18 +487,7 @@ class TestCancellationToken:
                 recorders = [Recorder(token) for _ in range(5)]
                 for recorder in recorders:
                     token.on_cancel(recorder)
-                barrier = threading.Barrier(threads_count)
-                results: list[bool | None] = [None] * threads_count
-
-                def racer(index: int, token: CancellationToken = token, barrier: threading.Barrier = barrier) -> None:
-                    barrier.wait(WATCHDOG)
-                    results[index] = token.cancel(f"thread-{index}")
-
-                threads = [threading.Thread(target=racer, args=(i,)) for i in range(threads_count)]
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join(WATCHDOG)
+                results = race_cancels(token, threads_count)
                 assert results.count(True) == 1
                 assert results.count(False) == threads_count - 1
                 winner = results.index(True)
@@ -496,8 +508,11 @@ class TestCancellationToken:
                 recorders = [Recorder() for _ in range(200)]
                 barrier = threading.Barrier(2)
 
-                def register(token: CancellationToken = token, barrier: threading.Barrier = barrier,
-                             recorders: list[Recorder] = recorders) -> None:
+                def register(
+                    token: CancellationToken = token,
+                    barrier: threading.Barrier = barrier,
+                    recorders: list[Recorder] = recorders,
+                ) -> None:
                     barrier.wait(WATCHDOG)
                     for recorder in recorders:
                         token.on_cancel(recorder)
@@ -540,7 +555,7 @@ class TestCancellationToken:
             sys.setswitchinterval(old_interval)
         assert errors == []
         assert all(token._chunk.fd >= 0 for token in keep)  # no chunk closed under a token
-        del keep
+        keep.clear()
         gc.collect()
         assert _memfds() == before  # and none was left open with no token
 
@@ -595,7 +610,8 @@ class TestCancellationToken:
         thread.join(0.3)  # the waiter is blocked for this long ...
         token.cancel()
         thread.join(WATCHDOG)
-        assert cpu and cpu[0] < 0.1  # ... and must not have burnt it on the CPU
+        assert cpu
+        assert cpu[0] < 0.1
 
     def test_async_wait_returns_when_cancelled_from_thread(self) -> None:
         """Test that await wait() resumes once another thread cancels the token."""
@@ -707,7 +723,8 @@ class TestCancellationToken:
         child = parent.child()
         grandchild = child.child()
         parent.cancel("shutdown")
-        assert child.is_cancelled and grandchild.is_cancelled
+        assert child.is_cancelled
+        assert grandchild.is_cancelled
         assert child.cancel_reason == grandchild.cancel_reason == "shutdown"
 
     def test_child_cancel_does_not_reach_parent(self) -> None:
@@ -734,7 +751,8 @@ class TestCancellationToken:
         b.cancel("b went")
         assert linked.is_cancelled
         assert linked.cancel_reason == "b went"
-        assert not a.is_cancelled and not c.is_cancelled
+        assert not a.is_cancelled
+        assert not c.is_cancelled
 
     def test_linked_rejects_non_tokens(self) -> None:
         """Test that linked() names the argument that is not a token."""
@@ -747,7 +765,8 @@ class TestCancellationToken:
         linked = CancellationToken.linked(a, b)
         assert len(a._callbacks) == len(b._callbacks) == 1
         linked.cancel()
-        assert a._callbacks == {} and b._callbacks == {}
+        assert a._callbacks == {}
+        assert b._callbacks == {}
 
     def test_close_unlinks_child(self) -> None:
         """Test that a closed child is no longer cancelled by its parent."""
@@ -896,18 +915,25 @@ class TestCancellationToken:
             writer.send(CancellationToken())
 
     # -- across processes ------------------------------------------------------------------------
-    def test_parent_cancel_wakes_child(self, mp_context: multiprocessing.context.BaseContext) -> None:
+    def test_parent_cancel_wakes_child(
+        self, mp_context: multiprocessing.context.BaseContext
+    ) -> None:
         """Test that a cancel in the parent wakes wait_blocking() in the child, with the reason."""
         token = CancellationToken()
         ready = mp_context.Event()
-        with pipe() as (reader, writer), running(mp_context, _child_waits, token, ready, writer) as proc:
+        with (
+            pipe() as (reader, writer),
+            running(mp_context, _child_waits, token, ready, writer) as proc,
+        ):
             assert ready.wait(WATCHDOG)
             token.cancel("parent says stop")
             assert receive(reader) == (True, True, "parent says stop")
             proc.join(WATCHDOG)
             assert proc.exitcode == 0
 
-    def test_child_cancel_reaches_parent_callbacks(self, mp_context: multiprocessing.context.BaseContext) -> None:
+    def test_child_cancel_reaches_parent_callbacks(
+        self, mp_context: multiprocessing.context.BaseContext
+    ) -> None:
         """Test that a cancel in the child runs the parent's callbacks and sets flag and reason."""
         token = CancellationToken()
         recorder = Recorder(token)
@@ -924,7 +950,9 @@ class TestCancellationToken:
         assert recorder.reasons == ["child says stop"]
         assert token.cancel("late") is False
 
-    def test_child_cancel_wakes_parent_asyncio_waiter(self, mp_context: multiprocessing.context.BaseContext) -> None:
+    def test_child_cancel_wakes_parent_asyncio_waiter(
+        self, mp_context: multiprocessing.context.BaseContext
+    ) -> None:
         """Test that a cancel in the child wakes an asyncio waiter in the parent."""
         token = CancellationToken()
         go = mp_context.Event()

@@ -111,3 +111,21 @@ def sleep_forever_in_c() -> None:
     _context.store_partial("pid", os.getpid())
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
     time.sleep(3600)
+
+
+def node_report_then_spin(ctx: cancelflow.NodeContext) -> None:
+    """A process node that never checks its token; reports its pid through a FIFO."""
+    ctx.store_partial("pid", os.getpid())
+    with open(ctx.context["fifo"], "w") as fifo:
+        fifo.write(f"{os.getpid()}\n")
+    while True:
+        pass
+
+
+def node_report_then_block_sigterm(ctx: cancelflow.NodeContext) -> None:
+    """A process node that blocks SIGTERM and sleeps: only SIGKILL stops it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+    ctx.store_partial("pid", os.getpid())
+    with open(ctx.context["fifo"], "w") as fifo:
+        fifo.write(f"{os.getpid()}\n")
+    time.sleep(3600)

@@ -69,6 +69,11 @@ class CancelledException(CancelflowError):
         self.partial_results: dict[str, Any] = dict(partial_results or {})
         self.wave_num = wave_num
         self.reason = reason
+        #: for a pipeline: how each node that started ended (see ``PipelineResult``)
+        self.node_fates: dict[str, str] = {}
+        #: for a single pool task: how it was stopped (``cancelled``, ``terminated``,
+        #: ``killed``, ``abandoned``...), else ``None``
+        self.fate: str | None = None
 
     def __str__(self) -> str:
         where = f" (at wave {self.wave_num})" if self.wave_num is not None else ""
@@ -133,6 +138,8 @@ class PipelineFailedException(CancelflowError):
         self.node_id = node_id
         self.partial_results: dict[str, Any] = dict(partial_results or {})
         self.wave_num = wave_num
+        #: how each node that started ended (see ``PipelineResult.node_fates``)
+        self.node_fates: dict[str, str] = {}
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (

@@ -6,7 +6,7 @@ import asyncio
 import math
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from ._events import EventBus, PipelineEvent
@@ -81,6 +81,14 @@ class PipelineResult:
             ``PipelineFailedException``), else ``None``.
         failed_node: the id of the node whose error ended the run, else ``None``.
         cleanup_errors: errors of cleanup handlers that raised or hung (``TimeoutError``).
+        node_fates: how each node that started ended: ``finished``, ``failed``,
+            ``cancelled`` (stopped cooperatively, or a coroutine node cancelled),
+            ``terminated`` (a process node's SIGTERM became an exception and its finally
+            blocks ran), ``killed`` (its worker and process tree were SIGKILLed),
+            ``crashed`` (its worker died by itself), ``abandoned`` (a thread node that
+            ignored its token past the grace period) or ``timed_out``. The exceptions
+            raised by :meth:`PipelineExecutor.execute_pipeline` carry the same dict as
+            ``node_fates``.
 
     For seed compatibility it can also be read like the seed's response dict:
     ``result["cancelled"]``, ``result.get("cancel_reason")``.
@@ -95,6 +103,7 @@ class PipelineResult:
     error: BaseException | None = None
     failed_node: str | None = None
     cleanup_errors: tuple[BaseException, ...] = ()
+    node_fates: dict[str, str] = field(default_factory=dict)
 
     @property
     def completed(self) -> bool:
@@ -487,6 +496,7 @@ class PipelineExecutor:
             error=error,
             failed_node=error.node_id if isinstance(error, PipelineFailedException) else None,
             cleanup_errors=outcome.cleanup_errors,
+            node_fates=outcome.node_fates,
         )
         if isinstance(error, CancelledException) and self.events.has_subscribers():
             await self.events.emit(
@@ -513,6 +523,7 @@ class _Outcome:
     wave_num: int
     error: CancelledException | PipelineFailedException | None
     cleanup_errors: tuple[BaseException, ...] = ()
+    node_fates: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -585,6 +596,9 @@ class _Run:
         self.timeout = timeout
         self.loop = asyncio.get_running_loop()
         self.claims: list[_Claim] = []
+        #: how each node ended: finished / failed / cancelled / terminated / killed /
+        #: crashed / abandoned / timed_out; nodes that never started are absent
+        self.fates: dict[str, str] = {}
         self.interrupt = CancellationToken(name=f"{self.pipeline_id}:interrupt")
         self.interrupted = False
         self.outputs: dict[str, Any] = {}
@@ -777,18 +791,24 @@ class _Run:
                     node.fn, ctx, token=node_run.token, partial_sink=node_run
                 )
         except asyncio.CancelledError as exc:
+            self.fates[node_id] = "timed_out" if node_run.timed_out is not None else "cancelled"
             if self.interrupted or node_run.timed_out is not None:
                 await self._node_stopped(node_run, "interrupted")
             else:  # not cancelled by us: something inside the node was cancelled
                 await self._node_failed(node_run, exc)
         except CancelledException as exc:
+            self.fates[node_id] = getattr(exc, "fate", None) or "cancelled"
+            if node_run.timed_out is not None and self.fates[node_id] == "cancelled":
+                self.fates[node_id] = "timed_out"
             if node_run.timed_out is None and not node_run.token.is_cancelled:
                 await self._node_failed(node_run, exc)  # raised by the node on its own
             else:
                 await self._node_stopped(node_run, exc.reason)
         except Exception as exc:  # noqa: BLE001 - a node's error ends the run, reported
+            self.fates[node_id] = getattr(exc, "fate", None) or "failed"
             await self._node_failed(node_run, exc)
         else:
+            self.fates[node_id] = "finished"
             self.outputs[node_id] = value
             self.entry.partials[node_id] = value
             if emitting:
@@ -882,6 +902,8 @@ class _Run:
                 wave_num=cause.wave_num if cause.wave_num is not None else wave_num,
             )
             error.__cause__ = cause.error
+        if error is not None:
+            error.node_fates = dict(self.fates)
         if isinstance(error, CancelledException):
             await self._emit(
                 "execution_cancelled",
@@ -915,7 +937,9 @@ class _Run:
             results_count=len(self.outputs),
             reason=cause.reason,
         )
-        return _Outcome(self.pipeline_id, self.outputs, partial, wave_num, error, cleanup_errors)
+        return _Outcome(
+            self.pipeline_id, self.outputs, partial, wave_num, error, cleanup_errors, dict(self.fates)
+        )
 
     def _first_incomplete_wave(self) -> int:
         for wave_num, wave in enumerate(self.waves):

@@ -865,27 +865,29 @@ class ProcessPool(concurrent.futures.Executor):
             future.set_result(value)
         elif fate in ("failed", "crashed"):
             assert error is not None
+            if fate == "crashed":
+                error.fate = "crashed"  # type: ignore[attr-defined]
             future.set_exception(error)
         elif task.stop_kind == "future":
             future._cancel_now()
-        elif task.stop_kind == "timeout":
-            future.set_exception(
-                PipelineTimeoutException(
+        else:
+            stopped: CancelledException
+            if task.stop_kind == "timeout":
+                stopped = PipelineTimeoutException(
                     f"task timed out after {task.timeout:g}s ({fate})",
                     task.partials,
                     reason=task.stop_reason,
                     timeout=task.timeout,
                 )
-            )
-        else:
-            reason = task.stop_reason
-            future.set_exception(
-                CancelledException(
+            else:
+                reason = task.stop_reason
+                stopped = CancelledException(
                     f"task {fate}: {reason}" if reason else f"task {fate}",
                     task.partials,
                     reason=reason,
                 )
-            )
+            stopped.fate = fate
+            future.set_exception(stopped)
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
