@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-import workloads
 
+import workloads
 from cancelflow import (
     CancellationToken,
     CancelledException,

@@ -53,7 +53,7 @@ class SyncPool(Protocol):
         fn: Callable[..., Any],
         *args: Any,
         token: CancellationToken | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - the pipeline's deadline
+        timeout: float | None = None,
         grace_period: float | None = None,
         partial_sink: PartialSink | None = None,
     ) -> Any: ...
@@ -268,7 +268,7 @@ class PipelineExecutor:
         nodes: Iterable[Node],
         context: Mapping[str, Any] | None = None,
         *,
-        timeout: float | None = None,  # noqa: ASYNC109 - the pipeline's deadline
+        timeout: float | None = None,
         cancel_token: CancellationToken | None = None,
         mode: Mode | None = None,
         graceful_timeout: float | None = _UNSET,
@@ -316,7 +316,7 @@ class PipelineExecutor:
         nodes: Iterable[Node],
         context: Mapping[str, Any] | None = None,
         *,
-        timeout: float | None = None,  # noqa: ASYNC109 - the pipeline's deadline
+        timeout: float | None = None,
         cancel_token: CancellationToken | None = None,
         mode: Mode | None = None,
         graceful_timeout: float | None = _UNSET,
@@ -341,7 +341,7 @@ class PipelineExecutor:
         *,
         pipeline_id: str | None = None,
         reason: str | None = DEFAULT_SUPERSEDE_REASON,
-        timeout: float | None = None,  # noqa: ASYNC109 - the pipeline's deadline
+        timeout: float | None = None,
         mode: Mode | None = None,
         graceful_timeout: float | None = _UNSET,
     ) -> PipelineResult:
@@ -442,7 +442,7 @@ class PipelineExecutor:
         pipeline_id: str,
         nodes: Iterable[Node],
         context: Mapping[str, Any] | None,
-        timeout: float | None,  # noqa: ASYNC109 - the pipeline's deadline
+        timeout: float | None,
         cancel_token: CancellationToken | None,
         mode: Mode | None,
         graceful_timeout: float | None,
