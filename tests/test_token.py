@@ -152,6 +152,10 @@ def _child_reports_callbacks(token: CancellationToken, conn: Any) -> None:
     conn.send(len(token._callbacks))
 
 
+def _child_reports_states(tokens: list[CancellationToken], conn: Any) -> None:
+    conn.send([(token.is_cancelled, token.cancel_reason) for token in tokens])
+
+
 def _child_times_out(conn: Any) -> None:
     conn.send(CancellationToken(timeout=0.01).wait_blocking(WATCHDOG))
 
@@ -968,6 +972,38 @@ class TestCancellationToken:
 
         asyncio.run(main())
         assert token.cancel_reason == "from child"
+
+    def test_several_tokens_go_to_one_process(
+        self, mp_context: multiprocessing.context.BaseContext
+    ) -> None:
+        """Test that many tokens of one chunk can be given to one process start.
+
+        Regression: spawn refused the chunk's descriptor listed once per token.
+        """
+        tokens = [CancellationToken() for _ in range(5)]
+        tokens[3].cancel("three")
+        with (
+            pipe() as (reader, writer),
+            running(mp_context, _child_reports_states, tokens, writer) as proc,
+        ):
+            states = receive(reader)
+            proc.join(WATCHDOG)
+            assert proc.exitcode == 0
+        assert states == [(False, None)] * 3 + [(True, "three"), (False, None)]
+
+    def test_reason_set_before_sharing_reaches_child(self, mp_singletons: None) -> None:
+        """Test that a reason given while only this process saw the token reaches a child,
+        even when another token had already shared the memory.
+
+        Regression: the child saw the token cancelled with no reason.
+        """
+        ctx = multiprocessing.get_context("spawn")
+        early, other = CancellationToken(), CancellationToken()
+        early.cancel("before sharing")
+        with pipe() as (reader, writer), running(ctx, _child_reports_states, [other], writer):
+            receive(reader)
+        with pipe() as (reader, writer), running(ctx, _child_reports_states, [early], writer):
+            assert receive(reader) == [(True, "before sharing")]
 
     def test_parent_cancel_wakes_asyncio_waiter_in_child(self, mp_singletons: None) -> None:
         """Test that an asyncio waiter in a forked child wakes on the parent's cancel.

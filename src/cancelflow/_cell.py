@@ -38,7 +38,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._log import safe_log
 from ._platform import futex_wait, futex_wake
@@ -91,6 +91,8 @@ class Chunk:
         #: token ``_id`` -> token, for the tokens of this process that have listeners
         self.listeners: dict[int, weakref.ref[CancellationToken]] = {}
         self._hub_ticket: list[int] = [1]
+        #: (process being started, what this chunk was pickled as for it), see _token
+        self.exported_to: tuple[weakref.ref[Any], weakref.ref[Any]] | None = None
         _all_chunks.add(self)
 
     # -- slots -------------------------------------------------------------------------

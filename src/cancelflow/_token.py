@@ -474,14 +474,11 @@ class CancellationToken(_Cell):
             )
         chunk = self._chunk
         self._exported = True
-        if not chunk.shared:
-            if self.is_cancelled:
-                self._write_shared_reason(self._reason)
-            chunk.mark_shared()
-        return (
-            _rebuild_token,
-            (multiprocessing.reduction.DupFd(chunk.fd), self._offset, self.name),
-        )
+        if self.is_cancelled and self._reason is not None:
+            # Cancelled while only this process could see it (the reason was kept locally).
+            self._write_shared_reason(self._reason)
+        chunk.mark_shared()
+        return (_rebuild_token, (_SharedChunk.for_current_start(chunk), self._offset, self.name))
 
     def __repr__(self) -> str:
         state = f"cancelled, reason={self.cancel_reason!r}" if self.is_cancelled else "active"
@@ -507,10 +504,44 @@ class _Propagate:
         return "<linked-token propagation>"
 
 
-def _rebuild_token(dupfd: Any, offset: int, name: str) -> CancellationToken:
-    chunk = _cell.attach_chunk(dupfd.detach())
-    token = CancellationToken._on_slot(chunk, offset, name)
-    return token
+class _SharedChunk:
+    """A chunk as it travels to a starting process: its descriptor, sent once.
+
+    All tokens of one chunk given to one process start share one instance, which pickle
+    memoizes, so the descriptor is handed over (``DupFd``) once however many tokens go
+    along: spawn refuses the same descriptor twice in its list of inherited ones.
+    """
+
+    __slots__ = ("__weakref__", "_dupfd")
+
+    def __init__(self, dupfd: Any) -> None:
+        self._dupfd = dupfd
+
+    @classmethod
+    def for_current_start(cls, chunk: _cell.Chunk) -> _SharedChunk:
+        popen = multiprocessing.context.get_spawning_popen()
+        cached = chunk.exported_to
+        if cached is not None and cached[0]() is popen:
+            alive = cached[1]()
+            if isinstance(alive, _SharedChunk):
+                return alive
+        shared = cls(multiprocessing.reduction.DupFd(chunk.fd))
+        try:
+            chunk.exported_to = (weakref.ref(popen), weakref.ref(shared))
+        except TypeError:  # a Popen without weakref support: no sharing, still correct
+            chunk.exported_to = None
+        return shared
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_attach_chunk, (self._dupfd,))
+
+
+def _attach_chunk(dupfd: Any) -> _cell.Chunk:
+    return _cell.attach_chunk(dupfd.detach())
+
+
+def _rebuild_token(chunk: _cell.Chunk, offset: int, name: str) -> CancellationToken:
+    return CancellationToken._on_slot(chunk, offset, name)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

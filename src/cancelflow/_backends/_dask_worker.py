@@ -1,0 +1,542 @@
+"""The worker and scheduler side of cancelflow's Dask backend.
+
+Imported only where ``distributed`` is installed: by :class:`~cancelflow.DaskRunner` in
+the client, and by Dask itself on the workers (to unpickle the plugin) and on the
+scheduler (to run the few functions the runner sends there).
+
+On each worker, :class:`CancelflowWorkerPlugin` keeps:
+
+* a warm :class:`~cancelflow.ProcessPool` with one child per Dask thread, in which
+  ``run_in="process"`` nodes run. The Dask task supervises its child and blocks on it; a
+  killed child is replaced by the pool (a fork of its zygote, a few ms). Children exit by
+  themselves when their worker dies: the pool's zygote sees its channel to the worker hit
+  end-of-file (also on SIGKILL) and kills every child tree; children have
+  ``PR_SET_PDEATHSIG`` tied to the zygote;
+* the executing tasks of cancelflow (keys starting ``cancelflow-``), each with a local
+  :class:`~cancelflow.CancellationToken`, so ``ctx.token.is_cancelled`` in a node is a
+  local read;
+* one watcher per run (a long-poll on the run's ``distributed.Event``, through the
+  worker's own connection to the scheduler), which cancels the run's local token when the
+  client sets the event.
+
+Hard cancel: when the scheduler releases one of our executing tasks (``future.cancel()``,
+``client.cancel``, or the runner's own stop), the worker's state machine moves it from
+``executing`` to ``cancelled`` and :meth:`CancelflowWorkerPlugin.transition` freezes and
+SIGKILLs the child that runs it with its whole process tree, at once. The Dask thread then
+returns (once every process of the tree is confirmed gone), the worker forgets the task,
+and keeps its other tasks and data. The release comes first, so the scheduler never runs
+the task again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import selectors
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from distributed import WorkerPlugin, get_worker
+
+from .._context import task_scope
+from .._exceptions import CancelledException, PipelineTimeoutException, WorkerCrashedError
+from .._log import safe_log
+from .._platform import descendants, pidfd_open
+from .._process_pool import ProcessPool
+from .._token import CancellationToken
+from .._worker import kill_tree_of
+from . import _dask_child
+
+__all__ = (
+    "KEY_PREFIX",
+    "PLUGIN_NAME",
+    "CancelflowWorkerPlugin",
+    "cancel_run_on_scheduler",
+    "end_run_on_scheduler",
+    "run_task",
+    "stop_task_on_scheduler",
+    "worker_census",
+)
+
+PLUGIN_NAME = "cancelflow"
+KEY_PREFIX = "cancelflow-"
+STREAM_OP = "cancelflow"
+#: Scheduler metadata path under which a run's cancel reason is kept while it runs.
+REASON_PATH = "cancelflow-run-reason"
+#: Seconds one long-poll of a run's Event may block on the scheduler before it is renewed.
+LONG_POLL = 10.0
+#: Seconds a killed tree may take to be confirmed gone before the task gives up waiting.
+_REAP_PATIENCE = 10.0
+
+
+@dataclass(eq=False)
+class _Remote:
+    """One executing cancelflow task on this worker."""
+
+    key: str
+    mode: str
+    token: CancellationToken
+    run: _RunWatch | None
+    pool_future: Any = None  # the pool's TaskFuture, once submitted
+    killed: bool = False
+    kill_reason: str | None = None
+    timed_out: bool = False
+    tree_fds: list[int] = field(default_factory=list)
+    partials: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _RunWatch:
+    """A run seen on this worker: its local token and the tasks of it running here."""
+
+    name: str
+    token: CancellationToken
+    active: int = 0
+
+
+class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc]
+    """Runs cancelflow tasks on a Dask worker and kills their process tree on cancel.
+
+    Registered by :class:`~cancelflow.DaskRunner` (idempotently, under the name
+    ``"cancelflow"``). Keeps a warm process pool of ``nthreads`` children.
+
+    Args:
+        warm: start the process pool when the plugin is set up (otherwise at the first
+            process node on the worker).
+        term_grace_period: the pool's default SIGTERM-to-SIGKILL time.
+    """
+
+    idempotent = True
+    name = PLUGIN_NAME
+
+    def __init__(self, *, warm: bool = True) -> None:
+        self.warm = warm
+
+    # -- lifecycle (worker event loop) ------------------------------------------------------
+    def setup(self, worker: Any) -> None:
+        self.worker = worker
+        self.lock = threading.Lock()
+        self.tasks: dict[str, _Remote] = {}
+        self.runs: dict[str, _RunWatch] = {}
+        self.presignalled: dict[str, str | None] = {}
+        self.doomed: dict[str, str] = {}  # key -> topic to tell when it is gone
+        self.pool: ProcessPool | None = None
+        self.closing = False
+        worker.stream_handlers[STREAM_OP] = self._on_stream
+        if self.warm:
+            self._get_pool()
+
+    def teardown(self, worker: Any) -> None:
+        worker.stream_handlers.pop(STREAM_OP, None)
+        with self.lock:
+            self.closing = True
+            pool, self.pool = self.pool, None
+            remotes = list(self.tasks.values())
+            runs = list(self.runs.values())
+        for remote in remotes:
+            remote.token.cancel("the Dask worker is closing")
+        for run in runs:
+            run.token.cancel("the Dask worker is closing")
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True, cancel_running=True)
+
+    def _get_pool(self) -> ProcessPool:
+        with self.lock:
+            if self.closing:
+                raise RuntimeError("the Dask worker is closing")
+            if self.pool is None:
+                self.pool = ProcessPool(
+                    max_workers=max(1, int(self.worker.state.nthreads)),
+                    name=f"dask-{self.worker.name}",
+                )
+            return self.pool
+
+    # -- hooks (worker event loop) ---------------------------------------------------------
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if not isinstance(key, str) or not key.startswith(KEY_PREFIX):
+            return
+        if start == "executing" and finish in ("released", "cancelled", "forgotten"):
+            with self.lock:
+                remote = self.tasks.get(key)
+            if remote is not None:
+                self._stop_now(remote, "the Dask task was cancelled")
+        elif finish == "forgotten":
+            with self.lock:
+                self.presignalled.pop(key, None)
+                topic = self.doomed.pop(key, None)
+            if topic is not None:
+                self._emit(topic, {"op": "ended", "key": key})
+
+    def _on_stream(
+        self, action: str = "", key: str = "", reason: str | None = None, topic: str = ""
+    ) -> None:
+        """A message the runner sent through the scheduler (see the ``*_on_scheduler``)."""
+        if action == "signal":
+            with self.lock:
+                remote = self.tasks.get(key)
+                if remote is None:
+                    self.presignalled[key] = reason
+            if remote is not None:
+                remote.token.cancel(reason)
+        elif action == "doom":
+            with self.lock:
+                remote = self.tasks.get(key)
+                known = key in self.worker.state.tasks
+                if known:
+                    self.doomed[key] = topic
+            if remote is not None:
+                self._stop_now(remote, reason)
+            if not known:  # already forgotten here: nothing of it runs
+                self._emit(topic, {"op": "ended", "key": key})
+
+    def _emit(self, topic: str, message: dict[str, Any]) -> None:
+        # Always through the loop's callback queue, in order with messages sent from the
+        # pool's thread: a partial result is never overtaken by the "ended" that follows it.
+        with contextlib.suppress(Exception):
+            self.worker.loop.add_callback(self.worker.log_event, topic, message)
+
+    # -- stopping ------------------------------------------------------------------------
+    def _stop_now(self, remote: _Remote, reason: str | None) -> None:
+        """Stop a task at once: kill its child's whole tree (process mode), or set its
+        token (thread and loop modes, which can only be asked)."""
+        with self.lock:
+            first = not remote.killed
+            remote.killed = True
+            if remote.kill_reason is None:
+                remote.kill_reason = reason
+            future = remote.pool_future
+        remote.token.cancel(reason)
+        if first and future is not None:
+            self._kill_child(remote, future)
+
+    def _kill_child(self, remote: _Remote, future: Any) -> None:
+        pid = future.pid
+        if pid is None or future.done():
+            return  # still queued in the pool (the token drops it) or already over
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except OSError:
+            return
+        if future.done():  # it finished just now: the child may already serve another task
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGCONT)
+            return
+        tree = [pid, *descendants(pid)]
+        fds = [fd for fd in (pidfd_open(p) for p in tree) if fd is not None]
+        kill_tree_of(pid)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        with self.lock:
+            remote.tree_fds.extend(fds)
+
+    # -- runs ----------------------------------------------------------------------------
+    def _join_run(self, name: str) -> _RunWatch:
+        with self.lock:
+            run = self.runs.get(name)
+            new = run is None
+            if run is None:
+                run = self.runs[name] = _RunWatch(name, CancellationToken(name=f"dask-run-{name}"))
+            run.active += 1
+        if new:
+            self.worker.loop.add_callback(self._watch, run)
+        return run
+
+    def _leave_run(self, run: _RunWatch) -> None:
+        with self.lock:
+            run.active -= 1
+            if run.active == 0 and self.runs.get(run.name) is run:
+                del self.runs[run.name]
+
+    async def _watch(self, run: _RunWatch) -> None:
+        """The run's one long-poll on this worker: its Event set -> its local token cancelled."""
+        scheduler = self.worker.scheduler
+        while run.active > 0 and not run.token.is_cancelled:
+            try:
+                fired = await scheduler.event_wait(name=run.name, timeout=LONG_POLL)
+                if not fired or run.active <= 0:
+                    continue
+                reason = await scheduler.get_metadata(keys=[REASON_PATH, run.name], default=None)
+            except Exception:  # noqa: BLE001 - the worker or scheduler is closing
+                return
+            run.token.cancel(reason if isinstance(reason, str) else "the run was cancelled")
+            return
+
+    # -- running (a Dask worker thread) --------------------------------------------------
+    def execute(self, spec: dict[str, Any]) -> Any:
+        key: str = spec["key"]
+        run = self._join_run(spec["run"]) if spec.get("run") else None
+        token = (
+            run.token.child(name=key) if run is not None else CancellationToken(name=key)
+        )
+        remote = _Remote(key, spec["mode"], token, run)
+        with self.lock:
+            self.tasks[key] = remote
+            presignalled = key in self.presignalled
+            reason = self.presignalled.pop(key, None)
+        timeout_token: CancellationToken | None = None
+        try:
+            if presignalled:
+                token.cancel(reason)
+            if token.is_cancelled:
+                raise _cancelled(token.cancel_reason, {})
+            topic: str = spec["topic"]
+
+            def sink(name: str, value: Any) -> None:
+                remote.partials[name] = value
+                if spec["partials"]:
+                    blob = _dask_child.dump_value(value)
+                    self._emit(topic, {"op": "partial", "key": key, "name": name, "value": blob})
+
+            if remote.mode == "process":
+                return self._run_in_child(remote, spec, sink)
+            timeout = spec.get("timeout")
+            if timeout is not None:
+                timeout_token = CancellationToken(timeout=timeout, name=f"{key}-timeout")
+
+                def on_timeout() -> None:
+                    remote.timed_out = True
+                    token.cancel(f"timeout after {timeout:g}s")
+
+                timeout_token.on_cancel(on_timeout)
+            return self._run_here(remote, spec, sink)
+        finally:
+            if timeout_token is not None:
+                timeout_token.close()
+            with self.lock:
+                self.tasks.pop(key, None)
+            if run is not None:
+                self._leave_run(run)
+            token.close()
+
+    def _run_in_child(
+        self, remote: _Remote, spec: dict[str, Any], sink: Callable[[str, Any], None]
+    ) -> Any:
+        pool = self._get_pool()
+        future = pool.submit_task(
+            _dask_child.run_payload,
+            (spec["payload"],),
+            token=remote.token,
+            timeout=spec.get("timeout"),
+            grace_period=spec["grace"],
+            term_grace_period=spec["term_grace"],
+            partial_sink=sink,
+        )
+        with self.lock:
+            remote.pool_future = future
+            kill = remote.killed
+        if kill:
+            self._kill_child(remote, future)
+        try:
+            blob = future.result()
+        except concurrent.futures.CancelledError:
+            raise _cancelled(remote.kill_reason, future.partial_results) from None
+        except WorkerCrashedError:
+            if remote.killed:
+                raise _cancelled(remote.kill_reason, future.partial_results) from None
+            raise
+        except CancelledException as exc:
+            if remote.killed and not isinstance(exc, PipelineTimeoutException):
+                raise _cancelled(remote.kill_reason, future.partial_results) from None
+            raise
+        finally:
+            self._await_tree(remote)
+        return _dask_child.load_value(blob)
+
+    def _await_tree(self, remote: _Remote) -> None:
+        """Block until every process of a killed tree has exited (pidfds readable)."""
+        with self.lock:
+            fds, remote.tree_fds = remote.tree_fds, []
+        if not fds:
+            return
+        selector = selectors.DefaultSelector()
+        try:
+            for fd in fds:
+                selector.register(fd, selectors.EVENT_READ)
+            deadline = time.monotonic() + _REAP_PATIENCE
+            pending = len(fds)
+            while pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    safe_log("ERROR", "a killed process tree is not gone yet", key=remote.key)
+                    break
+                for selector_key, _ in selector.select(remaining):
+                    selector.unregister(selector_key.fileobj)
+                    pending -= 1
+        finally:
+            selector.close()
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _run_here(
+        self, remote: _Remote, spec: dict[str, Any], sink: Callable[[str, Any], None]
+    ) -> Any:
+        token = remote.token
+        try:
+            with task_scope(token, sink):
+                fn, args, kwargs = _dask_child.load_payload(spec["payload"])
+                if remote.mode == "loop":
+                    return asyncio.run(_run_coroutine(fn, args, kwargs, token))
+                return fn(*args, **kwargs)
+        except CancelledException as exc:
+            if not token.is_cancelled or isinstance(exc, PipelineTimeoutException):
+                raise
+            if remote.timed_out:
+                timeout = spec.get("timeout")
+                raise PipelineTimeoutException(
+                    f"task timed out after {timeout:g}s",
+                    remote.partials,
+                    reason=token.cancel_reason,
+                    timeout=timeout,
+                ) from None
+            raise _cancelled(token.cancel_reason, remote.partials) from None
+
+
+async def _run_coroutine(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], token: CancellationToken
+) -> Any:
+    task = asyncio.ensure_future(fn(*args, **kwargs))
+    loop = asyncio.get_running_loop()
+
+    def interrupt() -> None:
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(task.cancel)
+
+    handle = token.on_cancel(interrupt)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if token.is_cancelled:
+            raise CancelledException(
+                token.cancel_reason or "task cancelled", reason=token.cancel_reason
+            ) from None
+        raise
+    finally:
+        handle.remove()
+
+
+def _cancelled(reason: str | None, partials: dict[str, Any]) -> CancelledException:
+    return CancelledException(
+        f"task cancelled: {reason}" if reason else "task cancelled", partials, reason=reason
+    )
+
+
+def run_task(spec: dict[str, Any]) -> Any:
+    """The function every cancelflow Dask task runs (in a Dask worker thread)."""
+    worker = get_worker()
+    plugin = worker.plugins.get(PLUGIN_NAME)
+    if not isinstance(plugin, CancelflowWorkerPlugin):
+        raise RuntimeError(
+            "the cancelflow worker plugin is not registered on this worker "
+            "(DaskRunner registers it; was the task submitted by hand?)"
+        )
+    return plugin.execute(spec)
+
+
+# -- run on the scheduler (``client.run_on_scheduler``); each is one atomic step there --------
+def _send_to_worker(dask_scheduler: Any, address: str, message: dict[str, Any]) -> None:
+    comm = dask_scheduler.stream_comms.get(address)
+    if comm is not None:
+        comm.send({"op": STREAM_OP, **message})
+
+
+def _state_of(dask_scheduler: Any, key: str) -> tuple[str, str | None]:
+    ts = dask_scheduler.tasks.get(key)
+    if ts is None:
+        return "forgotten", None
+    worker = ts.processing_on.address if ts.processing_on is not None else None
+    return ts.state, worker
+
+
+def stop_task_on_scheduler(
+    dask_scheduler: Any, key: str, client: str, reason: str | None, topic: str, hard: bool
+) -> tuple[str, str | None]:
+    """Signal or stop one task; return ``(what happened, worker)``.
+
+    ``"signalled"``: it is on a worker, whose local token for it was cancelled (soft).
+    ``"dropped"``: it had not reached a worker; it was released and never runs.
+    ``"doomed"``: it was on a worker; it was released (so it never runs again), the
+    worker kills its tree, and will publish ``ended`` on ``topic`` once it is gone.
+    ``"memory"`` / ``"erred"`` / ``"forgotten"``: it was already over; nothing done.
+    """
+    state, worker = _state_of(dask_scheduler, key)
+    if state in ("memory", "erred", "forgotten"):
+        return state, worker
+    if worker is not None and not hard:
+        _send_to_worker(dask_scheduler, worker, {"action": "signal", "key": key, "reason": reason})
+        return "signalled", worker
+    # Released first: the scheduler forgets the task before anything is killed.
+    dask_scheduler.stimulus_cancel([key], client, False, reason or "cancelled", "cancelflow")
+    if worker is None:
+        return "dropped", None
+    _send_to_worker(
+        dask_scheduler, worker, {"action": "doom", "key": key, "reason": reason, "topic": topic}
+    )
+    return "doomed", worker
+
+
+def cancel_run_on_scheduler(
+    dask_scheduler: Any, name: str, reason: str | None, keys: list[str], client: str
+) -> list[str]:
+    """Cancel a run: keep its reason, set its Event, drop its tasks not on a worker yet.
+
+    Returns the keys that were dropped (they never run).
+    """
+    dask_scheduler.set_metadata(keys=[REASON_PATH, name], value=reason)
+    dask_scheduler.extensions["events"].event_set(name=name)
+    dropped = []
+    for key in keys:
+        state, worker = _state_of(dask_scheduler, key)
+        if worker is None and state not in ("memory", "erred", "forgotten"):
+            dropped.append(key)
+    if dropped:
+        dask_scheduler.stimulus_cancel(dropped, client, False, reason or "cancelled", "cancelflow")
+    return dropped
+
+
+def end_run_on_scheduler(dask_scheduler: Any, name: str) -> None:
+    """A run is over: release its watchers (set), then clear its Event and its reason."""
+    events = dask_scheduler.extensions["events"]
+    events.event_set(name=name)
+    events.event_clear(name=name)
+    with contextlib.suppress(Exception):
+        metadata = dask_scheduler.get_metadata(keys=[REASON_PATH], default=None)
+        if isinstance(metadata, dict):
+            metadata.pop(name, None)
+
+
+def worker_census(dask_worker: Any) -> dict[str, Any]:
+    """What cancelflow holds on a worker (for tests and debugging): tasks, runs, processes.
+
+    ``extra_processes`` lists descendants of the worker that are neither the pool's zygote
+    nor its idle children, i.e. anything a task left behind.
+    """
+    plugin = dask_worker.plugins.get(PLUGIN_NAME)
+    if not isinstance(plugin, CancelflowWorkerPlugin):
+        return {"tasks": [], "runs": [], "pool": None, "extra_processes": []}
+    with plugin.lock:
+        tasks = sorted(plugin.tasks)
+        runs = sorted(plugin.runs)
+        pool = plugin.pool
+    expected: set[int] = set()
+    stats = None
+    if pool is not None:
+        stats = pool.statistics()
+        expected.update(stats.worker_pids)
+        zygote = getattr(pool, "_zygote", None)
+        if zygote is not None:
+            expected.add(zygote.pid)
+    extra = [pid for pid in descendants(os.getpid()) if pid not in expected]
+    return {
+        "tasks": tasks,
+        "runs": runs,
+        "pool": None if stats is None else {"busy": stats.busy, "idle": stats.idle,
+                                            "workers": stats.workers},
+        "extra_processes": extra,
+    }
