@@ -19,7 +19,7 @@ from cancelflow import (
     PoolClosedError,
 )
 from cancelflow._context import check_cancelled, current_token, store_partial
-from cancelflow._thread_pool import ThreadTaskFuture, ThreadPool, ThreadPoolStatistics
+from cancelflow._thread_pool import ThreadPool, ThreadPoolStatistics, ThreadTaskFuture
 
 WAIT = 10.0  # watchdog for every wait on an event or a future; never reached when passing
 GRACE = 0.05

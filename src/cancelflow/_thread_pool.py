@@ -465,7 +465,7 @@ class ThreadPool(Executor):
         fn: Callable[[*PosArgsT], T],
         *args: *PosArgsT,
         token: CancellationToken | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - a per-task limit, enforced in the thread
+        timeout: float | None = None,
         grace_period: float | None = None,
         partial_sink: PartialSink | None = None,
         interrupt_on_cancel: bool = False,
