@@ -144,7 +144,7 @@ class _WorkerHandle:
         self.reader = FrameReader()
         self.pid = 0
         self.pidfd: int | None = None
-        self.state = "starting"  # starting, idle, busy, dying, dead
+        self.state = "starting"  # starting, idle, busy, retiring, dying, dead
         self.task: _Task | None = None
         self.waiting: set[int] = set()  # pidfds of the tree being killed
         self.status: int | None = None
@@ -245,6 +245,7 @@ class ProcessPool(concurrent.futures.Executor):
         self._zygote_ready = False
         self._crash_streak = 0
         self._ready_event = threading.Event()
+        self._wake_pending = False
 
         self._chunk = _cell.Chunk(2 * max_workers + 1, pinned=True, label="cancelflow-pool")
         self._chunk.mark_shared()
@@ -345,16 +346,21 @@ class ProcessPool(concurrent.futures.Executor):
             raise TypeError("partial_sink must be callable")
         if self._closing:
             raise PoolClosedError(f"{self.name} is shut down")
-        buffer = io.BytesIO()
+        call = (fn, tuple(args), dict(kwargs or {}))
         try:
-            _TaskPickler(buffer, (token,) if token is not None else ()).dump(
-                (fn, tuple(args), dict(kwargs or {}))
-            )
+            try:  # fast path: nothing in the call needs translating
+                payload = pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL)
+            except TypeError:
+                if token is None:
+                    raise
+                buffer = io.BytesIO()
+                _TaskPickler(buffer, (token,)).dump(call)
+                payload = buffer.getvalue()
         except Exception as exc:
             raise TypeError(f"the task cannot be sent to a process: {exc}") from exc
         future = TaskFuture()
         task = _Task(
-            self, next(_seq), buffer.getvalue(), future, token, grace, term_grace, timeout, partial_sink
+            self, next(_seq), payload, future, token, grace, term_grace, timeout, partial_sink
         )
         future._task = task
         if token is not None and token.is_cancelled:
@@ -493,7 +499,8 @@ class ProcessPool(concurrent.futures.Executor):
     def _post(self, command: tuple[Any, ...]) -> None:
         self._commands.append(command)
         wake = self._wake_w
-        if wake >= 0:
+        if wake >= 0 and not self._wake_pending:
+            self._wake_pending = True
             with contextlib.suppress(OSError):
                 os.write(wake, b"\0")
 
@@ -527,6 +534,7 @@ class ProcessPool(concurrent.futures.Executor):
         for key, _ in self._selector.select(timeout):
             kind = key.data[0]
             if kind == "wake":
+                self._wake_pending = False  # before draining: a later post writes again
                 with contextlib.suppress(OSError):
                     os.read(self._wake_r, 65536)
             elif kind == "zygote":
@@ -637,6 +645,13 @@ class ProcessPool(concurrent.futures.Executor):
                 worker.state = "idle"
                 self._crash_streak = 0
                 self._ready_event.set()
+            return
+        if kind == "retire":
+            # The task changed the worker's process for good (see _worker._ProcessState):
+            # it gets no more tasks and is replaced once it has exited.
+            if worker.state == "busy":
+                worker.state = "retiring"
+            safe_log("WARNING", f"worker {worker.pid} retires: {message[2]}", pool=self.name)
             return
         task = worker.task
         if task is None or task.seq != message[1]:
