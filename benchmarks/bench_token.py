@@ -12,7 +12,8 @@ Targets: in-process at most 2x ``Event.is_set``; in a worker at least 10x cheape
 
 Wake latency, from just before ``cancel()`` to the waiter running again (p50/p99):
 
-* a thread cancels, an asyncio waiter (``await token.wait()``) on the main loop resumes;
+* a thread cancels, an asyncio waiter (``await token.wait()``) on the main loop resumes
+  (for reference, a thread resolving a future with ``loop.call_soon_threadsafe``);
 * the parent cancels, a worker blocked in ``token.wait_blocking()`` returns;
 * for reference, the parent sets a ``multiprocessing.Event`` the worker waits on.
 
@@ -112,13 +113,17 @@ def _worker_checks(
 # -- wake latency -------------------------------------------------------------------------
 
 
+SETTLE = 0.0005  # s the firing thread waits first, so that the loop is asleep in epoll
+
+
 def asyncio_wake_latency(samples: int) -> list[float]:
-    """ns from ``cancel()`` in a helper thread to an asyncio waiter resuming."""
+    """ns from ``cancel()`` in a helper thread to ``await token.wait()`` returning."""
     jobs: queue.SimpleQueue[CancellationToken | None] = queue.SimpleQueue()
     sent: list[int] = []
 
     def canceller() -> None:
         while (token := jobs.get()) is not None:
+            time.sleep(SETTLE)
             sent.append(perf_ns())
             token.cancel()
 
@@ -127,12 +132,45 @@ def asyncio_wake_latency(samples: int) -> list[float]:
 
     async def main() -> list[float]:
         latencies = []
-        for _ in range(samples):
+        while len(latencies) < samples:
             token = CancellationToken()
-            waiter = asyncio.ensure_future(token.wait())
-            await asyncio.sleep(0)  # registered
             jobs.put(token)
-            await waiter
+            await token.wait()
+            if len(sent) == len(latencies) + 1:
+                latencies.append(perf_ns() - sent[-1])
+        return latencies
+
+    try:
+        return asyncio.run(main())
+    finally:
+        jobs.put(None)
+        helper.join()
+
+
+def asyncio_raw_wake_latency(samples: int) -> list[float]:
+    """Reference: ns from ``call_soon_threadsafe(future.set_result)`` in a helper thread to
+    ``await future`` returning: what any cross-thread wake-up of a loop costs."""
+    jobs: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None]
+    jobs = queue.SimpleQueue()
+    sent: list[int] = []
+
+    def waker() -> None:
+        while (job := jobs.get()) is not None:
+            loop, future = job
+            time.sleep(SETTLE)
+            sent.append(perf_ns())
+            loop.call_soon_threadsafe(future.set_result, None)
+
+    helper = threading.Thread(target=waker)
+    helper.start()
+
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        latencies = []
+        for _ in range(samples):
+            future: asyncio.Future[None] = loop.create_future()
+            jobs.put((loop, future))
+            await future
             latencies.append(perf_ns() - sent[-1])
         return latencies
 
@@ -176,12 +214,12 @@ def process_wake_latency(samples: int) -> tuple[list[float], list[float]]:
     sent_token, sent_event = [], []
     for i, wait in enumerate(waits):
         readies[i].wait_blocking(30)
-        time.sleep(0.002)  # let the worker reach its futex wait (a benchmark may sleep)
+        time.sleep(SETTLE)  # let the worker reach its futex wait (a benchmark may sleep)
         sent_token.append(perf_ns())
         wait.cancel()
     for i, event in enumerate(events):
         readies[samples + i].wait_blocking(30)
-        time.sleep(0.002)
+        time.sleep(SETTLE)
         sent_event.append(perf_ns())
         event.set()
     woke_token, woke_event = reader.recv()
@@ -243,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     proc.join()
 
     asyncio_wake = asyncio_wake_latency(args.wakes)
+    asyncio_raw_wake = asyncio_raw_wake_latency(args.wakes)
     token_wake, event_wake = process_wake_latency(args.wakes)
 
     local_ratio = statistics.median(local["token.is_cancelled"]) / statistics.median(
@@ -272,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"wake latency ({args.wakes} samples)            {'p50':>12}  {'p99':>12}")
     print(row("thread cancel -> asyncio waiter", asyncio_wake, 1e3, "us"))
+    print(row("call_soon_threadsafe -> await (ref)", asyncio_raw_wake, 1e3, "us"))
     print(row("parent cancel -> wait_blocking", token_wake, 1e3, "us"))
     print(row("parent set -> mp.Event.wait (ref)", event_wake, 1e3, "us"))
 
@@ -290,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                     },
                     "wake_ns": {
                         "thread_cancel_to_asyncio_waiter": asyncio_wake,
+                        "thread_call_soon_threadsafe_to_await": asyncio_raw_wake,
                         "parent_cancel_to_child_wait_blocking": token_wake,
                         "parent_set_to_child_mp_event_wait": event_wake,
                     },

@@ -1,4 +1,10 @@
-"""The work ``cancelflow bench`` runs: module-level callables every peer's workers can import.
+"""The work ``cancelflow bench`` runs.
+
+Process tasks are sent as ``exec(PROCESS_SOURCE, params)``: ``exec`` is a builtin, so no
+system's fresh worker has to import a module of ours (importing the ``cancelflow``
+package, with loguru, costs a fresh interpreter ~250 ms, which would be charged to the
+peers' "next task" times). The trivial tasks are builtins too (``os.getpid``, ``abs``).
+Thread tasks and pipeline nodes are plain functions of this module.
 
 Each task tells the benchmark that it runs by writing one line, ``"seq pid gpid t\\n"``
 (``t`` is ``time.perf_counter()``, which is ``CLOCK_MONOTONIC`` and so comparable across
@@ -13,47 +19,128 @@ ever if the benchmark itself dies; it is far beyond any bound the benchmark wait
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import hashlib
-import mmap
 import os
-import resource
-import shutil
-import subprocess
-import sys
 import threading
 import time
 from typing import Any
 
 __all__ = (
+    "PROCESS_SOURCE",
     "SAFETY_SECONDS",
     "Stopped",
     "coop_anyio_thread",
     "coop_event",
-    "coop_flag",
     "coop_token",
-    "crash",
     "node_first",
     "node_last",
     "node_wave_loop",
     "node_wave_process",
     "node_wave_thread",
-    "noop",
+    "process_task",
     "send_pid",
     "signal_running",
-    "spin",
-    "trivial",
 )
 
 #: An endless task returns by itself after this many seconds (a safety net only).
 SAFETY_SECONDS = 120.0
-# One long C call: Python signal handlers cannot run until it returns (~30-60 s here).
-_PBKDF2_ITERATIONS = 60_000_000
+
+#: The process tasks, run as ``exec(PROCESS_SOURCE, params)``. ``params["task"]`` is one of
+#: ``spin`` (``kind``: ``loop``, ``c_call`` or ``grandchild``), ``coop_token`` (cancelflow:
+#: polls ``check_cancelled()``), ``coop_flag`` (polls the one-byte ``mmap`` of
+#: ``flag_path``, then raises ``RuntimeError``) and ``crash`` (``how``: ``exit`` or
+#: ``segfault``, after ``pause`` seconds). ``quiet``: exit with code 1 instead of raising
+#: (a bare ``multiprocessing.Process`` would print the traceback).
+PROCESS_SOURCE = """
+import os, sys, time
+
+def _signal(gpid=0):
+    line = f"{seq} {os.getpid()} {gpid} {time.perf_counter():.9f}\\n".encode()
+    if beacon is None:
+        from cancelflow._context import store_partial
+        store_partial("running", line)
+        return
+    fd = os.open(beacon, os.O_WRONLY)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+def _spin():
+    gpid = 0
+    if kind == "grandchild":
+        import shutil, subprocess
+        sleep = shutil.which("sleep")
+        argv = [sleep, "300"] if sleep else [sys.executable, "-c", "import time; time.sleep(300)"]
+        gpid = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL).pid
+    _signal(gpid)
+    deadline = time.monotonic() + safety
+    if kind == "c_call":
+        import hashlib
+        hashlib.pbkdf2_hmac("sha256", b"cancelflow", b"bench", 60_000_000)  # ~30-60 s in C
+    while time.monotonic() < deadline:
+        for _ in range(1_000_000):
+            pass
+
+def _coop_token():
+    from cancelflow._context import check_cancelled
+    _signal()
+    deadline = time.monotonic() + safety
+    while time.monotonic() < deadline:
+        for _ in range(10_000):
+            check_cancelled()
+
+def _coop_flag():
+    import mmap
+    with open(flag_path, "r+b") as file:
+        flag = mmap.mmap(file.fileno(), 1)
+    try:
+        _signal()
+        deadline = time.monotonic() + safety
+        while time.monotonic() < deadline:
+            for _ in range(10_000):
+                if flag[0]:
+                    if quiet:
+                        sys.exit(1)
+                    raise RuntimeError(f"task {seq} stopped by its flag")
+    finally:
+        flag.close()
+
+def _crash():
+    import ctypes, faulthandler, resource
+    time.sleep(pause)
+    faulthandler.disable()
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError):
+        pass
+    _signal()
+    if how == "segfault":
+        ctypes.string_at(0)
+    os._exit(3)
+
+{"spin": _spin, "coop_token": _coop_token, "coop_flag": _coop_flag, "crash": _crash}[task]()
+"""
 
 
-class Stopped(Exception):  # noqa: N818 - the outcome of a cooperative stop, not an error
-    """Raised by a cooperative task once it sees its stop flag."""
+def process_task(task: str, beacon: str | None, seq: int, **params: Any) -> tuple[Any, tuple[Any, ...]]:
+    """``(fn, args)`` that run process task ``task`` (see ``PROCESS_SOURCE``)."""
+    namespace = {
+        "task": task,
+        "beacon": beacon,
+        "seq": seq,
+        "safety": SAFETY_SECONDS,
+        "quiet": False,
+        "kind": "",
+        "flag_path": "",
+        "how": "",
+        "pause": 0.0,
+        **params,
+    }
+    return exec, (PROCESS_SOURCE, namespace)
+
+
+class Stopped(Exception):
+    """Raised by a cooperative thread task once it sees its stop flag."""
 
 
 def signal_running(beacon: str | None, seq: int, gpid: int = 0) -> None:
@@ -71,28 +158,8 @@ def signal_running(beacon: str | None, seq: int, gpid: int = 0) -> None:
         os.close(fd)
 
 
-def _start_grandchild() -> int:
-    sleep = shutil.which("sleep")
-    argv = [sleep, "300"] if sleep else [sys.executable, "-c", "import time; time.sleep(300)"]
-    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    return child.pid
-
-
-def spin(beacon: str | None, seq: int, kind: str) -> None:
-    """A non-cooperative task: ``"loop"`` (pure Python), ``"c_call"`` (one long C call
-    that holds off signal handlers) or ``"grandchild"`` (starts ``sleep 300``, then loops)."""
-    gpid = _start_grandchild() if kind == "grandchild" else 0
-    signal_running(beacon, seq, gpid)
-    deadline = time.monotonic() + SAFETY_SECONDS
-    if kind == "c_call":
-        hashlib.pbkdf2_hmac("sha256", b"cancelflow", b"bench", _PBKDF2_ITERATIONS)
-    while time.monotonic() < deadline:
-        for _ in range(1_000_000):
-            pass
-
-
-def coop_token(beacon: str | None, seq: int, record: dict[str, float] | None = None) -> None:
-    """A cooperative cancelflow task: polls ``check_cancelled()`` until it raises."""
+def coop_token(beacon: str | None, seq: int, record: dict[str, float]) -> None:
+    """A cooperative cancelflow thread task: polls ``check_cancelled()`` until it raises."""
     from ._context import check_cancelled
 
     signal_running(beacon, seq)
@@ -102,24 +169,7 @@ def coop_token(beacon: str | None, seq: int, record: dict[str, float] | None = N
             for _ in range(10_000):
                 check_cancelled()
     finally:
-        if record is not None:
-            record["stopped"] = time.perf_counter()
-
-
-def coop_flag(beacon: str | None, seq: int, flag_path: str) -> None:
-    """A cooperative peer task in a process: polls a shared-memory byte (an ``mmap`` of
-    ``flag_path``, the cheapest flag every process can open), then raises ``Stopped``."""
-    with open(flag_path, "r+b") as file:
-        flag = mmap.mmap(file.fileno(), 1)
-    try:
-        signal_running(beacon, seq)
-        deadline = time.monotonic() + SAFETY_SECONDS
-        while time.monotonic() < deadline:
-            for _ in range(10_000):
-                if flag[0]:
-                    raise Stopped(f"task {seq} stopped")
-    finally:
-        flag.close()
+        record["stopped"] = time.perf_counter()
 
 
 def coop_event(
@@ -152,35 +202,13 @@ def coop_anyio_thread(beacon: str | None, seq: int, record: dict[str, float]) ->
         record["stopped"] = time.perf_counter()
 
 
-def crash(beacon: str | None, seq: int, how: str, pause: float) -> None:
-    """Wait ``pause`` seconds, signal, then die: ``"exit"`` (``os._exit(3)``) or
-    ``"segfault"`` (a NULL read; no core file)."""
-    time.sleep(pause)
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    signal_running(beacon, seq)
-    if how == "segfault":
-        ctypes.string_at(0)
-    os._exit(3)
-
-
-def trivial() -> int:
-    """The "next task": returns the worker's pid."""
-    return os.getpid()
-
-
-def noop(value: int) -> int:
-    """The throughput task."""
-    return value
-
-
 def send_pid(conn: Any) -> None:
-    """The raw baseline's "next task": send the pid through a ``multiprocessing`` pipe."""
+    """The raw baseline's "next task" (in a fork): send the pid through a pipe."""
     conn.send(os.getpid())
     conn.close()
 
 
-# -- pipeline nodes (scenarios 4 and 5) -------------------------------------------------------
+# -- pipeline nodes (scenario 5) -------------------------------------------------------------
 def _node_signal(ctx: Any) -> None:
     signal_running(ctx.context["beacon"], ctx.context["seq"])
 
@@ -210,20 +238,15 @@ async def node_wave_loop(ctx: Any) -> str:
 
 def node_wave_thread(ctx: Any) -> str:
     """Wave 1, in a thread: works for ``duration`` seconds, checking its token."""
-    _node_signal(ctx)
-    end = time.monotonic() + ctx.context["duration"]
-    ticks = 0
-    while time.monotonic() < end:
-        ctx.token.raise_if_cancelled()
-        time.sleep(0.001)
-        ticks += 1
-        if ticks % 20 == 0:
-            ctx.store_partial("ticks", ticks)
-    return "thread"
+    return _work(ctx, "thread")
 
 
 def node_wave_process(ctx: Any) -> str:
     """Wave 1, in a process: works for ``duration`` seconds, checking its token."""
+    return _work(ctx, "process")
+
+
+def _work(ctx: Any, name: str) -> str:
     _node_signal(ctx)
     end = time.monotonic() + ctx.context["duration"]
     ticks = 0
@@ -233,4 +256,4 @@ def node_wave_process(ctx: Any) -> str:
         ticks += 1
         if ticks % 20 == 0:
             ctx.store_partial("ticks", ticks)
-    return "process"
+    return name

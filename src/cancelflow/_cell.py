@@ -7,15 +7,19 @@ started with the token as an argument, sees the same byte: no copy, no message, 
 
 Invariants this layer gives :mod:`cancelflow._token`:
 
-* A slot is never handed out twice while any process may still read it: slots of a chunk
-  that was shared (forked or pickled) are not reused; a new chunk is made instead.
+* A slot is never handed out twice while any process may still read it: the slot of a
+  token that was shared (pickled for a process start, built on another process's slot,
+  or alive when the process forked) is not reused.
+* Sharing is per token, not per chunk: a token made after its chunk's other tokens went
+  to other processes stays private, and pays for nothing cross-process (no slot lock, no
+  futex wake, no hub thread) until it is shared itself.
 * A chunk's descriptor is closed once no live token uses it; the mapping goes with the
   last token object (each token holds the buffer it was built on).
 * :meth:`Chunk.lock_slot` serialises first-cancel-wins *between processes* with an
   ``fcntl`` record lock, which the kernel drops if the holder dies: no lock can be left
   held by a dead process. Threads of one process are serialised before that, by the
   token's own atomic step.
-* Each process has at most one *hub* thread per shared chunk, running only while tokens of
+* Each process has at most one *hub* thread per chunk, running only while shared tokens of
   that chunk have listeners (callbacks or asyncio waiters). It sleeps on the generation
   word with ``futex`` and applies cancels made by other processes to local listeners.
   Listeners are keyed by token object, not by slot: several token objects of one process
@@ -121,10 +125,10 @@ class Chunk:
         if key is not None:
             self._forget(key)
         with _slots_lock:
-            if reusable and self.owned and not self.shared:
+            if reusable and self.owned:
                 self._free.append(offset)
             self.live -= 1
-            if self.live <= 0:
+            if self.live <= 0 and not self.pinned:
                 self.close()
 
     def close(self) -> None:
@@ -168,23 +172,26 @@ class Chunk:
         listener is the caller's to deliver.
         """
         self.listeners[token._id] = weakref.ref(token)
-        if self.shared:
-            self._ensure_hub()
+        if token._is_shared():
+            self.ensure_hub()
 
     def unwatch(self, token: CancellationToken) -> None:
         self._forget(token._id)
 
     def _forget(self, key: int) -> None:
-        if self.listeners.pop(key, None) is not None and self.shared and not self.listeners:
-            self.ring()  # lets an idle hub notice it has nothing left to watch
+        ref = self.listeners.pop(key, None)
+        if ref is None or self._hub_ticket:
+            return  # not listening, or no hub runs
+        token = ref()
+        if token is None or token._is_shared():
+            self.ring()  # lets the hub notice when it has nothing left to watch
 
-    def mark_shared(self, *, start_hub: bool = True) -> None:
-        if not self.shared:
-            self.shared = True
-            if start_hub and self.listeners:
-                self._ensure_hub()
+    def mark_shared(self) -> None:
+        """Note that some token of this chunk may be read by another process."""
+        self.shared = True
 
-    def _ensure_hub(self) -> None:
+    def ensure_hub(self) -> None:
+        """Start this process's hub for the chunk, unless it runs already."""
         try:
             self._hub_ticket.pop()
         except IndexError:
@@ -199,12 +206,13 @@ class Chunk:
                 return
             generation = header.generation
             try:
-                self._deliver()
+                watching = self._deliver()
             except BaseException as exc:  # noqa: BLE001 - the hub must outlive one bad token
                 safe_log("ERROR", "token hub failed to deliver a cancel", exception=exc)
-            if not self.listeners:
+                watching = True
+            if not watching:
                 self._hub_ticket.append(1)
-                if not self.listeners:
+                if not self._watching():
                     return
                 try:  # a listener arrived while we were leaving: keep running if we can
                     self._hub_ticket.pop()
@@ -212,19 +220,36 @@ class Chunk:
                     return
             futex_wait(self.gen_address, generation, None)
 
-    def _deliver(self) -> None:
+    def _deliver(self) -> bool:
+        """Apply cancels made elsewhere to this process's listeners; return whether any
+        shared token is still listened to."""
         # A method of its own so that no token stays referenced from the hub's frame while
         # it sleeps (that would keep the token, and its descriptor, alive forever).
+        watching = False
         for key, ref in list(self.listeners.items()):
             token = ref()
             if token is None:
                 self.listeners.pop(key, None)
+            elif not token._is_shared():
+                continue  # only this process can cancel it, and delivers it itself
             elif token.is_cancelled:
                 self.listeners.pop(key, None)
-                token._apply()
+                token._take_remote_cancel()
+            else:
+                watching = True
+        return watching
+
+    def _watching(self) -> bool:
+        for ref in list(self.listeners.values()):
+            token = ref()
+            if token is not None and token._is_shared():
+                return True
+        return False
 
 
 _slots_lock = threading.RLock()
+#: how many times this process forked (a token made before a fork is shared with it)
+fork_epoch = 0
 _all_chunks: weakref.WeakSet[Chunk] = weakref.WeakSet()
 _current: Chunk | None = None
 _attached: weakref.WeakValueDictionary[tuple[int, int], Chunk] = weakref.WeakValueDictionary()
@@ -254,22 +279,24 @@ def attach_chunk(fd: int, *, pinned: bool = False) -> Chunk:
         if chunk is not None and chunk.fd >= 0:
             os.close(fd)
             return chunk
-        chunk = Chunk(fd=fd)
+        chunk = Chunk(fd=fd, pinned=pinned)
         _attached[key] = chunk
         return chunk
 
 
 def _before_fork() -> None:
-    # Whatever exists now may be read by the child: never reuse its slots. No thread is
-    # started here (a thread born just before fork() is a hazard for the child).
+    # Every token alive now may be read by the child: it is shared from here on. No
+    # thread is started here (a thread born just before fork() is a hazard for the child).
+    global fork_epoch
+    fork_epoch += 1
     for chunk in list(_all_chunks):
-        chunk.mark_shared(start_hub=False)
+        chunk.mark_shared()
 
 
 def _after_fork_in_parent() -> None:
     for chunk in list(_all_chunks):
-        if chunk.listeners:
-            chunk._ensure_hub()
+        if chunk.listeners:  # all of them shared now: the child may cancel them
+            chunk.ensure_hub()
 
 
 def _after_fork_in_child() -> None:

@@ -16,13 +16,23 @@ def build_parser() -> argparse.ArgumentParser:
             "Run pipelines across asyncio, threads and processes, and stop them cleanly "
             "from anywhere."
         ),
+        epilog=(
+            "Run 'cancelflow COMMAND --help' for a command's options and exit codes. "
+            "Start with 'cancelflow demo'."
+        ),
     )
-    parser.add_argument("--version", action="version", version=f"cancelflow {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"cancelflow {__version__}",
+        help="print the version and exit",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     sub.required = True
-    from . import _demo
+    from . import _bench, _demo
 
     _demo.add_parser(sub)
+    _bench.add_parser(sub)
     return parser
 
 

@@ -1,60 +1,1291 @@
-"""``cancelflow demo``: the project shown end to end in under a minute."""
+"""``cancelflow demo``: the whole project shown end to end in under a minute.
+
+A report pipeline (see :mod:`cancelflow._demo_nodes`) runs in four waves: simulated I/O
+on the event loop, blocking work in threads, CPU work in processes (one node checks its
+token, one never does, one starts a helper process of its own), then a last step on the
+loop. While it runs the demo draws one progress bar per node (``rich`` when it is
+installed and the output is a terminal, plain lines otherwise). Then it cancels the
+pipeline: from a timer thread after ``--cancel-after`` seconds, on Ctrl-C, or, with
+``--supersede``, by starting a newer request for the same key. Once everything has
+stopped it shows the reason, the wave that was running, each node's fate, the partial
+results kept, the cleanup handlers that ran, the latency it measured, and it checks that
+no process or thread it started is left.
+
+Exit codes: 0 the story ran to its end and nothing is left; 1 something was left
+running or went wrong; 2 bad command line; 130 the user interrupted the cancel with a
+second Ctrl-C (and nothing is left).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
-import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
 import threading
 import time
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TextIO
 
+import psutil
+from loguru import logger
+
+from . import _demo_nodes as demo_nodes
+from ._events import PipelineEvent
+from ._executor import PipelineExecutor, PipelineResult
+from ._node import Node, NodeContext
+from ._process_pool import ProcessPool, TaskFuture
+from ._thread_pool import ThreadPool
 from ._token import CancellationToken
+from ._version import __version__
+
+__all__ = ("EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PROBLEM", "EXIT_USAGE", "add_parser", "run")
+
+EXIT_OK = 0
+EXIT_PROBLEM = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+#: How long the nodes of the full request and of the quick (superseding) one work.
+FULL_WORK: Mapping[str, float] = {"io_seconds": 0.5, "cpu_seconds": 8.0, "render_seconds": 1.8}
+QUICK_WORK: Mapping[str, float] = {"io_seconds": 0.1, "cpu_seconds": 0.3, "render_seconds": 0.2}
+#: Without --cancel-after the cancel comes this long after the CPU wave started.
+DEFAULT_CANCEL_INTO_CPU_WAVE = 1.0
+DEFAULT_GRACE = 2.0
+#: The process pool's ladder in the demo: token, then SIGKILL after this many seconds.
+PROCESS_GRACE = 0.3
+THREAD_GRACE = 0.5
+SUPERSEDE_KEY = "report:alice"
+_CPU_WAVE = 2
+
+
+@dataclass(frozen=True)
+class _Wave:
+    name: str
+    where: str
+
+
+_WAVES = (
+    _Wave("fetch", "event loop"),
+    _Wave("parse", "threads"),
+    _Wave("crunch", "processes"),
+    _Wave("publish", "event loop"),
+)
+
+_ROLES = {
+    "score_orders": "checks its token",
+    "simulate_risk": "never checks its token",
+    "render_chart": "starts a helper process",
+}
+
+_CLEANUP_HANDLERS = ("close the API session", "remove the scratch directory")
+
+
+def _pipeline() -> list[Node]:
+    """The demo's nodes; the executor derives the four waves from the dependencies."""
+    m = demo_nodes
+    return [
+        Node("fetch_orders", m.fetch_orders),
+        Node("fetch_prices", m.fetch_prices),
+        Node("parse_orders", m.parse_orders, deps=["fetch_orders"], run_in="thread"),
+        Node("parse_prices", m.parse_prices, deps=["fetch_prices"], run_in="thread"),
+        Node("score_orders", m.score_orders, deps=["parse_orders"], run_in="process"),
+        Node("simulate_risk", m.simulate_risk, deps=["parse_prices"], run_in="process"),
+        Node(
+            "render_chart",
+            m.render_chart,
+            deps=["parse_orders", "parse_prices"],
+            run_in="process",
+        ),
+        Node(
+            "publish_report",
+            m.publish_report,
+            deps=["score_orders", "simulate_risk", "render_chart"],
+        ),
+    ]
+
+
+def _waves_of(nodes: list[Node]) -> dict[str, int]:
+    """Each node's wave: 0 without dependencies, else one after its latest dependency."""
+    wave: dict[str, int] = {}
+    for node in nodes:  # listed after their dependencies
+        wave[node.id] = 1 + max((wave[dep] for dep in node.deps), default=-1)
+    return wave
+
+
+_NODE_WAVE = _waves_of(_pipeline())
+
+
+# == command line ===============================================================================
+_EPILOG = """\
+what it shows:
+  wave 1  event loop  fetch_orders, fetch_prices     simulated I/O
+  wave 2  threads     parse_orders, parse_prices     blocking work, checks its token
+  wave 3  processes   score_orders                   CPU work, checks its token
+                      simulate_risk                  pure-Python loop, never checks it
+                      render_chart                   starts a helper process of its own
+  wave 4  event loop  publish_report
+
+  Then it cancels, and reports the reason, the wave that was running, each node's fate
+  (finished / cancelled / killed / not started), the partial results kept (also those a
+  killed process node stored), the cleanup handlers that ran (exactly once), the latency
+  it measured, and checks that no process or thread it started is left.
+
+Ctrl-C cancels the pipeline in its --mode; a second Ctrl-C interrupts a cancel that is
+still running (a third one quits at once, skipping the final check).
+
+exit codes:
+  0    the story ran to its end (cancelled, superseded, or completed) and nothing is left
+  1    something it started is still running, or something went wrong (see "problems")
+  2    bad command line
+  130  interrupted by a second Ctrl-C; everything stopped and nothing is left
+"""
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < 3600:
+        raise argparse.ArgumentTypeError(f"must be > 0 and < 3600 seconds, got {text}")
+    return value
 
 
 def add_parser(sub: Any) -> None:
+    """Add the ``demo`` subcommand to the ``cancelflow`` command's subparsers."""
     parser = sub.add_parser(
         "demo",
-        help="run a demo pipeline and cancel it",
-        description="Show a token cancelled from another thread and from a child process.",
+        help="run a realistic pipeline across loop, threads and processes, and cancel it",
+        description=(
+            "Run a report pipeline across the event loop, threads and processes with live\n"
+            "progress per node, cancel it, and show what happened to every part of it."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    parser.add_argument(
+        "--cancel-after",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help=(
+            "cancel (from a timer thread) this many seconds after the pipeline starts "
+            f"(default: {DEFAULT_CANCEL_INTO_CPU_WAVE:g} s after the process wave starts)"
+        ),
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("graceful", "interrupt"),
+        default="graceful",
+        help=(
+            "graceful: no new wave starts and the running wave may finish within --grace "
+            "seconds, then it is interrupted; interrupt: running nodes are told at once "
+            "(default: graceful)"
+        ),
+    )
+    parser.add_argument(
+        "--grace",
+        type=_positive_seconds,
+        default=DEFAULT_GRACE,
+        metavar="SECONDS",
+        help=f"how long a graceful cancel lets the running wave finish (default: {DEFAULT_GRACE:g})",
+    )
+    parser.add_argument(
+        "--supersede",
+        action="store_true",
+        help=(
+            "instead of cancelling, send a newer request for the same key: it supersedes "
+            "the running one (cancelled in its --mode), then runs to completion"
+        ),
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print a machine-readable summary on stdout, nothing else (progress goes to stderr)",
+    )
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="plain progress lines even on a terminal",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        default=None,
+        help="also show cancelflow's own log records at this level and above (default: none)",
+    )
     parser.set_defaults(run=run)
 
 
-def _spin_until_cancelled(token: CancellationToken) -> None:
-    token.wait_blocking(30)
+# == displays ===================================================================================
+class _Display:
+    """Live progress: one line per event, progress at each quarter (plain text)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.t0 = time.perf_counter()
+        self._lock = threading.Lock()
+        self._labels: dict[str, str] = {}
+        self._quarters: dict[str, int] = {}
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def _write(self, text: str) -> None:
+        with self._lock:
+            try:
+                self.stream.write(text + "\n")
+                self.stream.flush()
+            except BrokenPipeError:  # e.g. piped into head: the demo goes on, silently
+                _silence(self.stream)
+
+    def note(self, text: str) -> None:
+        """An event line (cancel, wave started, cleanup ran...)."""
+        self._write(f"{time.perf_counter() - self.t0:6.2f}s  {text}")
+
+    def add_node(self, key: str, label: str) -> None:
+        self._labels[key] = label
+        self._quarters[key] = 0
+
+    def progress(self, key: str, done: float) -> None:
+        quarter = int(min(done, 0.99) * 4)
+        if quarter > self._quarters.get(key, 0):
+            self._quarters[key] = quarter
+            self.note(f"  {self._labels[key]}  {quarter * 25}%")
+
+    def status(self, key: str, status: str, detail: str = "") -> None:
+        self.note(f"  {self._labels[key]}  {status}" + (f" ({detail})" if detail else ""))
+
+    def block(self, text: str) -> None:
+        """The final summary."""
+        self._write(text)
 
 
-def run(args: argparse.Namespace) -> int:
-    summary: dict[str, Any] = {}
-    # 1. A cancel from another thread wakes a thread blocked on the token.
-    token = CancellationToken(name="demo-thread")
-    start = time.perf_counter()
-    threading.Timer(0.05, token.cancel, args=("cancelled from a timer thread",)).start()
-    token.wait_blocking(10)
-    summary["thread"] = {
-        "reason": token.cancel_reason,
-        "latency_ms": round((time.perf_counter() - start - 0.05) * 1e3, 3),
+class _RichDisplay(_Display):
+    """Live progress bars drawn with ``rich`` (only when it is importable and on a terminal)."""
+
+    _STYLES: Mapping[str, str] = {
+        "waiting": "dim",
+        "running": "cyan",
+        "finished": "green",
+        "cancelled": "yellow",
+        "killed": "bold red",
+        "terminated": "red",
+        "failed": "bold red",
+        "crashed": "bold red",
+        "abandoned": "red",
+        "timed_out": "red",
+        "not started": "dim",
     }
-    # 2. A cancel in the parent stops a child process waiting on the same token.
-    ctx = multiprocessing.get_context("spawn")
-    token = CancellationToken(name="demo-process")
-    child = ctx.Process(target=_spin_until_cancelled, args=(token,))
-    child.start()
-    start = time.perf_counter()
-    token.cancel("cancelled by the parent process")
-    child.join(30)
-    summary["process"] = {
-        "reason": token.cancel_reason,
-        "exitcode": child.exitcode,
-        "child_gone_ms": round((time.perf_counter() - start) * 1e3, 3),
-    }
-    summary["left_running"] = [p.pid for p in multiprocessing.active_children()]
-    if args.json:
-        print(json.dumps(summary, indent=2))
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        from rich.console import Console  # type: ignore[import-not-found,unused-ignore]
+        from rich.progress import (  # type: ignore[import-not-found,unused-ignore]
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+        )
+
+        self.console: Any = Console(file=stream, highlight=False)
+        self.bars: Any = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=28),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=self.console,
+            refresh_per_second=10,
+        )
+        self._tasks: dict[str, Any] = {}
+
+    def start(self) -> None:
+        self.bars.start()
+
+    def stop(self) -> None:
+        self.bars.stop()
+
+    def note(self, text: str) -> None:
+        stamp = f"{time.perf_counter() - self.t0:6.2f}s  "
+        self.console.print(stamp + text, markup=False, highlight=False, soft_wrap=True)
+
+    def add_node(self, key: str, label: str) -> None:
+        super().add_node(key, label)
+        self._tasks[key] = self.bars.add_task(label, total=1.0, status="[dim]waiting[/]")
+
+    def progress(self, key: str, done: float) -> None:
+        self.bars.update(self._tasks[key], completed=min(done, 1.0))
+
+    def status(self, key: str, status: str, detail: str = "") -> None:
+        style = self._STYLES.get(status, "")
+        text = f"[{style}]{status}[/]" if style else status
+        if detail:
+            text += f" [dim]{_escape(detail)}[/]"
+        update: dict[str, Any] = {"status": text}
+        if status == "finished":
+            update["completed"] = 1.0
+        self.bars.update(self._tasks[key], **update)
+
+    def block(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _silence(stream: TextIO) -> None:
+    """Point ``stream`` at /dev/null so that writing (and flushing at exit) stops failing."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+
+
+def _escape(text: str) -> str:
+    return text.replace("[", r"\[")
+
+
+def _make_display(stream: TextIO, plain: bool) -> _Display:
+    if not plain and stream.isatty() and os.environ.get("TERM") != "dumb":
+        try:
+            return _RichDisplay(stream)
+        except ImportError:  # rich is optional: pip install 'cancelflow[demo]'
+            pass
+    return _Display(stream)
+
+
+# == the process pool, with each node's TaskFuture kept ===========================================
+class _DemoProcessPool(ProcessPool):
+    """A :class:`ProcessPool` that remembers the :class:`TaskFuture` of each pipeline node.
+
+    The executor reports a stopped node as ``node_cancelled``; the future's ``fate`` tells
+    a node that stopped at its token (``cancelled``) from one whose worker was killed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            3, grace_period=PROCESS_GRACE, term_grace_period=0.0, name="demo-processes"
+        )
+        self.futures: dict[tuple[str, str], TaskFuture] = {}
+
+    def submit_task(
+        self,
+        fn: Any,
+        args: Iterable[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        token: CancellationToken | None = None,
+        timeout: float | None = None,
+        grace_period: float | None = None,
+        term_grace_period: float | None = None,
+        partial_sink: Any = None,
+    ) -> TaskFuture:
+        args = tuple(args)
+        future = super().submit_task(
+            fn,
+            args,
+            kwargs,
+            token=token,
+            timeout=timeout,
+            grace_period=grace_period,
+            term_grace_period=term_grace_period,
+            partial_sink=partial_sink,
+        )
+        if args and isinstance(args[0], NodeContext):
+            self.futures[(args[0].pipeline_id, args[0].node_id)] = future
+        return future
+
+
+# == what happened, as it happened ==============================================================
+@dataclass
+class _NodeRecord:
+    id: str
+    wave: int
+    run_in: str
+    started: float | None = None
+    ended: float | None = None
+    event: str | None = None  # node_finished / node_cancelled / node_failed
+    error: str | None = None
+    fate: str = "not started"
+    detail: str = ""
+    worker_pid: int | None = None
+    worker_alive: bool | None = None
+    helper_pid: int | None = None
+    helper_alive: bool | None = None
+
+
+@dataclass
+class _RunRecord:
+    request: int
+    pipeline_id: str
+    work: Mapping[str, float]
+    scratch: str
+    nodes: dict[str, _NodeRecord] = field(default_factory=dict)
+    launched: float = 0.0
+    started: float | None = None
+    ended: float | None = None
+    waves_seen: set[int] = field(default_factory=set)
+    result: PipelineResult | None = None
+    interrupted_by_user: bool = False
+    never_started: bool = False
+    partials: dict[str, Any] | None = None
+    finished: dict[str, Any] | None = None
+    cleanup_runs: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(_CLEANUP_HANDLERS, 0)
+    )
+    error: str | None = None
+
+    @property
+    def context(self) -> dict[str, Any]:
+        return {**self.work, "scratch": self.scratch}
+
+    def label(self, node_id: str) -> str:
+        record = self.nodes[node_id]
+        prefix = f"#{self.request} " if self.request > 1 else ""
+        return f"{prefix}w{record.wave + 1} {node_id:<14} {record.run_in:<7}"
+
+
+class _Demo:
+    """One run of the demo: the executor, its events, the cancel triggers, the records."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        display: _Display,
+        threads: ThreadPool,
+        processes: _DemoProcessPool,
+        seen: dict[int, psutil.Process],
+        seen_threads: set[threading.Thread],
+        threads_before: set[threading.Thread],
+    ) -> None:
+        self.args = args
+        self.mode: str = args.mode
+        self.display = display
+        self.threads = threads
+        self.processes = processes
+        self.seen = seen
+        self.seen_threads = seen_threads
+        self.threads_before = threads_before
+        self.runs: list[_RunRecord] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.stage = 0  # 0 running, 1 cancel requested, 2 interrupt requested
+        self.trigger: str | None = None  # "timer", "ctrl-c", "supersede"
+        self.reason: str | None = None
+        self.t_cancel: float | None = None
+        self.t_interrupt: float | None = None
+        self.timer: threading.Timer | None = None
+        self.timer_late = False
+        self.closing = False
+
+    # -- the story ---------------------------------------------------------------------------
+    async def main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.executor = PipelineExecutor(
+            thread_pool=self.threads,
+            process_pool=self.processes,
+            mode="interrupt" if self.mode == "interrupt" else "graceful",
+            graceful_timeout=self.args.grace,
+        )
+        self.executor.events.subscribe("*", self._on_event)
+        handles_sigint = _add_sigint_handler(self.loop, self._on_sigint)
+        poller = self.loop.create_task(self._poll())
+        try:
+            async with self.executor:
+                self._launch(1, FULL_WORK)
+                while pending := [task for task in self.tasks if not task.done()]:
+                    await asyncio.wait(pending)
+                self.closing = True
+                self._inspect_processes()
+        finally:
+            self.closing = True
+            if self.timer is not None:
+                self.timer.cancel()
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+            if handles_sigint:
+                self.loop.remove_signal_handler(signal.SIGINT)
+
+    def _launch(self, request: int, work: Mapping[str, float]) -> _RunRecord:
+        run = _RunRecord(
+            request,
+            f"report-{request}",
+            work,
+            tempfile.mkdtemp(prefix=f"cancelflow-demo-{request}-"),
+            launched=time.perf_counter(),
+        )
+        for node in _pipeline():
+            run.nodes[node.id] = _NodeRecord(node.id, _NODE_WAVE[node.id], node.run_in)
+        self.runs.append(run)
+        for node_id in run.nodes:
+            self.display.add_node(f"{run.pipeline_id}/{node_id}", run.label(node_id))
+        self.tasks.append(self.loop.create_task(self._request(run)))
+        return run
+
+    async def _request(self, run: _RunRecord) -> None:
+        try:
+            if self.args.supersede:
+                run.result = await self.executor.run_superseding(
+                    SUPERSEDE_KEY,
+                    _pipeline(),
+                    run.context,
+                    pipeline_id=run.pipeline_id,
+                    reason=f"superseded by a newer request ({run.pipeline_id})",
+                )
+            else:
+                run.result = await self.executor.run_pipeline(
+                    run.pipeline_id, _pipeline(), run.context
+                )
+        except asyncio.CancelledError:
+            # Our own task.cancel() (a second Ctrl-C): the executor interrupted the run and
+            # waited for every node to stop and the cleanup to run before this propagated.
+            if run.started is None:
+                run.never_started = True
+            else:
+                run.interrupted_by_user = True
+        except Exception as exc:  # noqa: BLE001 - reported in the summary, exit code 1
+            run.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            run.ended = time.perf_counter()
+            self._confirm_fates(run)
+            self._mark_not_started(run)
+            if run.result is not None and run.result.completed:
+                self.display.note(f"{run.pipeline_id} completed")
+
+    def _confirm_fates(self, run: _RunRecord) -> None:
+        """Take each node's fate from the executor's ``PipelineResult.node_fates``."""
+        if run.result is None:  # interrupted by a second Ctrl-C: no result to read
+            return
+        for node_id, fate in run.result.node_fates.items():
+            node = run.nodes.get(node_id)
+            if node is not None and node.fate != fate:
+                node.fate, node.detail = fate, _detail(node.run_in, fate)
+                self.display.status(f"{run.pipeline_id}/{node_id}", fate, node.detail)
+
+    def _mark_not_started(self, run: _RunRecord) -> None:
+        for record in run.nodes.values():
+            if record.started is None:
+                self.display.status(f"{run.pipeline_id}/{record.id}", "not started")
+
+    # -- cancel triggers ---------------------------------------------------------------------
+    def _start_timer(self, delay: float) -> None:
+        if self.timer is not None or self.stage or self.closing:
+            return
+        self.timer = threading.Timer(delay, self._on_timer)
+        self.timer.name = "cancelflow-demo-timer"
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _on_timer(self) -> None:
+        """The --cancel-after timer fired (timer thread)."""
+        if self.args.supersede:
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._supersede)
+            return
+        now = time.perf_counter()
+        reason = "cancelled from another thread (the demo's --cancel-after timer)"
+        # The point of the demo: a cancel from a thread that is not the event loop's.
+        won = self.executor.registry.cancel_threadsafe(self.runs[0].pipeline_id, reason)
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._cancelled, "timer", reason, now, won)
+
+    def _cancelled(self, trigger: str, reason: str, when: float, won: bool) -> None:
+        if not won:
+            if self.stage == 0:
+                self.timer_late = True
+                self.display.note(
+                    "the timer fired after the pipeline had completed: nothing to cancel"
+                )
+            return
+        self._record_cancel(trigger, reason, when)
+        self.display.note(f"CANCEL ({trigger}): {reason}")
+        self._explain_mode()
+
+    def _record_cancel(self, trigger: str, reason: str, when: float) -> None:
+        if self.stage == 0:
+            self.stage = 1
+            self.trigger, self.reason, self.t_cancel = trigger, reason, when
+
+    def _explain_mode(self) -> None:
+        if self.mode == "graceful":
+            self.display.note(
+                f"  graceful: no new wave starts; the running wave may finish within "
+                f"{self.args.grace:g} s, then it is interrupted"
+            )
+        else:
+            self.display.note(
+                "  interrupt: running nodes are told now; a process node that ignores its "
+                f"token is killed after {PROCESS_GRACE:g} s, with its process tree"
+            )
+
+    def _supersede(self) -> None:
+        """A newer request for the same key arrives (loop thread)."""
+        if self.stage or self.closing:
+            return
+        reason = "superseded by a newer request (report-2)"
+        self._record_cancel("supersede", reason, time.perf_counter())
+        self.display.note(
+            f"NEWER REQUEST report-2 for key {SUPERSEDE_KEY!r}: it supersedes report-1"
+        )
+        self._explain_mode()
+        self._launch(2, QUICK_WORK)
+
+    def _on_sigint(self) -> None:
+        """Ctrl-C (on the loop thread): cancel; again: interrupt; a third time: quit."""
+        if self.stage == 0:
+            if self.timer is not None:
+                self.timer.cancel()
+            reason = "cancelled by the user (Ctrl-C)"
+            now = time.perf_counter()
+            won = False
+            for pipeline_id in self.executor.registry.active_pipelines():
+                won = self.executor.registry.cancel_threadsafe(pipeline_id, reason) or won
+            if not won and self.runs and self.runs[0].started is None:
+                # Not registered yet: stop the request before it starts.
+                for task in self.tasks:
+                    task.cancel()
+            self._record_cancel("ctrl-c", reason, now)
+            self.display.note(f"CANCEL (Ctrl-C): {reason}; press Ctrl-C again to interrupt now")
+            self._explain_mode()
+        elif self.stage == 1:
+            self.stage = 2
+            self.t_interrupt = time.perf_counter()
+            self.display.note(
+                "Ctrl-C again: interrupting now (nodes are told to stop; a process node "
+                "that ignores its token is killed)"
+            )
+            for task in self.tasks:
+                task.cancel()
+        else:
+            self.display.note("Ctrl-C a third time: quitting at once, without the final check")
+            self.display.stop()
+            sys.stdout.flush()
+            os._exit(EXIT_INTERRUPTED)
+
+    # -- events ------------------------------------------------------------------------------
+    def _run_of(self, pipeline_id: str) -> _RunRecord | None:
+        for run in self.runs:
+            if run.pipeline_id == pipeline_id:
+                return run
+        return None
+
+    def _on_event(self, event: PipelineEvent) -> None:
+        run = self._run_of(event.pipeline_id)
+        if run is None:
+            return
+        now = time.perf_counter()
+        name = event.name
+        if name == "pipeline_started":
+            run.started = now
+            self._register_cleanup(run)
+            if run.request == 1 and self.args.cancel_after is not None:
+                self._start_timer(self.args.cancel_after)
+            return
+        node = run.nodes.get(event.node_id or "")
+        if name == "node_started" and node is not None:
+            node.started = now
+            if node.wave not in run.waves_seen:
+                run.waves_seen.add(node.wave)
+                wave = _WAVES[node.wave]
+                members = ", ".join(n.id for n in run.nodes.values() if n.wave == node.wave)
+                self.display.note(
+                    f"{run.pipeline_id}: wave {node.wave + 1}/{len(_WAVES)} '{wave.name}' "
+                    f"started on {wave.where}: {members}"
+                )
+                if node.wave == _CPU_WAVE and run.request == 1 and self.args.cancel_after is None:
+                    self._start_timer(DEFAULT_CANCEL_INTO_CPU_WAVE)
+            self.display.status(f"{run.pipeline_id}/{node.id}", "running", _ROLES.get(node.id, ""))
+        elif name in ("node_finished", "node_cancelled", "node_failed") and node is not None:
+            node.ended = now
+            node.event = name
+            if name == "node_failed":
+                node.error = repr(event.data.get("error"))
+            node.fate, node.detail = self._fate(run, node)
+            self.display.status(f"{run.pipeline_id}/{node.id}", node.fate, node.detail)
+        elif name == "execution_cancelled":
+            # Still registered: keep a copy of what a second Ctrl-C would not hand back.
+            with contextlib.suppress(KeyError):
+                run.partials = self.executor.registry.get_partial_results(run.pipeline_id)
+        elif name == "pipeline_finished":
+            run.finished = dict(event.data)
+
+    def _fate(self, run: _RunRecord, node: _NodeRecord) -> tuple[str, str]:
+        """The node's fate as soon as it ended (the run's ``node_fates`` confirm it later)."""
+        if node.event == "node_finished":
+            return "finished", ""
+        if node.event == "node_failed":
+            return "failed", node.error or ""
+        fate = "cancelled"
+        if node.run_in == "process":
+            future = self.processes.futures.get((run.pipeline_id, node.id))
+            if future is not None:
+                node.worker_pid = future.pid
+                fate = future.fate
+        return fate, _detail(node.run_in, fate)
+
+    def _register_cleanup(self, run: _RunRecord) -> None:
+        registry = self.executor.registry
+        display = self.display
+
+        async def close_session() -> None:
+            # Async handlers run on the event loop.
+            run.cleanup_runs["close the API session"] += 1
+            await asyncio.sleep(0)  # e.g. await session.close()
+            display.note(f"{run.pipeline_id}: cleanup: closed the API session")
+
+        def remove_scratch() -> None:
+            # Sync handlers run in a short-lived thread of their own.
+            run.cleanup_runs["remove the scratch directory"] += 1
+            shutil.rmtree(run.scratch, ignore_errors=True)
+            display.note(f"{run.pipeline_id}: cleanup: removed {run.scratch}")
+
+        # Run in reverse order of registration: the session is closed last.
+        registry.register_cleanup_handler(run.pipeline_id, close_session)
+        registry.register_cleanup_handler(run.pipeline_id, remove_scratch)
+
+    async def _poll(self) -> None:
+        """Progress bars from the nodes' ``so_far`` partial results; note new processes."""
+        registry = self.executor.registry
+        me = psutil.Process()
+        tick = 0
+        while True:
+            for pipeline_id in registry.active_pipelines():
+                with contextlib.suppress(KeyError):
+                    partials = registry.get_partial_results(pipeline_id)
+                    for key, value in partials.items():
+                        node_id, _, name = key.partition(".")
+                        if name == "so_far" and isinstance(value, dict):
+                            self.display.progress(f"{pipeline_id}/{node_id}", float(value["done"]))
+                        elif name == "helper_pid" and isinstance(value, int):
+                            _remember(self.seen, value)
+            if tick % 5 == 0:
+                self._note_started(me)
+            tick += 1
+            await asyncio.sleep(0.1)
+
+    def _note_started(self, me: psutil.Process) -> None:
+        """Remember every process and thread that exists now and did not before."""
+        with contextlib.suppress(psutil.Error):
+            for child in me.children(recursive=True):
+                self.seen.setdefault(child.pid, child)
+        self.seen_threads.update(t for t in threading.enumerate() if t not in self.threads_before)
+
+    def _inspect_processes(self) -> None:
+        """Right after the runs: are the workers and helpers of stopped nodes gone?"""
+        self._note_started(psutil.Process())
+        for run in self.runs:
+            partials = self._partials(run)
+            for node in run.nodes.values():
+                if node.run_in != "process" or node.started is None:
+                    continue
+                if node.worker_pid is None:
+                    future = self.processes.futures.get((run.pipeline_id, node.id))
+                    node.worker_pid = future.pid if future is not None else None
+                if node.worker_pid is not None:
+                    node.worker_alive = _alive(node.worker_pid)
+                helper = partials.get(f"{node.id}.helper_pid")
+                if isinstance(helper, int):
+                    node.helper_pid = helper
+                    node.helper_alive = _alive(helper)
+
+    def _partials(self, run: _RunRecord) -> dict[str, Any]:
+        if run.result is not None:
+            return dict(run.result.results)
+        return dict(run.partials or {})
+
+
+def _detail(run_in: str, fate: str) -> str:
+    """What a fate means, for the node's place."""
+    if fate == "cancelled":
+        if run_in == "loop":
+            return "asyncio.CancelledError at its next await"
+        return "stopped at its token"
+    return {
+        "killed": "ignored its token: SIGKILL, with its process tree",
+        "terminated": "SIGTERM became an exception; its finally blocks ran",
+        "crashed": "its worker died by itself",
+        "abandoned": "ignored its token: abandoned after the grace period, still running",
+        "timed_out": "ran past its own timeout",
+    }.get(fate, "")
+
+
+def _add_sigint_handler(loop: asyncio.AbstractEventLoop, handler: Any) -> bool:
+    try:
+        loop.add_signal_handler(signal.SIGINT, handler)
+    except (ValueError, RuntimeError, NotImplementedError):  # not the main thread
+        return False
+    return True
+
+
+def _remember(seen: dict[int, psutil.Process], pid: int) -> None:
+    if pid not in seen:
+        with contextlib.suppress(psutil.Error):
+            seen[pid] = psutil.Process(pid)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie waiting to be reaped does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+# == the final check ============================================================================
+def _leftovers(
+    seen: Mapping[int, psutil.Process],
+    seen_threads: set[threading.Thread],
+    threads_before: set[threading.Thread],
+    patience: float = 5.0,
+) -> tuple[list[dict[str, Any]], list[str], int, int]:
+    """What the demo started and is still there, after waiting at most ``patience`` s.
+
+    Returns the processes and threads left, and how many of each were checked.
+    """
+    me = psutil.Process()
+    seen = dict(seen)
+    with contextlib.suppress(psutil.Error):
+        for child in me.children(recursive=True):
+            seen.setdefault(child.pid, child)
+    deadline = time.monotonic() + patience
+
+    def running_procs() -> list[psutil.Process]:
+        out = []
+        for proc in seen.values():
+            try:
+                if proc.is_running() and (
+                    proc.status() != psutil.STATUS_ZOMBIE or proc.ppid() == me.pid
+                ):
+                    out.append(proc)
+            except psutil.Error:
+                continue
+        return out
+
+    def new_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+
+    started_threads = seen_threads | {t for t in threading.enumerate() if t not in threads_before}
+    while True:
+        procs, threads = running_procs(), new_threads()
+        remaining = deadline - time.monotonic()
+        if (not procs and not threads) or remaining <= 0:
+            break
+        if procs:
+            psutil.wait_procs(procs, timeout=min(remaining, 0.5))
+        for thread in threads:
+            thread.join(timeout=max(0.0, min(deadline - time.monotonic(), 0.5)))
+    left_procs = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            left_procs.append({"pid": proc.pid, "cmdline": " ".join(proc.cmdline())[:120]})
+    return left_procs, [t.name for t in threads], len(seen), len(started_threads)
+
+
+# == the summary ================================================================================
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=repr))
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 1)
+
+
+def _run_summary(demo: _Demo, run: _RunRecord) -> dict[str, Any]:
+    result = run.result
+    partials = demo._partials(run)
+    if run.never_started:
+        outcome = "not started"
+    elif result is not None:
+        outcome = result.outcome
+    elif run.finished is not None:
+        outcome = str(run.finished.get("outcome"))
     else:
-        print(f"thread:  {summary['thread']['reason']!r}")
-        print(f"process: {summary['process']['reason']!r}, exit code {child.exitcode}")
-        print("no process left" if not summary["left_running"] else "processes left!")
-    return 0 if not summary["left_running"] and child.exitcode == 0 else 1
+        outcome = "error"
+    reason = result.cancel_reason if result is not None else demo.reason
+    wave_num = result.wave_cancelled_at if result is not None else None
+    if wave_num is None and run.finished is not None and outcome != "completed":
+        wave_num = run.finished.get("wave_num")
+    running_wave = None
+    if demo.t_cancel is not None:
+        t_cancel = demo.t_cancel
+        started = [
+            n.wave for n in run.nodes.values() if n.started is not None and n.started <= t_cancel
+        ]
+        if started and (run.ended is None or run.ended >= t_cancel):
+            running_wave = max(started)
+    nodes: dict[str, Any] = {}
+    for node in run.nodes.values():
+        entry: dict[str, Any] = {
+            "wave": node.wave,
+            "run_in": node.run_in,
+            "fate": node.fate,
+            "detail": node.detail,
+        }
+        if node.id in _ROLES:
+            entry["role"] = _ROLES[node.id]
+        so_far = partials.get(f"{node.id}.so_far")
+        entry["progress"] = (
+            round(float(so_far["done"]), 3)
+            if isinstance(so_far, dict)
+            else (1.0 if node.fate == "finished" else 0.0)
+        )
+        if demo.t_cancel is not None and node.ended is not None and node.ended >= demo.t_cancel:
+            entry["stopped_ms_after_cancel"] = _ms(node.ended - demo.t_cancel)
+        if (
+            demo.t_interrupt is not None
+            and node.ended is not None
+            and node.ended >= demo.t_interrupt
+        ):
+            entry["stopped_ms_after_interrupt"] = _ms(node.ended - demo.t_interrupt)
+        if node.worker_pid is not None:
+            entry["worker_pid"] = node.worker_pid
+            entry["worker_alive_after_run"] = node.worker_alive
+        if node.helper_pid is not None:
+            entry["helper_pid"] = node.helper_pid
+            entry["helper_alive_after_run"] = node.helper_alive
+        if node.error:
+            entry["error"] = node.error
+        nodes[node.id] = entry
+    cancelled = outcome in ("cancelled", "timed_out")
+    expected_runs = 1 if cancelled or run.interrupted_by_user else 0
+    return {
+        "pipeline_id": run.pipeline_id,
+        "request": run.request,
+        "outcome": outcome,
+        "reason": reason if outcome != "completed" else None,
+        "interrupted_by_user": run.interrupted_by_user,
+        "cancelled_during_wave": running_wave,
+        "first_incomplete_wave": wave_num,
+        "duration_ms": _ms(run.ended - run.started) if run.ended and run.started else None,
+        "nodes": nodes,
+        "partial_results": _json_safe(partials),
+        "cleanup": {
+            "runs": dict(run.cleanup_runs),
+            "expected_runs_each": expected_runs,
+            "ran_exactly_once": all(count == 1 for count in run.cleanup_runs.values()),
+            "errors": [repr(e) for e in (result.cleanup_errors if result else ())],
+        },
+        "scratch_dir_left": os.path.exists(run.scratch),
+        "error": run.error,
+    }
+
+
+def _problems(summary: dict[str, Any]) -> list[str]:
+    problems = []
+    for run in summary["runs"]:
+        pid = run["pipeline_id"]
+        if run["error"]:
+            problems.append(f"{pid}: {run['error']}")
+        if run["outcome"] in ("failed", "error"):
+            problems.append(f"{pid}: ended {run['outcome']}")
+        expected = run["cleanup"]["expected_runs_each"]
+        for handler, count in run["cleanup"]["runs"].items():
+            if count != expected:
+                problems.append(
+                    f"{pid}: cleanup handler {handler!r} ran {count} times, not {expected}"
+                )
+        if run["scratch_dir_left"] and expected:
+            problems.append(f"{pid}: its scratch directory was not removed by the cleanup")
+        for node_id, node in run["nodes"].items():
+            if node["fate"] in ("failed", "crashed"):
+                problems.append(
+                    f"{pid}: node {node_id} failed: {node.get('error') or node['detail']}"
+                )
+            if node["fate"] == "killed" and node.get("worker_alive_after_run"):
+                problems.append(f"{pid}: node {node_id} was killed but its worker still runs")
+            if node.get("helper_alive_after_run"):
+                problems.append(f"{pid}: node {node_id}'s helper process still runs")
+    left = summary["final_check"]
+    if left["processes_left"]:
+        problems.append(f"processes left running: {left['processes_left']}")
+    if left["threads_left"]:
+        problems.append(f"threads left running: {left['threads_left']}")
+    return problems
+
+
+def _short(value: Any, width: int = 72) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _wave_text(num: int | None) -> str:
+    if num is None:
+        return "-"
+    if num >= len(_WAVES):
+        return "none (every wave completed)"
+    wave = _WAVES[num]
+    return f"wave {num + 1}/{len(_WAVES)} '{wave.name}' ({wave.where})"
+
+
+def _render(summary: dict[str, Any]) -> str:
+    lines: list[str] = []
+    add = lines.append
+    first = summary["runs"][0]
+    add("")
+    headline = {
+        "timer": "cancelled from the --cancel-after timer thread",
+        "ctrl-c": "cancelled by Ctrl-C",
+        "supersede": "superseded by a newer request",
+    }.get(summary["trigger"] or "", "not cancelled: the pipeline completed")
+    if summary["interrupted_by_user"]:
+        headline += ", then interrupted by a second Ctrl-C"
+    add(f"== {first['pipeline_id']}: {headline} ==")
+    add(f"  reason         : {first['reason'] or '-'}")
+    mode = summary["mode"]
+    stopped = [
+        node_id
+        for node_id, node in first["nodes"].items()
+        if node["fate"] in ("cancelled", "killed", "terminated")
+    ]
+    if summary["trigger"] is None:
+        add("  mode           : -")
+    elif mode == "graceful" and summary["interrupted_by_user"]:
+        add("  mode           : graceful, until the second Ctrl-C interrupted the running wave")
+    elif mode == "graceful" and stopped:
+        add(
+            f"  mode           : graceful: the running wave had {summary['grace_s']:g} s (--grace) "
+            f"to finish; {', '.join(stopped)} had not, so the wave was interrupted"
+        )
+    elif mode == "graceful":
+        add("  mode           : graceful: the running wave finished; no new wave started")
+    else:
+        add("  mode           : interrupt: the running nodes were told at once")
+    add(f"  cancelled in   : {_wave_text(first['cancelled_during_wave'])}")
+    add(f"  first wave not completed: {_wave_text(first['first_incomplete_wave'])}")
+    for run in summary["runs"]:
+        add("")
+        add(f"Nodes of {run['pipeline_id']} ({run['outcome']})")
+        for node_id, node in run["nodes"].items():
+            parts = [f"[{node['role']}]"] if "role" in node else []
+            if node["detail"]:
+                parts.append(node["detail"])
+            if "stopped_ms_after_interrupt" in node and node["fate"] != "finished":
+                parts.append(f"{node['stopped_ms_after_interrupt']:.0f} ms after the second Ctrl-C")
+            elif "stopped_ms_after_cancel" in node and node["fate"] != "finished":
+                parts.append(f"{node['stopped_ms_after_cancel']:.0f} ms after the cancel")
+            if "worker_pid" in node and node["fate"] in ("killed", "terminated"):
+                gone = "gone" if not node["worker_alive_after_run"] else "STILL RUNNING"
+                parts.append(f"worker {node['worker_pid']} {gone}")
+            if "helper_pid" in node:
+                gone = "gone" if not node["helper_alive_after_run"] else "STILL RUNNING"
+                parts.append(f"helper process {node['helper_pid']} {gone}")
+            add(
+                f"  {node['wave'] + 1}/{len(_WAVES)} {node_id:<15}{node['run_in']:<8}"
+                f"{node['fate']:<12}{'; '.join(parts)}".rstrip()
+            )
+        if run["outcome"] != "completed":
+            add("")
+            partials = run["partial_results"]
+            add(f"Partial results kept ({len(partials)}; CancelledException.partial_results)")
+            order = list(run["nodes"])
+            for key, value in sorted(
+                partials.items(),
+                key=lambda item: (
+                    order.index(item[0].partition(".")[0])
+                    if item[0].partition(".")[0] in order
+                    else 99,
+                    "." not in item[0],
+                    item[0],
+                ),
+            ):
+                node_id = key.partition(".")[0]
+                fate = run["nodes"].get(node_id, {}).get("fate")
+                note = ""
+                if "." in key and fate in ("killed", "terminated"):
+                    note = "   <- stored by a process that was then killed"
+                elif "." in key and fate == "cancelled":
+                    note = "   <- stored before it was cancelled"
+                add(f"  {key:<27} {_short(value, 60)}{note}")
+        add("")
+        cleanup = run["cleanup"]
+        if cleanup["expected_runs_each"]:
+            add(
+                f"Cleanup handlers of {run['pipeline_id']} (run exactly once, after every node stopped)"
+            )
+        else:
+            add(
+                f"Cleanup handlers of {run['pipeline_id']} (it completed: handlers are dropped, not run)"
+            )
+        for handler, count in cleanup["runs"].items():
+            ok = "ok" if count == cleanup["expected_runs_each"] else "WRONG"
+            add(f"  {handler:<30} ran {count}x  {ok}")
+    latency = summary["latency_ms"]
+    if latency:
+        add("")
+        add("Cancellation latency (measured)")
+        labels = {
+            "cancel_to_last_node_stopped": "cancel -> last node stopped",
+            "cancel_to_pipeline_end": "cancel -> pipeline ended (cleanup included)",
+            "interrupt_to_pipeline_end": "second Ctrl-C -> pipeline ended",
+            "cancel_to_newer_request_started": "supersede -> newer request started",
+        }
+        for key, label in labels.items():
+            if latency.get(key) is not None:
+                add(f"  {label:<46} {latency[key]:8.1f} ms")
+        if mode == "graceful" and not summary["interrupted_by_user"]:
+            add(f"  (graceful: includes up to {summary['grace_s']:g} s left to the running wave)")
+    check = summary["final_check"]
+    add("")
+    if summary["nothing_left"]:
+        add(
+            f"Final check: no process left ({check['processes_checked']} started by the demo, "
+            f"all gone), no thread left ({check['threads_checked']} started, all ended)"
+        )
+    else:
+        add(
+            f"Final check FAILED: processes left {check['processes_left']}, threads left {check['threads_left']}"
+        )
+    for problem in summary["problems"]:
+        add(f"PROBLEM: {problem}")
+    meaning = {
+        EXIT_OK: "the story ran to its end and nothing is left",
+        EXIT_PROBLEM: "something was left running or went wrong",
+        EXIT_INTERRUPTED: "interrupted by a second Ctrl-C; nothing is left",
+    }[summary["exit_code"]]
+    add(f"exit code {summary['exit_code']}: {meaning}")
+    return "\n".join(lines)
+
+
+def _summarize(
+    args: argparse.Namespace,
+    demo: _Demo,
+    thread_stats: Any,
+    left: tuple[list[dict[str, Any]], list[str], int, int],
+) -> dict[str, Any]:
+    runs = [_run_summary(demo, run) for run in demo.runs]
+    first = demo.runs[0]
+    latency: dict[str, float | None] = {}
+    if demo.t_cancel is not None:
+        ends = [
+            n.ended
+            for n in first.nodes.values()
+            if n.ended is not None and n.ended >= demo.t_cancel
+        ]
+        latency["cancel_to_last_node_stopped"] = _ms(max(ends) - demo.t_cancel) if ends else None
+        if first.ended is not None:
+            latency["cancel_to_pipeline_end"] = _ms(first.ended - demo.t_cancel)
+        if demo.t_interrupt is not None and first.ended is not None:
+            latency["interrupt_to_pipeline_end"] = _ms(first.ended - demo.t_interrupt)
+        if len(demo.runs) > 1 and demo.runs[1].started is not None:
+            latency["cancel_to_newer_request_started"] = _ms(demo.runs[1].started - demo.t_cancel)
+    procs_left, threads_left, procs_checked, threads_checked = left
+    summary: dict[str, Any] = {
+        "cancelflow_version": __version__,
+        "mode": args.mode,
+        "grace_s": args.grace,
+        "cancel_after_s": args.cancel_after,
+        "supersede": bool(args.supersede),
+        "trigger": demo.trigger,
+        "reason": demo.reason,
+        "interrupted_by_user": demo.stage >= 2,
+        "timer_fired_after_completion": demo.timer_late,
+        "runs": runs,
+        "latency_ms": latency,
+        "thread_pool": {
+            "abandoned_total": thread_stats.abandoned_total,
+            "cancelled": thread_stats.cancelled,
+        },
+        "final_check": {
+            "processes_checked": procs_checked,
+            "threads_checked": threads_checked,
+            "processes_left": procs_left,
+            "threads_left": threads_left,
+        },
+    }
+    summary["nothing_left"] = not procs_left and not threads_left
+    summary["problems"] = _problems(summary)
+    if summary["problems"]:
+        summary["exit_code"] = EXIT_PROBLEM
+    elif summary["interrupted_by_user"]:
+        summary["exit_code"] = EXIT_INTERRUPTED
+    else:
+        summary["exit_code"] = EXIT_OK
+    return summary
+
+
+# == entry point ================================================================================
+def run(args: argparse.Namespace) -> int:
+    """Run the demo for the parsed ``args``; return the exit code (see the module docstring)."""
+    out: TextIO = sys.stderr if args.json else sys.stdout
+    display = _make_display(out, args.plain)
+    sink_id: int | None = None
+    if args.log_level is None:
+        logger.disable("cancelflow")
+    else:
+        logger.remove()
+        sink_id = logger.add(
+            lambda message: display.note(str(message).rstrip()),
+            level=args.log_level,
+            format="{level} {message} {extra}",
+        )
+    threads_before = set(threading.enumerate())
+    seen: dict[int, psutil.Process] = {}
+    seen_threads: set[threading.Thread] = set()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    demo: _Demo | None = None
+    threads: ThreadPool | None = None
+    processes: _DemoProcessPool | None = None
+    try:
+        display.note(
+            f"cancelflow {__version__} demo: mode {args.mode}"
+            + (", --supersede" if args.supersede else "")
+            + "; Ctrl-C cancels, a second Ctrl-C interrupts"
+        )
+        threads = ThreadPool(4, grace_period=THREAD_GRACE, name="demo-threads")
+        processes = _DemoProcessPool()
+        processes.wait_ready(30)
+        for child in psutil.Process().children(recursive=True):
+            if child.pid not in before:
+                seen.setdefault(child.pid, child)
+        display.note(
+            f"process pool ready: {len(processes.statistics().worker_pids)} workers "
+            f"(ladder: token, then SIGKILL after {PROCESS_GRACE:g} s)"
+        )
+        display.start()
+        seen_threads.update(t for t in threading.enumerate() if t not in threads_before)
+        demo = _Demo(args, display, threads, processes, seen, seen_threads, threads_before)
+        try:
+            asyncio.run(demo.main())
+        finally:
+            display.stop()
+    except KeyboardInterrupt:  # Ctrl-C before or after the pipeline (no loop handler then)
+        if demo is not None:
+            demo.stage = max(demo.stage, 2)
+        display.note("interrupted (Ctrl-C)")
+    finally:
+        if processes is not None:
+            processes.shutdown(wait=True, cancel_futures=True, cancel_running=True)
+        if threads is not None:
+            threads.shutdown(wait=True, cancel_futures=True)
+        if sink_id is not None:
+            logger.remove(sink_id)
+        logger.enable("cancelflow")
+    for pid in before:
+        seen.pop(pid, None)
+    left = _leftovers(seen, seen_threads, threads_before)
+    if demo is None or not demo.runs or threads is None:
+        clean = not left[0] and not left[1]
+        display.block(
+            "interrupted before the pipeline started; "
+            + ("final check: no process left, no thread left" if clean else f"LEFT: {left[:2]}")
+        )
+        return EXIT_INTERRUPTED if clean else EXIT_PROBLEM
+    summary = _summarize(args, demo, threads.statistics(), left)
+    for record in demo.runs:  # a completed run's handlers did not run: tidy up here
+        shutil.rmtree(record.scratch, ignore_errors=True)
+    if args.json:
+        try:
+            print(json.dumps(summary, indent=2), flush=True)
+        except BrokenPipeError:
+            _silence(sys.stdout)
+    else:
+        display.block(_render(summary))
+    code: int = summary["exit_code"]
+    return code

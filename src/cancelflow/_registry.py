@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import threading
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,12 @@ __all__ = ("CancellationRegistry", "CleanupHandler")
 CleanupHandler = Callable[[], "Awaitable[object] | object"]
 
 DEFAULT_CLEANUP_TIMEOUT = 5.0
+
+# The pipeline whose cleanup handlers run in this context (their tasks and threads): a
+# handler that cancels its own pipeline again must not wait for its own cleanup.
+_cleaning: contextvars.ContextVar[_Entry | None] = contextvars.ContextVar(
+    "cancelflow_cleaning", default=None
+)
 
 
 class _Entry:
@@ -307,7 +314,13 @@ class CancellationRegistry:
 
     # -- cleanup -------------------------------------------------------------------------
     async def _await_cleanup(self, entry: _Entry) -> None:
-        """Make sure the entry's cleanup runs (once) and wait for it, on its own loop."""
+        """Make sure the entry's cleanup runs (once) and wait for it, on its own loop.
+
+        From one of the entry's own cleanup handlers this returns at once: the cleanup
+        is already running, and waiting for it would wait for the caller itself.
+        """
+        if _cleaning.get() is entry:
+            return
         loop = asyncio.get_running_loop()
         if entry.loop is None:
             entry.loop = loop
@@ -356,6 +369,7 @@ class CancellationRegistry:
             entry.handlers.clear()
             return
         entry.cleanup_started = True
+        _cleaning.set(entry)  # this task's context, copied into each handler's
         handlers = entry.handlers[::-1]
         entry.handlers.clear()
         for handler in handlers:
@@ -429,11 +443,13 @@ async def _run_in_thread(handler: CleanupHandler, pipeline_id: str) -> None:
         else:
             future.set_result(outcome)
 
+    context = contextvars.copy_context()
+
     def work() -> None:
         error: BaseException | None = None
         outcome: object = None
         try:
-            outcome = handler()
+            outcome = context.run(handler)
         except BaseException as exc:  # noqa: BLE001 - reported to the loop
             error = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
         try:

@@ -99,9 +99,15 @@ class CancellationToken(_Cell):
     bypasses callbacks and waiters.
 
     Signal safety: :meth:`cancel`, :meth:`on_cancel` and :meth:`CallbackHandle.remove`
-    take no lock within a process (each decision is a single atomic step under the GIL),
-    so a signal handler that calls ``cancel()`` while the interrupted thread is inside any
-    of the token's methods cannot deadlock.
+    take no lock within a process (each decision is a single atomic step under the GIL;
+    timers are unscheduled lock-free), so a signal handler that calls ``cancel()`` while
+    the interrupted thread is inside any of the token's methods (``cancel()`` itself
+    included, while it runs callbacks or logs) cannot deadlock. Every callback still runs
+    exactly once; callbacks skipped because an exception (say ``KeyboardInterrupt``) cut
+    a ``cancel()`` short run at the next ``cancel()``. One exception: ``on_cancel()`` on
+    a token shared with another process may start this process's hub thread, and
+    starting a thread takes the ``threading`` module's locks; do not call it from a
+    signal handler.
     """
 
     # ``is_cancelled`` is the ctypes field declared by _Cell.
@@ -120,7 +126,10 @@ class CancellationToken(_Cell):
         self._offset = offset
         self._links: list[CallbackHandle] = []
         self._timer: _timer.TimerHandle | None = None
+        #: handed to another process (pickled at a process start, or built on its slot)
         self._exported = False
+        #: the fork count when the token was made: a fork since then shares it too
+        self._born = _cell.fork_epoch
 
     def __init__(self, *, timeout: float | None = None, name: str | None = None) -> None:
         """Create a token, optionally cancelling itself after ``timeout`` seconds.
@@ -148,6 +157,10 @@ class CancellationToken(_Cell):
         self._applied: list[None] = [None]
         self._reason: Reason = None
         self._callbacks: dict[int, Callable[[], object]] = {}
+        #: one item per thread of this process inside wait_blocking()
+        self._blocked: list[None] = []
+        #: one item per _finish() running (callbacks being delivered) in this process
+        self._finishing: list[None] = []
 
     def _clear_shared(self) -> None:
         self._reason_len = _cell.REASON_NONE
@@ -159,10 +172,19 @@ class CancellationToken(_Cell):
         self = cls.from_buffer(chunk.mm, offset)
         chunk.adopt()
         self._bind(chunk, offset)
+        self._exported = True
         self._init_local(name)
         if self.is_cancelled:
             self._once.clear()
         return self
+
+    def _is_shared(self) -> bool:
+        """Whether another process may hold this token: it was handed over (or is
+        another process's, or a pool's slot), or the process forked while it lived.
+
+        Only such tokens pay for cross-process work (slot lock, futex wake, hub thread).
+        """
+        return self._exported or self._born != _cell.fork_epoch
 
     # -- reading ------------------------------------------------------------------------
     @property
@@ -208,7 +230,12 @@ class CancellationToken(_Cell):
         try:
             self._once.pop()
         except IndexError:
-            if self._callbacks and self.is_cancelled and not self._applied:
+            if (
+                self._callbacks
+                and self.is_cancelled
+                and not self._applied
+                and not self._finishing
+            ):
                 # Leftovers of a delivery cut short by an exception (a KeyboardInterrupt
                 # landing inside cancel()): they still run, once.
                 self._finish()
@@ -216,7 +243,7 @@ class CancellationToken(_Cell):
         chunk = self._chunk
         won = True
         try:
-            if chunk.shared:
+            if self._is_shared():
                 with chunk.lock_slot(self._offset):
                     if self.is_cancelled:
                         won = False
@@ -253,28 +280,47 @@ class CancellationToken(_Cell):
         except IndexError:
             return
         self._once.clear()
-        futex_wake(ctypes.addressof(self))
-        if self._chunk.shared:
+        if self._is_shared():
+            futex_wake(ctypes.addressof(self))  # blocked waiters, in any process
             self._chunk.ring()
+        elif self._blocked:
+            # Only this process can see the token: skip the system call unless a thread
+            # is blocked in wait_blocking(). (The GIL orders that thread's registration
+            # against our flag store, so none is missed.)
+            futex_wake(ctypes.addressof(self))
         self._finish()
 
     def _finish(self) -> None:
         """Drop links and timer, then run every registered callback once."""
-        self._detach()
-        callbacks = self._callbacks
+        finishing = self._finishing
+        finishing.append(None)
         fatal: BaseException | None = None
-        while callbacks:
-            for ident in list(callbacks):
-                callback = callbacks.pop(ident, None)
-                if callback is not None:
-                    try:
-                        self._run_callback(callback)
-                    except BaseException as exc:  # noqa: BLE001 - re-raised below
-                        # KeyboardInterrupt or SystemExit: the other callbacks still run.
-                        fatal = fatal or exc
-        self._chunk.unwatch(self)
+        try:
+            self._detach()
+            callbacks = self._callbacks
+            while callbacks:
+                for ident in list(callbacks):
+                    callback = callbacks.pop(ident, None)
+                    if callback is not None:
+                        try:
+                            self._run_callback(callback)
+                        except BaseException as exc:  # noqa: BLE001 - re-raised below
+                            # KeyboardInterrupt or SystemExit: the others still run.
+                            fatal = fatal or exc
+            self._chunk.unwatch(self)
+        finally:
+            finishing.pop()
         if fatal is not None:
             raise fatal
+
+    def _take_remote_cancel(self) -> None:
+        """Deliver here a cancel that another process made, unless a ``cancel()`` of this
+        process is already delivering it (then its caller runs the callbacks)."""
+        try:
+            self._once.pop()  # a local cancel() pops this before it sets the flag
+        except IndexError:
+            return
+        self._apply()
 
     def _run_callback(self, callback: Callable[[], object]) -> None:
         try:
@@ -342,8 +388,8 @@ class CancellationToken(_Cell):
                 return handle
         if callbacks.pop(ident, None) is not None:
             self._run_callback(callback)
-        if self._applied:  # cancelled elsewhere, not yet delivered here
-            self._apply()
+        if self._applied and self._is_shared():  # cancelled by another process?
+            self._take_remote_cancel()
         return handle
 
     async def wait(self) -> None:
@@ -351,6 +397,12 @@ class CancellationToken(_Cell):
 
         A cancel made in another thread, a signal handler or another process wakes this
         waiter through ``loop.call_soon_threadsafe`` on the waiter's own loop: no polling.
+
+        Not promised: a ``signal.signal`` handler that cancels, on the loop's own thread,
+        runs only when Python gets to it, and a signal that lands just before the loop
+        blocks is seen only when the loop wakes for another reason. Register such handlers
+        with ``loop.add_signal_handler`` (or give ``signal.set_wakeup_fd`` a socket the loop
+        reads), as for any signal handler that must wake an event loop.
         """
         if self.is_cancelled:
             return
@@ -383,15 +435,20 @@ class CancellationToken(_Cell):
         """
         deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout, "timeout")
         address = ctypes.addressof(self)
-        while not self.is_cancelled:
-            remaining = None
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-            futex_wait(address, 0, remaining)
-        if self.is_cancelled and self._applied and self._chunk.shared:
-            self._apply()
+        blocked = self._blocked
+        blocked.append(None)  # registered before the flag is read: see _apply
+        try:
+            while not self.is_cancelled:
+                remaining = None
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                futex_wait(address, 0, remaining)
+        finally:
+            blocked.pop()
+        if self.is_cancelled and self._applied and self._is_shared():
+            self._take_remote_cancel()
         return self.is_cancelled
 
     # -- linking ------------------------------------------------------------------------
@@ -459,7 +516,7 @@ class CancellationToken(_Cell):
             pass
         try:
             self._chunk.release(
-                self._offset, reusable=not self._exported, key=getattr(self, "_id", None)
+                self._offset, reusable=not self._is_shared(), key=getattr(self, "_id", None)
             )
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
@@ -478,6 +535,8 @@ class CancellationToken(_Cell):
             # Cancelled while only this process could see it (the reason was kept locally).
             self._write_shared_reason(self._reason)
         chunk.mark_shared()
+        if self._id in chunk.listeners:
+            chunk.ensure_hub()  # its callbacks now hear of cancels made over there
         return (_rebuild_token, (_SharedChunk.for_current_start(chunk), self._offset, self.name))
 
     def __repr__(self) -> str:

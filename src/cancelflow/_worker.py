@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import os
 import pickle
+import resource
 import selectors
 import signal
 import socket
@@ -152,6 +153,39 @@ def _reap_children() -> None:
             return
 
 
+#: Every resource limit this platform has (RLIMIT_AS, RLIMIT_NOFILE, ...).
+_RLIMITS = tuple(
+    getattr(resource, name) for name in sorted(dir(resource)) if name.startswith("RLIMIT_")
+)
+
+
+class _ProcessState:
+    """What a task may change in its worker's process, put back after each task.
+
+    A task runs in a long-lived worker, so a change it makes to the process would
+    otherwise reach every later task of that worker: a lowered ``RLIMIT_AS`` makes
+    them all fail with ``MemoryError``, a blocked SIGTERM defeats the ladder's second
+    step. Resource limits and the signal mask are restored; a limit the task lowered
+    for good (a hard limit, which an unprivileged process cannot raise again) makes
+    the worker retire, so that the pool replaces it.
+    """
+
+    def __init__(self) -> None:
+        self.limits = {limit: resource.getrlimit(limit) for limit in _RLIMITS}
+        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+    def restore(self) -> str | None:
+        """Restore the worker's state; return why it cannot be, else ``None``."""
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
+        for limit, values in self.limits.items():
+            if resource.getrlimit(limit) != values:
+                try:
+                    resource.setrlimit(limit, values)
+                except (ValueError, OSError) as exc:
+                    return f"a resource limit changed by the task cannot be restored: {exc}"
+        return None
+
+
 class _TaskToken(CancellationToken):
     """The worker's view of a task's token: a cancel made here is also sent to the parent."""
 
@@ -170,6 +204,8 @@ class _Worker:
         self.token_offset = token_offset
         self.control = control
         self.send_lock = threading.Lock()
+        self.state = _ProcessState()
+        self.retiring: str | None = None
 
     def send(self, message: Any) -> None:
         data = encode(message)
@@ -185,6 +221,8 @@ class _Worker:
                 return
             if message[0] == "task":
                 self.run_task(message[1], message[2])
+                if self.retiring is not None:
+                    return  # the pool was told; it replaces this worker once it exits
             elif message[0] == "exit":
                 return
 
@@ -217,6 +255,10 @@ class _Worker:
             _kill_and_reap_tree()
         else:
             _reap_children()
+        self.retiring = self.state.restore()
+        if self.retiring is not None:
+            # Said before the result, so that the pool never hands this worker a task.
+            self.send(("retire", seq, self.retiring))
         try:
             self.send(("result", seq, kind, value))
         except Exception as exc:  # noqa: BLE001 - the result or error would not pickle

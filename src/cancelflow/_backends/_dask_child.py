@@ -32,11 +32,11 @@ def dump_payload(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], token: 
         TypeError: something cannot be pickled, or another CancellationToken is in the
             arguments (only the task's own token can be sent).
     """
-    import cloudpickle
+    import cloudpickle  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
     from .._token import CancellationToken
 
-    class _Pickler(cloudpickle.Pickler):  # type: ignore[misc,name-defined]
+    class _Pickler(cloudpickle.Pickler):  # type: ignore[misc,unused-ignore]
         def persistent_id(self, obj: Any) -> Any:
             if isinstance(obj, CancellationToken):
                 if token is not None and obj is token:
@@ -71,11 +71,15 @@ def load_payload(payload: bytes) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
 
 
 def dump_value(value: Any) -> bytes:
-    """Pickle a result or partial value with cloudpickle (classes from ``__main__`` too)."""
-    import cloudpickle
+    """Pickle a result or partial value; cloudpickle only where plain pickle cannot
+    (instances of classes from ``__main__``), so a fresh child does not import it."""
+    try:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - retried by value below
+        import cloudpickle  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
-    data: bytes = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    return data
+        data: bytes = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        return data
 
 
 def load_value(data: bytes) -> Any:
@@ -87,8 +91,8 @@ def run_payload(payload: bytes) -> bytes:
     """Entry point in a pool child: open the payload, call it, return the pickled result.
 
     Runs inside the pool's task scope, so ``ctx.token`` and ``ctx.store_partial`` are the
-    child's own. The result goes back pickled by cloudpickle so that values of classes
-    defined in ``__main__`` survive the trip to the client.
+    child's own. The result goes back as bytes (see :func:`dump_value`) so that values of
+    classes defined in ``__main__`` survive the trip to the client.
     """
     fn, args, kwargs = load_payload(payload)
     return dump_value(fn(*args, **kwargs))

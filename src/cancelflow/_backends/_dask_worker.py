@@ -59,6 +59,7 @@ __all__ = (
     "CancelflowWorkerPlugin",
     "cancel_run_on_scheduler",
     "end_run_on_scheduler",
+    "forget_topic_on_scheduler",
     "run_task",
     "stop_task_on_scheduler",
     "worker_census",
@@ -100,7 +101,7 @@ class _RunWatch:
     active: int = 0
 
 
-class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc]
+class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
     """Runs cancelflow tasks on a Dask worker and kills their process tree on cancel.
 
     Registered by :class:`~cancelflow.DaskRunner` (idempotently, under the name
@@ -109,7 +110,6 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc]
     Args:
         warm: start the process pool when the plugin is set up (otherwise at the first
             process node on the worker).
-        term_grace_period: the pool's default SIGTERM-to-SIGKILL time.
     """
 
     idempotent = True
@@ -166,7 +166,7 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc]
                 remote = self.tasks.get(key)
             if remote is not None:
                 self._stop_now(remote, "the Dask task was cancelled")
-        elif finish == "forgotten":
+        if finish == "forgotten":
             with self.lock:
                 self.presignalled.pop(key, None)
                 topic = self.doomed.pop(key, None)
@@ -305,6 +305,17 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc]
 
                 timeout_token.on_cancel(on_timeout)
             return self._run_here(remote, spec, sink)
+        except CancelledException as exc:
+            ours = token.is_cancelled or remote.killed or remote.timed_out
+            if isinstance(exc, PipelineTimeoutException) and exc.timeout == spec.get("timeout"):
+                ours = True
+            if ours:
+                # Tell the client now (the tree is gone): it need not wait for the result.
+                with contextlib.suppress(Exception):
+                    blob = _dask_child.dump_value(exc)
+                    self._emit(spec["topic"], {"op": "stopped", "key": key, "error": blob})
+                raise _Stopped(exc) from None
+            raise
         finally:
             if timeout_token is not None:
                 timeout_token.close()
@@ -421,14 +432,27 @@ async def _run_coroutine(
         handle.remove()
 
 
+class _Stopped(Exception):
+    """cancelflow stopped the node; carries the error the caller gets."""
+
+    def __init__(self, error: CancelledException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _cancelled(reason: str | None, partials: dict[str, Any]) -> CancelledException:
     return CancelledException(
         f"task cancelled: {reason}" if reason else "task cancelled", partials, reason=reason
     )
 
 
-def run_task(spec: dict[str, Any]) -> Any:
-    """The function every cancelflow Dask task runs (in a Dask worker thread)."""
+def run_task(spec: dict[str, Any]) -> tuple[str, Any]:
+    """The function every cancelflow Dask task runs (in a Dask worker thread).
+
+    Returns ``("ok", value)``, or ``("stopped", CancelledException)`` when cancelflow
+    stopped the node (returned, not raised, so that Dask does not log a stop as a failed
+    task). The node's own exceptions are raised, as for any Dask task.
+    """
     worker = get_worker()
     plugin = worker.plugins.get(PLUGIN_NAME)
     if not isinstance(plugin, CancelflowWorkerPlugin):
@@ -436,7 +460,10 @@ def run_task(spec: dict[str, Any]) -> Any:
             "the cancelflow worker plugin is not registered on this worker "
             "(DaskRunner registers it; was the task submitted by hand?)"
         )
-    return plugin.execute(spec)
+    try:
+        return "ok", plugin.execute(spec)
+    except _Stopped as stopped:
+        return "stopped", stopped.error
 
 
 # -- run on the scheduler (``client.run_on_scheduler``); each is one atomic step there --------
@@ -455,7 +482,7 @@ def _state_of(dask_scheduler: Any, key: str) -> tuple[str, str | None]:
 
 
 def stop_task_on_scheduler(
-    dask_scheduler: Any, key: str, client: str, reason: str | None, topic: str, hard: bool
+    key: str, client: str, reason: str | None, topic: str, hard: bool, *, dask_scheduler: Any
 ) -> tuple[str, str | None]:
     """Signal or stop one task; return ``(what happened, worker)``.
 
@@ -482,9 +509,10 @@ def stop_task_on_scheduler(
 
 
 def cancel_run_on_scheduler(
-    dask_scheduler: Any, name: str, reason: str | None, keys: list[str], client: str
+    name: str, reason: str | None, keys: list[str], client: str, *, dask_scheduler: Any
 ) -> list[str]:
-    """Cancel a run: keep its reason, set its Event, drop its tasks not on a worker yet.
+    """Cancel a run: keep its reason, set its Event, signal its running tasks' workers,
+    drop its tasks not on a worker yet.
 
     Returns the keys that were dropped (they never run).
     """
@@ -495,12 +523,17 @@ def cancel_run_on_scheduler(
         state, worker = _state_of(dask_scheduler, key)
         if worker is None and state not in ("memory", "erred", "forgotten"):
             dropped.append(key)
+        elif worker is not None:
+            # Running now: tell its worker directly (one hop on the scheduler's stream),
+            # ahead of the Event, whose watchers would first fetch the reason.
+            message = {"action": "signal", "key": key, "reason": reason}
+            _send_to_worker(dask_scheduler, worker, message)
     if dropped:
         dask_scheduler.stimulus_cancel(dropped, client, False, reason or "cancelled", "cancelflow")
     return dropped
 
 
-def end_run_on_scheduler(dask_scheduler: Any, name: str) -> None:
+def end_run_on_scheduler(name: str, *, dask_scheduler: Any) -> None:
     """A run is over: release its watchers (set), then clear its Event and its reason."""
     events = dask_scheduler.extensions["events"]
     events.event_set(name=name)
@@ -511,7 +544,15 @@ def end_run_on_scheduler(dask_scheduler: Any, name: str) -> None:
             metadata.pop(name, None)
 
 
-def worker_census(dask_worker: Any) -> dict[str, Any]:
+def forget_topic_on_scheduler(topic: str, *, dask_scheduler: Any) -> None:
+    """Drop a closed runner's topic (and the partial results kept in it) from the scheduler."""
+    broker = getattr(dask_scheduler, "_broker", None)
+    topics = getattr(broker, "_topics", None)
+    if isinstance(topics, dict):
+        topics.pop(topic, None)
+
+
+def worker_census(*, dask_worker: Any) -> dict[str, Any]:
     """What cancelflow holds on a worker (for tests and debugging): tasks, runs, processes.
 
     ``extra_processes`` lists descendants of the worker that are neither the pool's zygote
@@ -527,12 +568,20 @@ def worker_census(dask_worker: Any) -> dict[str, Any]:
     expected: set[int] = set()
     stats = None
     if pool is not None:
+        pool.wait_ready(5.0)  # a killed child's replacement may still be starting
         stats = pool.statistics()
         expected.update(stats.worker_pids)
         zygote = getattr(pool, "_zygote", None)
         if zygote is not None:
             expected.add(zygote.pid)
-    extra = [pid for pid in descendants(os.getpid()) if pid not in expected]
+    extra = [
+        _describe(pid)
+        for pid in descendants(os.getpid())
+        if pid not in expected and not _is_mp_helper(pid)
+    ]
+    if extra and pool is not None:  # DEBUG
+        extra.append(repr([(w.pid, w.state, w.index) for w in pool._workers.values()]))
+        extra.append(repr(stats))
     return {
         "tasks": tasks,
         "runs": runs,
@@ -540,3 +589,27 @@ def worker_census(dask_worker: Any) -> dict[str, Any]:
                                             "workers": stats.workers},
         "extra_processes": extra,
     }
+
+
+def _is_mp_helper(pid: int) -> bool:
+    """Not a leftover: multiprocessing's own helpers (resource tracker, forkserver), or a
+    process that has exited and awaits its reaper (a zombie), or one gone meanwhile."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            state = handle.read().rsplit(b")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            command = handle.read()
+    except (OSError, IndexError):
+        return True
+    return state == b"Z" or b"resource_tracker" in command or b"forkserver" in command
+
+
+def _describe(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            state = handle.read().rsplit(b")", 1)[1].split()[0].decode()
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            command = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except (OSError, IndexError):
+        return f"{pid} (gone)"
+    return f"{pid} [{state}] {command[:120]}"

@@ -1,0 +1,603 @@
+"""Specification of the Dask backend (DaskRunner): remote nodes that stop when told.
+
+Logic tests run on an in-process ``LocalCluster(processes=False)`` started and closed by
+each test. Hard-cancel tests share one ``processes=True`` cluster (2 workers, 1 thread
+each, 127.0.0.1, no dashboard) for the whole module; each of them checks explicitly that
+nothing of it is left on the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+
+distributed = pytest.importorskip("distributed", reason="cancelflow[dask] is not installed")
+cloudpickle = pytest.importorskip("cloudpickle", reason="cancelflow[dask] is not installed")
+
+import dask  # noqa: E402
+import psutil  # noqa: E402
+
+from cancelflow import (  # noqa: E402
+    CancellationToken,
+    CancelledException,
+    Node,
+    NodeContext,
+    PipelineTimeoutException,
+    WorkerCrashedError,
+)
+from cancelflow._backends._dask import DaskRunner  # noqa: E402
+from cancelflow._backends._dask_worker import worker_census  # noqa: E402
+from cancelflow._context import current_token, store_partial  # noqa: E402
+
+# Node functions travel by value, as functions from __main__ or a notebook would: the
+# workers and their children never import this test module (nor pytest).
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+WAIT = 30.0  # watchdog for anything awaited (never a measure of speed)
+
+_DASK_CONFIG = {
+    "distributed.worker.profile.enabled": False,  # no profiler thread per worker
+    "distributed.scheduler.allowed-failures": 0,  # a worker's death fails its task at once
+    "distributed.admin.system-monitor.gil.enabled": False,
+}
+
+
+# -- node functions (run on the workers) ------------------------------------------------------
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def describe(ctx: NodeContext) -> dict[str, Any]:
+    return {
+        "node_id": ctx.node_id,
+        "pipeline_id": ctx.pipeline_id,
+        "inputs": dict(ctx.inputs),
+        "context": dict(ctx.context),
+        "token_is_current": ctx.token is current_token(),
+        "cancelled": ctx.token.is_cancelled,
+    }
+
+
+def wait_cooperatively(label: str) -> str:
+    """Announces itself, then polls its (local) token until cancelled."""
+    token = current_token()
+    store_partial("started", label)
+    while not token.is_cancelled:
+        token.wait_blocking(0.05)
+    token.raise_if_cancelled()
+    return "unreachable"
+
+
+def spin_with_grandchild() -> None:
+    """Never checks its token; starts a grandchild that would outlive it."""
+    grandchild = subprocess.Popen(["sleep", "1000"])
+    store_partial("rows", 41)
+    store_partial("pids", [os.getpid(), grandchild.pid])
+    while True:
+        pass
+
+
+def spin() -> None:
+    store_partial("pid", os.getpid())
+    while True:
+        pass
+
+
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+async def coroutine_node(x: int) -> int:
+    await asyncio.sleep(0)
+    return x * 2
+
+
+async def coroutine_waits_forever() -> None:
+    store_partial("started", True)
+    await asyncio.Event().wait()
+
+
+# -- helpers ---------------------------------------------------------------------------------
+class Reports:
+    """A partial_sink that lets the test await the node's reports (any thread)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self._loop = asyncio.get_running_loop()
+        self._events: dict[str, asyncio.Event] = {}
+
+    def _event(self, key: str) -> asyncio.Event:
+        return self._events.setdefault(key, asyncio.Event())
+
+    def __call__(self, key: str, value: Any) -> None:
+        self.values[key] = value
+        self._loop.call_soon_threadsafe(lambda: self._event(key).set())
+
+    async def wait(self, key: str) -> Any:
+        await asyncio.wait_for(self._event(key).wait(), WAIT)
+        return self.values[key]
+
+
+def run(body: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(body(), WAIT * 2))
+
+
+def assert_gone(pid: int) -> None:
+    """The process has exited (a zombie awaiting its reaper counts as exited)."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return
+    except psutil.NoSuchProcess:
+        return
+    pytest.fail(f"process {pid} is still running")
+
+
+def wait_gone(pid: int) -> None:
+    try:
+        psutil.Process(pid).wait(timeout=WAIT)
+    except psutil.NoSuchProcess:
+        pass
+
+
+async def assert_workers_clean(client: Any) -> None:
+    """Nothing of cancelflow is left on any worker or on the scheduler."""
+    census = await client.run(worker_census)
+    for address, state in census.items():
+        assert state["tasks"] == [], f"{address} still runs {state['tasks']}"
+        assert state["runs"] == [], f"{address} still watches runs {state['runs']}"
+        assert state["extra_processes"] == [], f"{address} left {state['extra_processes']}"
+        if state["pool"] is not None:
+            assert state["pool"]["busy"] == 0, f"{address}: {state['pool']}"
+    # A call's key is released (and its run's Event cleared) by messages the scheduler
+    # handles after the call returned: wait for that, with a deadline.
+    clean = {"keys": [], "events": [], "reasons": {}}
+    deadline = time.monotonic() + WAIT
+    while (leftovers := await client.run_on_scheduler(_cancelflow_state_on_scheduler)) != clean:
+        assert time.monotonic() < deadline, f"left on the scheduler: {leftovers}"
+        await asyncio.sleep(0.01)  # re-check soon; not a wait for something to happen
+
+
+def _cancelflow_state_on_scheduler(dask_scheduler: Any) -> dict[str, Any]:
+    keys = [k for k in dask_scheduler.tasks if str(k).startswith("cancelflow-")]
+    events = [
+        n for n in dask_scheduler.extensions["events"]._events if str(n).startswith("cancelflow")
+    ]
+    reasons = dask_scheduler.task_metadata.get("cancelflow-run-reason", {})
+    return {"keys": keys, "events": events, "reasons": reasons}
+
+
+# -- clusters --------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def dask_background_threads() -> None:
+    """Start Dask's process-wide helper threads (the offload executor) before any test's
+    leak snapshot: they live as long as the interpreter, whichever test starts them."""
+    from distributed.utils import offload
+
+    async def touch() -> None:
+        await offload(int)
+
+    asyncio.run(touch())
+
+
+async def _local_cluster() -> Any:
+    with dask.config.set(_DASK_CONFIG):
+        return await distributed.LocalCluster(
+            processes=False,
+            n_workers=1,
+            threads_per_worker=2,
+            asynchronous=True,
+            # The HTTP servers start even with dashboard_address=None (on 0.0.0.0:8787):
+            # bind them to a free port on 127.0.0.1 instead.
+            dashboard_address="127.0.0.1:0",
+            worker_dashboard_address="127.0.0.1:0",
+        )
+
+
+async def in_process(body: Callable[[DaskRunner, Any], Awaitable[None]], **options: Any) -> None:
+    """Run ``body(runner, client)`` against a fresh in-process cluster (thread nodes)."""
+    options.setdefault("warm_pool", False)
+    options.setdefault("run_in", "thread")
+    cluster = await _local_cluster()
+    try:
+        async with DaskRunner(cluster.scheduler_address, **options) as runner:
+            await body(runner, runner.client)
+            await assert_workers_clean(runner.client)
+    finally:
+        await cluster.close()
+
+
+@pytest.fixture(scope="module")
+def process_cluster() -> Iterator[Any]:
+    """One ``processes=True`` cluster for the hard-cancel tests, with warm pools."""
+    with dask.config.set(_DASK_CONFIG):
+        cluster = distributed.LocalCluster(
+            processes=True,
+            n_workers=2,
+            threads_per_worker=1,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",  # None still serves HTTP, on port 8787
+        )
+    try:
+
+        async def warm() -> None:
+            async with DaskRunner(cluster.scheduler_address) as runner:
+                await runner.client.wait_for_workers(2)
+                await runner.run_sync(add, 1, 1)
+
+        run(warm)
+        yield cluster
+    finally:
+        cluster.close()
+
+
+async def on_processes(cluster: Any, body: Callable[[DaskRunner, Any], Awaitable[None]]) -> None:
+    async with DaskRunner(
+        cluster.scheduler_address, grace_period=0.0, term_grace_period=0.0
+    ) as runner:
+        await runner.client.wait_for_workers(2, timeout=WAIT)
+        await body(runner, runner.client)
+        await assert_workers_clean(runner.client)
+
+
+# == logic (in-process cluster) ===============================================================
+class TestDaskRunnerLogic:
+    def test_returns_result_of_thread_node(self) -> None:
+        """Test that a thread node's return value comes back from the worker."""
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            assert await runner.run_sync(add, 2, 3) == 5
+
+        run(lambda: in_process(body))
+
+    def test_node_context_is_rebuilt_on_the_worker(self) -> None:
+        """Test that a NodeContext arrives with its inputs and the task's local token."""
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            token = CancellationToken()
+            ctx = NodeContext(token, {"up": 1}, {"user": "x"}, "pipe-1", "node-a")
+            seen = await runner.run_sync(describe, ctx, token=token)
+            assert seen == {
+                "node_id": "node-a",
+                "pipeline_id": "pipe-1",
+                "inputs": {"up": 1},
+                "context": {"user": "x"},
+                "token_is_current": True,
+                "cancelled": False,
+            }
+
+        run(lambda: in_process(body))
+
+    def test_cooperative_cancel_of_thread_node(self) -> None:
+        """Test that cancelling a thread node's token reaches its local token and the call
+        raises CancelledException with the reason and the partial results."""
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            token = CancellationToken()
+            reports = Reports()
+            call = asyncio.ensure_future(
+                runner.run_sync(wait_cooperatively, "a", token=token, partial_sink=reports)
+            )
+            await reports.wait("started")
+            token.cancel("user asked")
+            with pytest.raises(CancelledException) as info:
+                await call
+            assert info.value.reason == "user asked"
+            assert info.value.partial_results == {"started": "a"}
+
+        run(lambda: in_process(body))
+
+    def test_run_event_cancels_every_node_of_the_run(self) -> None:
+        """Test that cancelling the run token (parent of the node tokens) stops all of the
+        run's nodes through the run's Event, which is cleared afterwards."""
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            run_token = CancellationToken()
+            reports = [Reports(), Reports()]
+            calls = [
+                asyncio.ensure_future(
+                    runner.run_sync(
+                        wait_cooperatively, str(i), token=run_token.child(), partial_sink=reports[i]
+                    )
+                )
+                for i in range(2)
+            ]
+            for report in reports:
+                await report.wait("started")
+            events = (await client.run_on_scheduler(_cancelflow_state_on_scheduler))["events"]
+            assert len(events) == 1  # one Event for the run, watched from the worker
+            run_token.cancel("whole run")
+            for call in calls:
+                with pytest.raises(CancelledException) as info:
+                    await call
+                assert info.value.reason == "whole run"
+
+        run(lambda: in_process(body))
+
+    def test_node_token_alone_stops_only_its_node(self) -> None:
+        """Test that cancelling one node's token stops that node and not its sibling."""
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            run_token = CancellationToken()
+            stopped, survivor = run_token.child(), run_token.child()
+            reports = Reports()
+            first = asyncio.ensure_future(
+                runner.run_sync(wait_cooperatively, "a", token=stopped, partial_sink=reports)
+            )
+            await reports.wait("started")
+            stopped.cancel("only this one")
+            with pytest.raises(CancelledException, match="only this one"):
+                await first
+            assert await runner.run_sync(add, 1, 2, token=survivor) == 3
+            assert not run_token.is_cancelled
+
+        run(lambda: in_process(body))
+
+    def test_timeout_of_thread_node(self) -> None:
+        """Test that a cooperative thread node past its timeout raises
+        PipelineTimeoutException."""
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            with pytest.raises(PipelineTimeoutException) as info:
+                await runner.run_sync(wait_cooperatively, "t", timeout=0.2)
+            assert info.value.timeout == 0.2
+
+        run(lambda: in_process(body))
+
+    def test_node_failure_raises_its_own_exception(self) -> None:
+        """Test that a node's exception reaches the caller as that exception."""
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            with pytest.raises(ValueError, match="boom"):
+                await runner.run_sync(fail, "boom")
+
+        run(lambda: in_process(body))
+
+    def test_coroutine_node_runs_on_the_worker(self) -> None:
+        """Test that a coroutine function runs to its result on the worker."""
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            assert await runner.run_sync(coroutine_node, 21) == 42
+
+        run(lambda: in_process(body))
+
+    def test_coroutine_node_is_cancelled_at_its_await(self) -> None:
+        """Test that cancelling a coroutine node's token cancels it at its next await."""
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            token = CancellationToken()
+            reports = Reports()
+            call = asyncio.ensure_future(
+                runner.run_sync(coroutine_waits_forever, token=token, partial_sink=reports)
+            )
+            await reports.wait("started")
+            token.cancel("enough")
+            with pytest.raises(CancelledException, match="enough"):
+                await call
+
+        run(lambda: in_process(body))
+
+    def test_pre_cancelled_token_submits_nothing(self) -> None:
+        """Test that an already-cancelled token raises at once and sends no task."""
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            token = CancellationToken()
+            token.cancel("before")
+            with pytest.raises(CancelledException, match="before"):
+                await runner.run_sync(add, 1, 2, token=token)
+            info = await client.run_on_scheduler(_cancelflow_state_on_scheduler)
+            assert info["keys"] == []
+
+        run(lambda: in_process(body))
+
+    def test_unpicklable_argument_is_refused_before_submitting(self) -> None:
+        """Test that an argument cloudpickle cannot carry raises TypeError locally."""
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            with pytest.raises(TypeError):
+                await runner.run_sync(add, threading.Lock(), 1)
+
+        run(lambda: in_process(body))
+
+    def test_pipeline_runs_on_dask(self) -> None:
+        """Test that PipelineExecutor runs thread nodes on Dask with the runner as pool."""
+        from cancelflow._executor import PipelineExecutor
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            executor = PipelineExecutor(thread_pool=runner, process_pool=runner)
+            nodes = [
+                Node("a", describe, run_in="thread"),
+                Node("b", describe, deps=["a"], run_in="thread"),
+            ]
+            result = await executor.execute_pipeline("dask-pipe", nodes, {"k": 1})
+            assert result["b"]["inputs"]["a"]["node_id"] == "a"
+            assert result["b"]["context"] == {"k": 1}
+
+        run(lambda: in_process(body))
+
+
+# == hard cancel (shared processes=True cluster) ==============================================
+class TestDaskRunnerHardCancel:
+    # Processes: a killed child is replaced by its worker's pool with a new pid, by design,
+    # and the replacement is a descendant of this test process. Threads/fds: the shared
+    # cluster's scheduler runs in this process and pools connections opened during a test.
+    # So the leak check cannot be per test here; assert_workers_clean checks instead that no
+    # task, run, busy child or stray process is left on any worker and no key on the
+    # scheduler.
+    @pytest.mark.allow_leaks
+    def test_cancel_kills_process_tree_and_worker_keeps_its_data(
+        self, process_cluster: Any
+    ) -> None:
+        """Test that cancelling a non-cooperative process node kills its child and its
+        grandchild, while each worker keeps its other results and its process."""
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            workers = sorted((await client.scheduler.identity())["workers"])
+            held = [
+                client.submit(add, i, 100, workers=[w], pure=False) for i, w in enumerate(workers)
+            ]
+            assert await client.gather(held) == [100, 101]
+            worker_pids = await client.run(os.getpid)
+            token = CancellationToken()
+            reports = Reports()
+            call = asyncio.ensure_future(
+                runner.run_sync(spin_with_grandchild, token=token, partial_sink=reports)
+            )
+            child, grandchild = await reports.wait("pids")
+            token.cancel("stop now")
+            with pytest.raises(CancelledException) as info:
+                await call
+            assert info.value.reason == "stop now"
+            assert_gone(child)
+            assert_gone(grandchild)
+            assert await client.run(os.getpid) == worker_pids
+            who_has = await client.who_has(held)
+            assert {key: tuple(where) for key, where in who_has.items()} == {
+                f.key: (w,) for f, w in zip(held, workers, strict=True)
+            }
+            assert await client.gather(held) == [100, 101]
+
+        run(lambda: on_processes(process_cluster, body))
+
+    @pytest.mark.allow_leaks
+    def test_dask_future_cancel_kills_the_tree(self, process_cluster: Any) -> None:
+        """Test that Dask's own cancel of the task's future (from another client) kills
+        the node's process tree through the worker plugin."""
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            reports = Reports()
+            call = asyncio.ensure_future(runner.run_sync(spin, partial_sink=reports))
+            pid = await reports.wait("pid")
+            keys = (await client.run_on_scheduler(_cancelflow_state_on_scheduler))["keys"]
+            assert len(keys) == 1
+            async with distributed.Client(
+                process_cluster.scheduler_address, asynchronous=True
+            ) as other:
+                await other.cancel([distributed.Future(keys[0], other)], force=True)
+                with pytest.raises(CancelledException, match="outside cancelflow"):
+                    await call
+                await asyncio.to_thread(wait_gone, pid)
+
+        run(lambda: on_processes(process_cluster, body))
+
+    @pytest.mark.allow_leaks
+    def test_cancelling_the_awaiting_task_kills_the_tree(self, process_cluster: Any) -> None:
+        """Test that cancelling the asyncio task awaiting run_sync releases the Dask task
+        and returns only once the child is gone."""
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            reports = Reports()
+            call = asyncio.ensure_future(runner.run_sync(spin, partial_sink=reports))
+            pid = await reports.wait("pid")
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            assert_gone(pid)
+
+        run(lambda: on_processes(process_cluster, body))
+
+    @pytest.mark.allow_leaks
+    def test_timeout_kills_process_node(self, process_cluster: Any) -> None:
+        """Test that a process node past its timeout is killed and the call raises
+        PipelineTimeoutException with the partial results."""
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            reports = Reports()
+            with pytest.raises(PipelineTimeoutException) as info:
+                await runner.run_sync(spin, timeout=0.3, partial_sink=reports)
+            assert info.value.timeout == 0.3
+            assert info.value.partial_results["pid"] == reports.values["pid"]
+            assert_gone(reports.values["pid"])
+
+        run(lambda: on_processes(process_cluster, body))
+
+    @pytest.mark.allow_leaks
+    def test_process_node_failure(self, process_cluster: Any) -> None:
+        """Test that a process node's exception reaches the caller and its child stays
+        in the pool."""
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            with pytest.raises(ValueError, match="bad row"):
+                await runner.run_sync(fail, "bad row")
+
+        run(lambda: on_processes(process_cluster, body))
+
+    @pytest.mark.allow_leaks
+    def test_partial_results_survive_a_kill(self, process_cluster: Any) -> None:
+        """Test that partial results stored before a kill reach the sink and the error."""
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            token = CancellationToken()
+            reports = Reports()
+            call = asyncio.ensure_future(
+                runner.run_sync(spin_with_grandchild, token=token, partial_sink=reports)
+            )
+            pids = await reports.wait("pids")
+            token.cancel("keep what you have")
+            with pytest.raises(CancelledException) as info:
+                await call
+            assert info.value.partial_results == {"rows": 41, "pids": pids}
+            assert reports.values == {"rows": 41, "pids": pids}
+
+        run(lambda: on_processes(process_cluster, body))
+
+    @pytest.mark.allow_leaks
+    def test_worker_killed_mid_run_raises_worker_crashed(self, process_cluster: Any) -> None:
+        """Test that a Dask worker killed from outside while it runs a process node fails
+        the call with WorkerCrashedError and takes the node's process tree with it."""
+        # A worker of its own, without a nanny, so that nothing restarts it and the shared
+        # cluster's workers are untouched.
+        environment = dict(os.environ, DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED="False")
+        victim = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_worker",
+                process_cluster.scheduler_address,
+                "--no-nanny",
+                "--nthreads=1",
+                "--host=127.0.0.1",
+                "--no-dashboard",
+                "--name=victim",
+            ],
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+
+            async def body() -> None:
+                async with distributed.Client(
+                    process_cluster.scheduler_address, asynchronous=True
+                ) as client:
+                    await client.wait_for_workers(3, timeout=WAIT)
+                    workers = (await client.scheduler.identity())["workers"]
+                    address = next(a for a, w in workers.items() if w["name"] == "victim")
+                    runner = DaskRunner(client, submit_options={"workers": [address]})
+                    reports = Reports()
+                    call = asyncio.ensure_future(
+                        runner.run_sync(spin_with_grandchild, partial_sink=reports)
+                    )
+                    child, grandchild = await reports.wait("pids")
+                    os.kill(victim.pid, signal.SIGKILL)
+                    with pytest.raises(WorkerCrashedError, match="died"):
+                        await call
+                    await runner.aclose()
+                    await asyncio.to_thread(wait_gone, child)
+                    await asyncio.to_thread(wait_gone, grandchild)
+                    await assert_workers_clean(client)
+
+            run(body)
+        finally:
+            victim.kill()
+            victim.wait()
