@@ -1315,3 +1315,76 @@ class TestPipelineResult:
         assert isinstance(result.error, PipelineFailedException)
         assert isinstance(result.error.__cause__, RuntimeError)
         assert result.wave_cancelled_at == 1
+
+
+class TestInterruptAndCleanupArgument:
+    def test_interrupt_escalates_a_graceful_cancel_at_once(self) -> None:
+        """Test that executor.interrupt stops a node a graceful cancel is waiting for."""
+        from cancelflow import CancelledException, Node, PipelineExecutor
+
+        async def main() -> None:
+            started = asyncio.Event()
+
+            async def stuck(ctx: Any) -> None:
+                started.set()
+                await asyncio.Event().wait()
+
+            async with PipelineExecutor(graceful_timeout=None) as executor:
+                run = asyncio.create_task(
+                    executor.execute_pipeline("esc", [Node("stuck", stuck)], mode="graceful")
+                )
+                await asyncio.wait_for(started.wait(), 10)
+                assert executor.registry.cancel_threadsafe("esc", "first ctrl-c")
+                assert executor.interrupt("esc", "second ctrl-c")
+                with pytest.raises(CancelledException) as info:
+                    await asyncio.wait_for(run, 10)
+            assert info.value.reason == "first ctrl-c"
+            assert info.value.node_fates == {"stuck": "cancelled"}
+            assert not executor.interrupt("esc")
+
+        asyncio.run(main())
+
+    def test_cleanup_handlers_argument_runs_once_on_cancel(self) -> None:
+        """Test that handlers given to execute_pipeline run exactly once when it is cancelled."""
+        from cancelflow import CancellationToken, CancelledException, Node, PipelineExecutor
+
+        calls: list[str] = []
+
+        async def main() -> None:
+            token = CancellationToken()
+
+            async def cancel_me(ctx: Any) -> None:
+                token.cancel("stop")
+                await asyncio.Event().wait()
+
+            async with PipelineExecutor(mode="interrupt") as executor:
+                with pytest.raises(CancelledException):
+                    await asyncio.wait_for(
+                        executor.execute_pipeline(
+                            "cleanup-arg",
+                            [Node("n", cancel_me)],
+                            cancel_token=token,
+                            cleanup_handlers=[lambda: calls.append("sync")],
+                        ),
+                        10,
+                    )
+
+        asyncio.run(main())
+        assert calls == ["sync"]
+
+    def test_cleanup_handlers_argument_rejects_non_callables(self) -> None:
+        """Test that a non-callable cleanup handler is refused before anything runs."""
+        from cancelflow import Node, PipelineExecutor
+
+        async def noop(ctx: Any) -> int:
+            return 1
+
+        async def main() -> None:
+            async with PipelineExecutor() as executor:
+                with pytest.raises(TypeError, match=r"cleanup_handlers\[0\]"):
+                    await executor.execute_pipeline(
+                        "bad-cleanup", [Node("n", noop)], cleanup_handlers=[42]  # type: ignore[list-item]
+                    )
+                assert "bad-cleanup" not in executor.registry
+
+        asyncio.run(main())

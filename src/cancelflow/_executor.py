@@ -18,7 +18,7 @@ from ._exceptions import (
 )
 from ._log import safe_log
 from ._node import Node, NodeContext
-from ._registry import CancellationRegistry, _Entry
+from ._registry import CancellationRegistry, CleanupHandler, _Entry
 from ._supersede import DEFAULT_SUPERSEDE_REASON, Superseder
 from ._token import CallbackHandle, CancellationToken
 from ._waves import compute_waves, validate_pipeline
@@ -272,6 +272,7 @@ class PipelineExecutor:
         cancel_token: CancellationToken | None = None,
         mode: Mode | None = None,
         graceful_timeout: float | None = _UNSET,
+        cleanup_handlers: Iterable[CleanupHandler] = (),
     ) -> dict[str, Any]:
         """Run a pipeline to its end and return ``{node_id: output}``.
 
@@ -285,6 +286,8 @@ class PipelineExecutor:
             mode: ``"graceful"`` or ``"interrupt"`` for this run (default: the
                 executor's).
             graceful_timeout: overrides the executor's for this run.
+            cleanup_handlers: handlers registered for this run before any node starts
+                (same rules as ``registry.register_cleanup_handler``).
 
         Cancellation while it blocks: a cancel from any source (this is checked on
         entry: a pre-cancelled ``cancel_token`` runs no node) is applied in the run's
@@ -304,7 +307,14 @@ class PipelineExecutor:
             ValueError / TypeError: a bad argument.
         """
         outcome = await self._execute(
-            pipeline_id, nodes, context, timeout, cancel_token, mode, graceful_timeout
+            pipeline_id,
+            nodes,
+            context,
+            timeout,
+            cancel_token,
+            mode,
+            graceful_timeout,
+            cleanup_handlers,
         )
         if outcome.error is not None:
             raise outcome.error
@@ -320,6 +330,7 @@ class PipelineExecutor:
         cancel_token: CancellationToken | None = None,
         mode: Mode | None = None,
         graceful_timeout: float | None = _UNSET,
+        cleanup_handlers: Iterable[CleanupHandler] = (),
     ) -> PipelineResult:
         """Like :meth:`execute_pipeline`, but return every ending as a :class:`PipelineResult`.
 
@@ -329,7 +340,14 @@ class PipelineExecutor:
         ``asyncio.CancelledError`` when the awaiting task is cancelled.
         """
         outcome = await self._execute(
-            pipeline_id, nodes, context, timeout, cancel_token, mode, graceful_timeout
+            pipeline_id,
+            nodes,
+            context,
+            timeout,
+            cancel_token,
+            mode,
+            graceful_timeout,
+            cleanup_handlers,
         )
         return await self._to_result(outcome)
 
@@ -413,6 +431,20 @@ class PipelineExecutor:
         for pool in pools:
             await _shutdown_pool(pool)
 
+    def interrupt(self, pipeline_id: str, reason: str | None = None) -> bool:
+        """Stop a running pipeline now, whatever its mode; return whether it was running.
+
+        Cancels the run (``reason`` is its reason unless it was already cancelled: the
+        first cause wins) and interrupts its running nodes at once, as in interrupt mode
+        — also when a graceful cancel is already waiting for its wave. This is the
+        "second Ctrl-C": thread-safe and safe from a signal handler.
+        """
+        for run in list(self._runs):
+            if run.pipeline_id == pipeline_id and not run.closed:
+                run.request_interrupt(reason)
+                return True
+        return False
+
     async def __aenter__(self) -> PipelineExecutor:
         return self
 
@@ -446,6 +478,7 @@ class PipelineExecutor:
         cancel_token: CancellationToken | None,
         mode: Mode | None,
         graceful_timeout: float | None,
+        cleanup_handlers: Iterable[CleanupHandler] = (),
     ) -> _Outcome:
         if self._closed:
             raise PoolClosedError("the PipelineExecutor is closed")
@@ -468,7 +501,15 @@ class PipelineExecutor:
             raise TypeError(f"context must be a mapping, not {type(context).__name__}")
         by_id = validate_pipeline(nodes)
         waves = compute_waves(by_id)
+        handlers = list(cleanup_handlers)
+        for index, handler in enumerate(handlers):
+            if not callable(handler):
+                raise TypeError(
+                    f"cleanup_handlers[{index}] must be callable, not {type(handler).__name__}"
+                )
         self.registry.register(pipeline_id, cleanup_timeout=self.cleanup_timeout)
+        for handler in handlers:
+            self.registry.register_cleanup_handler(pipeline_id, handler)
         entry = self.registry._get(pipeline_id)
         self.registry._manage(entry)
         run = _Run(self, entry, waves, context, run_mode, bound, deadline)
@@ -625,6 +666,18 @@ class _Run:
     def request_cancel(self, reason: str | None) -> None:
         """Cancel the run as the registry would (any thread)."""
         self.entry.token.cancel(reason)
+
+    def request_interrupt(self, reason: str | None) -> None:
+        """Cancel the run and interrupt its nodes now, in any mode (any thread)."""
+        self.entry.token.cancel(reason)
+        try:
+            self.loop.call_soon_threadsafe(self._interrupt_if_open)
+        except RuntimeError:  # the loop is closed; the run is long over
+            pass
+
+    def _interrupt_if_open(self) -> None:
+        if not self.closed:
+            self._interrupt()
 
     def _on_registry_cancel(self) -> None:
         self.claim(_Claim("cancelled", self.entry.token.cancel_reason))
@@ -837,6 +890,7 @@ class _Run:
                 wave_num=node_run.wave_num,
                 run_in=node.run_in,
                 reason=self.interrupt.cancel_reason or reason,
+                fate=self.fates.get(node.id, "cancelled"),
             )
 
     async def _node_failed(self, node_run: _NodeRun, error: BaseException) -> None:
@@ -859,7 +913,12 @@ class _Run:
         )
         if self.events.has_subscribers():
             await self._emit(
-                "node_failed", node.id, wave_num=node_run.wave_num, run_in=node.run_in, error=error
+                "node_failed",
+                node.id,
+                wave_num=node_run.wave_num,
+                run_in=node.run_in,
+                error=error,
+                fate=self.fates.get(node.id, "failed"),
             )
 
     # -- ending ----------------------------------------------------------------------------
@@ -938,7 +997,13 @@ class _Run:
             reason=cause.reason,
         )
         return _Outcome(
-            self.pipeline_id, self.outputs, partial, wave_num, error, cleanup_errors, dict(self.fates)
+            self.pipeline_id,
+            self.outputs,
+            partial,
+            wave_num,
+            error,
+            cleanup_errors,
+            dict(self.fates),
         )
 
     def _first_incomplete_wave(self) -> int:
