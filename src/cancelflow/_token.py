@@ -369,7 +369,8 @@ class CancellationToken(_Cell):
         process, on this process's hub thread, or in a :meth:`wait_blocking` of this
         process that sees the cancel first). It should be short and must not block; a
         callback that raises is logged with the token's name and reason, and the others
-        still run. Thread- and signal-safe; takes no lock.
+        still run. Thread-safe and lock-free; signal-safe except as the class docstring
+        says for a token shared with another process.
 
         Raises:
             TypeError: ``callback`` is not callable.

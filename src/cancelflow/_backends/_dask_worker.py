@@ -67,7 +67,8 @@ __all__ = (
 
 PLUGIN_NAME = "cancelflow"
 KEY_PREFIX = "cancelflow-"
-STREAM_OP = "cancelflow"
+#: The worker handler (an RPC the scheduler calls directly: no batching delay).
+HANDLER = "cancelflow"
 #: Scheduler metadata path under which a run's cancel reason is kept while it runs.
 REASON_PATH = "cancelflow-run-reason"
 #: Seconds one long-poll of a run's Event may block on the scheduler before it is renewed.
@@ -88,6 +89,8 @@ class _Remote:
     killed: bool = False
     kill_reason: str | None = None
     timed_out: bool = False
+    grace: float = 0.0
+    term_grace: float = 0.0
     tree_fds: list[int] = field(default_factory=list)
     partials: dict[str, Any] = field(default_factory=dict)
 
@@ -128,12 +131,12 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
         self.doomed: dict[str, str] = {}  # key -> topic to tell when it is gone
         self.pool: ProcessPool | None = None
         self.closing = False
-        worker.stream_handlers[STREAM_OP] = self._on_stream
+        worker.handlers[HANDLER] = self._on_message
         if self.warm:
             self._get_pool()
 
     def teardown(self, worker: Any) -> None:
-        worker.stream_handlers.pop(STREAM_OP, None)
+        worker.handlers.pop(HANDLER, None)
         with self.lock:
             self.closing = True
             pool, self.pool = self.pool, None
@@ -173,9 +176,9 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
             if topic is not None:
                 self._emit(topic, {"op": "ended", "key": key})
 
-    def _on_stream(
+    def _on_message(
         self, action: str = "", key: str = "", reason: str | None = None, topic: str = ""
-    ) -> None:
+    ) -> bool:
         """A message the runner sent through the scheduler (see the ``*_on_scheduler``)."""
         if action == "signal":
             with self.lock:
@@ -183,7 +186,11 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
                 if remote is None:
                     self.presignalled[key] = reason
             if remote is not None:
-                remote.token.cancel(reason)
+                remote.token.cancel(reason)  # the pool's ladder starts (process nodes)
+                if remote.mode == "process" and remote.grace == 0 and remote.term_grace == 0:
+                    # No grace to give: kill from here, without waiting for the pool's
+                    # thread to get the GIL from this busy event loop.
+                    self._stop_now(remote, reason)
         elif action == "doom":
             with self.lock:
                 remote = self.tasks.get(key)
@@ -194,6 +201,7 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
                 self._stop_now(remote, reason)
             if not known:  # already forgotten here: nothing of it runs
                 self._emit(topic, {"op": "ended", "key": key})
+        return True
 
     def _emit(self, topic: str, message: dict[str, Any]) -> None:
         # Always through the loop's callback queue, in order with messages sent from the
@@ -274,7 +282,7 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
         token = (
             run.token.child(name=key) if run is not None else CancellationToken(name=key)
         )
-        remote = _Remote(key, spec["mode"], token, run)
+        remote = _Remote(key, spec["mode"], token, run, grace=spec["grace"], term_grace=spec["term_grace"])
         with self.lock:
             self.tasks[key] = remote
             presignalled = key in self.presignalled
@@ -467,10 +475,12 @@ def run_task(spec: dict[str, Any]) -> tuple[str, Any]:
 
 
 # -- run on the scheduler (``client.run_on_scheduler``); each is one atomic step there --------
-def _send_to_worker(dask_scheduler: Any, address: str, message: dict[str, Any]) -> None:
-    comm = dask_scheduler.stream_comms.get(address)
-    if comm is not None:
-        comm.send({"op": STREAM_OP, **message})
+async def _send_to_worker(dask_scheduler: Any, address: str, message: dict[str, Any]) -> None:
+    """Call the worker plugin's handler directly (a pooled connection, no batching)."""
+    if address not in dask_scheduler.workers:
+        return
+    with contextlib.suppress(Exception):  # the worker is gone: its children go with it
+        await dask_scheduler.rpc(address).cancelflow(**message)
 
 
 def _state_of(dask_scheduler: Any, key: str) -> tuple[str, str | None]:
@@ -481,7 +491,7 @@ def _state_of(dask_scheduler: Any, key: str) -> tuple[str, str | None]:
     return ts.state, worker
 
 
-def stop_task_on_scheduler(
+async def stop_task_on_scheduler(
     key: str, client: str, reason: str | None, topic: str, hard: bool, *, dask_scheduler: Any
 ) -> tuple[str, str | None]:
     """Signal or stop one task; return ``(what happened, worker)``.
@@ -496,19 +506,20 @@ def stop_task_on_scheduler(
     if state in ("memory", "erred", "forgotten"):
         return state, worker
     if worker is not None and not hard:
-        _send_to_worker(dask_scheduler, worker, {"action": "signal", "key": key, "reason": reason})
+        message = {"action": "signal", "key": key, "reason": reason}
+        await _send_to_worker(dask_scheduler, worker, message)
         return "signalled", worker
-    # Released first: the scheduler forgets the task before anything is killed.
+    # Released first (in this same step, before any await): the scheduler forgets the
+    # task before anything is killed, so it never runs it again.
     dask_scheduler.stimulus_cancel([key], client, False, reason or "cancelled", "cancelflow")
     if worker is None:
         return "dropped", None
-    _send_to_worker(
-        dask_scheduler, worker, {"action": "doom", "key": key, "reason": reason, "topic": topic}
-    )
+    message = {"action": "doom", "key": key, "reason": reason, "topic": topic}
+    await _send_to_worker(dask_scheduler, worker, message)
     return "doomed", worker
 
 
-def cancel_run_on_scheduler(
+async def cancel_run_on_scheduler(
     name: str, reason: str | None, keys: list[str], client: str, *, dask_scheduler: Any
 ) -> list[str]:
     """Cancel a run: keep its reason, set its Event, signal its running tasks' workers,
@@ -519,17 +530,19 @@ def cancel_run_on_scheduler(
     dask_scheduler.set_metadata(keys=[REASON_PATH, name], value=reason)
     dask_scheduler.extensions["events"].event_set(name=name)
     dropped = []
+    signals = []
     for key in keys:
         state, worker = _state_of(dask_scheduler, key)
         if worker is None and state not in ("memory", "erred", "forgotten"):
             dropped.append(key)
         elif worker is not None:
-            # Running now: tell its worker directly (one hop on the scheduler's stream),
-            # ahead of the Event, whose watchers would first fetch the reason.
+            # Running now: tell its worker directly, ahead of the Event (whose watchers
+            # first fetch the reason); the Event covers the run's tasks that start later.
             message = {"action": "signal", "key": key, "reason": reason}
-            _send_to_worker(dask_scheduler, worker, message)
+            signals.append(_send_to_worker(dask_scheduler, worker, message))
     if dropped:
         dask_scheduler.stimulus_cancel(dropped, client, False, reason or "cancelled", "cancelflow")
+    await asyncio.gather(*signals)
     return dropped
 
 
