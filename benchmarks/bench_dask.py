@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import selectors
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
@@ -76,34 +74,56 @@ def line(name: str, samples: list[float], target: str = "") -> None:
     )
 
 
+_WATCHER = r"""
+import os, selectors, sys, time
+for line in sys.stdin:
+    fds = [os.pidfd_open(int(pid)) for pid in line.split()]
+    print("ok", flush=True)
+    with selectors.DefaultSelector() as selector:
+        for fd in fds:
+            selector.register(fd, selectors.EVENT_READ)
+        pending = len(fds)
+        while pending:
+            for key, _ in selector.select(30):
+                selector.unregister(key.fileobj)
+                pending -= 1
+    print(time.perf_counter(), flush=True)
+    for fd in fds:
+        os.close(fd)
+"""
+
+
 class GoneWatcher:
-    """Records when every pid of a set has exited (pidfds, in a thread of its own)."""
+    """A helper process that reports when every pid of a set has exited (pidfds).
 
-    def __init__(self, pids: list[int]) -> None:
-        self.fds = [os.pidfd_open(pid) for pid in pids]
-        self.gone_at: float | None = None
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
+    A process of its own, so that the time is taken the moment the kernel reports the
+    exits, not when a thread of this busy process (client and scheduler) gets the GIL.
+    ``time.perf_counter()`` is CLOCK_MONOTONIC, the same clock in every process.
+    """
 
-    def _watch(self) -> None:
-        with selectors.DefaultSelector() as selector:
-            for fd in self.fds:
-                selector.register(fd, selectors.EVENT_READ)
-            pending = len(self.fds)
-            deadline = time.monotonic() + WAIT
-            while pending and time.monotonic() < deadline:
-                for key, _ in selector.select(deadline - time.monotonic()):
-                    selector.unregister(key.fileobj)
-                    pending -= 1
-            if not pending:
-                self.gone_at = time.perf_counter()
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _WATCHER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
-    def result(self) -> float:
-        self.thread.join(WAIT)
-        for fd in self.fds:
-            os.close(fd)
-        assert self.gone_at is not None, "the node's process tree was not gone"
-        return self.gone_at
+    def arm(self, pids: list[int]) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(" ".join(map(str, pids)) + "\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "ok"
+
+    async def gone_at(self) -> float:
+        assert self.proc.stdout is not None
+        line = await asyncio.to_thread(self.proc.stdout.readline)
+        return float(line)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 class Pids:
@@ -131,6 +151,7 @@ async def bench_cancel(runner: DaskRunner, samples: int, how: str) -> dict[str, 
     raised: list[float] = []
     next_plain: list[float] = []
     next_node: list[float] = []
+    watcher = GoneWatcher()
     for _ in range(samples):
         pids = Pids()
         token = CancellationToken()
@@ -140,7 +161,7 @@ async def bench_cancel(runner: DaskRunner, samples: int, how: str) -> dict[str, 
         )
         tree = await asyncio.wait_for(pids.future, WAIT)
         address = await worker_of(client, tree[0])
-        watcher = GoneWatcher(tree)
+        watcher.arm(tree)
         # Waits in that worker's queue (1 thread) behind the node being cancelled.
         queued = client.submit(started_at, workers=[address], pure=False)
         t0 = time.perf_counter()
@@ -159,10 +180,11 @@ async def bench_cancel(runner: DaskRunner, samples: int, how: str) -> dict[str, 
                 pass
         raised.append(time.perf_counter() - t0)
         wall1 = time.time()
-        gone.append(watcher.result() - t0)
+        gone.append(await watcher.gone_at() - t0)
         next_plain.append(await queued - wall0)
         node_start = await runner_on(runner, address).run_sync(started_at)
         next_node.append(node_start - wall1)
+    watcher.close()
     return {"gone": gone, "raised": raised, "next_plain": next_plain, "next_node": next_node}
 
 

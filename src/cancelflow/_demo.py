@@ -661,8 +661,18 @@ class _Demo:
                 "Ctrl-C again: interrupting now (nodes are told to stop; a process node "
                 "that ignores its token is killed)"
             )
-            for task in self.tasks:
-                task.cancel()
+            interrupted = False
+            for pipeline_id in self.executor.registry.active_pipelines():
+                # The executor interrupts the run and still returns its PipelineResult,
+                # so partial results, fates and cleanup stay visible.
+                if self.executor.interrupt(pipeline_id, "interrupted by the user (Ctrl-C twice)"):
+                    interrupted = True
+                    record = self._run_of(pipeline_id)
+                    if record is not None:
+                        record.interrupted_by_user = True
+            if not interrupted:
+                for task in self.tasks:
+                    task.cancel()
         else:
             self.display.note("Ctrl-C a third time: quitting at once, without the final check")
             self.display.stop()
