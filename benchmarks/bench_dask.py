@@ -110,7 +110,8 @@ class GoneWatcher:
         )
 
     def arm(self, pids: list[int]) -> None:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
         self.proc.stdin.write(" ".join(map(str, pids)) + "\n")
         self.proc.stdin.flush()
         assert self.proc.stdout.readline().strip() == "ok"
@@ -147,23 +148,26 @@ async def worker_of(client: Any, child_pid: int) -> str:
 # -- 1 & 2: cancel -> gone, next task ------------------------------------------------------------
 async def bench_cancel(runner: DaskRunner, samples: int, how: str) -> dict[str, list[float]]:
     client = runner.client
+    workers = sorted((await client.scheduler.identity())["workers"])
     gone: list[float] = []
     raised: list[float] = []
     next_plain: list[float] = []
     next_node: list[float] = []
     watcher = GoneWatcher()
-    for _ in range(samples):
+    for index in range(samples):
+        address = workers[index % len(workers)]
+        pinned = runner_on(runner, address)
         pids = Pids()
         token = CancellationToken()
         call = asyncio.ensure_future(
-            runner.run_sync(spin_tree, token=token, partial_sink=pids, grace_period=0.0,
+            pinned.run_sync(spin_tree, token=token, partial_sink=pids, grace_period=0.0,
                             term_grace_period=0.0)
         )
         tree = await asyncio.wait_for(pids.future, WAIT)
-        address = await worker_of(client, tree[0])
-        watcher.arm(tree)
-        # Waits in that worker's queue (1 thread) behind the node being cancelled.
+        # Waits in that worker's queue (1 thread) behind the node about to be cancelled.
         queued = client.submit(started_at, workers=[address], pure=False)
+        watcher.arm(tree)
+        await client.scheduler.identity()  # the queued task has reached the scheduler
         t0 = time.perf_counter()
         wall0 = time.time()
         if how == "token":
@@ -182,7 +186,7 @@ async def bench_cancel(runner: DaskRunner, samples: int, how: str) -> dict[str, 
         wall1 = time.time()
         gone.append(await watcher.gone_at() - t0)
         next_plain.append(await queued - wall0)
-        node_start = await runner_on(runner, address).run_sync(started_at)
+        node_start = await pinned.run_sync(started_at)
         next_node.append(node_start - wall1)
     watcher.close()
     return {"gone": gone, "raised": raised, "next_plain": next_plain, "next_node": next_node}
@@ -245,7 +249,24 @@ async def bench_dask_own(client: Any) -> tuple[float, float, float]:
 
 
 
-async def main(samples: int, rounds: int, address: str) -> None:
+async def main(samples: int, rounds: int) -> None:
+    # The scheduler of a LocalCluster lives in this process: on this event loop (not a
+    # thread of its own), so that it and the client do not trade the GIL at every hop.
+    config = {"distributed.worker.profile.enabled": False, "logging.distributed": "error"}
+    with dask.config.set(config):
+        cluster = await distributed.LocalCluster(
+            processes=True,
+            n_workers=2,
+            threads_per_worker=1,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            asynchronous=True,
+        )
+    async with cluster:
+        await bench_all(samples, rounds, cluster.scheduler_address)
+
+
+async def bench_all(samples: int, rounds: int, address: str) -> None:
     async with DaskRunner(address) as runner:
         client = runner.client
         await client.wait_for_workers(2, timeout=WAIT)
@@ -286,17 +307,7 @@ def run() -> None:
     samples = int(sys.argv[1]) if len(sys.argv) > 1 else 40
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 200
     logger.disable("cancelflow")
-    config = {"distributed.worker.profile.enabled": False, "logging.distributed": "error"}
-    with dask.config.set(config):
-        cluster = distributed.LocalCluster(
-            processes=True,
-            n_workers=2,
-            threads_per_worker=1,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-        )
-    with cluster:
-        asyncio.run(main(samples, rounds, cluster.scheduler_address))
+    asyncio.run(main(samples, rounds))
 
 
 if __name__ == "__main__":

@@ -131,7 +131,7 @@ def asyncio_wake_latency(samples: int) -> list[float]:
     helper.start()
 
     async def main() -> list[float]:
-        latencies = []
+        latencies: list[float] = []
         while len(latencies) < samples:
             token = CancellationToken()
             jobs.put(token)
@@ -166,7 +166,7 @@ def asyncio_raw_wake_latency(samples: int) -> list[float]:
 
     async def main() -> list[float]:
         loop = asyncio.get_running_loop()
-        latencies = []
+        latencies: list[float] = []
         for _ in range(samples):
             future: asyncio.Future[None] = loop.create_future()
             jobs.put((loop, future))

@@ -96,6 +96,10 @@ def fail(message: str) -> None:
     raise ValueError(message)
 
 
+def crash(code: int) -> None:
+    os._exit(code)
+
+
 async def coroutine_node(x: int) -> int:
     await asyncio.sleep(0)
     return x * 2
@@ -528,6 +532,19 @@ class TestDaskRunnerHardCancel:
         async def body(runner: DaskRunner, client: Any) -> None:
             with pytest.raises(ValueError, match="bad row"):
                 await runner.run_sync(fail, "bad row")
+
+        run(lambda: on_processes(process_cluster, body))
+
+    @pytest.mark.allow_leaks
+    def test_child_crash_raises_worker_crashed(self, process_cluster: Any) -> None:
+        """Test that a process node whose child dies by itself raises WorkerCrashedError
+        with the exit code, and the pool replaces the child."""
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            with pytest.raises(WorkerCrashedError) as info:
+                await runner.run_sync(crash, 3)
+            assert info.value.exitcode == 3
+            assert await runner.run_sync(add, 1, 2) == 3
 
         run(lambda: on_processes(process_cluster, body))
 

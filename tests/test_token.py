@@ -99,7 +99,8 @@ def mp_singletons() -> None:
 def mp_context(
     request: pytest.FixtureRequest, mp_singletons: None
 ) -> multiprocessing.context.BaseContext:
-    return multiprocessing.get_context(request.param)
+    method: str = request.param
+    return multiprocessing.get_context(method)
 
 
 @contextlib.contextmanager
@@ -194,7 +195,7 @@ def race_cancels(token: CancellationToken, count: int) -> list[bool | None]:
 
 
 @contextlib.contextmanager
-def sigusr1_storm(handler: Callable[[], None]) -> Iterator[list[int]]:
+def sigusr1_storm(handler: Callable[[], object]) -> Iterator[list[int]]:
     """Run ``handler`` in the main thread on SIGUSR1, sent non-stop by another thread.
 
     Yields a one-item list counting handler runs. The switch interval is shortened so that

@@ -42,6 +42,39 @@ from ._token import CallbackHandle as CallbackHandle, CancellationToken as Cance
 from ._version import __version__ as __version__
 
 
+__all__ = (
+    "CallbackHandle",
+    "CancelflowError",
+    "CancellationRegistry",
+    "CancellationToken",
+    "CancelledException",
+    "EventBus",
+    "Node",
+    "NodeContext",
+    "PipelineDefinitionError",
+    "PipelineEvent",
+    "PipelineExecutor",
+    "PipelineFailedException",
+    "PipelineResult",
+    "PipelineTimeoutException",
+    "PoolClosedError",
+    "ProcessPool",
+    "ProcessPoolStatistics",
+    "Superseder",
+    "TaskFuture",
+    "ThreadPool",
+    "ThreadPoolStatistics",
+    "ThreadTaskFuture",
+    "WorkerCrashedError",
+    "check_cancelled",
+    "critical_section",
+    "current_token",
+    "store_partial",
+    "to_process",
+    "to_thread",
+)
+
+
 def _fixup_module_metadata() -> None:
     # Tracebacks, reprs and docs show ``cancelflow.X``, not ``cancelflow._module.X``.
     for name, value in list(globals().items()):

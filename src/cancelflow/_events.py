@@ -109,8 +109,18 @@ class EventBus:
     """
 
     def __init__(self, *, subscriber_timeout: float | None = 5.0) -> None:
-        if subscriber_timeout is not None and not subscriber_timeout > 0:
-            raise ValueError(f"subscriber_timeout must be > 0 or None, got {subscriber_timeout!r}")
+        if subscriber_timeout is not None:
+            if isinstance(subscriber_timeout, bool) or not isinstance(
+                subscriber_timeout, (int, float)
+            ):
+                raise TypeError(
+                    "subscriber_timeout must be a number of seconds or None, "
+                    f"not {type(subscriber_timeout).__name__}"
+                )
+            if not subscriber_timeout > 0:
+                raise ValueError(
+                    f"subscriber_timeout must be > 0 or None, got {subscriber_timeout!r}"
+                )
         self.subscriber_timeout = subscriber_timeout
         self._subscriptions: tuple[Subscription, ...] = ()
 

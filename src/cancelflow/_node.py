@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,7 +55,11 @@ class Node:
             raise PipelineDefinitionError(
                 f"node {id!r}: fn must be callable, not {type(fn).__name__}", node_id=id
             )
-        if isinstance(deps, str) or not all(isinstance(d, str) for d in deps):
+        if (
+            isinstance(deps, str)
+            or not isinstance(deps, Iterable)
+            or not all(isinstance(d, str) for d in deps)
+        ):
             raise PipelineDefinitionError(
                 f"node {id!r}: deps must be a sequence of node ids (str), got {deps!r}",
                 node_id=id,

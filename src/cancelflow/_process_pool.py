@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from dataclasses import dataclass, field
 from typing import Any
@@ -230,6 +230,8 @@ class ProcessPool(concurrent.futures.Executor):
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
         self._grace = _seconds(grace_period, "grace_period")
         self._term_grace = _seconds(term_grace_period, "term_grace_period")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, not {type(name).__name__}")
         self.name = name or f"process-pool-{id(self):x}"
         self._size = max_workers
         self._lock = threading.Lock()
@@ -333,6 +335,10 @@ class ProcessPool(concurrent.futures.Executor):
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        if isinstance(args, (str, bytes)) or not isinstance(args, Iterable):
+            raise TypeError(f"args must be an iterable of arguments, not {type(args).__name__}")
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise TypeError(f"kwargs must be a mapping or None, not {type(kwargs).__name__}")
         if token is not None and not isinstance(token, CancellationToken):
             raise TypeError(f"token must be a CancellationToken, not {type(token).__name__}")
         timeout = None if timeout is None else _seconds(timeout, "timeout", positive=True)
@@ -343,7 +349,7 @@ class ProcessPool(concurrent.futures.Executor):
             else _seconds(term_grace_period, "term_grace_period")
         )
         if partial_sink is not None and not callable(partial_sink):
-            raise TypeError("partial_sink must be callable")
+            raise TypeError(f"partial_sink must be callable, not {type(partial_sink).__name__}")
         if self._closing:
             raise PoolClosedError(f"{self.name} is shut down")
         call = (fn, tuple(args), dict(kwargs or {}))
@@ -357,7 +363,8 @@ class ProcessPool(concurrent.futures.Executor):
                 _TaskPickler(buffer, (token,)).dump(call)
                 payload = buffer.getvalue()
         except Exception as exc:
-            raise TypeError(f"the task cannot be sent to a process: {exc}") from exc
+            part = _unpicklable_part(call, token)
+            raise TypeError(f"{part} cannot be sent to a process: {exc}") from exc
         future = TaskFuture()
         task = _Task(
             self, next(_seq), payload, future, token, grace, term_grace, timeout, partial_sink
@@ -404,6 +411,8 @@ class ProcessPool(concurrent.futures.Executor):
             WorkerCrashedError: the worker died by itself.
             Exception: whatever ``fn`` raised.
         """
+        if token is not None and not isinstance(token, CancellationToken):
+            raise TypeError(f"token must be a CancellationToken, not {type(token).__name__}")
         if token is not None and token.is_cancelled:
             reason = token.cancel_reason
             raise CancelledException(reason or "operation cancelled", reason=reason)
@@ -1000,6 +1009,21 @@ class _AsyncWaiter:
     def _set(self) -> None:
         if not self.result.done():
             self.result.set_result(None)
+
+
+def _unpicklable_part(call: tuple[Any, tuple[Any, ...], dict[str, Any]], token: Any) -> str:
+    """Name the part of a task that does not pickle: ``fn``, ``args[i]`` or ``kwargs[k]``."""
+    fn, args, kwargs = call
+    parts = [("fn", fn)]
+    parts += [(f"args[{index}]", value) for index, value in enumerate(args)]
+    parts += [(f"kwargs[{key!r}]", value) for key, value in kwargs.items()]
+    tokens = (token,) if token is not None else ()
+    for name, value in parts:
+        try:
+            _TaskPickler(io.BytesIO(), tokens).dump(value)
+        except Exception:  # noqa: BLE001 - this is the part that does not pickle
+            return name
+    return "the task"
 
 
 def _crash_error(worker: _WorkerHandle) -> WorkerCrashedError:

@@ -150,7 +150,11 @@ class CancellationRegistry:
 
         Handlers that have not started are dropped; a cleanup that is running goes on to
         its end (whoever awaits it still gets it).
+
+        Raises:
+            TypeError: ``pipeline_id`` is not a non-empty string.
         """
+        _check_id(pipeline_id)
         entry = self._entries.get(pipeline_id)
         if entry is None:
             return False
@@ -177,8 +181,9 @@ class CancellationRegistry:
         Raises:
             KeyError: no pipeline ``pipeline_id`` is registered (never was, or finished).
             RuntimeError: the pipeline's cleanup has already started or it has finished.
-            TypeError: ``handler`` is not callable.
+            TypeError: ``handler`` is not callable, or ``pipeline_id`` not a string.
         """
+        _check_id(pipeline_id)
         if not callable(handler):
             raise TypeError(f"handler must be callable, not {type(handler).__name__}")
         entry = self._get(pipeline_id)
@@ -225,6 +230,7 @@ class CancellationRegistry:
         return dict(self._get(pipeline_id).partials)
 
     def _get(self, pipeline_id: str) -> _Entry:
+        _check_id(pipeline_id)
         entry = self._entries.get(pipeline_id)
         if entry is None:
             raise KeyError(f"no pipeline {pipeline_id!r} is registered (unknown or finished)")
@@ -250,8 +256,10 @@ class CancellationRegistry:
         run.
 
         Raises:
-            TypeError: ``reason`` is neither a string nor ``None``.
+            TypeError: ``reason`` is neither a string nor ``None``, or ``pipeline_id`` is
+                not a non-empty string.
         """
+        _check_id(pipeline_id)
         entry = self._entries.get(pipeline_id)
         if entry is None or entry.finished:
             if reason is not None and not isinstance(reason, str):
@@ -276,8 +284,10 @@ class CancellationRegistry:
         Returns ``True`` if this call cancelled the token (see :meth:`cancel`).
 
         Raises:
-            TypeError: ``reason`` is neither a string nor ``None``.
+            TypeError: ``reason`` is neither a string nor ``None``, or ``pipeline_id`` is
+                not a non-empty string.
         """
+        _check_id(pipeline_id)
         entry = self._entries.get(pipeline_id)
         if entry is None or entry.finished:
             if reason is not None and not isinstance(reason, str):
@@ -301,7 +311,12 @@ class CancellationRegistry:
         While it blocks: it waits, as :meth:`cancel` does, until every pipeline has
         stopped (graceful ones finish their running wave) and its handlers have run. If
         the awaiting task is cancelled, the cancellations and cleanups go on without it.
+
+        Raises:
+            TypeError: ``reason`` is neither a string nor ``None`` (nothing is cancelled).
         """
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError(f"reason must be a str or None, not {type(reason).__name__}")
         cancelled: list[str] = []
         entries = [entry for entry in self._entries.values() if not entry.finished]
         for entry in entries:

@@ -611,6 +611,8 @@ class ThreadPool(Executor):
         """Validate a submission; ``None`` means ``token`` is already cancelled."""
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        if isinstance(args, (str, bytes)) or not isinstance(args, Iterable):
+            raise TypeError(f"args must be an iterable of arguments, not {type(args).__name__}")
         if kwargs is not None and not isinstance(kwargs, Mapping):
             raise TypeError(f"kwargs must be a mapping or None, not {type(kwargs).__name__}")
         if token is not None and not isinstance(token, CancellationToken):

@@ -311,8 +311,10 @@ class _Core:
                 if call.dropped or token is None or not token.is_cancelled or signalled:
                     continue
                 signalled = True
-                ladder = call.grace + (call.term_grace if call.mode == "process" else 0.0)
-                deadline = loop.time() + ladder + _BACKSTOP
+                if call.mode == "process":  # the worker runs the ladder; this is a backstop
+                    deadline = loop.time() + call.grace + call.term_grace + _BACKSTOP
+                else:  # only asked: after its grace, the task is released
+                    deadline = loop.time() + call.grace
                 run_token = call.run_token
                 if run_token is not None and run_token.is_cancelled:
                     continue  # the run's Event carries it to every worker
@@ -589,8 +591,9 @@ class DaskRunner:
         :class:`CancelledException` once the child's tree is confirmed gone, with every
         partial result the node stored (they were also given to ``partial_sink``). A
         thread or loop node is only asked; if it has not ended ``grace_period`` seconds
-        (plus a backstop) after the cancel, its Dask task is released and the call raises
-        without waiting for the thread. If the awaiting asyncio task is cancelled, the
+        after the cancel, its Dask task is released, the call waits ``term_grace_period``
+        more for the thread to return, then raises anyway (the thread, which Dask cannot
+        stop, runs on until it returns). If the awaiting asyncio task is cancelled, the
         Dask task is released at once, its tree killed and confirmed gone, then
         ``asyncio.CancelledError`` propagates. Nothing of the call is left on the
         scheduler: its key is released when the call ends.

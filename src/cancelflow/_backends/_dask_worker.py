@@ -288,6 +288,7 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
             presignalled = key in self.presignalled
             reason = self.presignalled.pop(key, None)
         timeout_token: CancellationToken | None = None
+        stopped: CancelledException | None = None
         try:
             if presignalled:
                 token.cancel(reason)
@@ -318,10 +319,7 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
             if isinstance(exc, PipelineTimeoutException) and exc.timeout == spec.get("timeout"):
                 ours = True
             if ours:
-                # Tell the client now (the tree is gone): it need not wait for the result.
-                with contextlib.suppress(Exception):
-                    blob = _dask_child.dump_value(exc)
-                    self._emit(spec["topic"], {"op": "stopped", "key": key, "error": blob})
+                stopped = exc
                 raise _Stopped(exc) from None
             raise
         finally:
@@ -332,6 +330,12 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
             if run is not None:
                 self._leave_run(run)
             token.close()
+            if stopped is not None:
+                # Nothing of the node is left (its tree is confirmed gone): tell the client
+                # now, rather than let it wait for the result to travel and be gathered.
+                with contextlib.suppress(Exception):
+                    blob = _dask_child.dump_value(stopped)
+                    self._emit(spec["topic"], {"op": "stopped", "key": key, "error": blob})
 
     def _run_in_child(
         self, remote: _Remote, spec: dict[str, Any], sink: Callable[[str, Any], None]
@@ -592,9 +596,6 @@ def worker_census(*, dask_worker: Any) -> dict[str, Any]:
         for pid in descendants(os.getpid())
         if pid not in expected and not _is_mp_helper(pid)
     ]
-    if extra and pool is not None:  # DEBUG
-        extra.append(repr([(w.pid, w.state, w.index) for w in pool._workers.values()]))
-        extra.append(repr(stats))
     return {
         "tasks": tasks,
         "runs": runs,
