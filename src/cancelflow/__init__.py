@@ -41,7 +41,6 @@ from ._thread_pool import (
 from ._token import CallbackHandle as CallbackHandle, CancellationToken as CancellationToken
 from ._version import __version__ as __version__
 
-
 __all__ = (
     "CallbackHandle",
     "CancelflowError",
