@@ -428,6 +428,56 @@ class TestDaskRunnerLogic:
 
         run(lambda: in_process(body))
 
+    def test_pipeline_cancel_stops_its_dask_nodes(self) -> None:
+        """Test that cancelling a pipeline (interrupt mode) stops its running Dask node
+        through the run's Event and reports what the node stored."""
+        from cancelflow._executor import PipelineExecutor
+
+        async def body(runner: DaskRunner, client: Any) -> None:
+            reports = Reports()
+            spy = _SpyRunner(runner, reports)
+            executor = PipelineExecutor(thread_pool=spy, process_pool=spy, mode="interrupt")
+            token = CancellationToken()
+            nodes = [Node("slow", _pipeline_node, run_in="thread")]
+            run_task = asyncio.ensure_future(
+                executor.execute_pipeline("dask-cancel", nodes, cancel_token=token)
+            )
+            await reports.wait("started")
+            token.cancel("stop the pipeline")
+            with pytest.raises(CancelledException) as info:
+                await run_task
+            assert info.value.reason == "stop the pipeline"
+            assert info.value.partial_results == {"slow.started": "slow"}
+
+        run(lambda: in_process(body))
+
+
+def _pipeline_node(ctx: NodeContext) -> str:
+    ctx.store_partial("started", ctx.node_id)
+    while not ctx.token.is_cancelled:
+        ctx.token.wait_blocking(0.05)
+    ctx.token.raise_if_cancelled()
+    return "unreachable"
+
+
+class _SpyRunner:
+    """A runner that also tells the test what the nodes store."""
+
+    def __init__(self, runner: DaskRunner, reports: Reports) -> None:
+        self.runner = runner
+        self.reports = reports
+
+    async def run_sync(self, fn: Any, *args: Any, partial_sink: Any = None, **options: Any) -> Any:
+        def sink(key: str, value: Any) -> None:
+            if partial_sink is not None:
+                partial_sink(key, value)
+            self.reports(key, value)
+
+        return await self.runner.run_sync(fn, *args, partial_sink=sink, **options)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.runner.shutdown(wait, cancel_futures=cancel_futures)
+
 
 # == hard cancel (shared processes=True cluster) ==============================================
 class TestDaskRunnerHardCancel:

@@ -403,3 +403,18 @@ class TestRunSync:
         with pytest.raises(CancelledException, match="before"):
             asyncio.run(self._run(pool.run_sync(workloads.whoami, token=token)))
         assert pool.statistics().completed_total == 0
+
+
+class TestTaskFutureKill:
+    def test_kill_skips_the_grace_periods(self) -> None:
+        """Test that TaskFuture.kill() SIGKILLs at once even with long grace periods."""
+        seen = Announcements()
+        with ProcessPool(1, grace_period=3600, term_grace_period=3600) as pool:
+            future = pool.submit_task(workloads.announce_and_finish_in_finally, partial_sink=seen)
+            worker = seen.wait("pid")
+            assert future.kill("now")
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(WAIT)
+            assert future.fate == "killed"
+            assert "finally" not in future.partial_results
+            assert_gone(worker)

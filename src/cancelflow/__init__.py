@@ -8,6 +8,7 @@ modules is private.
 from __future__ import annotations
 
 from . import to_process as to_process, to_thread as to_thread
+from ._backends._dask import DaskRunner as DaskRunner
 from ._context import (
     check_cancelled as check_cancelled,
     critical_section as critical_section,
@@ -47,6 +48,7 @@ __all__ = (
     "CancellationRegistry",
     "CancellationToken",
     "CancelledException",
+    "DaskRunner",
     "EventBus",
     "Node",
     "NodeContext",

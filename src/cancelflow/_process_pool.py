@@ -109,6 +109,25 @@ class TaskFuture(concurrent.futures.Future[Any]):
         task.pool._request_stop(task, "future", "future cancelled")
         return True
 
+    def kill(self, reason: str | None = "killed") -> bool:
+        """Stop the task at once: SIGKILL its worker and whole process tree, no grace.
+
+        Like :meth:`cancel` (a queued task never starts; the future ends cancelled once
+        the worker and its tree are confirmed gone), but skipping the token and SIGTERM
+        steps: no ``finally`` block of the task runs. Returns ``False`` if it already
+        finished.
+        """
+        with self._condition:
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+            if self._state == FINISHED:
+                return False
+        task = self._task
+        if task is None:
+            return super().cancel()
+        task.pool._request_stop(task, "future", reason, kill=True)
+        return True
+
     def running(self) -> bool:
         return self.fate == "running"
 
@@ -513,8 +532,10 @@ class ProcessPool(concurrent.futures.Executor):
             with contextlib.suppress(OSError):
                 os.write(wake, b"\0")
 
-    def _request_stop(self, task: _Task, kind: str, reason: str | None) -> None:
-        if task.done or task.stop_kind is not None:
+    def _request_stop(
+        self, task: _Task, kind: str, reason: str | None, *, kill: bool = False
+    ) -> None:
+        if task.done or (task.stop_kind is not None and not kill):
             return
         with self._lock:
             queued = task.worker is None and task in self._queue
@@ -524,7 +545,7 @@ class ProcessPool(concurrent.futures.Executor):
         if queued:
             self._finish(task, "cancelled")
         else:
-            self._post(("stop", task, kind, reason))
+            self._post(("kill" if kill else "stop", task, kind, reason))
 
     # == supervisor thread ===================================================================
     def _run(self) -> None:
@@ -565,6 +586,13 @@ class ProcessPool(concurrent.futures.Executor):
         kind = command[0]
         if kind == "stop":
             self._stop(command[1], command[2], command[3])
+        elif kind == "kill":
+            task = command[1]
+            self._stop(task, command[2], command[3])
+            worker = task.worker
+            if not task.done and worker is not None and worker.task is task and task.stage < 3:
+                task.stage = 3
+                self._kill(worker)
         elif kind == "close":
             if command[1]:
                 self._cancel_running_on_close = True

@@ -213,7 +213,10 @@ class _Worker:
             self.sock.sendall(data)
 
     def serve(self) -> None:
-        self.send(("ready", os.getpid()))
+        try:
+            self.send(("ready", os.getpid()))
+        except OSError:  # the pool closed this worker's channel while it was starting
+            return
         while True:
             try:
                 message = recv_frame(self.sock)

@@ -474,9 +474,13 @@ class DaskRunner:
     for the node tokens that :class:`PipelineExecutor` makes with ``.child()``, or the
     ``run_token=`` argument) form one run, with one ``distributed.Event``. Each worker
     watches it with a single long-poll and sets a local token, so ``ctx.token.is_cancelled``
-    in a node is a local memory read, never a scheduler round trip. Events are cleared
-    when the run's last call ends. A token cancelled on its own (not its run) reaches its
-    task through the scheduler, as a message to that task's worker.
+    in a node is a local memory read, never a scheduler round trip. Cancelling the run
+    sets the Event (and its reason) in one step on the scheduler, which also messages the
+    workers of the run's running tasks directly (faster than the watchers, which first
+    fetch the reason) and drops the run's tasks that have not reached a worker; the Event
+    catches every task of the run that starts later. The Event is cleared when the run's
+    last call ends. A token cancelled on its own (not its run) reaches its task the same
+    way, as a message to that task's worker.
 
     Partial results stored by a node reach ``partial_sink`` in this process as Dask worker
     events on the runner's own topic, before the call returns or raises, also when the

@@ -25,7 +25,15 @@ Hard cancel: when the scheduler releases one of our executing tasks (``future.ca
 SIGKILLs the child that runs it with its whole process tree, at once. The Dask thread then
 returns (once every process of the tree is confirmed gone), the worker forgets the task,
 and keeps its other tasks and data. The release comes first, so the scheduler never runs
-the task again.
+the task again. The runner's own stops also reach the plugin as direct calls from the
+scheduler to the worker handler ``"cancelflow"`` (``signal``: set the task's token;
+``doom``: kill now, and publish ``ended`` once the worker has forgotten the task), which
+avoids the batching delay of the scheduler's stream to the worker.
+
+What goes back to the client travels as worker events (``log_event``) on the runner's
+topic, in one ordered stream: ``partial`` (a stored partial result), ``stopped`` (the
+node was stopped and nothing of it is left; carries the error) and ``ended`` (a task the
+runner stopped has left the worker).
 """
 
 from __future__ import annotations
