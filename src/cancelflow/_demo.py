@@ -11,9 +11,14 @@ stopped it shows the reason, the wave that was running, each node's fate, the pa
 results kept, the cleanup handlers that ran, the latency it measured, and it checks that
 no process or thread it started is left.
 
+With ``--dask ADDRESS`` the same pipeline runs on a Dask ``distributed`` cluster through
+:class:`~cancelflow._backends._dask.DaskRunner` (its thread and process pools); ``--dask
+local`` starts a ``LocalCluster`` on 127.0.0.1 for the demo and closes it at the end, and
+the final check then also covers the cluster's processes.
+
 Exit codes: 0 the story ran to its end and nothing is left; 1 something was left
-running or went wrong; 2 bad command line; 130 the user interrupted the cancel with a
-second Ctrl-C (and nothing is left).
+running or went wrong; 2 bad command line (or ``--dask`` without ``distributed``
+installed); 130 the user interrupted the cancel with a second Ctrl-C (and nothing is left).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
+import logging
 import os
 import shutil
 import signal
@@ -63,6 +70,18 @@ PROCESS_GRACE = 0.3
 THREAD_GRACE = 0.5
 SUPERSEDE_KEY = "report:alice"
 _CPU_WAVE = 2
+#: ``--dask local``: one worker process (of one thread) per node of the process wave, so
+#: that all three run at once, as with the demo's own process pool.
+DASK_LOCAL_WORKERS = 3
+#: Seconds to wait for a Dask cluster's workers (and for ``--dask local`` to close).
+DASK_PATIENCE = 60.0
+#: Threads that ``distributed`` starts once per interpreter and never ends (its offload
+#: executor): not the demo's to stop, so the final check does not count them.
+_DASK_PROCESS_WIDE_THREADS = ("Dask-Offload",)
+_DASK_MISSING = (
+    "cancelflow demo --dask needs Dask distributed, which is not installed: "
+    "pip install 'cancelflow[dask]'"
+)
 
 
 @dataclass(frozen=True)
@@ -137,13 +156,17 @@ what it shows:
   killed process node stored), the cleanup handlers that ran (exactly once), the latency
   it measured, and checks that no process or thread it started is left.
 
+--dask ADDRESS runs the same pipeline on a Dask distributed cluster (--dask local starts
+one on 127.0.0.1 and closes it at the end): process nodes run in a child process of a
+worker and are hard-cancelled there; loop and thread nodes are cooperative only.
+
 Ctrl-C cancels the pipeline in its --mode; a second Ctrl-C interrupts a cancel that is
 still running (a third one quits at once, skipping the final check).
 
 exit codes:
   0    the story ran to its end (cancelled, superseded, or completed) and nothing is left
   1    something it started is still running, or something went wrong (see "problems")
-  2    bad command line
+  2    bad command line, or --dask without distributed (pip install 'cancelflow[dask]')
   130  interrupted by a second Ctrl-C; everything stopped and nothing is left
 """
 
@@ -203,6 +226,17 @@ def add_parser(sub: Any) -> None:
         help=(
             "instead of cancelling, send a newer request for the same key: it supersedes "
             "the running one (cancelled in its --mode), then runs to completion"
+        ),
+    )
+    parser.add_argument(
+        "--dask",
+        default=None,
+        metavar="ADDRESS",
+        help=(
+            "run the pipeline on a Dask distributed cluster: a scheduler address "
+            "(tcp://host:8786), or 'local' to start a LocalCluster on 127.0.0.1 "
+            f"({DASK_LOCAL_WORKERS} worker processes) and close it at the end; "
+            "needs pip install 'cancelflow[dask]'"
         ),
     )
     parser.add_argument(
@@ -422,6 +456,15 @@ class _NodeRecord:
 
 
 @dataclass
+class _DaskTarget:
+    """Where ``--dask`` runs the pipeline."""
+
+    address: str
+    local: bool  # a LocalCluster the demo started: its processes are the demo's children
+    workers: int | None = None  # how many workers to wait for (None: at least one)
+
+
+@dataclass
 class _RunRecord:
     request: int
     pipeline_id: str
@@ -441,10 +484,11 @@ class _RunRecord:
         default_factory=lambda: dict.fromkeys(_CLEANUP_HANDLERS, 0)
     )
     error: str | None = None
+    extra_context: dict[str, Any] = field(default_factory=dict)
 
     @property
     def context(self) -> dict[str, Any]:
-        return {**self.work, "scratch": self.scratch}
+        return {**self.work, "scratch": self.scratch, **self.extra_context}
 
     def label(self, node_id: str) -> str:
         record = self.nodes[node_id]
@@ -459,17 +503,23 @@ class _Demo:
         self,
         args: argparse.Namespace,
         display: _Display,
-        threads: ThreadPool,
-        processes: _DemoProcessPool,
+        threads: ThreadPool | None,
+        processes: _DemoProcessPool | None,
         seen: dict[int, psutil.Process],
         seen_threads: set[threading.Thread],
         threads_before: set[threading.Thread],
+        dask: _DaskTarget | None = None,
     ) -> None:
         self.args = args
         self.mode: str = args.mode
         self.display = display
         self.threads = threads
         self.processes = processes
+        self.dask = dask
+        #: whether the pids the nodes report are on this machine (and ours to check)
+        self.local_pids = dask is None or dask.local
+        #: what the runs left on the Dask workers, by worker address (nothing, expected)
+        self.dask_left: dict[str, Any] = {}
         self.seen = seen
         self.seen_threads = seen_threads
         self.threads_before = threads_before
@@ -487,9 +537,46 @@ class _Demo:
     # -- the story ---------------------------------------------------------------------------
     async def main(self) -> None:
         self.loop = asyncio.get_running_loop()
+        if self.dask is None:
+            await self._main(self.threads, self.processes)
+            return
+        from ._backends._dask import DaskRunner
+        from ._backends._dask_worker import worker_census
+
+        dask = self.dask
+        # A process node that ignores its token: SIGKILL of its child's tree on the worker
+        # after PROCESS_GRACE, as with the demo's own process pool.
+        async with DaskRunner(
+            dask.address, grace_period=PROCESS_GRACE, term_grace_period=0.0
+        ) as runner:
+            client = runner.client
+            await asyncio.wait_for(client.wait_for_workers(dask.workers or 1), DASK_PATIENCE)
+            # Wait until every worker's warm pool of children is ready (the census waits).
+            await asyncio.wait_for(client.run(worker_census), DASK_PATIENCE)
+            info = await client.scheduler.identity()
+            workers = info.get("workers", {})
+            threads = sum(int(w.get("nthreads", 0)) for w in workers.values())
+            self.display.note(
+                f"Dask cluster {dask.address}"
+                + (" (LocalCluster started by the demo)" if dask.local else "")
+                + f": {len(workers)} workers, {threads} threads; process nodes run in a "
+                f"child of a worker (ladder: token, then SIGKILL of its tree after "
+                f"{PROCESS_GRACE:g} s), loop and thread nodes are cooperative"
+            )
+            self._note_started(psutil.Process())
+            await self._main(runner.with_run_in("thread"), runner)
+            # Nothing of the runs may be left on the workers: no task, no run, no process
+            # besides each worker's idle pool.
+            census = await asyncio.wait_for(client.run(worker_census), DASK_PATIENCE)
+            for worker, held in census.items():
+                left = {key: held[key] for key in ("tasks", "runs", "extra_processes")}
+                if any(left.values()):
+                    self.dask_left[worker] = left
+
+    async def _main(self, thread_pool: Any, process_pool: Any) -> None:
         self.executor = PipelineExecutor(
-            thread_pool=self.threads,
-            process_pool=self.processes,
+            thread_pool=thread_pool,
+            process_pool=process_pool,
             mode="interrupt" if self.mode == "interrupt" else "graceful",
             graceful_timeout=self.args.grace,
         )
@@ -521,6 +608,10 @@ class _Demo:
             tempfile.mkdtemp(prefix=f"cancelflow-demo-{request}-"),
             launched=time.perf_counter(),
         )
+        if self.dask is not None:
+            # On Dask the process nodes report their child's pid (the demo's own pool
+            # knows its workers' pids; a Dask worker's children are not the client's).
+            run.extra_context["report_pid"] = True
         for node in _pipeline():
             run.nodes[node.id] = _NodeRecord(node.id, _NODE_WAVE[node.id], node.run_in)
         self.runs.append(run)
@@ -566,7 +657,10 @@ class _Demo:
         for node_id, fate in run.result.node_fates.items():
             node = run.nodes.get(node_id)
             if node is not None and node.fate != fate:
-                node.fate, node.detail = fate, _detail(node.run_in, fate)
+                node.fate, node.detail = (
+                    fate,
+                    _detail(node.run_in, fate, self.dask is not None, not self.local_pids),
+                )
                 self.display.status(f"{run.pipeline_id}/{node_id}", fate, node.detail)
 
     def _mark_not_started(self, run: _RunRecord) -> None:
@@ -733,12 +827,12 @@ class _Demo:
         if node.event == "node_failed":
             return "failed", node.error or ""
         fate = "cancelled"
-        if node.run_in == "process":
+        if node.run_in == "process" and self.processes is not None:
             future = self.processes.futures.get((run.pipeline_id, node.id))
             if future is not None:
                 node.worker_pid = future.pid
                 fate = future.fate
-        return fate, _detail(node.run_in, fate)
+        return fate, _detail(node.run_in, fate, self.dask is not None, not self.local_pids)
 
     def _register_cleanup(self, run: _RunRecord) -> None:
         registry = self.executor.registry
@@ -773,7 +867,11 @@ class _Demo:
                         node_id, _, name = key.partition(".")
                         if name == "so_far" and isinstance(value, dict):
                             self.display.progress(f"{pipeline_id}/{node_id}", float(value["done"]))
-                        elif name == "helper_pid" and isinstance(value, int):
+                        elif (
+                            name in ("helper_pid", "pid")
+                            and isinstance(value, int)
+                            and self.local_pids
+                        ):
                             _remember(self.seen, value)
             if tick % 5 == 0:
                 self._note_started(me)
@@ -790,20 +888,39 @@ class _Demo:
     def _inspect_processes(self) -> None:
         """Right after the runs: are the workers and helpers of stopped nodes gone?"""
         self._note_started(psutil.Process())
+        if not self.local_pids:  # a remote cluster's pids cannot be checked from here
+            return
         for run in self.runs:
             partials = self._partials(run)
             for node in run.nodes.values():
                 if node.run_in != "process" or node.started is None:
                     continue
-                if node.worker_pid is None:
+                if node.worker_pid is None and self.processes is not None:
                     future = self.processes.futures.get((run.pipeline_id, node.id))
                     node.worker_pid = future.pid if future is not None else None
+                elif node.worker_pid is None:
+                    pid = partials.get(f"{node.id}.pid")
+                    node.worker_pid = pid if isinstance(pid, int) else None
                 if node.worker_pid is not None:
                     node.worker_alive = _alive(node.worker_pid)
                 helper = partials.get(f"{node.id}.helper_pid")
                 if isinstance(helper, int):
                     node.helper_pid = helper
                     node.helper_alive = _alive(helper)
+                if self.dask is not None:
+                    self._refine_dask_fate(run, node)
+
+    def _refine_dask_fate(self, run: _RunRecord, node: _NodeRecord) -> None:
+        """On a local Dask cluster: tell a process node stopped at its token from a killed one.
+
+        A child of a worker's warm pool outlives a node that stopped at its token (it runs
+        the next one); the child of a node that ignored it is killed with its tree and
+        replaced. So a stopped node whose child is gone was killed.
+        """
+        if node.fate != "cancelled" or node.worker_pid is None or node.worker_alive:
+            return
+        node.fate, node.detail = "killed", _detail(node.run_in, "killed", True)
+        self.display.status(f"{run.pipeline_id}/{node.id}", node.fate, node.detail)
 
     def _partials(self, run: _RunRecord) -> dict[str, Any]:
         if run.result is not None:
@@ -811,12 +928,16 @@ class _Demo:
         return dict(run.partials or {})
 
 
-def _detail(run_in: str, fate: str) -> str:
-    """What a fate means, for the node's place."""
+def _detail(run_in: str, fate: str, on_dask: bool = False, remote: bool = False) -> str:
+    """What a fate means, for the node's place (``remote``: a cluster the demo cannot see)."""
+    if fate == "cancelled" and run_in == "process" and remote:
+        return "stopped on its worker: at its token, or its child's tree killed after the grace"
     if fate == "cancelled":
         if run_in == "loop":
             return "asyncio.CancelledError at its next await"
         return "stopped at its token"
+    if on_dask and fate == "killed":
+        return "ignored its token: its child's process tree SIGKILLed, the Dask worker goes on"
     return {
         "killed": "ignored its token: SIGKILL, with its process tree",
         "terminated": "SIGTERM became an exception; its finally blocks ran",
@@ -854,16 +975,21 @@ def _leftovers(
     seen_threads: set[threading.Thread],
     threads_before: set[threading.Thread],
     patience: float = 5.0,
+    ignore_threads: tuple[str, ...] = (),
+    ignore_pids: frozenset[int] = frozenset(),
 ) -> tuple[list[dict[str, Any]], list[str], int, int]:
     """What the demo started and is still there, after waiting at most ``patience`` s.
 
-    Returns the processes and threads left, and how many of each were checked.
+    Returns the processes and threads left, and how many of each were checked. Threads
+    whose name starts with one of ``ignore_threads``, and the processes ``ignore_pids``
+    (children that existed before the demo started), are not the demo's: not counted.
     """
     me = psutil.Process()
     seen = dict(seen)
     with contextlib.suppress(psutil.Error):
         for child in me.children(recursive=True):
-            seen.setdefault(child.pid, child)
+            if child.pid not in ignore_pids:
+                seen.setdefault(child.pid, child)
     deadline = time.monotonic() + patience
 
     def running_procs() -> list[psutil.Process]:
@@ -878,10 +1004,15 @@ def _leftovers(
                 continue
         return out
 
-    def new_threads() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+    def ours(thread: threading.Thread) -> bool:
+        return thread not in threads_before and not thread.name.startswith(ignore_threads)
 
-    started_threads = seen_threads | {t for t in threading.enumerate() if t not in threads_before}
+    def new_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if ours(t) and t.is_alive()]
+
+    started_threads = {t for t in seen_threads if ours(t)} | {
+        t for t in threading.enumerate() if ours(t)
+    }
     while True:
         procs, threads = running_procs(), new_threads()
         remaining = deadline - time.monotonic()
@@ -1017,6 +1148,8 @@ def _problems(summary: dict[str, Any]) -> list[str]:
         problems.append(f"processes left running: {left['processes_left']}")
     if left["threads_left"]:
         problems.append(f"threads left running: {left['threads_left']}")
+    if left.get("dask_workers_left"):
+        problems.append(f"left on the Dask workers: {left['dask_workers_left']}")
     return problems
 
 
@@ -1047,6 +1180,10 @@ def _render(summary: dict[str, Any]) -> str:
     if summary["interrupted_by_user"]:
         headline += ", then interrupted by a second Ctrl-C"
     add(f"== {first['pipeline_id']}: {headline} ==")
+    dask = summary.get("dask")
+    if dask:
+        where = "a LocalCluster started by the demo, closed since" if dask["local_cluster"] else ""
+        add(f"  ran on         : Dask {dask['address']}" + (f" ({where})" if where else ""))
     add(f"  reason         : {first['reason'] or '-'}")
     mode = summary["mode"]
     stopped = [
@@ -1148,6 +1285,13 @@ def _render(summary: dict[str, Any]) -> str:
             f"Final check: no process left ({check['processes_checked']} started by the demo, "
             f"all gone), no thread left ({check['threads_checked']} started, all ended)"
         )
+        if dask:
+            add(
+                "  and nothing on the Dask workers after the run: no task, no run, no process "
+                "besides each worker's idle pool"
+            )
+        if dask and dask["local_cluster"]:
+            add("  (the processes checked include the LocalCluster's, all gone after its close)")
     else:
         add(
             f"Final check FAILED: processes left {check['processes_left']}, threads left {check['threads_left']}"
@@ -1198,7 +1342,9 @@ def _summarize(
         "timer_fired_after_completion": demo.timer_late,
         "runs": runs,
         "latency_ms": latency,
-        "thread_pool": {
+        "thread_pool": None
+        if thread_stats is None
+        else {
             "abandoned_total": thread_stats.abandoned_total,
             "cancelled": thread_stats.cancelled,
         },
@@ -1209,7 +1355,16 @@ def _summarize(
             "threads_left": threads_left,
         },
     }
-    summary["nothing_left"] = not procs_left and not threads_left
+    if demo.dask is not None:
+        summary["dask"] = {
+            "address": demo.dask.address,
+            "local_cluster": demo.dask.local,
+            "workers": demo.dask.workers,
+        }
+        summary["final_check"]["dask_workers_left"] = demo.dask_left
+    summary["nothing_left"] = (
+        not procs_left and not threads_left and not summary["final_check"].get("dask_workers_left")
+    )
     summary["problems"] = _problems(summary)
     if summary["problems"]:
         summary["exit_code"] = EXIT_PROBLEM
@@ -1223,6 +1378,13 @@ def _summarize(
 # == entry point ================================================================================
 def run(args: argparse.Namespace) -> int:
     """Run the demo for the parsed ``args``; return the exit code (see the module docstring)."""
+    if getattr(args, "dask", None) is not None:
+        if not args.dask.strip():
+            print("cancelflow demo: --dask needs a scheduler address or 'local'", file=sys.stderr)
+            return EXIT_USAGE
+        if importlib.util.find_spec("distributed") is None:
+            print(_DASK_MISSING, file=sys.stderr)
+            return EXIT_USAGE
     out: TextIO = sys.stderr if args.json else sys.stdout
     display = _make_display(out, args.plain)
     sink_id: int | None = None
@@ -1235,6 +1397,12 @@ def run(args: argparse.Namespace) -> int:
             level=args.log_level,
             format="{level} {message} {extra}",
         )
+    if args.dask is not None and args.dask.strip().lower() == "local":
+        # multiprocessing's resource tracker (which the LocalCluster's process start needs)
+        # lives as long as this interpreter: started now, it is not counted as the demo's.
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
     threads_before = set(threading.enumerate())
     seen: dict[int, psutil.Process] = {}
     seen_threads: set[threading.Thread] = set()
@@ -1242,25 +1410,47 @@ def run(args: argparse.Namespace) -> int:
     demo: _Demo | None = None
     threads: ThreadPool | None = None
     processes: _DemoProcessPool | None = None
+    cluster: Any = None
+    dask_target: _DaskTarget | None = None
+    quieted = _quiet_dask(args.log_level) if args.dask is not None else []
+
+    def note_children() -> None:
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process().children(recursive=True):
+                if child.pid not in before:
+                    seen.setdefault(child.pid, child)
+
     try:
         display.note(
             f"cancelflow {__version__} demo: mode {args.mode}"
             + (", --supersede" if args.supersede else "")
+            + (f", on Dask ({args.dask})" if args.dask is not None else "")
             + "; Ctrl-C cancels, a second Ctrl-C interrupts"
         )
-        threads = ThreadPool(4, grace_period=THREAD_GRACE, name="demo-threads")
-        processes = _DemoProcessPool()
-        processes.wait_ready(30)
-        for child in psutil.Process().children(recursive=True):
-            if child.pid not in before:
-                seen.setdefault(child.pid, child)
-        display.note(
-            f"process pool ready: {len(processes.statistics().worker_pids)} workers "
-            f"(ladder: token, then SIGKILL after {PROCESS_GRACE:g} s)"
-        )
+        if args.dask is None:
+            threads = ThreadPool(4, grace_period=THREAD_GRACE, name="demo-threads")
+            processes = _DemoProcessPool()
+            processes.wait_ready(30)
+            note_children()
+            display.note(
+                f"process pool ready: {len(processes.statistics().worker_pids)} workers "
+                f"(ladder: token, then SIGKILL after {PROCESS_GRACE:g} s)"
+            )
+        elif args.dask.strip().lower() == "local":
+            display.note(
+                f"starting a Dask LocalCluster on 127.0.0.1: {DASK_LOCAL_WORKERS} worker "
+                "processes, 1 thread each"
+            )
+            cluster = _start_local_cluster()
+            note_children()
+            dask_target = _DaskTarget(cluster.scheduler_address, True, DASK_LOCAL_WORKERS)
+        else:
+            dask_target = _DaskTarget(args.dask.strip(), False)
         display.start()
         seen_threads.update(t for t in threading.enumerate() if t not in threads_before)
-        demo = _Demo(args, display, threads, processes, seen, seen_threads, threads_before)
+        demo = _Demo(
+            args, display, threads, processes, seen, seen_threads, threads_before, dask_target
+        )
         try:
             asyncio.run(demo.main())
         finally:
@@ -1269,25 +1459,50 @@ def run(args: argparse.Namespace) -> int:
         if demo is not None:
             demo.stage = max(demo.stage, 2)
         display.note("interrupted (Ctrl-C)")
+    except Exception as exc:  # e.g. no Dask scheduler at that address
+        if args.dask is None:
+            raise
+        if demo is None or not demo.runs:
+            display.note(f"could not run the demo: {type(exc).__name__}: {exc}")
+            if cluster is not None:
+                note_children()
+                _close_cluster(cluster)
+                cluster = None
+            _restore_loggers(quieted)
+            logger.enable("cancelflow")
+            return EXIT_PROBLEM
+        demo.runs[0].error = demo.runs[0].error or f"{type(exc).__name__}: {exc}"
     finally:
         if processes is not None:
             processes.shutdown(wait=True, cancel_futures=True, cancel_running=True)
         if threads is not None:
             threads.shutdown(wait=True, cancel_futures=True)
+        if cluster is not None:
+            note_children()  # every process of the cluster is checked below
+            seen_threads.update(t for t in threading.enumerate() if t not in threads_before)
+            _close_cluster(cluster)
         if sink_id is not None:
             logger.remove(sink_id)
         logger.enable("cancelflow")
     for pid in before:
         seen.pop(pid, None)
-    left = _leftovers(seen, seen_threads, threads_before)
-    if demo is None or not demo.runs or threads is None:
+    left = _leftovers(
+        seen,
+        seen_threads,
+        threads_before,
+        patience=10.0 if cluster is not None else 5.0,
+        ignore_threads=_DASK_PROCESS_WIDE_THREADS if args.dask is not None else (),
+        ignore_pids=frozenset(before),
+    )
+    _restore_loggers(quieted)
+    if demo is None or not demo.runs or (threads is None and dask_target is None):
         clean = not left[0] and not left[1]
         display.block(
             "interrupted before the pipeline started; "
             + ("final check: no process left, no thread left" if clean else f"LEFT: {left[:2]}")
         )
         return EXIT_INTERRUPTED if clean else EXIT_PROBLEM
-    summary = _summarize(args, demo, threads.statistics(), left)
+    summary = _summarize(args, demo, threads.statistics() if threads is not None else None, left)
     for record in demo.runs:  # a completed run's handlers did not run: tidy up here
         shutil.rmtree(record.scratch, ignore_errors=True)
     if args.json:
@@ -1299,3 +1514,67 @@ def run(args: argparse.Namespace) -> int:
         display.block(_render(summary))
     code: int = summary["exit_code"]
     return code
+
+
+# == --dask =====================================================================================
+def _start_local_cluster() -> Any:
+    """A ``LocalCluster`` of worker processes bound to 127.0.0.1 only (dashboard included)."""
+    import dask
+    import distributed
+
+    # Ctrl-C in a terminal signals the whole foreground process group. The cluster's
+    # processes must not die of it (the demo cancels instead): started while SIGINT is
+    # ignored, they inherit that (Python keeps an ignored SIGINT ignored at start-up).
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # cancelflow's INFO records from the workers would interleave with the demo's lines:
+    # the processes started now inherit this (loguru reads it when first imported).
+    level = os.environ.get("LOGURU_LEVEL")
+    os.environ["LOGURU_LEVEL"] = "WARNING"
+    try:
+        with dask.config.set({"distributed.worker.profile.enabled": False}):
+            return _local_cluster(distributed)
+    finally:
+        if level is None:
+            os.environ.pop("LOGURU_LEVEL", None)
+        else:
+            os.environ["LOGURU_LEVEL"] = level
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _local_cluster(distributed: Any) -> Any:
+    return distributed.LocalCluster(  # type: ignore[no-untyped-call,unused-ignore]
+        processes=True,
+        n_workers=DASK_LOCAL_WORKERS,
+        threads_per_worker=1,
+        host="127.0.0.1",
+        # None would still serve HTTP, on 0.0.0.0:8787: a free port on 127.0.0.1.
+        dashboard_address="127.0.0.1:0",
+        worker_dashboard_address="127.0.0.1:0",
+    )
+
+
+def _close_cluster(cluster: Any) -> None:
+    with contextlib.suppress(Exception):
+        cluster.close(timeout=DASK_PATIENCE)
+
+
+def _quiet_dask(level: str | None) -> list[tuple[logging.Logger, int]]:
+    """Dask's own INFO records (cluster start and stop) would drown the demo's lines."""
+    import distributed  # noqa: F401 - it sets its loggers' levels when first imported
+
+    if level == "DEBUG":
+        return []
+    saved = []
+    for name in ("distributed", "bokeh", "tornado"):
+        log = logging.getLogger(name)
+        saved.append((log, log.level))
+        log.setLevel(logging.ERROR)
+    return saved
+
+
+def _restore_loggers(saved: list[tuple[logging.Logger, int]]) -> None:
+    for log, level in saved:
+        log.setLevel(level)

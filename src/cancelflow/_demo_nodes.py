@@ -16,12 +16,15 @@ The pipeline builds a small report::
 
 How long each one works comes from the pipeline's context (``io_seconds``,
 ``cpu_seconds``, ``render_seconds``), so the demo can run a full-size and a quick request.
+With ``report_pid`` in the context (``--dask``), each process node first stores the pid of
+the process it runs in, so that the demo can check whether that process outlived it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import subprocess
 import sys
@@ -49,6 +52,12 @@ _REPORT_EVERY = 0.1  # seconds between two progress reports of a CPU node
 
 def _seconds(ctx: NodeContext, key: str) -> float:
     return float(ctx.context[key])
+
+
+def _report_pid(ctx: NodeContext) -> None:
+    """On Dask the client cannot see which process ran a node: the node says so."""
+    if ctx.context.get("report_pid"):
+        ctx.store_partial("pid", os.getpid())
 
 
 async def _fetch(ctx: NodeContext, per_page: int) -> int:
@@ -82,6 +91,7 @@ def _parse(ctx: NodeContext, source: str, name: str) -> dict[str, Any]:
         check_cancelled()  # a cancelled token raises CancelledException here
         ctx.store_partial("so_far", {"rows": count * step // steps, "done": step / steps})
     path = Path(ctx.context["scratch"]) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)  # on a Dask worker of another machine
     path.write_text(json.dumps(list(range(count))))
     return {"rows": count, "file": path.name}
 
@@ -115,6 +125,7 @@ def score_orders(ctx: NodeContext) -> dict[str, int]:
     Cancelled, it stops at its next check (within one chunk, a few milliseconds) by
     raising ``CancelledException``: the pool reports it as *cancelled*, not killed.
     """
+    _report_pid(ctx)
     seconds = _seconds(ctx, "cpu_seconds")
     start = time.monotonic()
     next_report = start + _REPORT_EVERY
@@ -141,6 +152,7 @@ def simulate_risk(ctx: NodeContext) -> dict[str, Any]:
     Cancelled, it keeps running: the pool's stop ladder ends it (token, then after the
     grace period SIGKILL of its worker). What it stored before is kept.
     """
+    _report_pid(ctx)
     seconds = _seconds(ctx, "cpu_seconds")
     rng = random.Random(7)
     start = time.monotonic()
@@ -177,8 +189,10 @@ def render_chart(ctx: NodeContext) -> dict[str, Any]:
     It never checks its token. If its worker is killed, the pool kills the helper too
     (the whole process tree of the task), and the demo checks that the helper is gone.
     """
+    _report_pid(ctx)
     seconds = _seconds(ctx, "render_seconds")
     path = Path(ctx.context["scratch"]) / "chart.svg"
+    path.parent.mkdir(parents=True, exist_ok=True)
     helper = subprocess.Popen(
         [sys.executable, "-I", "-S", "-c", _CHILD, str(seconds), str(path)],
         stdin=subprocess.DEVNULL,
