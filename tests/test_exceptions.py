@@ -225,3 +225,20 @@ class TestPoolClosedError:
         copy = roundtrip(PoolClosedError("pool is shut down"))
         assert type(copy) is PoolClosedError
         assert str(copy) == "pool is shut down"
+
+
+class TestFatesSurvivePickling:
+    def test_cancelled_exception_keeps_fate_and_node_fates(self) -> None:
+        """Test that fate and node_fates survive a pickle round trip (they cross processes)."""
+        import pickle
+
+        from cancelflow import CancelledException, PipelineFailedException
+
+        error = CancelledException("stopped", {"a": 1}, 2, reason="r")
+        error.fate = "killed"
+        error.node_fates = {"a": "finished", "b": "killed"}
+        copy = pickle.loads(pickle.dumps(error))
+        assert (copy.fate, copy.node_fates, copy.reason) == ("killed", error.node_fates, "r")
+        failed = PipelineFailedException("boom", node_id="b")
+        failed.node_fates = {"b": "failed"}
+        assert pickle.loads(pickle.dumps(failed)).node_fates == {"b": "failed"}

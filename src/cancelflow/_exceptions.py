@@ -83,6 +83,7 @@ class CancelledException(CancelflowError):
         return (
             _rebuild,
             (type(self), (self.message, self.partial_results, self.wave_num), self._extra()),
+            {"fate": self.fate, "node_fates": self.node_fates},
         )
 
     def _extra(self) -> dict[str, Any]:
@@ -153,6 +154,7 @@ class PipelineFailedException(CancelflowError):
                     "wave_num": self.wave_num,
                 },
             ),
+            {"node_fates": self.node_fates},
         )
 
 

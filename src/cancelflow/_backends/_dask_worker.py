@@ -366,14 +366,14 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
         try:
             blob = future.result()
         except concurrent.futures.CancelledError:
-            raise _cancelled(remote.kill_reason, future.partial_results) from None
+            raise _cancelled(remote.kill_reason, future.partial_results, "killed") from None
         except WorkerCrashedError:
             if remote.killed:
-                raise _cancelled(remote.kill_reason, future.partial_results) from None
+                raise _cancelled(remote.kill_reason, future.partial_results, "killed") from None
             raise
         except CancelledException as exc:
             if remote.killed and not isinstance(exc, PipelineTimeoutException):
-                raise _cancelled(remote.kill_reason, future.partial_results) from None
+                raise _cancelled(remote.kill_reason, future.partial_results, "killed") from None
             raise
         finally:
             self._await_tree(remote)
@@ -460,10 +460,14 @@ class _Stopped(Exception):
         self.error = error
 
 
-def _cancelled(reason: str | None, partials: dict[str, Any]) -> CancelledException:
-    return CancelledException(
-        f"task cancelled: {reason}" if reason else "task cancelled", partials, reason=reason
+def _cancelled(
+    reason: str | None, partials: dict[str, Any], fate: str = "cancelled"
+) -> CancelledException:
+    error = CancelledException(
+        f"task {fate}: {reason}" if reason else f"task {fate}", partials, reason=reason
     )
+    error.fate = fate
+    return error
 
 
 def run_task(spec: dict[str, Any]) -> tuple[str, Any]:
