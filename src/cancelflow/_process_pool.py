@@ -12,7 +12,6 @@ import functools
 import heapq
 import io
 import itertools
-import math
 import multiprocessing.spawn
 import os
 import pickle
@@ -40,6 +39,7 @@ from ._exceptions import (
 from ._log import safe_log
 from ._platform import descendants, pidfd_open
 from ._token import CancellationToken
+from ._validate import check_seconds as _seconds
 from ._worker import TASK_TOKEN_ID, Control, kill_tree_of, recv_seq_fds, send_seq
 
 __all__ = ("ProcessPool", "ProcessPoolStatistics", "TaskFuture")
@@ -1069,14 +1069,6 @@ def _crash_error(worker: _WorkerHandle) -> WorkerCrashedError:
     code = os.WEXITSTATUS(status)
     return WorkerCrashedError(f"worker {worker.pid} exited with code {code}", exitcode=code, pid=worker.pid)
 
-
-def _seconds(value: object, what: str, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds, not {type(value).__name__}")
-    seconds = float(value)
-    if math.isnan(seconds) or seconds < 0 or (positive and seconds == 0) or math.isinf(seconds):
-        raise ValueError(f"{what} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
-    return seconds
 
 
 @atexit.register

@@ -34,7 +34,8 @@ from . import _timer
 from ._context import PartialSink, task_scope
 from ._exceptions import CancelledException, PipelineTimeoutException, PoolClosedError
 from ._log import safe_log
-from ._token import CancellationToken, _check_timeout
+from ._token import CancellationToken
+from ._validate import check_seconds as _check_timeout
 
 __all__ = ("TaskFate", "ThreadTaskFuture", "ThreadPool", "ThreadPoolStatistics")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import itertools
-import math
 import multiprocessing.context
 import multiprocessing.reduction
 import time
@@ -19,6 +18,7 @@ from . import _cell, _timer
 from ._exceptions import CancelledException
 from ._log import safe_log
 from ._platform import futex_wait, futex_wake
+from ._validate import check_seconds as _check_timeout
 
 __all__ = ("CallbackHandle", "CancellationToken", "Reason")
 
@@ -607,12 +607,3 @@ def _rebuild_token(chunk: _cell.Chunk, offset: int, name: str) -> CancellationTo
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-def _check_timeout(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds, not {type(value).__name__}")
-    seconds = float(value)
-    if seconds < 0 or math.isnan(seconds) or math.isinf(seconds):
-        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
-    return seconds

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import copy
 import inspect
-import math
 import re
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
@@ -42,6 +41,7 @@ from .._exceptions import (
 from .._log import safe_log
 from .._node import NodeContext
 from .._token import CallbackHandle, CancellationToken
+from .._validate import check_seconds as _seconds
 
 __all__ = ("DaskRunner",)
 
@@ -756,12 +756,3 @@ def _check_run_in(run_in: object) -> str:
     if run_in not in _RUN_IN:
         raise ValueError(f"run_in must be one of {_RUN_IN}, got {run_in!r}")
     return str(run_in)
-
-
-def _seconds(value: object, what: str, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds, not {type(value).__name__}")
-    seconds = float(value)
-    if math.isnan(seconds) or seconds < 0 or (positive and seconds == 0) or math.isinf(seconds):
-        raise ValueError(f"{what} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
-    return seconds
