@@ -418,3 +418,22 @@ class TestTaskFutureKill:
             assert future.fate == "killed"
             assert "finally" not in future.partial_results
             assert_gone(worker)
+
+
+class TestSupervisorWakeups:
+    def test_concurrent_submitters_never_stall_the_pool(self) -> None:
+        """Test that bursts of submits from several threads all complete (issue 6 hang).
+
+        Regression: clearing the wake flag before draining the wake pipe could swallow a
+        submitter's wake byte for good, leaving every later task queued forever.
+        """
+        with ProcessPool(2) as pool:
+            def burst() -> list[concurrent.futures.Future[Any]]:
+                return [pool.submit(abs, -i) for i in range(300)]
+
+            for _ in range(6):
+                with concurrent.futures.ThreadPoolExecutor(3) as submitters:
+                    batches = list(submitters.map(lambda _: burst(), range(3)))
+                futures = [f for batch in batches for f in batch]
+                _, pending = concurrent.futures.wait(futures, timeout=WAIT)
+                assert not pending, f"{len(pending)} tasks never ran"

@@ -1,21 +1,30 @@
 """``cancelflow bench``: cancellation latency and overhead, cancelflow and its peers side by side.
 
-Everything runs in one process, one cell after the other (scenario x variant x system),
-so that ratios between systems come from the same run on the same machine. A *sample*
-starts when the task itself has said that it runs (a line on a FIFO, or for cancelflow a
-``store_partial`` that the pool hands over), followed by a seeded random pause (0-100 ms,
-0-20 ms with ``--quick``) so that no system's polling loop lines up with ours. Process
-deaths are timed event-driven: a watcher thread blocks in ``poll()`` on a pidfd of each
-worker and grandchild, and stamps the time it wakes.
+Everything runs in one measuring process, one cell after the other, so that ratios between
+systems come from the same run on the same machine. Scenarios 1, 2, 3 (process) and 6 run
+system by system on one long-lived 1-worker pool each; the others scenario by scenario.
+
+A *sample* starts when the task itself has said that it runs (a line on a FIFO, or for
+cancelflow a ``store_partial`` that the pool hands over), followed by a seeded random pause
+(0-100 ms, 0-20 ms with ``--quick``) so that no system's polling loop lines up with ours.
+Process deaths are timed event-driven by a small watcher *process* (real-time priority
+where allowed) blocked in ``poll()`` on a pidfd of each worker and grandchild: a thread of
+ours would stamp the time only once it got the GIL back from whichever pool thread holds it.
+
+Fairness: process tasks are sent as ``exec(source, params)`` and the trivial tasks are
+builtins, so no system's fresh worker imports a module of ours; and the measuring process
+is started as ``python -c`` (see ``_CHILD``), so spawn-based peers do not re-import a main
+script that imports cancelflow in every new worker.
 
 Each system is stopped the way its documentation recommends; what it cannot do is a
 result ("cannot", with the reason, verified where that is possible), and a system that
 cannot be imported is reported as "skipped" with the import error. After every cell the
 benchmark looks for what the system left behind (child processes, threads, ``/dev/shm``
-entries), reports it per system, and then removes it, so that the next cell starts clean
-and nothing outlives the run.
+entries), reports it per system, and kills leftover processes, so that the next cell
+starts clean and nothing outlives the run (``/dev/shm`` entries are reported, never
+removed: on a shared machine they may be another program's).
 
-The benchmark process makes itself a child subreaper for the run: orphans of a killed
+The measuring process makes itself a child subreaper for the run: orphans of a killed
 worker (a task's grandchildren) are re-parented to it, so that it can see, report, kill
 and reap them; where they go does not change whether a system kills them.
 """
@@ -31,6 +40,7 @@ import datetime
 import functools
 import importlib.metadata
 import json
+import logging
 import math
 import mmap
 import multiprocessing
@@ -172,34 +182,66 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
 )
 
-# Why a peer is ahead where it is (shown in the headline next to the ratio).
+# Why a peer is ahead where it is (shown in the headline next to the ratio). Keys are
+# (system or "*", "metric/variant" or "metric"); the most specific one wins.
+_KILL_PATH = (
+    "it SIGKILLs its own child directly; cancelflow's stop goes through its supervisor thread "
+    "and freezes and kills the whole process tree (SIGSTOP, /proc scan, SIGKILL, one pidfd per "
+    "member) before it releases the caller"
+)
 _WHY_PEER_FASTER = {
     ("raw", "*"): "the floor: a bare fork and SIGKILL, no pool, nothing to reuse",
-    ("pebble", "caller_unblocked"): (
-        "pebble resolves the future at cancel(), before its worker is dead (pebble #105); "
-        "cancelflow releases the caller only once the worker and its tree are confirmed gone"
-    ),
+    ("raw", "*/thread"): "the floor: a bare thread, an Event and join()",
     ("loky", "caller_unblocked"): (
-        "loky fails the future when shutdown(kill_workers=True) is called, before the worker "
-        "is reaped; cancelflow waits until the worker and its tree are confirmed gone"
+        "loky fails the future when shutdown(kill_workers=True) is called, before its worker "
+        "is dead; cancelflow waits until the worker and its tree are confirmed gone"
     ),
     ("asyncio", "caller_unblocked"): (
         "asyncio only cancels the awaiting task; the worker runs on (it is never stopped)"
     ),
-    ("multiprocessing.Pool", "throughput"): (
-        "apply_async pickles into one shared pipe served by C-level handler threads; "
-        "cancelflow's pool has one channel per worker and a Python supervisor thread"
+    ("*", "caller_unblocked"): _KILL_PATH,
+    ("*", "worker_gone"): (
+        "it SIGKILLs its own child directly; cancelflow's stop goes through its supervisor "
+        "thread, which first freezes the worker (SIGSTOP) and walks its process tree in /proc"
     ),
-    ("concurrent.futures", "caller_raises"): "a plain thread/queue hand-off, no cancellation machinery",
-    ("multiprocessing.Pool", "caller_raises"): "a plain thread/queue hand-off, no cancellation machinery",
-    ("pebble", "caller_raises"): "a plain thread/queue hand-off, no cancellation machinery",
-    ("asyncio", "caller_raises"): "a plain future hand-off, no cancellation machinery",
-    ("concurrent.futures", "check_cost"): "threading.Event.is_set() reads a Python bool (no shared memory)",
-    ("concurrent.futures", "throughput"): "no per-task token, timer or partial-result channel",
-    ("pebble", "throughput"): "no per-task token, timer or partial-result channel",
-    ("anyio", "throughput"): "no per-task token, timer or partial-result channel",
-    ("asyncio", "throughput"): "no per-task token, timer or partial-result channel",
-    ("multiprocessing.Pool", "throughput/threads"): "no per-task token, timer or partial-result channel",
+    ("*", "caller_raises/process"): (
+        "cancelflow's outcome travels worker -> supervisor thread -> caller thread (a thread "
+        "hand-off under the GIL); not profiled further"
+    ),
+    ("anyio", "caller_raises/thread"): (
+        "anyio's cancel only flags the scope, read by from_thread.check_cancelled(); cancelflow's "
+        "token.cancel() runs Python (child-token propagation, callbacks that settle the future)"
+    ),
+    ("anyio", "task_stopped/thread"): (
+        "anyio's cancel only flags the scope, read by from_thread.check_cancelled(); cancelflow's "
+        "token.cancel() runs Python (child-token propagation, callbacks that settle the future)"
+    ),
+    ("*", "caller_raises/thread"): (
+        "Event.set() is one C call; cancelflow's token.cancel() runs Python (child-token "
+        "propagation, callbacks that settle the future) while the spinning task holds the GIL"
+    ),
+    ("*", "task_stopped/thread"): (
+        "Event.set() is one C call; cancelflow's token.cancel() runs Python (child-token "
+        "propagation, callbacks that settle the future) while the spinning task holds the GIL"
+    ),
+    ("*", "caller_raises/coroutine"): (
+        "a bare Task.cancel()/cancel scope; cancelflow's executor also runs the registry, the "
+        "cleanup handlers and the events, and unregisters the run before it raises"
+    ),
+    ("*", "caller_error"): (
+        "cancelflow fails the future once the zygote has reported the worker's exit status "
+        "(to name the signal or exit code), one more hop than reading the worker's death"
+    ),
+    ("multiprocessing.Pool", "throughput/processes"): (
+        "apply_async pickles into one shared pipe served by handler threads; cancelflow's "
+        "supervisor thread handles every task and result in Python"
+    ),
+    ("*", "throughput/processes"): "no per-task token, timer or partial-result channel",
+    ("*", "throughput/threads"): (
+        "every ThreadPool.submit creates a CancellationToken (a shared-memory cell) and takes "
+        "the pool's Condition lock, which the worker threads also take: under the GIL that "
+        "convoys; ThreadPoolExecutor hands off through a C SimpleQueue"
+    ),
 }
 
 
@@ -337,7 +379,13 @@ class Beacon:
 # once, not when a thread of ours gets the GIL back from whichever pool thread holds it.
 _WATCHER = r"""
 import os, select, signal, sys, time
+try:  # a real-time priority, so that it runs the moment a pidfd fires (it never spins)
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    realtime = 1
+except (AttributeError, OSError):
+    realtime = 0
 rfd, wfd = sys.stdin.fileno(), sys.stdout.fileno()
+os.write(wfd, f"r {realtime}\n".encode())
 os.set_blocking(rfd, False)
 poller = select.poll()
 poller.register(rfd, select.POLLIN)
@@ -433,6 +481,7 @@ class PidWatch:
         self._out = self._proc.stdout.fileno()
         os.set_blocking(self._out, False)
         self._buffer = b""
+        self.realtime = False  # whether the helper got SCHED_FIFO (reported)
         self.gone: dict[int, float] = {}
         self._acks: set[int] = set()
         self._kills: dict[int, bool] = {}
@@ -457,7 +506,9 @@ class PidWatch:
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
             kind, pid, *rest = line.split()
-            if kind == b"g":
+            if kind == b"r":
+                self.realtime = pid == b"1"
+            elif kind == b"g":
                 self.gone[int(pid)] = float(rest[0])
             elif kind == b"a":
                 self._acks.add(int(pid))
@@ -582,6 +633,20 @@ def _foreign_shm(names: set[str]) -> set[str]:
     return found
 
 
+def _held_by_us(names: set[str]) -> set[str]:
+    """The ``/dev/shm`` entries among ``names`` that this process or a child maps or holds."""
+    found: set[str] = set()
+    for pid in (os.getpid(), *_children()):
+        try:
+            with open(f"/proc/{pid}/maps") as file:
+                text = file.read()
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        found |= {n for n in names if f"/dev/shm/{n}" in text or f"/dev/shm/{n}" in links}
+    return found
+
+
 def _unclaimed_shm(before: set[str]) -> list[str]:
     """New ``/dev/shm`` entries that nobody else holds and that stay for half a second
     (other programs' transient semaphores come and go on a shared machine)."""
@@ -609,10 +674,22 @@ def _is_helper(cmd: str) -> bool:
     return any(marker in cmd for marker in _HELPER_MARKERS)
 
 
+class _Capture(logging.Handler):
+    """Keeps what the ``asyncio`` logger says during the run (attributed per system)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage()[:200])
+
+
 class Leaks:
     """What each system left behind, cell by cell (and then removed by the benchmark)."""
 
     def __init__(self, patience: float) -> None:
+        self.capture = _Capture()
         self.patience = patience
         self.by_system: dict[str, dict[str, Any]] = {}
         #: grandchildren the tasks started: re-parented to us when their worker dies
@@ -627,8 +704,10 @@ class Leaks:
                 "orphans_reaped": 0,
                 "threads": [],
                 "shm": [],
+                "shm_unattributed": [],
                 "helpers": [],
                 "killed_by_benchmark": 0,
+                "asyncio_log": [],
                 "cells": 0,
             },
         )
@@ -639,9 +718,11 @@ class Leaks:
     @contextlib.contextmanager
     def track(self, system: str, cell: str) -> Iterator[None]:
         before = snapshot()
+        logged = len(self.capture.messages)
         try:
             yield
         finally:
+            self._entry(system)["asyncio_log"].extend(self.capture.messages[logged:])
             self._settle(system, cell, before)
 
     def _settle(self, system: str, cell: str, before: Snapshot) -> None:
@@ -659,6 +740,7 @@ class Leaks:
                 break
             time.sleep(0.02)
         shm = _unclaimed_shm(before.shm)
+        held = _held_by_us(set(shm))
         for pid, cmd in children.items():
             item = f"{cell}: pid {pid} {cmd[:120]}"
             if _is_helper(cmd):
@@ -676,7 +758,10 @@ class Leaks:
         for thread in threads:
             entry["threads"].append(f"{cell}: {thread.name}")
         for name in shm:  # reported, never removed: it could be another program's orphan
-            entry["shm"].append(f"{cell}: /dev/shm/{name}")
+            if name in held:
+                entry["shm"].append(f"{cell}: /dev/shm/{name} (still held by this process)")
+            else:
+                entry["shm_unattributed"].append(f"{cell}: /dev/shm/{name}")
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -722,7 +807,7 @@ BEACON_TIMEOUT = 60.0  # a fresh interpreter on a loaded machine can be slow
 CALLER_BOUND = 10.0
 GONE_BOUND = 10.0
 VERIFY = 0.1  # how long "it runs on" is verified for
-NEXT_TIMEOUT = 60.0
+NEXT_TIMEOUT = 20.0
 
 
 class Bench:
@@ -827,8 +912,8 @@ class SyncProcs:
 
     def throughput(self, n: int) -> None:
         futures = [self.submit(abs, (i,)) for i in range(n)]
-        if not _wait_futures(futures, 120):
-            raise TimeoutError("tasks did not finish within 120 s")
+        if not _wait_futures(futures, 20):
+            raise TimeoutError(f"{sum(not f.done() for f in futures)} of {n} tasks did not finish within 20 s")
 
     def close(self) -> None:
         raise NotImplementedError
@@ -862,7 +947,20 @@ class CancelflowProcs(SyncProcs):
         self.pool.submit(os.getpid).result(timeout)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True, cancel_running=True)
+        _close_process_pool(self.pool)
+
+
+def _close_process_pool(pool: Any, timeout: float = 10.0) -> None:
+    """Shut a cancelflow ``ProcessPool`` down without hanging the benchmark if it is stuck."""
+    pool.shutdown(wait=False, cancel_futures=True, cancel_running=True)
+    pool._thread.join(timeout)
+    if pool._thread.is_alive():
+        # Killing the zygote ends its workers and wakes the supervisor (end of file).
+        with contextlib.suppress(Exception):
+            pool._zygote.kill()
+            pool._zygote.wait(5)
+        pool._thread.join(timeout)
+        raise RuntimeError(f"ProcessPool.shutdown() did not finish within {timeout:g}s (supervisor asleep)")
 
 
 class PebbleProcs(SyncProcs):
@@ -1015,7 +1113,7 @@ class MpPoolProcs(SyncProcs):
     def throughput(self, n: int) -> None:
         results = [self.pool.apply_async(abs, (i,)) for i in range(n)]
         for result in results:
-            result.get(120)
+            result.get(20)
 
     def close(self) -> None:
         self.pool.terminate()
@@ -1503,7 +1601,7 @@ def _group_rows(bench: Bench, system: str, cells: list[tuple[str, str]]) -> list
         for index, cls in enumerate(classes):
             if index and key in ("3", "6"):
                 continue  # the second way of using an executor only differs in how it stops
-            label = cls.coop_label if key == "3" else cls.label
+            label = cls.coop_label if key == "3" else cls.label.split(",")[0] if key == "6" else cls.label
             row = Row(key, variant, system, label, primary=index == 0, tag=cls.tag)
             out.append((row, index))
     return out
@@ -1513,13 +1611,16 @@ def run_pool_group(bench: Bench, system: str, cells: list[tuple[str, str]]) -> l
     """Run every cell of the group for one system on one long-lived 1-worker pool."""
     planned = _group_rows(bench, system, cells)
 
-    def run_one(row: Row, fill: Callable[[], None]) -> None:
+    def run_one(row: Row, fill: Callable[[], None]) -> bool:
         started = time.perf_counter()
+        ok = True
         try:
             fill()
         except Exception as exc:  # noqa: BLE001 - a failing cell is reported, the run goes on
             row.error(f"{type(exc).__name__}: {exc}")
+            ok = False
         _progress(f"  [{row.scenario + '/' + row.variant:<18}] {system:<20} {time.perf_counter() - started:6.1f}s  {_brief(row)}")
+        return ok
 
     with bench.leaks.track(system, "scenarios 1, 2, 3/process, 6"):
         if system in _SYNC_PROCS:
@@ -1531,7 +1632,12 @@ def run_pool_group(bench: Bench, system: str, cells: list[tuple[str, str]]) -> l
                     if index not in opened:
                         procs.open(1)
                         opened.add(index)
-                    run_one(row, functools.partial(_SYNC_FILL[row.scenario], bench, procs, row.variant, row))
+                    if not run_one(row, functools.partial(_SYNC_FILL[row.scenario], bench, procs, row.variant, row)):
+                        opened.discard(index)  # it may be wedged: the next cell gets a fresh pool
+                        try:
+                            procs.close()
+                        except Exception as exc:  # noqa: BLE001 - reported on the row
+                            row.error(f"closing the pool: {exc}")
             finally:
                 for index in opened:
                     with contextlib.suppress(Exception):
@@ -1548,6 +1654,8 @@ def run_pool_group(bench: Bench, system: str, cells: list[tuple[str, str]]) -> l
                             await _ASYNC_FILL[row.scenario](bench, aprocs, row.variant, row)
                         except Exception as exc:  # noqa: BLE001 - reported, the run goes on
                             row.error(f"{type(exc).__name__}: {exc}")
+                            await aprocs.close()  # it may be wedged: continue on a fresh pool
+                            await aprocs.open(1)
                         _progress(
                             f"  [{row.scenario + '/' + row.variant:<18}] {system:<20} "
                             f"{time.perf_counter() - started:6.1f}s  {_brief(row)}"
@@ -1580,8 +1688,8 @@ class SyncThreads:
 
     def throughput(self, n: int) -> None:
         futures = [self.submit(abs, (i,)) for i in range(n)]
-        if not _wait_futures(futures, 120):
-            raise TimeoutError("tasks did not finish within 120 s")
+        if not _wait_futures(futures, 20):
+            raise TimeoutError(f"{sum(not f.done() for f in futures)} of {n} tasks did not finish within 20 s")
 
     def close(self) -> None:
         raise NotImplementedError
@@ -1662,7 +1770,7 @@ class MpThreads(SyncThreads):
     def throughput(self, n: int) -> None:
         results = [self.pool.apply_async(abs, (i,)) for i in range(n)]
         for result in results:
-            result.get(120)
+            result.get(20)
 
     def close(self) -> None:
         self.pool.close()
@@ -1894,7 +2002,7 @@ def coroutine_cell(bench: Bench, system: str, row: Row) -> None:
                 row.add("caller_raises", (time.perf_counter() - t0) * 1e3)
         finally:
             if executor is not None:
-                await executor.aclose()
+                await asyncio.wait_for(executor.aclose(), 60)
 
     _anyio_run(cell, "asyncio")
 
@@ -1942,7 +2050,7 @@ def pipeline_cell(bench: Bench, mode: str, row: Row) -> None:
                 t0 = time.perf_counter()
                 token.cancel("bench")
                 try:
-                    await task
+                    await asyncio.wait_for(task, 30)
                     row.error("the pipeline completed")
                     continue
                 except CancelledException as exc:
@@ -1953,7 +2061,7 @@ def pipeline_cell(bench: Bench, mode: str, row: Row) -> None:
                     row.extra["partial_results_last"] = kept
                     row.extra["wave_num_last"] = exc.wave_num
         finally:
-            await executor.aclose()
+            await asyncio.wait_for(executor.aclose(), 60)
 
     _anyio_run(cell, "asyncio")
 
@@ -2223,7 +2331,11 @@ def run_bench(settings: Settings) -> dict[str, Any]:
     subreaper = set_child_subreaper(True)
     before_run = snapshot()
     bench = Bench(settings)
+    asyncio_logger = logging.getLogger("asyncio")
+    asyncio_logger.addHandler(bench.leaks.capture)
+    asyncio_logger.propagate = False
     rows: list[Row] = []
+    watcher_realtime = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -2243,9 +2355,12 @@ def run_bench(settings: Settings) -> dict[str, Any]:
                         continue
                     for system in SYSTEMS:
                         rows.extend(_run_cell(bench, scenario, variant, system, available))
+        watcher_realtime = bench.watch.realtime
     finally:
         bench.close()
         logger.enable("cancelflow")
+        asyncio_logger.removeHandler(bench.leaks.capture)
+        asyncio_logger.propagate = True
     leftovers = _final_leftovers(before_run)
     if subreaper:
         set_child_subreaper(False)
@@ -2263,6 +2378,7 @@ def run_bench(settings: Settings) -> dict[str, Any]:
             "systems": list(settings.systems),
         },
         "machine": machine,
+        "watcher_realtime": watcher_realtime,
         "versions": _versions(),
         "runtime_s": time.perf_counter() - started,
         "scenarios": [
@@ -2455,6 +2571,7 @@ def headline(data: dict[str, Any]) -> list[dict[str, Any]]:
                             "peer_p50": theirs["p50"],
                             "ratio": ratio,
                             "faster": "cancelflow" if better else ("tie" if ratio == 1 else "peer"),
+                            "close": 0.8 <= ratio <= 1.25,
                             "why": "" if better else _why(peer["system"], metric["key"], variant["key"]),
                         }
                     )
@@ -2462,12 +2579,17 @@ def headline(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _why(system: str, metric: str, variant: str) -> str:
-    return (
-        _WHY_PEER_FASTER.get((system, f"{metric}/{variant}"))
-        or _WHY_PEER_FASTER.get((system, metric))
-        or _WHY_PEER_FASTER.get((system, "*"))
-        or ""
-    )
+    for key in (
+        (system, f"{metric}/{variant}"),
+        (system, metric),
+        (system, f"*/{variant}"),
+        (system, "*"),
+        ("*", f"{metric}/{variant}"),
+        ("*", metric),
+    ):
+        if key in _WHY_PEER_FASTER:
+            return _WHY_PEER_FASTER[key]
+    return ""
 
 
 def format_report(data: dict[str, Any]) -> str:
@@ -2486,51 +2608,57 @@ def format_report(data: dict[str, Any]) -> str:
         f"(seed {s['seed']}); runtime {data['runtime_s']:.0f} s"
     )
     lines.append("times in ms from the cancel (or the crash) unless stated; p50/p90/p99/max over n samples")
+    lines.append(
+        "process deaths are stamped by a separate pidfd watcher process"
+        + (" (SCHED_FIFO)" if data.get("watcher_realtime") else " (normal priority: may lag on a loaded machine)")
+    )
     for scenario in data["scenarios"]:
         for variant in scenario["variants"]:
             lines.append("")
             lines.append(f"## {scenario['key']}. {scenario['title']} - {variant['title']}")
             units = {mt["key"]: mt for mt in variant["metrics"]}
-            lines.append(f"   {'system':<58} {'metric':<36} {'p50':>9} {'p90':>9} {'p99':>9} {'max':>9} {'n':>4}")
+            lines.append(f"   {'system / metric':<43} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'n':>4}")
             for row in data["rows"]:
                 if row["scenario"] != scenario["key"] or row["variant"] != variant["key"]:
                     continue
-                label = f"{row['system']}: {row['label']}"
+                lines.append(f"   {row['system']}: {row['label']}")
                 if row["status"] in ("cannot", "skipped") or (row["status"] == "error" and not row["metrics"]):
-                    lines.append(f"   {label[:58]:<58} {row['status']}: {row['reason']}")
+                    lines.append(f"      {row['status']}: {row['reason']}")
                     continue
-                first = True
                 for key, cell in row["metrics"].items():
                     title = f"{units[key]['title']} ({units[key]['unit']})"
-                    name = label[:58] if first else ""
-                    first = False
                     if "cannot" in cell:
-                        lines.append(f"   {name:<58} {title[:36]:<36} cannot: {cell['cannot']}")
+                        lines.append(f"      {title:<40} cannot: {cell['cannot']}")
                     elif "error" in cell:
-                        lines.append(f"   {name:<58} {title[:36]:<36} ERROR: {cell['error']}")
+                        lines.append(f"      {title:<40} ERROR: {cell['error']}")
                     else:
                         unit = cell["unit"]
                         lines.append(
-                            f"   {name:<58} {title[:36]:<36} {_fmt(cell['p50'], unit):>9} {_fmt(cell['p90'], unit):>9} "
-                            f"{_fmt(cell['p99'], unit):>9} {_fmt(cell['max'], unit):>9} {cell['n']:>4}"
+                            f"      {title:<40} {_fmt(cell['p50'], unit):>8} {_fmt(cell['p90'], unit):>8} "
+                            f"{_fmt(cell['p99'], unit):>8} {_fmt(cell['max'], unit):>8} {cell['n']:>4}"
                         )
                 extras = {k: val for k, val in row["extra"].items() if k in ("grandchild_left_alive", "raised", "error")}
                 if extras:
-                    lines.append(f"   {'':<58} " + "; ".join(f"{k}: {val}" for k, val in extras.items()))
+                    lines.append("      " + "; ".join(f"{k}: {val}" for k, val in extras.items()))
                 for note in row["notes"]:
-                    lines.append(f"   {'':<58} note: {note}")
+                    lines.append(f"      note: {note}")
                 if row["status"] == "error":
-                    lines.append(f"   {'':<58} ERROR: {row['reason']}")
+                    lines.append(f"      ERROR: {row['reason']}")
     heads = headline(data)
     lines.append("")
     lines.append("## Headline: cancelflow p50 / peer p50, same run")
-    lines.append("   (latency: below 1 = cancelflow faster; throughput: above 1 = cancelflow faster)")
+    lines.append(
+        "   (latency: below 1 = cancelflow faster; throughput: above 1 = cancelflow faster; "
+        "(~) = within 25%, about the noise of this shared machine)"
+    )
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = collections.defaultdict(list)
     for item in heads:
         groups[(item["scenario"], item["variant"], item["metric_title"])].append(item)
     for (scn, var, title), items in groups.items():
         parts = [
-            f"{it['peer']} {_ratio_text(it['ratio'])}" + (" (peer faster)" if it["faster"] == "peer" else "")
+            f"{it['peer']} {_ratio_text(it['ratio'])}"
+            + (" (peer faster)" if it["faster"] == "peer" and not it["close"] else "")
+            + (" (~)" if it["close"] else "")
             for it in items
         ]
         lines.append(f"   {scn} {var:<11} {title:<36} " + ", ".join(parts))
@@ -2539,13 +2667,18 @@ def format_report(data: dict[str, Any]) -> str:
     slower = [it for it in heads if it["faster"] == "peer"]
     if not slower:
         lines.append("   nowhere")
-    for it in slower:
-        unit = it["unit"]
-        lines.append(
-            f"   {it['scenario']} {it['variant']}, {it['metric_title']}: {it['peer']} {_fmt(it['peer_p50'], unit)} "
-            f"vs cancelflow {_fmt(it['cancelflow_p50'], unit)} {unit}"
-            + (f" - {it['why']}" if it["why"] else "")
-        )
+    for close in (False, True):
+        group = [it for it in slower if it["close"] == close]
+        if close and group:
+            lines.append("   within 25% (about the noise here):")
+        for it in group:
+            unit = it["unit"]
+            lines.append(
+                f"   {it['scenario']} {it['variant']}, {it['metric_title']}: {it['peer']} "
+                f"{_fmt(it['peer_p50'], unit)} vs cancelflow {_fmt(it['cancelflow_p50'], unit)} {unit}"
+                + (f" (cancelflow {it['ratio'] if unit != 'tasks/s' else 1 / it['ratio']:.2g}x slower)" if not close else "")
+                + (f" - {it['why']}" if it["why"] and not close else "")
+            )
     lines.append("")
     lines.append("## Leftovers per system (found after each cell, then removed by the benchmark)")
     for system in data["systems"]:
@@ -2558,7 +2691,17 @@ def format_report(data: dict[str, Any]) -> str:
             if entry[key]:
                 found.append(f"{len(entry[key])} {key} (e.g. {entry[key][0]})")
         if entry["killed_by_benchmark"]:
-            found.append(f"{entry['killed_by_benchmark']} processes it left running were killed by the benchmark")
+            found.append(
+                f"{entry['killed_by_benchmark']} processes it left running (workers it cannot stop, "
+                "grandchildren) were killed by the benchmark"
+            )
+        if entry["shm_unattributed"]:
+            found.append(
+                f"{len(entry['shm_unattributed'])} /dev/shm entries appeared that nobody holds "
+                "(owner unknown: on this shared machine, likely another program's)"
+            )
+        if entry["asyncio_log"]:
+            found.append(f"{len(entry['asyncio_log'])} asyncio log warnings (e.g. {entry['asyncio_log'][0]!r})")
         if entry["orphans_reaped"]:
             found.append(f"{entry['orphans_reaped']} orphaned grandchildren reaped by the benchmark")
         if entry["helpers"]:
@@ -2610,7 +2753,8 @@ def write_plot(data: dict[str, Any], path: str) -> str:
         ax.axis("off")
     for ax, (title, unit, series) in zip(axes.flat, panels, strict=False):
         labels = [name for name, _ in series]
-        ax.boxplot([vals for _, vals in series], vert=False, labels=labels, showfliers=True)
+        ax.boxplot([vals for _, vals in series], vert=False, showfliers=True)
+        ax.set_yticks(range(1, len(labels) + 1), labels)
         for y, (_, vals) in enumerate(series, start=1):
             ax.scatter(vals, [y] * len(vals), s=6, alpha=0.4)
         if unit in ("ms", "ns") and all(min(vals) > 0 for _, vals in series):
@@ -2619,7 +2763,7 @@ def write_plot(data: dict[str, Any], path: str) -> str:
         ax.set_xlabel(unit)
         ax.tick_params(labelsize=7)
     fig.suptitle(f"cancelflow bench ({data['mode']}), {data['date']}, {data['machine']['python']}", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return f"plot written to {path}"

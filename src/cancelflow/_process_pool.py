@@ -564,9 +564,12 @@ class ProcessPool(concurrent.futures.Executor):
         for key, _ in self._selector.select(timeout):
             kind = key.data[0]
             if kind == "wake":
-                self._wake_pending = False  # before draining: a later post writes again
                 with contextlib.suppress(OSError):
                     os.read(self._wake_r, 65536)
+                # Only after draining: a post that lands before this line skipped its write
+                # but its command is already queued and is handled below; a post after it
+                # writes a fresh byte. Clearing first could swallow that byte for good.
+                self._wake_pending = False
             elif kind == "zygote":
                 self._on_zygote()
             elif kind == "sock":
