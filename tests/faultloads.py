@@ -263,6 +263,19 @@ def exhaust_memory() -> None:
     hog[-1] = 1
 
 
+def lower_soft_memory_limit() -> int:
+    """Lower the soft RLIMIT_AS (the hard one stays); return the worker's pid."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (_mapped_bytes() + 256 * 1024 * 1024, hard))
+    return os.getpid()
+
+
+def block_sigterm_and_return() -> int:
+    """Block SIGTERM in the worker and return its pid."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+    return os.getpid()
+
+
 def wait_for_token(beacon: str) -> str:
     """A task that reports and blocks until its token is cancelled."""
     token = cancelflow.current_token()
@@ -274,3 +287,39 @@ def wait_for_token(beacon: str) -> str:
 
 def echo(value: Any) -> Any:
     return value
+
+
+# -- property-test nodes (tests/test_properties.py) ------------------------------------------
+
+
+def expected_output(node_id: str) -> str:
+    return f"out-{node_id}"
+
+
+def checked_output(ctx: NodeContext, deps: list[str]) -> str:
+    """The node's output if it got exactly its dependencies' outputs, else a marker the
+    property test reports."""
+    expected = {dep: expected_output(dep) for dep in deps}
+    if dict(ctx.inputs) != expected:
+        return f"bad-inputs-{ctx.node_id}:{dict(ctx.inputs)!r}"
+    return expected_output(ctx.node_id)
+
+
+def prop_process_node(ctx: NodeContext) -> str:
+    """A process node whose behaviour the test chose (``ctx.context["behaviours"]``):
+    quick, slow (bounded, ignores its token), block (waits for its token: cooperative),
+    stubborn (spins ignoring its token: only SIGTERM stops it) or fail."""
+    behaviour = ctx.context["behaviours"][ctx.node_id]
+    if behaviour == "slow":
+        total = 0
+        for index in range(200_000):
+            total += index
+    elif behaviour == "block":
+        ctx.token.wait_blocking()
+        ctx.token.raise_if_cancelled()
+    elif behaviour == "stubborn":
+        while True:
+            pass
+    elif behaviour == "fail":
+        raise ValueError(f"{ctx.node_id} failed")
+    return checked_output(ctx, ctx.context["deps"][ctx.node_id])

@@ -107,12 +107,15 @@ class TestCancellationTokenBadInput:
             ({"name": 3}, TypeError, "name"),
         ],
     )
-    def test_constructor(self, kwargs: dict[str, Any], error: type[Exception], argument: str) -> None:
+    def test_constructor(
+        self, kwargs: dict[str, Any], error: type[Exception], argument: str
+    ) -> None:
         """Test that a bad timeout or name is refused, naming it, and tokens still work."""
         with pytest.raises(error, match=names(argument)):
             CancellationToken(**kwargs)
         token = CancellationToken(name="fine")
-        assert token.cancel("ok") and token.cancel_reason == "ok"
+        assert token.cancel("ok")
+        assert token.cancel_reason == "ok"
 
     @pytest.mark.parametrize(
         ("call", "error", "argument"),
@@ -138,7 +141,8 @@ class TestCancellationTokenBadInput:
         ran: list[str] = []
         token.on_cancel(lambda: ran.append("callback"))
         assert token.cancel("ok")
-        assert ran == ["callback"] and token.cancel_reason == "ok"
+        assert ran == ["callback"]
+        assert token.cancel_reason == "ok"
 
 
 # -- ProcessPool ------------------------------------------------------------------------------
@@ -162,7 +166,11 @@ class TestProcessPoolBadInput:
         ],
     )
     def test_constructor(
-        self, process_pool: ProcessPool, kwargs: dict[str, Any], error: type[Exception], argument: str
+        self,
+        process_pool: ProcessPool,
+        kwargs: dict[str, Any],
+        error: type[Exception],
+        argument: str,
     ) -> None:
         """Test that a bad constructor argument is refused, naming it, before any process
         starts; the other pool keeps working."""
@@ -234,7 +242,11 @@ class TestProcessPoolBadInput:
         ],
     )
     def test_run_sync(
-        self, process_pool: ProcessPool, kwargs: dict[str, Any], error: type[Exception], argument: str
+        self,
+        process_pool: ProcessPool,
+        kwargs: dict[str, Any],
+        error: type[Exception],
+        argument: str,
     ) -> None:
         """Test that run_sync refuses a bad option, naming it, before taking a worker."""
         before = process_pool.statistics().completed_total
@@ -278,7 +290,9 @@ class TestThreadPoolBadInput:
             ({"name": 3}, TypeError, "name"),
         ],
     )
-    def test_constructor(self, kwargs: dict[str, Any], error: type[Exception], argument: str) -> None:
+    def test_constructor(
+        self, kwargs: dict[str, Any], error: type[Exception], argument: str
+    ) -> None:
         """Test that a bad constructor argument is refused, naming it."""
         with pytest.raises(error, match=names(argument)):
             ThreadPool(**kwargs)
@@ -430,7 +444,9 @@ class TestPipelineExecutorBadInput:
             ({"process_pool": 3}, TypeError, "process_pool"),
         ],
     )
-    def test_constructor(self, kwargs: dict[str, Any], error: type[Exception], argument: str) -> None:
+    def test_constructor(
+        self, kwargs: dict[str, Any], error: type[Exception], argument: str
+    ) -> None:
         """Test that a bad constructor argument is refused, naming it."""
         with pytest.raises(error, match=names(argument)):
             PipelineExecutor(**kwargs)
@@ -447,6 +463,8 @@ class TestPipelineExecutorBadInput:
             ({"cancel_token": "t"}, TypeError, "cancel_token"),
             ({"mode": "soft"}, ValueError, "mode"),
             ({"graceful_timeout": 0}, ValueError, "graceful_timeout"),
+            ({"cleanup_handlers": 3}, TypeError, "cleanup_handlers"),
+            ({"cleanup_handlers": [print, 3]}, TypeError, "cleanup_handlers[1]"),
         ],
     )
     @pytest.mark.parametrize("method", ["execute_pipeline", "run_pipeline"])
@@ -474,16 +492,16 @@ class TestPipelineExecutorBadInput:
         """Test that a second run under a running id is refused, naming the id, and that
         the running pipeline is left alone to complete."""
         executor = PipelineExecutor()
-        release = asyncio.Event()
+        started, release = asyncio.Event(), asyncio.Event()
 
         async def held(ctx: NodeContext) -> str:
+            started.set()
             await release.wait()
             return "held"
 
         async def main() -> dict[str, Any]:
             first = asyncio.create_task(executor.execute_pipeline("p", [Node("a", held)]))
-            while "p" not in executor.registry:
-                await asyncio.sleep(0)
+            await started.wait()
             with pytest.raises(PipelineDefinitionError, match="'p'"):
                 await executor.execute_pipeline("p", [Node("b", value_of)])
             assert not executor.registry.get_token("p").is_cancelled
@@ -512,16 +530,16 @@ class TestPipelineExecutorBadInput:
         """Test that a bad superseding call is refused, naming the argument, before it
         cancels the key's running pipeline, which completes; the key then still works."""
         executor = PipelineExecutor()
-        release = asyncio.Event()
+        started, release = asyncio.Event(), asyncio.Event()
 
         async def held(ctx: NodeContext) -> str:
+            started.set()
             await release.wait()
             return "held"
 
         async def main() -> tuple[Any, Any]:
             first = asyncio.create_task(executor.run_superseding("k", [Node("a", held)]))
-            while "k" not in executor.registry:
-                await asyncio.sleep(0)
+            await started.wait()
             call = {"key": "k", "nodes": [Node("b", value_of)], **kwargs}
             with pytest.raises(error, match=names(argument)):
                 await executor.run_superseding(**call)
@@ -625,7 +643,7 @@ class TestCancellationRegistryBadInput:
 
         async def main() -> list[str]:
             await executor.execute_pipeline("p", [Node("a", value_of)])
-            with pytest.raises(KeyError, match="'p'.*finished"):
+            with pytest.raises(KeyError, match=r"'p'.*finished"):
                 executor.registry.register_cleanup_handler("p", print)
             ran: list[str] = []
             token = CancellationToken()
@@ -655,7 +673,8 @@ class TestCancellationRegistryBadInput:
 
         registry.register_cleanup_handler("p", handler)
         assert run(registry.cancel("p"))
-        assert len(refused) == 1 and "'p'" in str(refused[0])
+        assert len(refused) == 1
+        assert "'p'" in str(refused[0])
 
 
 # -- EventBus, Superseder ---------------------------------------------------------------------
@@ -710,9 +729,10 @@ class TestSupersederBadInput:
         """Test that a bad run is refused, naming the argument, before it supersedes the
         key's running job, which completes; the key then still runs new jobs."""
         superseder = Superseder()
-        release = asyncio.Event()
+        started, release = asyncio.Event(), asyncio.Event()
 
         async def held(token: CancellationToken) -> str:
+            started.set()
             await release.wait()
             return "cancelled" if token.is_cancelled else "held"
 
@@ -721,7 +741,7 @@ class TestSupersederBadInput:
 
         async def main() -> tuple[str, str]:
             first = asyncio.create_task(superseder.run("k", held))
-            await asyncio.sleep(0)
+            await started.wait()
             call = {"key": "k", "job": quick, **kwargs}
             with pytest.raises(error, match=names(argument)):
                 await superseder.run(**call)

@@ -249,6 +249,14 @@ class PipelineExecutor:
             raise TypeError(
                 f"registry must be a CancellationRegistry, not {type(registry).__name__}"
             )
+        if events is not None and not isinstance(events, EventBus):
+            raise TypeError(f"events must be an EventBus, not {type(events).__name__}")
+        for what, pool in (("thread_pool", thread_pool), ("process_pool", process_pool)):
+            if pool is not None and not callable(getattr(pool, "run_sync", None)):
+                raise TypeError(
+                    f"{what} must be a pool with an async run_sync() (a ThreadPool or "
+                    f"ProcessPool), not {type(pool).__name__}"
+                )
         self.registry = registry if registry is not None else CancellationRegistry()
         self.events = events if events is not None else EventBus()
         self.mode: Mode = _check_mode(mode)
@@ -378,18 +386,16 @@ class PipelineExecutor:
             pipeline_id: the run's id (default: ``key``; runs of one key never overlap).
             reason: the cancel reason given to the run this call supersedes.
         """
+        if not isinstance(key, str):
+            raise TypeError(f"key must be a str, not {type(key).__name__}")
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError(f"reason must be a str or None, not {type(reason).__name__}")
         run_id = key if pipeline_id is None else pipeline_id
+        # Checked before superseding: a bad call must not cancel the key's running run.
+        spec = self._check_run(run_id, nodes, context, timeout, None, mode, graceful_timeout)
 
         async def job(token: CancellationToken) -> PipelineResult:
-            return await self.run_pipeline(
-                run_id,
-                nodes,
-                context,
-                timeout=timeout,
-                cancel_token=token,
-                mode=mode,
-                graceful_timeout=graceful_timeout,
-            )
+            return await self._to_result(await self._run_checked(spec, token))
 
         try:
             return await self._superseder.run(key, job, reason=reason)
@@ -480,6 +486,30 @@ class PipelineExecutor:
         graceful_timeout: float | None,
         cleanup_handlers: Iterable[CleanupHandler] = (),
     ) -> _Outcome:
+        spec = self._check_run(
+            pipeline_id,
+            nodes,
+            context,
+            timeout,
+            cancel_token,
+            mode,
+            graceful_timeout,
+            cleanup_handlers,
+        )
+        return await self._run_checked(spec, cancel_token)
+
+    def _check_run(
+        self,
+        pipeline_id: str,
+        nodes: Iterable[Node],
+        context: Mapping[str, Any] | None,
+        timeout: float | None,
+        cancel_token: CancellationToken | None,
+        mode: Mode | None,
+        graceful_timeout: float | None,
+        cleanup_handlers: Iterable[CleanupHandler] = (),
+    ) -> _RunSpec:
+        """Check a run's arguments (raising before anything happens); no side effect."""
         if self._closed:
             raise PoolClosedError("the PipelineExecutor is closed")
         if not isinstance(pipeline_id, str) or not pipeline_id:
@@ -501,18 +531,34 @@ class PipelineExecutor:
             raise TypeError(f"context must be a mapping, not {type(context).__name__}")
         by_id = validate_pipeline(nodes)
         waves = compute_waves(by_id)
+        if isinstance(cleanup_handlers, (str, bytes)) or not isinstance(cleanup_handlers, Iterable):
+            raise TypeError(
+                "cleanup_handlers must be an iterable of callables, "
+                f"not {type(cleanup_handlers).__name__}"
+            )
         handlers = list(cleanup_handlers)
         for index, handler in enumerate(handlers):
             if not callable(handler):
                 raise TypeError(
                     f"cleanup_handlers[{index}] must be callable, not {type(handler).__name__}"
                 )
+        return _RunSpec(pipeline_id, waves, context, run_mode, bound, deadline, handlers)
+
+    async def _run_checked(
+        self, spec: _RunSpec, cancel_token: CancellationToken | None
+    ) -> _Outcome:
+        """Register and drive a run whose arguments :meth:`_check_run` accepted."""
+        if self._closed:
+            raise PoolClosedError("the PipelineExecutor is closed")
+        pipeline_id = spec.pipeline_id
         self.registry.register(pipeline_id, cleanup_timeout=self.cleanup_timeout)
-        for handler in handlers:
+        for handler in spec.handlers:
             self.registry.register_cleanup_handler(pipeline_id, handler)
         entry = self.registry._get(pipeline_id)
         self.registry._manage(entry)
-        run = _Run(self, entry, waves, context, run_mode, bound, deadline)
+        run = _Run(
+            self, entry, spec.waves, spec.context, spec.mode, spec.graceful_timeout, spec.timeout
+        )
         self._runs.add(run)
         try:
             return await run.drive(cancel_token)
@@ -554,6 +600,19 @@ class PipelineExecutor:
                 )
             )
         return result
+
+
+@dataclass(frozen=True, slots=True)
+class _RunSpec:
+    """A run's checked arguments (see ``PipelineExecutor._check_run``)."""
+
+    pipeline_id: str
+    waves: list[list[Node]]
+    context: Mapping[str, Any]
+    mode: Mode
+    graceful_timeout: float | None
+    timeout: float | None
+    handlers: list[CleanupHandler]
 
 
 @dataclass

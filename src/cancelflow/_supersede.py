@@ -82,10 +82,15 @@ class Superseder:
 
         Raises:
             CancelledException: superseded before ``job`` could start.
-            TypeError: ``key`` is not a string.
+            TypeError: ``key`` is not a string, ``job`` not callable, or ``reason``
+                neither a string nor ``None`` (raised before anything is superseded).
         """
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, not {type(key).__name__}")
+        if not callable(job):
+            raise TypeError(f"job must be callable, not {type(job).__name__}")
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError(f"reason must be a str or None, not {type(reason).__name__}")
         slot = _Slot(key, asyncio.get_running_loop())
         previous = self._latest.get(key)
         self._latest[key] = slot

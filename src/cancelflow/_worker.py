@@ -303,7 +303,7 @@ def zygote_main(control_fd: int, chunk_fd: int) -> None:
 
         multiprocessing.spawn.prepare(prep)
     except BaseException as exc:  # noqa: BLE001 - tasks from __main__ will fail, others work
-        send_seq(ctrl, ("prepare-failed", repr(exc)))
+        _send_or_exit(ctrl, ("prepare-failed", repr(exc)))
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)
@@ -313,7 +313,7 @@ def zygote_main(control_fd: int, chunk_fd: int) -> None:
     selector = selectors.DefaultSelector()
     selector.register(ctrl, selectors.EVENT_READ, "ctrl")
     selector.register(wake_r, selectors.EVENT_READ, "wake")
-    send_seq(ctrl, ("zygote-ready", os.getpid()))
+    _send_or_exit(ctrl, ("zygote-ready", os.getpid()))
     zygote_pid = os.getpid()
     running = True
     while running:
@@ -370,6 +370,15 @@ def zygote_main(control_fd: int, chunk_fd: int) -> None:
         except ChildProcessError:
             break
     os._exit(0)
+
+
+def _send_or_exit(ctrl: socket.socket, message: Any) -> None:
+    """Send to the parent from a zygote with no worker yet; if the parent has already
+    gone (a pool shut down while its zygote was starting), exit quietly."""
+    try:
+        send_seq(ctrl, message)
+    except OSError:
+        os._exit(0)
 
 
 # -- SOCK_SEQPACKET records between the parent and the zygote ------------------------------
