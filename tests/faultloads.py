@@ -323,3 +323,13 @@ def prop_process_node(ctx: NodeContext) -> str:
     elif behaviour == "fail":
         raise ValueError(f"{ctx.node_id} failed")
     return checked_output(ctx, ctx.context["deps"][ctx.node_id])
+
+
+def store_then_kill_zygote(count: int) -> None:
+    """Store ``count`` partial results, then SIGKILL the pool's zygote (this worker's
+    parent): every store returned, so the parent's kernel has all of them."""
+    for index in range(count):
+        cancelflow.store_partial(f"step-{index}", index)
+    os.kill(os.getppid(), signal.SIGKILL)
+    while True:
+        pass

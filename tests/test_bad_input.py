@@ -126,7 +126,7 @@ class TestCancellationTokenBadInput:
             (lambda t: t.wait_blocking(-1), ValueError, "timeout"),
             (lambda t: t.wait_blocking(NAN), ValueError, "timeout"),
             (lambda t: t.child(timeout=-1), ValueError, "timeout"),
-            (lambda t: CancellationToken.linked(t, 3), TypeError, "tokens[1]"),
+            (lambda t: CancellationToken.linked(t, 3), TypeError, "tokens[1]"),  # type: ignore[arg-type]
         ],
     )
     def test_methods(
@@ -374,7 +374,7 @@ class TestNodeBadInput:
             (lambda: Node(3, _plain_fn), "id"),  # type: ignore[arg-type]
             (lambda: Node("", _plain_fn), "id"),
             (lambda: Node("a", 3), "fn"),  # type: ignore[arg-type]
-            (lambda: Node("a", _plain_fn, deps="b"), "deps"),
+            (lambda: Node("a", _plain_fn, deps="b"), "deps"),  # type: ignore[arg-type]
             (lambda: Node("a", _plain_fn, deps=3), "deps"),  # type: ignore[arg-type]
             (lambda: Node("a", _plain_fn, deps=[3]), "deps"),  # type: ignore[list-item]
             (lambda: Node("a", _plain_fn, run_in="gpu"), "run_in"),  # type: ignore[arg-type]
@@ -798,7 +798,7 @@ class TestDirectionModulesBadInput:
         runs a good call."""
         try:
             with pytest.raises(TypeError, match=names("fn")):
-                run(to_thread.run_sync(3))  # type: ignore[call-overload]
+                run(to_thread.run_sync(3))  # type: ignore[arg-type]
             with pytest.raises(TypeError, match=names("token")):
                 run(to_thread.run_sync(faultloads.echo, 1, token="t"))  # type: ignore[arg-type]
             assert run(to_thread.run_sync(faultloads.echo, 1)) == 1
