@@ -38,6 +38,7 @@ from cancelflow import (
     ProcessPool,
     WorkerCrashedError,
 )
+from support import Announcements
 
 T = TypeVar("T")
 WAIT = 30.0  # watchdog on every wait; never reached when the test passes
@@ -79,27 +80,6 @@ def pool() -> Iterator[ProcessPool]:
     with ProcessPool(2, grace_period=0.05, term_grace_period=0.3, name="faults") as p:
         assert p.wait_ready(WAIT)
         yield p
-
-
-class PartialEvents:
-    """A partial_sink that lets the test wait until the task stored a key."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-        self._events: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
-
-    def _event(self, key: str) -> threading.Event:
-        with self._lock:
-            return self._events.setdefault(key, threading.Event())
-
-    def __call__(self, key: str, value: Any) -> None:
-        self.values[key] = value
-        self._event(key).set()
-
-    def wait(self, key: str) -> Any:
-        assert self._event(key).wait(WAIT), f"watchdog: the task never stored {key!r}"
-        return self.values[key]
 
 
 # -- one pipeline around a faulty process node ----------------------------------------------
@@ -239,7 +219,7 @@ class TestWorkerCrash:
     def test_crash_fails_only_its_own_task(self, pool: ProcessPool) -> None:
         """Test that a worker crash fails only the task it ran: a task running on the
         other worker at the same time completes."""
-        sink = PartialEvents()
+        sink = Announcements()
         with faultloads.sync_beacon() as (path, events, _):
             survivor = pool.submit(faultloads.wait_for_token, path)
             assert events["running"].wait(WAIT)
@@ -360,7 +340,7 @@ class TestWorkerStateRestored:
         survives), not by SIGKILL."""
         with ProcessPool(1, grace_period=0.05, term_grace_period=WAIT, name="sigmask") as pool:
             pid = pool.submit(faultloads.block_sigterm_and_return).result(WAIT)
-            sink = PartialEvents()
+            sink = Announcements()
             spinning = pool.submit_task(workloads.announce_and_spin, partial_sink=sink)
             assert sink.wait("pid") == pid
             spinning.cancel()

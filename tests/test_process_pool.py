@@ -25,29 +25,9 @@ from cancelflow import (
     ProcessPool,
     WorkerCrashedError,
 )
+from support import Announcements
 
 WAIT = 30  # watchdog for anything awaited in a test (never a measure of speed)
-
-
-class Announcements:
-    """A partial_sink that lets the test wait until the task reported a key."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-        self._events: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
-
-    def _event(self, key: str) -> threading.Event:
-        with self._lock:
-            return self._events.setdefault(key, threading.Event())
-
-    def __call__(self, key: str, value: Any) -> None:
-        self.values[key] = value
-        self._event(key).set()
-
-    def wait(self, key: str) -> Any:
-        assert self._event(key).wait(WAIT), f"the task never reported {key!r}"
-        return self.values[key]
 
 
 def assert_gone(pid: int) -> None:
