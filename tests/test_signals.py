@@ -226,15 +226,6 @@ class TestSignalStorm:
         assert facts["registered_after"] == []
         assert facts["storm_signals"] > 0
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason=(
-            "cancelflow._timer.call_at takes a plain threading.Lock: a signal handler that "
-            "cancels a running ThreadPool task's token (ThreadPool._settle_cancelled -> "
-            "_timer.call_at) while the main thread is inside call_at (e.g. making a "
-            "timeout token) deadlocks on that lock"
-        ),
-    )
     def test_thread_pool_cancel_from_a_signal_handler(self, tmp_path: Path) -> None:
         """Test that a signal handler can cancel a running ThreadPool task's token while
         the main thread is making timeout tokens (the timer's own code) without

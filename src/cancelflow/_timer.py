@@ -20,6 +20,7 @@ fired there is seen in the child).
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import heapq
 import itertools
@@ -33,11 +34,15 @@ from ._platform import futex_wait, futex_wake
 
 __all__ = ("TimerHandle", "call_at", "pending")
 
-_lock = threading.Lock()
+_lock = threading.Lock()  # taken by the timer thread only
 _heap: list[tuple[float, int]] = []
 _entries: dict[int, Callable[[], object]] = {}
 _ids = itertools.count()
-_running = False
+# New timers wait here until the timer thread moves them into the heap: call_at takes no
+# lock, so a signal handler can schedule a timer while its thread is inside call_at.
+_incoming: collections.deque[tuple[float, int]] = collections.deque()
+# Holds one ticket while no timer thread runs; whoever pops it starts one.
+_ticket: list[None] = [None]
 # Bumped (and futex-woken) whenever the timer thread should look again.
 _kicks = ctypes.c_uint32(0)
 _kick_address = ctypes.addressof(_kicks)
@@ -68,16 +73,20 @@ class TimerHandle:
 
 
 def call_at(deadline: float, callback: Callable[[], object]) -> TimerHandle:
-    """Run ``callback`` on the timer thread at ``deadline`` (``time.monotonic()`` clock)."""
-    global _running
-    with _lock:
-        ident = next(_ids)
-        _entries[ident] = callback
-        heapq.heappush(_heap, (deadline, ident))
-        if not _running:
-            _running = True
-            threading.Thread(target=_run, name="cancelflow-timer", daemon=True).start()
-    _kick()
+    """Run ``callback`` on the timer thread at ``deadline`` (``time.monotonic()`` clock).
+
+    Lock-free (each step is one atomic operation under the GIL), so it is safe from any
+    thread and from a signal handler that interrupted a ``call_at`` in progress.
+    """
+    ident = next(_ids)
+    _entries[ident] = callback
+    _incoming.append((deadline, ident))
+    try:
+        _ticket.pop()
+    except IndexError:
+        _kick()  # a timer thread runs: make it look at the new entry
+    else:
+        threading.Thread(target=_run, name="cancelflow-timer", daemon=True).start()
     return TimerHandle(ident)
 
 
@@ -88,14 +97,14 @@ def pending() -> int:
 
 def _next_due() -> tuple[Callable[[], object] | None, float | None]:
     """Under ``_lock``: pop a due callback, or say how long to sleep (``None``: exit)."""
-    global _running
+    while _incoming:
+        heapq.heappush(_heap, _incoming.popleft())
     while _heap and _heap[0][1] not in _entries:
         heapq.heappop(_heap)
     if len(_heap) > 2 * len(_entries) + 16:
         _heap[:] = [item for item in _heap if item[1] in _entries]
         heapq.heapify(_heap)
     if not _heap:
-        _running = False
         return None, None
     deadline, ident = _heap[0]
     delay = deadline - time.monotonic()
@@ -111,7 +120,14 @@ def _run() -> None:
         with _lock:
             callback, delay = _next_due()
         if delay is None:
-            return
+            _ticket.append(None)  # we are leaving: the next call_at starts a thread
+            if not _incoming:
+                return
+            try:  # a timer arrived while we were leaving: keep running if we can
+                _ticket.pop()
+            except IndexError:
+                return  # ...or another thread already took over
+            continue
         if callback is None:
             if delay > 0:
                 futex_wait(_kick_address, seen, delay)
@@ -124,10 +140,11 @@ def _run() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _running
+    global _lock, _ticket
     _lock = threading.Lock()  # another thread may have held it at the fork
-    _running = False
+    _ticket = [None]  # the timer thread does not survive a fork
     _heap.clear()
+    _incoming.clear()
     _entries.clear()
 
 
