@@ -1069,7 +1069,28 @@ class CfKillProcs(CfProcs):
         os.kill(signal_.pid, signal.SIGKILL)
 
 
-class MpPoolProcs(SyncProcs):
+class _ApplyAsync:
+    """submit / wait / error for the multiprocessing pools (process and thread), whose
+    handles are ``AsyncResult``s."""
+
+    pool: Any
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], token: Any = None) -> Any:
+        return self.pool.apply_async(fn, args)
+
+    def wait(self, handle: Any, timeout: float) -> bool:
+        handle.wait(timeout)
+        return bool(handle.ready())
+
+    def error(self, handle: Any) -> BaseException | None:
+        try:
+            handle.get(0)
+        except BaseException as exc:  # noqa: BLE001 - the outcome being measured
+            return exc
+        return None
+
+
+class MpPoolProcs(_ApplyAsync, SyncProcs):
     system = "multiprocessing.Pool"
     label = "multiprocessing.Pool, terminate() (no per-task cancel)"
     coop_label = "multiprocessing.Pool.apply_async; the task polls a shared-memory flag"
@@ -1086,20 +1107,6 @@ class MpPoolProcs(SyncProcs):
         if self.terminated:
             self.pool.join()
             self.open(self.workers)
-
-    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], token: Any = None) -> Any:
-        return self.pool.apply_async(fn, args)
-
-    def wait(self, handle: Any, timeout: float) -> bool:
-        handle.wait(timeout)
-        return bool(handle.ready())
-
-    def error(self, handle: Any) -> BaseException | None:
-        try:
-            handle.get(0)
-        except BaseException as exc:  # noqa: BLE001 - the outcome being measured
-            return exc
-        return None
 
     def stop(self, handle: Any, signal_: Signal) -> None:
         self.terminated = True
@@ -1746,26 +1753,12 @@ class PebbleThreads(SyncThreads):
         self.pool.join()
 
 
-class MpThreads(SyncThreads):
+class MpThreads(_ApplyAsync, SyncThreads):
     system = "multiprocessing.Pool"
     label = "multiprocessing.pool.ThreadPool; the task polls a threading.Event"
 
     def open(self, workers: int) -> None:
         self.pool = multiprocessing.pool.ThreadPool(workers)
-
-    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], token: Any = None) -> Any:
-        return self.pool.apply_async(fn, args)
-
-    def wait(self, handle: Any, timeout: float) -> bool:
-        handle.wait(timeout)
-        return bool(handle.ready())
-
-    def error(self, handle: Any) -> BaseException | None:
-        try:
-            handle.get(0)
-        except BaseException as exc:  # noqa: BLE001 - the outcome being measured
-            return exc
-        return None
 
     def throughput(self, n: int) -> None:
         results = [self.pool.apply_async(abs, (i,)) for i in range(n)]
