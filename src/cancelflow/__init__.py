@@ -17,12 +17,14 @@ from ._context import (
 )
 from ._events import EventBus as EventBus, PipelineEvent as PipelineEvent
 from ._exceptions import (
+    BrokenPoolError as BrokenPoolError,
     CancelflowError as CancelflowError,
     CancelledException as CancelledException,
     PipelineDefinitionError as PipelineDefinitionError,
     PipelineFailedException as PipelineFailedException,
     PipelineTimeoutException as PipelineTimeoutException,
     PoolClosedError as PoolClosedError,
+    UnreadableResultError as UnreadableResultError,
     WorkerCrashedError as WorkerCrashedError,
 )
 from ._executor import PipelineExecutor as PipelineExecutor, PipelineResult as PipelineResult
@@ -43,6 +45,7 @@ from ._token import CallbackHandle as CallbackHandle, CancellationToken as Cance
 from ._version import __version__ as __version__
 
 __all__ = (
+    "BrokenPoolError",
     "CallbackHandle",
     "CancelflowError",
     "CancellationRegistry",
@@ -66,6 +69,7 @@ __all__ = (
     "ThreadPool",
     "ThreadPoolStatistics",
     "ThreadTaskFuture",
+    "UnreadableResultError",
     "WorkerCrashedError",
     "check_cancelled",
     "critical_section",

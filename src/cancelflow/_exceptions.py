@@ -7,8 +7,11 @@
     │   └── PipelineTimeoutException     ... because a deadline passed (also TimeoutError)
     ├── PipelineFailedException          a node raised; the others were stopped
     ├── PipelineDefinitionError          a bad pipeline, refused before anything ran (also ValueError)
-    ├── WorkerCrashedError               a worker process died by itself (also RuntimeError)
+    ├── WorkerCrashedError               a worker process died by itself (also BrokenProcessPool)
+    ├── UnreadableResultError            a task's result, error or partial value could not be unpickled
     └── PoolClosedError                  work offered to a pool that was shut down (also RuntimeError)
+        └── BrokenPoolError              the pool cannot run tasks any more (also BrokenProcessPool
+                                         and BrokenThreadPool)
 
 Relation to :class:`asyncio.CancelledError`: :class:`CancelledException` is *not* one, and
 never derives from it. asyncio uses ``CancelledError`` to unwind a task that was
@@ -23,15 +26,19 @@ All of them pickle, so they cross process boundaries with their data intact.
 
 from __future__ import annotations
 
+from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.thread import BrokenThreadPool
 from typing import Any
 
 __all__ = (
+    "BrokenPoolError",
     "CancelflowError",
     "CancelledException",
     "PipelineDefinitionError",
     "PipelineFailedException",
     "PipelineTimeoutException",
     "PoolClosedError",
+    "UnreadableResultError",
     "WorkerCrashedError",
 )
 
@@ -173,11 +180,14 @@ class PipelineDefinitionError(CancelflowError, ValueError):
         return (_rebuild, (type(self), (str(self),), {"node_id": self.node_id}))
 
 
-class WorkerCrashedError(CancelflowError, RuntimeError):
+class WorkerCrashedError(CancelflowError, BrokenProcessPool):
     """A worker process died by itself (segfault, ``os._exit``, OOM killer, an outside kill).
 
     Only the task that was running on that worker fails with it; the pool replaces the
-    worker. Distinct from :class:`CancelledException`, where *we* stopped the worker.
+    worker and keeps serving. Distinct from :class:`CancelledException`, where *we* stopped
+    the worker. Also a :class:`concurrent.futures.process.BrokenProcessPool` (and so a
+    ``RuntimeError``), so code written for ``ProcessPoolExecutor`` that catches a worker's
+    death keeps working; unlike there, the pool is not broken afterwards.
 
     Attributes:
         exitcode: the exit status if it exited, else ``None``.
@@ -209,8 +219,49 @@ class WorkerCrashedError(CancelflowError, RuntimeError):
         )
 
 
+class UnreadableResultError(CancelflowError):
+    """What a task sent back pickled in the worker but could not be unpickled here.
+
+    For example an exception class whose ``__init__`` takes other arguments than it
+    passes to ``Exception.__init__``, or a value of a class the parent cannot import. Only
+    the task concerned fails with it; the pool keeps serving.
+
+    Attributes:
+        what: which part could not be read: ``"result"``, ``"exception"`` or
+            ``"partial result 'KEY'"``.
+        remote_text: the worker's text of the original: its ``repr`` and, for an
+            exception, its formatted traceback.
+    """
+
+    def __init__(self, message: str, *, what: str = "result", remote_text: str = "") -> None:
+        super().__init__(message)
+        self.what = what
+        self.remote_text = remote_text
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{text}\n\nIn the worker it was:\n{self.remote_text}" if self.remote_text else text
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild,
+            (type(self), (self.args[0],), {"what": self.what, "remote_text": self.remote_text}),
+        )
+
+
 class PoolClosedError(CancelflowError, RuntimeError):
     """Work was offered to a pool or executor after it was shut down."""
+
+
+class BrokenPoolError(PoolClosedError, BrokenProcessPool, BrokenThreadPool):
+    """A pool can no longer run tasks, so every pending task failed and it refuses new ones.
+
+    Raised when a worker's ``initializer`` fails (as the stdlib's executors do), when
+    workers keep dying before they can start, or when the pool's own machinery failed.
+    Also :class:`concurrent.futures.process.BrokenProcessPool` and
+    :class:`concurrent.futures.thread.BrokenThreadPool`, so ``except BrokenExecutor``
+    written for the stdlib keeps working.
+    """
 
 
 def _rebuild(cls: type[Exception], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Exception:
