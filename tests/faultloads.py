@@ -333,3 +333,12 @@ def store_then_kill_zygote(count: int) -> None:
     os.kill(os.getppid(), signal.SIGKILL)
     while True:
         pass
+
+
+def start_child_then_kill_zygote() -> None:
+    """Start a long-lived child, store its pid, then SIGKILL the pool's zygote."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    cancelflow.store_partial("child", child.pid)
+    os.kill(os.getppid(), signal.SIGKILL)
+    while True:
+        pass

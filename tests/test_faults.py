@@ -496,41 +496,60 @@ class TestCleanupHandlerFaults:
 
 class TestZygoteDeath:
     """The zygote is the pool's one helper process (cancelflow has no manager process):
-    every worker is forked from it and dies with it (PR_SET_PDEATHSIG)."""
+    every worker is forked from it and freezes when it dies (PR_SET_PDEATHSIG=SIGSTOP), so
+    the pool can kill each worker's whole tree, then start a new zygote."""
 
     def test_zygote_death_fails_the_running_task_and_keeps_its_partials(self) -> None:
         """Test that when the zygote is SIGKILLed, the running task fails with
-        PoolClosedError naming the zygote, keeps every partial result it stored before,
-        its worker is gone with it (no orphan), and the pool refuses new work."""
+        WorkerCrashedError naming the zygote, keeps every partial result it stored before,
+        and its worker is gone with it (no orphan)."""
         pool = ProcessPool(1, name="orphaned")
         try:
             future = pool.submit_task(faultloads.store_then_kill_zygote, (200,))
-            with pytest.raises(PoolClosedError, match="zygote process died"):
+            with pytest.raises(WorkerCrashedError, match="zygote process died"):
                 future.result(WAIT)
+            assert future.fate == "crashed"
             assert future.partial_results == {f"step-{i}": i for i in range(200)}
             assert future.pid is not None
             assert_gone(future.pid)
-            with pytest.raises(PoolClosedError):
-                pool.submit(faultloads.echo, 1)
         finally:
             pool.shutdown(wait=True)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason=(
-            "a pool whose zygote died closes for good (PoolClosedError); it does not start "
-            "a new zygote, so it cannot heal: make a new ProcessPool"
-        ),
-    )
     def test_pool_heals_after_its_zygote_dies(self) -> None:
         """Test that a pool whose zygote was killed starts a new one and runs the next
-        task."""
+        task (regression: it closed for good)."""
         pool = ProcessPool(1, name="orphaned")
         try:
             future = pool.submit_task(faultloads.store_then_kill_zygote, (1,))
-            with pytest.raises(PoolClosedError):
+            with pytest.raises(WorkerCrashedError):
                 future.result(WAIT)
             assert pool.submit(faultloads.echo, 1).result(WAIT) == 1
+        finally:
+            pool.shutdown(wait=True)
+
+    def test_queued_tasks_run_after_the_zygote_dies(self) -> None:
+        """Test that tasks queued behind the one whose zygote died all run on the new
+        zygote's workers."""
+        pool = ProcessPool(1, name="orphaned")
+        try:
+            doomed = pool.submit_task(faultloads.store_then_kill_zygote, (1,))
+            queued = [pool.submit(faultloads.echo, i) for i in range(5)]
+            with pytest.raises(WorkerCrashedError):
+                doomed.result(WAIT)
+            assert [f.result(WAIT) for f in queued] == list(range(5))
+        finally:
+            pool.shutdown(wait=True)
+
+    def test_grandchildren_die_with_the_zygote(self) -> None:
+        """Test that a process the task started is killed when the zygote dies, not
+        re-parented to PID 1 (regression: it outlived the pool)."""
+        pool = ProcessPool(1, name="orphaned")
+        try:
+            future = pool.submit_task(faultloads.start_child_then_kill_zygote)
+            with pytest.raises(WorkerCrashedError):
+                future.result(WAIT)
+            grandchild = future.partial_results["child"]
+            assert_gone(grandchild)
         finally:
             pool.shutdown(wait=True)
 

@@ -9,6 +9,7 @@
     ├── PipelineDefinitionError          a bad pipeline, refused before anything ran (also ValueError)
     ├── WorkerCrashedError               a worker process died by itself (also BrokenProcessPool)
     ├── UnreadableResultError            a task's result, error or partial value could not be unpickled
+    │                                    (also BrokenProcessPool)
     └── PoolClosedError                  work offered to a pool that was shut down (also RuntimeError)
         └── BrokenPoolError              the pool cannot run tasks any more (also BrokenProcessPool
                                          and BrokenThreadPool)
@@ -219,12 +220,14 @@ class WorkerCrashedError(CancelflowError, BrokenProcessPool):
         )
 
 
-class UnreadableResultError(CancelflowError):
+class UnreadableResultError(CancelflowError, BrokenProcessPool):
     """What a task sent back pickled in the worker but could not be unpickled here.
 
     For example an exception class whose ``__init__`` takes other arguments than it
     passes to ``Exception.__init__``, or a value of a class the parent cannot import. Only
-    the task concerned fails with it; the pool keeps serving.
+    the task concerned fails with it; the pool keeps serving. Also a
+    :class:`concurrent.futures.process.BrokenProcessPool`, which is what
+    ``ProcessPoolExecutor`` raises in this case (there, the whole pool breaks).
 
     Attributes:
         what: which part could not be read: ``"result"``, ``"exception"`` or

@@ -27,7 +27,7 @@ class _Pool(Protocol):
     def shutdown(self, wait: bool = True) -> None: ...
 
 
-_pools: weakref.WeakSet[_Pool] = weakref.WeakSet()  # type: ignore[type-var]
+_pools: weakref.WeakSet[_Pool] = weakref.WeakSet()
 _exiting = False
 
 

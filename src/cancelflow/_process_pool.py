@@ -4,7 +4,6 @@ started, and heal."""
 from __future__ import annotations
 
 import asyncio
-import atexit
 import collections
 import concurrent.futures
 import contextlib
@@ -24,23 +23,42 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
+from concurrent.futures._base import (
+    CANCELLED,
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+)
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _cell
+from . import _cell, _interpreter_exit, _worker
 from ._channel import FrameReader, encode
 from ._exceptions import (
+    BrokenPoolError,
     CancelledException,
     PipelineTimeoutException,
     PoolClosedError,
+    UnreadableResultError,
     WorkerCrashedError,
 )
 from ._log import safe_log
-from ._platform import descendants, pidfd_open
+from ._platform import pidfd_open, send_signal
 from ._token import CancellationToken
 from ._validate import check_seconds as _seconds
-from ._worker import TASK_TOKEN_ID, Control, kill_tree_of, recv_seq_fds, send_seq
+from ._worker import TASK_TOKEN_ID, Control, kill_tree_of, recv_seq_fds, run_chunk, send_seq
+
+try:  # the stdlib's own class, so that code (and tests) written for it keep working
+    from concurrent.futures.process import _RemoteTraceback
+except ImportError:  # pragma: no cover - every CPython since 3.4 has it
+
+    class _RemoteTraceback(Exception):  # type: ignore[no-redef]
+        def __init__(self, tb: str) -> None:
+            self.tb = tb
+
+        def __str__(self) -> str:
+            return self.tb
 
 __all__ = ("ProcessPool", "ProcessPoolStatistics", "TaskFuture")
 
@@ -107,7 +125,7 @@ class TaskFuture(concurrent.futures.Future[Any]):
         if task is None:
             return super().cancel()
         task.pool._request_stop(task, "future", "future cancelled")
-        return True
+        return self._state != FINISHED
 
     def kill(self, reason: str | None = "killed") -> bool:
         """Stop the task at once: SIGKILL its worker and whole process tree, no grace.
@@ -126,14 +144,18 @@ class TaskFuture(concurrent.futures.Future[Any]):
         if task is None:
             return super().cancel()
         task.pool._request_stop(task, "future", reason, kill=True)
-        return True
+        return self._state != FINISHED
 
-    def running(self) -> bool:
-        return self.fate == "running"
-
-    def _cancel_now(self) -> None:
-        super().cancel()
-        self.set_running_or_notify_cancel()
+    def _settle_cancelled(self) -> None:
+        """End this future cancelled, whether it was pending or running."""
+        with self._condition:
+            if self._state not in (PENDING, RUNNING, CANCELLED):
+                return
+            self._state = CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
 
 
 @dataclass(eq=False)
@@ -152,8 +174,12 @@ class _Task:
     stop_reason: str | None = None
     stage: int = 0  # 1 token set, 2 SIGTERM sent, 3 SIGKILL sent
     done: bool = False
+    #: dropped before it was dispatched (decided under the future's lock, see _claim)
+    dropped: bool = False
     handle: Any = None
     partials: dict[str, Any] = field(default_factory=dict)
+    #: an error that ends the task whatever it returns (a message that could not be read)
+    error: BaseException | None = None
 
 
 class _WorkerHandle:
@@ -168,6 +194,11 @@ class _WorkerHandle:
         self.waiting: set[int] = set()  # pidfds of the tree being killed
         self.status: int | None = None
         self.gone = False
+        self.ready = False  # said "ready" (its initializer ran)
+        #: the zygote reaped it and killed what was left of its tree (or cannot any more)
+        self.swept = False
+        #: why it is being ended by the pool itself (the zygote died), if so
+        self.lost: str | None = None
         self.slot = pool._slot_tokens[index]
         self.control = pool._controls[index]
 
@@ -196,10 +227,21 @@ class _TaskPickler(pickle.Pickler):
 class ProcessPool(concurrent.futures.Executor):
     """A pool of long-lived worker processes that stops running tasks on demand.
 
-    Unlike :class:`concurrent.futures.ProcessPoolExecutor`, cancelling works on a task
-    that is already running, and a worker's death fails only the task it was running:
-    the pool replaces the worker (a fork of a warm zygote, a few milliseconds) and keeps
-    its size. Each worker has its own channel; no lock is shared between processes.
+    A drop-in for :class:`concurrent.futures.ProcessPoolExecutor` (same arguments, same
+    future states, ``map`` with ``chunksize``, the worker's traceback as ``__cause__``,
+    ``BrokenProcessPool`` where the stdlib raises it, queued and running work finished at
+    interpreter exit), except where stopping running work needs more:
+
+    * cancelling works on a task that is already running (:meth:`TaskFuture.cancel`), and
+      a worker's death fails only the task it was running (:class:`WorkerCrashedError`,
+      also a ``BrokenProcessPool``): the pool replaces the worker (a fork of a warm
+      zygote, a few milliseconds) and keeps its size, where the stdlib's pool breaks;
+    * a task's arguments are pickled in :meth:`submit`, so one that cannot be sent raises
+      ``TypeError`` there, before anything runs (the stdlib fails the future later);
+    * a result the parent cannot unpickle fails that task alone
+      (:class:`UnreadableResultError`), where the stdlib's whole pool breaks.
+
+    Each worker has its own channel; no lock is shared between processes.
 
     Stopping a running task is a ladder, each step taken only if the previous one did not
     end the task:
@@ -209,13 +251,26 @@ class ProcessPool(concurrent.futures.Executor):
     2. the worker gets SIGTERM, which becomes an exception in the task so that its
        ``finally`` blocks and context managers run; ``term_grace_period`` seconds;
     3. the worker and every process the task started (children, grandchildren, also
-       ones that changed process group or session) are frozen and SIGKILLed, and the
-       pool waits, event-driven (pidfd), until each one is confirmed gone.
+       ones that changed process group or session, also ones forked during the kill) are
+       frozen and SIGKILLed, and the pool waits, event-driven (pidfd, then the zygote's
+       sweep), until each one is confirmed gone and reaped.
 
     A task inside :func:`cancelflow.critical_section` defers steps 2 and 3 until the block
     ends, for at most the time it declared. The caller's exception comes once the stop is
     complete (the task returned, or its worker and tree are gone), so the partial results
     it carries are final; it does not wait for the replacement worker.
+
+    Every task starts in a clean worker: signal dispositions and mask, resource limits,
+    the working directory and the environment are put back after each task; a worker whose
+    task left threads running (or changed what cannot be put back) is replaced. Not put
+    back: file descriptors the task left open and module state it changed
+    (``max_tasks_per_child`` bounds those).
+
+    If the zygote itself dies, the pool kills what its workers were running (those tasks
+    fail with :class:`WorkerCrashedError`), starts a new zygote and goes on with the
+    queued tasks. A process that forks the owner gets a pool it cannot use
+    (:class:`PoolClosedError` from every method, :meth:`shutdown` returns at once); the
+    child holds none of the pool's descriptors, so the pool's life does not depend on it.
 
     Not promised: a task inside a long C call that ignores signals is only stopped by
     SIGKILL (step 3); code in a ``finally`` block does not run after SIGKILL. Partial
@@ -223,6 +278,14 @@ class ProcessPool(concurrent.futures.Executor):
 
     Args:
         max_workers: number of workers (default: the CPU count).
+        mp_context: only ``None`` (the pool starts its own workers, see the module
+            :mod:`cancelflow._worker`); anything else raises ``ValueError``.
+        initializer: called as ``initializer(*initargs)`` in each worker before it takes a
+            task; if it raises, the pool is broken (:class:`BrokenPoolError`), as in the
+            stdlib. Must be picklable.
+        initargs: arguments for ``initializer``.
+        max_tasks_per_child: a worker ends and is replaced after this many tasks
+            (``None``: never).
         grace_period: default seconds between the token and SIGTERM (0: skip to the next
             step at once).
         term_grace_period: default seconds between SIGTERM and SIGKILL (0: no SIGTERM
@@ -236,7 +299,11 @@ class ProcessPool(concurrent.futures.Executor):
     def __init__(
         self,
         max_workers: int | None = None,
+        mp_context: Any = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
         *,
+        max_tasks_per_child: int | None = None,
         grace_period: float = 0.1,
         term_grace_period: float = 1.0,
         name: str | None = None,
@@ -245,26 +312,62 @@ class ProcessPool(concurrent.futures.Executor):
             max_workers = os.cpu_count() or 1
         if isinstance(max_workers, bool) or not isinstance(max_workers, int):
             raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
-        if max_workers < 1:
-            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+        if max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if mp_context is not None:
+            raise ValueError(
+                f"mp_context={mp_context!r} is not supported: ProcessPool starts its own "
+                "workers (forked from a fresh zygote interpreter that imports __main__ "
+                "the way spawn does), so it cannot use a multiprocessing context; pass None"
+            )
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if not isinstance(initargs, tuple):
+            raise TypeError(f"initargs must be a tuple, not {type(initargs).__name__}")
+        if max_tasks_per_child is not None:
+            if isinstance(max_tasks_per_child, bool) or not isinstance(max_tasks_per_child, int):
+                raise TypeError("max_tasks_per_child must be an int or None")
+            if max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
         self._grace = _seconds(grace_period, "grace_period")
         self._term_grace = _seconds(term_grace_period, "term_grace_period")
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, not {type(name).__name__}")
+        if _worker.importing_main:
+            raise RuntimeError(
+                "a ProcessPool was created while a pool's worker process imported the "
+                "program's __main__ (as spawn does): protect the program's entry point "
+                "with `if __name__ == '__main__':`"
+            )
+        init_payload: bytes | None = None
+        if initializer is not None:
+            try:
+                init_payload = pickle.dumps((initializer, initargs), pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:
+                raise TypeError(f"initializer cannot be sent to a process: {exc}") from exc
         self.name = name or f"process-pool-{id(self):x}"
         self._size = max_workers
-        self._lock = threading.Lock()
+        self._options: dict[str, Any] = {
+            "initializer": init_payload,
+            "max_tasks": max_tasks_per_child,
+        }
+        # Re-entrant: a signal handler may submit while the interrupted code holds it.
+        self._lock = threading.RLock()
         self._queue: collections.deque[_Task] = collections.deque()
         self._commands: collections.deque[tuple[Any, ...]] = collections.deque()
-        self._closing = False
+        #: no new tasks (shutdown() was called, or the pool broke)
+        self._shutdown = False
+        #: why the pool cannot run tasks any more, once it broke
+        self._broken: BaseException | None = None
         self._closed = threading.Event()
-        self._cancel_running_on_close = False
+        self._owner = os.getpid()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_ids = itertools.count()
         self._stats = collections.Counter[str]()
         self._workers: dict[int, _WorkerHandle] = {}
-        self._zygote_ready = False
         self._crash_streak = 0
+        self._zygote_streak = 0
+        self._zygote_ready = False
         self._ready_event = threading.Event()
         self._wake_pending = False
 
@@ -278,33 +381,16 @@ class ProcessPool(concurrent.futures.Executor):
             Control.from_buffer(self._chunk.mm, (2 + 2 * i) * _SLOT) for i in range(max_workers)
         ]
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        parent_end, zygote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._zygote_sock = parent_end
-        try:
-            self._zygote = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    "from cancelflow._worker import zygote_main; "
-                    f"zygote_main({zygote_end.fileno()}, {self._chunk.fd})",
-                ],
-                pass_fds=(zygote_end.fileno(), self._chunk.fd),
-                stdin=subprocess.DEVNULL,
-            )
-        finally:
-            zygote_end.close()
-        prep = multiprocessing.spawn.get_preparation_data(self.name)
-        prep["authkey"] = bytes(prep["authkey"])
-        prep.pop("start_method", None)
-        send_seq(self._zygote_sock, prep)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake",))
-        self._selector.register(self._zygote_sock, selectors.EVENT_READ, ("zygote",))
+        self._zygote_sock: socket.socket | None = None
+        self._start_zygote()
         self._thread = threading.Thread(
             target=self._run, name=f"cancelflow-{self.name}", daemon=True
         )
         self._thread.start()
         _pools.add(self)
+        _interpreter_exit.register(self)
 
     # == public API ==========================================================================
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
@@ -339,6 +425,8 @@ class ProcessPool(concurrent.futures.Executor):
         fails with :class:`PipelineTimeoutException` the same way. A cancel made inside the
         worker (``current_token().cancel()``) cancels ``token`` in this process too.
 
+        Safe to call from a signal handler, and from any thread.
+
         Args:
             fn: a picklable callable (module-level function or class instance).
             token: cancelling it stops the task.
@@ -348,7 +436,9 @@ class ProcessPool(concurrent.futures.Executor):
                 task makes, on the pool's supervisor thread; must be quick and thread-safe.
 
         Raises:
-            PoolClosedError: the pool was shut down.
+            BrokenPoolError: the pool is broken (an initializer failed, ...).
+            PoolClosedError: the pool was shut down, or this is a forked child of its owner.
+            RuntimeError: the interpreter is exiting.
             TypeError: ``fn`` is not callable, or it or an argument cannot be pickled.
             ValueError: a negative timeout or grace period.
         """
@@ -369,8 +459,7 @@ class ProcessPool(concurrent.futures.Executor):
         )
         if partial_sink is not None and not callable(partial_sink):
             raise TypeError(f"partial_sink must be callable, not {type(partial_sink).__name__}")
-        if self._closing:
-            raise PoolClosedError(f"{self.name} is shut down")
+        self._check_open()
         call = (fn, tuple(args), dict(kwargs or {}))
         try:
             try:  # fast path: nothing in the call needs translating
@@ -394,8 +483,7 @@ class ProcessPool(concurrent.futures.Executor):
             self._finish(task, "cancelled")
             return future
         with self._lock:
-            if self._closing:
-                raise PoolClosedError(f"{self.name} is shut down")
+            self._check_open()
             self._queue.append(task)
         self._post(("dispatch",))
         if token is not None:
@@ -462,36 +550,56 @@ class ProcessPool(concurrent.futures.Executor):
         timeout: float | None = None,
         chunksize: int = 1,
     ) -> Iterator[Any]:
-        """Like :meth:`concurrent.futures.Executor.map`; ``timeout`` bounds the wait for
-        each result (not the task) and stops the tasks not yet collected when it passes."""
-        return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+        """Like :meth:`concurrent.futures.ProcessPoolExecutor.map`.
+
+        The iterables are consumed and every call submitted at once; results come in
+        order. With ``chunksize`` > 1 the calls travel to the workers in chunks of that
+        many (one task per chunk, so a cancel or a crash stops a whole chunk).
+        ``timeout`` bounds the wait for all results, counted from this call; when it
+        passes (``TimeoutError``), or a call raises, or the iterator is closed early, the
+        tasks not yet collected are stopped, running ones included.
+
+        Raises:
+            ValueError: ``chunksize`` < 1 (``TypeError`` if it is not an int).
+            PoolClosedError, TypeError: as :meth:`submit`.
+        """
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+            raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        chunks = _chunks(zip(*iterables, strict=False), chunksize)
+        results = super().map(functools.partial(run_chunk, fn), chunks, timeout=timeout)
+        return _flatten(results)
 
     def shutdown(
         self, wait: bool = True, *, cancel_futures: bool = False, cancel_running: bool = False
     ) -> None:
-        """Stop accepting tasks, then end every worker, the zygote and the supervisor.
+        """Stop accepting tasks; once the last task is over, end every process of the pool.
+
+        Tasks already submitted still run (a pool shut down right after :meth:`submit`
+        runs them all), exactly as ``ProcessPoolExecutor``, unless asked otherwise.
 
         Args:
-            wait: block until every process and the supervisor thread are gone.
-            cancel_futures: drop queued tasks (their futures end cancelled).
-            cancel_running: also stop running tasks with the ladder; otherwise they are
-                allowed to finish first.
+            wait: block until every task is over and every process and the supervisor
+                thread are gone. With ``False``, return at once; the work still runs.
+            cancel_futures: queued tasks never start (their futures end cancelled).
+            cancel_running: stop the tasks running now with the ladder (not part of the
+                stdlib's API); combine with ``cancel_futures`` to stop everything.
 
         Idempotent. Everything the pool started (workers, their process trees, the zygote,
-        pipes, the shared-memory chunk) is released; nothing is left running.
+        pipes, the shared-memory chunk) is released; nothing is left running. In a forked
+        child of the pool's owner this returns at once: the pool is the parent's.
         """
+        if os.getpid() != self._owner:
+            return
         with self._lock:
-            first = not self._closing
-            self._closing = True
-            dropped: list[_Task] = []
-            if cancel_futures:
-                dropped = list(self._queue)
-                self._queue.clear()
-        for task in dropped:
-            task.stop_kind, task.stop_reason = "future", "pool shut down"
-            self._finish(task, "cancelled")
-        if first or cancel_running:
-            self._post(("close", cancel_running))
+            self._shutdown = True
+            queued = list(self._queue) if cancel_futures else []
+        for task in queued:
+            self._drop_queued(task, "future", "pool shut down")
+        self._post(("close", cancel_running))
         if wait and threading.current_thread() is not self._thread:
             self._closed.wait()
             self._thread.join()
@@ -503,7 +611,7 @@ class ProcessPool(concurrent.futures.Executor):
             workers=sum(1 for w in workers if w.state in ("starting", "idle", "busy")),
             idle=sum(1 for w in workers if w.state == "idle"),
             busy=sum(1 for w in workers if w.state == "busy"),
-            queued=len(self._queue),
+            queued=sum(1 for t in list(self._queue) if not (t.dropped or t.done)),
             worker_pids=tuple(w.pid for w in workers if w.pid and w.state in ("idle", "busy")),
             replaced_total=self._stats["replaced"],
             killed_total=self._stats["killed"],
@@ -518,10 +626,23 @@ class ProcessPool(concurrent.futures.Executor):
             stats = self.statistics()
             if stats.idle + stats.busy >= self._size:
                 return True
-            if self._closing or (deadline is not None and time.monotonic() > deadline):
+            if self._shutdown or (deadline is not None and time.monotonic() > deadline):
                 return False
             self._ready_event.wait(0.05)
             self._ready_event.clear()
+
+    def _check_open(self) -> None:
+        """Raise what a new task must hear if the pool cannot take it."""
+        if os.getpid() != self._owner:
+            raise PoolClosedError(
+                f"{self.name} belongs to process {self._owner}; this process "
+                f"({os.getpid()}) is a fork of it and cannot use it: make a new pool here"
+            )
+        if self._broken is not None:
+            raise self._broken
+        if self._shutdown:
+            raise PoolClosedError(f"{self.name} is shut down")
+        _interpreter_exit.check_open()
 
     # == cross-thread requests =================================================================
     def _post(self, command: tuple[Any, ...]) -> None:
@@ -535,27 +656,58 @@ class ProcessPool(concurrent.futures.Executor):
     def _request_stop(
         self, task: _Task, kind: str, reason: str | None, *, kill: bool = False
     ) -> None:
+        """Stop a task from any thread, or from a signal handler: takes no pool lock.
+
+        A task not dispatched yet is dropped here and now (its future is settled before
+        this returns); a dispatched one is stopped by the supervisor.
+        """
         if task.done or (task.stop_kind is not None and not kill):
             return
-        with self._lock:
-            queued = task.worker is None and task in self._queue
-            if queued:
-                self._queue.remove(task)
-                task.stop_kind, task.stop_reason = kind, reason
-        if queued:
-            self._finish(task, "cancelled")
-        else:
+        if not self._drop_queued(task, kind, reason):
             self._post(("kill" if kill else "stop", task, kind, reason))
+
+    def _drop_queued(self, task: _Task, kind: str, reason: str | None) -> bool:
+        """Settle a task that no worker took yet as cancelled; ``False`` if one did."""
+        with task.future._condition:  # re-entrant, and the one lock _claim takes
+            if task.worker is not None or task.done:
+                return False
+            if task.dropped:
+                return True
+            task.dropped = True
+            task.stop_kind, task.stop_reason = kind, reason
+        self._finish(task, "cancelled")
+        return True
+
+    def _claim(self, task: _Task, worker: _WorkerHandle) -> bool:
+        """Give a queued task to ``worker``, unless it was dropped meanwhile."""
+        future = task.future
+        with future._condition:
+            if task.dropped or task.done or future._state != PENDING:
+                return False
+            task.worker = worker
+            future._state = RUNNING
+        return True
 
     # == supervisor thread ===================================================================
     def _run(self) -> None:
         try:
             while not self._loop_once():
                 pass
-        except BaseException as exc:  # noqa: BLE001 - report, then release everything
+        except BaseException as exc:  # noqa: BLE001 - the pool breaks, loudly, everywhere
             safe_log("CRITICAL", "process pool supervisor crashed", exception=exc, pool=self.name)
+            broken = BrokenPoolError(f"{self.name} is broken: its supervisor failed: {exc!r}")
+            broken.__cause__ = exc
+            self._break(broken)
         finally:
             self._teardown()
+
+    def _break(self, error: BaseException) -> None:
+        """The pool cannot go on: refuse new tasks, and fail every pending one (after
+        teardown has ended their processes) with ``error``."""
+        with self._lock:
+            if self._broken is None:
+                self._broken = error
+            self._shutdown = True
 
     def _loop_once(self) -> bool:
         timeout = None
@@ -575,15 +727,41 @@ class ProcessPool(concurrent.futures.Executor):
             elif kind == "sock":
                 self._on_socket(key.data[1])
             elif kind == "pidfd":
-                self._on_pidfd(key.data[1], key.data[2])
+                self._guarded(key.data[1].task, self._on_pidfd, key.data[1], key.data[2])
         while self._commands:
-            self._on_command(self._commands.popleft())
+            command = self._commands.popleft()
+            task = command[1] if len(command) > 1 and isinstance(command[1], _Task) else None
+            self._guarded(task, self._on_command, command)
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, action = heapq.heappop(self._timers)
-            action()
-        self._dispatch()
+            self._guarded(None, action)
+        self._guarded(None, self._dispatch)
         return self._closing_done()
+
+    def _guarded(self, task: _Task | None, action: Callable[..., None], *args: Any) -> None:
+        """Run one step of the supervisor; an error in it fails ``task`` alone.
+
+        Only a failure that concerns no task (or a second failure while failing one)
+        reaches :meth:`_run`, which breaks the pool.
+        """
+        try:
+            action(*args)
+        except Exception as exc:
+            if task is None or task.done:
+                raise
+            safe_log("ERROR", f"handling task {task.seq} failed", exception=exc, pool=self.name)
+            self._fail_task(task, exc)
+
+    def _fail_task(self, task: _Task, error: BaseException) -> None:
+        """End ``task`` with ``error``: stop it if it still runs, fail its future once
+        the stop is complete."""
+        if task.error is None:
+            task.error = error
+        if task.worker is None or task.worker.task is not task:
+            self._finish(task, "failed", error=task.error)
+        else:
+            self._stop(task, "error", f"the pool could not handle the task: {error!r}")
 
     def _on_command(self, command: tuple[Any, ...]) -> None:
         kind = command[0]
@@ -598,7 +776,6 @@ class ProcessPool(concurrent.futures.Executor):
                 self._kill(worker)
         elif kind == "close":
             if command[1]:
-                self._cancel_running_on_close = True
                 for worker in list(self._workers.values()):
                     if worker.task is not None:
                         self._stop(worker.task, "shutdown", "pool shut down")
@@ -607,53 +784,136 @@ class ProcessPool(concurrent.futures.Executor):
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_ids), action))
 
     # -- the zygote -----------------------------------------------------------------------------
-    def _on_zygote(self) -> None:
+    def _start_zygote(self) -> None:
+        """Start a zygote (a fresh interpreter) and send it what spawn would send."""
+        parent_end, zygote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # -P: the current directory is not put first on sys.path, so a file there named
+        # like a module the zygote imports (selectors.py) is not run; the package's own
+        # location goes last, for a cancelflow that is importable only from here.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(_cell.__file__)))
         try:
-            message, fds = recv_seq_fds(self._zygote_sock)
+            self._zygote = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-P",
+                    "-c",
+                    f"import sys; sys.path.append({package_root!r}); "
+                    "from cancelflow._worker import zygote_main; "
+                    f"zygote_main({zygote_end.fileno()}, {self._chunk.fd})",
+                ],
+                pass_fds=(zygote_end.fileno(), self._chunk.fd),
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            zygote_end.close()
+        self._zygote_sock = parent_end
+        self._zygote_ready = False
+        prep = multiprocessing.spawn.get_preparation_data(self.name)
+        prep["authkey"] = bytes(prep["authkey"])
+        prep.pop("start_method", None)
+        send_seq(parent_end, (prep, self._options))
+        self._selector.register(parent_end, selectors.EVENT_READ, ("zygote",))
+
+    def _on_zygote(self) -> None:
+        sock = self._zygote_sock
+        assert sock is not None
+        try:
+            message, fds = recv_seq_fds(sock)
         except OSError:
             message, fds = None, []
         for fd in fds:
             os.close(fd)
         if message is None:
-            self._selector.unregister(self._zygote_sock)
-            if not self._closing:
-                safe_log("CRITICAL", "the pool's zygote process died", pool=self.name)
-                self._closing = True
-                self._fail_all(PoolClosedError(f"{self.name}: its zygote process died"))
+            self._on_zygote_death()
             return
         kind = message[0]
         if kind == "zygote-ready":
             self._zygote_ready = True
             for index in range(self._size):
-                self._spawn(index)
+                worker = self._workers.get(index)
+                if worker is None or worker.state == "dead":
+                    self._spawn(index)
         elif kind == "spawned":
             _, index, pid = message
             worker = self._workers.get(index)
-            if worker is None or worker.pid:
-                return
-            worker.pid = pid
-            worker.pidfd = pidfd_open(pid)
-            if worker.pidfd is None:
-                self._on_gone(worker)
-            else:
-                self._selector.register(worker.pidfd, selectors.EVENT_READ, ("pidfd", worker, pid))
-        elif kind == "exited":
-            _, pid, status = message
+            if worker is not None and not worker.pid:
+                self._know_pid(worker, pid)
+        elif kind == "swept":
+            _, pid, status, swept = message
+            if swept:
+                self._stats["swept"] += swept
+                safe_log("INFO", f"killed {swept} strays of worker {pid}", pool=self.name)
             for worker in self._workers.values():
-                if worker.pid == pid:
+                if worker.pid == pid and worker.gone and not worker.swept:
                     worker.status = status
-                    if worker.gone:
-                        self._retire(worker)
+                    worker.swept = True
+                    self._guarded(worker.task, self._retire, worker)
         elif kind == "prepare-failed":
             safe_log("WARNING", f"workers could not import __main__: {message[1]}", pool=self.name)
 
-    def _spawn(self, index: int) -> None:
-        if self._closing:
+    def _on_zygote_death(self) -> None:
+        """The zygote died: end what its workers run, start a new zygote, go on.
+
+        Each worker froze when the zygote died (its parent-death signal is SIGSTOP), so
+        its tree is still under it; it is killed here like any stopped worker. Tasks that
+        were running fail with :class:`WorkerCrashedError`; queued ones run on the new
+        zygote's workers.
+        """
+        sock = self._zygote_sock
+        assert sock is not None
+        self._selector.unregister(sock)
+        sock.close()
+        self._zygote_sock = None
+        self._zygote.wait()
+        was_ready, self._zygote_ready = self._zygote_ready, False
+        why = "the pool's zygote process died"
+        for worker in list(self._workers.values()):
+            if worker.state == "dead":
+                continue
+            worker.lost = why
+            worker.swept = True  # nobody can sweep now; the pool waits on pidfds instead
+            if not worker.pid:
+                pid = worker.control.pid if hasattr(worker, "control") else 0
+                if pid > 1:  # forked and froze before its pid reached us
+                    self._know_pid(worker, pid)
+            if worker.pid and not worker.gone:
+                if worker.state != "dying":
+                    self._kill(worker)
+            elif not worker.pid:  # never forked, or exited by itself at once
+                worker.gone = True
+                self._retire(worker)
+        if self._shutdown and self._closing_done():
             return
+        self._zygote_streak = 0 if was_ready else self._zygote_streak + 1
+        if self._zygote_streak >= 3:
+            safe_log("CRITICAL", "the pool's zygote keeps dying at start", pool=self.name)
+            self._break(BrokenPoolError(f"{self.name}: its zygote process keeps dying at start"))
+            return
+        safe_log("ERROR", f"{why}; starting a new one", pool=self.name)
+        self._stats["zygotes_replaced"] += 1
+        self._start_zygote()
+
+    def _know_pid(self, worker: _WorkerHandle, pid: int) -> None:
+        """Record a worker's pid (from the zygote or from the worker, whichever is first)."""
+        worker.pid = pid
+        worker.pidfd = pidfd_open(pid)
+        if worker.pidfd is None:
+            self._on_gone(worker)
+        else:
+            self._selector.register(worker.pidfd, selectors.EVENT_READ, ("pidfd", worker, pid))
+
+    def _spawn(self, index: int) -> None:
+        if self._broken is not None or self._zygote_sock is None or not self._zygote_ready:
+            return  # a new zygote spawns every missing worker once it is ready
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         slot = self._slot_tokens[index]
         slot.reset()
-        self._controls[index].critical_until = 0.0
+        control = self._controls[index]
+        control.critical_until = 0.0
+        control.pid = 0
         worker = _WorkerHandle(self, index, parent_end)
         self._workers[index] = worker
         self._selector.register(parent_end, selectors.EVENT_READ, ("sock", worker))
@@ -663,6 +923,8 @@ class ProcessPool(concurrent.futures.Executor):
                 ("spawn", index, (1 + 2 * index) * _SLOT, (2 + 2 * index) * _SLOT),
                 [child_end.fileno()],
             )
+        except OSError:
+            pass  # the zygote is dying: its EOF comes next and starts a new one
         finally:
             child_end.close()
 
@@ -675,29 +937,51 @@ class ProcessPool(concurrent.futures.Executor):
         if not data:
             self._selector.unregister(worker.sock)
             return
+        self._feed(worker, data)
+
+    def _feed(self, worker: _WorkerHandle, data: bytes) -> None:
         for message in worker.reader.feed(data):
-            self._on_message(worker, message)
+            self._guarded(worker.task, self._on_message, worker, message)
 
     def _on_message(self, worker: _WorkerHandle, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "ready":
-            if worker.state == "starting":
+            if not worker.pid:  # before the zygote's "spawned": the pid is known now
+                self._know_pid(worker, message[1])
+            worker.ready = True
+            if worker.state == "starting" and not worker.gone:
                 worker.state = "idle"
                 self._crash_streak = 0
                 self._ready_event.set()
+            return
+        if kind == "init-failed":
+            _, pid, text, tb = message
+            broken = BrokenPoolError(f"{self.name} is broken: a worker's initializer raised {text}")
+            broken.__cause__ = _RemoteTraceback(tb)
+            safe_log("ERROR", f"worker {pid}: initializer failed: {text}", pool=self.name)
+            self._break(broken)
             return
         if kind == "retire":
             # The task changed the worker's process for good (see _worker._ProcessState):
             # it gets no more tasks and is replaced once it has exited.
             if worker.state == "busy":
                 worker.state = "retiring"
-            safe_log("WARNING", f"worker {worker.pid} retires: {message[2]}", pool=self.name)
+            safe_log("INFO", f"worker {worker.pid} retires: {message[2]}", pool=self.name)
             return
         task = worker.task
         if task is None or task.seq != message[1]:
             return
         if kind == "partial":
-            _, _, key, value = message
+            _, _, key, blob, type_name = message
+            try:
+                value = pickle.loads(blob)
+            except Exception as exc:
+                raise UnreadableResultError(
+                    f"partial result {key!r} of task {task.seq} could not be unpickled here: "
+                    f"{exc!r}",
+                    what=f"partial result {key!r}",
+                    remote_text=f"a {type_name} value",
+                ) from exc
             task.partials[key] = value
             if task.partial_sink is not None:
                 try:
@@ -712,18 +996,31 @@ class ProcessPool(concurrent.futures.Executor):
             else:
                 self._stop(task, "cancel", reason)
         elif kind == "result":
-            _, _, outcome, value = message
+            _, _, outcome, blob, text = message
             worker.task = None
             if worker.state == "busy":
                 worker.state = "idle"
             self._stats["completed"] += 1
+            if outcome == "terminated":
+                self._finish(task, "terminated")
+                return
+            try:
+                value = pickle.loads(blob)
+            except Exception as exc:  # noqa: BLE001 - this task fails, the pool goes on
+                what = "result" if outcome == "ok" else "exception"
+                error = UnreadableResultError(
+                    f"the {what} of task {task.seq} could not be unpickled here: {exc!r}",
+                    what=what,
+                    remote_text=text if outcome != "ok" else f"a {text} value",
+                )
+                error.__cause__ = exc
+                self._finish(task, "failed", error=error)
+                return
             if outcome == "ok":
                 if task.stop_kind == "future":
                     self._finish(task, "cancelled")
                 else:
                     self._finish(task, "finished", value=value)
-            elif outcome == "terminated":
-                self._finish(task, "terminated")
             elif isinstance(value, CancelledException) and (
                 task.stop_kind is not None or worker.slot.is_cancelled
             ):
@@ -731,20 +1028,23 @@ class ProcessPool(concurrent.futures.Executor):
                     task.stop_kind, task.stop_reason = "cancel", worker.slot.cancel_reason
                 self._finish(task, "cancelled")
             else:
+                if text and isinstance(value, BaseException):
+                    value.__cause__ = _RemoteTraceback(text)
                 self._finish(task, "failed", error=value)
 
     # -- dispatch ------------------------------------------------------------------------------
     def _dispatch(self) -> None:
-        if not self._queue:
+        if not self._queue or self._broken is not None:
             return
         for worker in self._workers.values():
-            if worker.state != "idle":
+            if worker.state != "idle" or worker.pid <= 1:
                 continue
-            with self._lock:
-                if not self._queue:
-                    return
+            while self._queue:
                 task = self._queue.popleft()
-                task.worker = worker
+                if self._claim(task, worker):
+                    break
+            else:
+                return
             worker.state = "busy"
             worker.task = task
             worker.slot.reset()
@@ -793,8 +1093,7 @@ class ProcessPool(concurrent.futures.Executor):
             return
         if task.stage < 2 and task.term_grace > 0:
             task.stage = 2
-            with contextlib.suppress(OSError):
-                os.kill(worker.pid, signal.SIGTERM)
+            send_signal(worker.pid, signal.SIGTERM)
             self._at(task.term_grace, lambda: self._escalate(task))
             return
         if task.stage < 3:
@@ -802,14 +1101,12 @@ class ProcessPool(concurrent.futures.Executor):
             self._kill(worker)
 
     def _kill(self, worker: _WorkerHandle) -> None:
+        """Freeze the worker, kill its whole tree and the worker, watch each one go."""
         worker.state = "dying"
         self._stats["killed"] += 1
-        with contextlib.suppress(OSError):
-            os.kill(worker.pid, signal.SIGSTOP)
-        tree = descendants(worker.pid)
-        kill_tree_of(worker.pid)
-        with contextlib.suppress(OSError):
-            os.kill(worker.pid, signal.SIGKILL)
+        send_signal(worker.pid, signal.SIGSTOP)
+        tree = kill_tree_of(worker.pid)
+        send_signal(worker.pid, signal.SIGKILL)
         for pid in tree:
             fd = pidfd_open(pid)
             if fd is not None:
@@ -824,8 +1121,7 @@ class ProcessPool(concurrent.futures.Executor):
                     self._selector.unregister(fd)
                     os.close(fd)
                     worker.waiting.discard(fd)
-            if worker.gone and not worker.waiting:
-                self._retire(worker)
+            self._retire(worker)
             return
         assert worker.pidfd is not None
         self._selector.unregister(worker.pidfd)
@@ -834,17 +1130,19 @@ class ProcessPool(concurrent.futures.Executor):
         self._on_gone(worker)
 
     def _on_gone(self, worker: _WorkerHandle) -> None:
-        """The worker process exited: collect what it sent, then settle its task."""
+        """The worker process exited: collect what it sent, have the zygote sweep up
+        after it, then settle its task (in :meth:`_retire`, once the sweep is done)."""
         worker.gone = True
         self._drain(worker)
-        task = worker.task
-        if task is not None and task.stage < 3 and worker.state != "dying":
-            # Died by itself: the task's exit status decides the error.
-            if worker.status is None:
-                self._at(2.0, lambda: self._retire(worker))  # the zygote is slow or dead
-                return
-        if not worker.waiting:
-            self._retire(worker)
+        zygote = self._zygote_sock
+        if zygote is None:
+            worker.swept = True
+        elif not worker.swept:
+            try:
+                send_seq(zygote, ("sweep", worker.pid))
+            except OSError:
+                worker.swept = True  # the zygote is dying; its EOF is handled next
+        self._retire(worker)
 
     def _drain(self, worker: _WorkerHandle) -> None:
         sock = worker.sock
@@ -858,11 +1156,10 @@ class ProcessPool(concurrent.futures.Executor):
                 break
             if not data:
                 break
-            for message in worker.reader.feed(data):
-                self._on_message(worker, message)
+            self._feed(worker, data)
 
     def _retire(self, worker: _WorkerHandle) -> None:
-        if worker.state == "dead" or not worker.gone or worker.waiting:
+        if worker.state == "dead" or not worker.gone or worker.waiting or not worker.swept:
             return
         task = worker.task
         worker.task = None
@@ -871,25 +1168,30 @@ class ProcessPool(concurrent.futures.Executor):
             self._selector.unregister(worker.sock)
         worker.sock.close()
         if task is not None and not task.done:
-            if task.stage >= 3:
+            if worker.lost is not None:
+                self._stats["crashed"] += 1
+                error = WorkerCrashedError(
+                    f"worker {worker.pid} was stopped: {worker.lost}", pid=worker.pid
+                )
+                self._finish(task, "crashed", error=error)
+            elif task.stage >= 2 or (task.stop_kind is not None and worker.status is None):
+                # Stopped by us, and it never said "terminated": its finally did not run.
                 self._finish(task, "killed")
-            elif task.stage == 2:
-                self._finish(task, "terminated")
-            elif task.stop_kind is not None and task.stop_kind != "shutdown" and worker.status is None:
+            elif task.stop_kind is not None and task.stop_kind != "shutdown":
                 self._finish(task, "killed")
             else:
                 self._stats["crashed"] += 1
                 self._finish(task, "crashed", error=_crash_error(worker))
         worker.drop_views()
-        if self._workers.get(worker.index) is worker and not self._closing:
+        if self._workers.get(worker.index) is worker and self._broken is None:
             self._stats["replaced"] += 1
-            self._crash_streak += 1 if task is None or task.stage == 0 else 0
+            started = worker.ready
+            self._crash_streak = 0 if started else self._crash_streak + 1
             if self._crash_streak > 10:
-                safe_log("CRITICAL", "workers keep dying at start; pool closed", pool=self.name)
-                self._closing = True
-                self._fail_all(PoolClosedError(f"{self.name}: workers keep dying at start"))
+                safe_log("CRITICAL", "workers keep dying at start; pool broken", pool=self.name)
+                self._break(BrokenPoolError(f"{self.name} is broken: workers keep dying at start"))
                 return
-            self._spawn(worker.index)
+            self._spawn(index=worker.index)
 
     # -- endings -------------------------------------------------------------------------------
     def _finish(
@@ -906,6 +1208,10 @@ class ProcessPool(concurrent.futures.Executor):
         task.payload = b""
         future = task.future
         future._task = None
+        if task.error is not None:  # a message of the task could not be handled
+            error = task.error
+            if fate in ("finished", "failed", "cancelled") and task.stop_kind in (None, "error"):
+                fate = "failed"
         future.fate = fate
         future.partial_results = dict(task.partials)
         future.cancel_reason = task.stop_reason
@@ -916,7 +1222,9 @@ class ProcessPool(concurrent.futures.Executor):
                 pool=self.name,
                 worker_pid=task.worker.pid if task.worker is not None else None,
             )
-        if fate == "finished":
+        if task.error is not None:
+            future.set_exception(task.error)
+        elif fate == "finished":
             future.set_result(value)
         elif fate in ("failed", "crashed"):
             assert error is not None
@@ -924,7 +1232,7 @@ class ProcessPool(concurrent.futures.Executor):
                 error.fate = "crashed"  # type: ignore[attr-defined]
             future.set_exception(error)
         elif task.stop_kind == "future":
-            future._cancel_now()
+            future._settle_cancelled()
         else:
             stopped: CancelledException
             if task.stop_kind == "timeout":
@@ -945,33 +1253,32 @@ class ProcessPool(concurrent.futures.Executor):
             future.set_exception(stopped)
 
     def _fail_all(self, error: BaseException) -> None:
+        """Fail every task that is not over (called once their processes are gone)."""
         with self._lock:
             queued = list(self._queue)
             self._queue.clear()
         for task in queued:
-            self._finish(task, "failed", error=error)
+            if not task.done and not task.dropped:
+                task.dropped = True
+                self._finish(task, "failed", error=error)
         for worker in list(self._workers.values()):
             if worker.task is not None:
                 self._finish(worker.task, "failed", error=error)
 
     def _closing_done(self) -> bool:
-        if not self._closing:
+        """Whether the supervisor can end: shut down (or broken) and no task left."""
+        if not self._shutdown:
             return False
-        if self._queue and not self._fail_if_no_workers():
+        if self._broken is not None:
+            return True
+        if any(not (t.dropped or t.done) for t in self._queue):
             return False
         return all(w.task is None or w.task.done for w in self._workers.values()) and all(
             not w.waiting for w in self._workers.values()
         )
 
-    def _fail_if_no_workers(self) -> bool:
-        if any(w.state in ("idle", "busy", "starting") for w in self._workers.values()):
-            return False
-        self._fail_all(PoolClosedError(f"{self.name} has no workers left"))
-        return True
-
     def _teardown(self) -> None:
         try:
-            self._fail_all(PoolClosedError(f"{self.name} is shut down"))
             for worker in self._workers.values():
                 if worker.state != "dead":
                     with contextlib.suppress(OSError):
@@ -979,7 +1286,9 @@ class ProcessPool(concurrent.futures.Executor):
                 for fd in ([worker.pidfd] if worker.pidfd is not None else []) + list(worker.waiting):
                     with contextlib.suppress(OSError):
                         os.close(fd)
-            self._zygote_sock.close()  # EOF: the zygote kills every worker tree and exits
+            if self._zygote_sock is not None:
+                self._zygote_sock.close()  # EOF: the zygote kills every worker tree and exits
+                self._zygote_sock = None
             try:
                 self._zygote.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -991,8 +1300,12 @@ class ProcessPool(concurrent.futures.Executor):
             self._wake_r = self._wake_w = -1
             os.close(wake_r)
             os.close(wake_w)
+            # Every process of the pool is gone: only now may a pending task hear of it.
+            self._fail_all(self._broken or PoolClosedError(f"{self.name} is shut down"))
             self._release_chunk()
         finally:
+            with self._lock:
+                self._shutdown = True
             self._closed.set()
 
     def _release_chunk(self) -> None:
@@ -1013,6 +1326,32 @@ class ProcessPool(concurrent.futures.Executor):
             with contextlib.suppress(BufferError):
                 chunk.mm.close()
 
+    def _forget_in_child(self) -> None:
+        """In a forked child of the owner: close the pool's descriptors, touch nothing else.
+
+        The child must not keep the zygote's channel open (the zygote would outlive the
+        owner as long as the child lives) nor wait for a supervisor thread it does not
+        have. The pool stays the parent's: every method here refuses or returns.
+        """
+        self._shutdown = True
+        sockets = [w.sock for w in self._workers.values()]
+        if self._zygote_sock is not None:
+            sockets.append(self._zygote_sock)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+        fds = [self._wake_r, self._wake_w]
+        for worker in self._workers.values():
+            fds += ([worker.pidfd] if worker.pidfd is not None else []) + list(worker.waiting)
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
+        with contextlib.suppress(Exception):
+            self._selector.close()
+        self._closed.set()
+
     def __enter__(self) -> ProcessPool:
         return self
 
@@ -1020,7 +1359,14 @@ class ProcessPool(concurrent.futures.Executor):
         self.shutdown(wait=True)
 
     def __repr__(self) -> str:
-        state = "closed" if self._closing else "open"
+        if os.getpid() != self._owner:
+            state = f"of process {self._owner}"
+        elif self._broken is not None:
+            state = "broken"
+        elif self._shutdown:
+            state = "shut down"
+        else:
+            state = "open"
         return f"<ProcessPool {self.name} workers={self._size} {state}>"
 
 
@@ -1074,8 +1420,28 @@ def _crash_error(worker: _WorkerHandle) -> WorkerCrashedError:
 
 
 
-@atexit.register
-def _shutdown_all() -> None:
+def _chunks(calls: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    chunk = list(itertools.islice(calls, size))
+    while chunk:
+        yield chunk
+        chunk = list(itertools.islice(calls, size))
+
+
+def _flatten(results: Iterator[list[Any]]) -> Iterator[Any]:
+    """Yield each chunk's results in order; closing this stops the chunks not collected."""
+    try:
+        for chunk in results:
+            yield from chunk
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
+
+
+def _after_fork_in_child() -> None:
     for pool in list(_pools):
-        with contextlib.suppress(Exception):
-            pool.shutdown(wait=True, cancel_futures=True, cancel_running=True)
+        pool._forget_in_child()
+    _pools.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -19,8 +19,24 @@ when a worker is killed, what is left is re-parented to the zygote, which reaps 
 zombies pile up even where PID 1 never reaps (containers).
 
 Why no orphans: the zygote exits (killing every descendant) when its channel to the
-parent reaches end-of-file, which the kernel delivers even if the parent is SIGKILLed;
-workers get ``PR_SET_PDEATHSIG=SIGKILL`` tied to the zygote.
+parent reaches end-of-file, which the kernel delivers even if the parent is SIGKILLed.
+Workers get ``PR_SET_PDEATHSIG=SIGSTOP`` tied to the zygote: if the zygote dies, each
+worker freezes *with its tree still under it* (a dead worker's children would go to PID
+1), and the parent, which knows every worker's pid (``Control.pid``, written by the
+worker before anything else), kills each frozen tree and starts a new zygote.
+
+Why sweeps: a process that a task forks while its tree is being killed can escape the
+freeze; when its parent dies it is re-parented to the nearest subreaper, the zygote. So
+anything under the zygote that is not a live worker is, by definition, what is left of a
+stopped tree. After every worker's death the parent asks the zygote to *sweep*: kill and
+reap every such process, then report the worker's exit status. The parent settles the
+worker's task only after the sweep, so "the tree is gone" is true when the caller hears.
+
+The wire: parent <-> zygote are pickled records on a ``SOCK_SEQPACKET`` socket
+(``spawn``/``sweep`` one way, ``zygote-ready``/``spawned``/``swept`` the other). Parent
+<-> worker are length-prefixed frames (:mod:`._channel`) whose outer tuple holds only
+builtins; a task's value travels inside as its own pickle (``blob``), so a value that
+the parent cannot unpickle fails that task alone and never the channel.
 """
 
 from __future__ import annotations
@@ -35,15 +51,27 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _cell, _context
 from ._channel import encode, recv_frame
-from ._platform import descendants, set_child_subreaper, set_parent_death_signal
+from ._exceptions import CancelledException, UnreadableResultError
+from ._platform import (
+    children,
+    descendants,
+    send_signal,
+    set_child_subreaper,
+    set_parent_death_signal,
+)
 from ._token import CancellationToken
 
 TASK_TOKEN_ID = "cancelflow.task-token"
+
+#: True while a zygote imports the program's ``__main__``: a pool made then would be made
+#: by the zygote itself (a script without an ``if __name__ == "__main__":`` guard).
+importing_main = False
 
 
 class Control(ctypes.Structure):
@@ -111,20 +139,29 @@ class _TaskUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
 
 
-def kill_tree_of(pid: int) -> None:
-    """SIGKILL every descendant of ``pid`` (not ``pid`` itself), freezing them first."""
-    stopped: set[int] = set()
-    for _ in range(4):  # freeze until nothing new appears, so nothing forks past us
-        found = [p for p in descendants(pid) if p not in stopped]
+def kill_tree_of(pid: int) -> list[int]:
+    """SIGKILL every descendant of ``pid`` (not ``pid`` itself), freezing them first.
+
+    Freezes (SIGSTOP) in rounds until a round finds nothing new, so that nothing forks
+    past the walk, then kills every frozen process. Returns the pids it killed. A process
+    forked in the instant between a walk and its parent's freeze can still escape; the
+    zygote's sweep (see the module docstring) catches it once its parent is dead.
+    """
+    stopped: list[int] = []
+    seen: set[int] = set()
+    for _ in range(64):
+        found = [p for p in descendants(pid) if p not in seen]
         if not found:
             break
         for child in found:
-            with contextlib.suppress(OSError):
-                os.kill(child, signal.SIGSTOP)
-            stopped.add(child)
+            seen.add(child)
+            with contextlib.suppress(ValueError):
+                send_signal(child, signal.SIGSTOP)
+            stopped.append(child)
     for child in stopped:
-        with contextlib.suppress(OSError):
-            os.kill(child, signal.SIGKILL)
+        with contextlib.suppress(ValueError):
+            send_signal(child, signal.SIGKILL)
+    return stopped
 
 
 def _kill_and_reap_tree() -> None:
@@ -157,6 +194,10 @@ def _reap_children() -> None:
 _RLIMITS = tuple(
     getattr(resource, name) for name in sorted(dir(resource)) if name.startswith("RLIMIT_")
 )
+#: Signals whose disposition a task can change (all but SIGKILL and SIGSTOP).
+_SIGNALS = tuple(
+    sig for sig in sorted(signal.valid_signals()) if sig not in (signal.SIGKILL, signal.SIGSTOP)
+)
 
 
 class _ProcessState:
@@ -164,26 +205,62 @@ class _ProcessState:
 
     A task runs in a long-lived worker, so a change it makes to the process would
     otherwise reach every later task of that worker: a lowered ``RLIMIT_AS`` makes
-    them all fail with ``MemoryError``, a blocked SIGTERM defeats the ladder's second
-    step. Resource limits and the signal mask are restored; a limit the task lowered
-    for good (a hard limit, which an unprivileged process cannot raise again) makes
-    the worker retire, so that the pool replaces it.
+    them all fail with ``MemoryError``, a task's own SIGTERM handler (or ``SIG_IGN``)
+    defeats the ladder's second step. Restored after each task: the signal mask, every
+    signal's disposition (as set through :mod:`signal`), resource limits, the working
+    directory and the environment. The worker *retires* (the pool replaces it) when
+    something cannot be put back: a hard limit lowered for good, a working directory
+    that is gone, or a thread the task started that is still running.
+
+    Not restored (documented): file descriptors the task left open, module-level state
+    it changed (imports, globals, caches), dispositions changed behind :mod:`signal`'s
+    back (``sigaction`` through ctypes). Use ``max_tasks_per_child`` to bound those.
     """
 
     def __init__(self) -> None:
         self.limits = {limit: resource.getrlimit(limit) for limit in _RLIMITS}
         self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        self.handlers = [(sig, signal.getsignal(sig)) for sig in _SIGNALS]
+        self.cwd = os.getcwd()
+        self.environ: dict[bytes, bytes] = dict(_environ_data())
+        self.threads = {t.ident for t in threading.enumerate()}
 
     def restore(self) -> str | None:
         """Restore the worker's state; return why it cannot be, else ``None``."""
         signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
+        getsignal = signal.getsignal
+        for sig, handler in self.handlers:
+            if getsignal(sig) is not handler:
+                signal.signal(sig, handler)
         for limit, values in self.limits.items():
             if resource.getrlimit(limit) != values:
                 try:
                     resource.setrlimit(limit, values)
                 except (ValueError, OSError) as exc:
                     return f"a resource limit changed by the task cannot be restored: {exc}"
+        if _environ_data() != self.environ:
+            os.environ.clear()
+            os.environ.update(
+                {os.fsdecode(key): os.fsdecode(value) for key, value in self.environ.items()}
+            )
+        try:
+            if os.getcwd() != self.cwd:
+                os.chdir(self.cwd)
+        except OSError as exc:
+            return f"the working directory cannot be restored: {exc}"
+        left = [
+            t.name
+            for t in threading.enumerate()
+            if t.ident not in self.threads and t.is_alive() and not t.name.startswith("cancelflow-")
+        ]
+        if left:
+            return f"the task left threads running: {', '.join(left)}"
         return None
+
+
+def _environ_data() -> dict[bytes, bytes]:
+    data: dict[bytes, bytes] = os.environ._data  # type: ignore[attr-defined]
+    return data
 
 
 class _TaskToken(CancellationToken):
@@ -197,8 +274,35 @@ class _TaskToken(CancellationToken):
         return won
 
 
+def _type_name(value: object) -> str:
+    kind = type(value)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _blob(value: Any) -> bytes:
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def remote_traceback_text(exc: BaseException) -> str:
+    """The worker's text of ``exc``, formatted as ``ProcessPoolExecutor`` formats it."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return f'\n"""\n{text}"""'
+
+
+def run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
+    """Run ``fn`` over one chunk of :meth:`ProcessPool.map`'s arguments, in order."""
+    return [fn(*args) for args in chunk]
+
+
 class _Worker:
-    def __init__(self, sock: socket.socket, chunk: _cell.Chunk, token_offset: int, control: Control) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        chunk: _cell.Chunk,
+        token_offset: int,
+        control: Control,
+        max_tasks: int | None,
+    ) -> None:
         self.sock = sock
         self.chunk = chunk
         self.token_offset = token_offset
@@ -206,13 +310,17 @@ class _Worker:
         self.send_lock = threading.Lock()
         self.state = _ProcessState()
         self.retiring: str | None = None
+        self.tasks_left = max_tasks
 
     def send(self, message: Any) -> None:
         data = encode(message)
         with self.send_lock:
             self.sock.sendall(data)
 
-    def serve(self) -> None:
+    def serve(self, initializer: bytes | None) -> None:
+        if initializer is not None and not self.initialize(initializer):
+            return
+        self.state = _ProcessState()  # what the initializer set up is the clean state
         try:
             self.send(("ready", os.getpid()))
         except OSError:  # the pool closed this worker's channel while it was starting
@@ -229,13 +337,24 @@ class _Worker:
             elif message[0] == "exit":
                 return
 
+    def initialize(self, payload: bytes) -> bool:
+        """Run the pool's ``initializer``; on failure tell the pool (it breaks) and end."""
+        try:
+            fn, args = pickle.loads(payload)
+            fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - reported to the pool, which breaks
+            with contextlib.suppress(OSError):
+                self.send(("init-failed", os.getpid(), f"{exc!r}", remote_traceback_text(exc)))
+            return False
+        return True
+
     def run_task(self, seq: int, payload: bytes) -> None:
         token = _TaskToken._on_slot(self.chunk, self.token_offset, name=f"task-{seq}")
         token._worker = self
         token._seq = seq
 
         def sink(key: str, value: Any) -> None:
-            self.send(("partial", seq, key, value))
+            self.send(("partial", seq, key, _blob(value), _type_name(value)))
 
         control = self.control
         _context._critical_hook = lambda seconds: _critical_section(seconds, control)
@@ -259,31 +378,78 @@ class _Worker:
         else:
             _reap_children()
         self.retiring = self.state.restore()
+        if self.retiring is None and self.tasks_left is not None:
+            self.tasks_left -= 1
+            if self.tasks_left <= 0:
+                self.retiring = "max_tasks_per_child reached"
         if self.retiring is not None:
             # Said before the result, so that the pool never hands this worker a task.
             self.send(("retire", seq, self.retiring))
+        self.send(self.outcome(seq, kind, value, token))
+
+    def outcome(self, seq: int, kind: str, value: Any, token: CancellationToken) -> tuple[Any, ...]:
+        """The result message: builtins outside, the value as its own pickle inside.
+
+        A value that does not pickle here is replaced by the pickling error (as
+        ``ProcessPoolExecutor`` does); the worker's text of an exception travels beside it
+        so that the parent can attach it as ``__cause__``, or report it if the exception
+        cannot be unpickled there.
+        """
+        text = ""
+        if kind == "error":
+            stopped = isinstance(value, CancelledException) and token.is_cancelled
+            if not stopped:  # the pool makes its own error for a stopped task
+                text = remote_traceback_text(value)
+        if kind == "terminated":
+            return ("result", seq, kind, None, "")
         try:
-            self.send(("result", seq, kind, value))
-        except Exception as exc:  # noqa: BLE001 - the result or error would not pickle
-            error = RuntimeError(f"task {kind} value could not be sent back: {exc!r}")
-            self.send(("result", seq, "error", error))
+            blob = _blob(value)
+        except BaseException as exc:  # noqa: BLE001 - the value would not pickle
+            if kind == "ok":
+                kind, text = "error", remote_traceback_text(exc)
+                what = exc
+            else:
+                what = UnreadableResultError(
+                    f"the task raised {_type_name(value)}, which cannot be pickled: {exc!r}",
+                    what="exception",
+                    remote_text=text,
+                )
+            try:
+                blob = _blob(what)
+            except BaseException as again:  # noqa: BLE001 - even the pickling error
+                blob = _blob(
+                    UnreadableResultError(
+                        f"the task's {'result' if kind == 'ok' else 'exception'} cannot be "
+                        f"pickled: {again!r}",
+                        remote_text=text,
+                    )
+                )
+            return ("result", seq, "error", blob, text)
+        return ("result", seq, kind, blob, text or _type_name(value))
 
 
-def _worker_main(sock_fd: int, chunk: _cell.Chunk, token_offset: int, control_offset: int, zygote: int) -> None:
-    set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != zygote:  # the zygote died before we could ask to die with it
+def _worker_main(
+    sock_fd: int,
+    chunk: _cell.Chunk,
+    token_offset: int,
+    control_offset: int,
+    zygote: int,
+    options: dict[str, Any],
+) -> None:
+    control = Control.from_buffer(chunk.mm, control_offset)
+    control.pid = os.getpid()  # first: the parent can find this process if the zygote dies
+    set_parent_death_signal(signal.SIGSTOP)
+    if os.getppid() != zygote:  # the zygote died before we could ask to freeze with it
         os._exit(1)
     set_child_subreaper(True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
-    control = Control.from_buffer(chunk.mm, control_offset)
-    control.pid = os.getpid()
     sock = socket.socket(fileno=sock_fd)
-    worker = _Worker(sock, chunk, token_offset, control)
+    worker = _Worker(sock, chunk, token_offset, control, options.get("max_tasks"))
     try:
-        worker.serve()
+        worker.serve(options.get("initializer"))
     finally:
         _kill_and_reap_tree()
         os._exit(0)
@@ -295,21 +461,27 @@ def zygote_main(control_fd: int, chunk_fd: int) -> None:
     ctrl = socket.socket(fileno=control_fd)
     chunk = _cell.attach_chunk(chunk_fd, pinned=True)
     set_child_subreaper(True)
-    prep = recv_seq(ctrl)
-    if prep is None:
+    setup = recv_seq(ctrl)
+    if setup is None:
         os._exit(0)
+    prep, options = setup
+    global importing_main
+    importing_main = True
     try:
         import multiprocessing.spawn
 
         multiprocessing.spawn.prepare(prep)
     except BaseException as exc:  # noqa: BLE001 - tasks from __main__ will fail, others work
         _send_or_exit(ctrl, ("prepare-failed", repr(exc)))
+    finally:
+        importing_main = False
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     workers: set[int] = set()
+    statuses: dict[int, int] = {}  # reaped workers whose sweep was not asked for yet
     selector = selectors.DefaultSelector()
     selector.register(ctrl, selectors.EVENT_READ, "ctrl")
     selector.register(wake_r, selectors.EVENT_READ, "wake")
@@ -337,7 +509,9 @@ def zygote_main(control_fd: int, chunk_fd: int) -> None:
                         ctrl.close()
                         os.close(wake_r)
                         os.close(wake_w)
-                        _worker_main(fds[0], chunk, token_offset, control_offset, zygote_pid)
+                        _worker_main(
+                            fds[0], chunk, token_offset, control_offset, zygote_pid, options
+                        )
                     os.close(fds[0])
                     workers.add(pid)
                     try:
@@ -345,31 +519,66 @@ def zygote_main(control_fd: int, chunk_fd: int) -> None:
                     except OSError:
                         running = False
                         break
-        # Reap everything that ended: workers (reported) and adopted orphans (silent).
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            if pid in workers:
-                workers.discard(pid)
-                with contextlib.suppress(OSError):
-                    send_seq(ctrl, ("exited", pid, status))
+                elif message[0] == "sweep":
+                    pid = message[1]
+                    status, swept = _sweep(pid, workers, statuses)
+                    try:
+                        send_seq(ctrl, ("swept", pid, status, swept))
+                    except OSError:
+                        running = False
+                        break
+        # Reap everything that ended: workers (status kept for their sweep) and strays.
+        _reap(workers, statuses)
     # The parent closed the channel or died: nothing may outlive it.
-    for pid in list(workers):
-        kill_tree_of(pid)
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    kill_tree_of(os.getpid())
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            pid, _ = os.waitpid(-1, 0)
-        except ChildProcessError:
-            break
+    _kill_and_reap_tree()
     os._exit(0)
+
+
+def _reap(workers: set[int], statuses: dict[int, int]) -> None:
+    """Reap every child that ended; keep the exit status of workers for their sweep."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        if pid in workers:
+            workers.discard(pid)
+            statuses[pid] = status
+
+
+def _sweep(worker: int, workers: set[int], statuses: dict[int, int]) -> tuple[int | None, int]:
+    """After ``worker`` died: reap it, then kill and reap every stray process.
+
+    A stray is any child of the zygote that is not a live worker: what is left of a
+    stopped tree (re-parented here when its parent died). Loops until none is left, since
+    killing a stray re-parents its own children here. Returns the worker's exit status
+    (``None`` if it could not be had within the bound) and how many strays were killed.
+    """
+    deadline = time.monotonic() + 10.0
+    swept = 0
+    while True:
+        _reap(workers, statuses)
+        if worker in workers:  # not exited yet (the parent saw it die, so it is a zombie
+            try:  # or about to be one): wait for it
+                pid, status = os.waitpid(worker, 0)
+            except ChildProcessError:
+                workers.discard(worker)
+            else:
+                workers.discard(pid)
+                statuses[pid] = status
+            continue
+        strays = [pid for pid in children(os.getpid()) if pid not in workers]
+        if not strays or time.monotonic() > deadline:
+            return statuses.pop(worker, None), swept
+        for stray in strays:
+            swept += 1 + len(kill_tree_of(stray))
+            with contextlib.suppress(ValueError):
+                send_signal(stray, signal.SIGKILL)
+        for stray in strays:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(stray, 0)
 
 
 def _send_or_exit(ctrl: socket.socket, message: Any) -> None:

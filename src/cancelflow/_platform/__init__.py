@@ -13,6 +13,9 @@ checks ``sys.platform`` itself:
   that never reaps (containers). A no-op returning ``False`` where unsupported.
 * :func:`pidfd_open`: a file descriptor that becomes readable when a process exits, for
   event-driven confirmation that a worker is gone. ``None`` where unsupported.
+* :func:`send_signal`: the one place cancelflow signals a process. It refuses targets that
+  can only be a bug (pid 0 or below, which mean process groups; pid 1; this process; its
+  process group's leader), so a stale or unset pid can never stop the owner.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import ctypes.util
 import errno
 import os
 import platform
+import signal
 import sys
 import time
 
@@ -30,7 +34,10 @@ __all__ = (
     "descendants",
     "futex_wait",
     "futex_wake",
+    "UnsafeSignalTarget",
+    "children",
     "pidfd_open",
+    "send_signal",
     "set_child_subreaper",
     "set_parent_death_signal",
 )
@@ -161,6 +168,11 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def children(pid: int) -> list[int]:
+    """The live children of ``pid`` (zombies included), or ``[]``."""
+    return _children_of(pid)
+
+
 def _children_of(pid: int) -> list[int]:
     task_dir = f"/proc/{pid}/task"
     try:
@@ -186,3 +198,32 @@ def _children_psutil(pid: int) -> list[int]:
         return [child.pid for child in psutil.Process(pid).children()]
     except psutil.Error:
         return []
+
+
+class UnsafeSignalTarget(ValueError):
+    """:func:`send_signal` was asked to signal a process it must never signal."""
+
+
+def send_signal(pid: int, signum: int) -> bool:
+    """Send ``signum`` to the one process ``pid``; ``False`` if it no longer exists.
+
+    Refuses, with :class:`UnsafeSignalTarget` and nothing sent: ``pid <= 1`` (0 and
+    negative numbers address process groups, 1 is init), this process, and the leader of
+    this process's group. Those can only come from a bug (a pid not yet known, a stale
+    one); signalling them would stop or kill the program that owns the pool.
+    """
+    if isinstance(pid, bool) or not isinstance(pid, int):
+        raise UnsafeSignalTarget(f"refusing to send signal {signum} to {pid!r}: not a pid")
+    if pid <= 1 or pid == os.getpid() or pid == os.getpgrp():
+        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else signum
+        raise UnsafeSignalTarget(
+            f"refusing to send {name} to pid {pid}: it would reach "
+            + ("a process group or init" if pid <= 1 else "this process or its group")
+        )
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # the pid was reused by a process that is not ours
+    return True
