@@ -34,7 +34,6 @@ from cancelflow import (
     NodeContext,
     PipelineExecutor,
     PipelineResult,
-    PoolClosedError,
     ProcessPool,
     WorkerCrashedError,
 )

@@ -51,10 +51,44 @@ if TYPE_CHECKING:
     from ._token import CancellationToken
 
 SLOT_SIZE = 128
-#: bytes of a reason that fit in shared memory; longer reasons are cut (UTF-8 safe)
+#: bytes of a reason that fit in shared memory; longer reasons are cut (see encode_reason)
 REASON_MAX = SLOT_SIZE - 8
 REASON_NONE = 0xFFFFFFFF
 DEFAULT_SLOTS = 4096
+#: UTF-8 that also carries lone surrogates (``os.fsdecode`` of undecodable bytes), 3 bytes
+#: each: every ``str`` encodes, and decoding gives back exactly the same code points
+_REASON_ERRORS = "surrogatepass"
+
+
+def encode_reason(reason: str) -> bytes:
+    """The bytes a reason is stored as in a slot: at most :data:`REASON_MAX`, never raises.
+
+    Any ``str`` is accepted (lone surrogates included). A reason whose encoding is longer
+    than :data:`REASON_MAX` is cut to its longest *prefix of whole code points* that fits:
+    never inside a multi-byte sequence, so the stored bytes always decode, to
+    ``reason[:k]`` for some ``k``. (The cut is by code point: it may split a surrogate
+    pair given as two code points, a base letter from its combining mark, or an emoji
+    ZWJ sequence; no marker is added.)
+    """
+    raw = reason.encode("utf-8", _REASON_ERRORS)
+    if len(raw) <= REASON_MAX:
+        return raw
+    cut = REASON_MAX
+    while cut > 0 and raw[cut] & 0xC0 == 0x80:  # a continuation byte: back to a lead byte
+        cut -= 1
+    return raw[:cut]
+
+
+def decode_reason(raw: bytes) -> str:
+    """The reason stored as ``raw`` (see :func:`encode_reason`); never raises.
+
+    Bytes that :func:`encode_reason` could not have written (a slot written by something
+    else) decode with U+FFFD for each bad byte instead of raising.
+    """
+    try:
+        return raw.decode("utf-8", _REASON_ERRORS)
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "replace")
 
 
 class _Header(ctypes.Structure):
@@ -196,6 +230,8 @@ class Chunk:
             self._hub_ticket.pop()
         except IndexError:
             return  # a hub runs already; it rescans at the next ring
+        # Safe from a signal handler (on_cancel of a shared token): Thread.start() takes
+        # threading's module lock, which is re-entrant, and a daemon thread takes no other.
         threading.Thread(target=self._hub, name="cancelflow-token-hub", daemon=True).start()
 
     def _hub(self) -> None:

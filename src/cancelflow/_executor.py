@@ -20,7 +20,7 @@ from ._log import safe_log
 from ._node import Node, NodeContext
 from ._registry import CancellationRegistry, CleanupHandler, _Entry
 from ._supersede import DEFAULT_SUPERSEDE_REASON, Superseder
-from ._token import CallbackHandle, CancellationToken
+from ._token import CallbackHandle, CancellationToken, check_reason
 from ._waves import compute_waves, validate_pipeline
 
 if TYPE_CHECKING:
@@ -219,6 +219,15 @@ class PipelineExecutor:
     creates itself (lazily, at the first thread or process node) are shut down by
     :meth:`aclose` (or ``async with``). Pools never need to exist for loop-only pipelines.
 
+    **Signal safety.** The executor holds no lock. What a cancel reaches of a run (the
+    callback on the pipeline's token, and on the caller's ``cancel_token``) records a
+    cause with one ``list.append`` and wakes the loop with ``call_soon_threadsafe``; the
+    nodes are interrupted later, on the loop. So :meth:`interrupt`, the registry's
+    ``cancel_threadsafe`` and ``cancel_token.cancel()`` are safe from a signal handler,
+    whatever the interrupted thread was doing in the executor or the registry. (Locks of
+    the pools, reached when the loop stops thread and process nodes, are not on that
+    path.) The coroutine methods are for the loop, not for a handler.
+
     Args:
         registry: the registry to register runs in (default: a new one).
         thread_pool: the pool for ``run_in="thread"`` nodes.
@@ -388,8 +397,7 @@ class PipelineExecutor:
         """
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, not {type(key).__name__}")
-        if reason is not None and not isinstance(reason, str):
-            raise TypeError(f"reason must be a str or None, not {type(reason).__name__}")
+        check_reason(reason)
         run_id = key if pipeline_id is None else pipeline_id
         # Checked before superseding: a bad call must not cancel the key's running run.
         spec = self._check_run(run_id, nodes, context, timeout, None, mode, graceful_timeout)
@@ -426,7 +434,12 @@ class PipelineExecutor:
         pools are shut down, waiting for their workers to end (a thread abandoned by the
         thread pool is not waited for). If the awaiting task is cancelled, the runs and
         the shutdown go on without it.
+
+        Raises:
+            TypeError: ``reason`` is not a ``str`` (raised before anything changes).
         """
+        if not isinstance(reason, str):
+            raise TypeError(f"reason must be a str, not {type(reason).__name__}")
         self._closed = True
         runs = list(self._runs)
         for run in runs:
@@ -444,7 +457,12 @@ class PipelineExecutor:
         first cause wins) and interrupts its running nodes at once, as in interrupt mode
         — also when a graceful cancel is already waiting for its wave. This is the
         "second Ctrl-C": thread-safe and safe from a signal handler.
+
+        Raises:
+            TypeError: ``reason`` is neither a ``str`` nor ``None`` (raised before anything
+                changes).
         """
+        check_reason(reason)
         for run in list(self._runs):
             if run.pipeline_id == pipeline_id and not run.closed:
                 run.request_interrupt(reason)

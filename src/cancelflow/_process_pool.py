@@ -640,9 +640,9 @@ class ProcessPool(concurrent.futures.Executor):
             )
         if self._broken is not None:
             raise self._broken
+        _interpreter_exit.check_open()  # before: the exit hook shuts every pool down
         if self._shutdown:
             raise PoolClosedError(f"{self.name} is shut down")
-        _interpreter_exit.check_open()
 
     # == cross-thread requests =================================================================
     def _post(self, command: tuple[Any, ...]) -> None:
@@ -747,7 +747,7 @@ class ProcessPool(concurrent.futures.Executor):
         """
         try:
             action(*args)
-        except Exception as exc:
+        except BaseException as exc:  # even SystemExit from a user's __reduce__
             if task is None or task.done:
                 raise
             safe_log("ERROR", f"handling task {task.seq} failed", exception=exc, pool=self.name)
@@ -975,7 +975,7 @@ class ProcessPool(concurrent.futures.Executor):
             _, _, key, blob, type_name = message
             try:
                 value = pickle.loads(blob)
-            except Exception as exc:
+            except BaseException as exc:  # even SystemExit: this task fails
                 raise UnreadableResultError(
                     f"partial result {key!r} of task {task.seq} could not be unpickled here: "
                     f"{exc!r}",
@@ -1006,7 +1006,7 @@ class ProcessPool(concurrent.futures.Executor):
                 return
             try:
                 value = pickle.loads(blob)
-            except Exception as exc:  # noqa: BLE001 - this task fails, the pool goes on
+            except BaseException as exc:  # noqa: BLE001 - even SystemExit: this task fails
                 what = "result" if outcome == "ok" else "exception"
                 error = UnreadableResultError(
                     f"the {what} of task {task.seq} could not be unpickled here: {exc!r}",

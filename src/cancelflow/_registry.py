@@ -12,7 +12,7 @@ from typing import Any
 
 from ._exceptions import PipelineDefinitionError
 from ._log import safe_log
-from ._token import CancellationToken
+from ._token import CancellationToken, check_reason
 
 __all__ = ("CancellationRegistry", "CleanupHandler")
 
@@ -78,6 +78,14 @@ class CancellationRegistry:
     cancelled by :meth:`cancel` (from the event loop), :meth:`cancel_threadsafe` (from any
     thread or a signal handler) or :meth:`cancel_all` (at shutdown).
     :class:`PipelineExecutor` registers and unregisters its pipelines itself.
+
+    Signal safety: the registry holds no lock (each step is one dict or list operation,
+    atomic under the GIL), so a signal handler that interrupted any of its methods cannot
+    deadlock on it. From a handler, use :meth:`cancel_threadsafe`, :meth:`get_token`,
+    :meth:`store_partial_result`, :meth:`get_partial_results`,
+    :meth:`active_pipelines` and ``in``. :meth:`register`, :meth:`unregister` and
+    :meth:`register_cleanup_handler` take no lock either, but change state the pipeline's
+    event loop owns: call them on the loop. The coroutine methods are for the loop.
 
     Cleanup handlers run **exactly once** per pipeline whatever the races (two cancels,
     a cancel racing a timeout or the pipeline's completion): in reverse order of
@@ -260,10 +268,9 @@ class CancellationRegistry:
                 not a non-empty string.
         """
         _check_id(pipeline_id)
+        check_reason(reason)
         entry = self._entries.get(pipeline_id)
         if entry is None or entry.finished:
-            if reason is not None and not isinstance(reason, str):
-                raise TypeError(f"reason must be a str or None, not {type(reason).__name__}")
             safe_log("DEBUG", "cancel of an unknown or finished pipeline", pipeline_id=pipeline_id)
             return False
         won = entry.token.cancel(reason)
@@ -288,10 +295,9 @@ class CancellationRegistry:
                 not a non-empty string.
         """
         _check_id(pipeline_id)
+        check_reason(reason)
         entry = self._entries.get(pipeline_id)
         if entry is None or entry.finished:
-            if reason is not None and not isinstance(reason, str):
-                raise TypeError(f"reason must be a str or None, not {type(reason).__name__}")
             return False
         won = entry.token.cancel(reason)
         loop = entry.loop
@@ -315,8 +321,7 @@ class CancellationRegistry:
         Raises:
             TypeError: ``reason`` is neither a string nor ``None`` (nothing is cancelled).
         """
-        if reason is not None and not isinstance(reason, str):
-            raise TypeError(f"reason must be a str or None, not {type(reason).__name__}")
+        check_reason(reason)
         cancelled: list[str] = []
         entries = [entry for entry in self._entries.values() if not entry.finished]
         for entry in entries:

@@ -26,6 +26,17 @@ Reason = str | None
 _ids = itertools.count(1)
 
 
+def check_reason(reason: object, what: str = "reason") -> Reason:
+    """Return ``reason`` if it is a ``str`` (any text) or ``None``.
+
+    Raises:
+        TypeError: anything else, naming ``what``.
+    """
+    if reason is not None and not isinstance(reason, str):
+        raise TypeError(f"{what} must be a str or None, not {type(reason).__name__}")
+    return reason
+
+
 class CallbackHandle:
     """What :meth:`CancellationToken.on_cancel` returns: lets you take the callback back."""
 
@@ -89,8 +100,9 @@ class CancellationToken(_Cell):
     method) or use cancelflow's pools. Either side may cancel and both see it at once;
     the other side's waiters wake through a ``futex`` on the shared word. A token cannot
     be pickled through a queue or pipe to an already-running process (there is no way to
-    hand it the shared memory): that raises ``TypeError``. A reason crosses processes cut
-    to 120 bytes of UTF-8. Callbacks, links and timers belong to the process that made
+    hand it the shared memory): that raises ``TypeError``. Reasons: see
+    :attr:`cancel_reason` (any ``str`` is kept exactly; another process reads it cut to 120
+    bytes). Callbacks, links and timers belong to the process that made
     them: a child process (forked ones included) starts with no callbacks on the tokens it
     receives, and a cancel made anywhere runs the callbacks where they were registered.
 
@@ -104,10 +116,21 @@ class CancellationToken(_Cell):
     the interrupted thread is inside any of the token's methods (``cancel()`` itself
     included, while it runs callbacks or logs) cannot deadlock. Every callback still runs
     exactly once; callbacks skipped because an exception (say ``KeyboardInterrupt``) cut
-    a ``cancel()`` short run at the next ``cancel()``. One exception: ``on_cancel()`` on
-    a token shared with another process may start this process's hub thread, and
-    starting a thread takes the ``threading`` module's locks; do not call it from a
-    signal handler.
+    a ``cancel()`` short run at the next ``cancel()``.
+
+    The only locks these paths can reach are re-entrant, so a handler may take them again
+    over the code it interrupted: making or collecting a token (also :meth:`child`,
+    :meth:`linked`, ``timeout=``) takes the slot-accounting ``RLock``; starting the
+    timer thread (a callback making a timeout token) or this process's hub thread
+    (``on_cancel()`` on a token shared with another process) takes ``threading``'s module
+    lock, an ``RLock`` too (the threads are daemons, so no other ``threading`` lock is
+    taken); logging a failed callback meets loguru's handler lock, which refuses
+    re-entry instead of deadlocking (the line is then dropped). What a callback itself
+    locks is the callback's to make safe. Safe from a signal handler, then:
+    ``is_cancelled``, :attr:`cancel_reason`, :meth:`raise_if_cancelled`, :meth:`cancel`,
+    :meth:`on_cancel`, :meth:`CallbackHandle.remove`, :meth:`close`, :meth:`child`,
+    :meth:`linked` and making tokens. Not :meth:`wait_blocking` (it would block the
+    interrupted thread) and not :meth:`reset` (see there).
     """
 
     # ``is_cancelled`` is the ctypes field declared by _Cell.
@@ -191,8 +214,13 @@ class CancellationToken(_Cell):
     def cancel_reason(self) -> Reason:
         """The reason given to the winning :meth:`cancel`, or ``None``.
 
-        ``None`` also while not cancelled. A reason set in another process is read from
-        shared memory (cut to 120 bytes).
+        ``None`` also while not cancelled. In the process that cancelled, it is the very
+        ``str`` given (any text: empty, NULs, lone surrogates such as ``os.fsdecode`` makes,
+        emoji, right-to-left scripts). A reason set in another process (or read through
+        another token object on the same slot) comes from shared memory, exactly as given
+        if its UTF-8 (lone surrogates 3 bytes each) fits in 120 bytes; a longer one reads as
+        its longest prefix of whole code points that fits: ``reason[:k]`` for some ``k``,
+        with no marker added, never cut inside a character's bytes. Reading never raises.
         """
         if not self.is_cancelled:
             return None
@@ -204,8 +232,12 @@ class CancellationToken(_Cell):
         length = self._reason_len
         if length == _cell.REASON_NONE:
             return None
-        raw = ctypes.string_at(ctypes.addressof(self) + _Cell._reason_bytes.offset, length)
-        return raw.decode("utf-8", "replace")
+        # Read by length, never up to a NUL (a reason may hold NULs); a length field that
+        # makes no sense (written by something else) cannot take us past the slot.
+        raw = ctypes.string_at(
+            ctypes.addressof(self) + _Cell._reason_bytes.offset, min(length, _cell.REASON_MAX)
+        )
+        return _cell.decode_reason(raw)
 
     def raise_if_cancelled(self) -> None:
         """Raise :class:`CancelledException` (with the reason) if the token is cancelled."""
@@ -222,11 +254,14 @@ class CancellationToken(_Cell):
         signal handler, and from another process sharing the token. Callbacks run in the
         calling thread before this returns (each exactly once, errors logged).
 
+        Every ``str`` is a valid ``reason`` and reads back as given (see
+        :attr:`cancel_reason` for what another process reads).
+
         Raises:
-            TypeError: ``reason`` is neither a ``str`` nor ``None``.
+            TypeError: ``reason`` is neither a ``str`` nor ``None`` (raised before anything
+                changes).
         """
-        if reason is not None and not isinstance(reason, str):
-            raise TypeError(f"reason must be a str or None, not {type(reason).__name__}")
+        check_reason(reason)
         try:
             self._once.pop()
         except IndexError:
@@ -268,8 +303,7 @@ class CancellationToken(_Cell):
         if reason is None:
             self._reason_len = _cell.REASON_NONE
             return
-        raw = reason.encode("utf-8")[: _cell.REASON_MAX]
-        raw = raw.decode("utf-8", "ignore").encode("utf-8")
+        raw = _cell.encode_reason(reason)
         ctypes.memmove(ctypes.addressof(self) + _Cell._reason_bytes.offset, raw, len(raw))
         self._reason_len = len(raw)
 
@@ -369,8 +403,8 @@ class CancellationToken(_Cell):
         process, on this process's hub thread, or in a :meth:`wait_blocking` of this
         process that sees the cancel first). It should be short and must not block; a
         callback that raises is logged with the token's name and reason, and the others
-        still run. Thread-safe and lock-free; signal-safe except as the class docstring
-        says for a token shared with another process.
+        still run. Thread-safe, lock-free and signal-safe (for a shared token it may start
+        the hub thread, which cannot deadlock a signal handler: see the class docstring).
 
         Raises:
             TypeError: ``callback`` is not callable.

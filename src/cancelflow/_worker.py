@@ -307,15 +307,33 @@ class _Worker:
         self.chunk = chunk
         self.token_offset = token_offset
         self.control = control
-        self.send_lock = threading.Lock()
+        # Re-entrant, with a queue for re-entry: a signal handler in the task may cancel
+        # the task's token (which sends) while this thread is inside send().
+        self.send_lock = threading.RLock()
+        self.sending = False
+        self.pending: list[bytes] = []
         self.state = _ProcessState()
         self.retiring: str | None = None
         self.tasks_left = max_tasks
 
     def send(self, message: Any) -> None:
+        """Send one frame; safe from another thread and from a signal handler.
+
+        A frame sent by a signal handler that interrupted a send on the same thread is
+        queued and sent right after the interrupted one: frames never interleave.
+        """
         data = encode(message)
         with self.send_lock:
-            self.sock.sendall(data)
+            if self.sending:
+                self.pending.append(data)
+                return
+            self.sending = True
+            try:
+                self.sock.sendall(data)
+                while self.pending:
+                    self.sock.sendall(self.pending.pop(0))
+            finally:
+                self.sending = False
 
     def serve(self, initializer: bytes | None) -> None:
         if initializer is not None and not self.initialize(initializer):

@@ -55,7 +55,7 @@ from distributed import WorkerPlugin, get_worker
 from .._context import task_scope
 from .._exceptions import CancelledException, PipelineTimeoutException, WorkerCrashedError
 from .._log import safe_log
-from .._platform import descendants, pidfd_open
+from .._platform import descendants, pidfd_open, send_signal
 from .._process_pool import ProcessPool
 from .._token import CancellationToken
 from .._worker import kill_tree_of
@@ -235,19 +235,15 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
         pid = future.pid
         if pid is None or future.done():
             return  # still queued in the pool (the token drops it) or already over
-        try:
-            os.kill(pid, signal.SIGSTOP)
-        except OSError:
+        if not send_signal(pid, signal.SIGSTOP):
             return
         if future.done():  # it finished just now: the child may already serve another task
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGCONT)
+            send_signal(pid, signal.SIGCONT)
             return
         tree = [pid, *descendants(pid)]
         fds = [fd for fd in (pidfd_open(p) for p in tree) if fd is not None]
         kill_tree_of(pid)
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+        send_signal(pid, signal.SIGKILL)
         with self.lock:
             remote.tree_fds.extend(fds)
 

@@ -1,0 +1,160 @@
+"""Task functions for the executor-contract tests (importable by pool workers)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import cancelflow
+
+_initialized: list[Any] = []
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def whoami() -> int:
+    return os.getpid()
+
+
+def remember(*args: Any) -> None:
+    """An initializer: keeps its arguments for :func:`initialized`."""
+    _initialized.append(args)
+
+
+def initialized() -> list[Any]:
+    return list(_initialized)
+
+
+def fail_to_initialize() -> None:
+    raise RuntimeError("initializer says no")
+
+
+def raise_with_a_line() -> None:
+    raise ValueError("raised on purpose")  # the remote traceback shows this line
+
+
+class TwoArgumentError(Exception):
+    """Pickles, but cannot be unpickled: ``__init__`` takes two arguments, ``args`` has one."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+def raise_unpicklable_error() -> None:
+    raise TwoArgumentError("first", "second")
+
+
+def _explode_outside(pid: int) -> Any:
+    if os.getpid() != pid:
+        raise RuntimeError("this value can only be rebuilt in its worker")
+    return "rebuilt"
+
+
+class WorkerOnly:
+    """Pickles anywhere; unpickles only in the process that made it."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_explode_outside, (os.getpid(),))
+
+
+def return_worker_only() -> WorkerOnly:
+    return WorkerOnly()
+
+
+def store_worker_only_then_spin() -> None:
+    cancelflow.store_partial("ok", 1)
+    cancelflow.store_partial("bad", WorkerOnly())
+    token = cancelflow.current_token()
+    while not token.is_cancelled:
+        time.sleep(0.001)
+
+
+class UnpicklableHere:
+    def __reduce__(self) -> Any:
+        raise TypeError("refuses to pickle")
+
+
+def return_unpicklable() -> UnpicklableHere:
+    return UnpicklableHere()
+
+
+def wait_until_cancelled() -> str:
+    cancelflow.store_partial("pid", os.getpid())
+    token = cancelflow.current_token()
+    while not token.is_cancelled:
+        time.sleep(0.001)
+    return token.cancel_reason or ""
+
+
+def set_sigterm(disposition: str) -> int:
+    """Change this worker's SIGTERM disposition and return (a later task sees the effect)."""
+    signal.signal(signal.SIGTERM, getattr(signal, disposition))
+    return os.getpid()
+
+
+def set_sigterm_then_spin(disposition: str) -> None:
+    signal.signal(signal.SIGTERM, getattr(signal, disposition))
+    try:
+        cancelflow.store_partial("pid", os.getpid())
+        while True:
+            pass
+    finally:
+        cancelflow.store_partial("finally", "ran")
+
+
+def spin_with_finally() -> None:
+    try:
+        cancelflow.store_partial("pid", os.getpid())
+        while True:
+            pass
+    finally:
+        cancelflow.store_partial("finally", "ran")
+
+
+def sigterm_disposition() -> str:
+    handler = signal.getsignal(signal.SIGTERM)
+    return getattr(handler, "__name__", repr(handler))
+
+
+def change_cwd_and_env(path: str) -> None:
+    os.chdir(path)
+    os.environ["CANCELFLOW_TEST_LEFTOVER"] = "1"
+
+
+def cwd_and_env() -> tuple[str, str | None]:
+    return os.getcwd(), os.environ.get("CANCELFLOW_TEST_LEFTOVER")
+
+
+def leave_a_thread() -> int:
+    threading.Thread(target=time.sleep, args=(3600,), daemon=True, name="leftover").start()
+    return os.getpid()
+
+
+def fork_while_being_killed(path: str) -> None:
+    """Keep forking children (each sleeps) and record every pid in ``path``."""
+    cancelflow.store_partial("pid", os.getpid())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    for index in range(20000):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.write(fd, f"{os.getpid()}\n".encode())
+                if index % 2:  # half of them fork once more
+                    if os.fork() == 0:
+                        os.write(fd, f"{os.getpid()}\n".encode())
+                time.sleep(3600)
+            finally:
+                os._exit(0)
+        if index == 50:
+            cancelflow.store_partial("forking", True)
+        time.sleep(0.0005)
+
+
+def echo_argv0() -> str:
+    return sys.argv[0]

@@ -1,0 +1,634 @@
+"""Specification of ProcessPool as a concurrent.futures executor, and of what it survives.
+
+Each class is one promise users bring from ``ProcessPoolExecutor`` (or one hostile thing
+a task or its owner may do); each test fails on a pool that breaks it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
+from pathlib import Path
+
+import psutil
+import pytest
+
+import contractloads
+import workloads
+from cancelflow import (
+    BrokenPoolError,
+    CancellationToken,
+    CancelledException,
+    ProcessPool,
+    UnreadableResultError,
+    WorkerCrashedError,
+)
+from cancelflow._platform import UnsafeSignalTarget, send_signal
+from support import WAIT, Announcements
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def assert_gone(pid: int) -> None:
+    """The process has exited and been reaped (no zombie left)."""
+    try:
+        psutil.Process(pid).wait(timeout=WAIT)
+    except psutil.NoSuchProcess:
+        return
+    except psutil.TimeoutExpired:
+        pytest.fail(f"process {pid} is still there")
+
+
+def run_script(
+    body: str, *args: str, cwd: str | None = None, path: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``body`` as a program's ``__main__`` with tests/ on its path; bounded.
+
+    With ``path``, the program is that file (``python path``), else ``python -c``."""
+    script = f"import sys\nsys.path.insert(0, {TESTS!r})\n" + textwrap.dedent(body)
+    command = [sys.executable, "-c", script]
+    if path is not None:
+        path.write_text(script)
+        command = [sys.executable, str(path)]
+    return subprocess.run(
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        timeout=WAIT * 2,
+        cwd=cwd,
+    )
+
+
+@pytest.fixture
+def pool() -> Iterator[ProcessPool]:
+    with ProcessPool(2, grace_period=0.05, term_grace_period=2.0) as p:
+        yield p
+
+
+class TestShutdownRightAfterSubmit:
+    def test_with_block_runs_every_submitted_task(self) -> None:
+        """Test that leaving a ``with`` block right after submit() runs every task
+        (regression: all of them failed with PoolClosedError)."""
+        with ProcessPool(max_workers=2) as p:
+            futures = [p.submit(contractloads.square, i) for i in range(5)]
+        assert [f.result(0) for f in futures] == [0, 1, 4, 9, 16]
+
+    def test_shutdown_without_wait_still_runs_the_tasks(self) -> None:
+        """Test that shutdown(wait=False) returns at once and the queued tasks still run."""
+        p = ProcessPool(max_workers=2)
+        futures = [p.submit(contractloads.square, i) for i in range(5)]
+        p.shutdown(wait=False)
+        assert [f.result(WAIT) for f in futures] == [0, 1, 4, 9, 16]
+        p.shutdown(wait=True)
+
+    def test_cancel_futures_cancels_only_queued_tasks(self) -> None:
+        """Test that shutdown(cancel_futures=True) cancels the queued futures and lets the
+        running task finish."""
+        p = ProcessPool(max_workers=1)
+        announce = Announcements()
+        running = p.submit_task(contractloads.wait_until_cancelled, partial_sink=announce)
+        announce.wait("pid")
+        queued = [p.submit(contractloads.square, i) for i in range(3)]
+        token_less = threading.Thread(target=p.shutdown, kwargs={"cancel_futures": True})
+        token_less.start()
+        done, _ = concurrent.futures.wait(queued, timeout=WAIT)
+        assert done == set(queued)
+        assert all(f.cancelled() for f in queued)
+        assert not running.done()
+        running.cancel()
+        token_less.join(WAIT)
+        assert not token_less.is_alive()
+        assert running.cancelled()
+
+    def test_submit_after_shutdown_raises(self) -> None:
+        """Test that submit() after shutdown() raises PoolClosedError (a RuntimeError)."""
+        p = ProcessPool(1)
+        p.shutdown()
+        with pytest.raises(RuntimeError):
+            p.submit(contractloads.square, 1)
+
+
+class TestUnreadableMessages:
+    def test_an_exception_that_cannot_be_unpickled_fails_its_task_alone(
+        self, pool: ProcessPool
+    ) -> None:
+        """Test that an exception class whose __init__ takes other arguments fails only its
+        own future, with an error that carries the worker's text of it."""
+        bad = pool.submit(contractloads.raise_unpicklable_error)
+        with pytest.raises(UnreadableResultError) as caught:
+            bad.result(WAIT)
+        assert caught.value.what == "exception"
+        assert "TwoArgumentError" in caught.value.remote_text
+        assert "first/second" in caught.value.remote_text
+        assert pool.submit(contractloads.square, 3).result(WAIT) == 9
+        assert "open" in repr(pool)
+
+    def test_a_result_that_unpickles_only_in_the_worker_fails_its_task_alone(
+        self, pool: ProcessPool
+    ) -> None:
+        """Test that a result that pickles in the worker but not in the parent fails its
+        own future (also a BrokenProcessPool, as the stdlib raises) and a sibling task
+        running at the same time is unharmed."""
+        announce = Announcements()
+        sibling = pool.submit_task(contractloads.wait_until_cancelled, partial_sink=announce)
+        announce.wait("pid")
+        bad = pool.submit(contractloads.return_worker_only)
+        with pytest.raises(BrokenProcessPool) as caught:
+            bad.result(WAIT)
+        assert isinstance(caught.value, UnreadableResultError)
+        assert caught.value.what == "result"
+        assert not sibling.done()
+        sibling.cancel()
+        with pytest.raises(concurrent.futures.CancelledError):
+            sibling.result(WAIT)
+        assert pool.submit(contractloads.square, 4).result(WAIT) == 16
+
+    def test_an_unreadable_partial_result_stops_and_fails_its_task(
+        self, pool: ProcessPool
+    ) -> None:
+        """Test that a partial value the parent cannot unpickle fails that task (stopped,
+        not left running) and keeps the partial results read before it."""
+        future = pool.submit(contractloads.store_worker_only_then_spin)
+        with pytest.raises(UnreadableResultError) as caught:
+            future.result(WAIT)
+        assert caught.value.what == "partial result 'bad'"
+        assert future.partial_results == {"ok": 1}
+        assert pool.submit(contractloads.square, 5).result(WAIT) == 25
+
+    def test_a_result_that_does_not_pickle_in_the_worker_raises_the_pickling_error(
+        self, pool: ProcessPool
+    ) -> None:
+        """Test that a result that cannot be pickled fails the future with the pickling
+        error, as ProcessPoolExecutor does, and the worker keeps serving."""
+        with pytest.raises(TypeError, match="refuses to pickle"):
+            pool.submit(contractloads.return_unpicklable).result(WAIT)
+        assert pool.submit(contractloads.square, 6).result(WAIT) == 36
+
+    def test_a_broken_pool_says_so_everywhere(self) -> None:
+        """Test that when the supervisor itself fails, submit() raises, repr() says
+        broken, and no future is left pending."""
+        p = ProcessPool(1)
+        queued = p.submit(contractloads.square, 2)
+        queued.result(WAIT)
+        pending = [p.submit(contractloads.wait_until_cancelled) for _ in range(2)]
+
+        def explode() -> None:
+            raise RuntimeError("supervisor bug")
+
+        p._post(("boom",))
+        p._on_command = lambda command: explode()  # type: ignore[method-assign]
+        p._post(("boom",))
+        p._closed.wait(WAIT)
+        assert "broken" in repr(p)
+        with pytest.raises(BrokenPoolError):
+            p.submit(contractloads.square, 1)
+        for future in pending:
+            with pytest.raises(BrokenPoolError):
+                future.result(WAIT)
+        p.shutdown()
+
+
+class TestWorkerPid:
+    def test_a_task_runs_on_a_worker_whose_pid_is_known(self) -> None:
+        """Test that a worker whose "ready" arrives before the zygote's "spawned" gets
+        its pid from the worker itself: TaskFuture.pid is the real one, never 0, and
+        cancelling the task stops that worker (regression: pid 0 signalled the owner's
+        whole process group)."""
+        with ProcessPool(1, grace_period=0, term_grace_period=0) as p:
+            original = p._on_zygote
+
+            def drop_spawned() -> None:
+                sock = p._zygote_sock
+                assert sock is not None
+                data = sock.recv(1 << 20, socket_peek())
+                if b"spawned" in data:
+                    sock.recv(1 << 20)  # swallow it: the worker's "ready" must suffice
+                    return
+                original()
+
+            p._on_zygote = drop_spawned  # type: ignore[method-assign]
+            announce = Announcements()
+            future = p.submit_task(workloads.announce_and_spin, partial_sink=announce)
+            worker_pid = announce.wait("pid")
+            assert future.pid == worker_pid
+            future.cancel()
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(WAIT)
+            assert_gone(worker_pid)
+
+    @pytest.mark.parametrize("target", ["zero", "negative", "init", "self", "group"])
+    def test_signals_are_never_sent_to_the_owner(self, target: str) -> None:
+        """Test that the one signal sender refuses pids that can only be a bug."""
+        pid = {
+            "zero": 0,
+            "negative": -os.getpgrp(),
+            "init": 1,
+            "self": os.getpid(),
+            "group": os.getpgrp(),
+        }[target]
+        with pytest.raises(UnsafeSignalTarget):
+            send_signal(pid, 0)
+
+    def test_future_pid_is_the_worker_that_ran_it(self, pool: ProcessPool) -> None:
+        """Test that each future's pid is the pid its task saw, across worker crashes."""
+        for _ in range(5):
+            with pytest.raises(WorkerCrashedError):
+                pool.submit(workloads.exit_hard, 3).result(WAIT)
+            future = pool.submit(contractloads.whoami)
+            assert future.result(WAIT) == future.pid
+
+
+def socket_peek() -> int:
+    import socket
+
+    return socket.MSG_PEEK
+
+
+class TestSignalHandlerCancel:
+    def test_cancel_from_a_handler_inside_submit_does_not_deadlock(self) -> None:
+        """Test that a token cancelled by a signal handler while the main thread is
+        inside submit() (holding the pool's lock) does not hang (regression: 5 of 20
+        Ctrl-C trials hung)."""
+        result = run_script(
+            """
+            import collections, signal
+            import contractloads
+            from cancelflow import CancellationToken, ProcessPool
+
+            with ProcessPool(1) as pool:
+                token = CancellationToken()
+                blocker = pool.submit(contractloads.wait_until_cancelled)
+                victim = pool.submit_task(contractloads.square, (2,), token=token)
+                signal.signal(signal.SIGUSR1, lambda *a: token.cancel("ctrl-c"))
+
+                class Interrupting(collections.deque):
+                    def append(self, item):
+                        signal.raise_signal(signal.SIGUSR1)  # the lock is held here
+                        super().append(item)
+
+                pool._queue = Interrupting(pool._queue)
+                after = pool.submit(contractloads.square, 3)
+                blocker.cancel()
+            print(victim.cancelled() or type(victim.exception()).__name__, after.result())
+            """
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["CancelledException", "9"]
+
+
+class TestFork:
+    def test_a_forked_child_cannot_use_the_pool_and_exits_promptly(self) -> None:
+        """Test that in a child forked from the owner, submit() raises a clear error,
+        shutdown() returns at once, and the child's normal exit does not hang
+        (regression: it waited forever on a supervisor that does not exist there)."""
+        result = run_script(
+            """
+            import os, sys
+            import contractloads
+            from cancelflow import PoolClosedError, ProcessPool
+
+            pool = ProcessPool(1)
+            pool.submit(contractloads.square, 2).result(30)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    pool.submit(contractloads.square, 3)
+                except PoolClosedError as exc:
+                    print("child refused:", "fork" in str(exc), flush=True)
+                pool.shutdown()
+                sys.exit(0)  # a normal exit: the interpreter's exit hooks run
+            _, status = os.waitpid(pid, 0)
+            print("child status", os.waitstatus_to_exitcode(status), flush=True)
+            print(pool.submit(contractloads.square, 4).result(30))
+            pool.shutdown()
+            """
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["child refused: True", "child status 0", "16"]
+
+    def test_a_forked_child_does_not_keep_the_zygote_alive(self) -> None:
+        """Test that when the owner is SIGKILLed while a forked child of it lives on,
+        the zygote still exits (regression: the child held the zygote's channel open)."""
+        owner = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(
+                    f"""
+                    import os, signal, sys, time
+                    sys.path.insert(0, {TESTS!r})
+                    import contractloads
+                    from cancelflow import ProcessPool
+                    pool = ProcessPool(1)
+                    pool.submit(contractloads.square, 2).result(30)
+                    child = os.fork()
+                    if child == 0:
+                        time.sleep(60)
+                        os._exit(0)
+                    print(pool._zygote.pid, child, flush=True)
+                    sys.stdin.read()
+                    """
+                ),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert owner.stdout is not None
+        assert owner.stdin is not None
+        zygote, child = map(int, owner.stdout.readline().split())
+        try:
+            owner.kill()
+            owner.wait(WAIT)
+            assert_gone(zygote)
+            assert psutil.pid_exists(child)
+        finally:
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+            owner.stdout.close()
+            owner.stdin.close()
+
+
+class TestReasons:
+    def test_a_reason_with_a_lone_surrogate_stops_a_process_task(self, pool: ProcessPool) -> None:
+        """Test that any str works as a reason, here one decoded from bytes that are not
+        UTF-8 (regression: UnicodeEncodeError, the token was not cancelled)."""
+        reason = os.fsdecode(b"caf\xe9")
+        token = CancellationToken()
+        announce = Announcements()
+        future = pool.submit_task(
+            workloads.announce_and_wait_cooperatively, token=token, partial_sink=announce
+        )
+        announce.wait("pid")
+        assert token.cancel(reason)
+        with pytest.raises(CancelledException) as caught:
+            future.result(WAIT)
+        assert caught.value.reason == reason
+        assert pool.submit(contractloads.square, 2).result(WAIT) == 4
+
+
+class TestCleanWorkers:
+    @pytest.mark.parametrize("disposition", ["SIG_IGN", "SIG_DFL"])
+    def test_a_task_changing_sigterm_does_not_poison_the_next_task(self, disposition: str) -> None:
+        """Test that a SIGTERM disposition set by one task is gone for the next one on the
+        same worker: its stop is a true "terminated" whose finally ran."""
+        with ProcessPool(1, grace_period=0, term_grace_period=WAIT) as p:
+            first = p.submit(contractloads.set_sigterm, disposition).result(WAIT)
+            announce = Announcements()
+            future = p.submit_task(contractloads.spin_with_finally, partial_sink=announce)
+            assert announce.wait("pid") == first  # the same worker
+            future.cancel()
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(WAIT)
+            assert future.fate == "terminated"
+            assert future.partial_results["finally"] == "ran"
+
+    def test_a_task_that_dies_of_its_own_sigterm_disposition_is_killed_not_terminated(
+        self,
+    ) -> None:
+        """Test that a task which set SIGTERM to SIG_DFL and is stopped is reported
+        "killed" (its finally did not run), never "terminated"."""
+        with ProcessPool(1, grace_period=0, term_grace_period=WAIT) as p:
+            announce = Announcements()
+            future = p.submit_task(
+                contractloads.set_sigterm_then_spin, ("SIG_DFL",), partial_sink=announce
+            )
+            announce.wait("pid")
+            future.cancel()
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(WAIT)
+            assert future.fate == "killed"
+            assert "finally" not in future.partial_results
+            assert p.submit(contractloads.sigterm_disposition).result(WAIT) == "_on_sigterm"
+
+    def test_cwd_and_environment_are_restored(self, tmp_path: Path) -> None:
+        """Test that a task's chdir and environment change do not reach the next task."""
+        with ProcessPool(1) as p:
+            before = p.submit(contractloads.cwd_and_env).result(WAIT)
+            p.submit(contractloads.change_cwd_and_env, str(tmp_path)).result(WAIT)
+            assert p.submit(contractloads.cwd_and_env).result(WAIT) == before
+
+    def test_a_worker_whose_task_left_a_thread_is_replaced(self) -> None:
+        """Test that a task leaving a thread running gets a fresh worker for the next task."""
+        with ProcessPool(1) as p:
+            first = p.submit(contractloads.leave_a_thread).result(WAIT)
+            assert p.submit(contractloads.whoami).result(WAIT) != first
+
+
+class TestForkingWhileKilled:
+    def test_processes_forked_during_the_kill_are_gone_when_the_caller_hears(
+        self, tmp_path: Path
+    ) -> None:
+        """Test that every process a task forked, also while it was being killed, is
+        gone and reaped once the caller gets the exception (regression: 10 of 10 trials
+        left some alive under the zygote)."""
+        record = tmp_path / "pids"
+        with ProcessPool(1, grace_period=0, term_grace_period=0) as p:
+            announce = Announcements()
+            future = p.submit_task(
+                contractloads.fork_while_being_killed, (str(record),), partial_sink=announce
+            )
+            announce.wait("forking")
+            future.cancel()
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(WAIT)
+            pids = [int(line) for line in record.read_text().split()]
+            assert len(pids) > 50
+            alive = [pid for pid in pids if _alive(pid)]
+            assert alive == []
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still exists, running or as an unreaped zombie."""
+    return psutil.pid_exists(pid)
+
+
+class TestZygoteImports:
+    def test_the_zygote_does_not_import_from_the_current_directory(self, tmp_path: Path) -> None:
+        """Test that a module in the current directory named like one the zygote imports
+        is not run inside the pool (regression: python -c put the cwd first)."""
+        program = tmp_path / "program"
+        program.mkdir()
+        cwd = tmp_path / "cwd"
+        cwd.mkdir()
+        (cwd / "selectors.py").write_text(
+            "open({!r}, 'w').write('imported')\nraise SystemExit('shadowed')\n".format(str(tmp_path / "marker"))
+        )
+        result = run_script(
+            """
+            import contractloads
+            from cancelflow import ProcessPool
+            if __name__ == "__main__":
+                with ProcessPool(1) as pool:
+                    print(pool.submit(contractloads.square, 7).result(30))
+            """,
+            cwd=str(cwd),
+            path=program / "main.py",
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["49"]
+        assert not (tmp_path / "marker").exists()
+
+
+class TestConstructor:
+    def test_initializer_runs_in_every_worker(self) -> None:
+        """Test that initializer(*initargs) runs in each worker before its tasks."""
+        with ProcessPool(1, initializer=contractloads.remember, initargs=(1, "a")) as p:
+            assert p.submit(contractloads.initialized).result(WAIT) == [(1, "a")]
+
+    def test_a_failing_initializer_breaks_the_pool(self) -> None:
+        """Test that an initializer that raises breaks the pool as the stdlib does: the
+        pending futures fail with BrokenProcessPool, and so does submit()."""
+        p = ProcessPool(1, initializer=contractloads.fail_to_initialize)
+        futures = [p.submit(contractloads.square, i) for i in range(3)]
+        for future in futures:
+            with pytest.raises(BrokenProcessPool):
+                future.result(WAIT)
+        with pytest.raises(BrokenPoolError):
+            p.submit(contractloads.square, 1)
+        p.shutdown()
+
+    def test_max_tasks_per_child_replaces_workers(self) -> None:
+        """Test that a worker ends after max_tasks_per_child tasks."""
+        with ProcessPool(1, max_tasks_per_child=2) as p:
+            pids = [p.submit(contractloads.whoami).result(WAIT) for _ in range(6)]
+        assert len(set(pids)) == 3
+        assert pids[0] == pids[1]
+        assert pids[2] == pids[3]
+        assert pids[4] == pids[5]
+
+    def test_mp_context_none_is_accepted_and_others_refused(self) -> None:
+        """Test that mp_context=None works and a context raises a clear ValueError."""
+        import multiprocessing
+
+        ProcessPool(1, mp_context=None).shutdown()
+        with pytest.raises(ValueError, match="mp_context"):
+            ProcessPool(1, mp_context=multiprocessing.get_context("spawn"))
+
+    @pytest.mark.parametrize("workers", [0, -1])
+    def test_max_workers_below_one_uses_the_stdlib_wording(self, workers: int) -> None:
+        """Test that max_workers <= 0 raises the stdlib's ValueError."""
+        with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+            ProcessPool(workers)
+
+    def test_an_unpicklable_initializer_is_refused_before_anything_starts(self) -> None:
+        """Test that an initializer that cannot be sent raises TypeError at once."""
+        with pytest.raises(TypeError, match="initializer"):
+            ProcessPool(1, initializer=lambda: None)
+
+
+class TestMap:
+    @pytest.mark.parametrize("chunksize", [0, -3])
+    def test_chunksize_below_one_is_refused(self, pool: ProcessPool, chunksize: int) -> None:
+        """Test that chunksize < 1 raises the stdlib's ValueError."""
+        with pytest.raises(ValueError, match="chunksize"):
+            pool.map(contractloads.square, range(3), chunksize=chunksize)
+
+    def test_chunks_travel_as_one_task_each(self, pool: ProcessPool) -> None:
+        """Test that map with chunksize sends one task per chunk, results in order."""
+        assert list(pool.map(contractloads.square, range(10), chunksize=4)) == [
+            x * x for x in range(10)
+        ]
+        assert pool.statistics().completed_total == 3
+
+    def test_timeout_raises_timeout_error_and_stops_the_rest(self, pool: ProcessPool) -> None:
+        """Test that a map timeout raises TimeoutError from the iterator."""
+        results = pool.map(workloads.announce_and_spin, [(), ()], timeout=0.2)
+        with pytest.raises(TimeoutError):
+            list(results)
+
+
+class TestFutures:
+    def test_an_exception_keeps_the_worker_traceback_as_its_cause(self, pool: ProcessPool) -> None:
+        """Test that a task's exception has the stdlib's _RemoteTraceback as __cause__,
+        showing the line that raised in the worker."""
+        with pytest.raises(ValueError, match="raised on purpose") as caught:
+            pool.submit(contractloads.raise_with_a_line).result(WAIT)
+        cause = caught.value.__cause__
+        assert type(cause) is _RemoteTraceback
+        assert "the remote traceback shows this line" in cause.tb
+
+    def test_running_is_true_while_the_task_runs(self, pool: ProcessPool) -> None:
+        """Test running()/done()/cancelled() through a running task's life."""
+        announce = Announcements()
+        future = pool.submit_task(contractloads.wait_until_cancelled, partial_sink=announce)
+        announce.wait("pid")
+        assert future.running()
+        assert not future.done()
+        assert not future.cancelled()
+        assert future.cancel()
+        with pytest.raises(concurrent.futures.CancelledError):
+            future.result(WAIT)
+        assert future.cancelled()
+        assert future.done()
+        assert not future.running()
+
+    def test_a_queued_future_is_cancelled_at_once(self) -> None:
+        """Test that cancelling a queued task makes its future cancelled before cancel()
+        returns, and wait() sees it done."""
+        with ProcessPool(1) as p:
+            announce = Announcements()
+            blocker = p.submit_task(contractloads.wait_until_cancelled, partial_sink=announce)
+            announce.wait("pid")
+            queued = p.submit(contractloads.square, 2)
+            assert queued.cancel()
+            assert queued.cancelled()
+            done, _ = concurrent.futures.wait([queued], timeout=0)
+            assert done == {queued}
+            blocker.cancel()
+
+    def test_a_worker_crash_is_a_broken_process_pool_and_the_pool_heals(
+        self, pool: ProcessPool
+    ) -> None:
+        """Test that except BrokenProcessPool catches a worker's death, and the pool
+        still runs tasks afterwards."""
+        with pytest.raises(BrokenProcessPool):
+            pool.submit(workloads.exit_hard, 7).result(WAIT)
+        assert pool.submit(contractloads.square, 8).result(WAIT) == 64
+
+
+class TestInterpreterExit:
+    def test_queued_and_running_work_finishes_at_exit(self, tmp_path: Path) -> None:
+        """Test that a program that ends without shutdown() still runs every task it
+        submitted, and prints nothing."""
+        result = run_script(
+            """
+            import contractloads
+            from cancelflow import ProcessPool
+            if __name__ == "__main__":
+                pool = ProcessPool(1)
+                futures = [pool.submit(contractloads.square, i) for i in range(4)]
+                futures[-1].add_done_callback(lambda f: print("last", f.result(), flush=True))
+            """
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["last", "9"]
+        assert result.stderr == ""
+
+    def test_submit_from_atexit_raises_the_stdlib_error(self) -> None:
+        """Test that submit() after the interpreter began to exit raises RuntimeError
+        with the stdlib's message."""
+        result = run_script(
+            """
+            import atexit
+            import contractloads
+            from cancelflow import ProcessPool
+            if __name__ == "__main__":
+                pool = ProcessPool(1)
+                def late():
+                    try:
+                        pool.submit(contractloads.square, 2)
+                    except RuntimeError as exc:
+                        print(exc, flush=True)
+                atexit.register(late)
+            """
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "cannot schedule new futures after interpreter shutdown"
