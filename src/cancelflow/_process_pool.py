@@ -1258,9 +1258,11 @@ class ProcessPool(concurrent.futures.Executor):
             queued = list(self._queue)
             self._queue.clear()
         for task in queued:
-            if not task.done and not task.dropped:
+            with task.future._condition:  # a caller's cancel may race us for it
+                if task.worker is not None or task.done or task.dropped:
+                    continue
                 task.dropped = True
-                self._finish(task, "failed", error=error)
+            self._finish(task, "failed", error=error)
         for worker in list(self._workers.values()):
             if worker.task is not None:
                 self._finish(worker.task, "failed", error=error)
