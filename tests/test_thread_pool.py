@@ -35,7 +35,7 @@ def pool() -> Iterator[ThreadPool]:
 def one_worker() -> Iterator[ThreadPool]:
     p = ThreadPool(1, grace_period=GRACE, name="one-worker")
     yield p
-    p.shutdown(wait=True, cancel_futures=True)
+    p.shutdown(wait=True, cancel_futures=True, cancel_running=True)
 
 
 class LogCapture:
@@ -372,20 +372,22 @@ class TestThreadPool:
             x * x for x in range(10)
         ]
 
-    def test_shutdown_cancel_futures_stops_running_and_queued(self, one_worker: ThreadPool) -> None:
-        """Test that shutdown(cancel_futures=True) cancels the running task and drops queued ones."""
+    def test_shutdown_cancel_running_stops_running_and_queued(self, one_worker: ThreadPool) -> None:
+        """Test that shutdown(cancel_futures=True, cancel_running=True) stops the running task and cancels queued ones."""
         started, stopped = threading.Event(), threading.Event()
         running = one_worker.submit(cooperative(started, stopped))
         queued = one_worker.submit(lambda: "never")
         wait(started)
-        one_worker.shutdown(wait=True, cancel_futures=True)
+        one_worker.shutdown(wait=True, cancel_futures=True, cancel_running=True)
         assert stopped.is_set()
         with pytest.raises(CancelledException) as info:
             running.result(0)
         assert info.value.reason == "pool shut down"
         assert fate(running) == "cancelled"
         assert fate(queued) == "cancelled"
-        with pytest.raises(CancelledException):
+        assert queued.cancelled()
+        assert queued.cancel_reason == "pool shut down"
+        with pytest.raises(concurrent.futures.CancelledError):
             queued.result(0)
 
     def test_shutdown_waits_for_running_task(self, one_worker: ThreadPool) -> None:

@@ -1719,7 +1719,7 @@ class CancelflowThreads(SyncThreads):
         return self.pool.submit_task(fn, args, token=token, partial_sink=self.bench.beacon.sink)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown(wait=True, cancel_futures=True, cancel_running=True)
 
 
 class CfThreads(SyncThreads):

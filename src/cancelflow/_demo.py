@@ -1476,7 +1476,7 @@ def run(args: argparse.Namespace) -> int:
         if processes is not None:
             processes.shutdown(wait=True, cancel_futures=True, cancel_running=True)
         if threads is not None:
-            threads.shutdown(wait=True, cancel_futures=True)
+            threads.shutdown(wait=True, cancel_futures=True, cancel_running=True)
         if cluster is not None:
             note_children()  # every process of the cluster is checked below
             seen_threads.update(t for t in threading.enumerate() if t not in threads_before)

@@ -361,7 +361,7 @@ class ProcessPool(concurrent.futures.Executor):
         self._broken: BaseException | None = None
         self._closed = threading.Event()
         self._owner = os.getpid()
-        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timers: list[tuple[float, int, Callable[[_Task], None], _Task]] = []
         self._timer_ids = itertools.count()
         self._stats = collections.Counter[str]()
         self._workers: dict[int, _WorkerHandle] = {}
@@ -734,8 +734,8 @@ class ProcessPool(concurrent.futures.Executor):
             self._guarded(task, self._on_command, command)
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
-            _, _, action = heapq.heappop(self._timers)
-            self._guarded(None, action)
+            _, _, action, task = heapq.heappop(self._timers)
+            self._guarded(task, action, task)
         self._guarded(None, self._dispatch)
         return self._closing_done()
 
@@ -780,8 +780,10 @@ class ProcessPool(concurrent.futures.Executor):
                     if worker.task is not None:
                         self._stop(worker.task, "shutdown", "pool shut down")
 
-    def _at(self, delay: float, action: Callable[[], None]) -> None:
-        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_ids), action))
+    def _at(self, delay: float, action: Callable[[_Task], None], task: _Task) -> None:
+        """Call ``action(task)`` on this thread after ``delay`` seconds."""
+        entry = (time.monotonic() + delay, next(self._timer_ids), action, task)
+        heapq.heappush(self._timers, entry)
 
     # -- the zygote -----------------------------------------------------------------------------
     def _start_zygote(self) -> None:
@@ -867,7 +869,11 @@ class ProcessPool(concurrent.futures.Executor):
         self._selector.unregister(sock)
         sock.close()
         self._zygote_sock = None
-        self._zygote.wait()
+        try:
+            self._zygote.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # it closed its end but lives on: end it
+            self._zygote.kill()
+            self._zygote.wait()
         was_ready, self._zygote_ready = self._zygote_ready, False
         why = "the pool's zygote process died"
         for worker in list(self._workers.values()):
@@ -875,6 +881,9 @@ class ProcessPool(concurrent.futures.Executor):
                 continue
             worker.lost = why
             worker.swept = True  # nobody can sweep now; the pool waits on pidfds instead
+            if worker.gone:  # it was waiting for its sweep
+                self._retire(worker)
+                continue
             if not worker.pid:
                 pid = worker.control.pid if hasattr(worker, "control") else 0
                 if pid > 1:  # forked and froze before its pid reached us
@@ -1055,7 +1064,7 @@ class ProcessPool(concurrent.futures.Executor):
             except OSError:
                 pass  # the worker is dying; its pidfd will tell
             if task.timeout is not None:
-                self._at(task.timeout, functools.partial(self._on_timeout, task))
+                self._at(task.timeout, self._on_timeout, task)
             if task.stop_kind is None and task.token is not None and task.token.is_cancelled:
                 self._stop(task, "cancel", task.token.cancel_reason)
 
@@ -1080,7 +1089,7 @@ class ProcessPool(concurrent.futures.Executor):
         if task.grace <= 0:
             self._escalate(task)
         else:
-            self._at(task.grace, lambda: self._escalate(task))
+            self._at(task.grace, self._escalate, task)
 
     def _escalate(self, task: _Task) -> None:
         worker = task.worker
@@ -1089,12 +1098,12 @@ class ProcessPool(concurrent.futures.Executor):
         critical = worker.control.critical_until
         now = time.monotonic()
         if critical > now:
-            self._at(critical - now, lambda: self._escalate(task))
+            self._at(critical - now, self._escalate, task)
             return
         if task.stage < 2 and task.term_grace > 0:
             task.stage = 2
             send_signal(worker.pid, signal.SIGTERM)
-            self._at(task.term_grace, lambda: self._escalate(task))
+            self._at(task.term_grace, self._escalate, task)
             return
         if task.stage < 3:
             task.stage = 3

@@ -17,6 +17,7 @@ import itertools
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
@@ -30,9 +31,14 @@ from concurrent.futures._base import (
 from dataclasses import dataclass
 from typing import Any, Literal, ParamSpec, TypeVar, TypeVarTuple
 
-from . import _timer
+from . import _interpreter_exit, _timer
 from ._context import PartialSink, task_scope
-from ._exceptions import CancelledException, PipelineTimeoutException, PoolClosedError
+from ._exceptions import (
+    BrokenPoolError,
+    CancelledException,
+    PipelineTimeoutException,
+    PoolClosedError,
+)
 from ._log import safe_log
 from ._token import CancellationToken
 from ._validate import check_seconds as _check_timeout
@@ -216,9 +222,13 @@ class ThreadTaskFuture(Future[T]):
     becomes cancelled at once, so :meth:`result` raises
     :class:`concurrent.futures.CancelledError` straight away and ``wait``/``as_completed``
     and done-callbacks see it done. When the task's token is cancelled any other way (the
-    caller's token, the task's ``timeout``, a pool shutdown), the future fails at once with
-    :class:`CancelledException` (:class:`PipelineTimeoutException` for the timeout) carrying
-    the reason and the partial results stored so far.
+    caller's token, the task's ``timeout``, ``shutdown(cancel_running=True)``), the future
+    fails at once with :class:`CancelledException` (:class:`PipelineTimeoutException` for
+    the timeout) carrying the reason and the partial results stored so far. Otherwise the
+    states read as the stdlib's: ``running()`` while the task runs, ``done()`` once it
+    returned, raised or was cancelled, ``cancelled()`` after :meth:`cancel` or
+    ``shutdown(cancel_futures=True)``. A done future keeps the task's result or error but
+    not its callable or arguments.
 
     Not promised: a cancelled future does not mean the thread has stopped. See :attr:`fate`
     for what the thread did: it may finish its cleanup within the grace period
@@ -226,8 +236,10 @@ class ThreadTaskFuture(Future[T]):
     its cancellation is dropped.
 
     Thread safety: every method may be called from any thread. :meth:`cancel` takes only
-    this future's re-entrant lock and the timer's lock, never the pool's, so a cancel made
-    from a signal handler (directly or through a token) cannot deadlock on the pool.
+    this future's re-entrant lock, never the pool's, and schedules timers lock-free, so a
+    cancel made from a signal handler (directly or through a token) cannot deadlock on the
+    pool; a ``concurrent.futures`` waiter whose lock the interrupted frame holds (inside
+    ``as_completed()``) is notified from the timer thread instead.
     Futures are made by the pool; a ``ThreadTaskFuture()`` made directly has no task and
     behaves as a plain :class:`concurrent.futures.Future`.
     """
@@ -250,16 +262,7 @@ class ThreadTaskFuture(Future[T]):
         item = self._item
         if item is None:
             return super().cancel()
-        with self._condition:
-            if self._state == FINISHED:
-                return False
-            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
-                return True
-            item.cancel_as_future = True
-        item.token.cancel("future cancelled")
-        item.pool._settle_cancelled(item)
-        with self._condition:
-            return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+        return item.pool._cancel_as_future(item, "future cancelled")
 
     @property
     def fate(self) -> TaskFate:
@@ -287,11 +290,19 @@ class ThreadTaskFuture(Future[T]):
 class ThreadPool(Executor):
     """A thread pool whose tasks can be cancelled, time out, and never starve the pool.
 
+    A drop-in :class:`concurrent.futures.ThreadPoolExecutor`: the same constructor
+    arguments (``max_workers``, ``thread_name_prefix``, ``initializer``, ``initargs``, in
+    that order), :meth:`submit`, :meth:`map` and :meth:`shutdown` behave as the stdlib
+    documents them, and its futures report ``running()``, ``done()`` and ``cancelled()``
+    as the stdlib's do. What it adds is cancelling *running* work, so the one difference
+    is that :meth:`ThreadTaskFuture.cancel` also stops a running task (see there), and
+    :meth:`map` stops its running calls too when it gives up.
+
     Each task gets its own token: a :meth:`~CancellationToken.child` of the ``token`` given
     at submission, or a fresh one. Inside the task, :func:`cancelflow.current_token`,
     :func:`cancelflow.check_cancelled` and :func:`cancelflow.store_partial` refer to it.
     Cancelling the task (its future, the caller's token, its timeout, a shutdown with
-    ``cancel_futures=True``) cancels that token and resolves the future at once; the task
+    ``cancel_running=True``) cancels that token and resolves the future at once; the task
     is expected to notice (``check_cancelled()`` in its loops) and return.
 
     Invariants: at most ``max_workers`` non-abandoned worker threads exist; a task that
@@ -299,15 +310,32 @@ class ThreadPool(Executor):
     warning with its ids, counted in :meth:`statistics`, and its thread stops counting
     against ``max_workers``, so a new worker picks up later work. When an abandoned
     thread returns it ends, or rejoins the pool if the pool is under capacity: the thread
-    count never grows without bound while abandoned tasks come back.
+    count never grows without bound while abandoned tasks come back. A finished or
+    cancelled future holds no reference to the task's callable or arguments, and an idle
+    worker holds none to its last task, its arguments or its result.
+
+    Interpreter exit (as the stdlib): when the main thread ends, every pool is shut down
+    with ``wait=True`` before ``atexit`` callbacks run, so queued and running tasks
+    finish; from then on submitting raises ``RuntimeError("cannot schedule new futures
+    after interpreter shutdown")``.
+
+    Fork: in a child made by :func:`os.fork`, a pool of the parent has none of its
+    threads; it refuses work with :class:`PoolClosedError` and :meth:`shutdown` returns
+    at once (futures of the parent's tasks never complete in the child).
+
+    Signal safety: the cancel path (a token's ``cancel()``, :meth:`ThreadTaskFuture.cancel`)
+    never takes the pool's lock, only the future's and the counters' re-entrant locks and
+    the lock-free timer, so a signal handler that cancels a task while the main thread is
+    inside any method of this pool cannot deadlock on the pool.
 
     Not promised: threads cannot be killed. A task blocked in C code, I/O or a lock keeps
     its thread (and whatever it holds) until it returns; abandoning only stops the pool
     from waiting for it. ``interrupt_on_cancel=True`` can stop pure-Python loops that
     never check their token (see :meth:`submit_task`).
 
-    Workers are daemon threads named ``cancelflow-thread-N``, started on demand. Each task
-    runs in a copy of the submitter's :mod:`contextvars` context (as in
+    Workers are daemon threads named ``cancelflow-thread-N`` (``{thread_name_prefix}_{n}``,
+    ``n`` counting from 0 in this pool, when a prefix is given), started on demand. Each
+    task runs in a copy of the submitter's :mod:`contextvars` context (as in
     :func:`asyncio.to_thread`). Methods are safe to call from any thread, including from
     inside a task (except ``shutdown(wait=True)`` waiting for the task's own thread, which
     it skips).
@@ -315,19 +343,32 @@ class ThreadPool(Executor):
     Args:
         max_workers: the most non-abandoned threads at once; ``None`` for
             ``min(32, os.cpu_count() + 4)``, as in :class:`~concurrent.futures.ThreadPoolExecutor`.
+        thread_name_prefix: names the workers ``{thread_name_prefix}_{n}``; ``""`` keeps
+            ``cancelflow-thread-N``.
+        initializer: called as ``initializer(*initargs)`` in each new worker thread before
+            it takes any task. If it raises, the error is logged and the pool is *broken*,
+            as in the stdlib: every task not started fails with :class:`BrokenPoolError`
+            (whose ``__cause__`` is the initializer's error), and :meth:`submit` raises it
+            from then on. Tasks already running finish normally.
+        initargs: positional arguments for ``initializer``.
         grace_period: default seconds a cancelled running task gets to return before it is
             abandoned (``0.1``).
         name: label used in log lines and ``repr``.
 
     Raises:
-        TypeError: ``max_workers`` is not an int, ``grace_period`` not a number, or
-            ``name`` not a string.
-        ValueError: ``max_workers`` <= 0, or ``grace_period`` negative or not finite.
+        TypeError: ``max_workers`` is not an int, ``initializer`` is not callable
+            (``"initializer must be a callable"``), ``initargs`` not iterable,
+            ``thread_name_prefix`` or ``name`` not a string, ``grace_period`` not a number.
+        ValueError: ``max_workers`` <= 0 (``"max_workers must be greater than 0"``), or
+            ``grace_period`` negative or not finite.
     """
 
     def __init__(
         self,
         max_workers: int | None = None,
+        thread_name_prefix: str = "",
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
         *,
         grace_period: float = 0.1,
         name: str | None = None,
@@ -337,12 +378,24 @@ class ThreadPool(Executor):
         elif isinstance(max_workers, bool) or not isinstance(max_workers, int):
             raise TypeError(f"max_workers must be an int or None, not {type(max_workers).__name__}")
         elif max_workers <= 0:
-            raise ValueError(f"max_workers must be > 0, got {max_workers!r}")
+            raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if isinstance(initargs, (str, bytes)) or not isinstance(initargs, Iterable):
+            raise TypeError(f"initargs must be an iterable, not {type(initargs).__name__}")
+        if not isinstance(thread_name_prefix, str):
+            raise TypeError(
+                f"thread_name_prefix must be a str, not {type(thread_name_prefix).__name__}"
+            )
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, not {type(name).__name__}")
         self._max_workers = max_workers
         self._grace = _check_timeout(grace_period, "grace_period")
         self._name = name or f"thread-pool-{next(_pool_ids)}"
+        self._thread_name_prefix = thread_name_prefix
+        self._thread_numbers = itertools.count()
+        self._initializer = initializer
+        self._initargs = tuple(initargs)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._queue: deque[_WorkItem] = deque()
@@ -351,12 +404,19 @@ class ThreadPool(Executor):
         self._active = 0  # live workers that are not abandoned
         self._idle = 0  # workers waiting for work
         self._shutdown = False
+        #: why the pool is broken (an initializer failed), else None
+        self._broken: str | None = None
+        self._broken_cause: BaseException | None = None
+        #: this process was forked from the one that made the pool
+        self._forked = False
         self._abandoned_total = 0
         self._abandoned_running = 0
         self._completed = 0
         self._cancelled = 0
         # Re-entrant: it may be taken by a cancel callback run from a signal handler.
         self._count_lock = threading.RLock()
+        _live_pools.add(self)
+        _interpreter_exit.register(self)
 
     # -- properties ---------------------------------------------------------------------
     @property
@@ -375,7 +435,7 @@ class ThreadPool(Executor):
         return self._grace
 
     def __repr__(self) -> str:
-        state = "shut down" if self._shutdown else "open"
+        state = "broken" if self._broken else "shut down" if self._shutdown else "open"
         return f"<ThreadPool {self._name} {state} max_workers={self._max_workers}>"
 
     # -- submitting ---------------------------------------------------------------------
@@ -387,7 +447,9 @@ class ThreadPool(Executor):
 
         Raises:
             TypeError: ``fn`` is not callable.
-            PoolClosedError: the pool was shut down.
+            RuntimeError: the interpreter is exiting (the stdlib's message).
+            BrokenPoolError: a worker's initializer failed.
+            PoolClosedError: the pool was shut down, or belongs to the parent process.
         """
         return self.submit_task(fn, args, kwargs)
 
@@ -450,8 +512,11 @@ class ThreadPool(Executor):
                 :class:`CancellationToken`, ``kwargs`` not a mapping, or a number is not
                 a number.
             ValueError: ``timeout`` or ``grace_period`` is negative or not finite.
-            PoolClosedError: the pool was shut down.
+            RuntimeError: the interpreter is exiting (the stdlib's message).
+            BrokenPoolError: a worker's initializer failed (also ``BrokenThreadPool``).
+            PoolClosedError: the pool was shut down, or belongs to the parent process.
         """
+        _interpreter_exit.check_open()
         item = self._make_item(
             fn, args, kwargs, token, timeout, grace_period, partial_sink, interrupt_on_cancel
         )
@@ -492,9 +557,12 @@ class ThreadPool(Executor):
         Raises:
             CancelledException: the task was cancelled (``reason`` says why).
             PipelineTimeoutException: the task ran longer than ``timeout``.
-            PoolClosedError: the pool was shut down.
+            RuntimeError: the interpreter is exiting (the stdlib's message).
+            BrokenPoolError: a worker's initializer failed.
+            PoolClosedError: the pool was shut down, or belongs to the parent process.
             TypeError, ValueError: as for :meth:`submit_task`.
         """
+        _interpreter_exit.check_open()
         item = self._make_item(
             fn, args, None, token, timeout, grace_period, partial_sink, interrupt_on_cancel
         )
@@ -529,46 +597,92 @@ class ThreadPool(Executor):
     ) -> Iterator[T]:
         """Like :func:`map`, run in the pool; the standard :meth:`Executor.map`.
 
-        All calls are submitted at once. Results are yielded in order; if one raises, or
-        ``timeout`` passes, or the iterator is closed early, the remaining tasks are
-        cancelled, running ones included (their tokens are cancelled and they are
-        abandoned after the grace period if they do not return).
+        As in the stdlib: the iterables are consumed and every call is submitted before
+        this returns; results are yielded in input order; ``chunksize`` is checked (an int
+        >= 1) and otherwise ignored, as :class:`~concurrent.futures.ThreadPoolExecutor`
+        ignores it; ``timeout`` counts from this call, and when a result is not ready by
+        then ``next()`` raises :class:`TimeoutError`. When that happens, or a call raises,
+        or the iterator is closed early, the calls not collected yet are cancelled: queued
+        ones never start (they are all cancelled before any running one is stopped, so no
+        worker freed by a stop can start them) and, unlike the stdlib, running ones have
+        their tokens cancelled (``"future cancelled"``) and are abandoned after the grace
+        period if they do not return.
 
         If cancelled while blocked: ``map`` takes no token; use :meth:`submit_task` with a
         token for that. Waiting for a result can be bounded only by ``timeout``; when it
-        passes, the remaining tasks are cancelled as above and their slots come back at
+        passes, the remaining calls are cancelled as above and their slots come back at
         once (cooperative tasks) or after the grace period (abandoned ones).
 
         Raises:
-            PoolClosedError: the pool was shut down.
-            TimeoutError: a result was not ready ``timeout`` seconds after this call.
+            TypeError: ``chunksize`` is not an int.
+            ValueError: ``chunksize`` < 1 (``"chunksize must be >= 1."``).
+            RuntimeError, BrokenPoolError, PoolClosedError: as for :meth:`submit`.
+            TimeoutError: from ``next()``, a result was not ready ``timeout`` seconds
+                after this call.
         """
-        return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+            raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        futures = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
+        futures.reverse()  # the next result is last: popped without copying
+
+        def results() -> Iterator[T]:
+            try:
+                while futures:
+                    left = None if end_time is None else end_time - time.monotonic()
+                    yield _pop_result(futures, left)
+            finally:
+                # Last submitted first: every queued call is cancelled before a running
+                # one is stopped, so a worker freed by a stop finds none of them.
+                for future in futures:
+                    future.cancel()
+
+        return results()
 
     # -- shutting down ------------------------------------------------------------------
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+    def shutdown(
+        self, wait: bool = True, *, cancel_futures: bool = False, cancel_running: bool = False
+    ) -> None:
         """Refuse new work, then (if ``wait``) wait for the workers to end.
 
-        Idempotent. Queued tasks still run unless ``cancel_futures`` is true: then every
-        task not finished is cancelled, queued ones never start and running ones have their
-        tokens cancelled (reason ``"pool shut down"``) and get the grace period.
+        The stdlib's :meth:`Executor.shutdown`, plus ``cancel_running``. Idempotent; a
+        later call may still cancel (with ``cancel_futures`` or ``cancel_running``).
+
+        Args:
+            wait: return only once every non-abandoned worker thread has ended, that is
+                once the queued tasks left and the running ones have returned.
+            cancel_futures: cancel every task not started: its future becomes cancelled
+                (``cancelled()`` is true; ``cancel_reason`` is ``"pool shut down"``) and it
+                never runs. Running tasks are left alone, and waited for if ``wait``.
+            cancel_running: stop the tasks running now: their tokens are cancelled with
+                the reason ``"pool shut down"``, their futures fail at once with
+                :class:`CancelledException`, and each thread gets its grace period, then
+                is abandoned. Queued tasks are left to ``cancel_futures``.
 
         If cancelled while blocked: there is no token to cancel this wait; it ends when
         every non-abandoned worker has ended. Abandoned threads are not waited for: they
         are left running (daemon threads) and end by themselves when their task returns.
-        Without ``cancel_futures``, running tasks are not cancelled, so this waits for them
+        Without ``cancel_running``, running tasks are not cancelled, so this waits for them
         to return however long that takes. Called from inside a task, it does not wait for
-        that task's own thread.
+        that task's own thread. In a process forked from the pool's, it returns at once.
         """
+        if self._forked:
+            return
         with self._lock:
             self._shutdown = True
-            doomed: list[_WorkItem] = []
+            dropped: list[_WorkItem] = []
             if cancel_futures:
-                doomed = list(self._queue)
+                dropped = list(self._queue)
                 self._queue.clear()
-                doomed += [w.item for w in self._workers if w.item is not None]
+            stopping: list[_WorkItem] = []
+            if cancel_running:
+                stopping = [w.item for w in self._workers if w.item is not None]
             self._cond.notify_all()
-        for item in doomed:
+        for item in dropped:
+            self._cancel_as_future(item, "pool shut down")
+        for item in stopping:
             item.token.cancel("pool shut down")
             self._settle_cancelled(item)
         if not wait:
@@ -630,8 +744,7 @@ class ThreadPool(Executor):
         grace = (
             self._grace if grace_period is None else _check_timeout(grace_period, "grace_period")
         )
-        if self._shutdown:
-            raise PoolClosedError(f"{self._name} is shut down; cannot submit {fn!r}")
+        self._check_accepting(fn)
         if token is not None and token.is_cancelled:
             return None
         name = f"{self._name}-task"
@@ -650,29 +763,50 @@ class ThreadPool(Executor):
         task_token.name = f"{self._name}/{item.name}"
         return item
 
+    def _check_accepting(self, fn: object) -> None:
+        """Raise the error a submission of ``fn`` gets now, if any (no lock taken)."""
+        if self._forked:
+            raise PoolClosedError(
+                f"{self._name} belongs to the parent process: this process was forked from "
+                f"it and has none of its threads; make a new ThreadPool here (cannot submit "
+                f"{fn!r})"
+            )
+        if self._broken is not None:
+            raise self._broken_error()
+        if self._shutdown:
+            raise PoolClosedError(f"{self._name} is shut down; cannot submit {fn!r}")
+
+    def _broken_error(self) -> BrokenPoolError:
+        """A fresh error for a broken pool, chained from the initializer's error."""
+        error = BrokenPoolError(self._broken)
+        error.__cause__ = self._broken_cause
+        return error
+
     def _enqueue(self, item: _WorkItem) -> None:
         # From here on a cancel settles the future at once (a queued one is then skipped).
+        # The callback never takes self._lock, so it may run here (an already-cancelled
+        # token) or from a signal handler that interrupts the block below.
         item.cancel_handle = item.token.on_cancel(functools.partial(self._settle_cancelled, item))
         with self._lock:
-            if not self._shutdown:
+            if not self._shutdown and self._broken is None:
                 self._queue.append(item)
                 self._cond.notify()
                 self._spawn_if_needed()
                 return
         item.cancel_handle.remove()
         item.token.close()
-        raise PoolClosedError(f"{self._name} is shut down; cannot submit {item.fn!r}")
+        self._check_accepting(item.fn)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _spawn_if_needed(self) -> None:
         """Start workers for queued work nobody waits for. Caller holds the lock."""
         while len(self._queue) > self._idle and self._active < self._max_workers:
             worker = _Worker()
-            thread = threading.Thread(
-                target=self._work,
-                args=(worker,),
-                name=f"cancelflow-thread-{next(_thread_ids)}",
-                daemon=True,
-            )
+            if self._thread_name_prefix:
+                name = f"{self._thread_name_prefix}_{next(self._thread_numbers)}"
+            else:
+                name = f"cancelflow-thread-{next(_thread_ids)}"
+            thread = threading.Thread(target=self._work, args=(worker,), name=name, daemon=True)
             worker.thread = thread
             self._workers.add(worker)
             self._active += 1
@@ -688,8 +822,14 @@ class ThreadPool(Executor):
         safe to repeat, and after ``_release`` clears the thread's item no interrupt can
         be sent to it any more (the sender checks under the lock), so the pending one, if
         any, is cleared before the next task.
+
+        This frame keeps no local that refers to a task (the steps that handle one are
+        methods whose frames are gone when they return), so an idle worker keeps nothing
+        of its last task alive.
         """
         worker.ident = threading.get_ident()
+        if self._initializer is not None and not self._initialize(worker):
+            return
         with self._lock:
             self._idle -= 1  # undo the count made when spawned
         while True:
@@ -697,24 +837,58 @@ class ThreadPool(Executor):
                 if worker.finishing is None:
                     if worker.item is None and not self._take(worker):
                         return
-                    item = worker.item
-                    assert item is not None
-                    if worker.outcome is None:
-                        worker.outcome = _call(item)
-                    worker.finishing = item
+                    self._run_item(worker)
                 self._release(worker)
-                if worker.finishing.interrupt_sent:
-                    _clear_async_exc(worker.ident, None)
             except CancelledException as exc:
                 # An interrupt landed in pool code rather than in the task's frames.
                 if worker.item is not None and worker.outcome is None:
                     worker.outcome = _Outcome(exc=exc)
                 continue
             # From here on no interrupt can be pending for this thread.
-            finishing, outcome = worker.finishing, worker.outcome
-            assert outcome is not None
-            worker.finishing = worker.outcome = None
-            self._complete(worker, finishing, outcome)
+            self._complete(worker)
+
+    def _initialize(self, worker: _Worker) -> bool:
+        """Run the initializer in a new worker; on failure break the pool, return ``False``."""
+        assert self._initializer is not None
+        try:
+            self._initializer(*self._initargs)
+        except BaseException as exc:  # noqa: BLE001 - as the stdlib: any error breaks the pool
+            self._initializer_failed(worker, exc)
+            return False
+        return True
+
+    def _initializer_failed(self, worker: _Worker, exc: BaseException) -> None:
+        """Break the pool: this worker ends, queued tasks fail, submissions are refused."""
+        with self._lock:
+            self._idle -= 1
+            self._active -= 1
+            self._remove(worker)
+            if self._broken is None:
+                self._broken = (
+                    f"{self._name}: a thread initializer failed, the thread pool is not "
+                    "usable anymore"
+                )
+                self._broken_cause = exc
+            dropped = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()  # idle workers end: no task can come any more
+        safe_log(
+            "CRITICAL",
+            f"{self._name}: exception in initializer; the pool is broken",
+            exception=exc,
+            pool=self._name,
+            thread=threading.current_thread().name,
+        )
+        for item in dropped:
+            self._fail_pending(item, self._broken_error())
+
+    def _run_item(self, worker: _Worker) -> None:
+        """Run ``worker.item`` (unless it already has an outcome); make it ``finishing``."""
+        item = worker.item
+        assert item is not None
+        if worker.outcome is None:
+            worker.outcome = _call(item)
+        worker.finishing = item
 
     def _take(self, worker: _Worker) -> bool:
         """Wait for a task and make it ``worker.item``; ``False`` means the thread must end."""
@@ -728,7 +902,8 @@ class ThreadPool(Executor):
                     if self._start(item, worker):
                         worker.item = item
                         return True
-                if self._shutdown:
+                    del item  # cancelled while queued; do not keep it while we wait
+                if self._shutdown or self._broken is not None:
                     self._active -= 1
                     self._remove(worker)
                     return False
@@ -763,12 +938,22 @@ class ThreadPool(Executor):
         return True
 
     def _release(self, worker: _Worker) -> None:
-        """The task's frames have returned: no interrupt may be sent for it from now on."""
+        """The task's frames have returned: no interrupt may be sent for it from now on.
+
+        Then clears any interrupt sent for it and not delivered yet.
+        """
         with self._lock:
             worker.item = None
+        finishing = worker.finishing
+        if finishing is not None and finishing.interrupt_sent:
+            _clear_async_exc(worker.ident, None)
 
-    def _complete(self, worker: _Worker, item: _WorkItem, outcome: _Outcome) -> None:
+    def _complete(self, worker: _Worker) -> None:
         """Deliver a returned task's outcome and return the thread to the pool."""
+        item, outcome = worker.finishing, worker.outcome
+        assert item is not None
+        assert outcome is not None
+        worker.finishing = worker.outcome = None
         for handle in (item.timeout_handle, item.grace_handle):
             if handle is not None:
                 handle.cancel()
@@ -800,11 +985,7 @@ class ThreadPool(Executor):
         if resolved or settled:
             future._invoke_callbacks()  # type: ignore[attr-defined]
         item.token.close()
-        # Drop references the finished item no longer needs.
-        item.fn = _noop
-        item.args = ()
-        item.kwargs = {}
-        item.context = _EMPTY_CONTEXT
+        _drop_call(item)
         came_back = False
         with self._lock:
             if resolved:
@@ -830,11 +1011,63 @@ class ThreadPool(Executor):
             )
 
     # -- internals: cancellation --------------------------------------------------------
+    def _cancel_as_future(self, item: _WorkItem, reason: str) -> bool:
+        """Cancel ``item`` so that its future reads as cancelled; ``False`` if it was done.
+
+        Takes no pool lock (see :meth:`_settle_cancelled`).
+        """
+        future = item.future
+        with future._condition:
+            if future._state == FINISHED:
+                return False
+            if future._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+            item.cancel_as_future = True
+        item.token.cancel(reason)
+        self._settle_cancelled(item)
+        with future._condition:
+            return future._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+
+    def _fail_pending(self, item: _WorkItem, error: BaseException) -> None:
+        """Fail a task that will never start with ``error`` (if still pending)."""
+        future = item.future
+        with future._condition:
+            if future._state != PENDING:
+                return
+            future._exception = error
+            future._state = FINISHED
+            item.fate = "failed"
+            _drop_call(item)
+            for waiter in future._waiters:
+                waiter.add_exception(future)
+            future._condition.notify_all()
+        future._invoke_callbacks()  # type: ignore[attr-defined]
+        if item.cancel_handle is not None:
+            item.cancel_handle.remove()
+        item.token.close()
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: the pool's threads are gone; refuse work, never wait."""
+        self._forked = True
+        self._shutdown = True
+        # Another thread may have held these at the fork: new ones, never waited on.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._count_lock = threading.RLock()
+        self._queue.clear()
+        self._workers.clear()
+        self._exited = []
+        self._active = self._idle = self._abandoned_running = 0
+
     def _settle_cancelled(self, item: _WorkItem) -> None:
         """Resolve the future of a task whose token was cancelled; start its grace period.
 
-        Runs in the thread that cancelled (possibly a signal handler): takes only the
-        future's re-entrant lock, the counter lock (re-entrant) and the timer's lock.
+        Runs in the thread that cancelled, possibly in a signal handler that interrupted
+        this very pool in the same thread. So it never takes ``self._lock`` (a plain lock
+        the interrupted frame may hold): only the future's re-entrant lock, the counter
+        lock (re-entrant), and :func:`_timer.call_at`, which is lock-free and starts the
+        timer thread without waiting on :mod:`threading`'s module lock. The future's
+        done-callbacks and ``concurrent.futures`` waiters run here too.
         """
         future = item.future
         with future._condition:
@@ -860,15 +1093,16 @@ class ThreadPool(Executor):
             return False
         if future._state == PENDING:
             item.fate = "cancelled"
+            _drop_call(item)  # it will never run: _start checks the state under this lock
         if item.cancel_as_future:
             future._state = CANCELLED_AND_NOTIFIED
             for waiter in future._waiters:
-                waiter.add_cancelled(future)
+                _notify_waiter(waiter, "add_cancelled", future)
         else:
             future._exception = item.cancel_exception()
             future._state = FINISHED
             for waiter in future._waiters:
-                waiter.add_exception(future)
+                _notify_waiter(waiter, "add_exception", future)
         future._condition.notify_all()
         with self._count_lock:
             self._cancelled += 1
@@ -937,6 +1171,56 @@ def _fire_timeout(item: _WorkItem) -> None:
 
 def _noop(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def _drop_call(item: _WorkItem) -> None:
+    """Forget what a task that ran, or never will, was to call (its future outlives it)."""
+    item.fn = _noop
+    item.args = ()
+    item.kwargs = {}
+    item.context = _EMPTY_CONTEXT
+    item.user_sink = None
+
+
+def _notify_waiter(waiter: Any, method: str, future: Future[Any]) -> None:
+    """Call ``waiter.<method>(future)`` for a ``concurrent.futures`` waiter, from the
+    cancel path, without ever waiting on a lock the interrupted frame of this thread holds.
+
+    ``as_completed()`` holds its waiter's plain lock for a moment in the caller's thread;
+    a signal handler landing there that cancels one of the futures would otherwise wait
+    for itself. If the waiter's lock is free, nobody in this thread holds it (a handler
+    returns before the frame it interrupted resumes), so the call is made here, waiting
+    at most for another thread; if it is taken, the call is handed to the timer thread.
+    """
+    lock = getattr(waiter, "lock", None)
+    if lock is not None:
+        if not lock.acquire(blocking=False):
+            _timer.call_at(0.0, functools.partial(getattr(waiter, method), future))
+            return
+        lock.release()
+    getattr(waiter, method)(future)
+
+
+def _pop_result(futures: list[ThreadTaskFuture[T]], timeout: float | None) -> T:
+    """The result of the last future, which is then removed from ``futures``.
+
+    If it raises (the task's error, or :class:`TimeoutError`), the future stays in the
+    list, to be cancelled with the rest. Returned, not held: no frame keeps the result.
+    """
+    result = futures[-1].result(timeout)
+    del futures[-1]
+    return result
+
+
+_live_pools: weakref.WeakSet[ThreadPool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_live_pools):
+        pool._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _failed_future(token: CancellationToken) -> ThreadTaskFuture[Any]:

@@ -41,11 +41,15 @@ def current_default_thread_pool() -> ThreadPool:
         return _default_pool
 
 
-def shutdown_default_pool(*, wait: bool = True, cancel_futures: bool = True) -> None:
+def shutdown_default_pool(
+    *, wait: bool = True, cancel_futures: bool = True, cancel_running: bool = True
+) -> None:
     """Shut the process-wide pool down; the next :func:`run_sync` starts a new one.
 
-    Registered with :mod:`atexit`. Idempotent, and a no-op if no pool was created. By
-    default every unfinished task is cancelled (see :meth:`ThreadPool.shutdown`).
+    Registered with :mod:`atexit` (by then the interpreter-exit hook has already let the
+    pool's work finish, as every pool's). Idempotent, and a no-op if no pool was created.
+    By default every unfinished task is cancelled: queued ones (``cancel_futures``) and
+    running ones (``cancel_running``); see :meth:`ThreadPool.shutdown`.
 
     If cancelled while blocked: nothing cancels this wait; with ``wait`` it returns once
     every worker ended except threads abandoned after their grace period, which are left
@@ -55,7 +59,7 @@ def shutdown_default_pool(*, wait: bool = True, cancel_futures: bool = True) -> 
     with _lock:
         pool, _default_pool = _default_pool, None
     if pool is not None:
-        pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+        pool.shutdown(wait=wait, cancel_futures=cancel_futures, cancel_running=cancel_running)
 
 
 atexit.register(shutdown_default_pool)
