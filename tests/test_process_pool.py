@@ -231,12 +231,25 @@ class TestProcessPool:
         assert set(stats.worker_pids) != before
         assert sorted(pool.map(workloads.add, [1, 2], [1, 2])) == [2, 4]
 
-    def test_unpicklable_argument_is_refused_at_submit(self, pool: ProcessPool) -> None:
-        """Test that an argument that cannot be pickled raises TypeError before anything is sent."""
-        with pytest.raises(TypeError, match="cannot be sent"):
-            pool.submit(workloads.add, threading.Lock(), 1)
-        with pytest.raises(TypeError, match="cannot be sent"):
-            pool.submit(lambda: 1)
+    def test_unpicklable_argument_is_refused_at_submit_task(self, pool: ProcessPool) -> None:
+        """Test that an argument that cannot be pickled makes submit_task raise TypeError
+        before anything is sent."""
+        with pytest.raises(TypeError, match="args\\[0\\] cannot be sent"):
+            pool.submit_task(workloads.add, (threading.Lock(), 1))
+        with pytest.raises(TypeError, match="fn cannot be sent"):
+            pool.submit_task(lambda: 1)
+        assert pool.statistics().completed_total == 0
+
+    def test_unpicklable_argument_fails_the_future_of_submit(self, pool: ProcessPool) -> None:
+        """Test that submit(), as the stdlib's, returns a future that has already failed
+        with the pickling error (a note names the argument), and nothing is sent."""
+        future = pool.submit(workloads.add, threading.Lock(), 1)
+        assert future.done()
+        error = future.exception()
+        assert isinstance(error, TypeError)
+        assert "cannot pickle" in str(error)
+        assert any("args[0] cannot be sent" in note for note in error.__notes__)
+        assert future.fate == "failed"
         assert pool.statistics().completed_total == 0
 
     def test_bad_arguments_are_refused(self) -> None:

@@ -208,6 +208,10 @@ class _WorkerHandle:
             del self.slot, self.control
 
 
+class _UnsendableError(TypeError):
+    """A task's callable or argument cannot be pickled (``__cause__`` says why)."""
+
+
 class _TaskPickler(pickle.Pickler):
     def __init__(self, file: io.BytesIO, tokens: tuple[CancellationToken, ...]) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
@@ -394,8 +398,23 @@ class ProcessPool(concurrent.futures.Executor):
 
     # == public API ==========================================================================
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
-        """Schedule ``fn(*args, **kwargs)`` in a worker; see :meth:`submit_task` for options."""
-        return self.submit_task(fn, args, kwargs)
+        """Schedule ``fn(*args, **kwargs)`` in a worker; see :meth:`submit_task` for options.
+
+        As :meth:`concurrent.futures.Executor.submit`: a callable or argument that cannot
+        be pickled does not raise here; the returned future has already failed with the
+        pickling error (a note names the part), and nothing was sent. (:meth:`submit_task`
+        raises ``TypeError`` instead.)
+        """
+        try:
+            return self.submit_task(fn, args, kwargs)
+        except _UnsendableError as exc:
+            original = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+            if original is not exc:
+                original.add_note(str(exc))
+            future = TaskFuture()
+            future.fate = "failed"
+            future.set_exception(original)
+            return future
 
     def submit_task(
         self,
@@ -472,7 +491,7 @@ class ProcessPool(concurrent.futures.Executor):
                 payload = buffer.getvalue()
         except Exception as exc:
             part = _unpicklable_part(call, token)
-            raise TypeError(f"{part} cannot be sent to a process: {exc}") from exc
+            raise _UnsendableError(f"{part} cannot be sent to a process: {exc}") from exc
         future = TaskFuture()
         task = _Task(
             self, next(_seq), payload, future, token, grace, term_grace, timeout, partial_sink
