@@ -9,8 +9,8 @@ a process.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -40,15 +40,26 @@ class TaskScope:
 _scope: ContextVar[TaskScope | None] = ContextVar("cancelflow_task_scope", default=None)
 
 
-@contextmanager
-def task_scope(token: CancellationToken, partial_sink: PartialSink | None = None) -> Iterator[TaskScope]:
-    """Make ``token`` (and ``partial_sink``) the current task's for the ``with`` body."""
-    scope = TaskScope(token, partial_sink)
-    reset = _scope.set(scope)
-    try:
-        yield scope
-    finally:
-        _scope.reset(reset)
+class task_scope:  # lower case: used like the function it replaced
+    """Make ``token`` (and ``partial_sink``) the current task's for the ``with`` body.
+
+    A class, not a generator: an asynchronous exception (a thread interrupt, the
+    ``Terminated`` of a SIGTERM) that lands while the scope is entered or left can leave
+    the variable set in the task's own context, but never a half-finished generator
+    whose later finalization resets it from another context.
+    """
+
+    __slots__ = ("_reset", "scope")
+
+    def __init__(self, token: CancellationToken, partial_sink: PartialSink | None = None) -> None:
+        self.scope = TaskScope(token, partial_sink)
+
+    def __enter__(self) -> TaskScope:
+        self._reset = _scope.set(self.scope)
+        return self.scope
+
+    def __exit__(self, *exc_info: object) -> None:
+        _scope.reset(self._reset)
 
 
 def current_scope() -> TaskScope | None:
