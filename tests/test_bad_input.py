@@ -207,13 +207,17 @@ class TestProcessPoolBadInput:
                 "partial_sink",
             ),
             (lambda p: p.submit_task(lambda: 1), TypeError, "fn"),
-            (lambda p: p.submit(faultloads.echo, threading.Lock()), TypeError, "args[0]"),
+            (lambda p: p.submit_task(faultloads.echo, (threading.Lock(),)), TypeError, "args[0]"),
             (
                 lambda p: p.submit_task(faultloads.echo, (), {"value": threading.Lock()}),
                 TypeError,
                 "kwargs['value']",
             ),
-            (lambda p: p.submit(faultloads.echo, CancellationToken()), TypeError, "args[0]"),
+            (
+                lambda p: p.submit_task(faultloads.echo, (CancellationToken(),)),
+                TypeError,
+                "args[0]",
+            ),
         ],
     )
     def test_submit_task(
