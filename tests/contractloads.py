@@ -137,24 +137,54 @@ def leave_a_thread() -> int:
 
 
 def fork_while_being_killed(path: str) -> None:
-    """Keep forking children (each sleeps) and record every pid in ``path``."""
+    """Start 4 forkers that fork as fast as they can (each child sleeps, bounded to 500
+    per forker); every new process records its pid in ``path``."""
     cancelflow.store_partial("pid", os.getpid())
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    for index in range(20000):
-        pid = os.fork()
-        if pid == 0:
+    for _ in range(4):
+        if os.fork() == 0:
             try:
                 os.write(fd, f"{os.getpid()}\n".encode())
-                if index % 2:  # half of them fork once more
+                for _ in range(500):
                     if os.fork() == 0:
                         os.write(fd, f"{os.getpid()}\n".encode())
-                time.sleep(3600)
+                        time.sleep(60)
+                        os._exit(0)
+                time.sleep(60)
             finally:
                 os._exit(0)
-        if index == 50:
-            cancelflow.store_partial("forking", True)
-        time.sleep(0.0005)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # announce once the tree is busy forking
+        if os.fstat(fd).st_size > 200 * 6:
+            break
+        time.sleep(0.001)
+    cancelflow.store_partial("forking", True)
+    while True:
+        time.sleep(1)
 
 
 def echo_argv0() -> str:
     return sys.argv[0]
+
+
+def fork_and_return_in_both() -> tuple[str, int]:
+    """Fork; the child returns out of the task too (it must not answer for it)."""
+    if os.fork() == 0:
+        return ("child", os.getpid())
+    os.wait()
+    return ("parent", os.getpid())
+
+
+def debug_flag() -> bool:
+    return __debug__
+
+
+def size_of(data: bytes) -> int:
+    return len(data)
+
+
+class Big:
+    """A result big enough to notice if something keeps it alive."""
+
+    def __init__(self) -> None:
+        self.data = bytes(1 << 20)

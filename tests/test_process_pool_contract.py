@@ -632,3 +632,184 @@ class TestInterpreterExit:
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "cannot schedule new futures after interpreter shutdown"
+
+
+class TestHostileReview:
+    """Regressions found by a hostile review of the rewritten pool."""
+
+    def test_a_frozen_worker_never_blocks_the_supervisor(self) -> None:
+        """Test that a task whose large argument cannot be delivered (its worker is
+        frozen) can still be killed, and the pool keeps answering (regression: the
+        supervisor blocked in sendall forever)."""
+        with ProcessPool(1, grace_period=0, term_grace_period=0) as p:
+            assert p.wait_ready(WAIT)
+            (worker,) = p.statistics().worker_pids
+            os.kill(worker, signal.SIGSTOP)
+            future = p.submit(contractloads.size_of, bytes(32 << 20))
+            assert p.statistics().busy == 1
+            future.kill()
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(WAIT)
+            assert p.submit(contractloads.square, 3).result(WAIT) == 9
+
+    def test_a_process_groups_sigterm_leaves_no_worker(self) -> None:
+        """Test that SIGTERM to the owner's whole process group (timeout(1), a service
+        stop) ends the zygote and every worker (regression: idle workers froze for ever
+        under init)."""
+        owner = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                f"import sys; sys.path.insert(0, {TESTS!r})\n"
+                + textwrap.dedent(
+                    """
+                    import contractloads
+                    from cancelflow import ProcessPool
+                    if __name__ == "__main__":
+                        pool = ProcessPool(2)
+                        assert pool.wait_ready(30)
+                        pids = [pool._zygote.pid, *pool.statistics().worker_pids]
+                        print(*pids, flush=True)
+                        sys.stdin.read()
+                    """
+                ),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        assert owner.stdout is not None
+        assert owner.stdin is not None
+        try:
+            pids = [int(pid) for pid in owner.stdout.readline().split()]
+            assert len(pids) == 3
+            os.killpg(owner.pid, signal.SIGTERM)
+            owner.wait(WAIT)
+            for pid in pids:
+                _wait_not_running(pid)
+        finally:
+            owner.stdout.close()
+            owner.stdin.close()
+
+    def test_a_forked_child_returning_from_the_task_does_not_answer_for_it(self) -> None:
+        """Test that a child forked by the task, returning out of it, neither delivers
+        the result nor serves later tasks (regression: both)."""
+        with ProcessPool(1) as p:
+            kind, pid = p.submit(contractloads.fork_and_return_in_both).result(WAIT)
+            assert kind == "parent"
+            assert {p.submit(contractloads.whoami).result(WAIT) for _ in range(10)} == {pid}
+
+    def test_killing_the_zygote_of_a_large_pool_does_not_break_it(self) -> None:
+        """Test that a zygote death with many workers heals the pool (regression: each
+        worker the pool ended itself counted as a failed start, breaking it)."""
+        with ProcessPool(12) as p:
+            assert p.wait_ready(WAIT)
+            os.kill(p._zygote.pid, signal.SIGKILL)
+            for _ in range(3):  # a task that races the death fails with its worker
+                try:
+                    assert p.submit(contractloads.square, 5).result(WAIT) == 25
+                    break
+                except WorkerCrashedError:
+                    continue
+            else:
+                pytest.fail("the pool did not heal")
+            assert "open" in repr(p)
+
+    def test_large_initargs_reach_the_workers(self) -> None:
+        """Test that initargs larger than one socket record work, as with the stdlib
+        (regression: OSError 'Message too long' and a leaked zygote)."""
+        blob = bytes(300_000)
+        with ProcessPool(1, initializer=contractloads.remember, initargs=(blob,)) as p:
+            assert p.submit(contractloads.initialized).result(WAIT) == [(blob,)]
+
+    def test_cancel_returns_true_only_if_the_future_ends_cancelled(self) -> None:
+        """Test that future.cancel() racing a token cancel on queued tasks never leaves
+        an error behind, and returns True exactly when the future ends cancelled."""
+        with ProcessPool(1) as p:
+            announce = Announcements()
+            blocker = p.submit_task(contractloads.wait_until_cancelled, partial_sink=announce)
+            announce.wait("pid")
+            pairs = []
+            for _ in range(300):
+                token = CancellationToken()
+                pairs.append((p.submit_task(contractloads.square, (1,), token=token), token))
+            returned: dict[int, bool] = {}
+
+            def cancel_futures() -> None:
+                for index, (future, _) in enumerate(pairs):
+                    returned[index] = future.cancel()
+
+            thread = threading.Thread(target=cancel_futures)
+            thread.start()
+            for _, token in pairs:
+                token.cancel("token")
+            thread.join(WAIT)
+            blocker.cancel()
+            for index, (future, _) in enumerate(pairs):
+                assert future.done()
+                assert returned[index] == future.cancelled()
+
+    def test_a_finished_task_with_a_timeout_keeps_nothing_alive(self) -> None:
+        """Test that a task's pending timeout timer does not keep its result alive once
+        the caller dropped the future (regression: held until the timeout)."""
+        import gc
+        import weakref
+
+        with ProcessPool(1) as p:
+            future = p.submit_task(contractloads.Big, timeout=3600)
+            ref = weakref.ref(future.result(WAIT))
+            del future
+            gc.collect()
+            assert ref() is None
+
+    def test_interpreter_flags_reach_the_workers(self) -> None:
+        """Test that python -O in the owner is -O in the workers, as with spawn."""
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-O",
+                "-c",
+                f"import sys; sys.path.insert(0, {TESTS!r})\n"
+                + textwrap.dedent(
+                    """
+                    import contractloads
+                    from cancelflow import ProcessPool
+                    if __name__ == "__main__":
+                        with ProcessPool(1) as pool:
+                            print(pool.submit(contractloads.debug_flag).result(30))
+                    """
+                ),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=WAIT * 2,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["False"]
+
+    def test_a_cancel_in_progress_when_the_zygote_dies_still_ends_cancelled(self) -> None:
+        """Test that a task the user cancelled ends cancelled even if the zygote dies
+        during the stop (regression: reported as a crash)."""
+        with ProcessPool(1, grace_period=WAIT, term_grace_period=WAIT) as p:
+            announce = Announcements()
+            future = p.submit_task(workloads.announce_and_spin, partial_sink=announce)
+            announce.wait("pid")
+            assert future.cancel()
+            os.kill(p._zygote.pid, signal.SIGKILL)
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(WAIT)
+            assert future.cancelled()
+            assert p.submit(contractloads.square, 2).result(WAIT) == 4
+
+
+def _wait_not_running(pid: int) -> None:
+    """``pid`` is gone (or a zombie of an init that does not reap: it runs nothing)."""
+    try:
+        proc = psutil.Process(pid)
+        proc.wait(timeout=WAIT)
+    except psutil.NoSuchProcess:
+        return
+    except psutil.TimeoutExpired:
+        status = proc.status()
+        assert status == psutil.STATUS_ZOMBIE, f"process {pid} is still there: {status}"

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -106,12 +107,16 @@ class TaskFuture(concurrent.futures.Future[Any]):
         self.partial_results: dict[str, Any] = {}
         self.pid: int | None = None
         self._task: _Task | None = None
+        #: made by a pool: once ``_task`` is gone the task is settled or being settled
+        self._pooled = False
 
     def cancel(self) -> bool:
         """Stop the task: a queued one never starts; a running one goes down the ladder.
 
-        Returns ``True`` unless the task already finished. For a queued task the future
-        is cancelled before this returns. For a running task this only starts the stop:
+        Returns ``True`` if the future will end cancelled: not when the task already
+        finished, nor when another stop (its token, its timeout) got there first, which
+        ends it with :class:`CancelledException`. For a queued task the future is
+        cancelled before this returns. For a running task this only starts the stop:
         the future becomes cancelled (and ``result()`` raises
         :class:`concurrent.futures.CancelledError`) once the task returned or its worker
         and process tree are confirmed gone, never before.
@@ -123,9 +128,11 @@ class TaskFuture(concurrent.futures.Future[Any]):
                 return False
         task = self._task
         if task is None:
-            return super().cancel()
+            return super().cancel() if not self._pooled else self.cancelled()
         task.pool._request_stop(task, "future", "future cancelled")
-        return self._state != FINISHED
+        # True only if this call's stop is the one that ends the task (a token's or a
+        # timeout's stop that won the race ends it with CancelledException instead).
+        return task.stop_kind == "future" and self._state != FINISHED
 
     def kill(self, reason: str | None = "killed") -> bool:
         """Stop the task at once: SIGKILL its worker and whole process tree, no grace.
@@ -142,7 +149,7 @@ class TaskFuture(concurrent.futures.Future[Any]):
                 return False
         task = self._task
         if task is None:
-            return super().cancel()
+            return super().cancel() if not self._pooled else self.cancelled()
         task.pool._request_stop(task, "future", reason, kill=True)
         return self._state != FINISHED
 
@@ -195,6 +202,7 @@ class _WorkerHandle:
         self.status: int | None = None
         self.gone = False
         self.ready = False  # said "ready" (its initializer ran)
+        self.outbox = bytearray()  # frames the socket could not take yet
         #: the zygote reaped it and killed what was left of its tree (or cannot any more)
         self.swept = False
         #: why it is being ended by the pool itself (the zygote died), if so
@@ -365,7 +373,9 @@ class ProcessPool(concurrent.futures.Executor):
         self._broken: BaseException | None = None
         self._closed = threading.Event()
         self._owner = os.getpid()
-        self._timers: list[tuple[float, int, Callable[[_Task], None], _Task]] = []
+        self._timers: list[
+            tuple[float, int, Callable[[_Task], None], weakref.ref[_Task]]
+        ] = []
         self._timer_ids = itertools.count()
         self._stats = collections.Counter[str]()
         self._workers: dict[int, _WorkerHandle] = {}
@@ -388,7 +398,14 @@ class ProcessPool(concurrent.futures.Executor):
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake",))
         self._zygote_sock: socket.socket | None = None
-        self._start_zygote()
+        try:
+            self._start_zygote()
+        except BaseException:  # nothing may be left behind by a pool that never started
+            self._selector.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._release_chunk()
+            raise
         self._thread = threading.Thread(
             target=self._run, name=f"cancelflow-{self.name}", daemon=True
         )
@@ -497,6 +514,7 @@ class ProcessPool(concurrent.futures.Executor):
             self, next(_seq), payload, future, token, grace, term_grace, timeout, partial_sink
         )
         future._task = task
+        future._pooled = True
         if token is not None and token.is_cancelled:
             task.stop_kind, task.stop_reason = "cancel", token.cancel_reason
             self._finish(task, "cancelled")
@@ -682,7 +700,13 @@ class ProcessPool(concurrent.futures.Executor):
         """
         if task.done or (task.stop_kind is not None and not kill):
             return
-        if not self._drop_queued(task, kind, reason):
+        if self._drop_queued(task, kind, reason):
+            return
+        with task.future._condition:  # the first stop asked for decides how it ends
+            first = task.stop_kind is None and not task.done
+            if first:
+                task.stop_kind, task.stop_reason = kind, reason
+        if first or kill:
             self._post(("kill" if kill else "stop", task, kind, reason))
 
     def _drop_queued(self, task: _Task, kind: str, reason: str | None) -> bool:
@@ -732,7 +756,7 @@ class ProcessPool(concurrent.futures.Executor):
         timeout = None
         if self._timers:
             timeout = max(0.0, self._timers[0][0] - time.monotonic())
-        for key, _ in self._selector.select(timeout):
+        for key, mask in self._selector.select(timeout):
             kind = key.data[0]
             if kind == "wake":
                 with contextlib.suppress(OSError):
@@ -744,7 +768,10 @@ class ProcessPool(concurrent.futures.Executor):
             elif kind == "zygote":
                 self._on_zygote()
             elif kind == "sock":
-                self._on_socket(key.data[1])
+                if mask & selectors.EVENT_WRITE:
+                    self._flush(key.data[1])
+                if mask & selectors.EVENT_READ:
+                    self._on_socket(key.data[1])
             elif kind == "pidfd":
                 self._guarded(key.data[1].task, self._on_pidfd, key.data[1], key.data[2])
         while self._commands:
@@ -753,8 +780,10 @@ class ProcessPool(concurrent.futures.Executor):
             self._guarded(task, self._on_command, command)
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
-            _, _, action, task = heapq.heappop(self._timers)
-            self._guarded(task, action, task)
+            _, _, action, ref = heapq.heappop(self._timers)
+            timed = ref()
+            if timed is not None and not timed.done:
+                self._guarded(timed, action, timed)
         self._guarded(None, self._dispatch)
         return self._closing_done()
 
@@ -800,8 +829,10 @@ class ProcessPool(concurrent.futures.Executor):
                         self._stop(worker.task, "shutdown", "pool shut down")
 
     def _at(self, delay: float, action: Callable[[_Task], None], task: _Task) -> None:
-        """Call ``action(task)`` on this thread after ``delay`` seconds."""
-        entry = (time.monotonic() + delay, next(self._timer_ids), action, task)
+        """Call ``action(task)`` on this thread after ``delay`` seconds, if the task is
+        still referenced then (a weak reference: a finished task's timer keeps nothing
+        alive, so a long ``timeout`` does not hold its result)."""
+        entry = (time.monotonic() + delay, next(self._timer_ids), action, weakref.ref(task))
         heapq.heappush(self._timers, entry)
 
     # -- the zygote -----------------------------------------------------------------------------
@@ -813,29 +844,41 @@ class ProcessPool(concurrent.futures.Executor):
         # location goes last, for a cancelflow that is importable only from here.
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(_cell.__file__)))
         try:
-            self._zygote = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-P",
-                    "-c",
-                    f"import sys; sys.path.append({package_root!r}); "
-                    "from cancelflow._worker import zygote_main; "
-                    f"zygote_main({zygote_end.fileno()}, {self._chunk.fd})",
-                ],
-                pass_fds=(zygote_end.fileno(), self._chunk.fd),
-                stdin=subprocess.DEVNULL,
-            )
+            prep = multiprocessing.spawn.get_preparation_data(self.name)
+            prep["authkey"] = bytes(prep["authkey"])
+            prep.pop("start_method", None)
+            # The setup travels in a file (its descriptor passed once): initargs may be
+            # larger than one SOCK_SEQPACKET record.
+            with tempfile.TemporaryFile() as setup:
+                pickle.dump((prep, self._options), setup, pickle.HIGHEST_PROTOCOL)
+                setup.flush()
+                setup.seek(0)
+                self._zygote = subprocess.Popen(
+                    [
+                        multiprocessing.spawn.get_executable() or sys.executable,
+                        # the interpreter's flags (-O, -W, -X ...), as spawn passes them
+                        *subprocess._args_from_interpreter_flags(),  # type: ignore[attr-defined]
+                        "-P",
+                        "-c",
+                        f"import sys; sys.path.append({package_root!r}); "
+                        "from cancelflow._worker import zygote_main; "
+                        f"zygote_main({zygote_end.fileno()}, {self._chunk.fd})",
+                    ],
+                    pass_fds=(zygote_end.fileno(), self._chunk.fd),
+                    stdin=subprocess.DEVNULL,
+                )
+                send_seq(parent_end, ("setup",), [setup.fileno()])
         except BaseException:
             parent_end.close()
+            zygote = getattr(self, "_zygote", None)
+            if zygote is not None:
+                zygote.kill()
+                zygote.wait()
             raise
         finally:
             zygote_end.close()
         self._zygote_sock = parent_end
         self._zygote_ready = False
-        prep = multiprocessing.spawn.get_preparation_data(self.name)
-        prep["authkey"] = bytes(prep["authkey"])
-        prep.pop("start_method", None)
-        send_seq(parent_end, (prep, self._options))
         self._selector.register(parent_end, selectors.EVENT_READ, ("zygote",))
 
     def _on_zygote(self) -> None:
@@ -944,6 +987,7 @@ class ProcessPool(concurrent.futures.Executor):
         control.pid = 0
         worker = _WorkerHandle(self, index, parent_end)
         self._workers[index] = worker
+        parent_end.setblocking(False)  # never block the supervisor on a frozen worker
         self._selector.register(parent_end, selectors.EVENT_READ, ("sock", worker))
         try:
             send_seq(
@@ -957,9 +1001,42 @@ class ProcessPool(concurrent.futures.Executor):
             child_end.close()
 
     # -- worker channel ------------------------------------------------------------------------
+    def _send_to(self, worker: _WorkerHandle, frame: bytes) -> None:
+        """Send a frame without blocking: what the socket cannot take now waits in the
+        worker's outbox and goes when the socket is writable (see :meth:`_flush`)."""
+        if worker.outbox:
+            worker.outbox += frame
+            return
+        try:
+            sent = worker.sock.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return  # the worker is dying; its pidfd will tell
+        if sent < len(frame):
+            worker.outbox += memoryview(frame)[sent:]
+            with contextlib.suppress(KeyError, ValueError):  # no longer watched: it is gone
+                self._selector.modify(
+                    worker.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, ("sock", worker)
+                )
+
+    def _flush(self, worker: _WorkerHandle) -> None:
+        try:
+            sent = worker.sock.send(worker.outbox)
+        except BlockingIOError:
+            return
+        except OSError:
+            sent = len(worker.outbox)  # dying: what it did not read is lost with it
+        del worker.outbox[:sent]
+        if not worker.outbox:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.modify(worker.sock, selectors.EVENT_READ, ("sock", worker))
+
     def _on_socket(self, worker: _WorkerHandle) -> None:
         try:
             data = worker.sock.recv(1 << 20)
+        except BlockingIOError:
+            return
         except OSError:
             data = b""
         if not data:
@@ -1078,10 +1155,7 @@ class ProcessPool(concurrent.futures.Executor):
             worker.slot.reset()
             task.future.pid = worker.pid
             task.future.fate = "running"
-            try:
-                worker.sock.sendall(encode(("task", task.seq, task.payload)))
-            except OSError:
-                pass  # the worker is dying; its pidfd will tell
+            self._send_to(worker, encode(("task", task.seq, task.payload)))
             if task.timeout is not None:
                 self._at(task.timeout, self._on_timeout, task)
             if task.stop_kind is None and task.token is not None and task.token.is_cancelled:
@@ -1196,7 +1270,7 @@ class ProcessPool(concurrent.futures.Executor):
             self._selector.unregister(worker.sock)
         worker.sock.close()
         if task is not None and not task.done:
-            if worker.lost is not None:
+            if worker.lost is not None and task.stop_kind in (None, "shutdown", "error"):
                 self._stats["crashed"] += 1
                 error = WorkerCrashedError(
                     f"worker {worker.pid} was stopped: {worker.lost}", pid=worker.pid
@@ -1213,8 +1287,10 @@ class ProcessPool(concurrent.futures.Executor):
         worker.drop_views()
         if self._workers.get(worker.index) is worker and self._broken is None:
             self._stats["replaced"] += 1
-            started = worker.ready
-            self._crash_streak = 0 if started else self._crash_streak + 1
+            if worker.ready:
+                self._crash_streak = 0
+            elif worker.lost is None:  # the pool ended it itself: not a failure to start
+                self._crash_streak += 1
             if self._crash_streak > 10:
                 safe_log("CRITICAL", "workers keep dying at start; pool broken", pool=self.name)
                 self._break(BrokenPoolError(f"{self.name} is broken: workers keep dying at start"))
@@ -1235,7 +1311,6 @@ class ProcessPool(concurrent.futures.Executor):
         task.token = None
         task.payload = b""
         future = task.future
-        future._task = None
         if task.error is not None:  # a message of the task could not be handled
             error = task.error
             if fate in ("finished", "failed", "cancelled") and task.stop_kind in (None, "error"):
@@ -1279,6 +1354,7 @@ class ProcessPool(concurrent.futures.Executor):
                 )
             stopped.fate = fate
             future.set_exception(stopped)
+        future._task = None  # last: a racing cancel() sees the task until it is settled
 
     def _fail_all(self, error: BaseException) -> None:
         """Fail every task that is not over (called once their processes are gone)."""

@@ -320,6 +320,7 @@ class _Worker:
         self.state = _ProcessState()
         self.retiring: str | None = None
         self.tasks_left = max_tasks
+        self.pid = os.getpid()
 
     def send(self, message: Any) -> None:
         """Send one frame; safe from another thread and from a signal handler.
@@ -383,6 +384,9 @@ class _Worker:
         _context._critical_hook = lambda seconds: _critical_section(seconds, control)
         kind: str
         value: Any = None
+        # While a task runs, the zygote's death freezes this worker with the task's tree
+        # under it (the pool then kills the tree); an idle worker just dies with it.
+        set_parent_death_signal(signal.SIGSTOP)
         try:
             _state.running = True
             with _context.task_scope(token, sink):
@@ -396,6 +400,11 @@ class _Worker:
         finally:
             _state.running = False
             _state.term_pending = False
+        if os.getpid() != self.pid:
+            # A process the task forked returned (or raised) out of the task: it must not
+            # answer for the task nor read the worker's channel.
+            os._exit(1 if kind == "error" else 0)
+        set_parent_death_signal(signal.SIGKILL)
         if kind == "terminated" or token.is_cancelled:
             _kill_and_reap_tree()
         else:
@@ -461,8 +470,8 @@ def _worker_main(
 ) -> None:
     control = Control.from_buffer(chunk.mm, control_offset)
     control.pid = os.getpid()  # first: the parent can find this process if the zygote dies
-    set_parent_death_signal(signal.SIGSTOP)
-    if os.getppid() != zygote:  # the zygote died before we could ask to freeze with it
+    set_parent_death_signal(signal.SIGKILL)  # SIGSTOP while a task runs, see run_task
+    if os.getppid() != zygote:  # the zygote died before we could ask to die with it
         os._exit(1)
     set_child_subreaper(True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -484,10 +493,14 @@ def zygote_main(control_fd: int, chunk_fd: int) -> None:
     ctrl = socket.socket(fileno=control_fd)
     chunk = _cell.attach_chunk(chunk_fd, pinned=True)
     set_child_subreaper(True)
-    setup = recv_seq(ctrl)
-    if setup is None:
+    try:
+        message, fds = recv_seq_fds(ctrl)
+    except OSError:
+        message, fds = None, []
+    if message is None or not fds:
         os._exit(0)
-    prep, options = setup
+    with os.fdopen(fds[0], "rb") as setup_file:  # a file: the setup may be large
+        prep, options = pickle.load(setup_file)
     global importing_main
     importing_main = True
     try:
@@ -503,6 +516,11 @@ def zygote_main(control_fd: int, chunk_fd: int) -> None:
     os.set_blocking(wake_r, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    # A termination signal (a whole process group's SIGTERM, a hang-up) ends the zygote
+    # the way the parent's end-of-file does: every worker tree is killed first.
+    stopping: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(signum, lambda signum, _: stopping.append(signum))
     workers: set[int] = set()
     statuses: dict[int, int] = {}  # reaped workers whose sweep was not asked for yet
     selector = selectors.DefaultSelector()
@@ -511,7 +529,7 @@ def zygote_main(control_fd: int, chunk_fd: int) -> None:
     _send_or_exit(ctrl, ("zygote-ready", os.getpid()))
     zygote_pid = os.getpid()
     running = True
-    while running:
+    while running and not stopping:
         for key, _ in selector.select():
             if key.data == "wake":
                 with contextlib.suppress(OSError):
@@ -627,8 +645,3 @@ def recv_seq_fds(sock: socket.socket) -> tuple[Any, list[int]]:
     if not data:
         return None, fds
     return pickle.loads(data), fds
-
-
-def recv_seq(sock: socket.socket) -> Any:
-    return recv_seq_fds(sock)[0]
-
