@@ -108,7 +108,7 @@ class TestReadmeText:
         assert blocks[0].lang == blocks[1].lang == "bash"
         assert blocks[0].body.strip().endswith(".venv/bin/cancelflow demo")
         assert blocks[0].body.startswith("python3 -m venv .venv && ")
-        assert blocks[1].body.strip().endswith(".venv/bin/python -m pytest")
+        assert blocks[1].body.strip().endswith(".venv/bin/python -m pytest -n 2")
         lines = TEXT.splitlines()
         marker = lines.index("<!-- test-command -->")
         assert lines[marker + 2] == blocks[1].body.strip()  # what .ci/run reads
