@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 WAIT = 30  # watchdog for anything awaited in a test (never a measure of speed)
@@ -27,3 +29,18 @@ class Announcements:
     def wait(self, key: str, timeout: float = WAIT) -> Any:
         assert self._event(key).wait(timeout), f"watchdog: the task never stored {key!r}"
         return self.values[key]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
+    """Whether ``predicate()`` became true within ``timeout`` seconds (checked every ms).
+
+    For states that have no event to wait on (a future becoming ``running()``); the
+    timeout is a watchdog, never a measure of speed.
+    """
+    deadline = time.monotonic() + timeout
+    tick = threading.Event()
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        tick.wait(0.001)
+    return True

@@ -7,6 +7,7 @@ a task or its owner may do); each test fails on a pool that breaks it.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
 import subprocess
@@ -31,7 +32,7 @@ from cancelflow import (
     WorkerCrashedError,
 )
 from cancelflow._platform import UnsafeSignalTarget, send_signal
-from support import WAIT, Announcements
+from support import WAIT, Announcements, wait_until
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -645,12 +646,18 @@ class TestHostileReview:
             assert p.wait_ready(WAIT)
             (worker,) = p.statistics().worker_pids
             os.kill(worker, signal.SIGSTOP)
-            future = p.submit(contractloads.size_of, bytes(32 << 20))
-            assert p.statistics().busy == 1
-            future.kill()
-            with pytest.raises(concurrent.futures.CancelledError):
-                future.result(WAIT)
-            assert p.submit(contractloads.square, 3).result(WAIT) == 9
+            try:
+                future = p.submit(contractloads.size_of, bytes(32 << 20))
+                # The supervisor must have handed the task over (and met the frozen
+                # worker) before the kill, or the kill would just drop a queued task.
+                assert wait_until(future.running), "watchdog: the task was never dispatched"
+                future.kill()
+                with pytest.raises(concurrent.futures.CancelledError):
+                    future.result(WAIT)
+                assert p.submit(contractloads.square, 3).result(WAIT) == 9
+            finally:  # if the test failed, let the worker go so that the pool can end
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker, signal.SIGCONT)
 
     def test_a_process_groups_sigterm_leaves_no_worker(self) -> None:
         """Test that SIGTERM to the owner's whole process group (timeout(1), a service
