@@ -351,7 +351,7 @@ class TestFork:
             assert_gone(zygote)
             assert psutil.pid_exists(child)
         finally:
-            with __import__("contextlib").suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
             owner.stdout.close()
             owner.stdin.close()
