@@ -136,33 +136,6 @@ def leave_a_thread() -> int:
     return os.getpid()
 
 
-def fork_while_being_killed(path: str) -> None:
-    """Start 4 forkers that fork as fast as they can (each child sleeps, bounded to 500
-    per forker); every new process records its pid in ``path``."""
-    cancelflow.store_partial("pid", os.getpid())
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    for _ in range(4):
-        if os.fork() == 0:
-            try:
-                os.write(fd, f"{os.getpid()}\n".encode())
-                for _ in range(500):
-                    if os.fork() == 0:
-                        os.write(fd, f"{os.getpid()}\n".encode())
-                        time.sleep(60)
-                        os._exit(0)
-                time.sleep(60)
-            finally:
-                os._exit(0)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # announce once the tree is busy forking
-        if os.fstat(fd).st_size > 200 * 6:
-            break
-        time.sleep(0.001)
-    cancelflow.store_partial("forking", True)
-    while True:
-        time.sleep(1)
-
-
 def echo_argv0() -> str:
     return sys.argv[0]
 
@@ -188,3 +161,23 @@ class Big:
 
     def __init__(self) -> None:
         self.data = bytes(1 << 20)
+
+
+def start_fork_chain(path: str) -> None:
+    """Start a chain of processes that each fork a successor and exit at once (the
+    double-fork pattern on repeat: a moving target for a tree walk); every link records
+    its pid in ``path``. The chain ends by itself after 20 seconds."""
+    cancelflow.store_partial("pid", os.getpid())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    deadline = time.monotonic() + 20
+    if os.fork() == 0:
+        try:
+            while time.monotonic() < deadline:
+                os.write(fd, f"{os.getpid()}\n".encode())
+                if os.fork() != 0:
+                    break  # the parent leaves; its child goes on
+        finally:
+            os._exit(0)
+    cancelflow.store_partial("chain", True)
+    while True:
+        time.sleep(1)

@@ -427,23 +427,28 @@ class TestForkingWhileKilled:
     def test_processes_forked_during_the_kill_are_gone_when_the_caller_hears(
         self, tmp_path: Path
     ) -> None:
-        """Test that every process a task forked, also while it was being killed, is
-        gone and reaped once the caller gets the exception (regression: 10 of 10 trials
-        left some alive under the zygote)."""
+        """Test that a chain of processes that keep forking a successor and exiting (a
+        moving target for the tree walk) is entirely gone and reaped once the caller
+        gets the exception, and nothing but live workers is left under the zygote
+        (regression: a link escaped the freeze and lived on under the zygote)."""
         record = tmp_path / "pids"
         with ProcessPool(1, grace_period=0, term_grace_period=0) as p:
             announce = Announcements()
             future = p.submit_task(
-                contractloads.fork_while_being_killed, (str(record),), partial_sink=announce
+                contractloads.start_fork_chain, (str(record),), partial_sink=announce
             )
-            announce.wait("forking")
+            announce.wait("chain")
+            assert wait_until(lambda: len(record.read_bytes().split()) > 50), "watchdog"
             future.cancel()
             with pytest.raises(concurrent.futures.CancelledError):
                 future.result(WAIT)
+            assert p.wait_ready(WAIT)  # the replacement worker too has its pid known
+            zygote = psutil.Process(p._zygote.pid)
+            workers = set(p.statistics().worker_pids)
+            strays = [child.pid for child in zygote.children() if child.pid not in workers]
+            assert strays == []
             pids = [int(line) for line in record.read_text().split()]
-            assert len(pids) > 50
-            alive = [pid for pid in pids if _alive(pid)]
-            assert alive == []
+            assert [pid for pid in pids if _alive(pid)] == []
 
 
 def _alive(pid: int) -> bool:
