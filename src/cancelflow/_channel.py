@@ -37,8 +37,9 @@ class FrameReader:
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> Iterator[Any]:
-        """Add received bytes; yield every frame now complete, unpickled."""
+    def feed(self, data: bytes | memoryview) -> Iterator[Any]:
+        """Add received bytes (copied: ``data`` may be reused by the caller once this
+        returns); yield every frame now complete, unpickled."""
         buffer = self._buffer
         buffer += data
         offset = 0

@@ -203,6 +203,7 @@ class _WorkerHandle:
         self.gone = False
         self.ready = False  # said "ready" (its initializer ran)
         self.outbox = bytearray()  # frames the socket could not take yet
+        self.feeding = False  # its frames are being handled (see ProcessPool._feed)
         #: the zygote reaped it and killed what was left of its tree (or cannot any more)
         self.swept = False
         #: why it is being ended by the pool itself (the zygote died), if so
@@ -373,6 +374,9 @@ class ProcessPool(concurrent.futures.Executor):
         self._broken: BaseException | None = None
         self._closed = threading.Event()
         self._owner = os.getpid()
+        self._forked = False  # set in a forked child of the owner (see _forget_in_child)
+        # One receive buffer, reused: recv(1 MiB) would allocate (mmap) a new one each time.
+        self._inbox = bytearray(1 << 16)
         self._timers: list[
             tuple[float, int, Callable[[_Task], None], weakref.ref[_Task]]
         ] = []
@@ -670,7 +674,7 @@ class ProcessPool(concurrent.futures.Executor):
 
     def _check_open(self) -> None:
         """Raise what a new task must hear if the pool cannot take it."""
-        if os.getpid() != self._owner:
+        if self._forked:
             raise PoolClosedError(
                 f"{self.name} belongs to process {self._owner}; this process "
                 f"({os.getpid()}) is a fork of it and cannot use it: make a new pool here"
@@ -1034,19 +1038,23 @@ class ProcessPool(concurrent.futures.Executor):
 
     def _on_socket(self, worker: _WorkerHandle) -> None:
         try:
-            data = worker.sock.recv(1 << 20)
+            size = worker.sock.recv_into(self._inbox)
         except BlockingIOError:
             return
         except OSError:
-            data = b""
-        if not data:
+            size = 0
+        if not size:
             self._selector.unregister(worker.sock)
             return
-        self._feed(worker, data)
+        self._feed(worker, memoryview(self._inbox)[:size])
 
-    def _feed(self, worker: _WorkerHandle, data: bytes) -> None:
-        for message in worker.reader.feed(data):
-            self._guarded(worker.task, self._on_message, worker, message)
+    def _feed(self, worker: _WorkerHandle, data: bytes | memoryview) -> None:
+        worker.feeding = True  # a handler that drains this worker must not re-enter
+        try:
+            for message in worker.reader.feed(data):
+                self._guarded(worker.task, self._on_message, worker, message)
+        finally:
+            worker.feeding = False
 
     def _on_message(self, worker: _WorkerHandle, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -1248,17 +1256,17 @@ class ProcessPool(concurrent.futures.Executor):
 
     def _drain(self, worker: _WorkerHandle) -> None:
         sock = worker.sock
-        if sock.fileno() < 0:
+        if sock.fileno() < 0 or worker.feeding:
             return
         sock.setblocking(False)
         while True:
             try:
-                data = sock.recv(1 << 20)
+                size = sock.recv_into(self._inbox)
             except (BlockingIOError, OSError):
                 break
-            if not data:
+            if not size:
                 break
-            self._feed(worker, data)
+            self._feed(worker, memoryview(self._inbox)[:size])
 
     def _retire(self, worker: _WorkerHandle) -> None:
         if worker.state == "dead" or not worker.gone or worker.waiting or not worker.swept:
@@ -1440,6 +1448,7 @@ class ProcessPool(concurrent.futures.Executor):
         have. The pool stays the parent's: every method here refuses or returns.
         """
         self._shutdown = True
+        self._forked = True
         sockets = [w.sock for w in self._workers.values()]
         if self._zygote_sock is not None:
             sockets.append(self._zygote_sock)
