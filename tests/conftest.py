@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
 
-import psutil
-import pytest
+# Before loguru is imported: every handler (loguru's default stderr one, the tests' capture
+# sinks, and those of the programs tests start) formats a logged exception with just its
+# own frames. With loguru's defaults each expected error of a test was rendered with the
+# whole pytest stack and every local value in it; with ~900 collected items that costs
+# about a second per record, and a signal-storm test that logs a few dozen errors ran
+# past its timeout in full runs only.
+os.environ.setdefault("LOGURU_BACKTRACE", "False")
+os.environ.setdefault("LOGURU_DIAGNOSE", "False")
+assert "loguru" not in sys.modules, "loguru was imported before the test configuration"
+
+import psutil  # noqa: E402
+import pytest  # noqa: E402
 
 # Processes that multiprocessing itself keeps for the life of the interpreter.
 _MP_SINGLETONS = ("resource_tracker", "forkserver")
