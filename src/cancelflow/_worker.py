@@ -20,10 +20,12 @@ zombies pile up even where PID 1 never reaps (containers).
 
 Why no orphans: the zygote exits (killing every descendant) when its channel to the
 parent reaches end-of-file, which the kernel delivers even if the parent is SIGKILLed.
-Workers get ``PR_SET_PDEATHSIG=SIGSTOP`` tied to the zygote: if the zygote dies, each
-worker freezes *with its tree still under it* (a dead worker's children would go to PID
-1), and the parent, which knows every worker's pid (``Control.pid``, written by the
-worker before anything else), kills each frozen tree and starts a new zygote.
+Workers get a parent-death signal tied to the zygote: ``SIGKILL`` while idle, ``SIGSTOP``
+while a task runs, so that if the zygote dies a busy worker freezes *with its task's tree
+still under it* (a dead worker's children would go to PID 1), and the parent, which knows
+every worker's pid (``Control.pid``, written by the worker before anything else), kills
+each frozen tree and starts a new zygote. The zygote ends its workers itself on SIGTERM,
+SIGHUP and SIGQUIT, as on its parent's end-of-file.
 
 Why sweeps: a process that a task forks while its tree is being killed can escape the
 freeze; when its parent dies it is re-parented to the nearest subreaper, the zygote. So
