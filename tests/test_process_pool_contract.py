@@ -510,6 +510,16 @@ class TestConstructor:
         assert pids[2] == pids[3]
         assert pids[4] == pids[5]
 
+    def test_a_new_worker_for_every_task_keeps_the_pool_healthy(self) -> None:
+        """Test that 200 tasks with max_tasks_per_child=1 each run in their own worker
+        and the pool stays open (the scenario where a review once saw the supervisor
+        crash; the race itself is pinned by the test below)."""
+        with ProcessPool(2, max_tasks_per_child=1) as p:
+            futures = [p.submit(contractloads.whoami) for _ in range(200)]
+            pids = [future.result(WAIT) for future in futures]
+            assert len(set(pids)) == 200
+            assert "open" in repr(p)
+
     def test_mp_context_none_is_accepted_and_others_refused(self) -> None:
         """Test that mp_context=None works and a context raises a clear ValueError."""
         import multiprocessing
@@ -813,6 +823,25 @@ class TestHostileReview:
                 future.result(WAIT)
             assert future.cancelled()
             assert p.submit(contractloads.square, 2).result(WAIT) == 4
+
+
+class TestSupervisorEvents:
+    def test_a_socket_event_for_a_worker_retired_in_the_same_select_is_ignored(self) -> None:
+        """Test that a worker's socket event handled after the worker was retired (its
+        socket closed by an earlier event of the same select, e.g. the zygote's "swept")
+        is ignored (regression: ValueError 'Invalid file descriptor: -1' escaped the
+        supervisor and broke the pool)."""
+        import socket
+
+        from cancelflow._process_pool import _WorkerHandle
+
+        with ProcessPool(1) as p:
+            ours, theirs = socket.socketpair()
+            theirs.close()
+            retired = _WorkerHandle(p, 0, ours)
+            ours.close()
+            p._on_socket(retired)  # what the supervisor does with the late event
+            assert p.submit(contractloads.square, 3).result(WAIT) == 9
 
 
 def _wait_not_running(pid: int) -> None:

@@ -772,10 +772,11 @@ class ProcessPool(concurrent.futures.Executor):
             elif kind == "zygote":
                 self._on_zygote()
             elif kind == "sock":
+                worker = key.data[1]
                 if mask & selectors.EVENT_WRITE:
-                    self._flush(key.data[1])
+                    self._guarded(worker.task, self._flush, worker)
                 if mask & selectors.EVENT_READ:
-                    self._on_socket(key.data[1])
+                    self._guarded(worker.task, self._on_socket, worker)
             elif kind == "pidfd":
                 self._guarded(key.data[1].task, self._on_pidfd, key.data[1], key.data[2])
         while self._commands:
@@ -1025,6 +1026,8 @@ class ProcessPool(concurrent.futures.Executor):
                 )
 
     def _flush(self, worker: _WorkerHandle) -> None:
+        if worker.sock.fileno() < 0:  # retired by an earlier event of the same select
+            return
         try:
             sent = worker.sock.send(worker.outbox)
         except BlockingIOError:
@@ -1037,6 +1040,8 @@ class ProcessPool(concurrent.futures.Executor):
                 self._selector.modify(worker.sock, selectors.EVENT_READ, ("sock", worker))
 
     def _on_socket(self, worker: _WorkerHandle) -> None:
+        if worker.sock.fileno() < 0:  # retired by an earlier event of the same select
+            return
         try:
             size = worker.sock.recv_into(self._inbox)
         except BlockingIOError:
@@ -1044,7 +1049,8 @@ class ProcessPool(concurrent.futures.Executor):
         except OSError:
             size = 0
         if not size:
-            self._selector.unregister(worker.sock)
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(worker.sock)
             return
         self._feed(worker, memoryview(self._inbox)[:size])
 
@@ -1233,7 +1239,8 @@ class ProcessPool(concurrent.futures.Executor):
                     worker.waiting.discard(fd)
             self._retire(worker)
             return
-        assert worker.pidfd is not None
+        if worker.pidfd is None:  # already handled by an earlier event of the same select
+            return
         self._selector.unregister(worker.pidfd)
         os.close(worker.pidfd)
         worker.pidfd = None
