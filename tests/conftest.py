@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import gc
+import multiprocessing
+import multiprocessing.context
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import sys
 import threading
@@ -21,6 +25,8 @@ assert "loguru" not in sys.modules, "loguru was imported before the test configu
 
 import psutil  # noqa: E402
 import pytest  # noqa: E402
+
+from support import START_METHODS  # noqa: E402
 
 # Processes that multiprocessing itself keeps for the life of the interpreter.
 _MP_SINGLETONS = ("resource_tracker", "forkserver")
@@ -110,3 +116,19 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
                     pass
             details.append(f"file descriptors: {links}")
         pytest.fail("test left resources behind: " + "; ".join(details))
+
+
+@pytest.fixture(scope="module")
+def mp_singletons() -> None:
+    """Start multiprocessing's lifelong helpers before the leak check's snapshot."""
+    multiprocessing.resource_tracker.ensure_running()
+    multiprocessing.forkserver.ensure_running()
+
+
+@pytest.fixture(params=START_METHODS)
+def mp_context(
+    request: pytest.FixtureRequest, mp_singletons: None
+) -> multiprocessing.context.BaseContext:
+    """A multiprocessing context, once per start method."""
+    method: str = request.param
+    return multiprocessing.get_context(method)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.context
+import multiprocessing.process
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 WAIT = 30  # watchdog for anything awaited in a test (never a measure of speed)
+#: every multiprocessing start method (tests/conftest.py's ``mp_context`` fixture)
+START_METHODS = ("fork", "spawn", "forkserver")
 
 
 class Announcements:
@@ -44,3 +51,39 @@ def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
             return False
         tick.wait(0.001)
     return True
+
+
+@contextlib.contextmanager
+def running(
+    ctx: multiprocessing.context.BaseContext, target: Callable[..., object], *args: object
+) -> Iterator[multiprocessing.process.BaseProcess]:
+    """Start a process, and always join (or kill) and close it."""
+    proc = ctx.Process(target=target, args=args)  # type: ignore[attr-defined]
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.join(WAIT)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        proc.close()
+
+
+@contextlib.contextmanager
+def pipe() -> Iterator[
+    tuple[multiprocessing.connection.Connection, multiprocessing.connection.Connection]
+]:
+    """A one-way pipe (reader, writer), always closed."""
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    try:
+        yield reader, writer
+    finally:
+        reader.close()
+        writer.close()
+
+
+def receive(conn: multiprocessing.connection.Connection) -> Any:
+    """The next object a child sends on ``conn``; bounded."""
+    assert conn.poll(WAIT), "watchdog: the child process sent nothing"
+    return conn.recv()

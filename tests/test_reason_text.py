@@ -10,7 +10,6 @@ longer one is its longest prefix of whole code points that fits. Anything that i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import multiprocessing
 import multiprocessing.connection
@@ -19,7 +18,6 @@ import multiprocessing.forkserver
 import multiprocessing.process
 import multiprocessing.resource_tracker
 import os
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -27,9 +25,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cancelflow import CancellationRegistry, CancellationToken, PipelineExecutor, _cell
 from cancelflow._token import _Cell
+from support import pipe, receive, running
 
 WATCHDOG = 30.0  # seconds: a bound on waits that must end long before it
-START_METHODS = ("fork", "spawn", "forkserver")
 LIMIT = _cell.REASON_MAX
 
 #: One of each kind of text that used to break (or might break) the shared slot.
@@ -77,53 +75,6 @@ def stored_form(reason: str) -> str:
 # -- processes --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def mp_singletons() -> None:
-    """Start multiprocessing's lifelong helpers before the leak check's snapshot."""
-    multiprocessing.resource_tracker.ensure_running()
-    multiprocessing.forkserver.ensure_running()
-
-
-@pytest.fixture(params=START_METHODS)
-def mp_context(
-    request: pytest.FixtureRequest, mp_singletons: None
-) -> multiprocessing.context.BaseContext:
-    method: str = request.param
-    return multiprocessing.get_context(method)
-
-
-@contextlib.contextmanager
-def running(
-    ctx: multiprocessing.context.BaseContext, target: Callable[..., object], *args: object
-) -> Iterator[multiprocessing.process.BaseProcess]:
-    """Start a process, and always join (or kill) and close it."""
-    proc = ctx.Process(target=target, args=args)  # type: ignore[attr-defined]
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.join(WATCHDOG)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-        proc.close()
-
-
-@contextlib.contextmanager
-def pipe() -> Iterator[
-    tuple[multiprocessing.connection.Connection, multiprocessing.connection.Connection]
-]:
-    reader, writer = multiprocessing.Pipe(duplex=False)
-    try:
-        yield reader, writer
-    finally:
-        reader.close()
-        writer.close()
-
-
-def receive(conn: multiprocessing.connection.Connection) -> Any:
-    assert conn.poll(WATCHDOG), "watchdog: the child sent nothing"
-    return conn.recv()
 
 
 def _child_reads(tokens: list[CancellationToken], ready: Any, conn: Any) -> None:

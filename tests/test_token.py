@@ -27,9 +27,9 @@ import pytest
 from loguru import logger
 
 from cancelflow import CallbackHandle, CancellationToken, CancelledException, _timer
+from support import pipe, receive, running
 
 WATCHDOG = 30.0  # seconds: a bound on waits that must end long before it
-START_METHODS = ("fork", "spawn", "forkserver")
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -88,53 +88,6 @@ def _share(token: CancellationToken) -> None:
         token._chunk.ensure_hub()
 
 
-@pytest.fixture(scope="module")
-def mp_singletons() -> None:
-    """Start multiprocessing's lifelong helpers before the leak check's snapshot."""
-    multiprocessing.resource_tracker.ensure_running()
-    multiprocessing.forkserver.ensure_running()
-
-
-@pytest.fixture(params=START_METHODS)
-def mp_context(
-    request: pytest.FixtureRequest, mp_singletons: None
-) -> multiprocessing.context.BaseContext:
-    method: str = request.param
-    return multiprocessing.get_context(method)
-
-
-@contextlib.contextmanager
-def running(
-    ctx: multiprocessing.context.BaseContext, target: Callable[..., object], *args: object
-) -> Iterator[multiprocessing.process.BaseProcess]:
-    """Start a process, and always join (or kill) and close it."""
-    proc = ctx.Process(target=target, args=args)  # type: ignore[attr-defined]
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.join(WATCHDOG)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-        proc.close()
-
-
-@contextlib.contextmanager
-def pipe() -> Iterator[
-    tuple[multiprocessing.connection.Connection, multiprocessing.connection.Connection]
-]:
-    reader, writer = multiprocessing.Pipe(duplex=False)
-    try:
-        yield reader, writer
-    finally:
-        reader.close()
-        writer.close()
-
-
-def receive(conn: multiprocessing.connection.Connection) -> Any:
-    assert conn.poll(WATCHDOG), "the child process did not answer"
-    return conn.recv()
 
 
 # Child-process bodies (module level, so spawn and forkserver can import them).
