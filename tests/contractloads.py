@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import cancelflow
+import workloads
 
 _initialized: list[Any] = []
 
@@ -100,21 +101,7 @@ def set_sigterm(disposition: str) -> int:
 
 def set_sigterm_then_spin(disposition: str) -> None:
     signal.signal(signal.SIGTERM, getattr(signal, disposition))
-    try:
-        cancelflow.store_partial("pid", os.getpid())
-        while True:
-            pass
-    finally:
-        cancelflow.store_partial("finally", "ran")
-
-
-def spin_with_finally() -> None:
-    try:
-        cancelflow.store_partial("pid", os.getpid())
-        while True:
-            pass
-    finally:
-        cancelflow.store_partial("finally", "ran")
+    workloads.announce_and_finish_in_finally()
 
 
 def sigterm_disposition() -> str:

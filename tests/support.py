@@ -12,6 +12,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psutil
+import pytest
+
 WAIT = 30  # watchdog for anything awaited in a test (never a measure of speed)
 #: every multiprocessing start method (tests/conftest.py's ``mp_context`` fixture)
 START_METHODS = ("fork", "spawn", "forkserver")
@@ -87,3 +90,14 @@ def receive(conn: multiprocessing.connection.Connection) -> Any:
     """The next object a child sends on ``conn``; bounded."""
     assert conn.poll(WAIT), "watchdog: the child process sent nothing"
     return conn.recv()
+
+
+def assert_gone(pid: int) -> None:
+    """The process has exited and been reaped (no zombie left); bounded wait."""
+    try:
+        proc = psutil.Process(pid)
+        proc.wait(timeout=WAIT)
+    except psutil.NoSuchProcess:
+        return
+    except psutil.TimeoutExpired:
+        pytest.fail(f"process {pid} is still there: {proc.status()}")

@@ -37,7 +37,7 @@ from cancelflow import (
     ProcessPool,
     WorkerCrashedError,
 )
-from support import Announcements
+from support import Announcements, assert_gone
 
 T = TypeVar("T")
 WAIT = 30.0  # watchdog on every wait; never reached when the test passes
@@ -54,16 +54,6 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
     return asyncio.run(guarded())
 
-
-def assert_gone(pid: int) -> None:
-    """The process has exited and been reaped (no zombie left); bounded wait."""
-    try:
-        proc = psutil.Process(pid)
-        proc.wait(timeout=WAIT)
-    except psutil.NoSuchProcess:
-        return
-    except psutil.TimeoutExpired:
-        pytest.fail(f"process {pid} is still there: {proc.status()}")
 
 
 def assert_healed(pool: ProcessPool, size: int) -> None:

@@ -25,23 +25,9 @@ from cancelflow import (
     ProcessPool,
     WorkerCrashedError,
 )
-from support import Announcements
+from support import Announcements, assert_gone
 
 WAIT = 30  # watchdog for anything awaited in a test (never a measure of speed)
-
-
-def assert_gone(pid: int) -> None:
-    """The process has exited and been reaped (no zombie left)."""
-    try:
-        proc = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    try:
-        proc.wait(timeout=WAIT)
-    except psutil.NoSuchProcess:
-        return
-    except psutil.TimeoutExpired:
-        pytest.fail(f"process {pid} is still there: {proc.status()}")
 
 
 @pytest.fixture

@@ -32,19 +32,10 @@ from cancelflow import (
     WorkerCrashedError,
 )
 from cancelflow._platform import UnsafeSignalTarget, send_signal
-from support import WAIT, Announcements, wait_until
+from support import WAIT, Announcements, assert_gone, wait_until
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
-
-def assert_gone(pid: int) -> None:
-    """The process has exited and been reaped (no zombie left)."""
-    try:
-        psutil.Process(pid).wait(timeout=WAIT)
-    except psutil.NoSuchProcess:
-        return
-    except psutil.TimeoutExpired:
-        pytest.fail(f"process {pid} is still there")
 
 
 def run_script(
@@ -383,7 +374,7 @@ class TestCleanWorkers:
         with ProcessPool(1, grace_period=0, term_grace_period=WAIT) as p:
             first = p.submit(contractloads.set_sigterm, disposition).result(WAIT)
             announce = Announcements()
-            future = p.submit_task(contractloads.spin_with_finally, partial_sink=announce)
+            future = p.submit_task(workloads.announce_and_finish_in_finally, partial_sink=announce)
             assert announce.wait("pid") == first  # the same worker
             future.cancel()
             with pytest.raises(concurrent.futures.CancelledError):
