@@ -1020,10 +1020,7 @@ class ProcessPool(concurrent.futures.Executor):
             return  # the worker is dying; its pidfd will tell
         if sent < len(frame):
             worker.outbox += memoryview(frame)[sent:]
-            with contextlib.suppress(KeyError, ValueError):  # no longer watched: it is gone
-                self._selector.modify(
-                    worker.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, ("sock", worker)
-                )
+            self._watch_writable(worker, True)
 
     def _flush(self, worker: _WorkerHandle) -> None:
         if worker.sock.fileno() < 0:  # retired by an earlier event of the same select
@@ -1036,8 +1033,13 @@ class ProcessPool(concurrent.futures.Executor):
             sent = len(worker.outbox)  # dying: what it did not read is lost with it
         del worker.outbox[:sent]
         if not worker.outbox:
-            with contextlib.suppress(KeyError, ValueError):
-                self._selector.modify(worker.sock, selectors.EVENT_READ, ("sock", worker))
+            self._watch_writable(worker, False)
+
+    def _watch_writable(self, worker: _WorkerHandle, writable: bool) -> None:
+        """Have the selector report the worker's socket writable too, or no longer."""
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writable else 0)
+        with contextlib.suppress(KeyError, ValueError):  # no longer watched: it is gone
+            self._selector.modify(worker.sock, events, ("sock", worker))
 
     def _on_socket(self, worker: _WorkerHandle) -> None:
         if worker.sock.fileno() < 0:  # retired by an earlier event of the same select
