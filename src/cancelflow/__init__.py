@@ -28,6 +28,7 @@ from ._exceptions import (
     WorkerCrashedError as WorkerCrashedError,
 )
 from ._executor import PipelineExecutor as PipelineExecutor, PipelineResult as PipelineResult
+from ._fate import Fate as Fate
 from ._node import Node as Node, NodeContext as NodeContext
 from ._process_pool import (
     ProcessPool as ProcessPool,
@@ -53,6 +54,7 @@ __all__ = (
     "CancelledException",
     "DaskRunner",
     "EventBus",
+    "Fate",
     "Node",
     "NodeContext",
     "PipelineDefinitionError",

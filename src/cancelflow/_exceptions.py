@@ -31,6 +31,8 @@ from concurrent.futures.process import BrokenProcessPool
 from concurrent.futures.thread import BrokenThreadPool
 from typing import Any
 
+from ._fate import Fate
+
 __all__ = (
     "BrokenPoolError",
     "CancelflowError",
@@ -40,6 +42,7 @@ __all__ = (
     "PipelineTimeoutException",
     "PoolClosedError",
     "UnreadableResultError",
+    "Terminated",
     "WorkerCrashedError",
 )
 
@@ -78,10 +81,10 @@ class CancelledException(CancelflowError):
         self.wave_num = wave_num
         self.reason = reason
         #: for a pipeline: how each node that started ended (see ``PipelineResult``)
-        self.node_fates: dict[str, str] = {}
+        self.node_fates: dict[str, Fate] = {}
         #: for a single pool task: how it was stopped (``cancelled``, ``terminated``,
         #: ``killed``, ``abandoned``...), else ``None``
-        self.fate: str | None = None
+        self.fate: Fate | None = None
 
     def __str__(self) -> str:
         where = f" (at wave {self.wave_num})" if self.wave_num is not None else ""
@@ -148,7 +151,7 @@ class PipelineFailedException(CancelflowError):
         self.partial_results: dict[str, Any] = dict(partial_results or {})
         self.wave_num = wave_num
         #: how each node that started ended (see ``PipelineResult.node_fates``)
-        self.node_fates: dict[str, str] = {}
+        self.node_fates: dict[str, Fate] = {}
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
@@ -194,7 +197,10 @@ class WorkerCrashedError(CancelflowError, BrokenProcessPool):
         exitcode: the exit status if it exited, else ``None``.
         signal: the number of the signal that killed it, else ``None``.
         pid: the worker's process id.
+        fate: always ``"crashed"``.
     """
+
+    fate: Fate = Fate.CRASHED
 
     def __init__(
         self,
@@ -269,3 +275,11 @@ class BrokenPoolError(PoolClosedError, BrokenProcessPool, BrokenThreadPool):
 
 def _rebuild(cls: type[Exception], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Exception:
     return cls(*args, **kwargs)
+
+
+class Terminated(BaseException):
+    """Raised in a task when the pool sends SIGTERM (the ladder's second step).
+
+    A ``BaseException`` so that ``except Exception`` in user code does not swallow it;
+    ``finally`` blocks and context managers run.
+    """

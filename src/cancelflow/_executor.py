@@ -16,6 +16,7 @@ from ._exceptions import (
     PipelineTimeoutException,
     PoolClosedError,
 )
+from ._fate import Fate
 from ._log import safe_log
 from ._node import Node, NodeContext
 from ._registry import CancellationRegistry, CleanupHandler, _Entry
@@ -103,7 +104,7 @@ class PipelineResult:
     error: BaseException | None = None
     failed_node: str | None = None
     cleanup_errors: tuple[BaseException, ...] = ()
-    node_fates: dict[str, str] = field(default_factory=dict)
+    node_fates: dict[str, Fate] = field(default_factory=dict)
 
     @property
     def completed(self) -> bool:
@@ -641,7 +642,7 @@ class _Outcome:
     wave_num: int
     error: CancelledException | PipelineFailedException | None
     cleanup_errors: tuple[BaseException, ...] = ()
-    node_fates: dict[str, str] = field(default_factory=dict)
+    node_fates: dict[str, Fate] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -716,7 +717,7 @@ class _Run:
         self.claims: list[_Claim] = []
         #: how each node ended: finished / failed / cancelled / terminated / killed /
         #: crashed / abandoned / timed_out; nodes that never started are absent
-        self.fates: dict[str, str] = {}
+        self.fates: dict[str, Fate] = {}
         self.interrupt = CancellationToken(name=f"{self.pipeline_id}:interrupt")
         self.interrupted = False
         self.outputs: dict[str, Any] = {}
@@ -921,24 +922,24 @@ class _Run:
                     node.fn, ctx, token=node_run.token, partial_sink=node_run
                 )
         except asyncio.CancelledError as exc:
-            self.fates[node_id] = "timed_out" if node_run.timed_out is not None else "cancelled"
+            self.fates[node_id] = Fate.TIMED_OUT if node_run.timed_out is not None else Fate.CANCELLED
             if self.interrupted or node_run.timed_out is not None:
                 await self._node_stopped(node_run, "interrupted")
             else:  # not cancelled by us: something inside the node was cancelled
                 await self._node_failed(node_run, exc)
         except CancelledException as exc:
-            self.fates[node_id] = getattr(exc, "fate", None) or "cancelled"
-            if node_run.timed_out is not None and self.fates[node_id] == "cancelled":
-                self.fates[node_id] = "timed_out"
+            self.fates[node_id] = exc.fate or Fate.CANCELLED
+            if node_run.timed_out is not None and self.fates[node_id] == Fate.CANCELLED:
+                self.fates[node_id] = Fate.TIMED_OUT
             if node_run.timed_out is None and not node_run.token.is_cancelled:
                 await self._node_failed(node_run, exc)  # raised by the node on its own
             else:
                 await self._node_stopped(node_run, exc.reason)
         except Exception as exc:  # noqa: BLE001 - a node's error ends the run, reported
-            self.fates[node_id] = getattr(exc, "fate", None) or "failed"
+            self.fates[node_id] = Fate(getattr(exc, "fate", None) or Fate.FAILED)
             await self._node_failed(node_run, exc)
         else:
-            self.fates[node_id] = "finished"
+            self.fates[node_id] = Fate.FINISHED
             self.outputs[node_id] = value
             self.entry.partials[node_id] = value
             if emitting:
@@ -967,7 +968,7 @@ class _Run:
                 wave_num=node_run.wave_num,
                 run_in=node.run_in,
                 reason=self.interrupt.cancel_reason or reason,
-                fate=self.fates.get(node.id, "cancelled"),
+                fate=self.fates.get(node.id, Fate.CANCELLED),
             )
 
     async def _node_failed(self, node_run: _NodeRun, error: BaseException) -> None:
@@ -995,7 +996,7 @@ class _Run:
                 wave_num=node_run.wave_num,
                 run_in=node.run_in,
                 error=error,
-                fate=self.fates.get(node.id, "failed"),
+                fate=self.fates.get(node.id, Fate.FAILED),
             )
 
     # -- ending ----------------------------------------------------------------------------

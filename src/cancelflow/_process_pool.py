@@ -44,6 +44,7 @@ from ._exceptions import (
     UnreadableResultError,
     WorkerCrashedError,
 )
+from ._fate import Fate
 from ._log import safe_log
 from ._platform import pidfd_open, send_signal
 from ._token import CancellationToken
@@ -67,8 +68,6 @@ _SLOT = _cell.SLOT_SIZE
 _seq = itertools.count(1)
 _pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
 
-#: Fates a task can end with (``TaskFuture.fate``).
-FATES = ("pending", "running", "finished", "failed", "cancelled", "terminated", "killed", "crashed")
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,7 @@ class TaskFuture(concurrent.futures.Future[Any]):
     """The future of one :class:`ProcessPool` task, whose :meth:`cancel` works while it runs.
 
     Attributes:
-        fate: how the task ended (one of ``FATES``): ``finished``, ``failed`` (raised),
+        fate: how the task ended (a :class:`Fate`): ``finished``, ``failed`` (raised),
             ``cancelled`` (stopped before starting, or returned/raised after being asked
             through its token), ``terminated`` (SIGTERM became an exception in the task and
             its ``finally`` blocks ran), ``killed`` (SIGKILL, with its process tree),
@@ -102,7 +101,7 @@ class TaskFuture(concurrent.futures.Future[Any]):
 
     def __init__(self) -> None:
         super().__init__()
-        self.fate = "pending"
+        self.fate = Fate.PENDING
         self.cancel_reason: str | None = None
         self.partial_results: dict[str, Any] = {}
         self.pid: int | None = None
@@ -433,7 +432,7 @@ class ProcessPool(concurrent.futures.Executor):
             if original is not exc:
                 original.add_note(str(exc))
             future = TaskFuture()
-            future.fate = "failed"
+            future.fate = Fate.FAILED
             future.set_exception(original)
             return future
 
@@ -521,7 +520,7 @@ class ProcessPool(concurrent.futures.Executor):
         future._pooled = True
         if token is not None and token.is_cancelled:
             task.stop_kind, task.stop_reason = "cancel", token.cancel_reason
-            self._finish(task, "cancelled")
+            self._finish(task, Fate.CANCELLED)
             return future
         with self._lock:
             self._check_open()
@@ -722,7 +721,7 @@ class ProcessPool(concurrent.futures.Executor):
                 return True
             task.dropped = True
             task.stop_kind, task.stop_reason = kind, reason
-        self._finish(task, "cancelled")
+        self._finish(task, Fate.CANCELLED)
         return True
 
     def _claim(self, task: _Task, worker: _WorkerHandle) -> bool:
@@ -812,7 +811,7 @@ class ProcessPool(concurrent.futures.Executor):
         if task.error is None:
             task.error = error
         if task.worker is None or task.worker.task is not task:
-            self._finish(task, "failed", error=task.error)
+            self._finish(task, Fate.FAILED, error=task.error)
         else:
             self._stop(task, "error", f"the pool could not handle the task: {error!r}")
 
@@ -1123,7 +1122,7 @@ class ProcessPool(concurrent.futures.Executor):
                 worker.state = "idle"
             self._stats["completed"] += 1
             if outcome == "terminated":
-                self._finish(task, "terminated")
+                self._finish(task, Fate.TERMINATED)
                 return
             try:
                 value = pickle.loads(blob)
@@ -1135,23 +1134,23 @@ class ProcessPool(concurrent.futures.Executor):
                     remote_text=text if outcome != "ok" else f"a {text} value",
                 )
                 error.__cause__ = exc
-                self._finish(task, "failed", error=error)
+                self._finish(task, Fate.FAILED, error=error)
                 return
             if outcome == "ok":
                 if task.stop_kind == "future":
-                    self._finish(task, "cancelled")
+                    self._finish(task, Fate.CANCELLED)
                 else:
-                    self._finish(task, "finished", value=value)
+                    self._finish(task, Fate.FINISHED, value=value)
             elif isinstance(value, CancelledException) and (
                 task.stop_kind is not None or worker.slot.is_cancelled
             ):
                 if task.stop_kind is None:
                     task.stop_kind, task.stop_reason = "cancel", worker.slot.cancel_reason
-                self._finish(task, "cancelled")
+                self._finish(task, Fate.CANCELLED)
             else:
                 if text and isinstance(value, BaseException):
                     value.__cause__ = _RemoteTraceback(text)
-                self._finish(task, "failed", error=value)
+                self._finish(task, Fate.FAILED, error=value)
 
     # -- dispatch ------------------------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -1170,7 +1169,7 @@ class ProcessPool(concurrent.futures.Executor):
             worker.task = task
             worker.slot.reset()
             task.future.pid = worker.pid
-            task.future.fate = "running"
+            task.future.fate = Fate.RUNNING
             self._send_to(worker, encode(("task", task.seq, task.payload)))
             if task.timeout is not None:
                 self._at(task.timeout, self._on_timeout, task)
@@ -1292,15 +1291,15 @@ class ProcessPool(concurrent.futures.Executor):
                 error = WorkerCrashedError(
                     f"worker {worker.pid} was stopped: {worker.lost}", pid=worker.pid
                 )
-                self._finish(task, "crashed", error=error)
+                self._finish(task, Fate.CRASHED, error=error)
             elif task.stage >= 2 or (task.stop_kind is not None and worker.status is None):
                 # Stopped by us, and it never said "terminated": its finally did not run.
-                self._finish(task, "killed")
+                self._finish(task, Fate.KILLED)
             elif task.stop_kind is not None and task.stop_kind != "shutdown":
-                self._finish(task, "killed")
+                self._finish(task, Fate.KILLED)
             else:
                 self._stats["crashed"] += 1
-                self._finish(task, "crashed", error=_crash_error(worker))
+                self._finish(task, Fate.CRASHED, error=_crash_error(worker))
         worker.drop_views()
         if self._workers.get(worker.index) is worker and self._broken is None:
             self._stats["replaced"] += 1
@@ -1316,7 +1315,7 @@ class ProcessPool(concurrent.futures.Executor):
 
     # -- endings -------------------------------------------------------------------------------
     def _finish(
-        self, task: _Task, fate: str, *, value: Any = None, error: BaseException | None = None
+        self, task: _Task, fate: Fate, *, value: Any = None, error: BaseException | None = None
     ) -> None:
         if task.done:
             return
@@ -1330,12 +1329,12 @@ class ProcessPool(concurrent.futures.Executor):
         future = task.future
         if task.error is not None:  # a message of the task could not be handled
             error = task.error
-            if fate in ("finished", "failed", "cancelled") and task.stop_kind in (None, "error"):
-                fate = "failed"
+            if fate in (Fate.FINISHED, Fate.FAILED, Fate.CANCELLED) and task.stop_kind in (None, "error"):
+                fate = Fate.FAILED
         future.fate = fate
         future.partial_results = dict(task.partials)
         future.cancel_reason = task.stop_reason
-        if fate not in ("finished", "failed"):
+        if fate not in (Fate.FINISHED, Fate.FAILED):
             safe_log(
                 "INFO",
                 f"task {task.seq} {fate}" + (f": {task.stop_reason}" if task.stop_reason else ""),
@@ -1344,12 +1343,10 @@ class ProcessPool(concurrent.futures.Executor):
             )
         if task.error is not None:
             future.set_exception(task.error)
-        elif fate == "finished":
+        elif fate == Fate.FINISHED:
             future.set_result(value)
-        elif fate in ("failed", "crashed"):
+        elif fate in (Fate.FAILED, Fate.CRASHED):
             assert error is not None
-            if fate == "crashed":
-                error.fate = "crashed"  # type: ignore[attr-defined]
             future.set_exception(error)
         elif task.stop_kind == "future":
             future._settle_cancelled()
@@ -1383,10 +1380,10 @@ class ProcessPool(concurrent.futures.Executor):
                 if task.worker is not None or task.done or task.dropped:
                     continue
                 task.dropped = True
-            self._finish(task, "failed", error=error)
+            self._finish(task, Fate.FAILED, error=error)
         for worker in list(self._workers.values()):
             if worker.task is not None:
-                self._finish(worker.task, "failed", error=error)
+                self._finish(worker.task, Fate.FAILED, error=error)
 
     def _closing_done(self) -> bool:
         """Whether the supervisor can end: shut down (or broken) and no task left."""

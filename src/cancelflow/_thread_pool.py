@@ -29,7 +29,7 @@ from concurrent.futures._base import (
     RUNNING,
 )
 from dataclasses import dataclass
-from typing import Any, Literal, ParamSpec, TypeVar, TypeVarTuple
+from typing import Any, ParamSpec, TypeVar, TypeVarTuple
 
 from . import _interpreter_exit, _timer
 from ._context import PartialSink, task_scope
@@ -39,17 +39,17 @@ from ._exceptions import (
     PipelineTimeoutException,
     PoolClosedError,
 )
+from ._fate import Fate
 from ._log import safe_log
 from ._token import CancellationToken
 from ._validate import check_seconds as _check_timeout
 
-__all__ = ("TaskFate", "ThreadTaskFuture", "ThreadPool", "ThreadPoolStatistics")
+__all__ = ("ThreadTaskFuture", "ThreadPool", "ThreadPoolStatistics")
 
 T = TypeVar("T")
 P = ParamSpec("P")
 PosArgsT = TypeVarTuple("PosArgsT")
 
-TaskFate = Literal["pending", "running", "finished", "failed", "cancelled", "abandoned"]
 
 _EMPTY_CONTEXT = contextvars.Context()
 _pool_ids = itertools.count(1)
@@ -173,7 +173,7 @@ class _WorkItem:
         self.future: ThreadTaskFuture[Any] = ThreadTaskFuture()
         self.future._item = self
         self.worker: _Worker | None = None
-        self.fate: TaskFate = "pending"
+        self.fate: Fate = Fate.PENDING
         self.started = False
         self.returned = False
         self.cancel_as_future = False
@@ -245,7 +245,7 @@ class ThreadTaskFuture(Future[T]):
     """
 
     _item: _WorkItem | None = None
-    _bare_fate: TaskFate | None = None
+    _bare_fate: Fate | None = None
 
     def cancel(self) -> bool:
         """Cancel the task, queued or running; ``False`` only if the future was already done.
@@ -265,7 +265,7 @@ class ThreadTaskFuture(Future[T]):
         return item.pool._cancel_as_future(item, "future cancelled")
 
     @property
-    def fate(self) -> TaskFate:
+    def fate(self) -> Fate:
         """What the task's thread did, as far as is known now (read-only, never blocks).
 
         ``"pending"`` (queued), ``"running"``, ``"finished"`` (returned a value),
@@ -276,7 +276,7 @@ class ThreadTaskFuture(Future[T]):
         """
         item = self._item
         if item is None:
-            return self._bare_fate or ("finished" if self.done() else "pending")
+            return self._bare_fate or (Fate.FINISHED if self.done() else Fate.PENDING)
         with self._condition:
             return item.fate
 
@@ -930,7 +930,7 @@ class ThreadPool(Executor):
             future._state = RUNNING
             item.started = True
             item.worker = worker
-            item.fate = "running"
+            item.fate = Fate.RUNNING
         if item.timeout is not None:
             item.timeout_handle = _timer.call_at(
                 time.monotonic() + item.timeout, functools.partial(_fire_timeout, item)
@@ -966,18 +966,18 @@ class ThreadPool(Executor):
             item.worker = None
             if item.token.is_cancelled:
                 settled = self._settle_locked(item)
-                if item.fate != "abandoned":
-                    item.fate = "cancelled"
+                if item.fate != Fate.ABANDONED:
+                    item.fate = Fate.CANCELLED
             elif future._state in (PENDING, RUNNING):
                 resolved = True
                 if outcome.exc is not None:
                     future._exception = outcome.exc
-                    item.fate = "failed"
+                    item.fate = Fate.FAILED
                     for waiter in future._waiters:
                         waiter.add_exception(future)
                 else:
                     future._result = outcome.value
-                    item.fate = "finished"
+                    item.fate = Fate.FINISHED
                     for waiter in future._waiters:
                         waiter.add_result(future)
                 future._state = FINISHED
@@ -1036,7 +1036,7 @@ class ThreadPool(Executor):
                 return
             future._exception = error
             future._state = FINISHED
-            item.fate = "failed"
+            item.fate = Fate.FAILED
             _drop_call(item)
             for waiter in future._waiters:
                 waiter.add_exception(future)
@@ -1092,7 +1092,7 @@ class ThreadPool(Executor):
         if future._state not in (PENDING, RUNNING):
             return False
         if future._state == PENDING:
-            item.fate = "cancelled"
+            item.fate = Fate.CANCELLED
             _drop_call(item)  # it will never run: _start checks the state under this lock
         if item.cancel_as_future:
             future._state = CANCELLED_AND_NOTIFIED
@@ -1129,7 +1129,7 @@ class ThreadPool(Executor):
                 self._abandoned_total += 1
                 self._abandoned_running += 1
                 with item.future._condition:
-                    item.fate = "abandoned"
+                    item.fate = Fate.ABANDONED
                 self._spawn_if_needed()
                 self._cond.notify_all()
         thread = worker.thread.name if worker.thread is not None else None
@@ -1227,7 +1227,7 @@ def _failed_future(token: CancellationToken) -> ThreadTaskFuture[Any]:
     """The future of a task refused because ``token`` was already cancelled."""
     reason = token.cancel_reason
     future: ThreadTaskFuture[Any] = ThreadTaskFuture()
-    future._bare_fate = "cancelled"
+    future._bare_fate = Fate.CANCELLED
     future.set_exception(CancelledException(reason or "operation cancelled", reason=reason))
     return future
 

@@ -60,7 +60,7 @@ from typing import Any
 
 from . import _cell, _context
 from ._channel import encode, recv_frame
-from ._exceptions import CancelledException, UnreadableResultError
+from ._exceptions import CancelledException, Terminated, UnreadableResultError
 from ._platform import (
     children,
     descendants,
@@ -84,14 +84,6 @@ class Control(ctypes.Structure):
         ("critical_until", ctypes.c_double),  # CLOCK_MONOTONIC deadline, 0 = none
         ("pid", ctypes.c_int32),
     )
-
-
-class Terminated(BaseException):
-    """Raised in a task when the pool sends SIGTERM (the ladder's second step).
-
-    A ``BaseException`` so that ``except Exception`` in user code does not swallow it;
-    ``finally`` blocks and context managers run.
-    """
 
 
 class _State:

@@ -54,6 +54,7 @@ from distributed import WorkerPlugin, get_worker
 
 from .._context import task_scope
 from .._exceptions import CancelledException, PipelineTimeoutException, WorkerCrashedError
+from .._fate import Fate
 from .._log import safe_log
 from .._platform import descendants, pidfd_open, send_signal
 from .._process_pool import ProcessPool
@@ -362,14 +363,14 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
         try:
             blob = future.result()
         except concurrent.futures.CancelledError:
-            raise _cancelled(remote.kill_reason, future.partial_results, "killed") from None
+            raise _cancelled(remote.kill_reason, future.partial_results, Fate.KILLED) from None
         except WorkerCrashedError:
             if remote.killed:
-                raise _cancelled(remote.kill_reason, future.partial_results, "killed") from None
+                raise _cancelled(remote.kill_reason, future.partial_results, Fate.KILLED) from None
             raise
         except CancelledException as exc:
             if remote.killed and not isinstance(exc, PipelineTimeoutException):
-                raise _cancelled(remote.kill_reason, future.partial_results, "killed") from None
+                raise _cancelled(remote.kill_reason, future.partial_results, Fate.KILLED) from None
             raise
         finally:
             self._await_tree(remote)
@@ -457,7 +458,7 @@ class _Stopped(Exception):
 
 
 def _cancelled(
-    reason: str | None, partials: dict[str, Any], fate: str = "cancelled"
+    reason: str | None, partials: dict[str, Any], fate: Fate = Fate.CANCELLED
 ) -> CancelledException:
     error = CancelledException(
         f"task {fate}: {reason}" if reason else f"task {fate}", partials, reason=reason
