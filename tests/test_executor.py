@@ -574,7 +574,7 @@ class TestPipelineExecutor:
         """Test that an interrupt stops a process node that ignores its token, and that what
         it stored before is in partial_results."""
         process_pool = pytest.importorskip(
-            "cancelflow._process_pool", reason="process pool not yet available"
+            "cancelflow._process", reason="process pool not yet available"
         )
 
         pool = process_pool.ProcessPool(1, grace_period=0.05, term_grace_period=0.1)
@@ -600,7 +600,7 @@ class TestPipelineExecutor:
 
     def test_process_node_completes(self) -> None:
         """Test that a process node gets its inputs and returns its output."""
-        pytest.importorskip("cancelflow._process_pool", reason="process pool not yet available")
+        pytest.importorskip("cancelflow._process", reason="process pool not yet available")
 
         async def main() -> dict[str, Any]:
             async with PipelineExecutor() as executor:

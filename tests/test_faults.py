@@ -579,4 +579,4 @@ class TestNoManagerProcess:
         assert outcome.result.results["fault.pid"] == int(outcome.beacon or 0)
         (cmdlines,) = census
         assert len(cmdlines) == 3  # the zygote and two workers, forked from it
-        assert all("cancelflow._worker import zygote_main" in cmd for cmd in cmdlines)
+        assert all("cancelflow._process._zygote import zygote_main" in cmd for cmd in cmdlines)

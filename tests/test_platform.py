@@ -9,8 +9,14 @@ import threading
 
 import pytest
 
-from cancelflow import _platform
-from cancelflow._platform import HAVE_FUTEX, futex_wait, futex_wake, pidfd_open, set_child_subreaper
+from cancelflow._platform import (
+    HAVE_FUTEX,
+    _wake,
+    futex_wait,
+    futex_wake,
+    pidfd_open,
+    set_child_subreaper,
+)
 
 WATCHDOG = 30.0
 
@@ -112,14 +118,14 @@ class TestFutex:
 
     def test_fallback_wait_returns(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Test that without a futex, futex_wait() still returns (a bounded sleep)."""
-        monkeypatch.setattr(_platform, "HAVE_FUTEX", False)
+        monkeypatch.setattr(_wake, "HAVE_FUTEX", False)
         word = _word(0)
         futex_wait(ctypes.addressof(word), 0, None)
         futex_wait(ctypes.addressof(word), 0, 0.001)
 
     def test_fallback_wake_is_noop(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Test that without a futex, futex_wake() does nothing and does not fail."""
-        monkeypatch.setattr(_platform, "HAVE_FUTEX", False)
+        monkeypatch.setattr(_wake, "HAVE_FUTEX", False)
         word = _word(0)
         futex_wake(ctypes.addressof(word))
 

@@ -174,10 +174,10 @@ class TestUnreadableMessages:
         def explode() -> None:
             raise RuntimeError("supervisor bug")
 
-        p._post(("boom",))
-        p._on_command = lambda command: explode()  # type: ignore[method-assign]
-        p._post(("boom",))
-        p._closed.wait(WAIT)
+        p._supervisor.post(("boom",))
+        p._supervisor._on_command = lambda command: explode()  # type: ignore[method-assign]
+        p._supervisor.post(("boom",))
+        p._supervisor.closed.wait(WAIT)
         assert "broken" in repr(p)
         with pytest.raises(BrokenPoolError):
             p.submit(contractloads.square, 1)
@@ -194,10 +194,10 @@ class TestWorkerPid:
         cancelling the task stops that worker (regression: pid 0 signalled the owner's
         whole process group)."""
         with ProcessPool(1, grace_period=0, term_grace_period=0) as p:
-            original = p._on_zygote
+            original = p._supervisor._on_zygote
 
             def drop_spawned() -> None:
-                sock = p._zygote_sock
+                sock = p._supervisor._zygote_sock
                 assert sock is not None
                 data = sock.recv(1 << 20, socket_peek())
                 if b"spawned" in data:
@@ -205,7 +205,7 @@ class TestWorkerPid:
                     return
                 original()
 
-            p._on_zygote = drop_spawned  # type: ignore[method-assign]
+            p._supervisor._on_zygote = drop_spawned  # type: ignore[method-assign]
             announce = Announcements()
             future = p.submit_task(workloads.announce_and_spin, partial_sink=announce)
             worker_pid = announce.wait("pid")
@@ -265,7 +265,7 @@ class TestSignalHandlerCancel:
                         signal.raise_signal(signal.SIGUSR1)  # the lock is held here
                         super().append(item)
 
-                pool._queue = Interrupting(pool._queue)
+                pool._supervisor.queue = Interrupting(pool._supervisor.queue)
                 after = pool.submit(contractloads.square, 3)
                 blocker.cancel()
             print(victim.cancelled() or type(victim.exception()).__name__, after.result())
@@ -324,7 +324,7 @@ class TestFork:
                     if child == 0:
                         time.sleep(60)
                         os._exit(0)
-                    print(pool._zygote.pid, child, flush=True)
+                    print(pool._supervisor._zygote.pid, child, flush=True)
                     sys.stdin.read()
                     """
                 ),
@@ -434,7 +434,7 @@ class TestForkingWhileKilled:
             with pytest.raises(concurrent.futures.CancelledError):
                 future.result(WAIT)
             assert p.wait_ready(WAIT)  # the replacement worker too has its pid known
-            zygote = psutil.Process(p._zygote.pid)
+            zygote = psutil.Process(p._supervisor._zygote.pid)
             workers = set(p.statistics().worker_pids)
             strays = [child.pid for child in zygote.children() if child.pid not in workers]
             assert strays == []
@@ -681,7 +681,7 @@ class TestHostileReview:
                     if __name__ == "__main__":
                         pool = ProcessPool(2)
                         assert pool.wait_ready(30)
-                        pids = [pool._zygote.pid, *pool.statistics().worker_pids]
+                        pids = [pool._supervisor._zygote.pid, *pool.statistics().worker_pids]
                         print(*pids, flush=True)
                         sys.stdin.read()
                     """
@@ -718,7 +718,7 @@ class TestHostileReview:
         worker the pool ended itself counted as a failed start, breaking it)."""
         with ProcessPool(12) as p:
             assert p.wait_ready(WAIT)
-            os.kill(p._zygote.pid, signal.SIGKILL)
+            os.kill(p._supervisor._zygote.pid, signal.SIGKILL)
             for _ in range(3):  # a task that races the death fails with its worker
                 try:
                     assert p.submit(contractloads.square, 5).result(WAIT) == 25
@@ -809,7 +809,7 @@ class TestHostileReview:
             future = p.submit_task(workloads.announce_and_spin, partial_sink=announce)
             announce.wait("pid")
             assert future.cancel()
-            os.kill(p._zygote.pid, signal.SIGKILL)
+            os.kill(p._supervisor._zygote.pid, signal.SIGKILL)
             with pytest.raises(concurrent.futures.CancelledError):
                 future.result(WAIT)
             assert future.cancelled()
@@ -824,14 +824,15 @@ class TestSupervisorEvents:
         supervisor and broke the pool)."""
         import socket
 
-        from cancelflow._process_pool import _WorkerHandle
+        from cancelflow._process._protocol import Control
+        from cancelflow._process._supervisor import WorkerHandle
 
         with ProcessPool(1) as p:
             ours, theirs = socket.socketpair()
             theirs.close()
-            retired = _WorkerHandle(p, 0, ours)
+            retired = WorkerHandle(0, ours, CancellationToken(), Control())
             ours.close()
-            p._on_socket(retired)  # what the supervisor does with the late event
+            p._supervisor._on_socket(retired)  # what the supervisor does with the late event
             assert p.submit(contractloads.square, 3).result(WAIT) == 9
 
 

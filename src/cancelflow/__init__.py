@@ -30,7 +30,7 @@ from ._exceptions import (
 from ._executor import PipelineExecutor as PipelineExecutor, PipelineResult as PipelineResult
 from ._fate import Fate as Fate
 from ._node import Node as Node, NodeContext as NodeContext
-from ._process_pool import (
+from ._process import (
     ProcessPool as ProcessPool,
     ProcessPoolStatistics as ProcessPoolStatistics,
     TaskFuture as TaskFuture,

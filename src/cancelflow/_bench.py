@@ -926,7 +926,7 @@ class CancelflowProcs(SyncProcs):
     via_sink = True
 
     def open(self, workers: int) -> None:
-        from ._process_pool import ProcessPool
+        from ._process import ProcessPool
 
         self.pool = ProcessPool(workers, grace_period=0, term_grace_period=0, name="bench")
         self.pool.wait_ready(60)

@@ -47,7 +47,7 @@ from . import _demo_nodes as demo_nodes
 from ._events import PipelineEvent
 from ._executor import PipelineExecutor, PipelineResult
 from ._node import Node, NodeContext
-from ._process_pool import ProcessPool, TaskFuture
+from ._process import ProcessPool, TaskFuture
 from ._thread_pool import ThreadPool
 from ._token import CancellationToken
 from ._version import __version__

@@ -487,7 +487,7 @@ class PipelineExecutor:
                 self._owned_pools.append(self._thread_pool)
             return self._thread_pool
         if self._process_pool is None:
-            from ._process_pool import ProcessPool
+            from ._process import ProcessPool
 
             self._process_pool = ProcessPool()
             self._owned_pools.append(self._process_pool)

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ._process_pool import ProcessPool
+from ._process import ProcessPool
 from ._token import CancellationToken
 
 __all__ = ("current_default_process_pool", "run_sync", "shutdown_default_pool")

@@ -42,10 +42,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
-import selectors
-import signal
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,11 +52,9 @@ from distributed import WorkerPlugin, get_worker
 from .._context import task_scope
 from .._exceptions import CancelledException, PipelineTimeoutException, WorkerCrashedError
 from .._fate import Fate
-from .._log import safe_log
-from .._platform import descendants, pidfd_open, send_signal
-from .._process_pool import ProcessPool
+from .._platform import descendants
+from .._process import ProcessPool, TaskFuture
 from .._token import CancellationToken
-from .._worker import kill_tree_of
 from . import _dask_child
 
 __all__ = (
@@ -82,10 +77,6 @@ HANDLER = "cancelflow"
 REASON_PATH = "cancelflow-run-reason"
 #: Seconds one long-poll of a run's Event may block on the scheduler before it is renewed.
 LONG_POLL = 10.0
-#: Seconds a killed tree may take to be confirmed gone before the task gives up waiting.
-_REAP_PATIENCE = 10.0
-
-
 @dataclass(eq=False)
 class _Remote:
     """One executing cancelflow task on this worker."""
@@ -94,13 +85,12 @@ class _Remote:
     mode: str
     token: CancellationToken
     run: _RunWatch | None
-    pool_future: Any = None  # the pool's TaskFuture, once submitted
+    pool_future: TaskFuture | None = None  # once submitted
     killed: bool = False
     kill_reason: str | None = None
     timed_out: bool = False
     grace: float = 0.0
     term_grace: float = 0.0
-    tree_fds: list[int] = field(default_factory=list)
     partials: dict[str, Any] = field(default_factory=dict)
 
 
@@ -232,21 +222,10 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
         if first and future is not None:
             self._kill_child(remote, future)
 
-    def _kill_child(self, remote: _Remote, future: Any) -> None:
-        pid = future.pid
-        if pid is None or future.done():
-            return  # still queued in the pool (the token drops it) or already over
-        if not send_signal(pid, signal.SIGSTOP):
-            return
-        if future.done():  # it finished just now: the child may already serve another task
-            send_signal(pid, signal.SIGCONT)
-            return
-        tree = [pid, *descendants(pid)]
-        fds = [fd for fd in (pidfd_open(p) for p in tree) if fd is not None]
-        kill_tree_of(pid)
-        send_signal(pid, signal.SIGKILL)
-        with self.lock:
-            remote.tree_fds.extend(fds)
+    def _kill_child(self, remote: _Remote, future: TaskFuture) -> None:
+        """Kill the child's whole tree now (the pool's one kill path, no grace): the
+        future settles once the child and every process of its tree are gone."""
+        future.kill(remote.kill_reason)
 
     # -- runs ----------------------------------------------------------------------------
     def _join_run(self, name: str) -> _RunWatch:
@@ -372,35 +351,7 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
             if remote.killed and not isinstance(exc, PipelineTimeoutException):
                 raise _cancelled(remote.kill_reason, future.partial_results, Fate.KILLED) from None
             raise
-        finally:
-            self._await_tree(remote)
         return _dask_child.load_value(blob)
-
-    def _await_tree(self, remote: _Remote) -> None:
-        """Block until every process of a killed tree has exited (pidfds readable)."""
-        with self.lock:
-            fds, remote.tree_fds = remote.tree_fds, []
-        if not fds:
-            return
-        selector = selectors.DefaultSelector()
-        try:
-            for fd in fds:
-                selector.register(fd, selectors.EVENT_READ)
-            deadline = time.monotonic() + _REAP_PATIENCE
-            pending = len(fds)
-            while pending:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    safe_log("ERROR", "a killed process tree is not gone yet", key=remote.key)
-                    break
-                for selector_key, _ in selector.select(remaining):
-                    selector.unregister(selector_key.fileobj)
-                    pending -= 1
-        finally:
-            selector.close()
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
 
     def _run_here(
         self, remote: _Remote, spec: dict[str, Any], sink: Callable[[str, Any], None]
@@ -597,9 +548,8 @@ def worker_census(*, dask_worker: Any) -> dict[str, Any]:
         pool.wait_ready(5.0)  # a killed child's replacement may still be starting
         stats = pool.statistics()
         expected.update(stats.worker_pids)
-        zygote = getattr(pool, "_zygote", None)
-        if zygote is not None:
-            expected.add(zygote.pid)
+        if stats.zygote_pid is not None:
+            expected.add(stats.zygote_pid)
     extra = [
         _describe(pid)
         for pid in descendants(os.getpid())

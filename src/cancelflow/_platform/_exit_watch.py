@@ -1,0 +1,26 @@
+"""Watch a process exit without polling: a pidfd, readable once the process is gone."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+__all__ = ("pidfd_open",)
+
+
+def pidfd_open(pid: int) -> int | None:
+    """Return a descriptor that is readable once ``pid`` has exited, or ``None``.
+
+    ``None`` means the platform has no pidfd or the process is already gone
+    (``ESRCH``); the caller then falls back to ``waitpid``.
+    """
+    opener = getattr(os, "pidfd_open", None)
+    if opener is None:
+        return None
+    try:
+        fd: int = opener(pid)
+    except OSError as exc:
+        if exc.errno in (errno.ESRCH, errno.ENOSYS, errno.EPERM):
+            return None
+        raise
+    return fd

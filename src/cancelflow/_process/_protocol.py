@@ -1,0 +1,229 @@
+"""What the pool's processes say to each other, and the memory they share.
+
+Every message is a small :class:`~typing.NamedTuple`, so a type checker follows each one
+from the line that sends it to the ``match`` that handles it. On the wire a message is a
+plain tuple ``(kind, *fields)`` of builtins (:func:`wire`; :func:`read` turns it back), so
+the frame that carries a task's value can always be unpickled by the other side: a
+value that cannot travels inside as its own pickle (a ``blob``) and fails its task alone.
+
+Two channels:
+
+* parent <-> zygote: one pickled record per ``SOCK_SEQPACKET`` datagram, descriptors
+  passed beside it (:func:`send_record` / :func:`recv_record`);
+* parent <-> worker: length-prefixed frames on a stream socket per worker
+  (:mod:`._channel`).
+
+Shared memory: each worker has a token slot (the task's cancel flag and reason) and a
+:class:`Control` block in the pool's chunk, both written without asking the other side.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import pickle
+import socket
+from typing import Any, Literal, NamedTuple
+
+__all__ = (
+    "TASK_TOKEN_ID",
+    "Cancel",
+    "Control",
+    "InitFailed",
+    "Outcome",
+    "Partial",
+    "PrepareFailed",
+    "Ready",
+    "Result",
+    "Retire",
+    "RunTask",
+    "Setup",
+    "Spawn",
+    "Spawned",
+    "Sweep",
+    "Swept",
+    "WorkerMessage",
+    "ZygoteMessage",
+    "ZygoteReady",
+    "read",
+    "recv_record",
+    "send_record",
+    "wire",
+)
+
+#: the persistent id under which a task's own token travels inside its payload
+TASK_TOKEN_ID = "cancelflow.task-token"
+
+
+class Control(ctypes.Structure):
+    """Per-worker words the parent reads without asking the worker."""
+
+    _fields_ = (
+        ("critical_until", ctypes.c_double),  # CLOCK_MONOTONIC deadline, 0 = none
+        ("pid", ctypes.c_int32),
+    )
+
+
+# -- parent -> worker ----------------------------------------------------------------------
+class RunTask(NamedTuple):
+    """Run this task: ``payload`` is the pickled ``(fn, args, kwargs)``."""
+
+    seq: int
+    payload: bytes
+
+
+# -- worker -> parent ----------------------------------------------------------------------
+class Ready(NamedTuple):
+    """The worker's initializer ran; it takes tasks from now on."""
+
+    pid: int
+
+
+class InitFailed(NamedTuple):
+    """The pool's ``initializer`` raised in this worker (the pool breaks)."""
+
+    pid: int
+    text: str
+    traceback: str
+
+
+class Retire(NamedTuple):
+    """Task ``seq`` changed the worker for good: it takes no more tasks and exits."""
+
+    seq: int
+    why: str
+
+
+class Partial(NamedTuple):
+    """Task ``seq`` stored ``key`` (the value pickled in ``blob``)."""
+
+    seq: int
+    key: str
+    blob: bytes
+    type_name: str
+
+
+class Cancel(NamedTuple):
+    """Task ``seq`` cancelled its own token."""
+
+    seq: int
+    reason: str | None
+
+
+Outcome = Literal["ok", "error", "terminated"]
+
+
+class Result(NamedTuple):
+    """Task ``seq`` ended: returned (``ok``), raised (``error``) or took SIGTERM.
+
+    ``blob`` is the value or exception pickled on its own (``None`` when terminated);
+    ``text`` is the worker's traceback text of an exception, or the value's type name.
+    """
+
+    seq: int
+    outcome: Outcome
+    blob: bytes | None
+    text: str
+
+
+WorkerMessage = Ready | InitFailed | Retire | Partial | Cancel | Result
+
+
+# -- parent -> zygote ----------------------------------------------------------------------
+class Setup(NamedTuple):
+    """The setup file (spawn's preparation data, the pool's options) is the passed fd."""
+
+
+class Spawn(NamedTuple):
+    """Fork worker number ``worker``; its socket is the passed fd; its token slot and
+    control block are at these offsets of the chunk."""
+
+    worker: int
+    token_offset: int
+    control_offset: int
+
+
+class Sweep(NamedTuple):
+    """Worker ``pid`` died: reap it and kill every stray left of its tree."""
+
+    pid: int
+
+
+# -- zygote -> parent ----------------------------------------------------------------------
+class ZygoteReady(NamedTuple):
+    """The zygote imported ``__main__`` and takes spawn requests."""
+
+    pid: int
+
+
+class Spawned(NamedTuple):
+    """Worker number ``worker`` was forked as ``pid``."""
+
+    worker: int
+    pid: int
+
+
+class Swept(NamedTuple):
+    """Worker ``pid`` was reaped with ``status`` (``None``: unknown); ``strays`` processes
+    left of its tree were killed."""
+
+    pid: int
+    status: int | None
+    strays: int
+
+
+class PrepareFailed(NamedTuple):
+    """The zygote could not import ``__main__`` (tasks defined there will fail)."""
+
+    text: str
+
+
+ZygoteMessage = ZygoteReady | Spawned | Swept | PrepareFailed
+
+_CLASSES: dict[str, Any] = {
+    "task": RunTask,
+    "ready": Ready,
+    "init-failed": InitFailed,
+    "retire": Retire,
+    "partial": Partial,
+    "cancel": Cancel,
+    "result": Result,
+    "setup": Setup,
+    "spawn": Spawn,
+    "sweep": Sweep,
+    "zygote-ready": ZygoteReady,
+    "spawned": Spawned,
+    "swept": Swept,
+    "prepare-failed": PrepareFailed,
+}
+_KINDS: dict[type, str] = {cls: kind for kind, cls in _CLASSES.items()}
+
+
+def wire(message: NamedTuple) -> tuple[Any, ...]:
+    """The message as it travels: ``(kind, *fields)``, builtins only."""
+    return (_KINDS[type(message)], *message)
+
+
+def read(raw: tuple[Any, ...]) -> Any:
+    """The message a wire tuple stands for (``ValueError`` for an unknown kind)."""
+    try:
+        cls = _CLASSES[raw[0]]
+    except (KeyError, IndexError, TypeError):
+        raise ValueError(f"not a cancelflow pool message: {raw!r:.80}") from None
+    return cls(*raw[1:])
+
+
+def send_record(sock: socket.socket, message: NamedTuple, fds: list[int] | None = None) -> None:
+    """Send one record (and descriptors) on a ``SOCK_SEQPACKET`` socket."""
+    data = pickle.dumps(wire(message), protocol=pickle.HIGHEST_PROTOCOL)
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.send(data)
+
+
+def recv_record(sock: socket.socket) -> tuple[Any, list[int]]:
+    """Receive one record and its descriptors; ``(None, fds)`` at end-of-file."""
+    data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 4)
+    if not data:
+        return None, fds
+    return read(pickle.loads(data)), fds

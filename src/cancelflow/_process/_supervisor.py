@@ -1,0 +1,1042 @@
+"""The supervisor of a :class:`~cancelflow.ProcessPool`: one thread that owns every
+process of the pool, every descriptor, and the stop ladder.
+
+All pool state is mutated on the supervisor thread, with two exceptions decided under the
+task future's (re-entrant) lock so that a stop needs no pool lock and is safe from a
+signal handler: dropping a task no worker took yet (:meth:`Supervisor.request_stop`), and
+claiming it for a worker (``_claim``). Other threads talk to the thread only through
+:meth:`Supervisor.post` (a typed :data:`Command` and one byte on a wake pipe).
+
+The loop (``_loop_once``): a ``selectors`` wait over the wake pipe, the zygote's channel,
+each worker's socket and pidfds, bounded by its own deadline heap (grace periods,
+timeouts); then queued commands, due timers, and dispatch. Each step is guarded: an error
+while handling one task fails that task alone; only an error that concerns no task breaks
+the pool.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import heapq
+import itertools
+import os
+import pickle
+import selectors
+import signal
+import socket
+import subprocess
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .. import _cell, _interpreter_exit
+from .._exceptions import (
+    BrokenPoolError,
+    CancelledException,
+    PipelineTimeoutException,
+    PoolClosedError,
+    UnreadableResultError,
+    WorkerCrashedError,
+)
+from .._fate import Fate
+from .._log import safe_log
+from .._platform import kill_tree, pidfd_open, send_signal
+from .._token import CancellationToken
+from . import _zygote
+from ._channel import FrameReader, encode
+from ._protocol import (
+    Cancel,
+    Control,
+    InitFailed,
+    Partial,
+    PrepareFailed,
+    Ready,
+    Result,
+    Retire,
+    RunTask,
+    Spawn,
+    Spawned,
+    Sweep,
+    Swept,
+    WorkerMessage,
+    ZygoteReady,
+    read,
+    recv_record,
+    send_record,
+    wire,
+)
+from ._task import StopKind, Task
+
+
+def _remote_traceback(text: str) -> BaseException:
+    """The worker's traceback text as the stdlib's own ``_RemoteTraceback`` (what code
+    written for ``ProcessPoolExecutor`` finds as ``__cause__``)."""
+    from concurrent.futures.process import _RemoteTraceback
+
+    return _RemoteTraceback(text)  # type: ignore[arg-type]  # typeshed: TracebackType; it is the text
+
+
+__all__ = ("Close", "Command", "Dispatch", "KillTask", "StopTask", "Supervisor", "WorkerHandle")
+
+_SLOT = _cell.SLOT_SIZE
+_supervisors: weakref.WeakSet[Supervisor] = weakref.WeakSet()
+
+#: starting (forked, not ready) -> idle <-> busy -> retiring (no more tasks) -> dying
+#: (being killed) -> dead (gone, swept, settled)
+WorkerState = Literal["starting", "idle", "busy", "retiring", "dying", "dead"]
+
+
+# -- commands to the supervisor thread -----------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """A task was queued: hand it to an idle worker."""
+
+
+@dataclass(frozen=True, slots=True)
+class StopTask:
+    """Stop a dispatched task with the ladder (token, SIGTERM, SIGKILL)."""
+
+    task: Task
+    kind: StopKind
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class KillTask:
+    """Stop a dispatched task at once: SIGKILL its worker and whole tree."""
+
+    task: Task
+    kind: StopKind
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """The pool was shut down: end once idle (stop running tasks if ``cancel_running``)."""
+
+    cancel_running: bool
+
+
+Command = Dispatch | StopTask | KillTask | Close
+
+
+class WorkerHandle:
+    """The supervisor's view of one worker process (its channel, pid, state, task)."""
+
+    def __init__(
+        self, index: int, sock: socket.socket, slot: CancellationToken, control: Control
+    ) -> None:
+        self.index = index
+        self.sock = sock
+        self.reader = FrameReader()
+        self.pid = 0
+        self.pidfd: int | None = None
+        self.state: WorkerState = "starting"
+        self.task: Task | None = None
+        self.waiting: set[int] = set()  # pidfds of the tree being killed
+        self.status: int | None = None
+        self.gone = False
+        self.ready = False  # said "ready" (its initializer ran)
+        self.outbox = bytearray()  # frames the socket could not take yet
+        self.feeding = False  # its frames are being handled (see Supervisor._feed)
+        #: the zygote reaped it and killed what was left of its tree (or cannot any more)
+        self.swept = False
+        #: why it is being ended by the pool itself (the zygote died), if so
+        self.lost: str | None = None
+        self.slot = slot
+        self.control = control
+
+    def drop_views(self) -> None:
+        """Forget this worker's views of the shared chunk (so it can be unmapped)."""
+        with contextlib.suppress(AttributeError):
+            del self.slot, self.control
+
+
+class Supervisor:
+    """Runs a pool's processes from one thread; see the module docstring.
+
+    Package-internal: :class:`~cancelflow.ProcessPool` (the public API) and
+    :class:`~cancelflow.TaskFuture` talk to it through :meth:`enqueue`,
+    :meth:`request_stop`, :meth:`finish` (of a task never queued), :meth:`shutdown`,
+    :meth:`check_open` and the read-only attributes ``workers``, ``queue``, ``stats``,
+    ``ready_event``, ``shutting_down``, ``broken``, ``owner``, ``size``.
+    """
+
+    def __init__(self, name: str, size: int, options: dict[str, Any]) -> None:
+        self.name = name
+        self.size = size
+        self._options = options
+        # Re-entrant: a signal handler may submit while the interrupted code holds it.
+        self.lock = threading.RLock()
+        self.queue: collections.deque[Task] = collections.deque()
+        self._commands: collections.deque[Command] = collections.deque()
+        #: no new tasks (shutdown() was called, or the pool broke)
+        self.shutting_down = False
+        #: why the pool cannot run tasks any more, once it broke
+        self.broken: BaseException | None = None
+        self.closed = threading.Event()
+        self.owner = os.getpid()
+        self.forked = False  # set in a forked child of the owner (see forget_in_child)
+        # One receive buffer, reused: recv(1 MiB) would allocate (mmap) a new one each time.
+        self._inbox = bytearray(1 << 16)
+        self._timers: list[tuple[float, int, Callable[[Task], None], weakref.ref[Task]]] = []
+        self._timer_ids = itertools.count()
+        self.stats = collections.Counter[str]()
+        self.workers: dict[int, WorkerHandle] = {}
+        self._crash_streak = 0
+        self._zygote_streak = 0
+        self._zygote_ready = False
+        self.ready_event = threading.Event()
+        self._wake_pending = False
+
+        self._chunk = _cell.Chunk(2 * size + 1, pinned=True, label="cancelflow-pool")
+        self._chunk.mark_shared()
+        self._slot_tokens = [
+            CancellationToken._on_slot(self._chunk, (1 + 2 * i) * _SLOT, name=f"{name}-slot-{i}")
+            for i in range(size)
+        ]
+        self._controls = [
+            Control.from_buffer(self._chunk.mm, (2 + 2 * i) * _SLOT) for i in range(size)
+        ]
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake",))
+        self._zygote_sock: socket.socket | None = None
+        try:
+            self._start_zygote()
+        except BaseException:  # nothing may be left behind by a pool that never started
+            self._selector.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._release_chunk()
+            raise
+        self.thread = threading.Thread(target=self._run, name=f"cancelflow-{name}", daemon=True)
+        self.thread.start()
+        _supervisors.add(self)
+        _interpreter_exit.register(self)
+
+    @property
+    def zygote_pid(self) -> int | None:
+        """The zygote's pid while its channel is open."""
+        return self._zygote.pid if self._zygote_sock is not None else None
+
+    # == requests from the pool's API ===========================================================
+    def enqueue(self, task: Task) -> None:
+        """Queue ``task`` (raises what :meth:`check_open` raises) and watch its token."""
+        with self.lock:
+            self.check_open()
+            self.queue.append(task)
+        self.post(Dispatch())
+        token = task.token
+        if token is not None:
+            task.handle = token.on_cancel(
+                lambda: self.request_stop(task, "cancel", token.cancel_reason)
+            )
+
+    def shutdown(
+        self, wait: bool = True, *, cancel_futures: bool = False, cancel_running: bool = False
+    ) -> None:
+        """See :meth:`cancelflow.ProcessPool.shutdown`."""
+        if os.getpid() != self.owner:
+            return
+        with self.lock:
+            self.shutting_down = True
+            queued = list(self.queue) if cancel_futures else []
+        for task in queued:
+            self._drop_queued(task, "future", "pool shut down")
+        self.post(Close(cancel_running))
+        if wait and threading.current_thread() is not self.thread:
+            self.closed.wait()
+            self.thread.join()
+
+    def check_open(self) -> None:
+        """Raise what a new task must hear if the pool cannot take it."""
+        if self.forked:
+            raise PoolClosedError(
+                f"{self.name} belongs to process {self.owner}; this process "
+                f"({os.getpid()}) is a fork of it and cannot use it: make a new pool here"
+            )
+        if self.broken is not None:
+            raise self.broken
+        _interpreter_exit.check_open()  # before: the exit hook shuts every pool down
+        if self.shutting_down:
+            raise PoolClosedError(f"{self.name} is shut down")
+
+
+    # == requests from any thread (lock-free stop path) =========================
+    def post(self, command: Command) -> None:
+        """Hand ``command`` to the supervisor thread (any thread, a signal handler too)."""
+        self._commands.append(command)
+        wake = self._wake_w
+        if wake >= 0 and not self._wake_pending:
+            self._wake_pending = True
+            with contextlib.suppress(OSError):
+                os.write(wake, b"\0")
+
+    def request_stop(
+        self, task: Task, kind: StopKind, reason: str | None, *, kill: bool = False
+    ) -> None:
+        """Stop a task from any thread, or from a signal handler: takes no pool lock.
+
+        A task not dispatched yet is dropped here and now (its future is settled before
+        this returns); a dispatched one is stopped by the supervisor.
+        """
+        if task.done or (task.stop_kind is not None and not kill):
+            return
+        if self._drop_queued(task, kind, reason):
+            return
+        with task.future.decision_lock:  # the first stop asked for decides how it ends
+            first = task.stop_kind is None and not task.done
+            if first:
+                task.stop_kind, task.stop_reason = kind, reason
+        if first or kill:
+            self.post(KillTask(task, kind, reason) if kill else StopTask(task, kind, reason))
+
+    def _drop_queued(self, task: Task, kind: StopKind, reason: str | None) -> bool:
+        """Settle a task that no worker took yet as cancelled; ``False`` if one did."""
+        with task.future.decision_lock:  # re-entrant, and the one lock _claim takes
+            if task.worker is not None or task.done:
+                return False
+            if task.dropped:
+                return True
+            task.dropped = True
+            task.stop_kind, task.stop_reason = kind, reason
+        self.finish(task, Fate.CANCELLED)
+        return True
+
+    def _claim(self, task: Task, worker: WorkerHandle) -> bool:
+        """Give a queued task to ``worker``, unless it was dropped meanwhile."""
+        with task.future.decision_lock:
+            if task.dropped or task.done or not task.future.start_running():
+                return False
+            task.worker = worker
+        return True
+
+
+    # == the supervisor thread ==================================================
+    def _run(self) -> None:
+        try:
+            while not self._loop_once():
+                pass
+        except BaseException as exc:  # noqa: BLE001 - the pool breaks, loudly, everywhere
+            safe_log("CRITICAL", "process pool supervisor crashed", exception=exc, pool=self.name)
+            broken = BrokenPoolError(f"{self.name} is broken: its supervisor failed: {exc!r}")
+            broken.__cause__ = exc
+            self._break(broken)
+        finally:
+            self._teardown()
+
+    def _break(self, error: BaseException) -> None:
+        """The pool cannot go on: refuse new tasks, and fail every pending one (after
+        teardown has ended their processes) with ``error``."""
+        with self.lock:
+            if self.broken is None:
+                self.broken = error
+            self.shutting_down = True
+
+    def _loop_once(self) -> bool:
+        timeout = None
+        if self._timers:
+            timeout = max(0.0, self._timers[0][0] - time.monotonic())
+        for key, mask in self._selector.select(timeout):
+            kind = key.data[0]
+            if kind == "wake":
+                with contextlib.suppress(OSError):
+                    os.read(self._wake_r, 65536)
+                # Only after draining: a post that lands before this line skipped its write
+                # but its command is already queued and is handled below; a post after it
+                # writes a fresh byte. Clearing first could swallow that byte for good.
+                self._wake_pending = False
+            elif kind == "zygote":
+                self._on_zygote()
+            elif kind == "sock":
+                worker = key.data[1]
+                if mask & selectors.EVENT_WRITE:
+                    self._guarded(worker.task, self._flush, worker)
+                if mask & selectors.EVENT_READ:
+                    self._guarded(worker.task, self._on_socket, worker)
+            elif kind == "pidfd":
+                self._guarded(key.data[1].task, self._on_pidfd, key.data[1], key.data[2])
+        while self._commands:
+            command = self._commands.popleft()
+            task = command.task if isinstance(command, StopTask | KillTask) else None
+            self._guarded(task, self._on_command, command)
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, action, ref = heapq.heappop(self._timers)
+            timed = ref()
+            if timed is not None and not timed.done:
+                self._guarded(timed, action, timed)
+        self._guarded(None, self._dispatch)
+        return self._closing_done()
+
+    def _guarded(self, task: Task | None, action: Callable[..., None], *args: Any) -> None:
+        """Run one step of the supervisor; an error in it fails ``task`` alone.
+
+        Only a failure that concerns no task (or a second failure while failing one)
+        reaches :meth:`_run`, which breaks the pool.
+        """
+        try:
+            action(*args)
+        except BaseException as exc:  # even SystemExit from a user's __reduce__
+            if task is None or task.done:
+                raise
+            safe_log("ERROR", f"handling task {task.seq} failed", exception=exc, pool=self.name)
+            self._fail_task(task, exc)
+
+    def _fail_task(self, task: Task, error: BaseException) -> None:
+        """End ``task`` with ``error``: stop it if it still runs, fail its future once
+        the stop is complete."""
+        if task.error is None:
+            task.error = error
+        if task.worker is None or task.worker.task is not task:
+            self.finish(task, Fate.FAILED, error=task.error)
+        else:
+            self._stop(task, "error", f"the pool could not handle the task: {error!r}")
+
+    def _on_command(self, command: Command) -> None:
+        match command:
+            case StopTask(task, kind, reason):
+                self._stop(task, kind, reason)
+            case KillTask(task, kind, reason):
+                self._stop(task, kind, reason)
+                worker = task.worker
+                if not task.done and worker is not None and worker.task is task and task.stage < 3:
+                    task.stage = 3
+                    self._kill(worker)
+            case Close(cancel_running=True):
+                for worker in list(self.workers.values()):
+                    if worker.task is not None:
+                        self._stop(worker.task, "shutdown", "pool shut down")
+            case Dispatch() | Close():
+                pass  # dispatching follows every turn of the loop
+
+    def _at(self, delay: float, action: Callable[[Task], None], task: Task) -> None:
+        """Call ``action(task)`` on this thread after ``delay`` seconds, if the task is
+        still referenced then (a weak reference: a finished task's timer keeps nothing
+        alive, so a long ``timeout`` does not hold its result)."""
+        entry = (time.monotonic() + delay, next(self._timer_ids), action, weakref.ref(task))
+        heapq.heappush(self._timers, entry)
+
+
+    # -- the zygote -----------------------------------------------------------
+    def _start_zygote(self) -> None:
+        """Start a zygote and watch its channel."""
+        self._zygote, self._zygote_sock = _zygote.start(self.name, self._options, self._chunk.fd)
+        self._zygote_ready = False
+        self._selector.register(self._zygote_sock, selectors.EVENT_READ, ("zygote",))
+
+    def _on_zygote(self) -> None:
+        sock = self._zygote_sock
+        assert sock is not None
+        try:
+            message, fds = recv_record(sock)
+        except OSError:
+            message, fds = None, []
+        for fd in fds:
+            os.close(fd)
+        match message:
+            case None:
+                self._on_zygote_death()
+            case ZygoteReady():
+                self._zygote_ready = True
+                for index in range(self.size):
+                    worker = self.workers.get(index)
+                    if worker is None or worker.state == "dead":
+                        self._spawn(index)
+            case Spawned(index, pid):
+                worker = self.workers.get(index)
+                if worker is not None and not worker.pid:
+                    self._know_pid(worker, pid)
+            case Swept(pid, status, count):
+                if count:
+                    self.stats["swept"] += count
+                    safe_log("INFO", f"killed {count} strays of worker {pid}", pool=self.name)
+                for worker in self.workers.values():
+                    if worker.pid == pid and worker.gone and not worker.swept:
+                        worker.status = status
+                        worker.swept = True
+                        self._guarded(worker.task, self._retire, worker)
+            case PrepareFailed(text):
+                safe_log("WARNING", f"workers could not import __main__: {text}", pool=self.name)
+
+    def _on_zygote_death(self) -> None:
+        """The zygote died: end what its workers run, start a new zygote, go on.
+
+        Each worker froze when the zygote died (its parent-death signal is SIGSTOP), so
+        its tree is still under it; it is killed here like any stopped worker. Tasks that
+        were running fail with :class:`WorkerCrashedError`; queued ones run on the new
+        zygote's workers.
+        """
+        sock = self._zygote_sock
+        assert sock is not None
+        self._selector.unregister(sock)
+        sock.close()
+        self._zygote_sock = None
+        try:
+            self._zygote.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # it closed its end but lives on: end it
+            self._zygote.kill()
+            self._zygote.wait()
+        was_ready, self._zygote_ready = self._zygote_ready, False
+        why = "the pool's zygote process died"
+        for worker in list(self.workers.values()):
+            if worker.state == "dead":
+                continue
+            worker.lost = why
+            worker.swept = True  # nobody can sweep now; the pool waits on pidfds instead
+            if worker.gone:  # it was waiting for its sweep
+                self._retire(worker)
+                continue
+            if not worker.pid:
+                pid = worker.control.pid if hasattr(worker, "control") else 0
+                if pid > 1:  # forked and froze before its pid reached us
+                    self._know_pid(worker, pid)
+            if worker.pid and not worker.gone:
+                if worker.state != "dying":
+                    self._kill(worker)
+            elif not worker.pid:  # never forked, or exited by itself at once
+                worker.gone = True
+                self._retire(worker)
+        if self.shutting_down and self._closing_done():
+            return
+        self._zygote_streak = 0 if was_ready else self._zygote_streak + 1
+        if self._zygote_streak >= 3:
+            safe_log("CRITICAL", "the pool's zygote keeps dying at start", pool=self.name)
+            self._break(BrokenPoolError(f"{self.name}: its zygote process keeps dying at start"))
+            return
+        safe_log("ERROR", f"{why}; starting a new one", pool=self.name)
+        self.stats["zygotes_replaced"] += 1
+        self._start_zygote()
+
+    def _know_pid(self, worker: WorkerHandle, pid: int) -> None:
+        """Record a worker's pid (from the zygote or from the worker, whichever is first)."""
+        worker.pid = pid
+        worker.pidfd = pidfd_open(pid)
+        if worker.pidfd is None:
+            self._on_gone(worker)
+        else:
+            self._selector.register(worker.pidfd, selectors.EVENT_READ, ("pidfd", worker, pid))
+
+    def _spawn(self, index: int) -> None:
+        if self.broken is not None or self._zygote_sock is None or not self._zygote_ready:
+            return  # a new zygote spawns every missing worker once it is ready
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        slot = self._slot_tokens[index]
+        slot.reset()
+        control = self._controls[index]
+        control.critical_until = 0.0
+        control.pid = 0
+        worker = WorkerHandle(index, parent_end, slot, control)
+        self.workers[index] = worker
+        parent_end.setblocking(False)  # never block the supervisor on a frozen worker
+        self._selector.register(parent_end, selectors.EVENT_READ, ("sock", worker))
+        try:
+            send_record(
+                self._zygote_sock,
+                Spawn(index, (1 + 2 * index) * _SLOT, (2 + 2 * index) * _SLOT),
+                [child_end.fileno()],
+            )
+        except OSError:
+            pass  # the zygote is dying: its EOF comes next and starts a new one
+        finally:
+            child_end.close()
+
+
+    # -- worker channels ------------------------------------------------------
+    def _send_to(self, worker: WorkerHandle, frame: bytes) -> None:
+        """Send a frame without blocking: what the socket cannot take now waits in the
+        worker's outbox and goes when the socket is writable (see :meth:`_flush`)."""
+        if worker.outbox:
+            worker.outbox += frame
+            return
+        try:
+            sent = worker.sock.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return  # the worker is dying; its pidfd will tell
+        if sent < len(frame):
+            worker.outbox += memoryview(frame)[sent:]
+            self._watch_writable(worker, True)
+
+    def _flush(self, worker: WorkerHandle) -> None:
+        if worker.sock.fileno() < 0:  # retired by an earlier event of the same select
+            return
+        try:
+            sent = worker.sock.send(worker.outbox)
+        except BlockingIOError:
+            return
+        except OSError:
+            sent = len(worker.outbox)  # dying: what it did not read is lost with it
+        del worker.outbox[:sent]
+        if not worker.outbox:
+            self._watch_writable(worker, False)
+
+    def _watch_writable(self, worker: WorkerHandle, writable: bool) -> None:
+        """Have the selector report the worker's socket writable too, or no longer."""
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writable else 0)
+        with contextlib.suppress(KeyError, ValueError):  # no longer watched: it is gone
+            self._selector.modify(worker.sock, events, ("sock", worker))
+
+    def _on_socket(self, worker: WorkerHandle) -> None:
+        if worker.sock.fileno() < 0:  # retired by an earlier event of the same select
+            return
+        try:
+            size = worker.sock.recv_into(self._inbox)
+        except BlockingIOError:
+            return
+        except OSError:
+            size = 0
+        if not size:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(worker.sock)
+            return
+        self._feed(worker, memoryview(self._inbox)[:size])
+
+    def _feed(self, worker: WorkerHandle, data: bytes | memoryview) -> None:
+        worker.feeding = True  # a handler that drains this worker must not re-enter
+        try:
+            for message in worker.reader.feed(data):
+                self._guarded(worker.task, self._on_message, worker, read(message))
+        finally:
+            worker.feeding = False
+
+    def _on_message(self, worker: WorkerHandle, message: WorkerMessage) -> None:
+        match message:
+            case Ready(pid):
+                if not worker.pid:  # before the zygote's "spawned": the pid is known now
+                    self._know_pid(worker, pid)
+                worker.ready = True
+                if worker.state == "starting" and not worker.gone:
+                    worker.state = "idle"
+                    self._crash_streak = 0
+                    self.ready_event.set()
+                return
+            case InitFailed(pid, text, tb):
+                broken = BrokenPoolError(
+                    f"{self.name} is broken: a worker's initializer raised {text}"
+                )
+                broken.__cause__ = _remote_traceback(tb)
+                safe_log("ERROR", f"worker {pid}: initializer failed: {text}", pool=self.name)
+                self._break(broken)
+                return
+            case Retire(_, why):
+                # The task changed the worker's process for good (see _worker._ProcessState):
+                # it gets no more tasks and is replaced once it has exited.
+                if worker.state == "busy":
+                    worker.state = "retiring"
+                safe_log("INFO", f"worker {worker.pid} retires: {why}", pool=self.name)
+                return
+        task = worker.task
+        if task is None or task.seq != message.seq:
+            return  # a late message of a task that is already settled
+        match message:
+            case Partial(_, key, blob, type_name):
+                try:
+                    value = pickle.loads(blob)
+                except BaseException as exc:  # even SystemExit: this task fails
+                    raise UnreadableResultError(
+                        f"partial result {key!r} of task {task.seq} could not be unpickled "
+                        f"here: {exc!r}",
+                        what=f"partial result {key!r}",
+                        remote_text=f"a {type_name} value",
+                    ) from exc
+                task.partials[key] = value
+                if task.partial_sink is not None:
+                    try:
+                        task.partial_sink(key, value)
+                    except Exception as exc:  # noqa: BLE001 - a sink must not break the pool
+                        safe_log("ERROR", "partial_sink raised", exception=exc, pool=self.name)
+            case Cancel(_, reason):
+                # The task cancelled its own token (a child of the caller's, as in every
+                # backend): the task is stopped; the caller's token is left alone.
+                self._stop(task, "cancel", reason)
+            case Result():
+                self._on_result(worker, task, message)
+
+    def _on_result(self, worker: WorkerHandle, task: Task, result: Result) -> None:
+        worker.task = None
+        if worker.state == "busy":
+            worker.state = "idle"
+        self.stats["completed"] += 1
+        outcome, blob, text = result.outcome, result.blob, result.text
+        if outcome == "terminated":
+            self.finish(task, Fate.TERMINATED)
+            return
+        try:
+            value = pickle.loads(blob)  # type: ignore[arg-type]  # only None if terminated
+        except BaseException as exc:  # noqa: BLE001 - even SystemExit: this task fails
+            what = "result" if outcome == "ok" else "exception"
+            error = UnreadableResultError(
+                f"the {what} of task {task.seq} could not be unpickled here: {exc!r}",
+                what=what,
+                remote_text=text if outcome != "ok" else f"a {text} value",
+            )
+            error.__cause__ = exc
+            self.finish(task, Fate.FAILED, error=error)
+            return
+        if outcome == "ok":
+            if task.stop_kind == "future":
+                self.finish(task, Fate.CANCELLED)
+            else:
+                self.finish(task, Fate.FINISHED, value=value)
+        elif isinstance(value, CancelledException) and (
+            task.stop_kind is not None or worker.slot.is_cancelled
+        ):
+            if task.stop_kind is None:
+                task.stop_kind, task.stop_reason = "cancel", worker.slot.cancel_reason
+            self.finish(task, Fate.CANCELLED)
+        else:
+            if text and isinstance(value, BaseException):
+                value.__cause__ = _remote_traceback(text)
+            self.finish(task, Fate.FAILED, error=value)
+
+    # -- dispatch -------------------------------------------------------------
+    def _dispatch(self) -> None:
+        if not self.queue or self.broken is not None:
+            return
+        for worker in self.workers.values():
+            if worker.state != "idle" or worker.pid <= 1:
+                continue
+            while self.queue:
+                task = self.queue.popleft()
+                if self._claim(task, worker):
+                    break
+            else:
+                return
+            worker.state = "busy"
+            worker.task = task
+            worker.slot.reset()
+            task.future.pid = worker.pid
+            task.future.fate = Fate.RUNNING
+            self._send_to(worker, encode(wire(RunTask(task.seq, task.payload))))
+            if task.timeout is not None:
+                self._at(task.timeout, self._on_timeout, task)
+            if task.stop_kind is None and task.token is not None and task.token.is_cancelled:
+                self._stop(task, "cancel", task.token.cancel_reason)
+
+    def _on_timeout(self, task: Task) -> None:
+        self._stop(task, "timeout", f"timeout after {task.timeout:g}s")
+
+
+    # -- the ladder -----------------------------------------------------------
+    def _stop(self, task: Task, kind: StopKind, reason: str | None) -> None:
+        if task.done:
+            return
+        if task.worker is None:
+            self.request_stop(task, kind, reason)
+            return
+        if task.stop_kind is None:
+            task.stop_kind, task.stop_reason = kind, reason
+        if task.stage >= 1:
+            if kind in ("shutdown",) and task.stage < 3:
+                self._escalate(task)
+            return
+        task.stage = 1
+        task.worker.slot.cancel(reason)
+        if task.grace <= 0:
+            self._escalate(task)
+        else:
+            self._at(task.grace, self._escalate, task)
+
+    def _escalate(self, task: Task) -> None:
+        worker = task.worker
+        if task.done or worker is None or worker.task is not task or worker.state != "busy":
+            return
+        critical = worker.control.critical_until
+        now = time.monotonic()
+        if critical > now:
+            self._at(critical - now, self._escalate, task)
+            return
+        if task.stage < 2 and task.term_grace > 0:
+            task.stage = 2
+            send_signal(worker.pid, signal.SIGTERM)
+            self._at(task.term_grace, self._escalate, task)
+            return
+        if task.stage < 3:
+            task.stage = 3
+            self._kill(worker)
+
+    def _kill(self, worker: WorkerHandle) -> None:
+        """Freeze the worker, kill its whole tree and the worker, watch each one go."""
+        worker.state = "dying"
+        self.stats["killed"] += 1
+        tree = kill_tree(worker.pid, include_root=True, watch=True)
+        for pid, fd in tree.items():
+            if fd is not None:
+                worker.waiting.add(fd)
+                self._selector.register(fd, selectors.EVENT_READ, ("pidfd", worker, pid))
+
+    def _on_pidfd(self, worker: WorkerHandle, pid: int) -> None:
+        if pid != worker.pid:  # a member of a killed tree is gone
+            for fd in list(worker.waiting):
+                key = self._selector.get_key(fd)
+                if key.data[2] == pid:
+                    self._selector.unregister(fd)
+                    os.close(fd)
+                    worker.waiting.discard(fd)
+            self._retire(worker)
+            return
+        if worker.pidfd is None:  # already handled by an earlier event of the same select
+            return
+        self._selector.unregister(worker.pidfd)
+        os.close(worker.pidfd)
+        worker.pidfd = None
+        self._on_gone(worker)
+
+    def _on_gone(self, worker: WorkerHandle) -> None:
+        """The worker process exited: collect what it sent, have the zygote sweep up
+        after it, then settle its task (in :meth:`_retire`, once the sweep is done)."""
+        worker.gone = True
+        self._drain(worker)
+        zygote = self._zygote_sock
+        if zygote is None:
+            worker.swept = True
+        elif not worker.swept:
+            try:
+                send_record(zygote, Sweep(worker.pid))
+            except OSError:
+                worker.swept = True  # the zygote is dying; its EOF is handled next
+        self._retire(worker)
+
+    def _drain(self, worker: WorkerHandle) -> None:
+        sock = worker.sock
+        if sock.fileno() < 0 or worker.feeding:
+            return
+        sock.setblocking(False)
+        while True:
+            try:
+                size = sock.recv_into(self._inbox)
+            except (BlockingIOError, OSError):
+                break
+            if not size:
+                break
+            self._feed(worker, memoryview(self._inbox)[:size])
+
+    def _retire(self, worker: WorkerHandle) -> None:
+        if worker.state == "dead" or not worker.gone or worker.waiting or not worker.swept:
+            return
+        task = worker.task
+        worker.task = None
+        worker.state = "dead"
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(worker.sock)
+        worker.sock.close()
+        if task is not None and not task.done:
+            if worker.lost is not None and task.stop_kind in (None, "shutdown", "error"):
+                self.stats["crashed"] += 1
+                error = WorkerCrashedError(
+                    f"worker {worker.pid} was stopped: {worker.lost}", pid=worker.pid
+                )
+                self.finish(task, Fate.CRASHED, error=error)
+            elif task.stage >= 2 or (task.stop_kind is not None and worker.status is None):
+                # Stopped by us, and it never said "terminated": its finally did not run.
+                self.finish(task, Fate.KILLED)
+            elif task.stop_kind is not None and task.stop_kind != "shutdown":
+                self.finish(task, Fate.KILLED)
+            else:
+                self.stats["crashed"] += 1
+                self.finish(task, Fate.CRASHED, error=_crash_error(worker))
+        worker.drop_views()
+        if self.workers.get(worker.index) is worker and self.broken is None:
+            self.stats["replaced"] += 1
+            if worker.ready:
+                self._crash_streak = 0
+            elif worker.lost is None:  # the pool ended it itself: not a failure to start
+                self._crash_streak += 1
+            if self._crash_streak > 10:
+                safe_log("CRITICAL", "workers keep dying at start; pool broken", pool=self.name)
+                self._break(BrokenPoolError(f"{self.name} is broken: workers keep dying at start"))
+                return
+            self._spawn(index=worker.index)
+
+
+    # -- endings --------------------------------------------------------------
+    def finish(
+        self, task: Task, fate: Fate, *, value: Any = None, error: BaseException | None = None
+    ) -> None:
+        if task.done:
+            return
+        task.done = True
+        if task.handle is not None:
+            task.handle.remove()
+        # Release what the finished task no longer needs (tokens, payload, the link back).
+        task.handle = None
+        task.token = None
+        task.payload = b""
+        future = task.future
+        if task.error is not None:  # a message of the task could not be handled
+            error = task.error
+            if fate in (Fate.FINISHED, Fate.FAILED, Fate.CANCELLED) and task.stop_kind in (None, "error"):
+                fate = Fate.FAILED
+        future.fate = fate
+        future.partial_results = dict(task.partials)
+        future.cancel_reason = task.stop_reason
+        if fate not in (Fate.FINISHED, Fate.FAILED):
+            safe_log(
+                "INFO",
+                f"task {task.seq} {fate}" + (f": {task.stop_reason}" if task.stop_reason else ""),
+                pool=self.name,
+                worker_pid=task.worker.pid if task.worker is not None else None,
+            )
+        if task.error is not None:
+            future.set_exception(task.error)
+        elif fate == Fate.FINISHED:
+            future.set_result(value)
+        elif fate in (Fate.FAILED, Fate.CRASHED):
+            assert error is not None
+            future.set_exception(error)
+        elif task.stop_kind == "future":
+            future.settle_cancelled()
+        else:
+            stopped: CancelledException
+            if task.stop_kind == "timeout":
+                stopped = PipelineTimeoutException(
+                    f"task timed out after {task.timeout:g}s ({fate})",
+                    task.partials,
+                    reason=task.stop_reason,
+                    timeout=task.timeout,
+                )
+            else:
+                reason = task.stop_reason
+                stopped = CancelledException(
+                    f"task {fate}: {reason}" if reason else f"task {fate}",
+                    task.partials,
+                    reason=reason,
+                )
+            stopped.fate = fate
+            future.set_exception(stopped)
+        future.forget_task()  # last: a racing cancel() sees the task until it is settled
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Fail every task that is not over (called once their processes are gone)."""
+        with self.lock:
+            queued = list(self.queue)
+            self.queue.clear()
+        for task in queued:
+            with task.future.decision_lock:  # a caller's cancel may race us for it
+                if task.worker is not None or task.done or task.dropped:
+                    continue
+                task.dropped = True
+            self.finish(task, Fate.FAILED, error=error)
+        for worker in list(self.workers.values()):
+            if worker.task is not None:
+                self.finish(worker.task, Fate.FAILED, error=error)
+
+    def _closing_done(self) -> bool:
+        """Whether the supervisor can end: shut down (or broken) and no task left."""
+        if not self.shutting_down:
+            return False
+        if self.broken is not None:
+            return True
+        if any(not (t.dropped or t.done) for t in self.queue):
+            return False
+        return all(w.task is None or w.task.done for w in self.workers.values()) and all(
+            not w.waiting for w in self.workers.values()
+        )
+
+    def _teardown(self) -> None:
+        try:
+            for worker in self.workers.values():
+                if worker.state != "dead":
+                    with contextlib.suppress(OSError):
+                        worker.sock.close()
+                for fd in ([worker.pidfd] if worker.pidfd is not None else []) + list(worker.waiting):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            if self._zygote_sock is not None:
+                self._zygote_sock.close()  # EOF: the zygote kills every worker tree and exits
+                self._zygote_sock = None
+            try:
+                self._zygote.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                kill_tree(self._zygote.pid)
+                self._zygote.kill()
+                self._zygote.wait()
+            self._selector.close()
+            wake_r, wake_w = self._wake_r, self._wake_w
+            self._wake_r = self._wake_w = -1
+            os.close(wake_r)
+            os.close(wake_w)
+            # Every process of the pool is gone: only now may a pending task hear of it.
+            self._fail_all(self.broken or PoolClosedError(f"{self.name} is shut down"))
+            self._release_chunk()
+        finally:
+            with self.lock:
+                self.shutting_down = True
+            self.closed.set()
+
+    def _release_chunk(self) -> None:
+        """Drop every view of the shared chunk so that its mapping (and fd) go now."""
+        for worker in self.workers.values():
+            worker.drop_views()
+        self.workers.clear()
+        self._slot_tokens.clear()
+        self._controls.clear()
+        chunk = self._chunk
+        chunk.live = 0
+        chunk.close()
+        if not chunk.mm.closed:
+            import gc
+
+            gc.collect()  # views caught in reference cycles (task <-> worker)
+            chunk.header = None
+            with contextlib.suppress(BufferError):
+                chunk.mm.close()
+
+    def forget_in_child(self) -> None:
+        """In a forked child of the owner: close the pool's descriptors, touch nothing else.
+
+        The child must not keep the zygote's channel open (the zygote would outlive the
+        owner as long as the child lives) nor wait for a supervisor thread it does not
+        have. The pool stays the parent's: every method here refuses or returns.
+        """
+        self.shutting_down = True
+        self.forked = True
+        sockets = [w.sock for w in self.workers.values()]
+        if self._zygote_sock is not None:
+            sockets.append(self._zygote_sock)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+        fds = [self._wake_r, self._wake_w]
+        for worker in self.workers.values():
+            fds += ([worker.pidfd] if worker.pidfd is not None else []) + list(worker.waiting)
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
+        with contextlib.suppress(Exception):
+            self._selector.close()
+        self.closed.set()
+
+
+def _crash_error(worker: WorkerHandle) -> WorkerCrashedError:
+    status = worker.status
+    if status is None:
+        return WorkerCrashedError(
+            f"worker {worker.pid} died (exit status unknown)", pid=worker.pid
+        )
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
+        return WorkerCrashedError(
+            f"worker {worker.pid} was killed by signal {signum} ({name})", signal=signum, pid=worker.pid
+        )
+    code = os.WEXITSTATUS(status)
+    return WorkerCrashedError(f"worker {worker.pid} exited with code {code}", exitcode=code, pid=worker.pid)
+
+
+def _after_fork_in_child() -> None:
+    for supervisor in list(_supervisors):
+        supervisor.forget_in_child()
+    _supervisors.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,151 @@
+"""One task of a :class:`~cancelflow.ProcessPool`: its future and the supervisor's record."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable
+from concurrent.futures._base import (
+    CANCELLED,
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+)
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from .._fate import Fate
+from .._token import CancellationToken
+
+if TYPE_CHECKING:
+    from ._supervisor import Supervisor, WorkerHandle
+
+__all__ = ("StopKind", "Task", "TaskFuture")
+
+#: Who stopped a task: its token (or the task itself), its timeout, its future
+#: (``cancel()``/``kill()``), the pool's shutdown, or the pool (a message it could not read).
+StopKind = Literal["cancel", "timeout", "future", "shutdown", "error"]
+
+
+class TaskFuture(concurrent.futures.Future[Any]):
+    """The future of one :class:`ProcessPool` task, whose :meth:`cancel` works while it runs.
+
+    Attributes:
+        fate: how the task ended (a :class:`Fate`): ``finished``, ``failed`` (raised),
+            ``cancelled`` (stopped before starting, or returned/raised after being asked
+            through its token), ``terminated`` (SIGTERM became an exception in the task and
+            its ``finally`` blocks ran), ``killed`` (SIGKILL, with its process tree),
+            ``crashed`` (the worker died by itself).
+        cancel_reason: why it was stopped, if it was.
+        partial_results: what the task stored with ``store_partial`` (final once done).
+        pid: the worker process that ran it, once it started.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fate = Fate.PENDING
+        self.cancel_reason: str | None = None
+        self.partial_results: dict[str, Any] = {}
+        self.pid: int | None = None
+        self._task: Task | None = None
+        #: made by a pool: once ``_task`` is gone the task is settled or being settled
+        self._pooled = False
+
+    def cancel(self) -> bool:
+        """Stop the task: a queued one never starts; a running one goes down the ladder.
+
+        Returns ``True`` if the future will end cancelled: not when the task already
+        finished, nor when another stop (its token, its timeout) got there first, which
+        ends it with :class:`CancelledException`. For a queued task the future is
+        cancelled before this returns. For a running task this only starts the stop:
+        the future becomes cancelled (and ``result()`` raises
+        :class:`concurrent.futures.CancelledError`) once the task returned or its worker
+        and process tree are confirmed gone, never before.
+        """
+        with self._condition:
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+            if self._state == FINISHED:
+                return False
+        task = self._task
+        if task is None:
+            return super().cancel() if not self._pooled else self.cancelled()
+        task.supervisor.request_stop(task, "future", "future cancelled")
+        # True only if this call's stop is the one that ends the task (a token's or a
+        # timeout's stop that won the race ends it with CancelledException instead).
+        return task.stop_kind == "future" and self._state != FINISHED
+
+    def kill(self, reason: str | None = "killed") -> bool:
+        """Stop the task at once: SIGKILL its worker and whole process tree, no grace.
+
+        Like :meth:`cancel` (a queued task never starts; the future ends cancelled once
+        the worker and its tree are confirmed gone), but skipping the token and SIGTERM
+        steps: no ``finally`` block of the task runs. Returns ``False`` if it already
+        finished.
+        """
+        with self._condition:
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+            if self._state == FINISHED:
+                return False
+        task = self._task
+        if task is None:
+            return super().cancel() if not self._pooled else self.cancelled()
+        task.supervisor.request_stop(task, "future", reason, kill=True)
+        return self._state != FINISHED
+
+    # -- the supervisor's handle (package-internal) ---------------------------------------
+    @property
+    def decision_lock(self) -> Any:
+        """The re-entrant lock under which a task is dropped, claimed or first stopped."""
+        return self._condition
+
+    def start_running(self) -> bool:
+        """Mark a pending future running (call with :attr:`decision_lock` held); ``False``
+        if it is not pending any more."""
+        if self._state != PENDING:
+            return False
+        self._state = RUNNING
+        return True
+
+    def forget_task(self) -> None:
+        """Drop the link to the supervisor's record: the future is settled."""
+        self._task = None
+
+    def settle_cancelled(self) -> None:
+        """End this future cancelled, whether it was pending or running."""
+        with self._condition:
+            if self._state not in (PENDING, RUNNING, CANCELLED):
+                return
+            self._state = CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
+
+
+@dataclass(eq=False)
+class Task:
+    """The supervisor's record of one submitted task (mutated on its thread only, but
+    for the two decisions taken under the future's lock: drop and claim)."""
+
+    supervisor: Supervisor
+    seq: int
+    payload: bytes
+    future: TaskFuture
+    token: CancellationToken | None
+    grace: float
+    term_grace: float
+    timeout: float | None
+    partial_sink: Callable[[str, Any], None] | None
+    worker: WorkerHandle | None = None
+    stop_kind: StopKind | None = None
+    stop_reason: str | None = None
+    stage: int = 0  # 1 token set, 2 SIGTERM sent, 3 SIGKILL sent
+    done: bool = False
+    #: dropped before it was dispatched (decided under the future's lock, see _claim)
+    dropped: bool = False
+    handle: Any = None
+    partials: dict[str, Any] = field(default_factory=dict)
+    #: an error that ends the task whatever it returns (a message that could not be read)
+    error: BaseException | None = None
