@@ -31,10 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     sub.required = True
-    from .. import _bench, _demo
+    from .. import _demo
+    from .bench import cli as bench
 
     _demo.add_parser(sub)
-    _bench.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 
