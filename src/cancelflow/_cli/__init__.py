@@ -31,10 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     sub.required = True
-    from .. import _demo
     from .bench import cli as bench
+    from .demo import cli as demo
 
-    _demo.add_parser(sub)
+    demo.add_parser(sub)
     bench.add_parser(sub)
     return parser
 
