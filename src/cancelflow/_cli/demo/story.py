@@ -84,7 +84,8 @@ class Demo:
             await self._main(self.threads, self.processes)
             return
         from cancelflow._backends._dask import DaskRunner
-        from cancelflow._backends._dask_worker import worker_census
+
+        from .census import worker_census
 
         dask = self.dask
         # A process node that ignores its token: SIGKILL of its child's tree on the worker
