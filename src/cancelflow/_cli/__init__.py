@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from .._version import __version__
+from cancelflow._version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
