@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cancelflow._bench import SCENARIOS, SYSTEMS
+from cancelflow._cli.bench.scenarios import SCENARIOS, SYSTEMS
 
 # The peers the issue names: each must be reported, measured or with a reason.
 PEERS = (

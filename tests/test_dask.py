@@ -35,7 +35,7 @@ from cancelflow import (  # noqa: E402
     WorkerCrashedError,
 )
 from cancelflow._backends._dask import DaskRunner  # noqa: E402
-from cancelflow._backends._dask_worker import worker_census  # noqa: E402
+from cancelflow._cli.demo.census import worker_census  # noqa: E402
 from cancelflow._context import current_token, store_partial  # noqa: E402
 
 # Node functions travel by value, as functions from __main__ or a notebook would: the

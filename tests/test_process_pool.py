@@ -310,7 +310,7 @@ class TestProcessPool:
                 pids = []
                 pool.submit_task(workloads.announce_and_spin,
                                  partial_sink=lambda k, v: print(v, flush=True))
-                print(pool._supervisor._zygote.pid, flush=True)
+                print(pool.statistics().zygote_pid, flush=True)
                 sys.stdin.read()
                 """
             )

@@ -324,7 +324,7 @@ class TestFork:
                     if child == 0:
                         time.sleep(60)
                         os._exit(0)
-                    print(pool._supervisor._zygote.pid, child, flush=True)
+                    print(pool.statistics().zygote_pid, child, flush=True)
                     sys.stdin.read()
                     """
                 ),
@@ -434,7 +434,7 @@ class TestForkingWhileKilled:
             with pytest.raises(concurrent.futures.CancelledError):
                 future.result(WAIT)
             assert p.wait_ready(WAIT)  # the replacement worker too has its pid known
-            zygote = psutil.Process(p._supervisor._zygote.pid)
+            zygote = psutil.Process(p.statistics().zygote_pid)
             workers = set(p.statistics().worker_pids)
             strays = [child.pid for child in zygote.children() if child.pid not in workers]
             assert strays == []
@@ -681,7 +681,7 @@ class TestHostileReview:
                     if __name__ == "__main__":
                         pool = ProcessPool(2)
                         assert pool.wait_ready(30)
-                        pids = [pool._supervisor._zygote.pid, *pool.statistics().worker_pids]
+                        pids = [pool.statistics().zygote_pid, *pool.statistics().worker_pids]
                         print(*pids, flush=True)
                         sys.stdin.read()
                     """
@@ -718,7 +718,7 @@ class TestHostileReview:
         worker the pool ended itself counted as a failed start, breaking it)."""
         with ProcessPool(12) as p:
             assert p.wait_ready(WAIT)
-            os.kill(p._supervisor._zygote.pid, signal.SIGKILL)
+            os.kill(p.statistics().zygote_pid, signal.SIGKILL)
             for _ in range(3):  # a task that races the death fails with its worker
                 try:
                     assert p.submit(contractloads.square, 5).result(WAIT) == 25
@@ -809,7 +809,7 @@ class TestHostileReview:
             future = p.submit_task(workloads.announce_and_spin, partial_sink=announce)
             announce.wait("pid")
             assert future.cancel()
-            os.kill(p._supervisor._zygote.pid, signal.SIGKILL)
+            os.kill(p.statistics().zygote_pid, signal.SIGKILL)
             with pytest.raises(concurrent.futures.CancelledError):
                 future.result(WAIT)
             assert future.cancelled()

@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,7 +51,6 @@ from distributed import WorkerPlugin, get_worker
 from .._context import task_scope
 from .._exceptions import CancelledException, PipelineTimeoutException, WorkerCrashedError
 from .._fate import Fate
-from .._platform import descendants
 from .._process import ProcessPool, TaskFuture
 from .._token import CancellationToken
 from . import _dask_child
@@ -66,7 +64,6 @@ __all__ = (
     "forget_topic_on_scheduler",
     "run_task",
     "stop_task_on_scheduler",
-    "worker_census",
 )
 
 PLUGIN_NAME = "cancelflow"
@@ -527,62 +524,3 @@ def forget_topic_on_scheduler(topic: str, *, dask_scheduler: Any) -> None:
     topics = getattr(broker, "_topics", None)
     if isinstance(topics, dict):
         topics.pop(topic, None)
-
-
-def worker_census(*, dask_worker: Any) -> dict[str, Any]:
-    """What cancelflow holds on a worker (for tests and debugging): tasks, runs, processes.
-
-    ``extra_processes`` lists descendants of the worker that are neither the pool's zygote
-    nor its idle children, i.e. anything a task left behind.
-    """
-    plugin = dask_worker.plugins.get(PLUGIN_NAME)
-    if not isinstance(plugin, CancelflowWorkerPlugin):
-        return {"tasks": [], "runs": [], "pool": None, "extra_processes": []}
-    with plugin.lock:
-        tasks = sorted(plugin.tasks)
-        runs = sorted(plugin.runs)
-        pool = plugin.pool
-    expected: set[int] = set()
-    stats = None
-    if pool is not None:
-        pool.wait_ready(5.0)  # a killed child's replacement may still be starting
-        stats = pool.statistics()
-        expected.update(stats.worker_pids)
-        if stats.zygote_pid is not None:
-            expected.add(stats.zygote_pid)
-    extra = [
-        _describe(pid)
-        for pid in descendants(os.getpid())
-        if pid not in expected and not _is_mp_helper(pid)
-    ]
-    return {
-        "tasks": tasks,
-        "runs": runs,
-        "pool": None if stats is None else {"busy": stats.busy, "idle": stats.idle,
-                                            "workers": stats.workers},
-        "extra_processes": extra,
-    }
-
-
-def _is_mp_helper(pid: int) -> bool:
-    """Not a leftover: multiprocessing's own helpers (resource tracker, forkserver), or a
-    process that has exited and awaits its reaper (a zombie), or one gone meanwhile."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            state = handle.read().rsplit(b")", 1)[1].split()[0]
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            command = handle.read()
-    except (OSError, IndexError):
-        return True
-    return state == b"Z" or b"resource_tracker" in command or b"forkserver" in command
-
-
-def _describe(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            state = handle.read().rsplit(b")", 1)[1].split()[0].decode()
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            command = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except (OSError, IndexError):
-        return f"{pid} (gone)"
-    return f"{pid} [{state}] {command[:120]}"

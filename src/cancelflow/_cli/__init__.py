@@ -1,12 +1,14 @@
-"""The ``cancelflow`` command: ``demo`` and ``bench``."""
+"""The ``cancelflow`` command: ``demo`` and ``bench``; the tools beside the library.
+
+:func:`main` is the console script ``cancelflow`` (and ``python -m cancelflow``).
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
-from ._version import __version__
+from cancelflow._version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,10 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     sub.required = True
-    from . import _bench, _demo
+    from .bench import cli as bench
+    from .demo import cli as demo
 
-    _demo.add_parser(sub)
-    _bench.add_parser(sub)
+    demo.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 
@@ -42,7 +45,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     code: int = args.run(args)
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -147,7 +147,7 @@ def signal_running(beacon: str | None, seq: int, gpid: int = 0) -> None:
     """Tell the benchmark that task ``seq`` runs in this process (and its grandchild)."""
     line = f"{seq} {os.getpid()} {gpid} {time.perf_counter():.9f}\n".encode()
     if beacon is None:
-        from ._context import store_partial
+        from cancelflow._context import store_partial
 
         store_partial("running", line)
         return
@@ -160,7 +160,7 @@ def signal_running(beacon: str | None, seq: int, gpid: int = 0) -> None:
 
 def coop_token(beacon: str | None, seq: int, record: dict[str, float]) -> None:
     """A cooperative cancelflow thread task: polls ``check_cancelled()`` until it raises."""
-    from ._context import check_cancelled
+    from cancelflow._context import check_cancelled
 
     signal_running(beacon, seq)
     deadline = time.monotonic() + SAFETY_SECONDS

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._context import check_cancelled
-from ._node import NodeContext
+from cancelflow._context import check_cancelled
+from cancelflow._node import NodeContext
 
 __all__ = (
     "fetch_orders",

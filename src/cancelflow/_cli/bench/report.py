@@ -1,0 +1,271 @@
+"""The text report: a table per scenario variant, the headline ratios, where a peer is faster
+(and why), and what each system left behind.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+# (system or "*", "metric/variant" or "metric"); the most specific one wins.
+_KILL_PATH = (
+    "it SIGKILLs its own child directly; cancelflow's stop goes through its supervisor thread "
+    "and freezes and kills the whole process tree (SIGSTOP, /proc scan, SIGKILL, one pidfd per "
+    "member) before it releases the caller"
+)
+_WHY_PEER_FASTER = {
+    ("raw", "*"): "the floor: a bare fork and SIGKILL, no pool, nothing to reuse",
+    ("raw", "*/thread"): "the floor: a bare thread, an Event and join()",
+    ("loky", "caller_unblocked"): (
+        "loky fails the future when shutdown(kill_workers=True) is called, before its worker "
+        "is dead; cancelflow waits until the worker and its tree are confirmed gone"
+    ),
+    ("asyncio", "caller_unblocked"): (
+        "asyncio only cancels the awaiting task; the worker runs on (it is never stopped)"
+    ),
+    ("*", "caller_unblocked"): _KILL_PATH,
+    ("*", "worker_gone"): (
+        "it SIGKILLs its own child directly; cancelflow's stop goes through its supervisor "
+        "thread, which first freezes the worker (SIGSTOP) and walks its process tree in /proc"
+    ),
+    ("*", "caller_raises/process"): (
+        "cancelflow's outcome travels worker -> supervisor thread -> caller thread (a thread "
+        "hand-off under the GIL); not profiled further"
+    ),
+    ("anyio", "caller_raises/thread"): (
+        "anyio's cancel only flags the scope, read by from_thread.check_cancelled(); cancelflow's "
+        "token.cancel() runs Python (child-token propagation, callbacks that settle the future)"
+    ),
+    ("anyio", "task_stopped/thread"): (
+        "anyio's cancel only flags the scope, read by from_thread.check_cancelled(); cancelflow's "
+        "token.cancel() runs Python (child-token propagation, callbacks that settle the future)"
+    ),
+    ("*", "caller_raises/thread"): (
+        "Event.set() is one C call; cancelflow's token.cancel() runs Python (child-token "
+        "propagation, callbacks that settle the future) while the spinning task holds the GIL"
+    ),
+    ("*", "task_stopped/thread"): (
+        "Event.set() is one C call; cancelflow's token.cancel() runs Python (child-token "
+        "propagation, callbacks that settle the future) while the spinning task holds the GIL"
+    ),
+    ("*", "caller_raises/coroutine"): (
+        "a bare Task.cancel()/cancel scope; cancelflow's executor also runs the registry, the "
+        "cleanup handlers and the events, and unregisters the run before it raises"
+    ),
+    ("*", "caller_error"): (
+        "cancelflow fails the future once the zygote has reported the worker's exit status "
+        "(to name the signal or exit code), one more hop than reading the worker's death"
+    ),
+    ("multiprocessing.Pool", "throughput/processes"): (
+        "apply_async pickles into one shared pipe served by handler threads; cancelflow's "
+        "supervisor thread handles every task and result in Python"
+    ),
+    ("*", "throughput/processes"): "no per-task token, timer or partial-result channel",
+    ("*", "throughput/threads"): (
+        "every ThreadPool.submit creates a CancellationToken (a shared-memory cell) and takes "
+        "the pool's Condition lock, which the worker threads also take: under the GIL that "
+        "convoys; ThreadPoolExecutor hands off through a C SimpleQueue"
+    ),
+}
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "tasks/s":
+        return f"{value:,.0f}"
+    if unit == "results":
+        return f"{value:.0f}"
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def _ratio_text(ratio: float) -> str:
+    return f"{ratio:.3g}"
+
+
+def headline(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """cancelflow p50 / peer p50 for every metric both measured, in the same run."""
+    out: list[dict[str, Any]] = []
+    rows = data["rows"]
+    for scenario in data["scenarios"]:
+        for variant in scenario["variants"]:
+            here = [r for r in rows if r["scenario"] == scenario["key"] and r["variant"] == variant["key"]]
+            ours = next((r for r in here if r["system"] == "cancelflow" and r["primary"]), None)
+            if ours is None:
+                continue
+            for metric in variant["metrics"]:
+                mine = ours["metrics"].get(metric["key"], {})
+                if "p50" not in mine or mine["p50"] <= 0:
+                    continue
+                for peer in here:
+                    if peer["system"] == "cancelflow":
+                        continue
+                    theirs = peer["metrics"].get(metric["key"], {})
+                    if "p50" not in theirs or theirs["p50"] <= 0:
+                        continue
+                    ratio = mine["p50"] / theirs["p50"]
+                    better = ratio > 1 if metric["higher_is_better"] else ratio < 1
+                    out.append(
+                        {
+                            "scenario": scenario["key"],
+                            "variant": variant["key"],
+                            "metric": metric["key"],
+                            "metric_title": metric["title"],
+                            "unit": metric["unit"],
+                            "peer": peer["system"] + (f" ({peer['tag']})" if peer["tag"] else ""),
+                            "peer_label": peer["label"],
+                            "cancelflow_p50": mine["p50"],
+                            "peer_p50": theirs["p50"],
+                            "ratio": ratio,
+                            "faster": "cancelflow" if better else ("tie" if ratio == 1 else "peer"),
+                            "close": 0.8 <= ratio <= 1.25,
+                            "why": "" if better else _why(peer["system"], metric["key"], variant["key"]),
+                        }
+                    )
+    return out
+
+
+def _why(system: str, metric: str, variant: str) -> str:
+    for key in (
+        (system, f"{metric}/{variant}"),
+        (system, metric),
+        (system, f"*/{variant}"),
+        (system, "*"),
+        ("*", f"{metric}/{variant}"),
+        ("*", metric),
+    ):
+        if key in _WHY_PEER_FASTER:
+            return _WHY_PEER_FASTER[key]
+    return ""
+
+
+def format_report(data: dict[str, Any]) -> str:
+    lines: list[str] = []
+    m = data["machine"]
+    v = data["versions"]
+    s = data["settings"]
+    lines.append(f"cancelflow bench ({data['mode']} run) - {data['date']}")
+    lines.append(
+        f"machine: {m['cpu_count']} CPUs ({m['cpus_usable']} usable) {m['cpu_model']}; {m['platform']}; "
+        f"{m['python']}; load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end"
+    )
+    lines.append("versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
+    lines.append(
+        f"samples per cell: {s['samples']}; random pause after the task signalled: 0-{s['max_pause_ms']:.0f} ms "
+        f"(seed {s['seed']}); runtime {data['runtime_s']:.0f} s"
+    )
+    lines.append("times in ms from the cancel (or the crash) unless stated; p50/p90/p99/max over n samples")
+    lines.append(
+        "process deaths are stamped by a separate pidfd watcher process"
+        + (" (SCHED_FIFO)" if data.get("watcher_realtime") else " (normal priority: may lag on a loaded machine)")
+    )
+    for scenario in data["scenarios"]:
+        for variant in scenario["variants"]:
+            lines.append("")
+            lines.append(f"## {scenario['key']}. {scenario['title']} - {variant['title']}")
+            units = {mt["key"]: mt for mt in variant["metrics"]}
+            lines.append(f"   {'system / metric':<43} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'n':>4}")
+            for row in data["rows"]:
+                if row["scenario"] != scenario["key"] or row["variant"] != variant["key"]:
+                    continue
+                lines.append(f"   {row['system']}: {row['label']}")
+                if row["status"] in ("cannot", "skipped") or (row["status"] == "error" and not row["metrics"]):
+                    lines.append(f"      {row['status']}: {row['reason']}")
+                    continue
+                for key, cell in row["metrics"].items():
+                    title = f"{units[key]['title']} ({units[key]['unit']})"
+                    if "cannot" in cell:
+                        lines.append(f"      {title:<40} cannot: {cell['cannot']}")
+                    elif "error" in cell:
+                        lines.append(f"      {title:<40} ERROR: {cell['error']}")
+                    else:
+                        unit = cell["unit"]
+                        lines.append(
+                            f"      {title:<40} {_fmt(cell['p50'], unit):>8} {_fmt(cell['p90'], unit):>8} "
+                            f"{_fmt(cell['p99'], unit):>8} {_fmt(cell['max'], unit):>8} {cell['n']:>4}"
+                        )
+                extras = {k: val for k, val in row["extra"].items() if k in ("grandchild_left_alive", "raised", "error")}
+                if extras:
+                    lines.append("      " + "; ".join(f"{k}: {val}" for k, val in extras.items()))
+                for note in row["notes"]:
+                    lines.append(f"      note: {note}")
+                if row["status"] == "error":
+                    lines.append(f"      ERROR: {row['reason']}")
+    heads = headline(data)
+    lines.append("")
+    lines.append("## Headline: cancelflow p50 / peer p50, same run")
+    lines.append(
+        "   (latency: below 1 = cancelflow faster; throughput: above 1 = cancelflow faster; "
+        "(~) = within 25%, about the noise of this shared machine)"
+    )
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = collections.defaultdict(list)
+    for item in heads:
+        groups[(item["scenario"], item["variant"], item["metric_title"])].append(item)
+    for (scn, var, title), items in groups.items():
+        parts = [
+            f"{it['peer']} {_ratio_text(it['ratio'])}"
+            + (" (peer faster)" if it["faster"] == "peer" and not it["close"] else "")
+            + (" (~)" if it["close"] else "")
+            for it in items
+        ]
+        lines.append(f"   {scn} {var:<11} {title:<36} " + ", ".join(parts))
+    lines.append("")
+    lines.append("## Where a peer is faster (p50)")
+    slower = [it for it in heads if it["faster"] == "peer"]
+    if not slower:
+        lines.append("   nowhere")
+    for close in (False, True):
+        group = [it for it in slower if it["close"] == close]
+        if close and group:
+            lines.append("   within 25% (about the noise here):")
+        for it in group:
+            unit = it["unit"]
+            lines.append(
+                f"   {it['scenario']} {it['variant']}, {it['metric_title']}: {it['peer']} "
+                f"{_fmt(it['peer_p50'], unit)} vs cancelflow {_fmt(it['cancelflow_p50'], unit)} {unit}"
+                + (f" (cancelflow {it['ratio'] if unit != 'tasks/s' else 1 / it['ratio']:.2g}x slower)" if not close else "")
+                + (f" - {it['why']}" if it["why"] and not close else "")
+            )
+    lines.append("")
+    lines.append("## Leftovers per system (found after each cell, then removed by the benchmark)")
+    for system in data["systems"]:
+        entry = data["leaks"].get(system)
+        if entry is None:
+            lines.append(f"   {system:<22} not run")
+            continue
+        found = []
+        for key in ("processes", "zombies", "threads", "shm"):
+            if entry[key]:
+                found.append(f"{len(entry[key])} {key} (e.g. {entry[key][0]})")
+        if entry["killed_by_benchmark"]:
+            found.append(
+                f"{entry['killed_by_benchmark']} processes it left running (workers it cannot stop, "
+                "grandchildren) were killed by the benchmark"
+            )
+        if entry["shm_unattributed"]:
+            found.append(
+                f"{len(entry['shm_unattributed'])} /dev/shm entries appeared that nobody holds "
+                "(owner unknown: on this shared machine, likely another program's)"
+            )
+        if entry["asyncio_log"]:
+            found.append(f"{len(entry['asyncio_log'])} asyncio log warnings (e.g. {entry['asyncio_log'][0]!r})")
+        if entry["orphans_reaped"]:
+            found.append(f"{entry['orphans_reaped']} orphaned grandchildren reaped by the benchmark")
+        if entry["helpers"]:
+            found.append(f"helpers started: {len(entry['helpers'])} (interpreter-lifetime)")
+        lines.append(f"   {system:<22} " + ("; ".join(found) if found else "nothing left"))
+    left = data["leftovers_after_run"]
+    lines.append(
+        "   after the run: "
+        + (
+            "nothing left"
+            if not (left["threads"] or left["processes"] or left["shm"])
+            else f"threads {left['threads']}, processes {left['processes']}, shm {left['shm']}"
+        )
+        + (f" (helpers living until exit: {len(left['helpers'])})" if left["helpers"] else "")
+    )
+    return "\n".join(lines)

@@ -1,0 +1,35 @@
+"""The demo's fixed settings: how long the nodes work, the cancel's timing and grace
+periods, the Dask cluster's size and patience, the exit codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+EXIT_OK = 0
+EXIT_PROBLEM = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+#: How long the nodes of the full request and of the quick (superseding) one work.
+FULL_WORK: Mapping[str, float] = {"io_seconds": 0.5, "cpu_seconds": 8.0, "render_seconds": 1.8}
+QUICK_WORK: Mapping[str, float] = {"io_seconds": 0.1, "cpu_seconds": 0.3, "render_seconds": 0.2}
+#: Without --cancel-after the cancel comes this long after the CPU wave started.
+DEFAULT_CANCEL_INTO_CPU_WAVE = 1.0
+DEFAULT_GRACE = 2.0
+#: The process pool's ladder in the demo: token, then SIGKILL after this many seconds.
+PROCESS_GRACE = 0.3
+THREAD_GRACE = 0.5
+SUPERSEDE_KEY = "report:alice"
+#: ``--dask local``: one worker process (of one thread) per node of the process wave, so
+#: that all three run at once, as with the demo's own process pool.
+DASK_LOCAL_WORKERS = 3
+#: Seconds to wait for a Dask cluster's workers (and for ``--dask local`` to close).
+DASK_PATIENCE = 60.0
+#: Threads that ``distributed`` starts once per interpreter and never ends (its offload
+#: executor): not the demo's to stop, so the final check does not count them.
+DASK_PROCESS_WIDE_THREADS = ("Dask-Offload",)
+DASK_MISSING = (
+    "cancelflow demo --dask needs Dask distributed, which is not installed: "
+    "pip install 'cancelflow[dask]'"
+)
