@@ -14,7 +14,7 @@ from ._exceptions import PipelineDefinitionError
 from ._log import safe_log
 from ._token import CancellationToken, check_reason
 
-__all__ = ("CancellationRegistry", "CleanupHandler")
+__all__ = ("CancellationRegistry", "CleanupHandler", "RunHandle")
 
 #: A cleanup handler takes no argument; it may be a plain or a coroutine function.
 CleanupHandler = Callable[[], "Awaitable[object] | object"]
@@ -39,7 +39,6 @@ class _Entry:
         "finished",
         "handlers",
         "loop",
-        "managed",
         "partials",
         "pipeline_id",
         "released",
@@ -61,7 +60,7 @@ class _Entry:
         self.handlers: list[CleanupHandler] = []
         # Written from any thread (node threads, pool callbacks): single dict stores.
         self.partials: dict[str, Any] = {}
-        self.managed = False
+        #: set for a pipeline an executor runs: its cleanup waits until the run has stopped
         self.released: asyncio.Event | None = None
         self.run_handlers = True
         self.finished = False
@@ -370,11 +369,6 @@ class CancellationRegistry:
             )
         return entry.cleanup_task
 
-    def _manage(self, entry: _Entry) -> None:
-        """Hold the entry's cleanup until :meth:`_release` (an executor runs it)."""
-        entry.managed = True
-        entry.released = asyncio.Event()
-
     def _release(self, entry: _Entry, *, run_handlers: bool) -> None:
         """The pipeline has stopped; its handlers run iff ``run_handlers``."""
         if not run_handlers and not entry.cleanup_started:
@@ -442,6 +436,90 @@ class CancellationRegistry:
             )
             return exc
         return None
+
+
+class RunHandle:
+    """One pipeline registered for a run that a :class:`PipelineExecutor` drives.
+
+    Package-internal: for the executor (``_executor`` / ``_run``), which uses only this
+    handle, never the registry's private parts. :meth:`open` registers the pipeline (with
+    its cleanup handlers) and holds its cleanup until :meth:`end`: a cancel from any source
+    sets :attr:`token` at once, but the handlers wait until the run has stopped.
+    Every method runs on the run's event loop, except as noted.
+    """
+
+    __slots__ = ("_entry", "_registry")
+
+    def __init__(self, registry: CancellationRegistry, entry: _Entry) -> None:
+        self._registry = registry
+        self._entry = entry
+
+    @classmethod
+    def open(
+        cls,
+        registry: CancellationRegistry,
+        pipeline_id: str,
+        handlers: list[CleanupHandler],
+        *,
+        cleanup_timeout: float | None,
+    ) -> RunHandle:
+        """Register ``pipeline_id`` with ``handlers``, its cleanup held until :meth:`end`.
+
+        Raises what :meth:`CancellationRegistry.register` raises.
+        """
+        registry.register(pipeline_id, cleanup_timeout=cleanup_timeout)
+        for handler in handlers:
+            registry.register_cleanup_handler(pipeline_id, handler)
+        entry = registry._get(pipeline_id)
+        entry.released = asyncio.Event()
+        return cls(registry, entry)
+
+    @property
+    def pipeline_id(self) -> str:
+        return self._entry.pipeline_id
+
+    @property
+    def token(self) -> CancellationToken:
+        """The pipeline's token: the cancel request, from whatever source."""
+        return self._entry.token
+
+    @property
+    def finished(self) -> bool:
+        """The run completed (:meth:`mark_completed`) or the pipeline is unregistered."""
+        return self._entry.finished
+
+    def store_partial(self, key: str, value: Any) -> None:
+        """Store a partial result (any thread: one dict store)."""
+        self._entry.partials[key] = value
+
+    def partial_results(self) -> dict[str, Any]:
+        """A copy of the partial results stored so far."""
+        return dict(self._entry.partials)
+
+    def mark_completed(self) -> None:
+        """The run completed: a cancel that comes now finds the pipeline finished."""
+        self._entry.finished = True
+
+    async def end(self, *, run_handlers: bool) -> tuple[BaseException, ...]:
+        """The run has stopped: run the cleanup handlers (exactly once) iff
+        ``run_handlers``, wait for them, unregister; return the handlers' errors.
+
+        A cleanup that a cancel already started is awaited whatever ``run_handlers`` says.
+        """
+        registry, entry = self._registry, self._entry
+        registry._release(entry, run_handlers=run_handlers)
+        if run_handlers and (entry.handlers or entry.cleanup_task is not None):
+            registry._request_cleanup(entry)
+        if entry.cleanup_task is not None:
+            await asyncio.shield(entry.cleanup_task)
+        errors = tuple(entry.cleanup_errors)
+        registry._drop(entry)
+        return errors
+
+    def discard(self) -> None:
+        """Unregister without running the handlers (a run that ended without :meth:`end`)."""
+        self._registry._release(self._entry, run_handlers=False)
+        self._registry._drop(self._entry)
 
 
 def _is_async(handler: Callable[..., object]) -> bool:
