@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from ._registry import CancellationRegistry, CleanupHandler, RunHandle
 from ._run import Mode, Run, RunOutcome, SyncPool
 from ._supersede import DEFAULT_SUPERSEDE_REASON, Superseder
 from ._token import CancellationToken, check_reason
+from ._validate import check_optional_seconds
 from ._waves import compute_waves, validate_pipeline
 
 __all__ = (
@@ -248,8 +248,8 @@ class PipelineExecutor:
         self.registry = registry if registry is not None else CancellationRegistry()
         self.events = events if events is not None else EventBus()
         self.mode: Mode = _check_mode(mode)
-        self.graceful_timeout = _check_optional_timeout(graceful_timeout, "graceful_timeout")
-        self.cleanup_timeout = _check_optional_timeout(cleanup_timeout, "cleanup_timeout")
+        self.graceful_timeout = check_optional_seconds(graceful_timeout, "graceful_timeout", positive=True)
+        self.cleanup_timeout = check_optional_seconds(cleanup_timeout, "cleanup_timeout", positive=True)
         self._thread_pool = thread_pool
         self._process_pool = process_pool
         self._owned_pools: list[SyncPool] = []
@@ -515,9 +515,9 @@ class PipelineExecutor:
         bound = (
             self.graceful_timeout
             if graceful_timeout is _UNSET
-            else _check_optional_timeout(graceful_timeout, "graceful_timeout")
+            else check_optional_seconds(graceful_timeout, "graceful_timeout", positive=True)
         )
-        deadline = _check_optional_timeout(timeout, "timeout")
+        deadline = check_optional_seconds(timeout, "timeout", positive=True)
         if cancel_token is not None and not isinstance(cancel_token, CancellationToken):
             raise TypeError(
                 f"cancel_token must be a CancellationToken, not {type(cancel_token).__name__}"
@@ -652,12 +652,3 @@ def _check_mode(mode: object) -> Mode:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     return cast("Mode", mode)
 
-
-def _check_optional_timeout(value: object, what: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds or None, not {type(value).__name__}")
-    if not value > 0 or math.isinf(value):
-        raise ValueError(f"{what} must be a finite number > 0 or None, got {value!r}")
-    return float(value)

@@ -13,6 +13,7 @@ from typing import Any
 from ._exceptions import PipelineDefinitionError
 from ._log import safe_log
 from ._token import CancellationToken, check_reason
+from ._validate import seconds_error
 
 __all__ = ("CancellationRegistry", "CleanupHandler", "RunHandle")
 
@@ -118,7 +119,7 @@ class CancellationRegistry:
     """
 
     def __init__(self, *, cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT) -> None:
-        self.cleanup_timeout = _check_positive(cleanup_timeout, "cleanup_timeout")
+        self.cleanup_timeout = _check_cleanup_timeout(cleanup_timeout)
         self._entries: dict[str, _Entry] = {}
 
     # -- registration --------------------------------------------------------------------
@@ -145,7 +146,7 @@ class CancellationRegistry:
         timeout = (
             self.cleanup_timeout
             if cleanup_timeout is None
-            else _check_positive(cleanup_timeout, "cleanup_timeout")
+            else _check_cleanup_timeout(cleanup_timeout)
         )
         token = CancellationToken(name=pipeline_id)
         self._entries[pipeline_id] = _Entry(pipeline_id, token, _running_loop(), timeout)
@@ -568,14 +569,16 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+def _check_cleanup_timeout(value: float) -> float:
+    # The range is checked before converting (an int too large for a float but negative
+    # is a ValueError): unlike check_seconds, which converts first.
+    error = seconds_error(value, "cleanup_timeout", positive=True)
+    if error is not None:
+        raise error
+    return float(value)
+
+
 def _check_id(pipeline_id: object) -> None:
     if not isinstance(pipeline_id, str) or not pipeline_id:
         raise TypeError(f"pipeline_id must be a non-empty str, got {pipeline_id!r}")
 
-
-def _check_positive(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds, not {type(value).__name__}")
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
-    return float(value)
