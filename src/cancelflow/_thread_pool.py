@@ -129,7 +129,6 @@ class _WorkItem:
         "partials",
         "pool",
         "returned",
-        "started",
         "timed_out",
         "timeout",
         "timeout_handle",
@@ -167,7 +166,6 @@ class _WorkItem:
         self.future._item = self
         self.worker: _Worker | None = None
         self.fate: Fate = Fate.PENDING
-        self.started = False
         self.returned = False
         self.cancel_as_future = False
         self.timed_out = False
@@ -920,7 +918,6 @@ class ThreadPool(Executor):
         with _futures.lock(future):
             if not _futures.start(future):
                 return False
-            item.started = True
             item.worker = worker
             item.fate = Fate.RUNNING
         if item.timeout is not None:
