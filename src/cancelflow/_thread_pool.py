@@ -9,7 +9,6 @@ ends, or becomes an ordinary worker again if the pool is under capacity.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import ctypes
 import functools
@@ -34,6 +33,7 @@ from ._exceptions import (
 )
 from ._fate import Fate
 from ._log import safe_log
+from ._pool_calls import await_or_stop, check_call, ladder_seconds, loop_future
 from ._token import CancellationToken
 from ._validate import check_seconds as _check_timeout
 
@@ -561,23 +561,11 @@ class ThreadPool(Executor):
             assert token is not None
             token.raise_if_cancelled()
             raise AssertionError("unreachable")  # pragma: no cover
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[T] = loop.create_future()
-
-        def on_done(future: Future[Any]) -> None:
-            try:
-                loop.call_soon_threadsafe(_transfer, future, waiter)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
-
         self._enqueue(item)
-        item.future.add_done_callback(on_done)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            item.token.cancel("asyncio task cancelled")
-            self._settle_cancelled(item)
-            raise
+        future: ThreadTaskFuture[T] = item.future
+        stop = functools.partial(self._stop_for_awaiter, item)
+        await await_or_stop(loop_future(future), stop, wait_for_stop=False)
+        return _outcome_of(future)
 
     def map(
         self,
@@ -715,12 +703,7 @@ class ThreadPool(Executor):
         interrupt_on_cancel: bool,
     ) -> _WorkItem | None:
         """Validate a submission; ``None`` means ``token`` is already cancelled."""
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        if isinstance(args, (str, bytes)) or not isinstance(args, Iterable):
-            raise TypeError(f"args must be an iterable of arguments, not {type(args).__name__}")
-        if kwargs is not None and not isinstance(kwargs, Mapping):
-            raise TypeError(f"kwargs must be a mapping or None, not {type(kwargs).__name__}")
+        check_call(fn, args, kwargs)
         if token is not None and not isinstance(token, CancellationToken):
             raise TypeError(
                 f"token must be a CancellationToken or None, not {type(token).__name__}"
@@ -732,9 +715,7 @@ class ThreadPool(Executor):
                 f"interrupt_on_cancel must be a bool, not {type(interrupt_on_cancel).__name__}"
             )
         seconds = None if timeout is None else _check_timeout(timeout, "timeout")
-        grace = (
-            self._grace if grace_period is None else _check_timeout(grace_period, "grace_period")
-        )
+        grace = ladder_seconds(grace_period, self._grace, "grace_period")
         self._check_accepting(fn)
         if token is not None and token.is_cancelled:
             return None
@@ -1006,6 +987,12 @@ class ThreadPool(Executor):
         self._settle_cancelled(item)
         return future.cancelled()
 
+    def _stop_for_awaiter(self, item: _WorkItem) -> None:
+        """The asyncio task awaiting ``item`` (``run_sync``) was cancelled: cancel the
+        task's token and settle its future now; the thread gets its grace period."""
+        item.token.cancel("asyncio task cancelled")
+        self._settle_cancelled(item)
+
     def _fail_pending(self, item: _WorkItem, error: BaseException) -> None:
         """Fail a task that will never start with ``error`` (if still pending)."""
         future = item.future
@@ -1186,16 +1173,13 @@ def _failed_future(token: CancellationToken) -> ThreadTaskFuture[Any]:
     return future
 
 
-def _transfer(source: Future[Any], waiter: asyncio.Future[Any]) -> None:
-    """On the event loop: copy a finished task future into the awaited asyncio future."""
-    if waiter.done():
-        return
-    if source.cancelled():
-        reason = source.cancel_reason if isinstance(source, ThreadTaskFuture) else None
-        waiter.set_exception(CancelledException(reason or "future cancelled", reason=reason))
-        return
-    exc = source.exception()
+def _outcome_of(future: ThreadTaskFuture[T]) -> T:
+    """What ``run_sync`` gives for a done task future: its result, or raise its error
+    (a cancelled future raises :class:`CancelledException` with the task's reason)."""
+    if future.cancelled():
+        reason = future.cancel_reason
+        raise CancelledException(reason or "future cancelled", reason=reason)
+    exc = future.exception()
     if exc is not None:
-        waiter.set_exception(exc)
-    else:
-        waiter.set_result(source.result())
+        raise exc
+    return future.result()
