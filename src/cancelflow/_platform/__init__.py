@@ -204,6 +204,10 @@ class UnsafeSignalTarget(ValueError):
     """:func:`send_signal` was asked to signal a process it must never signal."""
 
 
+#: signal number -> name (``SIGTERM``), for messages
+_SIGNAL_NAMES: dict[int, str] = {int(sig): sig.name for sig in signal.Signals}
+
+
 def send_signal(pid: int, signum: int) -> bool:
     """Send ``signum`` to the one process ``pid``; ``False`` if it no longer exists.
 
@@ -215,7 +219,7 @@ def send_signal(pid: int, signum: int) -> bool:
     if isinstance(pid, bool) or not isinstance(pid, int):
         raise UnsafeSignalTarget(f"refusing to send signal {signum} to {pid!r}: not a pid")
     if pid <= 1 or pid == os.getpid() or pid == os.getpgrp():
-        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else signum
+        name = _SIGNAL_NAMES.get(signum, signum)
         raise UnsafeSignalTarget(
             f"refusing to send {name} to pid {pid}: it would reach "
             + ("a process group or init" if pid <= 1 else "this process or its group")
