@@ -48,7 +48,7 @@ from ._log import safe_log
 from ._platform import futex_wait, futex_wake
 
 if TYPE_CHECKING:
-    from ._token import CancellationToken
+    from ._token import TokenRef
 
 SLOT_SIZE = 128
 #: bytes of a reason that fit in shared memory; longer reasons are cut (see encode_reason)
@@ -126,8 +126,8 @@ class Chunk:
         self.live = 0
         #: True once another process may read this chunk (fork, pickling, attached)
         self.shared = not self.owned
-        #: token ``_id`` -> token, for the tokens of this process that have listeners
-        self.listeners: dict[int, weakref.ref[CancellationToken]] = {}
+        #: token ``_id`` -> token (weakly), for the tokens of this process that have listeners
+        self.listeners: dict[int, TokenRef] = {}
         self._hub_ticket: list[int] = [1]
         #: (process being started, what this chunk was pickled as for it), see _token
         self.exported_to: tuple[weakref.ref[Any], weakref.ref[Any]] | None = None
@@ -199,25 +199,27 @@ class Chunk:
         header.generation = (header.generation + 1) & 0xFFFFFFFF
         futex_wake(self.gen_address)
 
-    def watch(self, token: CancellationToken) -> None:
-        """Deliver cancels that other processes make on ``token`` to its local listeners.
+    def watch(self, ref: TokenRef) -> None:
+        """Deliver cancels that other processes make on ``ref``'s token to its local
+        listeners.
 
         The caller re-checks the flag afterwards: a cancel made before the hub saw this
         listener is the caller's to deliver.
         """
-        self.listeners[token._id] = weakref.ref(token)
-        if token._is_shared():
+        self.listeners[ref.key] = ref
+        if ref.shared():
             self.ensure_hub()
 
-    def unwatch(self, token: CancellationToken) -> None:
-        self._forget(token._id)
+    def unwatch(self, key: int) -> None:
+        """Stop delivering to the token whose ``_id`` is ``key`` (it has no listener left)."""
+        self._forget(key)
 
     def _forget(self, key: int) -> None:
         ref = self.listeners.pop(key, None)
         if ref is None or self._hub_ticket:
             return  # not listening, or no hub runs
         token = ref()
-        if token is None or token._is_shared():
+        if token is None or ref.shared():
             self.ring()  # lets the hub notice when it has nothing left to watch
 
     def mark_shared(self) -> None:
@@ -266,21 +268,17 @@ class Chunk:
             token = ref()
             if token is None:
                 self.listeners.pop(key, None)
-            elif not token._is_shared():
+            elif not ref.shared():
                 continue  # only this process can cancel it, and delivers it itself
             elif token.is_cancelled:
                 self.listeners.pop(key, None)
-                token._take_remote_cancel()
+                ref.take_remote_cancel()
             else:
                 watching = True
         return watching
 
     def _watching(self) -> bool:
-        for ref in list(self.listeners.values()):
-            token = ref()
-            if token is not None and token._is_shared():
-                return True
-        return False
+        return any(ref.shared() for ref in list(self.listeners.values()))
 
 
 _slots_lock = threading.RLock()
@@ -343,9 +341,7 @@ def _after_fork_in_child() -> None:
         chunk.owned = False
         chunk._free = []
         for ref in chunk.listeners.values():
-            token = ref()
-            if token is not None:
-                token._callbacks.clear()  # the parent's callbacks run in the parent
+            ref.drop_callbacks()  # the parent's callbacks run in the parent
         chunk.listeners = {}
         chunk._hub_ticket = [1]  # hub threads do not survive a fork
 

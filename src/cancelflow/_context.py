@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._token import CancellationToken
+from ._validate import seconds_error
 
 __all__ = (
     "TaskScope",
@@ -126,10 +127,9 @@ def critical_section(max_seconds: float) -> AbstractContextManager[None]:
     Raises:
         TypeError / ValueError: ``max_seconds`` is not a positive finite number.
     """
-    if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)):
-        raise TypeError(f"max_seconds must be a number, not {type(max_seconds).__name__}")
-    if not 0 < max_seconds < float("inf"):
-        raise ValueError(f"max_seconds must be a finite number > 0, got {max_seconds!r}")
+    error = seconds_error(max_seconds, "max_seconds", positive=True, noun="a number")
+    if error is not None:
+        raise error
     hook = _critical_hook
     if hook is None or _scope.get() is None:
         return nullcontext()

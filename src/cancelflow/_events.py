@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._log import safe_log
+from ._validate import seconds_error
 
 __all__ = ("EVENT_NAMES", "EventBus", "PipelineEvent", "Subscriber", "Subscription")
 
@@ -109,18 +110,12 @@ class EventBus:
     """
 
     def __init__(self, *, subscriber_timeout: float | None = 5.0) -> None:
-        if subscriber_timeout is not None:
-            if isinstance(subscriber_timeout, bool) or not isinstance(
-                subscriber_timeout, (int, float)
-            ):
-                raise TypeError(
-                    "subscriber_timeout must be a number of seconds or None, "
-                    f"not {type(subscriber_timeout).__name__}"
-                )
-            if not subscriber_timeout > 0:
-                raise ValueError(
-                    f"subscriber_timeout must be > 0 or None, got {subscriber_timeout!r}"
-                )
+        if subscriber_timeout is not None:  # kept as given: an infinite bound is no bound
+            error = seconds_error(
+                subscriber_timeout, "subscriber_timeout", positive=True, finite=False, or_none=True
+            )
+            if error is not None:
+                raise error
         self.subscriber_timeout = subscriber_timeout
         self._subscriptions: tuple[Subscription, ...] = ()
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+from typing import Any, Literal, cast
 
 from ._events import EventBus, PipelineEvent
 from ._exceptions import (
@@ -17,15 +16,13 @@ from ._exceptions import (
     PoolClosedError,
 )
 from ._fate import Fate
-from ._log import safe_log
-from ._node import Node, NodeContext
-from ._registry import CancellationRegistry, CleanupHandler, _Entry
+from ._node import Node
+from ._registry import CancellationRegistry, CleanupHandler, RunHandle
+from ._run import Mode, Run, RunOutcome, SyncPool
 from ._supersede import DEFAULT_SUPERSEDE_REASON, Superseder
-from ._token import CallbackHandle, CancellationToken, check_reason
+from ._token import CancellationToken, check_reason
+from ._validate import check_optional_seconds
 from ._waves import compute_waves, validate_pipeline
-
-if TYPE_CHECKING:
-    from ._context import PartialSink
 
 __all__ = (
     "DEFAULT_GRACEFUL_TIMEOUT",
@@ -35,31 +32,12 @@ __all__ = (
     "SyncPool",
 )
 
-Mode = Literal["graceful", "interrupt"]
 _MODES: tuple[str, ...] = ("graceful", "interrupt")
 Outcome = Literal["completed", "cancelled", "timed_out", "failed"]
 
 #: Seconds a graceful cancel waits for the running wave before interrupting it.
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
-# While interrupted coroutine nodes refuse to end, they are cancelled again this often.
-_RECANCEL_INTERVAL = 1.0
 _UNSET: Any = object()
-
-
-class SyncPool(Protocol):
-    """What the executor needs of a thread or process pool (cancelflow's pools fit)."""
-
-    async def run_sync(
-        self,
-        fn: Callable[..., Any],
-        *args: Any,
-        token: CancellationToken | None = None,
-        timeout: float | None = None,
-        grace_period: float | None = None,
-        partial_sink: PartialSink | None = None,
-    ) -> Any: ...
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -270,12 +248,12 @@ class PipelineExecutor:
         self.registry = registry if registry is not None else CancellationRegistry()
         self.events = events if events is not None else EventBus()
         self.mode: Mode = _check_mode(mode)
-        self.graceful_timeout = _check_optional_timeout(graceful_timeout, "graceful_timeout")
-        self.cleanup_timeout = _check_optional_timeout(cleanup_timeout, "cleanup_timeout")
+        self.graceful_timeout = check_optional_seconds(graceful_timeout, "graceful_timeout", positive=True)
+        self.cleanup_timeout = check_optional_seconds(cleanup_timeout, "cleanup_timeout", positive=True)
         self._thread_pool = thread_pool
         self._process_pool = process_pool
         self._owned_pools: list[SyncPool] = []
-        self._runs: set[_Run] = set()
+        self._runs: set[Run] = set()
         self._closed = False
         self._superseder = Superseder()
 
@@ -504,7 +482,7 @@ class PipelineExecutor:
         mode: Mode | None,
         graceful_timeout: float | None,
         cleanup_handlers: Iterable[CleanupHandler] = (),
-    ) -> _Outcome:
+    ) -> RunOutcome:
         spec = self._check_run(
             pipeline_id,
             nodes,
@@ -537,9 +515,9 @@ class PipelineExecutor:
         bound = (
             self.graceful_timeout
             if graceful_timeout is _UNSET
-            else _check_optional_timeout(graceful_timeout, "graceful_timeout")
+            else check_optional_seconds(graceful_timeout, "graceful_timeout", positive=True)
         )
-        deadline = _check_optional_timeout(timeout, "timeout")
+        deadline = check_optional_seconds(timeout, "timeout", positive=True)
         if cancel_token is not None and not isinstance(cancel_token, CancellationToken):
             raise TypeError(
                 f"cancel_token must be a CancellationToken, not {type(cancel_token).__name__}"
@@ -565,18 +543,23 @@ class PipelineExecutor:
 
     async def _run_checked(
         self, spec: _RunSpec, cancel_token: CancellationToken | None
-    ) -> _Outcome:
+    ) -> RunOutcome:
         """Register and drive a run whose arguments :meth:`_check_run` accepted."""
         if self._closed:
             raise PoolClosedError("the PipelineExecutor is closed")
         pipeline_id = spec.pipeline_id
-        self.registry.register(pipeline_id, cleanup_timeout=self.cleanup_timeout)
-        for handler in spec.handlers:
-            self.registry.register_cleanup_handler(pipeline_id, handler)
-        entry = self.registry._get(pipeline_id)
-        self.registry._manage(entry)
-        run = _Run(
-            self, entry, spec.waves, spec.context, spec.mode, spec.graceful_timeout, spec.timeout
+        handle = RunHandle.open(
+            self.registry, pipeline_id, spec.handlers, cleanup_timeout=self.cleanup_timeout
+        )
+        run = Run(
+            handle,
+            spec.waves,
+            spec.context,
+            spec.mode,
+            spec.graceful_timeout,
+            spec.timeout,
+            events=self.events,
+            pool_for=self._pool_for,
         )
         self._runs.add(run)
         try:
@@ -585,12 +568,11 @@ class PipelineExecutor:
             self._runs.discard(run)
             if not run.done.done():
                 run.done.set_result(None)
-            if not entry.finished:
+            if not handle.finished:
                 # Only reached on an internal error: never leave the id registered.
-                self.registry._release(entry, run_handlers=False)
-                self.registry._drop(entry)
+                handle.discard()
 
-    async def _to_result(self, outcome: _Outcome) -> PipelineResult:
+    async def _to_result(self, outcome: RunOutcome) -> PipelineResult:
         error = outcome.error
         result = PipelineResult(
             outcome.pipeline_id,
@@ -634,484 +616,6 @@ class _RunSpec:
     handlers: list[CleanupHandler]
 
 
-@dataclass
-class _Outcome:
-    pipeline_id: str
-    outputs: dict[str, Any]
-    partial_results: dict[str, Any]
-    wave_num: int
-    error: CancelledException | PipelineFailedException | None
-    cleanup_errors: tuple[BaseException, ...] = ()
-    node_fates: dict[str, Fate] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class _Claim:
-    """One cause of an ending; the first one claimed decides the ending."""
-
-    kind: Literal["completed", "cancelled", "timed_out", "failed"]
-    reason: str | None = None
-    node_id: str | None = None
-    error: BaseException | None = None
-    wave_num: int | None = None
-
-
-class _NodeRun:
-    """One node of a run; also the node's partial-result sink (``self(key, value)``)."""
-
-    __slots__ = ("node", "run", "started", "task", "timed_out", "timer", "token", "wave_num")
-
-    def __init__(self, run: _Run, node: Node, wave_num: int, token: CancellationToken) -> None:
-        self.run = run
-        self.node = node
-        self.wave_num = wave_num
-        self.token = token
-        self.task: asyncio.Task[None] | None = None
-        self.started = False
-        self.timed_out: PipelineTimeoutException | None = None
-        self.timer: asyncio.TimerHandle | None = None
-
-    def __call__(self, key: str, value: Any) -> None:
-        """Store a partial result as ``"{node_id}.{key}"`` (any thread)."""
-        run = self.run
-        if run.closed:
-            safe_log(
-                "DEBUG",
-                f"partial result {key!r} stored after the run ended; dropped",
-                pipeline_id=run.pipeline_id,
-                node_id=self.node.id,
-            )
-            return
-        run.entry.partials[f"{self.node.id}.{key}"] = value
-
-
-class _Run:
-    """The state of one pipeline run; lives on the loop that runs it.
-
-    Causes (cancel requests, the deadline, node failures) may be claimed from any thread
-    or a signal handler: a claim is one ``list.append`` (atomic), the first element of
-    ``claims`` is the ending, and the loop is woken with ``call_soon_threadsafe`` to act.
-    """
-
-    def __init__(
-        self,
-        executor: PipelineExecutor,
-        entry: _Entry,
-        waves: list[list[Node]],
-        context: Mapping[str, Any],
-        mode: Mode,
-        graceful_timeout: float | None,
-        timeout: float | None,
-    ) -> None:
-        self.executor = executor
-        self.registry = executor.registry
-        self.events = executor.events
-        self.entry = entry
-        self.pipeline_id = entry.pipeline_id
-        self.waves = waves
-        self.context = context
-        self.mode = mode
-        self.graceful_timeout = graceful_timeout
-        self.timeout = timeout
-        self.loop = asyncio.get_running_loop()
-        self.claims: list[_Claim] = []
-        #: how each node ended: finished / failed / cancelled / terminated / killed /
-        #: crashed / abandoned / timed_out; nodes that never started are absent
-        self.fates: dict[str, Fate] = {}
-        self.interrupt = CancellationToken(name=f"{self.pipeline_id}:interrupt")
-        self.interrupted = False
-        self.outputs: dict[str, Any] = {}
-        self.running: dict[str, _NodeRun] = {}
-        self.remaining = 0  # nodes of the current wave not yet ended
-        self.wave_done: asyncio.Future[None] = self.loop.create_future()
-        self.escalation: asyncio.TimerHandle | None = None
-        self.deadline: asyncio.TimerHandle | None = None
-        self.caller_cancelled = False
-        self.closed = False
-        self.done: asyncio.Future[None] = self.loop.create_future()
-
-    # -- causes ----------------------------------------------------------------------------
-    def claim(self, claim: _Claim) -> None:
-        """Record a cause (any thread, signal-safe) and let the loop act on it."""
-        if self.closed:
-            return
-        self.claims.append(claim)
-        try:
-            self.loop.call_soon_threadsafe(self._act, claim)
-        except RuntimeError:  # the loop is closed; the run is long over
-            pass
-
-    def request_cancel(self, reason: str | None) -> None:
-        """Cancel the run as the registry would (any thread)."""
-        self.entry.token.cancel(reason)
-
-    def request_interrupt(self, reason: str | None) -> None:
-        """Cancel the run and interrupt its nodes now, in any mode (any thread)."""
-        self.entry.token.cancel(reason)
-        try:
-            self.loop.call_soon_threadsafe(self._interrupt_if_open)
-        except RuntimeError:  # the loop is closed; the run is long over
-            pass
-
-    def _interrupt_if_open(self) -> None:
-        if not self.closed:
-            self._interrupt()
-
-    def _on_registry_cancel(self) -> None:
-        self.claim(_Claim("cancelled", self.entry.token.cancel_reason))
-
-    def _act(self, claim: _Claim) -> None:
-        if self.closed:
-            return
-        if claim.kind == "cancelled":
-            if self.mode == "interrupt":
-                self._interrupt()
-            elif self.escalation is None and self.graceful_timeout is not None:
-                self.escalation = self.loop.call_later(self.graceful_timeout, self._escalate)
-        elif claim.kind in ("timed_out", "failed"):
-            # The pipeline's token tells the outside (and cleanup) that the run is ending.
-            self.entry.token.cancel(self.claims[0].reason)
-            self._interrupt()
-
-    def _escalate(self) -> None:
-        safe_log(
-            "WARNING",
-            f"graceful cancel not done after {self.graceful_timeout:g}s; interrupting",
-            pipeline_id=self.pipeline_id,
-        )
-        self._interrupt()
-
-    def _on_deadline(self) -> None:
-        assert self.timeout is not None
-        self.claim(
-            _Claim("timed_out", f"pipeline {self.pipeline_id!r} timed out after {self.timeout:g}s")
-        )
-
-    def _interrupt(self) -> None:
-        """Tell every running node to stop now (idempotent; loop thread)."""
-        if self.interrupted:
-            return
-        self.interrupted = True
-        reason = self.claims[0].reason if self.claims else None
-        self.interrupt.cancel(reason)
-        for node_run in list(self.running.values()):
-            if node_run.started and node_run.task is not None and node_run.node.run_in == "loop":
-                node_run.task.cancel()
-
-    def _on_node_timeout(self, node_run: _NodeRun) -> None:
-        node = node_run.node
-        assert node.timeout is not None
-        reason = f"node {node.id!r} timed out after {node.timeout:g}s"
-        error = PipelineTimeoutException(
-            reason, None, node_run.wave_num, reason=reason, timeout=node.timeout
-        )
-        node_run.timed_out = error
-        node_run.token.cancel(reason)
-        if node_run.task is not None and node.run_in == "loop":
-            node_run.task.cancel()  # started: its timer is armed inside the task
-        self.claim(_Claim("failed", reason, node.id, error, node_run.wave_num))
-
-    # -- driving ---------------------------------------------------------------------------
-    async def drive(self, cancel_token: CancellationToken | None) -> _Outcome:
-        handles: list[CallbackHandle] = [self.entry.token.on_cancel(self._on_registry_cancel)]
-        if cancel_token is not None:
-            registry_token = self.entry.token
-            handles.append(
-                cancel_token.on_cancel(lambda: registry_token.cancel(cancel_token.cancel_reason))
-            )
-        if self.timeout is not None:
-            self.deadline = self.loop.call_later(self.timeout, self._on_deadline)
-        try:
-            await self._emit(
-                "pipeline_started",
-                None,
-                total_waves=len(self.waves),
-                node_count=sum(len(wave) for wave in self.waves),
-                mode=self.mode,
-            )
-            safe_log(
-                "DEBUG", f"pipeline started ({len(self.waves)} waves)", pipeline_id=self.pipeline_id
-            )
-            for wave_num, wave in enumerate(self.waves):
-                if self.claims:
-                    break
-                await self._run_wave(wave_num, wave)
-            if not self.claims:
-                self.claims.append(_Claim("completed"))
-            if self.claims[0].kind == "completed":
-                self.entry.finished = True  # late cancels find it finished
-        except asyncio.CancelledError:
-            # Cancelled outside any wave (e.g. during an event): nothing runs; end it.
-            self._on_caller_cancelled()
-        finally:
-            for handle in handles:
-                handle.remove()
-        return await _uncancellable(self._finish(), self)
-
-    async def _run_wave(self, wave_num: int, wave: list[Node]) -> None:
-        loop = self.loop
-        self.remaining = len(wave)
-        self.wave_done = wave_done = loop.create_future()
-        for node in wave:
-            token = (
-                self.interrupt.child(name=f"{self.pipeline_id}/{node.id}")
-                if (node.timeout is not None or node.run_in != "loop")
-                else self.interrupt
-            )
-            node_run = _NodeRun(self, node, wave_num, token)
-            self.running[node.id] = node_run
-            node_run.task = loop.create_task(self._run_node(node_run))
-        while not wave_done.done():
-            try:
-                await asyncio.wait(
-                    (wave_done,), timeout=_RECANCEL_INTERVAL if self.interrupted else None
-                )
-            except asyncio.CancelledError:
-                self._on_caller_cancelled()
-                continue
-            if not wave_done.done() and self.interrupted:
-                self._recancel()
-
-    def _on_caller_cancelled(self) -> None:
-        self.caller_cancelled = True
-        reason = "the task awaiting the pipeline was cancelled"
-        self.claim(_Claim("cancelled", reason))
-        self.entry.token.cancel(reason)
-        self._interrupt()
-
-    def _recancel(self) -> None:
-        for node_run in list(self.running.values()):
-            safe_log(
-                "WARNING",
-                "interrupted node has not stopped yet",
-                pipeline_id=self.pipeline_id,
-                node_id=node_run.node.id,
-            )
-            if node_run.node.run_in == "loop" and node_run.started and node_run.task is not None:
-                node_run.task.cancel()
-
-    async def _run_node(self, node_run: _NodeRun) -> None:
-        # A node task is only ever cancelled once started (see _interrupt), so this body,
-        # and its finally, always runs: the wave's count of running nodes stays exact.
-        node_run.started = True
-        node = node_run.node
-        node_id = node.id
-        try:
-            if self.interrupted:
-                raise asyncio.CancelledError  # interrupted before it could start
-            ctx = NodeContext(
-                node_run.token,
-                {dep: self.outputs[dep] for dep in node.deps} if node.deps else {},
-                self.context,
-                self.pipeline_id,
-                node_id,
-                node_run,
-            )
-            if node.timeout is not None:
-                node_run.timer = self.loop.call_later(node.timeout, self._on_node_timeout, node_run)
-            emitting = self.events.has_subscribers()
-            if emitting:
-                await self._emit(
-                    "node_started", node_id, wave_num=node_run.wave_num, run_in=node.run_in
-                )
-            if node.run_in == "loop":
-                value = await node.fn(ctx)
-            else:
-                pool = self.executor._pool_for(node.run_in)
-                value = await pool.run_sync(
-                    node.fn, ctx, token=node_run.token, partial_sink=node_run
-                )
-        except asyncio.CancelledError as exc:
-            self.fates[node_id] = Fate.TIMED_OUT if node_run.timed_out is not None else Fate.CANCELLED
-            if self.interrupted or node_run.timed_out is not None:
-                await self._node_stopped(node_run, "interrupted")
-            else:  # not cancelled by us: something inside the node was cancelled
-                await self._node_failed(node_run, exc)
-        except CancelledException as exc:
-            self.fates[node_id] = exc.fate or Fate.CANCELLED
-            if node_run.timed_out is not None and self.fates[node_id] == Fate.CANCELLED:
-                self.fates[node_id] = Fate.TIMED_OUT
-            if node_run.timed_out is None and not node_run.token.is_cancelled:
-                await self._node_failed(node_run, exc)  # raised by the node on its own
-            else:
-                await self._node_stopped(node_run, exc.reason)
-        except Exception as exc:  # noqa: BLE001 - a node's error ends the run, reported
-            self.fates[node_id] = Fate(getattr(exc, "fate", None) or Fate.FAILED)
-            await self._node_failed(node_run, exc)
-        else:
-            self.fates[node_id] = Fate.FINISHED
-            self.outputs[node_id] = value
-            self.entry.partials[node_id] = value
-            if emitting:
-                await self._emit(
-                    "node_finished", node_id, wave_num=node_run.wave_num, run_in=node.run_in
-                )
-        finally:
-            if node_run.timer is not None:
-                node_run.timer.cancel()
-            if node_run.token is not self.interrupt:
-                node_run.token.close()
-            del self.running[node_id]
-            self.remaining -= 1
-            if self.remaining == 0 and not self.wave_done.done():
-                self.wave_done.set_result(None)
-
-    async def _node_stopped(self, node_run: _NodeRun, reason: str | None) -> None:
-        if node_run.timed_out is not None:
-            await self._node_failed(node_run, node_run.timed_out)
-            return
-        node = node_run.node
-        if self.events.has_subscribers():
-            await self._emit(
-                "node_cancelled",
-                node.id,
-                wave_num=node_run.wave_num,
-                run_in=node.run_in,
-                reason=self.interrupt.cancel_reason or reason,
-                fate=self.fates.get(node.id, Fate.CANCELLED),
-            )
-
-    async def _node_failed(self, node_run: _NodeRun, error: BaseException) -> None:
-        node = node_run.node
-        if node_run.timed_out is None:
-            self.claim(
-                _Claim(
-                    "failed",
-                    f"node {node.id!r} failed: {error!r}",
-                    node.id,
-                    error,
-                    node_run.wave_num,
-                )
-            )
-        safe_log(
-            "WARNING",
-            f"node failed: {type(error).__name__}: {error}",
-            pipeline_id=self.pipeline_id,
-            node_id=node.id,
-        )
-        if self.events.has_subscribers():
-            await self._emit(
-                "node_failed",
-                node.id,
-                wave_num=node_run.wave_num,
-                run_in=node.run_in,
-                error=error,
-                fate=self.fates.get(node.id, Fate.FAILED),
-            )
-
-    # -- ending ----------------------------------------------------------------------------
-    async def _finish(self) -> _Outcome:
-        """Everything has stopped: decide, clean up, unregister, report (uncancellable)."""
-        for handle in (self.deadline, self.escalation):
-            if handle is not None:
-                handle.cancel()
-        cause = self.claims[0]
-        partial = dict(self.entry.partials)
-        self.closed = True
-        self.interrupt.close()
-        wave_num = self._first_incomplete_wave()
-        error: CancelledException | PipelineFailedException | None
-        if cause.kind == "completed":
-            error = None
-        elif cause.kind == "timed_out":
-            error = PipelineTimeoutException(
-                f"pipeline {self.pipeline_id!r} timed out after {self.timeout:g}s",
-                partial,
-                wave_num,
-                reason=cause.reason,
-                timeout=self.timeout,
-            )
-        elif cause.kind == "cancelled":
-            what = f": {cause.reason}" if cause.reason else ""
-            error = CancelledException(
-                f"pipeline {self.pipeline_id!r} cancelled{what}",
-                partial,
-                wave_num,
-                reason=cause.reason,
-            )
-        else:
-            assert cause.error is not None
-            error = PipelineFailedException(
-                f"pipeline {self.pipeline_id!r} failed: node {cause.node_id!r} raised "
-                f"{type(cause.error).__name__}: {cause.error}",
-                node_id=cause.node_id,
-                partial_results=partial,
-                wave_num=cause.wave_num if cause.wave_num is not None else wave_num,
-            )
-            error.__cause__ = cause.error
-        if error is not None:
-            error.node_fates = dict(self.fates)
-        if isinstance(error, CancelledException):
-            await self._emit(
-                "execution_cancelled",
-                None,
-                wave_num=wave_num,
-                total_waves=len(self.waves),
-                partial_results_count=len(partial),
-                cancel_reason=error.reason,
-            )
-        # Cleanup: exactly once, now that nothing runs; dropped on success.
-        self.registry._release(self.entry, run_handlers=error is not None)
-        if error is not None and (self.entry.handlers or self.entry.cleanup_task is not None):
-            self.registry._request_cleanup(self.entry)
-        if self.entry.cleanup_task is not None:
-            await asyncio.shield(self.entry.cleanup_task)
-        cleanup_errors = tuple(self.entry.cleanup_errors)
-        self.registry._drop(self.entry)
-        outcome_name = cause.kind
-        safe_log(
-            "WARNING" if outcome_name in ("timed_out", "failed") else "INFO",
-            f"pipeline ended: {outcome_name} at wave {wave_num}/{len(self.waves)}",
-            pipeline_id=self.pipeline_id,
-            reason=cause.reason,
-        )
-        await self._emit(
-            "pipeline_finished",
-            None,
-            outcome=outcome_name,
-            wave_num=wave_num,
-            total_waves=len(self.waves),
-            results_count=len(self.outputs),
-            reason=cause.reason,
-        )
-        return _Outcome(
-            self.pipeline_id,
-            self.outputs,
-            partial,
-            wave_num,
-            error,
-            cleanup_errors,
-            dict(self.fates),
-        )
-
-    def _first_incomplete_wave(self) -> int:
-        for wave_num, wave in enumerate(self.waves):
-            if any(node.id not in self.outputs for node in wave):
-                return wave_num
-        return len(self.waves)
-
-    async def _emit(self, name: str, node_id: str | None, **data: Any) -> None:
-        if self.events.has_subscribers():
-            await self.events.emit(PipelineEvent(name, self.pipeline_id, node_id, data))
-
-
-async def _uncancellable(aw: Awaitable[_Outcome], run: _Run) -> _Outcome:
-    """Await ``aw`` to its end even if our task is cancelled meanwhile; then re-raise."""
-    task = asyncio.ensure_future(aw)
-    cancelled = run.caller_cancelled
-    while True:
-        try:
-            outcome = await asyncio.shield(task)
-            break
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return outcome
-
-
 async def _shutdown_pool(pool: SyncPool) -> None:
     closer = getattr(pool, "aclose", None)
     if closer is not None:
@@ -1148,12 +652,3 @@ def _check_mode(mode: object) -> Mode:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     return cast("Mode", mode)
 
-
-def _check_optional_timeout(value: object, what: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds or None, not {type(value).__name__}")
-    if not value > 0 or math.isinf(value):
-        raise ValueError(f"{what} must be a finite number > 0 or None, got {value!r}")
-    return float(value)

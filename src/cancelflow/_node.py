@@ -10,6 +10,7 @@ from typing import Any, Literal
 from ._context import PartialSink, current_scope
 from ._exceptions import PipelineDefinitionError
 from ._token import CancellationToken
+from ._validate import seconds_error
 
 __all__ = ("Node", "NodeContext", "RunIn")
 
@@ -85,16 +86,14 @@ class Node:
         if run_in == "process":
             _check_picklable_callable(id, fn)
         if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            error = seconds_error(timeout, "timeout", positive=True)
+            if isinstance(error, TypeError):
                 raise PipelineDefinitionError(
                     f"node {id!r}: timeout must be a number of seconds, got {timeout!r}",
                     node_id=id,
                 )
-            if not timeout > 0 or timeout == float("inf"):
-                raise PipelineDefinitionError(
-                    f"node {id!r}: timeout must be a finite number > 0, got {timeout!r}",
-                    node_id=id,
-                )
+            if error is not None:
+                raise PipelineDefinitionError(f"node {id!r}: {error}", node_id=id)
         object.__setattr__(self, "id", id)
         object.__setattr__(self, "fn", fn)
         object.__setattr__(self, "deps", tuple(deps))

@@ -13,8 +13,9 @@ from typing import Any
 from ._exceptions import PipelineDefinitionError
 from ._log import safe_log
 from ._token import CancellationToken, check_reason
+from ._validate import seconds_error
 
-__all__ = ("CancellationRegistry", "CleanupHandler")
+__all__ = ("CancellationRegistry", "CleanupHandler", "RunHandle")
 
 #: A cleanup handler takes no argument; it may be a plain or a coroutine function.
 CleanupHandler = Callable[[], "Awaitable[object] | object"]
@@ -39,7 +40,6 @@ class _Entry:
         "finished",
         "handlers",
         "loop",
-        "managed",
         "partials",
         "pipeline_id",
         "released",
@@ -61,7 +61,7 @@ class _Entry:
         self.handlers: list[CleanupHandler] = []
         # Written from any thread (node threads, pool callbacks): single dict stores.
         self.partials: dict[str, Any] = {}
-        self.managed = False
+        #: set for a pipeline an executor runs: its cleanup waits until the run has stopped
         self.released: asyncio.Event | None = None
         self.run_handlers = True
         self.finished = False
@@ -119,7 +119,7 @@ class CancellationRegistry:
     """
 
     def __init__(self, *, cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT) -> None:
-        self.cleanup_timeout = _check_positive(cleanup_timeout, "cleanup_timeout")
+        self.cleanup_timeout = _check_cleanup_timeout(cleanup_timeout)
         self._entries: dict[str, _Entry] = {}
 
     # -- registration --------------------------------------------------------------------
@@ -146,7 +146,7 @@ class CancellationRegistry:
         timeout = (
             self.cleanup_timeout
             if cleanup_timeout is None
-            else _check_positive(cleanup_timeout, "cleanup_timeout")
+            else _check_cleanup_timeout(cleanup_timeout)
         )
         token = CancellationToken(name=pipeline_id)
         self._entries[pipeline_id] = _Entry(pipeline_id, token, _running_loop(), timeout)
@@ -370,11 +370,6 @@ class CancellationRegistry:
             )
         return entry.cleanup_task
 
-    def _manage(self, entry: _Entry) -> None:
-        """Hold the entry's cleanup until :meth:`_release` (an executor runs it)."""
-        entry.managed = True
-        entry.released = asyncio.Event()
-
     def _release(self, entry: _Entry, *, run_handlers: bool) -> None:
         """The pipeline has stopped; its handlers run iff ``run_handlers``."""
         if not run_handlers and not entry.cleanup_started:
@@ -444,6 +439,90 @@ class CancellationRegistry:
         return None
 
 
+class RunHandle:
+    """One pipeline registered for a run that a :class:`PipelineExecutor` drives.
+
+    Package-internal: for the executor (``_executor`` / ``_run``), which uses only this
+    handle, never the registry's private parts. :meth:`open` registers the pipeline (with
+    its cleanup handlers) and holds its cleanup until :meth:`end`: a cancel from any source
+    sets :attr:`token` at once, but the handlers wait until the run has stopped.
+    Every method runs on the run's event loop, except as noted.
+    """
+
+    __slots__ = ("_entry", "_registry")
+
+    def __init__(self, registry: CancellationRegistry, entry: _Entry) -> None:
+        self._registry = registry
+        self._entry = entry
+
+    @classmethod
+    def open(
+        cls,
+        registry: CancellationRegistry,
+        pipeline_id: str,
+        handlers: list[CleanupHandler],
+        *,
+        cleanup_timeout: float | None,
+    ) -> RunHandle:
+        """Register ``pipeline_id`` with ``handlers``, its cleanup held until :meth:`end`.
+
+        Raises what :meth:`CancellationRegistry.register` raises.
+        """
+        registry.register(pipeline_id, cleanup_timeout=cleanup_timeout)
+        for handler in handlers:
+            registry.register_cleanup_handler(pipeline_id, handler)
+        entry = registry._get(pipeline_id)
+        entry.released = asyncio.Event()
+        return cls(registry, entry)
+
+    @property
+    def pipeline_id(self) -> str:
+        return self._entry.pipeline_id
+
+    @property
+    def token(self) -> CancellationToken:
+        """The pipeline's token: the cancel request, from whatever source."""
+        return self._entry.token
+
+    @property
+    def finished(self) -> bool:
+        """The run completed (:meth:`mark_completed`) or the pipeline is unregistered."""
+        return self._entry.finished
+
+    def store_partial(self, key: str, value: Any) -> None:
+        """Store a partial result (any thread: one dict store)."""
+        self._entry.partials[key] = value
+
+    def partial_results(self) -> dict[str, Any]:
+        """A copy of the partial results stored so far."""
+        return dict(self._entry.partials)
+
+    def mark_completed(self) -> None:
+        """The run completed: a cancel that comes now finds the pipeline finished."""
+        self._entry.finished = True
+
+    async def end(self, *, run_handlers: bool) -> tuple[BaseException, ...]:
+        """The run has stopped: run the cleanup handlers (exactly once) iff
+        ``run_handlers``, wait for them, unregister; return the handlers' errors.
+
+        A cleanup that a cancel already started is awaited whatever ``run_handlers`` says.
+        """
+        registry, entry = self._registry, self._entry
+        registry._release(entry, run_handlers=run_handlers)
+        if run_handlers and (entry.handlers or entry.cleanup_task is not None):
+            registry._request_cleanup(entry)
+        if entry.cleanup_task is not None:
+            await asyncio.shield(entry.cleanup_task)
+        errors = tuple(entry.cleanup_errors)
+        registry._drop(entry)
+        return errors
+
+    def discard(self) -> None:
+        """Unregister without running the handlers (a run that ended without :meth:`end`)."""
+        self._registry._release(self._entry, run_handlers=False)
+        self._registry._drop(self._entry)
+
+
 def _is_async(handler: Callable[..., object]) -> bool:
     return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
         getattr(handler, "__call__", None)  # noqa: B004 - objects with an async __call__
@@ -490,14 +569,16 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+def _check_cleanup_timeout(value: float) -> float:
+    # The range is checked before converting (an int too large for a float but negative
+    # is a ValueError): unlike check_seconds, which converts first.
+    error = seconds_error(value, "cleanup_timeout", positive=True)
+    if error is not None:
+        raise error
+    return float(value)
+
+
 def _check_id(pipeline_id: object) -> None:
     if not isinstance(pipeline_id, str) or not pipeline_id:
         raise TypeError(f"pipeline_id must be a non-empty str, got {pipeline_id!r}")
 
-
-def _check_positive(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds, not {type(value).__name__}")
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
-    return float(value)

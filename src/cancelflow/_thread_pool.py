@@ -9,7 +9,6 @@ ends, or becomes an ordinary worker again if the pool is under capacity.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import ctypes
 import functools
@@ -21,17 +20,10 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
-from concurrent.futures._base import (
-    CANCELLED,
-    CANCELLED_AND_NOTIFIED,
-    FINISHED,
-    PENDING,
-    RUNNING,
-)
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, TypeVarTuple
 
-from . import _interpreter_exit, _timer
+from . import _futures, _interpreter_exit, _timer
 from ._context import PartialSink, task_scope
 from ._exceptions import (
     BrokenPoolError,
@@ -41,6 +33,7 @@ from ._exceptions import (
 )
 from ._fate import Fate
 from ._log import safe_log
+from ._pool_calls import await_or_stop, check_call, ladder_seconds, loop_future
 from ._token import CancellationToken
 from ._validate import check_seconds as _check_timeout
 
@@ -136,7 +129,6 @@ class _WorkItem:
         "partials",
         "pool",
         "returned",
-        "started",
         "timed_out",
         "timeout",
         "timeout_handle",
@@ -174,7 +166,6 @@ class _WorkItem:
         self.future._item = self
         self.worker: _Worker | None = None
         self.fate: Fate = Fate.PENDING
-        self.started = False
         self.returned = False
         self.cancel_as_future = False
         self.timed_out = False
@@ -277,7 +268,7 @@ class ThreadTaskFuture(Future[T]):
         item = self._item
         if item is None:
             return self._bare_fate or (Fate.FINISHED if self.done() else Fate.PENDING)
-        with self._condition:
+        with _futures.lock(self):
             return item.fate
 
     @property
@@ -570,23 +561,11 @@ class ThreadPool(Executor):
             assert token is not None
             token.raise_if_cancelled()
             raise AssertionError("unreachable")  # pragma: no cover
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[T] = loop.create_future()
-
-        def on_done(future: Future[Any]) -> None:
-            try:
-                loop.call_soon_threadsafe(_transfer, future, waiter)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
-
         self._enqueue(item)
-        item.future.add_done_callback(on_done)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            item.token.cancel("asyncio task cancelled")
-            self._settle_cancelled(item)
-            raise
+        future: ThreadTaskFuture[T] = item.future
+        stop = functools.partial(self._stop_for_awaiter, item)
+        await await_or_stop(loop_future(future), stop, wait_for_stop=False)
+        return _outcome_of(future)
 
     def map(
         self,
@@ -704,7 +683,7 @@ class ThreadPool(Executor):
             return ThreadPoolStatistics(
                 workers=self._active,
                 busy=sum(1 for w in self._workers if w.item is not None and not w.abandoned),
-                queued=sum(1 for item in self._queue if item.future._state == PENDING),
+                queued=sum(1 for item in self._queue if _pending(item.future)),
                 abandoned_total=self._abandoned_total,
                 abandoned_running=self._abandoned_running,
                 completed=self._completed,
@@ -724,12 +703,7 @@ class ThreadPool(Executor):
         interrupt_on_cancel: bool,
     ) -> _WorkItem | None:
         """Validate a submission; ``None`` means ``token`` is already cancelled."""
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        if isinstance(args, (str, bytes)) or not isinstance(args, Iterable):
-            raise TypeError(f"args must be an iterable of arguments, not {type(args).__name__}")
-        if kwargs is not None and not isinstance(kwargs, Mapping):
-            raise TypeError(f"kwargs must be a mapping or None, not {type(kwargs).__name__}")
+        check_call(fn, args, kwargs)
         if token is not None and not isinstance(token, CancellationToken):
             raise TypeError(
                 f"token must be a CancellationToken or None, not {type(token).__name__}"
@@ -741,9 +715,7 @@ class ThreadPool(Executor):
                 f"interrupt_on_cancel must be a bool, not {type(interrupt_on_cancel).__name__}"
             )
         seconds = None if timeout is None else _check_timeout(timeout, "timeout")
-        grace = (
-            self._grace if grace_period is None else _check_timeout(grace_period, "grace_period")
-        )
+        grace = ladder_seconds(grace_period, self._grace, "grace_period")
         self._check_accepting(fn)
         if token is not None and token.is_cancelled:
             return None
@@ -924,11 +896,9 @@ class ThreadPool(Executor):
     def _start(self, item: _WorkItem, worker: _Worker) -> bool:
         """Mark a dequeued task running; ``False`` if it was cancelled. Caller holds the lock."""
         future = item.future
-        with future._condition:
-            if future._state != PENDING:
+        with _futures.lock(future):
+            if not _futures.start(future):
                 return False
-            future._state = RUNNING
-            item.started = True
             item.worker = worker
             item.fate = Fate.RUNNING
         if item.timeout is not None:
@@ -961,29 +931,19 @@ class ThreadPool(Executor):
             item.cancel_handle.remove()
         future = item.future
         resolved = settled = False
-        with future._condition:
+        with _futures.lock(future):
             item.returned = True
             item.worker = None
             if item.token.is_cancelled:
                 settled = self._settle_locked(item)
                 if item.fate != Fate.ABANDONED:
                     item.fate = Fate.CANCELLED
-            elif future._state in (PENDING, RUNNING):
+            elif not future.done():
                 resolved = True
-                if outcome.exc is not None:
-                    future._exception = outcome.exc
-                    item.fate = Fate.FAILED
-                    for waiter in future._waiters:
-                        waiter.add_exception(future)
-                else:
-                    future._result = outcome.value
-                    item.fate = Fate.FINISHED
-                    for waiter in future._waiters:
-                        waiter.add_result(future)
-                future._state = FINISHED
-                future._condition.notify_all()
+                item.fate = Fate.FAILED if outcome.exc is not None else Fate.FINISHED
+                _futures.settle_locked(future, result=outcome.value, exception=outcome.exc)
         if resolved or settled:
-            future._invoke_callbacks()  # type: ignore[attr-defined]
+            _futures.run_callbacks(future)
         item.token.close()
         _drop_call(item)
         came_back = False
@@ -1017,31 +977,32 @@ class ThreadPool(Executor):
         Takes no pool lock (see :meth:`_settle_cancelled`).
         """
         future = item.future
-        with future._condition:
-            if future._state == FINISHED:
-                return False
-            if future._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+        with _futures.lock(future):
+            if future.cancelled():
                 return True
+            if future.done():
+                return False
             item.cancel_as_future = True
         item.token.cancel(reason)
         self._settle_cancelled(item)
-        with future._condition:
-            return future._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+        return future.cancelled()
+
+    def _stop_for_awaiter(self, item: _WorkItem) -> None:
+        """The asyncio task awaiting ``item`` (``run_sync``) was cancelled: cancel the
+        task's token and settle its future now; the thread gets its grace period."""
+        item.token.cancel("asyncio task cancelled")
+        self._settle_cancelled(item)
 
     def _fail_pending(self, item: _WorkItem, error: BaseException) -> None:
         """Fail a task that will never start with ``error`` (if still pending)."""
         future = item.future
-        with future._condition:
-            if future._state != PENDING:
+        with _futures.lock(future):
+            if not _pending(future):
                 return
-            future._exception = error
-            future._state = FINISHED
             item.fate = Fate.FAILED
             _drop_call(item)
-            for waiter in future._waiters:
-                waiter.add_exception(future)
-            future._condition.notify_all()
-        future._invoke_callbacks()  # type: ignore[attr-defined]
+            _futures.settle_locked(future, exception=error)
+        _futures.run_callbacks(future)
         if item.cancel_handle is not None:
             item.cancel_handle.remove()
         item.token.close()
@@ -1070,14 +1031,14 @@ class ThreadPool(Executor):
         done-callbacks and ``concurrent.futures`` waiters run here too.
         """
         future = item.future
-        with future._condition:
-            running = future._state == RUNNING and not item.returned
+        with _futures.lock(future):
+            running = future.running() and not item.returned
             resolved = self._settle_locked(item)
             if resolved and running:
                 item.cancelled_at = time.monotonic()
         if not resolved:
             return
-        future._invoke_callbacks()  # type: ignore[attr-defined]
+        _futures.run_callbacks(future)
         if running:
             handle = _timer.call_at(
                 item.cancelled_at + item.grace, functools.partial(self._grace_expired, item)
@@ -1089,21 +1050,15 @@ class ThreadPool(Executor):
     def _settle_locked(self, item: _WorkItem) -> bool:
         """Resolve as cancelled if still unresolved; caller holds the future's lock."""
         future = item.future
-        if future._state not in (PENDING, RUNNING):
+        if future.done():
             return False
-        if future._state == PENDING:
+        if not future.running():
             item.fate = Fate.CANCELLED
             _drop_call(item)  # it will never run: _start checks the state under this lock
         if item.cancel_as_future:
-            future._state = CANCELLED_AND_NOTIFIED
-            for waiter in future._waiters:
-                _notify_waiter(waiter, "add_cancelled", future)
+            _futures.settle_locked(future, cancelled=True, signal_safe=True)
         else:
-            future._exception = item.cancel_exception()
-            future._state = FINISHED
-            for waiter in future._waiters:
-                _notify_waiter(waiter, "add_exception", future)
-        future._condition.notify_all()
+            _futures.settle_locked(future, exception=item.cancel_exception(), signal_safe=True)
         with self._count_lock:
             self._cancelled += 1
         return True
@@ -1128,7 +1083,7 @@ class ThreadPool(Executor):
                 self._active -= 1
                 self._abandoned_total += 1
                 self._abandoned_running += 1
-                with item.future._condition:
+                with _futures.lock(item.future):
                     item.fate = Fate.ABANDONED
                 self._spawn_if_needed()
                 self._cond.notify_all()
@@ -1182,23 +1137,9 @@ def _drop_call(item: _WorkItem) -> None:
     item.user_sink = None
 
 
-def _notify_waiter(waiter: Any, method: str, future: Future[Any]) -> None:
-    """Call ``waiter.<method>(future)`` for a ``concurrent.futures`` waiter, from the
-    cancel path, without ever waiting on a lock the interrupted frame of this thread holds.
-
-    ``as_completed()`` holds its waiter's plain lock for a moment in the caller's thread;
-    a signal handler landing there that cancels one of the futures would otherwise wait
-    for itself. If the waiter's lock is free, nobody in this thread holds it (a handler
-    returns before the frame it interrupted resumes), so the call is made here, waiting
-    at most for another thread; if it is taken, the call is handed to the timer thread.
-    """
-    lock = getattr(waiter, "lock", None)
-    if lock is not None:
-        if not lock.acquire(blocking=False):
-            _timer.call_at(0.0, functools.partial(getattr(waiter, method), future))
-            return
-        lock.release()
-    getattr(waiter, method)(future)
+def _pending(future: Future[Any]) -> bool:
+    """Neither started nor done (nor cancelled)."""
+    return not (future.running() or future.done())
 
 
 def _pop_result(futures: list[ThreadTaskFuture[T]], timeout: float | None) -> T:
@@ -1232,17 +1173,13 @@ def _failed_future(token: CancellationToken) -> ThreadTaskFuture[Any]:
     return future
 
 
-def _transfer(source: Future[Any], waiter: asyncio.Future[Any]) -> None:
-    """On the event loop: copy a finished task future into the awaited asyncio future."""
-    if waiter.done():
-        return
-    if source.cancelled():
-        item = source._item if isinstance(source, ThreadTaskFuture) else None
-        reason = item.token.cancel_reason if item is not None else None
-        waiter.set_exception(CancelledException(reason or "future cancelled", reason=reason))
-        return
-    exc = source.exception()
+def _outcome_of(future: ThreadTaskFuture[T]) -> T:
+    """What ``run_sync`` gives for a done task future: its result, or raise its error
+    (a cancelled future raises :class:`CancelledException` with the task's reason)."""
+    if future.cancelled():
+        reason = future.cancel_reason
+        raise CancelledException(reason or "future cancelled", reason=reason)
+    exc = future.exception()
     if exc is not None:
-        waiter.set_exception(exc)
-    else:
-        waiter.set_result(source.result())
+        raise exc
+    return future.result()

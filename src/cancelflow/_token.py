@@ -20,7 +20,7 @@ from ._log import safe_log
 from ._platform import futex_wait, futex_wake
 from ._validate import check_seconds as _check_timeout
 
-__all__ = ("CallbackHandle", "CancellationToken", "Reason")
+__all__ = ("CallbackHandle", "CancellationToken", "Reason", "TokenRef")
 
 Reason = str | None
 _ids = itertools.count(1)
@@ -54,7 +54,7 @@ class CallbackHandle:
         token = self._token
         removed = token._callbacks.pop(self._id, None) is not None
         if removed and not token._callbacks:
-            token._chunk.unwatch(token)
+            token._chunk.unwatch(token._id)
         return removed
 
     def __enter__(self) -> CallbackHandle:
@@ -341,7 +341,7 @@ class CancellationToken(_Cell):
                         except BaseException as exc:  # noqa: BLE001 - re-raised below
                             # KeyboardInterrupt or SystemExit: the others still run.
                             fatal = fatal or exc
-            self._chunk.unwatch(self)
+            self._chunk.unwatch(self._id)
         finally:
             finishing.pop()
         if fatal is not None:
@@ -418,7 +418,7 @@ class CancellationToken(_Cell):
         if not self.is_cancelled:
             chunk = self._chunk
             if self._id not in chunk.listeners:
-                chunk.watch(self)
+                chunk.watch(TokenRef(self))
             if not self.is_cancelled:  # re-read: a cancel the hub may not have seen us for
                 return handle
         if callbacks.pop(ident, None) is not None:
@@ -577,6 +577,42 @@ class CancellationToken(_Cell):
     def __repr__(self) -> str:
         state = f"cancelled, reason={self.cancel_reason!r}" if self.is_cancelled else "active"
         return f"<CancellationToken {self.name} {state}>"
+
+
+class TokenRef(weakref.ref["CancellationToken"]):
+    """A weak reference to a token that has listeners, as its chunk keeps it.
+
+    Package-internal: for ``_cell``, whose hub delivers cancels made by other processes
+    and must not reach into the token to do it (nor import this module, which builds on
+    ``_cell``). Every method is a no-op (or ``False``) once the token is gone.
+    """
+
+    __slots__ = ("key",)
+
+    key: int  #: the token's ``_id``: its key in ``Chunk.listeners``
+
+    def __new__(cls, token: CancellationToken) -> TokenRef:
+        self = super().__new__(cls, token)
+        self.key = token._id
+        return self
+
+    def shared(self) -> bool:
+        """Whether the token lives and another process may cancel it (see ``_is_shared``)."""
+        token = self()
+        return token is not None and token._is_shared()
+
+    def take_remote_cancel(self) -> None:
+        """Deliver a cancel that another process made to this process's callbacks."""
+        token = self()
+        if token is not None:
+            token._take_remote_cancel()
+
+    def drop_callbacks(self) -> None:
+        """In a forked child: forget the callbacks inherited from the parent (they are the
+        parent's, and run there)."""
+        token = self()
+        if token is not None:
+            token._callbacks.clear()
 
 
 class _Propagate:

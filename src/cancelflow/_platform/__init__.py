@@ -25,7 +25,7 @@ subreaper, the one kill sequence), ``_libc``.
 from __future__ import annotations
 
 from ._exit_watch import pidfd_open
-from ._signals import UnsafeSignalTarget, send_signal, set_parent_death_signal
+from ._signals import UnsafeSignalTarget, send_signal, set_parent_death_signal, signal_name
 from ._tree import children, descendants, kill_tree, set_child_subreaper
 from ._wake import HAVE_FUTEX, futex_wait, futex_wake
 
@@ -41,4 +41,5 @@ __all__ = (
     "send_signal",
     "set_child_subreaper",
     "set_parent_death_signal",
+    "signal_name",
 )

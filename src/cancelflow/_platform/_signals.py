@@ -23,6 +23,14 @@ class UnsafeSignalTarget(ValueError):
     """:func:`send_signal` was asked to signal a process it must never signal."""
 
 
+_SIGNAL_NAMES: dict[int, str] = {int(sig): sig.name for sig in signal.Signals}
+
+
+def signal_name(signum: int) -> str:
+    """``"SIGTERM"`` for 15, for messages; the number as text if it has no name."""
+    return _SIGNAL_NAMES.get(signum, str(signum))
+
+
 def send_signal(pid: int, signum: int) -> bool:
     """Send ``signum`` to the one process ``pid``; ``False`` if it no longer exists.
 
@@ -34,7 +42,7 @@ def send_signal(pid: int, signum: int) -> bool:
     if isinstance(pid, bool) or not isinstance(pid, int):
         raise UnsafeSignalTarget(f"refusing to send signal {signum} to {pid!r}: not a pid")
     if pid <= 1 or pid == os.getpid() or pid == os.getpgrp():
-        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else signum
+        name = signal_name(signum)
         raise UnsafeSignalTarget(
             f"refusing to send {name} to pid {pid}: it would reach "
             + ("a process group or init" if pid <= 1 else "this process or its group")

@@ -1,0 +1,113 @@
+"""What the pools' futures need of :class:`concurrent.futures.Future` beyond its public methods.
+
+Package-internal: for the pools (``_thread_pool`` now; ``_process_pool`` can adopt it).
+Everything else about a future goes through its public methods (``done()``,
+``running()``, ``cancelled()``, ``set_running_or_notify_cancel()``, ``set_result()``,
+``set_exception()``, ``cancel()``). These few helpers are the only place that touches the
+stdlib's private fields (``_condition``, ``_state``, ``_result``, ``_exception``,
+``_waiters``, ``_invoke_callbacks``), for three reasons the public methods cannot meet:
+
+* **A task's own state changes together with its future's.** A pool keeps a task's fate
+  (and whether it was claimed, dropped, returned) consistent with the future's state by
+  changing both under the future's own re-entrant lock (:func:`lock`). The public
+  ``set_result()`` / ``set_exception()`` run the done-callbacks before returning, so they
+  cannot be called under that lock (a callback that waits for a thread that reads the
+  future would deadlock), and calling them after it would let a racing cancel slip in
+  between. So :func:`settle_locked` resolves under the lock and :func:`run_callbacks`
+  runs the callbacks once it is released, as the stdlib itself does.
+* **A running task's future can be cancelled.** ``Future.cancel()`` refuses a running
+  future; a pool's ``cancel()`` does not.
+* **The cancel path must be safe in a signal handler.** ``Future.cancel()`` and
+  ``set_exception()`` call each waiter directly, and ``as_completed()`` holds its
+  waiter's plain lock for a moment in the caller's thread: a signal handler landing
+  there that cancels one of its futures would wait for itself (see
+  ``tests/test_thread_pool_contract.py``). ``settle_locked(..., signal_safe=True)`` hands
+  such a call to the timer thread instead (:func:`_notify_waiter`).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from concurrent.futures import Future
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED
+from typing import Any
+
+from . import _timer
+
+__all__ = ("lock", "run_callbacks", "settle_locked", "start")
+
+
+def lock(future: Future[Any]) -> threading.Condition:
+    """The future's own condition, over a re-entrant lock: what its methods take.
+
+    Held, it makes a pool's change of its task's state atomic with the future's.
+    """
+    return future._condition
+
+
+def start(future: Future[Any]) -> bool:
+    """Mark a pending future running (public ``set_running_or_notify_cancel``); ``False``
+    if it is not pending any more (cancelled, failed or already running)."""
+    with lock(future):
+        if future.running() or future.done():
+            return False
+        return future.set_running_or_notify_cancel()
+
+
+def settle_locked(
+    future: Future[Any],
+    *,
+    result: object = None,
+    exception: BaseException | None = None,
+    cancelled: bool = False,
+    signal_safe: bool = False,
+) -> None:
+    """Resolve a future that is not done: cancelled, else with ``exception``, else with
+    ``result``; wake its waiters and whoever blocks in ``result()``.
+
+    The caller holds :func:`lock` and runs :func:`run_callbacks` after releasing it.
+    ``signal_safe``: on the cancel path, which may run in a signal handler, a waiter whose
+    lock is taken is notified from the timer thread instead of waited for.
+    """
+    if cancelled:
+        future._state = CANCELLED_AND_NOTIFIED
+        method = "add_cancelled"
+    elif exception is not None:
+        future._exception = exception
+        future._state = FINISHED
+        method = "add_exception"
+    else:
+        future._result = result
+        future._state = FINISHED
+        method = "add_result"
+    for waiter in future._waiters:
+        if signal_safe:
+            _notify_waiter(waiter, method, future)
+        else:
+            getattr(waiter, method)(future)
+    lock(future).notify_all()
+
+
+def run_callbacks(future: Future[Any]) -> None:
+    """Run the done-callbacks of a future :func:`settle_locked` resolved (lock released)."""
+    future._invoke_callbacks()  # type: ignore[attr-defined]
+
+
+def _notify_waiter(waiter: Any, method: str, future: Future[Any]) -> None:
+    """Call ``waiter.<method>(future)`` for a ``concurrent.futures`` waiter, from the
+    cancel path, without ever waiting on a lock the interrupted frame of this thread holds.
+
+    ``as_completed()`` holds its waiter's plain lock for a moment in the caller's thread;
+    a signal handler landing there that cancels one of the futures would otherwise wait
+    for itself. If the waiter's lock is free, nobody in this thread holds it (a handler
+    returns before the frame it interrupted resumes), so the call is made here, waiting
+    at most for another thread; if it is taken, the call is handed to the timer thread.
+    """
+    waiter_lock = getattr(waiter, "lock", None)
+    if waiter_lock is not None:
+        if not waiter_lock.acquire(blocking=False):
+            _timer.call_at(0.0, functools.partial(getattr(waiter, method), future))
+            return
+        waiter_lock.release()
+    getattr(waiter, method)(future)
