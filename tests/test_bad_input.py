@@ -13,8 +13,8 @@ import asyncio
 import math
 import re
 import threading
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -38,20 +38,9 @@ from cancelflow import (
     to_process,
     to_thread,
 )
+from support import WAIT, run, value_of
 
-T = TypeVar("T")
-WAIT = 30.0  # watchdog on every wait; never reached when the test passes
 NAN, INF = math.nan, math.inf
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` in a new loop under a watchdog."""
-
-    async def guarded() -> T:
-        async with asyncio.timeout(WAIT):
-            return await coro
-
-    return asyncio.run(guarded())
 
 
 def names(argument: str) -> str:
@@ -61,10 +50,6 @@ def names(argument: str) -> str:
 
 def children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
-
-
-async def value_of(ctx: NodeContext) -> str:
-    return ctx.node_id
 
 
 class Recorder:
@@ -83,13 +68,6 @@ def process_pool() -> Iterator[ProcessPool]:
     with ProcessPool(1, grace_period=0.05, term_grace_period=0.2, name="bad-input") as pool:
         assert pool.wait_ready(WAIT)
         yield pool
-
-
-@pytest.fixture
-def thread_pool() -> Iterator[ThreadPool]:
-    pool = ThreadPool(2, grace_period=0.05, name="bad-input")
-    yield pool
-    pool.shutdown(wait=True, cancel_futures=True)
 
 
 # -- CancellationToken ------------------------------------------------------------------------

@@ -4,42 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from loguru import logger
 
 from cancelflow import PipelineFailedException
 from cancelflow._events import EVENT_NAMES, EventBus, PipelineEvent
 from cancelflow._executor import PipelineExecutor
 from cancelflow._node import Node, NodeContext
-
-T = TypeVar("T")
-WAIT = 10.0
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` in a new loop under a watchdog timeout."""
-
-    async def guarded() -> T:
-        async with asyncio.timeout(WAIT):
-            return await coro
-
-    return asyncio.run(guarded())
-
-
-@pytest.fixture
-def errors() -> Iterator[list[str]]:
-    """Messages of ERROR log records emitted by cancelflow during the test."""
-    found: list[str] = []
-    handler = logger.add(
-        lambda m: found.append(m.record["message"]),
-        level="ERROR",
-        filter=lambda r: bool(r["extra"].get("cancelflow")),
-    )
-    yield found
-    logger.remove(handler)
+from support import LogCapture, run
 
 
 def event(name: str = "pipeline_started", **data: Any) -> PipelineEvent:
@@ -106,7 +79,7 @@ class TestEventBus:
         run(bus.emit(event()))
         assert seen == [1, 2, 3]
 
-    def test_raising_sync_subscriber_is_logged_and_others_run(self, errors: list[str]) -> None:
+    def test_raising_sync_subscriber_is_logged_and_others_run(self, logs: LogCapture) -> None:
         """Test that a raising sync subscriber is logged and later subscribers still run."""
         bus, seen = EventBus(), []
 
@@ -117,9 +90,9 @@ class TestEventBus:
         bus.subscribe("pipeline_started", seen.append)
         run(bus.emit(event()))
         assert len(seen) == 1
-        assert any("raised" in m for m in errors)
+        assert any("raised" in m for m in logs.messages("ERROR"))
 
-    def test_raising_async_subscriber_is_logged(self, errors: list[str]) -> None:
+    def test_raising_async_subscriber_is_logged(self, logs: LogCapture) -> None:
         """Test that a raising async subscriber is logged, not raised."""
         bus = EventBus()
 
@@ -128,9 +101,9 @@ class TestEventBus:
 
         bus.subscribe("pipeline_started", bad)
         run(bus.emit(event()))
-        assert any("raised" in m for m in errors)
+        assert any("raised" in m for m in logs.messages("ERROR"))
 
-    def test_hanging_async_subscriber_is_bounded(self, errors: list[str]) -> None:
+    def test_hanging_async_subscriber_is_bounded(self, logs: LogCapture) -> None:
         """Test that an async subscriber past subscriber_timeout is cancelled and logged."""
         bus, seen = EventBus(subscriber_timeout=0.01), []
         cancelled = []
@@ -146,7 +119,7 @@ class TestEventBus:
         run(bus.emit(event()))
         assert cancelled == [True]
         assert len(seen) == 1
-        assert any("timed out" in m for m in errors)
+        assert any("timed out" in m for m in logs.messages("ERROR"))
 
     def test_unknown_event_name(self) -> None:
         """Test that subscribing to a misspelt event is refused."""
@@ -335,7 +308,7 @@ class TestExecutorEvents:
         cancelled = [e for e in seen if e.name == "node_cancelled"]
         assert [(e.node_id, e["reason"], e["wave_num"]) for e in cancelled] == [("w", "stop", 0)]
 
-    def test_raising_subscribers_do_not_break_the_run(self, errors: list[str]) -> None:
+    def test_raising_subscribers_do_not_break_the_run(self, logs: LogCapture) -> None:
         """Test that sync and async subscribers raising on every event leave the run intact."""
 
         def bad_sync(e: PipelineEvent) -> None:
@@ -351,7 +324,7 @@ class TestExecutorEvents:
             return await executor.execute_pipeline("p", [Node("a", ok), Node("b", ok, deps=["a"])])
 
         assert run(main()) == {"a": "a", "b": "b"}
-        assert len(errors) == 2 * 6
+        assert len(logs.messages("ERROR")) == 2 * 6
 
     def test_async_subscriber_runs_on_the_loop_thread(self) -> None:
         """Test that async subscribers are awaited on the run's loop, in its thread."""

@@ -8,12 +8,11 @@ import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from loguru import logger
 
 from cancelflow import (
     CancellationToken,
@@ -27,29 +26,15 @@ from cancelflow._executor import PipelineExecutor, PipelineResult
 from cancelflow._node import Node, NodeContext
 from cancelflow._registry import CancellationRegistry
 from cancelflow._thread_pool import ThreadPool
-
-T = TypeVar("T")
-WAIT = 10.0  # watchdog on every wait; never reached when the test passes
-
-
-async def let_ready_callbacks_run() -> None:
-    """Give every task that can run a turn (cooperative yields, not a timed wait)."""
-    for _ in range(20):
-        await asyncio.sleep(0)
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` in a new loop under a watchdog timeout."""
-
-    async def guarded() -> T:
-        async with asyncio.timeout(WAIT):
-            return await coro
-
-    return asyncio.run(guarded())
-
-
-def other_tasks() -> set[asyncio.Task[Any]]:
-    return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+from support import (
+    WAIT,
+    LogCapture,
+    let_ready_callbacks_run,
+    other_tasks,
+    run,
+    value_of,
+    wait,
+)
 
 
 def shut_down_within(pool: Any, seconds: float) -> None:
@@ -60,37 +45,8 @@ def shut_down_within(pool: Any, seconds: float) -> None:
     assert not thread.is_alive(), "watchdog: the pool did not shut down"
 
 
-def wait(event: threading.Event) -> None:
-    assert event.wait(WAIT), "watchdog: the event was never set"
-
-
-async def value_of(ctx: NodeContext) -> str:
-    return ctx.node_id
-
-
 async def forever(ctx: NodeContext) -> None:
     await asyncio.Event().wait()
-
-
-@pytest.fixture
-def thread_pool() -> Iterator[ThreadPool]:
-    pool = ThreadPool(4, grace_period=0.05, name="executor-tests")
-    yield pool
-    pool.shutdown(wait=True, cancel_futures=True)
-
-
-@pytest.fixture
-def records() -> Iterator[list[dict[str, Any]]]:
-    """Every cancelflow log record of the test."""
-    found: list[dict[str, Any]] = []
-    handler = logger.add(
-        lambda m: found.append(m.record),
-        level="DEBUG",
-        filter=lambda r: bool(r["extra"].get("cancelflow")),
-    )
-    yield found
-    logger.remove(handler)
-    found.clear()  # records may hold tracebacks, whose frames hold tokens
 
 
 # -- process-node workloads (module level: the workers import them by name) -----------------
@@ -1227,7 +1183,7 @@ class TestPipelineExecutor:
 
         assert run(main()).reason == "executor closed"
 
-    def test_log_lines_bind_pipeline_and_node_ids(self, records: list[dict[str, Any]]) -> None:
+    def test_log_lines_bind_pipeline_and_node_ids(self, logs: LogCapture) -> None:
         """Test that the executor's log lines carry pipeline_id, and node lines node_id."""
 
         async def fail(ctx: NodeContext) -> None:
@@ -1238,6 +1194,7 @@ class TestPipelineExecutor:
                 await PipelineExecutor().execute_pipeline("logged", [Node("bad", fail)])
 
         run(main())
+        records = logs.cancelflow("DEBUG")
         assert records
         assert all(r["extra"].get("pipeline_id") == "logged" for r in records)
         failed = [r for r in records if "node failed" in r["message"]]

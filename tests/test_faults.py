@@ -19,9 +19,9 @@ import os
 import resource
 import signal
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 import pytest
@@ -37,23 +37,10 @@ from cancelflow import (
     ProcessPool,
     WorkerCrashedError,
 )
-from support import Announcements, assert_gone
+from support import WAIT, Announcements, assert_gone, run
 
-T = TypeVar("T")
-WAIT = 30.0  # watchdog on every wait; never reached when the test passes
 MODES = ("graceful", "interrupt")
 MP_SINGLETONS = ("resource_tracker", "forkserver")
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` in a new loop under a watchdog."""
-
-    async def guarded() -> T:
-        async with asyncio.timeout(WAIT):
-            return await coro
-
-    return asyncio.run(guarded())
-
 
 
 def assert_healed(pool: ProcessPool, size: int) -> None:

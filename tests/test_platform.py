@@ -11,8 +11,7 @@ import pytest
 
 from cancelflow import _platform
 from cancelflow._platform import HAVE_FUTEX, futex_wait, futex_wake, pidfd_open, set_child_subreaper
-
-WATCHDOG = 30.0
+from support import WAIT
 
 needs_futex = pytest.mark.skipif(not HAVE_FUTEX, reason="no futex on this platform")
 
@@ -55,10 +54,10 @@ class TestFutex:
 
         thread = threading.Thread(target=waiter)
         thread.start()
-        assert started.wait(WATCHDOG)
+        assert started.wait(WAIT)
         word.value = 1
         futex_wake(address)
-        thread.join(WATCHDOG)
+        thread.join(WAIT)
         assert not thread.is_alive()
 
     @needs_futex
@@ -78,7 +77,7 @@ class TestFutex:
         assert thread.is_alive()  # still blocked after a while: the bound is the behaviour
         word.value = 1
         futex_wake(address)
-        thread.join(WATCHDOG)
+        thread.join(WAIT)
         assert returns == [1]
 
     @needs_futex
@@ -95,13 +94,13 @@ class TestFutex:
                 ready.value = 1
                 futex_wake(ctypes.addressof(ready))
                 while word.value == 0:
-                    futex_wait(address, 0, WATCHDOG)
+                    futex_wait(address, 0, WAIT)
                 code = 0 if word.value == 7 else 2
             finally:
                 os._exit(code)
         try:
             while ready.value == 0:
-                futex_wait(ctypes.addressof(ready), 0, WATCHDOG)
+                futex_wait(ctypes.addressof(ready), 0, WAIT)
             word.value = 7
             futex_wake(address)
         finally:

@@ -32,30 +32,15 @@ from cancelflow import (
     WorkerCrashedError,
 )
 from cancelflow._platform import UnsafeSignalTarget, send_signal
-from support import WAIT, Announcements, assert_gone, wait_until
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
-
-
-
-def run_script(
-    body: str, *args: str, cwd: str | None = None, path: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run ``body`` as a program's ``__main__`` with tests/ on its path; bounded.
-
-    With ``path``, the program is that file (``python path``), else ``python -c``."""
-    script = f"import sys\nsys.path.insert(0, {TESTS!r})\n" + textwrap.dedent(body)
-    command = [sys.executable, "-c", script]
-    if path is not None:
-        path.write_text(script)
-        command = [sys.executable, str(path)]
-    return subprocess.run(
-        [*command, *args],
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 2,
-        cwd=cwd,
-    )
+from support import (
+    TESTS,
+    WAIT,
+    Announcements,
+    assert_gone,
+    assert_not_running,
+    run_script,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -700,7 +685,7 @@ class TestHostileReview:
             os.killpg(owner.pid, signal.SIGTERM)
             owner.wait(WAIT)
             for pid in pids:
-                _wait_not_running(pid)
+                assert_not_running(pid)
         finally:
             owner.stdout.close()
             owner.stdin.close()
@@ -833,15 +818,3 @@ class TestSupervisorEvents:
             ours.close()
             p._on_socket(retired)  # what the supervisor does with the late event
             assert p.submit(contractloads.square, 3).result(WAIT) == 9
-
-
-def _wait_not_running(pid: int) -> None:
-    """``pid`` is gone (or a zombie of an init that does not reap: it runs nothing)."""
-    try:
-        proc = psutil.Process(pid)
-        proc.wait(timeout=WAIT)
-    except psutil.NoSuchProcess:
-        return
-    except psutil.TimeoutExpired:
-        status = proc.status()
-        assert status == psutil.STATUS_ZOMBIE, f"process {pid} is still there: {status}"

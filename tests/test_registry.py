@@ -6,51 +6,13 @@ import asyncio
 import os
 import signal
 import threading
-from collections.abc import Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from loguru import logger
 
 from cancelflow import CancellationToken, PipelineDefinitionError
 from cancelflow._registry import CancellationRegistry
-
-T = TypeVar("T")
-WAIT = 10.0
-
-
-async def let_ready_callbacks_run() -> None:
-    """Give every task that can run a turn (cooperative yields, not a timed wait)."""
-    for _ in range(20):
-        await asyncio.sleep(0)
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` in a new loop under a watchdog timeout."""
-
-    async def guarded() -> T:
-        async with asyncio.timeout(WAIT):
-            return await coro
-
-    return asyncio.run(guarded())
-
-
-@pytest.fixture
-def errors() -> Iterator[list[dict[str, Any]]]:
-    """ERROR records logged by cancelflow during the test."""
-    found: list[dict[str, Any]] = []
-    handler = logger.add(
-        lambda m: found.append(m.record),
-        level="ERROR",
-        filter=lambda r: bool(r["extra"].get("cancelflow")),
-    )
-    yield found
-    logger.remove(handler)
-    found.clear()  # records hold tracebacks, whose frames hold tokens
-
-
-def other_tasks() -> set[asyncio.Task[Any]]:
-    return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+from support import WAIT, LogCapture, let_ready_callbacks_run, other_tasks, run
 
 
 class TestCancellationRegistry:
@@ -329,7 +291,7 @@ class TestCancellationRegistry:
         run(main())
         assert calls == [1]
 
-    def test_raising_handler_is_logged_and_others_run(self, errors: list[dict[str, Any]]) -> None:
+    def test_raising_handler_is_logged_and_others_run(self, logs: LogCapture) -> None:
         """Test that a raising handler (sync or async) is logged with the pipeline id and
         the other handlers still run."""
         ran: list[str] = []
@@ -351,10 +313,10 @@ class TestCancellationRegistry:
 
         run(main())
         assert ran == ["last", "first"]
-        assert len(errors) == 2
-        assert all(r["extra"]["pipeline_id"] == "p" for r in errors)
+        assert len(logs.cancelflow("ERROR")) == 2
+        assert all(r["extra"]["pipeline_id"] == "p" for r in logs.cancelflow("ERROR"))
 
-    def test_hanging_async_handler_is_bounded(self, errors: list[dict[str, Any]]) -> None:
+    def test_hanging_async_handler_is_bounded(self, logs: LogCapture) -> None:
         """Test that an async handler past cleanup_timeout is cancelled, logged, and the
         other handlers still run."""
         ran: list[str] = []
@@ -374,9 +336,9 @@ class TestCancellationRegistry:
 
         run(main())
         assert ran == ["hang cancelled", "other"]
-        assert any("timed out" in r["message"] for r in errors)
+        assert any("timed out" in r["message"] for r in logs.cancelflow("ERROR"))
 
-    def test_hanging_sync_handler_is_bounded(self, errors: list[dict[str, Any]]) -> None:
+    def test_hanging_sync_handler_is_bounded(self, logs: LogCapture) -> None:
         """Test that a blocking sync handler past its timeout is abandoned and the others run."""
         ran: list[str] = []
         release = threading.Event()
@@ -394,7 +356,7 @@ class TestCancellationRegistry:
         try:
             run(main())
             assert ran == ["other"]
-            assert any("timed out" in r["message"] for r in errors)
+            assert any("timed out" in r["message"] for r in logs.cancelflow("ERROR"))
         finally:
             release.set()  # let the abandoned thread end
 

@@ -12,8 +12,7 @@ import pytest
 from cancelflow import CancellationToken, CancelledException, PipelineTimeoutException, to_thread
 from cancelflow._context import current_token
 from cancelflow._thread_pool import ThreadPool
-
-WAIT = 10.0  # watchdog for every wait; never reached when passing
+from support import WAIT
 
 
 @pytest.fixture(autouse=True)
