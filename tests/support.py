@@ -12,6 +12,7 @@ import multiprocessing.connection
 import multiprocessing.context
 import multiprocessing.process
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import pytest
 if TYPE_CHECKING:
     from loguru import Message, Record
 
-    from cancelflow import NodeContext
+    from cancelflow import CancellationToken, NodeContext
 
 T = TypeVar("T")
 
@@ -81,6 +82,52 @@ class Announcements:
     def wait(self, key: str, timeout: float = WAIT) -> Any:
         assert self._event(key).wait(timeout), f"watchdog: the task never stored {key!r}"
         return self.values[key]
+
+
+def names(argument: str) -> str:
+    """A ``match=`` pattern: the message names ``argument`` as a word."""
+    return r"(?<![\w.])" + re.escape(argument) + r"(?!\w)"
+
+
+# -- tokens -----------------------------------------------------------------------------------
+
+
+class Recorder:
+    """A callback that counts its calls and remembers what it saw."""
+
+    def __init__(self, token: CancellationToken | None = None) -> None:
+        self.calls = 0
+        self.token = token
+        self.reasons: list[str | None] = []
+        self.called = threading.Event()
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.token is not None:
+            self.reasons.append(self.token.cancel_reason)
+        self.called.set()
+
+
+def share(token: CancellationToken) -> None:
+    """Make ``token`` shared, as handing it to a starting process does.
+
+    From then on other processes may cancel it (see ``CancellationToken.__reduce__``):
+    cross-process locking, futex wake-ups, no slot reuse, a hub thread for its callbacks.
+    """
+    token._exported = True
+    token._chunk.mark_shared()
+    if token._id in token._chunk.listeners:
+        token._chunk.ensure_hub()
+
+
+def memfds() -> set[int]:
+    """This process's descriptors of token shared memory (``cancelflow-tokens`` memfds)."""
+    found: set[int] = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if "cancelflow-tokens" in os.readlink(f"/proc/self/fd/{name}"):
+                found.add(int(name))
+    return found
 
 
 # -- asyncio ----------------------------------------------------------------------------------

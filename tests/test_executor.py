@@ -92,13 +92,6 @@ async def _twenty_one(ctx: NodeContext) -> int:
     return 21
 
 
-def _closure() -> Callable[[NodeContext], int]:
-    def inner(ctx: NodeContext) -> int:
-        return 1
-
-    return inner
-
-
 class TestCompletedRuns:
     """A run that completes: outputs by node id, what each node receives, where it runs."""
 
@@ -282,31 +275,6 @@ class TestRefusedRuns:
         registry = run(main())
         assert ran == []
         assert "p" not in registry
-
-    @pytest.mark.parametrize(
-        ("make", "match"),
-        [
-            (lambda: Node("n", lambda ctx: 1, run_in="process"), "module-level function"),
-            (lambda: Node("n", _closure(), run_in="process"), "module-level function"),
-            (lambda: Node("n", value_of, timeout=0), "timeout"),
-            (lambda: Node("n", value_of, timeout=-1.0), "timeout"),
-            (lambda: Node("n", value_of, run_in="thread"), "coroutine function runs on the loop"),
-            (lambda: Node("n", proc_double, run_in="loop"), "needs a coroutine function"),
-        ],
-        ids=[
-            "lambda-process",
-            "closure-process",
-            "zero-timeout",
-            "negative-timeout",
-            "coroutine-in-thread",
-            "plain-on-loop",
-        ],
-    )
-    def test_bad_node_is_refused_with_its_id(self, make: Callable[[], Node], match: str) -> None:
-        """Test that a node that cannot run where it says is refused, naming the node."""
-        with pytest.raises(PipelineDefinitionError, match=match) as info:
-            make()
-        assert info.value.node_id == "n"
 
     def test_running_pipeline_id_is_refused(self) -> None:
         """Test that a second run with the id of a running one is refused, leaving it intact."""

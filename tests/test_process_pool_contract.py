@@ -351,54 +351,6 @@ class TestReasons:
         assert pool.submit(contractloads.square, 2).result(WAIT) == 4
 
 
-class TestCleanWorkers:
-    @pytest.mark.parametrize("disposition", ["SIG_IGN", "SIG_DFL"])
-    def test_a_task_changing_sigterm_does_not_poison_the_next_task(self, disposition: str) -> None:
-        """Test that a SIGTERM disposition set by one task is gone for the next one on the
-        same worker: its stop is a true "terminated" whose finally ran."""
-        with ProcessPool(1, grace_period=0, term_grace_period=WAIT) as p:
-            first = p.submit(contractloads.set_sigterm, disposition).result(WAIT)
-            announce = Announcements()
-            future = p.submit_task(workloads.announce_and_finish_in_finally, partial_sink=announce)
-            assert announce.wait("pid") == first  # the same worker
-            future.cancel()
-            with pytest.raises(concurrent.futures.CancelledError):
-                future.result(WAIT)
-            assert future.fate == "terminated"
-            assert future.partial_results["finally"] == "ran"
-
-    def test_a_task_that_dies_of_its_own_sigterm_disposition_is_killed_not_terminated(
-        self,
-    ) -> None:
-        """Test that a task which set SIGTERM to SIG_DFL and is stopped is reported
-        "killed" (its finally did not run), never "terminated"."""
-        with ProcessPool(1, grace_period=0, term_grace_period=WAIT) as p:
-            announce = Announcements()
-            future = p.submit_task(
-                contractloads.set_sigterm_then_spin, ("SIG_DFL",), partial_sink=announce
-            )
-            announce.wait("pid")
-            future.cancel()
-            with pytest.raises(concurrent.futures.CancelledError):
-                future.result(WAIT)
-            assert future.fate == "killed"
-            assert "finally" not in future.partial_results
-            assert p.submit(contractloads.sigterm_disposition).result(WAIT) == "_on_sigterm"
-
-    def test_cwd_and_environment_are_restored(self, tmp_path: Path) -> None:
-        """Test that a task's chdir and environment change do not reach the next task."""
-        with ProcessPool(1) as p:
-            before = p.submit(contractloads.cwd_and_env).result(WAIT)
-            p.submit(contractloads.change_cwd_and_env, str(tmp_path)).result(WAIT)
-            assert p.submit(contractloads.cwd_and_env).result(WAIT) == before
-
-    def test_a_worker_whose_task_left_a_thread_is_replaced(self) -> None:
-        """Test that a task leaving a thread running gets a fresh worker for the next task."""
-        with ProcessPool(1) as p:
-            first = p.submit(contractloads.leave_a_thread).result(WAIT)
-            assert p.submit(contractloads.whoami).result(WAIT) != first
-
-
 class TestForkingWhileKilled:
     def test_processes_forked_during_the_kill_are_gone_when_the_caller_hears(
         self, tmp_path: Path

@@ -12,7 +12,6 @@ import multiprocessing.context
 import multiprocessing.forkserver
 import multiprocessing.process
 import multiprocessing.resource_tracker
-import os
 import pickle
 import signal
 import socket
@@ -27,46 +26,9 @@ import pytest
 from loguru import logger
 
 from cancelflow import CallbackHandle, CancellationToken, CancelledException, _timer
-from support import WAIT, LogCapture, pipe, receive, running
+from support import WAIT, LogCapture, Recorder, memfds, pipe, receive, running, share
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-class Recorder:
-    """A callback that counts its calls and remembers what it saw."""
-
-    def __init__(self, token: CancellationToken | None = None) -> None:
-        self.calls = 0
-        self.token = token
-        self.reasons: list[str | None] = []
-        self.called = threading.Event()
-
-    def __call__(self) -> None:
-        self.calls += 1
-        if self.token is not None:
-            self.reasons.append(self.token.cancel_reason)
-        self.called.set()
-
-
-def _memfds() -> set[int]:
-    found = set()
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            if "cancelflow-tokens" in os.readlink(f"/proc/self/fd/{name}"):
-                found.add(int(name))
-    return found
-
-
-def _share(token: CancellationToken) -> None:
-    # What handing the token to a starting process does (see CancellationToken.__reduce__):
-    # from now on other processes may cancel it (cross-process locking, futex wake-ups,
-    # no slot reuse, a hub thread for its callbacks).
-    token._exported = True
-    token._chunk.mark_shared()
-    if token._id in token._chunk.listeners:
-        token._chunk.ensure_hub()
-
-
 
 
 # Child-process bodies (module level, so spawn and forkserver can import them).
@@ -291,12 +253,12 @@ class TestCancellationToken:
     def test_failed_construction_releases_the_slot(self) -> None:
         """Test that a constructor refusing its arguments leaves no descriptor behind."""
         gc.collect()
-        before = _memfds()
+        before = memfds()
         for bad in ({"name": 1}, {"timeout": -1}):
             with pytest.raises((TypeError, ValueError)):
                 CancellationToken(**bad)  # type: ignore[arg-type]
         gc.collect()
-        assert _memfds() == before
+        assert memfds() == before
 
     # -- callbacks ---------------------------------------------------------------------------
     def test_on_cancel_runs_callback_once(self) -> None:
@@ -433,7 +395,7 @@ class TestCancellationToken:
             for _ in range(40):
                 token = CancellationToken()
                 if shared:
-                    _share(token)
+                    share(token)
                 recorders = [Recorder(token) for _ in range(5)]
                 for recorder in recorders:
                     token.on_cancel(recorder)
@@ -479,7 +441,7 @@ class TestCancellationToken:
     def test_tokens_made_and_dropped_on_many_threads_keep_accounts(self) -> None:
         """Test that concurrent creation and collection never closes a chunk in use."""
         gc.collect()
-        before = _memfds()
+        before = memfds()
         old_interval = sys.getswitchinterval()
         sys.setswitchinterval(1e-6)
         errors: list[BaseException] = []
@@ -507,7 +469,7 @@ class TestCancellationToken:
         assert all(token._chunk.fd >= 0 for token in keep)  # no chunk closed under a token
         keep.clear()
         gc.collect()
-        assert _memfds() == before  # and none was left open with no token
+        assert memfds() == before  # and none was left open with no token
 
     # -- waiting -----------------------------------------------------------------------------
     def test_wait_blocking_returns_true_when_cancelled_from_thread(self) -> None:
@@ -793,66 +755,8 @@ class TestCancellationToken:
         assert ref() is None
         assert _timer.pending() == 0
 
-    def test_timeout_tokens_share_one_timer_thread(self) -> None:
-        """Test that many pending timeouts use a single timer thread."""
-        tokens = [CancellationToken(timeout=60 + i) for i in range(20)]
-        timer_threads = [t for t in threading.enumerate() if t.name == "cancelflow-timer"]
-        assert len(timer_threads) == 1
-        for token in tokens:
-            token.close()
-        assert _timer.pending() == 0
 
     # -- resources and pickling ---------------------------------------------------------------
-    def test_collected_token_releases_its_descriptor(self) -> None:
-        """Test that the shared-memory descriptor closes once its tokens are collected."""
-        gc.collect()
-        before = _memfds()
-        token = CancellationToken()
-        fd = token._chunk.fd
-        assert fd in _memfds()
-        del token
-        gc.collect()
-        assert _memfds() == before
-
-    def test_many_tokens_share_one_descriptor(self) -> None:
-        """Test that a thousand live tokens hold no more than one shared-memory chunk."""
-        gc.collect()
-        before = _memfds()
-        tokens = [CancellationToken() for _ in range(1000)]
-        assert len({id(t._chunk) for t in tokens}) == 1
-        assert len(_memfds() - before) <= 2  # the memfd and the mapping's own duplicate
-        del tokens
-        gc.collect()
-        assert _memfds() == before
-
-    def test_collected_shared_token_stops_its_hub(self) -> None:
-        """Test that dropping a shared token that still has callbacks ends the hub thread."""
-        gc.collect()
-        before = _memfds()
-        token = CancellationToken()
-        _share(token)
-        token.on_cancel(Recorder())
-        hubs = [t for t in threading.enumerate() if t.name == "cancelflow-token-hub"]
-        assert len(hubs) == 1
-        del token
-        gc.collect()
-        hubs[0].join(WAIT)
-        assert not hubs[0].is_alive()
-        assert _memfds() == before
-
-    def test_tokens_on_one_slot_each_get_callbacks(self) -> None:
-        """Test that two token objects on one shared slot (a pool's per-task tokens) both
-        have their callbacks run by a cancel made through either."""
-        first = CancellationToken()
-        _share(first)
-        second = CancellationToken._on_slot(first._chunk, first._offset, name="task-2")
-        first_recorder, second_recorder = Recorder(), Recorder()
-        first.on_cancel(first_recorder)
-        second.on_cancel(second_recorder)
-        second.cancel("through the other object")
-        assert first_recorder.called.wait(WAIT)  # delivered by the hub thread
-        assert (first_recorder.calls, second_recorder.calls) == (1, 1)
-        assert first.cancel_reason == "through the other object"
 
     def test_pickle_outside_process_start_raises(self) -> None:
         """Test that pickling a token outside a process start raises TypeError."""
@@ -1023,7 +927,7 @@ class TestCancellationToken:
         """Test that a token passed to a child still frees its descriptor when collected."""
         ctx = multiprocessing.get_context("spawn")
         gc.collect()
-        before = _memfds()
+        before = memfds()
         token = CancellationToken()
         ready = ctx.Event()
         with pipe() as (reader, writer), running(ctx, _child_waits, token, ready, writer):
@@ -1032,7 +936,7 @@ class TestCancellationToken:
             receive(reader)
         del token
         gc.collect()
-        assert _memfds() == before
+        assert memfds() == before
 
     # -- signal handlers ---------------------------------------------------------------------
     @pytest.mark.timeout(60)
@@ -1053,7 +957,7 @@ class TestCancellationToken:
         """
         tokens = [CancellationToken() for _ in range(60)]
         if shared:
-            _share(tokens[0])
+            share(tokens[0])
         wins: list[tuple[int, bool]] = []
         current = [0]
 
@@ -1087,7 +991,7 @@ class TestCancellationToken:
         a = CancellationToken()
         victims = [CancellationToken() for _ in range(200)]
         if shared:
-            _share(a)
+            share(a)
         victim_recorders = [Recorder() for _ in victims]
         for victim, recorder in zip(victims, victim_recorders, strict=True):
             victim.on_cancel(recorder)
