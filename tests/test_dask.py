@@ -143,7 +143,7 @@ async def assert_workers_clean(client: Any) -> None:
             assert state["pool"]["busy"] == 0, f"{address}: {state['pool']}"
     # A call's key is released (and its run's Event cleared) by messages the scheduler
     # handles after the call returned: wait for that, with a deadline.
-    clean = {"keys": [], "events": [], "reasons": {}}
+    clean: dict[str, Any] = {"keys": [], "events": [], "reasons": {}}
     deadline = time.monotonic() + WAIT
     while (leftovers := await client.run_on_scheduler(_cancelflow_state_on_scheduler)) != clean:
         assert time.monotonic() < deadline, f"left on the scheduler: {leftovers}"

@@ -33,7 +33,8 @@ class TestPipelineEvent:
 class TestEventBus:
     def test_sync_subscriber_gets_event(self) -> None:
         """Test that a sync subscriber is called with the event."""
-        bus, seen = EventBus(), []
+        bus = EventBus()
+        seen: list[PipelineEvent] = []
         bus.subscribe("pipeline_started", seen.append)
         sent = event()
         run(bus.emit(sent))
@@ -41,7 +42,8 @@ class TestEventBus:
 
     def test_async_subscriber_is_awaited(self) -> None:
         """Test that an async subscriber has finished when emit returns."""
-        bus, seen = EventBus(), []
+        bus = EventBus()
+        seen: list[str] = []
 
         async def subscriber(e: PipelineEvent) -> None:
             await asyncio.sleep(0)
@@ -53,14 +55,16 @@ class TestEventBus:
 
     def test_only_matching_events_delivered(self) -> None:
         """Test that a subscriber gets only the event it subscribed to."""
-        bus, seen = EventBus(), []
+        bus = EventBus()
+        seen: list[PipelineEvent] = []
         bus.subscribe("node_started", seen.append)
         run(bus.emit(event("pipeline_started")))
         assert seen == []
 
     def test_wildcard_gets_every_event(self) -> None:
         """Test that a "*" subscriber gets every event."""
-        bus, seen = EventBus(), []
+        bus = EventBus()
+        seen: list[str] = []
         bus.subscribe("*", lambda e: seen.append(e.name))
 
         async def main() -> None:
@@ -72,7 +76,8 @@ class TestEventBus:
 
     def test_subscribers_called_in_subscription_order(self) -> None:
         """Test that subscribers are called in the order they subscribed."""
-        bus, seen = EventBus(), []
+        bus = EventBus()
+        seen: list[int] = []
         bus.subscribe("pipeline_started", lambda e: seen.append(1))
         bus.subscribe("*", lambda e: seen.append(2))
         bus.subscribe("pipeline_started", lambda e: seen.append(3))
@@ -81,7 +86,8 @@ class TestEventBus:
 
     def test_raising_sync_subscriber_is_logged_and_others_run(self, logs: LogCapture) -> None:
         """Test that a raising sync subscriber is logged and later subscribers still run."""
-        bus, seen = EventBus(), []
+        bus = EventBus()
+        seen: list[PipelineEvent] = []
 
         def bad(e: PipelineEvent) -> None:
             raise RuntimeError("boom")
@@ -138,7 +144,8 @@ class TestEventBus:
 
     def test_unsubscribe(self) -> None:
         """Test that unsubscribe stops delivery and reports whether it removed anything."""
-        bus, seen = EventBus(), []
+        bus = EventBus()
+        seen: list[PipelineEvent] = []
         bus.subscribe("pipeline_started", seen.append)
         assert bus.unsubscribe("pipeline_started", seen.append) is True
         assert bus.unsubscribe("pipeline_started", seen.append) is False
@@ -147,7 +154,8 @@ class TestEventBus:
 
     def test_subscription_remove(self) -> None:
         """Test that Subscription.remove stops delivery and is idempotent."""
-        bus, seen = EventBus(), []
+        bus = EventBus()
+        seen: list[PipelineEvent] = []
         subscription = bus.subscribe("*", seen.append)
         assert subscription.remove() is True
         assert subscription.remove() is False
@@ -155,7 +163,8 @@ class TestEventBus:
 
     def test_unsubscribe_during_delivery(self) -> None:
         """Test that a subscriber removing another mid-delivery does not skip or break it."""
-        bus, seen = EventBus(), []
+        bus = EventBus()
+        seen: list[str] = []
         second = None
 
         def first(e: PipelineEvent) -> None:

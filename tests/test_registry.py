@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import threading
@@ -233,14 +234,13 @@ class TestCancellationRegistry:
         """Test that cancel_threadsafe sets the token at once and runs handlers on the loop."""
         loop_thread: list[int] = []
         handler_threads: list[int] = []
+        done = asyncio.Event()
 
         async def handler() -> None:
             handler_threads.append(threading.get_ident())
             done.set()
 
         async def main() -> list[bool]:
-            nonlocal done
-            done = asyncio.Event()
             loop_thread.append(threading.get_ident())
             registry = CancellationRegistry()
             token = registry.register("p")
@@ -259,7 +259,6 @@ class TestCancellationRegistry:
             assert token.cancel_reason == "from thread"
             return results
 
-        done: asyncio.Event
         assert run(main()) == [True, True, False]
         assert handler_threads == loop_thread
 
@@ -407,7 +406,7 @@ class TestCancellationRegistry:
             registry = CancellationRegistry()
             tokens = [registry.register(pid) for pid in ("a", "b", "c")]
             for pid in ("a", "b", "c"):
-                registry.register_cleanup_handler(pid, lambda pid=pid: ran.append(pid))
+                registry.register_cleanup_handler(pid, functools.partial(ran.append, pid))
             await registry.cancel("b", "earlier")
             cancelled = await registry.cancel_all("shutdown")
             assert [t.cancel_reason for t in tokens] == ["shutdown", "earlier", "shutdown"]

@@ -174,7 +174,7 @@ class TestSuperseder:
             task = asyncio.create_task(superseder.run("k", tracker.job("a")))
             await tracker.started["a"].wait()
             assert superseder.cancel("k", "user left") is True
-            result = await task
+            result: str = await task
             assert superseder.running_keys() == ()
             assert superseder.cancel("k") is False
             return result
@@ -252,7 +252,8 @@ class TestRunSuperseding:
                 if ctx.context["n"] == "0":
                     started.set()
                     await asyncio.Event().wait()
-                return ctx.context["n"]
+                n: str = ctx.context["n"]
+                return n
 
             tasks = [
                 asyncio.create_task(

@@ -58,7 +58,12 @@ class TestCallAt:
         last = threading.Event()
         base = soon(0.02)
         _timer.call_at(base + 0.002, lambda: order.append("second"))
-        _timer.call_at(base + 0.004, lambda: (order.append("third"), last.set()))
+
+        def third() -> None:
+            order.append("third")
+            last.set()
+
+        _timer.call_at(base + 0.004, third)
         _timer.call_at(base, lambda: order.append("first"))
         wait(last)
         assert order == ["first", "second", "third"]

@@ -307,6 +307,7 @@ class TestCancellationToken:
         assert record["extra"]["token"] == "logged-token"
         assert record["extra"]["cancel_reason"] == "why"
         assert record["extra"]["cancelflow"] is True
+        assert record["exception"] is not None
         assert isinstance(record["exception"].value, RuntimeError)
 
     def test_callback_raising_base_exception_does_not_skip_others(self) -> None:

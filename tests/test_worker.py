@@ -247,6 +247,7 @@ class TestHelpers:
         except ValueError as exc:
             error = exc
         text = _worker.remote_traceback_text(error)
+        assert error.__traceback__ is not None
         assert "ValueError: boom" in text
         assert text == _ExceptionWithTraceback(error, error.__traceback__).tb
 
