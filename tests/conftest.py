@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 # Before loguru is imported: every handler (loguru's default stderr one, the tests' capture
 # sinks, and those of the programs tests start) formats a logged exception with just its
@@ -25,15 +25,17 @@ assert "loguru" not in sys.modules, "loguru was imported before the test configu
 
 import psutil  # noqa: E402
 import pytest  # noqa: E402
+from loguru import logger  # noqa: E402
 
-from support import START_METHODS  # noqa: E402
+from cancelflow import ThreadPool  # noqa: E402
+from support import START_METHODS, LogCapture  # noqa: E402
 
 # Processes that multiprocessing itself keeps for the life of the interpreter.
 _MP_SINGLETONS = ("resource_tracker", "forkserver")
 
 
 def _children() -> dict[int, str]:
-    found = {}
+    found: dict[int, str] = {}
     for child in psutil.Process().children(recursive=True):
         try:
             cmd = " ".join(child.cmdline())
@@ -54,7 +56,7 @@ _SHARED_ARENA = "/memfd:cancelflow-tokens"
 
 
 def _fds() -> set[int]:
-    found = set()
+    found: set[int] = set()
     try:
         names = os.listdir("/proc/self/fd")
     except OSError:
@@ -69,11 +71,11 @@ def _fds() -> set[int]:
     return found
 
 
-def _wait_until(check: object, patience: float) -> bool:
+def _wait_until(check: Callable[[], bool], patience: float) -> bool:
     deadline = time.monotonic() + patience
     while True:
         gc.collect()
-        if check():  # type: ignore[operator]
+        if check():
             return True
         if time.monotonic() > deadline:
             return False
@@ -108,7 +110,7 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         if new_children:
             details.append(f"child processes: {new_children}")
         if new_fds:
-            links = {}
+            links: dict[int, str] = {}
             for fd in new_fds:
                 try:
                     links[fd] = os.readlink(f"/proc/self/fd/{fd}")
@@ -132,3 +134,29 @@ def mp_context(
     """A multiprocessing context, once per start method."""
     method: str = request.param
     return multiprocessing.get_context(method)
+
+
+@pytest.fixture
+def logs() -> Iterator[LogCapture]:
+    """Every loguru record emitted while the test runs (any level, any source)."""
+    capture = LogCapture()
+    handler = logger.add(capture.sink, level="TRACE")
+    yield capture
+    logger.remove(handler)
+    capture.clear()
+
+
+@pytest.fixture
+def thread_pool() -> Iterator[ThreadPool]:
+    """A four-thread pool with a short grace period, shut down after the test."""
+    pool = ThreadPool(4, grace_period=0.05, name="test-threads")
+    yield pool
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture
+def one_worker() -> Iterator[ThreadPool]:
+    """A one-thread pool (tasks run one after the other), stopped after the test."""
+    pool = ThreadPool(1, grace_period=0.05, name="one-worker")
+    yield pool
+    pool.shutdown(wait=True, cancel_futures=True, cancel_running=True)

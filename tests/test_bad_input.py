@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import threading
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -32,42 +31,17 @@ from cancelflow import (
     ProcessPool,
     Superseder,
     ThreadPool,
-    critical_section,
-    current_token,
-    store_partial,
-    to_process,
-    to_thread,
 )
+from support import WAIT, names, run, value_of
 
-T = TypeVar("T")
-WAIT = 30.0  # watchdog on every wait; never reached when the test passes
 NAN, INF = math.nan, math.inf
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` in a new loop under a watchdog."""
-
-    async def guarded() -> T:
-        async with asyncio.timeout(WAIT):
-            return await coro
-
-    return asyncio.run(guarded())
-
-
-def names(argument: str) -> str:
-    """A ``match=`` pattern: the message names ``argument`` as a word."""
-    return r"(?<![\w.])" + re.escape(argument) + r"(?!\w)"
 
 
 def children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
-async def value_of(ctx: NodeContext) -> str:
-    return ctx.node_id
-
-
-class Recorder:
+class NodeRecorder:
     """A node function that records each call (to prove nothing ran)."""
 
     def __init__(self) -> None:
@@ -83,13 +57,6 @@ def process_pool() -> Iterator[ProcessPool]:
     with ProcessPool(1, grace_period=0.05, term_grace_period=0.2, name="bad-input") as pool:
         assert pool.wait_ready(WAIT)
         yield pool
-
-
-@pytest.fixture
-def thread_pool() -> Iterator[ThreadPool]:
-    pool = ThreadPool(2, grace_period=0.05, name="bad-input")
-    yield pool
-    pool.shutdown(wait=True, cancel_futures=True)
 
 
 # -- CancellationToken ------------------------------------------------------------------------
@@ -360,44 +327,10 @@ class TestThreadPoolBadInput:
         assert pool.statistics().workers == 0
 
 
-# -- Node and pipeline definitions ------------------------------------------------------------
+# -- pipeline definitions ------------------------------------------------------------
 
 
-async def _coroutine_fn(ctx: NodeContext) -> None:
-    return None
-
-
-def _plain_fn(ctx: NodeContext) -> None:
-    return None
-
-
-class TestNodeBadInput:
-    @pytest.mark.parametrize(
-        ("make", "argument"),
-        [
-            (lambda: Node(3, _plain_fn), "id"),  # type: ignore[arg-type]
-            (lambda: Node("", _plain_fn), "id"),
-            (lambda: Node("a", 3), "fn"),  # type: ignore[arg-type]
-            (lambda: Node("a", _plain_fn, deps="b"), "deps"),  # type: ignore[arg-type]
-            (lambda: Node("a", _plain_fn, deps=3), "deps"),  # type: ignore[arg-type]
-            (lambda: Node("a", _plain_fn, deps=[3]), "deps"),  # type: ignore[list-item]
-            (lambda: Node("a", _plain_fn, run_in="gpu"), "run_in"),  # type: ignore[arg-type]
-            (lambda: Node("a", _plain_fn, run_in="loop"), "run_in"),
-            (lambda: Node("a", _coroutine_fn, run_in="thread"), "thread"),
-            (lambda: Node("a", lambda ctx: 1, run_in="process"), "process node"),
-            (lambda: Node("a", _plain_fn, timeout=0), "timeout"),
-            (lambda: Node("a", _plain_fn, timeout=-1), "timeout"),
-            (lambda: Node("a", _plain_fn, timeout="1"), "timeout"),  # type: ignore[arg-type]
-            (lambda: Node("a", _plain_fn, timeout=NAN), "timeout"),
-            (lambda: Node("a", _plain_fn, timeout=INF), "timeout"),
-        ],
-    )
-    def test_node(self, make: Callable[[], Node], argument: str) -> None:
-        """Test that a bad node is refused with PipelineDefinitionError naming the
-        argument (and the node); building a good one still works."""
-        with pytest.raises(PipelineDefinitionError, match=names(argument)):
-            make()
-        assert Node("a", _plain_fn, deps=["b"], timeout=1).deps == ("b",)
+class TestPipelineDefinitionBadInput:
 
     @pytest.mark.parametrize(
         ("nodes", "match"),
@@ -418,7 +351,7 @@ class TestNodeBadInput:
         """Test that a bad pipeline is refused, naming what is wrong, before any node runs
         or the id is registered; the executor then runs a good pipeline."""
         executor = PipelineExecutor()
-        recorder = Recorder()
+        recorder = NodeRecorder()
 
         async def main() -> dict[str, Any]:
             with pytest.raises(PipelineDefinitionError, match=match):
@@ -480,7 +413,7 @@ class TestPipelineExecutorBadInput:
         executor = PipelineExecutor()
         published: list[str] = []
         executor.events.subscribe("*", lambda event: published.append(event.name))
-        recorder = Recorder()
+        recorder = NodeRecorder()
         call = {"pipeline_id": "p", "nodes": [Node("a", recorder)], **kwargs}
 
         async def main() -> dict[str, Any]:
@@ -753,70 +686,3 @@ class TestSupersederBadInput:
             return await first, await superseder.run("k", quick)
 
         assert run(main()) == ("held", "quick")
-
-
-# -- task-context functions and direction modules -----------------------------------------------
-
-
-class TestContextFunctionsBadInput:
-    @pytest.mark.parametrize(
-        ("value", "error"), [("1", TypeError), (0, ValueError), (-1, ValueError), (INF, ValueError)]
-    )
-    def test_critical_section(self, value: Any, error: type[Exception]) -> None:
-        """Test that a bad critical_section bound is refused, naming max_seconds."""
-        with pytest.raises(error, match=names("max_seconds")):
-            critical_section(value)
-        with critical_section(1):
-            pass
-
-    def test_store_partial_bad_key(self, thread_pool: ThreadPool) -> None:
-        """Test that store_partial and NodeContext.store_partial refuse a non-str key,
-        naming it, and then store a good one."""
-        stored: dict[str, Any] = {}
-
-        def task() -> None:
-            with pytest.raises(TypeError, match=names("key")):
-                store_partial(3, "v")  # type: ignore[arg-type]
-            store_partial("good", "v")
-
-        thread_pool.submit_task(task, partial_sink=stored.__setitem__).result(WAIT)
-        assert stored == {"good": "v"}
-        ctx = NodeContext(CancellationToken(), {}, {}, "p", "n", stored.__setitem__)
-        with pytest.raises(TypeError, match=names("key")):
-            ctx.store_partial(3, "v")  # type: ignore[arg-type]
-        ctx.store_partial("also", 1)
-        assert stored["also"] == 1
-
-    def test_outside_a_task(self) -> None:
-        """Test that current_token and store_partial outside a task raise RuntimeError
-        saying so."""
-        with pytest.raises(RuntimeError, match="outside a cancelflow task"):
-            current_token()
-        with pytest.raises(RuntimeError, match="outside a cancelflow task"):
-            store_partial("k", 1)
-
-
-class TestDirectionModulesBadInput:
-    def test_to_thread(self) -> None:
-        """Test that to_thread.run_sync refuses a bad fn or token, naming it, and then
-        runs a good call."""
-        try:
-            with pytest.raises(TypeError, match=names("fn")):
-                run(to_thread.run_sync(3))  # type: ignore[arg-type]
-            with pytest.raises(TypeError, match=names("token")):
-                run(to_thread.run_sync(faultloads.echo, 1, token="t"))  # type: ignore[arg-type]
-            assert run(to_thread.run_sync(faultloads.echo, 1)) == 1
-        finally:
-            to_thread.shutdown_default_pool()
-
-    def test_to_process(self) -> None:
-        """Test that to_process.run_sync refuses a bad token or timeout, naming it, and
-        then runs a good call."""
-        try:
-            with pytest.raises(TypeError, match=names("token")):
-                run(to_process.run_sync(faultloads.echo, 1, token="t"))  # type: ignore[arg-type]
-            with pytest.raises(ValueError, match=names("timeout")):
-                run(to_process.run_sync(faultloads.echo, 1, timeout=-1))
-            assert run(to_process.run_sync(faultloads.echo, 1)) == 1
-        finally:
-            to_process.shutdown_default_pool()

@@ -24,7 +24,6 @@ distributed = pytest.importorskip("distributed", reason="cancelflow[dask] is not
 cloudpickle = pytest.importorskip("cloudpickle", reason="cancelflow[dask] is not installed")
 
 import dask  # noqa: E402
-import psutil  # noqa: E402
 
 from cancelflow import (  # noqa: E402
     CancellationToken,
@@ -37,12 +36,14 @@ from cancelflow import (  # noqa: E402
 from cancelflow._backends._dask import DaskRunner  # noqa: E402
 from cancelflow._cli.demo.census import worker_census  # noqa: E402
 from cancelflow._context import current_token, store_partial  # noqa: E402
+from support import WAIT, assert_gone, run  # noqa: E402
 
 # Node functions travel by value, as functions from __main__ or a notebook would: the
 # workers and their children never import this test module (nor pytest).
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-WAIT = 30.0  # watchdog for anything awaited (never a measure of speed)
+#: a cluster's start and close around a test body, which bounds its own waits by WAIT
+CLUSTER_WAIT = 2 * WAIT
 
 _DASK_CONFIG = {
     "distributed.worker.profile.enabled": False,  # no profiler thread per worker
@@ -131,28 +132,6 @@ class Reports:
         return self.values[key]
 
 
-def run(body: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(body(), WAIT * 2))
-
-
-def assert_gone(pid: int) -> None:
-    """The process has exited (a zombie awaiting its reaper counts as exited)."""
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return
-    except psutil.NoSuchProcess:
-        return
-    pytest.fail(f"process {pid} is still running")
-
-
-def wait_gone(pid: int) -> None:
-    try:
-        psutil.Process(pid).wait(timeout=WAIT)
-    except psutil.NoSuchProcess:
-        pass
-
-
 async def assert_workers_clean(client: Any) -> None:
     """Nothing of cancelflow is left on any worker or on the scheduler."""
     census = await client.run(worker_census)
@@ -164,7 +143,7 @@ async def assert_workers_clean(client: Any) -> None:
             assert state["pool"]["busy"] == 0, f"{address}: {state['pool']}"
     # A call's key is released (and its run's Event cleared) by messages the scheduler
     # handles after the call returned: wait for that, with a deadline.
-    clean = {"keys": [], "events": [], "reasons": {}}
+    clean: dict[str, Any] = {"keys": [], "events": [], "reasons": {}}
     deadline = time.monotonic() + WAIT
     while (leftovers := await client.run_on_scheduler(_cancelflow_state_on_scheduler)) != clean:
         assert time.monotonic() < deadline, f"left on the scheduler: {leftovers}"
@@ -238,7 +217,7 @@ def process_cluster() -> Iterator[Any]:
                 await runner.client.wait_for_workers(2)
                 await runner.run_sync(add, 1, 1)
 
-        run(warm)
+        run(warm(), CLUSTER_WAIT)
         yield cluster
     finally:
         cluster.close()
@@ -261,7 +240,7 @@ class TestDaskRunnerLogic:
         async def body(runner: DaskRunner, client: Any) -> None:
             assert await runner.run_sync(add, 2, 3) == 5
 
-        run(lambda: in_process(body))
+        run(in_process(body), CLUSTER_WAIT)
 
     def test_node_context_is_rebuilt_on_the_worker(self) -> None:
         """Test that a NodeContext arrives with its inputs and the task's local token."""
@@ -279,7 +258,7 @@ class TestDaskRunnerLogic:
                 "cancelled": False,
             }
 
-        run(lambda: in_process(body))
+        run(in_process(body), CLUSTER_WAIT)
 
     def test_cooperative_cancel_of_thread_node(self) -> None:
         """Test that cancelling a thread node's token reaches its local token and the call
@@ -298,7 +277,7 @@ class TestDaskRunnerLogic:
             assert info.value.reason == "user asked"
             assert info.value.partial_results == {"started": "a"}
 
-        run(lambda: in_process(body))
+        run(in_process(body), CLUSTER_WAIT)
 
     def test_run_event_cancels_every_node_of_the_run(self) -> None:
         """Test that cancelling the run token (parent of the node tokens) stops all of the
@@ -325,7 +304,7 @@ class TestDaskRunnerLogic:
                     await call
                 assert info.value.reason == "whole run"
 
-        run(lambda: in_process(body))
+        run(in_process(body), CLUSTER_WAIT)
 
     def test_node_token_alone_stops_only_its_node(self) -> None:
         """Test that cancelling one node's token stops that node and not its sibling."""
@@ -344,7 +323,7 @@ class TestDaskRunnerLogic:
             assert await runner.run_sync(add, 1, 2, token=survivor) == 3
             assert not run_token.is_cancelled
 
-        run(lambda: in_process(body))
+        run(in_process(body), CLUSTER_WAIT)
 
     def test_timeout_of_thread_node(self) -> None:
         """Test that a cooperative thread node past its timeout raises
@@ -355,7 +334,7 @@ class TestDaskRunnerLogic:
                 await runner.run_sync(wait_cooperatively, "t", timeout=0.2)
             assert info.value.timeout == 0.2
 
-        run(lambda: in_process(body))
+        run(in_process(body), CLUSTER_WAIT)
 
     def test_node_failure_raises_its_own_exception(self) -> None:
         """Test that a node's exception reaches the caller as that exception."""
@@ -364,7 +343,7 @@ class TestDaskRunnerLogic:
             with pytest.raises(ValueError, match="boom"):
                 await runner.run_sync(fail, "boom")
 
-        run(lambda: in_process(body))
+        run(in_process(body), CLUSTER_WAIT)
 
     def test_coroutine_node_runs_on_the_worker(self) -> None:
         """Test that a coroutine function runs to its result on the worker."""
@@ -372,7 +351,7 @@ class TestDaskRunnerLogic:
         async def body(runner: DaskRunner, client: Any) -> None:
             assert await runner.run_sync(coroutine_node, 21) == 42
 
-        run(lambda: in_process(body))
+        run(in_process(body), CLUSTER_WAIT)
 
     def test_coroutine_node_is_cancelled_at_its_await(self) -> None:
         """Test that cancelling a coroutine node's token cancels it at its next await."""
@@ -388,7 +367,7 @@ class TestDaskRunnerLogic:
             with pytest.raises(CancelledException, match="enough"):
                 await call
 
-        run(lambda: in_process(body))
+        run(in_process(body), CLUSTER_WAIT)
 
     def test_pre_cancelled_token_submits_nothing(self) -> None:
         """Test that an already-cancelled token raises at once and sends no task."""
@@ -401,7 +380,7 @@ class TestDaskRunnerLogic:
             info = await client.run_on_scheduler(_cancelflow_state_on_scheduler)
             assert info["keys"] == []
 
-        run(lambda: in_process(body))
+        run(in_process(body), CLUSTER_WAIT)
 
     def test_unpicklable_argument_is_refused_before_submitting(self) -> None:
         """Test that an argument cloudpickle cannot carry raises TypeError locally."""
@@ -410,7 +389,7 @@ class TestDaskRunnerLogic:
             with pytest.raises(TypeError):
                 await runner.run_sync(add, threading.Lock(), 1)
 
-        run(lambda: in_process(body))
+        run(in_process(body), CLUSTER_WAIT)
 
     def test_pipeline_runs_on_dask(self) -> None:
         """Test that PipelineExecutor runs thread nodes on Dask with the runner as pool."""
@@ -426,7 +405,7 @@ class TestDaskRunnerLogic:
             assert result["b"]["inputs"]["a"]["node_id"] == "a"
             assert result["b"]["context"] == {"k": 1}
 
-        run(lambda: in_process(body))
+        run(in_process(body), CLUSTER_WAIT)
 
     def test_pipeline_cancel_stops_its_dask_nodes(self) -> None:
         """Test that cancelling a pipeline (interrupt mode) stops its running Dask node
@@ -449,7 +428,7 @@ class TestDaskRunnerLogic:
             assert info.value.reason == "stop the pipeline"
             assert info.value.partial_results == {"slow.started": "slow"}
 
-        run(lambda: in_process(body))
+        run(in_process(body), CLUSTER_WAIT)
 
 
 def _pipeline_node(ctx: NodeContext) -> str:
@@ -511,8 +490,8 @@ class TestDaskRunnerHardCancel:
             with pytest.raises(CancelledException) as info:
                 await call
             assert info.value.reason == "stop now"
-            assert_gone(child)
-            assert_gone(grandchild)
+            assert_gone(child, already_exited=True)
+            assert_gone(grandchild, already_exited=True)
             assert await client.run(os.getpid) == worker_pids
             who_has = await client.who_has(held)
             assert {key: tuple(where) for key, where in who_has.items()} == {
@@ -520,7 +499,7 @@ class TestDaskRunnerHardCancel:
             }
             assert await client.gather(held) == [100, 101]
 
-        run(lambda: on_processes(process_cluster, body))
+        run(on_processes(process_cluster, body), CLUSTER_WAIT)
 
     @pytest.mark.allow_leaks
     def test_dask_future_cancel_kills_the_tree(self, process_cluster: Any) -> None:
@@ -539,9 +518,9 @@ class TestDaskRunnerHardCancel:
                 await other.cancel([distributed.Future(keys[0], other)], force=True)
                 with pytest.raises(CancelledException, match="outside cancelflow"):
                     await call
-                await asyncio.to_thread(wait_gone, pid)
+                await asyncio.to_thread(assert_gone, pid)
 
-        run(lambda: on_processes(process_cluster, body))
+        run(on_processes(process_cluster, body), CLUSTER_WAIT)
 
     @pytest.mark.allow_leaks
     def test_cancelling_the_awaiting_task_kills_the_tree(self, process_cluster: Any) -> None:
@@ -555,9 +534,9 @@ class TestDaskRunnerHardCancel:
             call.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await call
-            assert_gone(pid)
+            assert_gone(pid, already_exited=True)
 
-        run(lambda: on_processes(process_cluster, body))
+        run(on_processes(process_cluster, body), CLUSTER_WAIT)
 
     @pytest.mark.allow_leaks
     def test_timeout_kills_process_node(self, process_cluster: Any) -> None:
@@ -570,9 +549,9 @@ class TestDaskRunnerHardCancel:
                 await runner.run_sync(spin, timeout=0.3, partial_sink=reports)
             assert info.value.timeout == 0.3
             assert info.value.partial_results["pid"] == reports.values["pid"]
-            assert_gone(reports.values["pid"])
+            assert_gone(reports.values["pid"], already_exited=True)
 
-        run(lambda: on_processes(process_cluster, body))
+        run(on_processes(process_cluster, body), CLUSTER_WAIT)
 
     @pytest.mark.allow_leaks
     def test_process_node_failure(self, process_cluster: Any) -> None:
@@ -583,7 +562,7 @@ class TestDaskRunnerHardCancel:
             with pytest.raises(ValueError, match="bad row"):
                 await runner.run_sync(fail, "bad row")
 
-        run(lambda: on_processes(process_cluster, body))
+        run(on_processes(process_cluster, body), CLUSTER_WAIT)
 
     @pytest.mark.allow_leaks
     def test_child_crash_raises_worker_crashed(self, process_cluster: Any) -> None:
@@ -596,7 +575,7 @@ class TestDaskRunnerHardCancel:
             assert info.value.exitcode == 3
             assert await runner.run_sync(add, 1, 2) == 3
 
-        run(lambda: on_processes(process_cluster, body))
+        run(on_processes(process_cluster, body), CLUSTER_WAIT)
 
     @pytest.mark.allow_leaks
     def test_partial_results_survive_a_kill(self, process_cluster: Any) -> None:
@@ -615,7 +594,7 @@ class TestDaskRunnerHardCancel:
             assert info.value.partial_results == {"rows": 41, "pids": pids}
             assert reports.values == {"rows": 41, "pids": pids}
 
-        run(lambda: on_processes(process_cluster, body))
+        run(on_processes(process_cluster, body), CLUSTER_WAIT)
 
     @pytest.mark.allow_leaks
     def test_worker_killed_mid_run_raises_worker_crashed(self, process_cluster: Any) -> None:
@@ -660,11 +639,11 @@ class TestDaskRunnerHardCancel:
                     with pytest.raises(WorkerCrashedError, match="died"):
                         await call
                     await runner.aclose()
-                    await asyncio.to_thread(wait_gone, child)
-                    await asyncio.to_thread(wait_gone, grandchild)
+                    await asyncio.to_thread(assert_gone, child)
+                    await asyncio.to_thread(assert_gone, grandchild)
                     await assert_workers_clean(client)
 
-            run(body)
+            run(body(), CLUSTER_WAIT)
         finally:
             victim.kill()
             victim.wait()

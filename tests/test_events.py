@@ -4,42 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from loguru import logger
 
 from cancelflow import PipelineFailedException
 from cancelflow._events import EVENT_NAMES, EventBus, PipelineEvent
 from cancelflow._executor import PipelineExecutor
 from cancelflow._node import Node, NodeContext
-
-T = TypeVar("T")
-WAIT = 10.0
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` in a new loop under a watchdog timeout."""
-
-    async def guarded() -> T:
-        async with asyncio.timeout(WAIT):
-            return await coro
-
-    return asyncio.run(guarded())
-
-
-@pytest.fixture
-def errors() -> Iterator[list[str]]:
-    """Messages of ERROR log records emitted by cancelflow during the test."""
-    found: list[str] = []
-    handler = logger.add(
-        lambda m: found.append(m.record["message"]),
-        level="ERROR",
-        filter=lambda r: bool(r["extra"].get("cancelflow")),
-    )
-    yield found
-    logger.remove(handler)
+from support import LogCapture, run
 
 
 def event(name: str = "pipeline_started", **data: Any) -> PipelineEvent:
@@ -60,7 +33,8 @@ class TestPipelineEvent:
 class TestEventBus:
     def test_sync_subscriber_gets_event(self) -> None:
         """Test that a sync subscriber is called with the event."""
-        bus, seen = EventBus(), []
+        bus = EventBus()
+        seen: list[PipelineEvent] = []
         bus.subscribe("pipeline_started", seen.append)
         sent = event()
         run(bus.emit(sent))
@@ -68,7 +42,8 @@ class TestEventBus:
 
     def test_async_subscriber_is_awaited(self) -> None:
         """Test that an async subscriber has finished when emit returns."""
-        bus, seen = EventBus(), []
+        bus = EventBus()
+        seen: list[str] = []
 
         async def subscriber(e: PipelineEvent) -> None:
             await asyncio.sleep(0)
@@ -80,14 +55,16 @@ class TestEventBus:
 
     def test_only_matching_events_delivered(self) -> None:
         """Test that a subscriber gets only the event it subscribed to."""
-        bus, seen = EventBus(), []
+        bus = EventBus()
+        seen: list[PipelineEvent] = []
         bus.subscribe("node_started", seen.append)
         run(bus.emit(event("pipeline_started")))
         assert seen == []
 
     def test_wildcard_gets_every_event(self) -> None:
         """Test that a "*" subscriber gets every event."""
-        bus, seen = EventBus(), []
+        bus = EventBus()
+        seen: list[str] = []
         bus.subscribe("*", lambda e: seen.append(e.name))
 
         async def main() -> None:
@@ -99,16 +76,18 @@ class TestEventBus:
 
     def test_subscribers_called_in_subscription_order(self) -> None:
         """Test that subscribers are called in the order they subscribed."""
-        bus, seen = EventBus(), []
+        bus = EventBus()
+        seen: list[int] = []
         bus.subscribe("pipeline_started", lambda e: seen.append(1))
         bus.subscribe("*", lambda e: seen.append(2))
         bus.subscribe("pipeline_started", lambda e: seen.append(3))
         run(bus.emit(event()))
         assert seen == [1, 2, 3]
 
-    def test_raising_sync_subscriber_is_logged_and_others_run(self, errors: list[str]) -> None:
+    def test_raising_sync_subscriber_is_logged_and_others_run(self, logs: LogCapture) -> None:
         """Test that a raising sync subscriber is logged and later subscribers still run."""
-        bus, seen = EventBus(), []
+        bus = EventBus()
+        seen: list[PipelineEvent] = []
 
         def bad(e: PipelineEvent) -> None:
             raise RuntimeError("boom")
@@ -117,9 +96,9 @@ class TestEventBus:
         bus.subscribe("pipeline_started", seen.append)
         run(bus.emit(event()))
         assert len(seen) == 1
-        assert any("raised" in m for m in errors)
+        assert any("raised" in m for m in logs.messages("ERROR"))
 
-    def test_raising_async_subscriber_is_logged(self, errors: list[str]) -> None:
+    def test_raising_async_subscriber_is_logged(self, logs: LogCapture) -> None:
         """Test that a raising async subscriber is logged, not raised."""
         bus = EventBus()
 
@@ -128,12 +107,13 @@ class TestEventBus:
 
         bus.subscribe("pipeline_started", bad)
         run(bus.emit(event()))
-        assert any("raised" in m for m in errors)
+        assert any("raised" in m for m in logs.messages("ERROR"))
 
-    def test_hanging_async_subscriber_is_bounded(self, errors: list[str]) -> None:
+    def test_hanging_async_subscriber_is_bounded(self, logs: LogCapture) -> None:
         """Test that an async subscriber past subscriber_timeout is cancelled and logged."""
-        bus, seen = EventBus(subscriber_timeout=0.01), []
-        cancelled = []
+        bus = EventBus(subscriber_timeout=0.01)
+        seen: list[PipelineEvent] = []
+        cancelled: list[bool] = []
 
         async def hang(e: PipelineEvent) -> None:
             try:
@@ -146,7 +126,7 @@ class TestEventBus:
         run(bus.emit(event()))
         assert cancelled == [True]
         assert len(seen) == 1
-        assert any("timed out" in m for m in errors)
+        assert any("timed out" in m for m in logs.messages("ERROR"))
 
     def test_unknown_event_name(self) -> None:
         """Test that subscribing to a misspelt event is refused."""
@@ -165,7 +145,8 @@ class TestEventBus:
 
     def test_unsubscribe(self) -> None:
         """Test that unsubscribe stops delivery and reports whether it removed anything."""
-        bus, seen = EventBus(), []
+        bus = EventBus()
+        seen: list[PipelineEvent] = []
         bus.subscribe("pipeline_started", seen.append)
         assert bus.unsubscribe("pipeline_started", seen.append) is True
         assert bus.unsubscribe("pipeline_started", seen.append) is False
@@ -174,7 +155,8 @@ class TestEventBus:
 
     def test_subscription_remove(self) -> None:
         """Test that Subscription.remove stops delivery and is idempotent."""
-        bus, seen = EventBus(), []
+        bus = EventBus()
+        seen: list[PipelineEvent] = []
         subscription = bus.subscribe("*", seen.append)
         assert subscription.remove() is True
         assert subscription.remove() is False
@@ -182,7 +164,8 @@ class TestEventBus:
 
     def test_unsubscribe_during_delivery(self) -> None:
         """Test that a subscriber removing another mid-delivery does not skip or break it."""
-        bus, seen = EventBus(), []
+        bus = EventBus()
+        seen: list[str] = []
         second = None
 
         def first(e: PipelineEvent) -> None:
@@ -335,7 +318,7 @@ class TestExecutorEvents:
         cancelled = [e for e in seen if e.name == "node_cancelled"]
         assert [(e.node_id, e["reason"], e["wave_num"]) for e in cancelled] == [("w", "stop", 0)]
 
-    def test_raising_subscribers_do_not_break_the_run(self, errors: list[str]) -> None:
+    def test_raising_subscribers_do_not_break_the_run(self, logs: LogCapture) -> None:
         """Test that sync and async subscribers raising on every event leave the run intact."""
 
         def bad_sync(e: PipelineEvent) -> None:
@@ -351,7 +334,7 @@ class TestExecutorEvents:
             return await executor.execute_pipeline("p", [Node("a", ok), Node("b", ok, deps=["a"])])
 
         assert run(main()) == {"a": "a", "b": "b"}
-        assert len(errors) == 2 * 6
+        assert len(logs.messages("ERROR")) == 2 * 6
 
     def test_async_subscriber_runs_on_the_loop_thread(self) -> None:
         """Test that async subscribers are awaited on the run's loop, in its thread."""

@@ -232,13 +232,13 @@ class TestFatesSurvivePickling:
         """Test that fate and node_fates survive a pickle round trip (they cross processes)."""
         import pickle
 
-        from cancelflow import CancelledException, PipelineFailedException
+        from cancelflow import CancelledException, Fate, PipelineFailedException
 
         error = CancelledException("stopped", {"a": 1}, 2, reason="r")
-        error.fate = "killed"
-        error.node_fates = {"a": "finished", "b": "killed"}
+        error.fate = Fate.KILLED
+        error.node_fates = {"a": Fate.FINISHED, "b": Fate.KILLED}
         copy = pickle.loads(pickle.dumps(error))
         assert (copy.fate, copy.node_fates, copy.reason) == ("killed", error.node_fates, "r")
         failed = PipelineFailedException("boom", node_id="b")
-        failed.node_fates = {"b": "failed"}
+        failed.node_fates = {"b": Fate.FAILED}
         assert pickle.loads(pickle.dumps(failed)).node_fates == {"b": "failed"}

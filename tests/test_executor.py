@@ -8,12 +8,11 @@ import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from loguru import logger
 
 from cancelflow import (
     CancellationToken,
@@ -27,29 +26,15 @@ from cancelflow._executor import PipelineExecutor, PipelineResult
 from cancelflow._node import Node, NodeContext
 from cancelflow._registry import CancellationRegistry
 from cancelflow._thread_pool import ThreadPool
-
-T = TypeVar("T")
-WAIT = 10.0  # watchdog on every wait; never reached when the test passes
-
-
-async def let_ready_callbacks_run() -> None:
-    """Give every task that can run a turn (cooperative yields, not a timed wait)."""
-    for _ in range(20):
-        await asyncio.sleep(0)
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` in a new loop under a watchdog timeout."""
-
-    async def guarded() -> T:
-        async with asyncio.timeout(WAIT):
-            return await coro
-
-    return asyncio.run(guarded())
-
-
-def other_tasks() -> set[asyncio.Task[Any]]:
-    return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+from support import (
+    WAIT,
+    LogCapture,
+    let_ready_callbacks_run,
+    other_tasks,
+    run,
+    value_of,
+    wait,
+)
 
 
 def shut_down_within(pool: Any, seconds: float) -> None:
@@ -60,37 +45,8 @@ def shut_down_within(pool: Any, seconds: float) -> None:
     assert not thread.is_alive(), "watchdog: the pool did not shut down"
 
 
-def wait(event: threading.Event) -> None:
-    assert event.wait(WAIT), "watchdog: the event was never set"
-
-
-async def value_of(ctx: NodeContext) -> str:
-    return ctx.node_id
-
-
 async def forever(ctx: NodeContext) -> None:
     await asyncio.Event().wait()
-
-
-@pytest.fixture
-def thread_pool() -> Iterator[ThreadPool]:
-    pool = ThreadPool(4, grace_period=0.05, name="executor-tests")
-    yield pool
-    pool.shutdown(wait=True, cancel_futures=True)
-
-
-@pytest.fixture
-def records() -> Iterator[list[dict[str, Any]]]:
-    """Every cancelflow log record of the test."""
-    found: list[dict[str, Any]] = []
-    handler = logger.add(
-        lambda m: found.append(m.record),
-        level="DEBUG",
-        filter=lambda r: bool(r["extra"].get("cancelflow")),
-    )
-    yield found
-    logger.remove(handler)
-    found.clear()  # records may hold tracebacks, whose frames hold tokens
 
 
 # -- process-node workloads (module level: the workers import them by name) -----------------
@@ -132,8 +88,13 @@ async def running_signal() -> AsyncIterator[tuple[str, asyncio.Event]]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-class TestPipelineExecutor:
-    # -- completing ----------------------------------------------------------------------------
+async def _twenty_one(ctx: NodeContext) -> int:
+    return 21
+
+
+class TestCompletedRuns:
+    """A run that completes: outputs by node id, what each node receives, where it runs."""
+
     def test_returns_outputs_by_node_id(self) -> None:
         """Test that a completed run returns {node_id: output} (seed 000 call shape)."""
 
@@ -189,6 +150,39 @@ class TestPipelineExecutor:
             return await executor.execute_pipeline("p", nodes)
 
         assert run(main())["t"] == (True, "a")
+
+    def test_process_node_completes(self) -> None:
+        """Test that a process node gets its inputs and returns its output."""
+        pytest.importorskip("cancelflow._process", reason="process pool not yet available")
+
+        async def main() -> dict[str, Any]:
+            async with PipelineExecutor() as executor:
+                nodes = [
+                    Node("a", _twenty_one),
+                    Node("double", proc_double, deps=["a"], run_in="process"),
+                ]
+                return await executor.execute_pipeline("p", nodes)
+
+        assert run(main()) == {"a": 21, "double": 42}
+
+    def test_outputs_are_partial_results_during_the_run(self) -> None:
+        """Test that each completed node's output is in the registry while the run goes on."""
+        seen: dict[str, Any] = {}
+
+        async def main() -> None:
+            executor = PipelineExecutor()
+
+            async def peek(ctx: NodeContext) -> None:
+                seen.update(executor.registry.get_partial_results(ctx.pipeline_id))
+
+            await executor.execute_pipeline("p", [Node("a", value_of), Node("b", peek, deps=["a"])])
+
+        run(main())
+        assert seen == {"a": "a"}
+
+
+class TestWaves:
+    """Nodes run in waves: a wave's nodes at once, the next wave only after it."""
 
     def test_loop_nodes_of_a_wave_run_concurrently(self) -> None:
         """Test that the coroutine nodes of one wave all run at once (a 3-party barrier)."""
@@ -247,22 +241,10 @@ class TestPipelineExecutor:
         assert log.index("start b") > max(log.index("end a1"), log.index("end a2"))
         assert log.index("start c") > log.index("end b")
 
-    def test_outputs_are_partial_results_during_the_run(self) -> None:
-        """Test that each completed node's output is in the registry while the run goes on."""
-        seen: dict[str, Any] = {}
 
-        async def main() -> None:
-            executor = PipelineExecutor()
+class TestRefusedRuns:
+    """A bad pipeline, node, argument or id is refused before anything runs."""
 
-            async def peek(ctx: NodeContext) -> None:
-                seen.update(executor.registry.get_partial_results(ctx.pipeline_id))
-
-            await executor.execute_pipeline("p", [Node("a", value_of), Node("b", peek, deps=["a"])])
-
-        run(main())
-        assert seen == {"a": "a"}
-
-    # -- bad definitions -----------------------------------------------------------------------
     @pytest.mark.parametrize(
         ("deps", "match"),
         [
@@ -293,31 +275,6 @@ class TestPipelineExecutor:
         registry = run(main())
         assert ran == []
         assert "p" not in registry
-
-    @pytest.mark.parametrize(
-        ("make", "match"),
-        [
-            (lambda: Node("n", lambda ctx: 1, run_in="process"), "module-level function"),
-            (lambda: Node("n", _closure(), run_in="process"), "module-level function"),
-            (lambda: Node("n", value_of, timeout=0), "timeout"),
-            (lambda: Node("n", value_of, timeout=-1.0), "timeout"),
-            (lambda: Node("n", value_of, run_in="thread"), "coroutine function runs on the loop"),
-            (lambda: Node("n", proc_double, run_in="loop"), "needs a coroutine function"),
-        ],
-        ids=[
-            "lambda-process",
-            "closure-process",
-            "zero-timeout",
-            "negative-timeout",
-            "coroutine-in-thread",
-            "plain-on-loop",
-        ],
-    )
-    def test_bad_node_is_refused_with_its_id(self, make: Callable[[], Node], match: str) -> None:
-        """Test that a node that cannot run where it says is refused, naming the node."""
-        with pytest.raises(PipelineDefinitionError, match=match) as info:
-            make()
-        assert info.value.node_id == "n"
 
     def test_running_pipeline_id_is_refused(self) -> None:
         """Test that a second run with the id of a running one is refused, leaving it intact."""
@@ -365,44 +322,9 @@ class TestPipelineExecutor:
         with pytest.raises(TypeError, match="registry"):
             PipelineExecutor(registry={})  # type: ignore[arg-type]
 
-    # -- cancelling, graceful --------------------------------------------------------------------
-    def test_graceful_cancel_lets_the_running_wave_finish(self) -> None:
-        """Test that a graceful cancel keeps the running wave (its token stays uncancelled),
-        starts no new wave, and raises with the wave's results and the next wave's index."""
-        observed: list[bool] = []
-        later: list[str] = []
 
-        async def main() -> tuple[CancelledException, bool]:
-            executor = PipelineExecutor()
-            started, release = asyncio.Event(), asyncio.Event()
-
-            async def first(ctx: NodeContext) -> str:
-                started.set()
-                await release.wait()
-                observed.append(ctx.token.is_cancelled)
-                return "first done"
-
-            async def second(ctx: NodeContext) -> None:
-                later.append("second")
-
-            nodes = [Node("first", first), Node("second", second, deps=["first"])]
-            task = asyncio.create_task(executor.execute_pipeline("p", nodes))
-            await started.wait()
-            cancel = asyncio.create_task(executor.registry.cancel("p", "stop"))
-            await executor.registry.get_token("p").wait()
-            release.set()
-            with pytest.raises(CancelledException) as info:
-                await task
-            return info.value, await cancel
-
-        error, won = run(main())
-        assert won is True
-        assert observed == [False]
-        assert later == []
-        assert error.reason == "stop"
-        assert error.partial_results == {"first": "first done"}
-        assert error.wave_num == 1
-        assert type(error) is CancelledException
+class TestCallerToken:
+    """The caller's cancel_token cancels the run, and is checked on entry."""
 
     def test_caller_token_cancels_the_run(self) -> None:
         """Test that cancelling the caller's cancel_token cancels the run with its reason."""
@@ -443,6 +365,48 @@ class TestPipelineExecutor:
         error = run(main())
         assert ran == []
         assert (error.reason, error.wave_num, error.partial_results) == ("too late", 0, {})
+
+
+class TestGracefulMode:
+    """A graceful cancel lets the running wave finish, and escalates when it takes too long."""
+
+    def test_graceful_cancel_lets_the_running_wave_finish(self) -> None:
+        """Test that a graceful cancel keeps the running wave (its token stays uncancelled),
+        starts no new wave, and raises with the wave's results and the next wave's index."""
+        observed: list[bool] = []
+        later: list[str] = []
+
+        async def main() -> tuple[CancelledException, bool]:
+            executor = PipelineExecutor()
+            started, release = asyncio.Event(), asyncio.Event()
+
+            async def first(ctx: NodeContext) -> str:
+                started.set()
+                await release.wait()
+                observed.append(ctx.token.is_cancelled)
+                return "first done"
+
+            async def second(ctx: NodeContext) -> None:
+                later.append("second")
+
+            nodes = [Node("first", first), Node("second", second, deps=["first"])]
+            task = asyncio.create_task(executor.execute_pipeline("p", nodes))
+            await started.wait()
+            cancel = asyncio.create_task(executor.registry.cancel("p", "stop"))
+            await executor.registry.get_token("p").wait()
+            release.set()
+            with pytest.raises(CancelledException) as info:
+                await task
+            return info.value, await cancel
+
+        error, won = run(main())
+        assert won is True
+        assert observed == [False]
+        assert later == []
+        assert error.reason == "stop"
+        assert error.partial_results == {"first": "first done"}
+        assert error.wave_num == 1
+        assert type(error) is CancelledException
 
     def test_graceful_cancel_escalates_after_graceful_timeout(self) -> None:
         """Test that a wave still running graceful_timeout after a cancel is interrupted."""
@@ -490,7 +454,36 @@ class TestPipelineExecutor:
         assert error.wave_num == 2
         assert calls == [1]
 
-    # -- cancelling, interrupt -------------------------------------------------------------------
+    def test_interrupt_escalates_a_graceful_cancel_at_once(self) -> None:
+        """Test that executor.interrupt stops a node a graceful cancel is waiting for."""
+        from cancelflow import CancelledException, Node, PipelineExecutor
+
+        async def main() -> None:
+            started = asyncio.Event()
+
+            async def stuck(ctx: Any) -> None:
+                started.set()
+                await asyncio.Event().wait()
+
+            async with PipelineExecutor(graceful_timeout=None) as executor:
+                run = asyncio.create_task(
+                    executor.execute_pipeline("esc", [Node("stuck", stuck)], mode="graceful")
+                )
+                await asyncio.wait_for(started.wait(), 10)
+                assert executor.registry.cancel_threadsafe("esc", "first ctrl-c")
+                assert executor.interrupt("esc", "second ctrl-c")
+                with pytest.raises(CancelledException) as info:
+                    await asyncio.wait_for(run, 10)
+            assert info.value.reason == "first ctrl-c"
+            assert info.value.node_fates == {"stuck": "cancelled"}
+            assert not executor.interrupt("esc")
+
+        asyncio.run(main())
+
+
+class TestInterruptMode:
+    """An interrupt stops the running nodes (coroutines, threads, processes) before raising."""
+
     def test_interrupt_cancels_coroutine_nodes_before_raising(self) -> None:
         """Test that an interrupt cancels running coroutine nodes and raises only once their
         finally blocks have run."""
@@ -598,21 +591,10 @@ class TestPipelineExecutor:
         assert isinstance(error.partial_results.get("spin.pid"), int)
         assert error.partial_results["spin.pid"] != os.getpid()
 
-    def test_process_node_completes(self) -> None:
-        """Test that a process node gets its inputs and returns its output."""
-        pytest.importorskip("cancelflow._process", reason="process pool not yet available")
 
-        async def main() -> dict[str, Any]:
-            async with PipelineExecutor() as executor:
-                nodes = [
-                    Node("a", _twenty_one),
-                    Node("double", proc_double, deps=["a"], run_in="process"),
-                ]
-                return await executor.execute_pipeline("p", nodes)
+class TestTimeouts:
+    """The pipeline's deadline and a node's own timeout stop what runs."""
 
-        assert run(main()) == {"a": 21, "double": 42}
-
-    # -- timing out --------------------------------------------------------------------------------
     @pytest.mark.parametrize("mode", ["graceful", "interrupt"])
     def test_timeout_raises_with_partial_results(self, mode: str) -> None:
         """Test that the deadline interrupts running nodes in either mode and raises
@@ -657,7 +639,48 @@ class TestPipelineExecutor:
         wait(finished)
         assert seen == ["pipeline 'p' timed out after 0.05s"]
 
-    # -- failing -----------------------------------------------------------------------------------
+    def test_node_timeout_fails_the_pipeline(self) -> None:
+        """Test that a node past its own timeout fails the run with a PipelineTimeoutException
+        as the cause, while a sibling is interrupted."""
+
+        async def main() -> PipelineFailedException:
+            nodes = [Node("slow", forever, timeout=0.02), Node("sibling", forever)]
+            with pytest.raises(PipelineFailedException) as info:
+                await PipelineExecutor().execute_pipeline("p", nodes)
+            return info.value
+
+        error = run(main())
+        assert error.node_id == "slow"
+        assert isinstance(error.__cause__, PipelineTimeoutException)
+        assert error.__cause__.timeout == 0.02
+        assert error.__cause__.reason == "node 'slow' timed out after 0.02s"
+        assert error.wave_num == 0
+
+    def test_thread_node_timeout(self, thread_pool: ThreadPool) -> None:
+        """Test that a thread node past its own timeout is told through its token."""
+        finished = threading.Event()
+        seen: list[str | None] = []
+
+        def cooperative(ctx: NodeContext) -> None:
+            ctx.token.wait_blocking(WAIT)
+            seen.append(ctx.token.cancel_reason)
+            finished.set()
+
+        async def main() -> PipelineFailedException:
+            executor = PipelineExecutor(thread_pool=thread_pool)
+            with pytest.raises(PipelineFailedException) as info:
+                await executor.execute_pipeline("p", [Node("t", cooperative, timeout=0.02)])
+            return info.value
+
+        error = run(main())
+        wait(finished)
+        assert seen == ["node 't' timed out after 0.02s"]
+        assert isinstance(error.__cause__, PipelineTimeoutException)
+
+
+class TestFailurePropagation:
+    """A failing node fails the run, stops its siblings, and keeps what was stored."""
+
     @pytest.mark.parametrize("mode", ["graceful", "interrupt"])
     def test_node_failure_cancels_the_others(self, mode: str) -> None:
         """Test that a failing node interrupts its running siblings (either mode) and raises
@@ -714,44 +737,6 @@ class TestPipelineExecutor:
         assert isinstance(error.__cause__, KeyError)
         assert error.node_id == "t"
 
-    def test_node_timeout_fails_the_pipeline(self) -> None:
-        """Test that a node past its own timeout fails the run with a PipelineTimeoutException
-        as the cause, while a sibling is interrupted."""
-
-        async def main() -> PipelineFailedException:
-            nodes = [Node("slow", forever, timeout=0.02), Node("sibling", forever)]
-            with pytest.raises(PipelineFailedException) as info:
-                await PipelineExecutor().execute_pipeline("p", nodes)
-            return info.value
-
-        error = run(main())
-        assert error.node_id == "slow"
-        assert isinstance(error.__cause__, PipelineTimeoutException)
-        assert error.__cause__.timeout == 0.02
-        assert error.__cause__.reason == "node 'slow' timed out after 0.02s"
-        assert error.wave_num == 0
-
-    def test_thread_node_timeout(self, thread_pool: ThreadPool) -> None:
-        """Test that a thread node past its own timeout is told through its token."""
-        finished = threading.Event()
-        seen: list[str | None] = []
-
-        def cooperative(ctx: NodeContext) -> None:
-            ctx.token.wait_blocking(WAIT)
-            seen.append(ctx.token.cancel_reason)
-            finished.set()
-
-        async def main() -> PipelineFailedException:
-            executor = PipelineExecutor(thread_pool=thread_pool)
-            with pytest.raises(PipelineFailedException) as info:
-                await executor.execute_pipeline("p", [Node("t", cooperative, timeout=0.02)])
-            return info.value
-
-        error = run(main())
-        wait(finished)
-        assert seen == ["node 't' timed out after 0.02s"]
-        assert isinstance(error.__cause__, PipelineTimeoutException)
-
     def test_node_raising_cancelled_on_its_own_is_a_failure(self) -> None:
         """Test that a CancelledException a node raises without being cancelled is a failure."""
 
@@ -800,7 +785,10 @@ class TestPipelineExecutor:
 
         assert run(main()).partial_results == {"a": "a", "h.rows": 10}
 
-    # -- the first cause wins ------------------------------------------------------------------
+
+class TestFirstCauseWins:
+    """When a cancel, the deadline and a failure race, the first one decides the ending."""
+
     def test_cancel_then_timeout_ends_cancelled(self) -> None:
         """Test that a graceful cancel followed by the deadline ends as the cancel, with the
         cancel's reason, the deadline having interrupted the wave."""
@@ -865,7 +853,10 @@ class TestPipelineExecutor:
 
         assert run(main()).node_id == "f"
 
-    # -- the awaiting task cancelled ---------------------------------------------------------------
+
+class TestAwaitingTaskCancelled:
+    """Cancelling the task that awaits a run stops the run before the error propagates."""
+
     def test_cancelled_awaiting_task_stops_the_run_first(self) -> None:
         """Test that cancelling the task awaiting a run interrupts it, cleans up and
         unregisters before asyncio.CancelledError propagates."""
@@ -920,7 +911,10 @@ class TestPipelineExecutor:
 
         run(main())
 
-    # -- cleanup handlers ----------------------------------------------------------------------------
+
+class TestCleanupHandlers:
+    """Cleanup handlers run once per stopped run, after its nodes, bounded and reported."""
+
     def test_cleanup_runs_after_the_graceful_wave(self) -> None:
         """Test that handlers run once the running wave has finished, not while it runs."""
         log: list[str] = []
@@ -1131,7 +1125,55 @@ class TestPipelineExecutor:
         run(main())
         assert reasons == ["node 'f' failed: RuntimeError('boom')"]
 
-    # -- nothing left behind ---------------------------------------------------------------------
+    def test_cleanup_handlers_argument_runs_once_on_cancel(self) -> None:
+        """Test that handlers given to execute_pipeline run exactly once when it is cancelled."""
+        from cancelflow import CancellationToken, CancelledException, Node, PipelineExecutor
+
+        calls: list[str] = []
+
+        async def main() -> None:
+            token = CancellationToken()
+
+            async def cancel_me(ctx: Any) -> None:
+                token.cancel("stop")
+                await asyncio.Event().wait()
+
+            async with PipelineExecutor(mode="interrupt") as executor:
+                with pytest.raises(CancelledException):
+                    await asyncio.wait_for(
+                        executor.execute_pipeline(
+                            "cleanup-arg",
+                            [Node("n", cancel_me)],
+                            cancel_token=token,
+                            cleanup_handlers=[lambda: calls.append("sync")],
+                        ),
+                        10,
+                    )
+
+        asyncio.run(main())
+        assert calls == ["sync"]
+
+    def test_cleanup_handlers_argument_rejects_non_callables(self) -> None:
+        """Test that a non-callable cleanup handler is refused before anything runs."""
+        from cancelflow import Node, PipelineExecutor
+
+        async def noop(ctx: Any) -> int:
+            return 1
+
+        async def main() -> None:
+            async with PipelineExecutor() as executor:
+                with pytest.raises(TypeError, match=r"cleanup_handlers\[0\]"):
+                    await executor.execute_pipeline(
+                        "bad-cleanup", [Node("n", noop)], cleanup_handlers=[42]  # type: ignore[list-item]
+                    )
+                assert "bad-cleanup" not in executor.registry
+
+        asyncio.run(main())
+
+
+class TestNothingLeftBehind:
+    """After any ending the run is unregistered and no task of it is left."""
+
     @pytest.mark.parametrize("ending", ["completed", "cancelled", "timed_out", "failed"])
     def test_nothing_left_after_any_ending(self, ending: str) -> None:
         """Test that after every ending the run is unregistered, no task is left, and its
@@ -1166,6 +1208,10 @@ class TestPipelineExecutor:
 
         run(main())
         assert handler_state == ([] if ending == "completed" else ["started", "finished"])
+
+
+class TestClose:
+    """aclose shuts down the pools the executor made, cancels running runs, and refuses new ones."""
 
     def test_aclose_shuts_down_pools_it_created(self) -> None:
         """Test that a pool the executor created lazily is shut down by aclose."""
@@ -1227,7 +1273,11 @@ class TestPipelineExecutor:
 
         assert run(main()).reason == "executor closed"
 
-    def test_log_lines_bind_pipeline_and_node_ids(self, records: list[dict[str, Any]]) -> None:
+
+class TestLogLines:
+    """The executor's log lines say which pipeline and node they are about."""
+
+    def test_log_lines_bind_pipeline_and_node_ids(self, logs: LogCapture) -> None:
         """Test that the executor's log lines carry pipeline_id, and node lines node_id."""
 
         async def fail(ctx: NodeContext) -> None:
@@ -1238,21 +1288,11 @@ class TestPipelineExecutor:
                 await PipelineExecutor().execute_pipeline("logged", [Node("bad", fail)])
 
         run(main())
+        records = logs.cancelflow("DEBUG")
         assert records
         assert all(r["extra"].get("pipeline_id") == "logged" for r in records)
         failed = [r for r in records if "node failed" in r["message"]]
         assert [r["extra"]["node_id"] for r in failed] == ["bad"]
-
-
-async def _twenty_one(ctx: NodeContext) -> int:
-    return 21
-
-
-def _closure() -> Callable[[NodeContext], int]:
-    def inner(ctx: NodeContext) -> int:
-        return 1
-
-    return inner
 
 
 class TestPipelineResult:
@@ -1315,76 +1355,3 @@ class TestPipelineResult:
         assert isinstance(result.error, PipelineFailedException)
         assert isinstance(result.error.__cause__, RuntimeError)
         assert result.wave_cancelled_at == 1
-
-
-class TestInterruptAndCleanupArgument:
-    def test_interrupt_escalates_a_graceful_cancel_at_once(self) -> None:
-        """Test that executor.interrupt stops a node a graceful cancel is waiting for."""
-        from cancelflow import CancelledException, Node, PipelineExecutor
-
-        async def main() -> None:
-            started = asyncio.Event()
-
-            async def stuck(ctx: Any) -> None:
-                started.set()
-                await asyncio.Event().wait()
-
-            async with PipelineExecutor(graceful_timeout=None) as executor:
-                run = asyncio.create_task(
-                    executor.execute_pipeline("esc", [Node("stuck", stuck)], mode="graceful")
-                )
-                await asyncio.wait_for(started.wait(), 10)
-                assert executor.registry.cancel_threadsafe("esc", "first ctrl-c")
-                assert executor.interrupt("esc", "second ctrl-c")
-                with pytest.raises(CancelledException) as info:
-                    await asyncio.wait_for(run, 10)
-            assert info.value.reason == "first ctrl-c"
-            assert info.value.node_fates == {"stuck": "cancelled"}
-            assert not executor.interrupt("esc")
-
-        asyncio.run(main())
-
-    def test_cleanup_handlers_argument_runs_once_on_cancel(self) -> None:
-        """Test that handlers given to execute_pipeline run exactly once when it is cancelled."""
-        from cancelflow import CancellationToken, CancelledException, Node, PipelineExecutor
-
-        calls: list[str] = []
-
-        async def main() -> None:
-            token = CancellationToken()
-
-            async def cancel_me(ctx: Any) -> None:
-                token.cancel("stop")
-                await asyncio.Event().wait()
-
-            async with PipelineExecutor(mode="interrupt") as executor:
-                with pytest.raises(CancelledException):
-                    await asyncio.wait_for(
-                        executor.execute_pipeline(
-                            "cleanup-arg",
-                            [Node("n", cancel_me)],
-                            cancel_token=token,
-                            cleanup_handlers=[lambda: calls.append("sync")],
-                        ),
-                        10,
-                    )
-
-        asyncio.run(main())
-        assert calls == ["sync"]
-
-    def test_cleanup_handlers_argument_rejects_non_callables(self) -> None:
-        """Test that a non-callable cleanup handler is refused before anything runs."""
-        from cancelflow import Node, PipelineExecutor
-
-        async def noop(ctx: Any) -> int:
-            return 1
-
-        async def main() -> None:
-            async with PipelineExecutor() as executor:
-                with pytest.raises(TypeError, match=r"cleanup_handlers\[0\]"):
-                    await executor.execute_pipeline(
-                        "bad-cleanup", [Node("n", noop)], cleanup_handlers=[42]  # type: ignore[list-item]
-                    )
-                assert "bad-cleanup" not in executor.registry
-
-        asyncio.run(main())

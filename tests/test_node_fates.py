@@ -16,8 +16,7 @@ from cancelflow import (
     PipelineExecutor,
     ProcessPool,
 )
-
-WAIT = 30
+from support import WAIT
 
 
 async def _run_and_cancel(tmp_path: Path, fn: object, pool: ProcessPool) -> CancelledException:

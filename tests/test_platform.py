@@ -5,20 +5,26 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import select
+import signal
+import subprocess
+import sys
 import threading
+from collections.abc import Iterator
 
 import pytest
 
 from cancelflow._platform import (
     HAVE_FUTEX,
+    UnsafeSignalTarget,
     _wake,
     futex_wait,
     futex_wake,
+    kill_tree,
     pidfd_open,
     set_child_subreaper,
 )
-
-WATCHDOG = 30.0
+from support import WAIT, assert_not_running
 
 needs_futex = pytest.mark.skipif(not HAVE_FUTEX, reason="no futex on this platform")
 
@@ -61,10 +67,10 @@ class TestFutex:
 
         thread = threading.Thread(target=waiter)
         thread.start()
-        assert started.wait(WATCHDOG)
+        assert started.wait(WAIT)
         word.value = 1
         futex_wake(address)
-        thread.join(WATCHDOG)
+        thread.join(WAIT)
         assert not thread.is_alive()
 
     @needs_futex
@@ -84,7 +90,7 @@ class TestFutex:
         assert thread.is_alive()  # still blocked after a while: the bound is the behaviour
         word.value = 1
         futex_wake(address)
-        thread.join(WATCHDOG)
+        thread.join(WAIT)
         assert returns == [1]
 
     @needs_futex
@@ -101,13 +107,13 @@ class TestFutex:
                 ready.value = 1
                 futex_wake(ctypes.addressof(ready))
                 while word.value == 0:
-                    futex_wait(address, 0, WATCHDOG)
+                    futex_wait(address, 0, WAIT)
                 code = 0 if word.value == 7 else 2
             finally:
                 os._exit(code)
         try:
             while ready.value == 0:
-                futex_wait(ctypes.addressof(ready), 0, WATCHDOG)
+                futex_wait(ctypes.addressof(ready), 0, WAIT)
             word.value = 7
             futex_wake(address)
         finally:
@@ -158,3 +164,92 @@ class TestSetChildSubreaper:
                 os._exit(2)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
+
+
+#: A child that starts a shell, which starts ``sleep``; it prints both pids.
+_CHAIN = """
+import subprocess, sys
+shell = subprocess.Popen(["sh", "-c", "sleep 1000 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+print(shell.pid, shell.stdout.readline().strip(), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def chain() -> Iterator[tuple[subprocess.Popen[str], int, int]]:
+    """A child process with a shell child and a ``sleep`` grandchild: (child, shell, sleep)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHAIN], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    assert child.stdin is not None
+    try:
+        shell, sleeper = map(int, child.stdout.readline().split())
+        yield child, shell, sleeper
+    finally:
+        for pid in (shell, sleeper):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        child.stdin.close()
+        child.stdout.close()
+        child.wait(WAIT)
+
+
+class TestKillTree:
+    def test_kills_every_descendant_but_not_the_process_itself(
+        self, chain: tuple[subprocess.Popen[str], int, int]
+    ) -> None:
+        """Test that kill_tree kills the children and grandchildren of a process,
+        returns their pids, and leaves the process itself running."""
+        child, shell, sleeper = chain
+        assert sorted(kill_tree(child.pid)) == sorted([shell, sleeper])
+        assert_not_running(shell)
+        assert_not_running(sleeper)
+        assert child.poll() is None
+
+    def test_a_process_without_children_is_left_alone(self) -> None:
+        """Test that kill_tree on a process without children kills nothing."""
+        lone = subprocess.Popen(["sleep", "1000"])
+        try:
+            assert kill_tree(lone.pid) == {}
+            assert lone.poll() is None
+        finally:
+            lone.kill()
+            lone.wait(WAIT)
+
+    def test_include_root_kills_the_process_too(
+        self, chain: tuple[subprocess.Popen[str], int, int]
+    ) -> None:
+        """Test that with include_root the process itself dies, after its descendants,
+        and is not among the returned pids."""
+        child, shell, sleeper = chain
+        assert sorted(kill_tree(child.pid, include_root=True)) == sorted([shell, sleeper])
+        assert child.wait(WAIT) == -signal.SIGKILL
+        assert_not_running(shell)
+        assert_not_running(sleeper)
+
+    def test_watch_gives_a_descriptor_readable_once_each_process_is_gone(
+        self, chain: tuple[subprocess.Popen[str], int, int]
+    ) -> None:
+        """Test that with watch each killed descendant comes with a pidfd that becomes
+        readable once that process has exited."""
+        child, shell, sleeper = chain
+        killed = kill_tree(child.pid, watch=True)
+        try:
+            assert sorted(killed) == sorted([shell, sleeper])
+            for fd in killed.values():
+                assert fd is not None
+                readable, _, _ = select.select([fd], [], [], WAIT)
+                assert readable == [fd]
+        finally:
+            for fd in killed.values():
+                if fd is not None:
+                    os.close(fd)
+
+    def test_refuses_this_process_before_sending_anything(self) -> None:
+        """Test that asking to kill this process's own tree with its root raises
+        UnsafeSignalTarget instead of stopping the test runner."""
+        with pytest.raises(UnsafeSignalTarget):
+            kill_tree(os.getpid(), include_root=True)

@@ -25,9 +25,7 @@ from cancelflow import (
     ProcessPool,
     WorkerCrashedError,
 )
-from support import Announcements, assert_gone
-
-WAIT = 30  # watchdog for anything awaited in a test (never a measure of speed)
+from support import WAIT, Announcements, assert_gone
 
 
 @pytest.fixture

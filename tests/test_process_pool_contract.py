@@ -32,30 +32,16 @@ from cancelflow import (
     WorkerCrashedError,
 )
 from cancelflow._platform import UnsafeSignalTarget, send_signal
-from support import WAIT, Announcements, assert_gone, wait_until
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
-
-
-
-def run_script(
-    body: str, *args: str, cwd: str | None = None, path: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run ``body`` as a program's ``__main__`` with tests/ on its path; bounded.
-
-    With ``path``, the program is that file (``python path``), else ``python -c``."""
-    script = f"import sys\nsys.path.insert(0, {TESTS!r})\n" + textwrap.dedent(body)
-    command = [sys.executable, "-c", script]
-    if path is not None:
-        path.write_text(script)
-        command = [sys.executable, str(path)]
-    return subprocess.run(
-        [*command, *args],
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 2,
-        cwd=cwd,
-    )
+from support import (
+    TESTS,
+    WAIT,
+    Announcements,
+    assert_gone,
+    assert_not_running,
+    run_script,
+    wait_until,
+    zygote_pid,
+)
 
 
 @pytest.fixture
@@ -142,9 +128,7 @@ class TestUnreadableMessages:
             sibling.result(WAIT)
         assert pool.submit(contractloads.square, 4).result(WAIT) == 16
 
-    def test_an_unreadable_partial_result_stops_and_fails_its_task(
-        self, pool: ProcessPool
-    ) -> None:
+    def test_an_unreadable_partial_result_stops_and_fails_its_task(self, pool: ProcessPool) -> None:
         """Test that a partial value the parent cannot unpickle fails that task (stopped,
         not left running) and keeps the partial results read before it."""
         future = pool.submit(contractloads.store_worker_only_then_spin)
@@ -174,9 +158,9 @@ class TestUnreadableMessages:
         def explode() -> None:
             raise RuntimeError("supervisor bug")
 
-        p._supervisor.post(("boom",))
+        p._supervisor.post(("boom",))  # type: ignore[arg-type]  # not a command, on purpose
         p._supervisor._on_command = lambda command: explode()  # type: ignore[method-assign]
-        p._supervisor.post(("boom",))
+        p._supervisor.post(("boom",))  # type: ignore[arg-type]  # not a command, on purpose
         p._supervisor.closed.wait(WAIT)
         assert "broken" in repr(p)
         with pytest.raises(BrokenPoolError):
@@ -366,54 +350,6 @@ class TestReasons:
         assert pool.submit(contractloads.square, 2).result(WAIT) == 4
 
 
-class TestCleanWorkers:
-    @pytest.mark.parametrize("disposition", ["SIG_IGN", "SIG_DFL"])
-    def test_a_task_changing_sigterm_does_not_poison_the_next_task(self, disposition: str) -> None:
-        """Test that a SIGTERM disposition set by one task is gone for the next one on the
-        same worker: its stop is a true "terminated" whose finally ran."""
-        with ProcessPool(1, grace_period=0, term_grace_period=WAIT) as p:
-            first = p.submit(contractloads.set_sigterm, disposition).result(WAIT)
-            announce = Announcements()
-            future = p.submit_task(workloads.announce_and_finish_in_finally, partial_sink=announce)
-            assert announce.wait("pid") == first  # the same worker
-            future.cancel()
-            with pytest.raises(concurrent.futures.CancelledError):
-                future.result(WAIT)
-            assert future.fate == "terminated"
-            assert future.partial_results["finally"] == "ran"
-
-    def test_a_task_that_dies_of_its_own_sigterm_disposition_is_killed_not_terminated(
-        self,
-    ) -> None:
-        """Test that a task which set SIGTERM to SIG_DFL and is stopped is reported
-        "killed" (its finally did not run), never "terminated"."""
-        with ProcessPool(1, grace_period=0, term_grace_period=WAIT) as p:
-            announce = Announcements()
-            future = p.submit_task(
-                contractloads.set_sigterm_then_spin, ("SIG_DFL",), partial_sink=announce
-            )
-            announce.wait("pid")
-            future.cancel()
-            with pytest.raises(concurrent.futures.CancelledError):
-                future.result(WAIT)
-            assert future.fate == "killed"
-            assert "finally" not in future.partial_results
-            assert p.submit(contractloads.sigterm_disposition).result(WAIT) == "_on_sigterm"
-
-    def test_cwd_and_environment_are_restored(self, tmp_path: Path) -> None:
-        """Test that a task's chdir and environment change do not reach the next task."""
-        with ProcessPool(1) as p:
-            before = p.submit(contractloads.cwd_and_env).result(WAIT)
-            p.submit(contractloads.change_cwd_and_env, str(tmp_path)).result(WAIT)
-            assert p.submit(contractloads.cwd_and_env).result(WAIT) == before
-
-    def test_a_worker_whose_task_left_a_thread_is_replaced(self) -> None:
-        """Test that a task leaving a thread running gets a fresh worker for the next task."""
-        with ProcessPool(1) as p:
-            first = p.submit(contractloads.leave_a_thread).result(WAIT)
-            assert p.submit(contractloads.whoami).result(WAIT) != first
-
-
 class TestForkingWhileKilled:
     def test_processes_forked_during_the_kill_are_gone_when_the_caller_hears(
         self, tmp_path: Path
@@ -434,7 +370,7 @@ class TestForkingWhileKilled:
             with pytest.raises(concurrent.futures.CancelledError):
                 future.result(WAIT)
             assert p.wait_ready(WAIT)  # the replacement worker too has its pid known
-            zygote = psutil.Process(p.statistics().zygote_pid)
+            zygote = psutil.Process(zygote_pid(p))
             workers = set(p.statistics().worker_pids)
             strays = [child.pid for child in zygote.children() if child.pid not in workers]
             assert strays == []
@@ -456,7 +392,9 @@ class TestZygoteImports:
         cwd = tmp_path / "cwd"
         cwd.mkdir()
         (cwd / "selectors.py").write_text(
-            "open({!r}, 'w').write('imported')\nraise SystemExit('shadowed')\n".format(str(tmp_path / "marker"))
+            "open({!r}, 'w').write('imported')\nraise SystemExit('shadowed')\n".format(
+                str(tmp_path / "marker")
+            )
         )
         result = run_script(
             """
@@ -700,7 +638,7 @@ class TestHostileReview:
             os.killpg(owner.pid, signal.SIGTERM)
             owner.wait(WAIT)
             for pid in pids:
-                _wait_not_running(pid)
+                assert_not_running(pid)
         finally:
             owner.stdout.close()
             owner.stdin.close()
@@ -718,7 +656,7 @@ class TestHostileReview:
         worker the pool ended itself counted as a failed start, breaking it)."""
         with ProcessPool(12) as p:
             assert p.wait_ready(WAIT)
-            os.kill(p.statistics().zygote_pid, signal.SIGKILL)
+            os.kill(zygote_pid(p), signal.SIGKILL)
             for _ in range(3):  # a task that races the death fails with its worker
                 try:
                     assert p.submit(contractloads.square, 5).result(WAIT) == 25
@@ -809,7 +747,7 @@ class TestHostileReview:
             future = p.submit_task(workloads.announce_and_spin, partial_sink=announce)
             announce.wait("pid")
             assert future.cancel()
-            os.kill(p.statistics().zygote_pid, signal.SIGKILL)
+            os.kill(zygote_pid(p), signal.SIGKILL)
             with pytest.raises(concurrent.futures.CancelledError):
                 future.result(WAIT)
             assert future.cancelled()
@@ -834,15 +772,3 @@ class TestSupervisorEvents:
             ours.close()
             p._supervisor._on_socket(retired)  # what the supervisor does with the late event
             assert p.submit(contractloads.square, 3).result(WAIT) == 9
-
-
-def _wait_not_running(pid: int) -> None:
-    """``pid`` is gone (or a zombie of an init that does not reap: it runs nothing)."""
-    try:
-        proc = psutil.Process(pid)
-        proc.wait(timeout=WAIT)
-    except psutil.NoSuchProcess:
-        return
-    except psutil.TimeoutExpired:
-        status = proc.status()
-        assert status == psutil.STATUS_ZOMBIE, f"process {pid} is still there: {status}"

@@ -53,6 +53,7 @@ from cancelflow import (
     ProcessPool,
     ThreadPool,
 )
+from support import WAIT
 
 settings.register_profile(
     "cancelflow-ci",
@@ -72,7 +73,6 @@ PROFILE = os.environ.get("CANCELFLOW_HYPOTHESIS_PROFILE", "cancelflow-ci")
 SETTINGS = settings.get_profile("soak" if PROFILE == "soak" else "cancelflow-ci")
 TEST_TIMEOUT = 3600 if PROFILE == "soak" else 120
 
-WAIT = 30.0  # watchdog on every wait; never reached when the test passes
 PID = "p"
 KEY = "conversation"
 REASON = "cancelled by the test"

@@ -25,9 +25,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cancelflow import CancellationRegistry, CancellationToken, PipelineExecutor, _cell
 from cancelflow._token import _Cell
-from support import pipe, receive, running
+from support import WAIT, pipe, receive, running
 
-WATCHDOG = 30.0  # seconds: a bound on waits that must end long before it
 LIMIT = _cell.REASON_MAX
 
 #: One of each kind of text that used to break (or might break) the shared slot.
@@ -79,7 +78,7 @@ def stored_form(reason: str) -> str:
 
 def _child_reads(tokens: list[CancellationToken], ready: Any, conn: Any) -> None:
     ready.set()
-    conn.send([(token.wait_blocking(WATCHDOG), token.cancel_reason) for token in tokens])
+    conn.send([(token.wait_blocking(WAIT), token.cancel_reason) for token in tokens])
 
 
 def _child_cancels(tokens: list[CancellationToken], reasons: list[str], conn: Any) -> None:
@@ -227,7 +226,7 @@ class TestReasonAcrossProcesses:
         tokens = [CancellationToken() for _ in reasons]
         ready = mp_context.Event()
         with pipe() as (reader, writer), running(mp_context, _child_reads, tokens, ready, writer):
-            assert ready.wait(WATCHDOG)
+            assert ready.wait(WAIT)
             won = [token.cancel(reason) for token, reason in zip(tokens, reasons, strict=True)]
             assert won == [True] * len(reasons)
             assert receive(reader) == [(True, reason) for reason in reasons]
@@ -243,7 +242,7 @@ class TestReasonAcrossProcesses:
             mp_context, _child_cancels, tokens, reasons, writer
         ) as proc:
             assert receive(reader) == [True] * len(reasons)
-            proc.join(WATCHDOG)
+            proc.join(WAIT)
             assert proc.exitcode == 0
         assert [(token.is_cancelled, token.cancel_reason) for token in tokens] == [
             (True, reason) for reason in reasons
@@ -257,7 +256,7 @@ class TestReasonAcrossProcesses:
         token = CancellationToken()
         ready = ctx.Event()
         with pipe() as (reader, writer), running(ctx, _child_reads, [token], ready, writer):
-            assert ready.wait(WATCHDOG)
+            assert ready.wait(WAIT)
             token.cancel(reason)
             assert receive(reader) == [(True, "\udce9" * (LIMIT // 3))]
         assert token.cancel_reason == reason

@@ -3,54 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import threading
-from collections.abc import Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from loguru import logger
 
 from cancelflow import CancellationToken, PipelineDefinitionError
 from cancelflow._registry import CancellationRegistry
-
-T = TypeVar("T")
-WAIT = 10.0
-
-
-async def let_ready_callbacks_run() -> None:
-    """Give every task that can run a turn (cooperative yields, not a timed wait)."""
-    for _ in range(20):
-        await asyncio.sleep(0)
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` in a new loop under a watchdog timeout."""
-
-    async def guarded() -> T:
-        async with asyncio.timeout(WAIT):
-            return await coro
-
-    return asyncio.run(guarded())
-
-
-@pytest.fixture
-def errors() -> Iterator[list[dict[str, Any]]]:
-    """ERROR records logged by cancelflow during the test."""
-    found: list[dict[str, Any]] = []
-    handler = logger.add(
-        lambda m: found.append(m.record),
-        level="ERROR",
-        filter=lambda r: bool(r["extra"].get("cancelflow")),
-    )
-    yield found
-    logger.remove(handler)
-    found.clear()  # records hold tracebacks, whose frames hold tokens
-
-
-def other_tasks() -> set[asyncio.Task[Any]]:
-    return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+from support import WAIT, LogCapture, let_ready_callbacks_run, other_tasks, run
 
 
 class TestCancellationRegistry:
@@ -271,14 +234,13 @@ class TestCancellationRegistry:
         """Test that cancel_threadsafe sets the token at once and runs handlers on the loop."""
         loop_thread: list[int] = []
         handler_threads: list[int] = []
+        done = asyncio.Event()
 
         async def handler() -> None:
             handler_threads.append(threading.get_ident())
             done.set()
 
         async def main() -> list[bool]:
-            nonlocal done
-            done = asyncio.Event()
             loop_thread.append(threading.get_ident())
             registry = CancellationRegistry()
             token = registry.register("p")
@@ -297,7 +259,6 @@ class TestCancellationRegistry:
             assert token.cancel_reason == "from thread"
             return results
 
-        done: asyncio.Event
         assert run(main()) == [True, True, False]
         assert handler_threads == loop_thread
 
@@ -329,7 +290,7 @@ class TestCancellationRegistry:
         run(main())
         assert calls == [1]
 
-    def test_raising_handler_is_logged_and_others_run(self, errors: list[dict[str, Any]]) -> None:
+    def test_raising_handler_is_logged_and_others_run(self, logs: LogCapture) -> None:
         """Test that a raising handler (sync or async) is logged with the pipeline id and
         the other handlers still run."""
         ran: list[str] = []
@@ -351,10 +312,10 @@ class TestCancellationRegistry:
 
         run(main())
         assert ran == ["last", "first"]
-        assert len(errors) == 2
-        assert all(r["extra"]["pipeline_id"] == "p" for r in errors)
+        assert len(logs.cancelflow("ERROR")) == 2
+        assert all(r["extra"]["pipeline_id"] == "p" for r in logs.cancelflow("ERROR"))
 
-    def test_hanging_async_handler_is_bounded(self, errors: list[dict[str, Any]]) -> None:
+    def test_hanging_async_handler_is_bounded(self, logs: LogCapture) -> None:
         """Test that an async handler past cleanup_timeout is cancelled, logged, and the
         other handlers still run."""
         ran: list[str] = []
@@ -374,9 +335,9 @@ class TestCancellationRegistry:
 
         run(main())
         assert ran == ["hang cancelled", "other"]
-        assert any("timed out" in r["message"] for r in errors)
+        assert any("timed out" in r["message"] for r in logs.cancelflow("ERROR"))
 
-    def test_hanging_sync_handler_is_bounded(self, errors: list[dict[str, Any]]) -> None:
+    def test_hanging_sync_handler_is_bounded(self, logs: LogCapture) -> None:
         """Test that a blocking sync handler past its timeout is abandoned and the others run."""
         ran: list[str] = []
         release = threading.Event()
@@ -394,7 +355,7 @@ class TestCancellationRegistry:
         try:
             run(main())
             assert ran == ["other"]
-            assert any("timed out" in r["message"] for r in errors)
+            assert any("timed out" in r["message"] for r in logs.cancelflow("ERROR"))
         finally:
             release.set()  # let the abandoned thread end
 
@@ -445,7 +406,7 @@ class TestCancellationRegistry:
             registry = CancellationRegistry()
             tokens = [registry.register(pid) for pid in ("a", "b", "c")]
             for pid in ("a", "b", "c"):
-                registry.register_cleanup_handler(pid, lambda pid=pid: ran.append(pid))
+                registry.register_cleanup_handler(pid, functools.partial(ran.append, pid))
             await registry.cancel("b", "earlier")
             cancelled = await registry.cancel_all("shutdown")
             assert [t.cancel_reason for t in tokens] == ["shutdown", "earlier", "shutdown"]

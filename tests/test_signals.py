@@ -21,11 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
+from support import assert_not_running
+
 CHILD = Path(__file__).with_name("signal_child.py")
-WAIT = 90.0  # watchdog on every read and wait; the child's own is 60 s
+#: watchdog on every read of and wait for the child: longer than the child's own (60 s),
+#: so that a hang shows the child's stacks
+CHILD_WAIT = 90.0
 SIGNALS = [signal.SIGINT, signal.SIGTERM]
 #: What would show an error escaping the library (or the child) on stderr.
 ERROR_MARKERS = (
@@ -58,20 +61,7 @@ class ChildRun:
         for marker in ERROR_MARKERS:
             assert marker not in self.stderr, self.stderr
         for pid in self.facts.get("descendants", []):
-            assert_gone(pid)
-
-
-def assert_gone(pid: int) -> None:
-    """The process is gone (or its pid was reused by something that is not ours)."""
-    try:
-        proc = psutil.Process(pid)
-        if "cancelflow" not in " ".join(proc.cmdline()):
-            return
-        proc.wait(timeout=WAIT)
-    except psutil.NoSuchProcess:
-        return
-    except psutil.TimeoutExpired:
-        pytest.fail(f"process {pid} outlived the program: {proc.status()}")
+            assert_not_running(pid)
 
 
 def run_child(
@@ -103,15 +93,15 @@ def run_child(
     try:
         while True:
             try:
-                line = lines.get(timeout=WAIT)
+                line = lines.get(timeout=CHILD_WAIT)
             except queue.Empty:
-                pytest.fail(f"watchdog: the child printed nothing for {WAIT}s: {seen}")
+                pytest.fail(f"watchdog: the child printed nothing for {CHILD_WAIT}s: {seen}")
             if line is None:
                 break
             seen.append(line)
             if line.startswith("READY") and signum is not None:
                 proc.send_signal(signum)
-        proc.wait(timeout=WAIT)
+        proc.wait(timeout=CHILD_WAIT)
     finally:
         if proc.poll() is None:
             proc.kill()

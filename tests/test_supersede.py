@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -12,25 +11,7 @@ from cancelflow import CancellationToken, CancelledException
 from cancelflow._executor import PipelineExecutor, PipelineResult
 from cancelflow._node import Node, NodeContext
 from cancelflow._supersede import DEFAULT_SUPERSEDE_REASON, Superseder
-
-T = TypeVar("T")
-WAIT = 10.0
-
-
-async def let_ready_callbacks_run() -> None:
-    """Give every task that can run a turn (cooperative yields, not a timed wait)."""
-    for _ in range(20):
-        await asyncio.sleep(0)
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` in a new loop under a watchdog timeout."""
-
-    async def guarded() -> T:
-        async with asyncio.timeout(WAIT):
-            return await coro
-
-    return asyncio.run(guarded())
+from support import let_ready_callbacks_run, run
 
 
 class Tracker:
@@ -193,7 +174,7 @@ class TestSuperseder:
             task = asyncio.create_task(superseder.run("k", tracker.job("a")))
             await tracker.started["a"].wait()
             assert superseder.cancel("k", "user left") is True
-            result = await task
+            result: str = await task
             assert superseder.running_keys() == ()
             assert superseder.cancel("k") is False
             return result
@@ -271,7 +252,8 @@ class TestRunSuperseding:
                 if ctx.context["n"] == "0":
                     started.set()
                     await asyncio.Event().wait()
-                return ctx.context["n"]
+                n: str = ctx.context["n"]
+                return n
 
             tasks = [
                 asyncio.create_task(

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from loguru import logger
 
 from cancelflow import (
     CancellationToken,
@@ -20,8 +19,8 @@ from cancelflow import (
 )
 from cancelflow._context import check_cancelled, current_token, store_partial
 from cancelflow._thread_pool import ThreadPool, ThreadPoolStatistics, ThreadTaskFuture
+from support import WAIT, LogCapture, wait
 
-WAIT = 10.0  # watchdog for every wait on an event or a future; never reached when passing
 GRACE = 0.05
 
 
@@ -29,41 +28,6 @@ GRACE = 0.05
 def pool() -> Iterator[ThreadPool]:
     with ThreadPool(2, grace_period=GRACE, name="test-pool") as p:
         yield p
-
-
-@pytest.fixture
-def one_worker() -> Iterator[ThreadPool]:
-    p = ThreadPool(1, grace_period=GRACE, name="one-worker")
-    yield p
-    p.shutdown(wait=True, cancel_futures=True, cancel_running=True)
-
-
-class LogCapture:
-    """Collects cancelflow log records; `wait_for` blocks until a matching one arrives."""
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-        self._cond = threading.Condition()
-
-    def sink(self, message: Any) -> None:
-        with self._cond:
-            self.records.append(message.record)
-            self._cond.notify_all()
-
-    def wait_for(self, match: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        with self._cond:
-            assert self._cond.wait_for(lambda: any(match(r) for r in self.records), WAIT)
-            return next(r for r in self.records if match(r))
-
-
-@pytest.fixture
-def logs() -> Iterator[LogCapture]:
-    capture = LogCapture()
-    handler = logger.add(
-        capture.sink, level="DEBUG", filter=lambda r: bool(r["extra"].get("cancelflow"))
-    )
-    yield capture
-    logger.remove(handler)
 
 
 def fate(future: ThreadTaskFuture[Any]) -> str:
@@ -74,10 +38,6 @@ def fate(future: ThreadTaskFuture[Any]) -> str:
 def drain(one_worker: ThreadPool) -> None:
     """Wait until a one-worker pool's thread has finished everything submitted before."""
     one_worker.submit(lambda: None).result(WAIT)
-
-
-def wait(event: threading.Event) -> None:
-    assert event.wait(WAIT), "watchdog: the event was never set"
 
 
 def cooperative(started: threading.Event, stopped: threading.Event) -> Callable[[], None]:

@@ -12,9 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import gc
 import os
-import subprocess
-import sys
-import textwrap
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -26,19 +23,7 @@ import pytest
 from cancelflow import BrokenPoolError, CancelledException, PoolClosedError
 from cancelflow._context import current_token
 from cancelflow._thread_pool import ThreadPool
-
-WAIT = 30.0  # watchdog for every wait on an event, a future or a child; never reached when passing
-
-
-@pytest.fixture
-def one_worker() -> Iterator[ThreadPool]:
-    p = ThreadPool(1, grace_period=0.05, name="contract-one")
-    yield p
-    p.shutdown(wait=True, cancel_futures=True, cancel_running=True)
-
-
-def wait(event: threading.Event) -> None:
-    assert event.wait(WAIT), "watchdog: the event was never set"
+from support import WAIT, run_script, wait
 
 
 def blocker(started: threading.Event, release: threading.Event) -> Callable[[], str]:
@@ -65,21 +50,6 @@ def idle_event(pool: ThreadPool) -> threading.Event:
 
     cond.wait = spy  # type: ignore[method-assign]
     return event
-
-
-def run_script(script: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``script`` in a fresh interpreter; a hang dumps its stacks and fails the test."""
-    prologue = f"import faulthandler, sys\nfaulthandler.dump_traceback_later({WAIT}, exit=True)\n"
-    try:
-        return subprocess.run(
-            [sys.executable, "-c", prologue + textwrap.dedent(script), *args],
-            capture_output=True,
-            text=True,
-            timeout=WAIT + 15,
-            stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired as exc:  # pragma: no cover - the child's watchdog failed
-        pytest.fail(f"watchdog: the script did not end: {exc.stderr!r}")
 
 
 class TestConstructor:
@@ -408,6 +378,7 @@ class TestFutureStates:
 SIGNAL_UNDER_POOL_LOCK = """
     import signal, sys, threading
     from cancelflow import CancellationToken, ThreadPool
+    from support import SignallingLock
 
     method = sys.argv[1]
     pool = ThreadPool(1, grace_period=30)
@@ -425,26 +396,8 @@ SIGNAL_UNDER_POOL_LOCK = """
         signal.SIGUSR1, lambda *_: (queued_token.cancel("signal"), running_token.cancel("signal"))
     )
 
-    class SignallingLock:
-        # The pool's own lock; the first time the main thread takes it once armed,
-        # the signal is raised (its handler runs before raise_signal returns).
-        def __init__(self, lock):
-            self.lock, self.armed = lock, False
-        def acquire(self, *args):
-            got = self.lock.acquire(*args)
-            if got and self.armed and threading.current_thread() is threading.main_thread():
-                self.armed = False
-                signal.raise_signal(signal.SIGUSR1)
-            return got
-        def release(self):
-            self.lock.release()
-        def __enter__(self):
-            return self.acquire()
-        def __exit__(self, *exc):
-            self.release()
-        def __getattr__(self, name):
-            return getattr(self.lock, name)
-
+    # The pool's own lock; the first time the main thread takes it once armed, the
+    # signal is raised (its handler runs before raise_signal returns).
     pool._lock = SignallingLock(pool._lock)
     pool._lock.armed = True
     if method == "submit":
@@ -503,6 +456,7 @@ SIGNAL_IN_AS_COMPLETED = """
     import signal, threading
     from concurrent.futures import _base, as_completed
     from cancelflow import CancellationToken, ThreadPool
+    from support import SignallingLock
 
     pool = ThreadPool(1, grace_period=30)
     started, release = threading.Event(), threading.Event()
@@ -516,28 +470,14 @@ SIGNAL_IN_AS_COMPLETED = """
     token = CancellationToken()
     queued = pool.submit_task(print, ("must not run",), token=token)
     signal.signal(signal.SIGUSR1, lambda *_: token.cancel("signal"))
-    fired = []
-
-    class SignallingLock:
-        def __init__(self, lock):
-            self.lock = lock
-        def acquire(self, *args, **kwargs):
-            got = self.lock.acquire(*args, **kwargs)
-            if got and not fired and threading.current_thread() is threading.main_thread():
-                fired.append(True)
-                signal.raise_signal(signal.SIGUSR1)
-            return got
-        def release(self):
-            self.lock.release()
-        def __enter__(self):
-            return self.acquire()
-        def __exit__(self, *exc):
-            self.release()
+    locks = []
 
     real_init = _base._AsCompletedWaiter.__init__
     def init(self):
         real_init(self)
         self.lock = SignallingLock(self.lock)
+        self.lock.armed = not locks  # the first waiter's lock only
+        locks.append(self.lock)
     _base._AsCompletedWaiter.__init__ = init
     try:
         try:
@@ -546,7 +486,7 @@ SIGNAL_IN_AS_COMPLETED = """
                 assert future is queued
         except TimeoutError:
             pass
-        assert fired, "the signal was never raised"
+        assert locks and not locks[0].armed, "the signal was never raised"
         assert queued.done() and queued.cancel_reason == "signal"
     finally:
         release.set()

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 
+import faultloads
 from cancelflow import CancellationToken, CancelledException, PipelineTimeoutException, to_thread
 from cancelflow._context import current_token
 from cancelflow._thread_pool import ThreadPool
-
-WAIT = 10.0  # watchdog for every wait; never reached when passing
+from support import WAIT, names, run
 
 
 @pytest.fixture(autouse=True)
@@ -180,3 +180,17 @@ class TestShutdownDefaultPool:
         """Test that shutting down with no default pool, or twice, does nothing."""
         to_thread.shutdown_default_pool()
         to_thread.shutdown_default_pool()
+
+
+class TestBadInput:
+    def test_to_thread(self) -> None:
+        """Test that to_thread.run_sync refuses a bad fn or token, naming it, and then
+        runs a good call."""
+        try:
+            with pytest.raises(TypeError, match=names("fn")):
+                run(to_thread.run_sync(3))  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match=names("token")):
+                run(to_thread.run_sync(faultloads.echo, 1, token="t"))  # type: ignore[arg-type]
+            assert run(to_thread.run_sync(faultloads.echo, 1)) == 1
+        finally:
+            to_thread.shutdown_default_pool()

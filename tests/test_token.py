@@ -12,7 +12,6 @@ import multiprocessing.context
 import multiprocessing.forkserver
 import multiprocessing.process
 import multiprocessing.resource_tracker
-import os
 import pickle
 import signal
 import socket
@@ -27,67 +26,9 @@ import pytest
 from loguru import logger
 
 from cancelflow import CallbackHandle, CancellationToken, CancelledException, _timer
-from support import pipe, receive, running
-
-WATCHDOG = 30.0  # seconds: a bound on waits that must end long before it
-
+from support import WAIT, LogCapture, Recorder, memfds, pipe, receive, running, share
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-class Recorder:
-    """A callback that counts its calls and remembers what it saw."""
-
-    def __init__(self, token: CancellationToken | None = None) -> None:
-        self.calls = 0
-        self.token = token
-        self.reasons: list[str | None] = []
-        self.called = threading.Event()
-
-    def __call__(self) -> None:
-        self.calls += 1
-        if self.token is not None:
-            self.reasons.append(self.token.cancel_reason)
-        self.called.set()
-
-
-class LogRecords(list[Any]):
-    """Collected loguru records, with a short repr: loguru's default sink renders every
-    local variable of the stack, and a repr of all earlier records would grow each time."""
-
-    def __repr__(self) -> str:
-        return f"<{len(self)} log records>"
-
-
-@pytest.fixture
-def log_records() -> Iterator[list[Any]]:
-    """Loguru records emitted while the test runs (every level)."""
-    records = LogRecords()
-    handler_id = logger.add(lambda message: records.append(message.record), level="TRACE")
-    yield records
-    logger.remove(handler_id)
-    records.clear()  # their tracebacks hold frames, and the frames hold tokens
-
-
-def _memfds() -> set[int]:
-    found = set()
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            if "cancelflow-tokens" in os.readlink(f"/proc/self/fd/{name}"):
-                found.add(int(name))
-    return found
-
-
-def _share(token: CancellationToken) -> None:
-    # What handing the token to a starting process does (see CancellationToken.__reduce__):
-    # from now on other processes may cancel it (cross-process locking, futex wake-ups,
-    # no slot reuse, a hub thread for its callbacks).
-    token._exported = True
-    token._chunk.mark_shared()
-    if token._id in token._chunk.listeners:
-        token._chunk.ensure_hub()
-
-
 
 
 # Child-process bodies (module level, so spawn and forkserver can import them).
@@ -95,12 +36,12 @@ def _share(token: CancellationToken) -> None:
 
 def _child_waits(token: CancellationToken, ready: Any, conn: Any) -> None:
     ready.set()
-    woke = token.wait_blocking(WATCHDOG)
+    woke = token.wait_blocking(WAIT)
     conn.send((woke, token.is_cancelled, token.cancel_reason))
 
 
 def _child_cancels(token: CancellationToken, go: Any, reason: str) -> None:
-    if go.wait(WATCHDOG):
+    if go.wait(WAIT):
         token.cancel(reason)
 
 
@@ -109,7 +50,7 @@ def _child_awaits(token: CancellationToken, ready: Any, conn: Any) -> None:
         waiter = asyncio.ensure_future(token.wait())
         await asyncio.sleep(0)  # let the waiter register
         ready.set()
-        await asyncio.wait_for(waiter, WATCHDOG)
+        await asyncio.wait_for(waiter, WAIT)
         return token.is_cancelled
 
     conn.send(asyncio.run(main()))
@@ -124,7 +65,7 @@ def _child_reports_states(tokens: list[CancellationToken], conn: Any) -> None:
 
 
 def _child_times_out(conn: Any) -> None:
-    conn.send(CancellationToken(timeout=0.01).wait_blocking(WATCHDOG))
+    conn.send(CancellationToken(timeout=0.01).wait_blocking(WAIT))
 
 
 def race_cancels(token: CancellationToken, count: int) -> list[bool | None]:
@@ -133,14 +74,14 @@ def race_cancels(token: CancellationToken, count: int) -> list[bool | None]:
     results: list[bool | None] = [None] * count
 
     def racer(index: int) -> None:
-        barrier.wait(WATCHDOG)
+        barrier.wait(WAIT)
         results[index] = token.cancel(f"thread-{index}")
 
     threads = [threading.Thread(target=racer, args=(i,)) for i in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(WATCHDOG)
+        thread.join(WAIT)
     return results
 
 
@@ -312,12 +253,12 @@ class TestCancellationToken:
     def test_failed_construction_releases_the_slot(self) -> None:
         """Test that a constructor refusing its arguments leaves no descriptor behind."""
         gc.collect()
-        before = _memfds()
+        before = memfds()
         for bad in ({"name": 1}, {"timeout": -1}):
             with pytest.raises((TypeError, ValueError)):
                 CancellationToken(**bad)  # type: ignore[arg-type]
         gc.collect()
-        assert _memfds() == before
+        assert memfds() == before
 
     # -- callbacks ---------------------------------------------------------------------------
     def test_on_cancel_runs_callback_once(self) -> None:
@@ -347,7 +288,7 @@ class TestCancellationToken:
         with pytest.raises(TypeError, match="callback"):
             CancellationToken().on_cancel("not callable")  # type: ignore[arg-type]
 
-    def test_raising_callback_is_logged_and_others_run(self, log_records: list[Any]) -> None:
+    def test_raising_callback_is_logged_and_others_run(self, logs: LogCapture) -> None:
         """Test that a raising callback is logged with the token's context and others run."""
         token = CancellationToken(name="logged-token")
         before, after = Recorder(), Recorder()
@@ -360,12 +301,13 @@ class TestCancellationToken:
         token.on_cancel(after)
         assert token.cancel("why") is True
         assert before.calls == after.calls == 1
-        errors = [r for r in log_records if r["level"].name == "ERROR"]
+        errors = [r for r in logs.records if r["level"].name == "ERROR"]
         assert len(errors) == 1
         record = errors[0]
         assert record["extra"]["token"] == "logged-token"
         assert record["extra"]["cancel_reason"] == "why"
         assert record["extra"]["cancelflow"] is True
+        assert record["exception"] is not None
         assert isinstance(record["exception"].value, RuntimeError)
 
     def test_callback_raising_base_exception_does_not_skip_others(self) -> None:
@@ -431,7 +373,7 @@ class TestCancellationToken:
         token.on_cancel(lambda: seen.append(threading.get_ident()))
         thread = threading.Thread(target=token.cancel)
         thread.start()
-        thread.join(WATCHDOG)
+        thread.join(WAIT)
         assert seen == [thread.ident]
 
     def test_on_cancel_after_all_removed_does_not_keep_listeners(self) -> None:
@@ -454,7 +396,7 @@ class TestCancellationToken:
             for _ in range(40):
                 token = CancellationToken()
                 if shared:
-                    _share(token)
+                    share(token)
                 recorders = [Recorder(token) for _ in range(5)]
                 for recorder in recorders:
                     token.on_cancel(recorder)
@@ -484,15 +426,15 @@ class TestCancellationToken:
                     barrier: threading.Barrier = barrier,
                     recorders: list[Recorder] = recorders,
                 ) -> None:
-                    barrier.wait(WATCHDOG)
+                    barrier.wait(WAIT)
                     for recorder in recorders:
                         token.on_cancel(recorder)
 
                 registrar = threading.Thread(target=register)
                 registrar.start()
-                barrier.wait(WATCHDOG)
+                barrier.wait(WAIT)
                 token.cancel()
-                registrar.join(WATCHDOG)
+                registrar.join(WAIT)
                 assert [r.calls for r in recorders] == [1] * len(recorders)
         finally:
             sys.setswitchinterval(old_interval)
@@ -500,7 +442,7 @@ class TestCancellationToken:
     def test_tokens_made_and_dropped_on_many_threads_keep_accounts(self) -> None:
         """Test that concurrent creation and collection never closes a chunk in use."""
         gc.collect()
-        before = _memfds()
+        before = memfds()
         old_interval = sys.getswitchinterval()
         sys.setswitchinterval(1e-6)
         errors: list[BaseException] = []
@@ -521,14 +463,14 @@ class TestCancellationToken:
             for thread in threads:
                 thread.start()
             for thread in threads:
-                thread.join(WATCHDOG)
+                thread.join(WAIT)
         finally:
             sys.setswitchinterval(old_interval)
         assert errors == []
         assert all(token._chunk.fd >= 0 for token in keep)  # no chunk closed under a token
         keep.clear()
         gc.collect()
-        assert _memfds() == before  # and none was left open with no token
+        assert memfds() == before  # and none was left open with no token
 
     # -- waiting -----------------------------------------------------------------------------
     def test_wait_blocking_returns_true_when_cancelled_from_thread(self) -> None:
@@ -539,13 +481,13 @@ class TestCancellationToken:
 
         def waiter() -> None:
             ready.set()
-            result.append(token.wait_blocking(WATCHDOG))
+            result.append(token.wait_blocking(WAIT))
 
         thread = threading.Thread(target=waiter)
         thread.start()
-        assert ready.wait(WATCHDOG)
+        assert ready.wait(WAIT)
         token.cancel()
-        thread.join(WATCHDOG)
+        thread.join(WAIT)
         assert result == [True]
 
     def test_wait_blocking_times_out(self) -> None:
@@ -580,7 +522,7 @@ class TestCancellationToken:
         thread.start()
         thread.join(0.3)  # the waiter is blocked for this long ...
         token.cancel()
-        thread.join(WATCHDOG)
+        thread.join(WAIT)
         assert cpu
         assert cpu[0] < 0.1
 
@@ -592,7 +534,7 @@ class TestCancellationToken:
             waiter = asyncio.ensure_future(token.wait())
             await asyncio.sleep(0)
             threading.Thread(target=token.cancel, args=("from thread",)).start()
-            await asyncio.wait_for(waiter, WATCHDOG)
+            await asyncio.wait_for(waiter, WAIT)
 
         asyncio.run(main())
         assert token.cancel_reason == "from thread"
@@ -608,8 +550,8 @@ class TestCancellationToken:
             thread = threading.Thread(target=token.cancel)
             thread.start()
             canceller.append(thread.ident or 0)
-            await asyncio.wait_for(waiter, WATCHDOG)
-            thread.join(WATCHDOG)
+            await asyncio.wait_for(waiter, WAIT)
+            thread.join(WAIT)
             return threading.get_ident()
 
         assert asyncio.run(main()) == threading.get_ident() != canceller[0]
@@ -624,7 +566,7 @@ class TestCancellationToken:
             await asyncio.sleep(0)
             assert not loop._scheduled  # type: ignore[attr-defined]
             token.cancel()
-            await asyncio.wait_for(waiter, WATCHDOG)
+            await asyncio.wait_for(waiter, WAIT)
 
         asyncio.run(main())
 
@@ -639,8 +581,8 @@ class TestCancellationToken:
             async def main() -> None:
                 waiter = asyncio.ensure_future(token.wait())
                 await asyncio.sleep(0)
-                ready.wait(WATCHDOG)
-                await asyncio.wait_for(waiter, WATCHDOG)
+                ready.wait(WAIT)
+                await asyncio.wait_for(waiter, WAIT)
                 woke.append(token.is_cancelled)
 
             asyncio.run(main())
@@ -648,17 +590,17 @@ class TestCancellationToken:
         threads = [threading.Thread(target=loop_thread) for _ in range(loops)]
         for thread in threads:
             thread.start()
-        ready.wait(WATCHDOG)
+        ready.wait(WAIT)
         token.cancel()
         for thread in threads:
-            thread.join(WATCHDOG)
+            thread.join(WAIT)
         assert woke == [True] * loops
 
     def test_async_wait_on_cancelled_token_returns_at_once(self) -> None:
         """Test that await wait() on a cancelled token returns without suspending."""
         token = CancellationToken()
         token.cancel()
-        asyncio.run(asyncio.wait_for(token.wait(), WATCHDOG))
+        asyncio.run(asyncio.wait_for(token.wait(), WAIT))
 
     def test_cancelled_waiter_leaves_no_callback(self) -> None:
         """Test that cancelling the waiting task removes its callback from the token."""
@@ -789,7 +731,7 @@ class TestCancellationToken:
     def test_timeout_cancels_token(self) -> None:
         """Test that CancellationToken(timeout=s) cancels itself with a timeout reason."""
         token = CancellationToken(timeout=0.01)
-        assert token.wait_blocking(WATCHDOG) is True
+        assert token.wait_blocking(WAIT) is True
         assert token.cancel_reason == "timeout after 0.01s"
         assert _timer.pending() == 0
 
@@ -797,7 +739,7 @@ class TestCancellationToken:
         """Test that a child's timeout cancels the child but not its parent."""
         parent = CancellationToken()
         child = parent.child(timeout=0)
-        assert child.wait_blocking(WATCHDOG)
+        assert child.wait_blocking(WAIT)
         assert not parent.is_cancelled
 
     def test_manual_cancel_removes_timer(self) -> None:
@@ -814,66 +756,8 @@ class TestCancellationToken:
         assert ref() is None
         assert _timer.pending() == 0
 
-    def test_timeout_tokens_share_one_timer_thread(self) -> None:
-        """Test that many pending timeouts use a single timer thread."""
-        tokens = [CancellationToken(timeout=60 + i) for i in range(20)]
-        timer_threads = [t for t in threading.enumerate() if t.name == "cancelflow-timer"]
-        assert len(timer_threads) == 1
-        for token in tokens:
-            token.close()
-        assert _timer.pending() == 0
 
     # -- resources and pickling ---------------------------------------------------------------
-    def test_collected_token_releases_its_descriptor(self) -> None:
-        """Test that the shared-memory descriptor closes once its tokens are collected."""
-        gc.collect()
-        before = _memfds()
-        token = CancellationToken()
-        fd = token._chunk.fd
-        assert fd in _memfds()
-        del token
-        gc.collect()
-        assert _memfds() == before
-
-    def test_many_tokens_share_one_descriptor(self) -> None:
-        """Test that a thousand live tokens hold no more than one shared-memory chunk."""
-        gc.collect()
-        before = _memfds()
-        tokens = [CancellationToken() for _ in range(1000)]
-        assert len({id(t._chunk) for t in tokens}) == 1
-        assert len(_memfds() - before) <= 2  # the memfd and the mapping's own duplicate
-        del tokens
-        gc.collect()
-        assert _memfds() == before
-
-    def test_collected_shared_token_stops_its_hub(self) -> None:
-        """Test that dropping a shared token that still has callbacks ends the hub thread."""
-        gc.collect()
-        before = _memfds()
-        token = CancellationToken()
-        _share(token)
-        token.on_cancel(Recorder())
-        hubs = [t for t in threading.enumerate() if t.name == "cancelflow-token-hub"]
-        assert len(hubs) == 1
-        del token
-        gc.collect()
-        hubs[0].join(WATCHDOG)
-        assert not hubs[0].is_alive()
-        assert _memfds() == before
-
-    def test_tokens_on_one_slot_each_get_callbacks(self) -> None:
-        """Test that two token objects on one shared slot (a pool's per-task tokens) both
-        have their callbacks run by a cancel made through either."""
-        first = CancellationToken()
-        _share(first)
-        second = CancellationToken._on_slot(first._chunk, first._offset, name="task-2")
-        first_recorder, second_recorder = Recorder(), Recorder()
-        first.on_cancel(first_recorder)
-        second.on_cancel(second_recorder)
-        second.cancel("through the other object")
-        assert first_recorder.called.wait(WATCHDOG)  # delivered by the hub thread
-        assert (first_recorder.calls, second_recorder.calls) == (1, 1)
-        assert first.cancel_reason == "through the other object"
 
     def test_pickle_outside_process_start_raises(self) -> None:
         """Test that pickling a token outside a process start raises TypeError."""
@@ -896,10 +780,10 @@ class TestCancellationToken:
             pipe() as (reader, writer),
             running(mp_context, _child_waits, token, ready, writer) as proc,
         ):
-            assert ready.wait(WATCHDOG)
+            assert ready.wait(WAIT)
             token.cancel("parent says stop")
             assert receive(reader) == (True, True, "parent says stop")
-            proc.join(WATCHDOG)
+            proc.join(WAIT)
             assert proc.exitcode == 0
 
     def test_child_cancel_reaches_parent_callbacks(
@@ -912,8 +796,8 @@ class TestCancellationToken:
         go = mp_context.Event()
         with running(mp_context, _child_cancels, token, go, "child says stop") as proc:
             go.set()
-            assert recorder.called.wait(WATCHDOG)
-            proc.join(WATCHDOG)
+            assert recorder.called.wait(WAIT)
+            proc.join(WAIT)
             assert proc.exitcode == 0
         assert token.is_cancelled
         assert token.cancel_reason == "child says stop"
@@ -933,8 +817,8 @@ class TestCancellationToken:
             await asyncio.sleep(0)
             with running(mp_context, _child_cancels, token, go, "from child") as proc:
                 go.set()
-                await asyncio.wait_for(waiter, WATCHDOG)
-                proc.join(WATCHDOG)
+                await asyncio.wait_for(waiter, WAIT)
+                proc.join(WAIT)
                 assert proc.exitcode == 0
 
         asyncio.run(main())
@@ -954,7 +838,7 @@ class TestCancellationToken:
             running(mp_context, _child_reports_states, tokens, writer) as proc,
         ):
             states = receive(reader)
-            proc.join(WATCHDOG)
+            proc.join(WAIT)
             assert proc.exitcode == 0
         assert states == [(False, None)] * 3 + [(True, "three"), (False, None)]
 
@@ -1002,10 +886,10 @@ class TestCancellationToken:
         token.on_cancel(Recorder())
         ready = ctx.Event()
         with pipe() as (reader, writer), running(ctx, _child_awaits, token, ready, writer) as proc:
-            assert ready.wait(WATCHDOG)
+            assert ready.wait(WAIT)
             token.cancel()
             assert receive(reader) is True
-            proc.join(WATCHDOG)
+            proc.join(WAIT)
             assert proc.exitcode == 0
 
     def test_forked_child_starts_without_parent_callbacks(self, mp_singletons: None) -> None:
@@ -1025,7 +909,7 @@ class TestCancellationToken:
         pending = CancellationToken(timeout=3600)
         with pipe() as (reader, writer), running(ctx, _child_times_out, writer) as proc:
             assert receive(reader) is True
-            proc.join(WATCHDOG)
+            proc.join(WAIT)
         pending.close()
 
     def test_long_reason_is_cut_across_processes(self, mp_singletons: None) -> None:
@@ -1035,7 +919,7 @@ class TestCancellationToken:
         ready = ctx.Event()
         reason = "é" * 100  # 200 bytes
         with pipe() as (reader, writer), running(ctx, _child_waits, token, ready, writer):
-            assert ready.wait(WATCHDOG)
+            assert ready.wait(WAIT)
             token.cancel(reason)
             assert receive(reader) == (True, True, "é" * 60)
         assert token.cancel_reason == reason
@@ -1044,16 +928,16 @@ class TestCancellationToken:
         """Test that a token passed to a child still frees its descriptor when collected."""
         ctx = multiprocessing.get_context("spawn")
         gc.collect()
-        before = _memfds()
+        before = memfds()
         token = CancellationToken()
         ready = ctx.Event()
         with pipe() as (reader, writer), running(ctx, _child_waits, token, ready, writer):
-            assert ready.wait(WATCHDOG)
+            assert ready.wait(WAIT)
             token.cancel()
             receive(reader)
         del token
         gc.collect()
-        assert _memfds() == before
+        assert memfds() == before
 
     # -- signal handlers ---------------------------------------------------------------------
     @pytest.mark.timeout(60)
@@ -1074,7 +958,7 @@ class TestCancellationToken:
         """
         tokens = [CancellationToken() for _ in range(60)]
         if shared:
-            _share(tokens[0])
+            share(tokens[0])
         wins: list[tuple[int, bool]] = []
         current = [0]
 
@@ -1108,7 +992,7 @@ class TestCancellationToken:
         a = CancellationToken()
         victims = [CancellationToken() for _ in range(200)]
         if shared:
-            _share(a)
+            share(a)
         victim_recorders = [Recorder() for _ in victims]
         for victim, recorder in zip(victims, victim_recorders, strict=True):
             victim.on_cancel(recorder)
@@ -1133,7 +1017,7 @@ class TestCancellationToken:
         assert [r.calls for r in victim_recorders] == [int(v.is_cancelled) for v in victims]
 
     @pytest.mark.timeout(60)
-    def test_signal_cancel_during_cancel_and_reset_that_log(self, log_records: list[Any]) -> None:
+    def test_signal_cancel_during_cancel_and_reset_that_log(self, logs: LogCapture) -> None:
         """Test that a handler cancelling A or B while main cancels/resets A, both with
         logging callbacks, never deadlocks and runs each callback exactly once."""
         a = CancellationToken(name="A")
@@ -1180,10 +1064,10 @@ class TestCancellationToken:
         assert main_wins[0] + handler_wins[0] == rounds + int(a.is_cancelled)
         cancelled = [v.is_cancelled for v in victims]
         assert victim_calls == [int(c) for c in cancelled]
-        assert any(r["message"].startswith("A cancelled") for r in log_records)
+        assert any(r["message"].startswith("A cancelled") for r in logs.records)
 
     @pytest.mark.timeout(60)
-    def test_signal_cancel_while_cancel_logs_callback_errors(self, log_records: list[Any]) -> None:
+    def test_signal_cancel_while_cancel_logs_callback_errors(self, logs: LogCapture) -> None:
         """Test that a handler cancelling B while main's cancel() logs a callback error
         (some of B's callbacks raising too) never deadlocks and runs every callback once."""
         victims = [CancellationToken() for _ in range(100)]
@@ -1221,7 +1105,7 @@ class TestCancellationToken:
             rounds = storm_loop(handled, signals=20, body=body)
         assert main_calls == [1] * rounds
         assert victim_calls == [int(v.is_cancelled) for v in victims]
-        errors = [r for r in log_records if r["level"].name == "ERROR"]
+        errors = [r for r in logs.records if r["level"].name == "ERROR"]
         assert 0 < len(errors) <= rounds + index[0]
 
     @pytest.mark.timeout(60)
@@ -1267,7 +1151,7 @@ class TestCancellationToken:
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
 
         def kicker() -> None:
-            if ready.wait(WATCHDOG):
+            if ready.wait(WAIT):
                 signal.pthread_kill(main_ident, signal.SIGUSR1)
 
         async def main() -> None:
@@ -1279,9 +1163,9 @@ class TestCancellationToken:
             thread.start()
             ready.set()
             try:
-                await asyncio.wait_for(waiter, WATCHDOG)
+                await asyncio.wait_for(waiter, WAIT)
             finally:
-                thread.join(WATCHDOG)
+                thread.join(WAIT)
                 loop.remove_reader(wake_r)
 
         try:

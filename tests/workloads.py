@@ -57,6 +57,22 @@ def announce_then_critical(seconds: float) -> str:
         pass
 
 
+def sigterm_self_in_critical_section() -> None:
+    """Sends itself SIGTERM inside a critical section, then stores what it reached."""
+    with cancelflow.critical_section(60):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled right after kill returns: in the block
+        _context.store_partial("inside", "after the signal")
+    _context.store_partial("after", "the block")  # never reached: stopped as the block ends
+
+
+def chdir_into_removed_directory(path: str) -> int:
+    """Leaves its worker in a working directory that no longer exists."""
+    os.mkdir(path)
+    os.chdir(path)
+    os.rmdir(path)
+    return os.getpid()
+
+
 def spawn_stubborn_tree() -> None:
     """Start a child that ignores SIGTERM and a grandchild in its own session, then spin."""
     code = (

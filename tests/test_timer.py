@@ -1,0 +1,199 @@
+"""Specification of ``cancelflow._timer``: one timer thread per process for every deadline.
+
+``call_at`` runs a callback on the timer thread once a ``time.monotonic()`` deadline has
+passed; ``TimerHandle.cancel`` removes it at once; the thread runs only while a timer is
+pending. Every test waits on events under a watchdog; the deadlines it sets are a few
+milliseconds away, and what it checks is order, never how long anything took.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from typing import Any
+
+from cancelflow import CancellationToken, _timer
+from support import WAIT, LogCapture, pipe, receive, running, wait, wait_until
+
+
+def soon(seconds: float = 0.005) -> float:
+    """A deadline ``seconds`` from now."""
+    return time.monotonic() + seconds
+
+
+def timer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "cancelflow-timer" and t.is_alive()]
+
+
+def _child_reports_timers(conn: Any) -> None:
+    """In a forked child: the timers it inherited, then whether one of its own fires."""
+    fired = threading.Event()
+    inherited = _timer.pending()
+    _timer.call_at(soon(), fired.set)
+    conn.send((inherited, fired.wait(WAIT)))
+
+
+class TestCallAt:
+    def test_runs_the_callback_on_the_timer_thread_once_the_deadline_passed(self) -> None:
+        """Test that the callback runs on the cancelflow-timer thread, at or after its
+        deadline by the monotonic clock."""
+        ran = threading.Event()
+        seen: list[tuple[str, float]] = []
+        deadline = soon()
+
+        def callback() -> None:
+            seen.append((threading.current_thread().name, time.monotonic()))
+            ran.set()
+
+        _timer.call_at(deadline, callback)
+        wait(ran)
+        ((thread_name, at),) = seen
+        assert thread_name == "cancelflow-timer"
+        assert at >= deadline
+
+    def test_callbacks_run_in_deadline_order(self) -> None:
+        """Test that timers run in the order of their deadlines, not of their scheduling."""
+        order: list[str] = []
+        last = threading.Event()
+        base = soon(0.02)
+        _timer.call_at(base + 0.002, lambda: order.append("second"))
+
+        def third() -> None:
+            order.append("third")
+            last.set()
+
+        _timer.call_at(base + 0.004, third)
+        _timer.call_at(base, lambda: order.append("first"))
+        wait(last)
+        assert order == ["first", "second", "third"]
+
+    def test_a_deadline_in_the_past_runs_at_once(self) -> None:
+        """Test that a timer whose deadline has already passed still runs."""
+        ran = threading.Event()
+        _timer.call_at(time.monotonic() - 1.0, ran.set)
+        wait(ran)
+
+    def test_a_callback_can_schedule_another_timer(self) -> None:
+        """Test that call_at from inside a timer callback (on the timer thread) works."""
+        second = threading.Event()
+        _timer.call_at(soon(), lambda: _timer.call_at(soon(), second.set))
+        wait(second)
+
+    def test_a_raising_callback_is_logged_and_the_next_one_runs(self, logs: LogCapture) -> None:
+        """Test that a callback that raises is logged as an error and does not stop the
+        timers after it."""
+        after = threading.Event()
+
+        def explode() -> None:
+            raise RuntimeError("timer boom")
+
+        base = soon()
+        _timer.call_at(base, explode)
+        _timer.call_at(base + 0.001, after.set)
+        wait(after)
+        record = logs.wait_for(lambda r: r["message"] == "timer callback raised")
+        assert record["level"].name == "ERROR"
+        assert record["exception"] is not None
+        assert isinstance(record["exception"].value, RuntimeError)
+
+    def test_timers_scheduled_from_many_threads_all_run(self) -> None:
+        """Test that call_at from several threads at once loses no timer."""
+        count = 8 * 25
+        done = threading.Semaphore(0)
+        barrier = threading.Barrier(8, timeout=WAIT)
+
+        def schedule() -> None:
+            barrier.wait()
+            for _ in range(25):
+                _timer.call_at(soon(), done.release)
+
+        threads = [threading.Thread(target=schedule) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        assert all(done.acquire(timeout=WAIT) for _ in range(count))
+
+
+class TestTimerHandle:
+    def test_cancel_before_the_deadline_unschedules_the_callback(self) -> None:
+        """Test that a cancelled timer never runs (a later timer runs, and the cancelled
+        one's earlier deadline has passed by then) and is no longer pending."""
+        cancelled_ran = threading.Event()
+        later = threading.Event()
+        before = _timer.pending()
+        handle = _timer.call_at(soon(0.01), cancelled_ran.set)
+        _timer.call_at(soon(0.02), later.set)
+        assert _timer.pending() == before + 2
+        assert handle.cancel() is True
+        assert _timer.pending() == before + 1
+        wait(later)
+        assert not cancelled_ran.is_set()
+
+    def test_cancel_after_the_callback_ran_returns_false(self) -> None:
+        """Test that cancel returns False once the callback has run."""
+        ran = threading.Event()
+        handle = _timer.call_at(soon(), ran.set)
+        wait(ran)
+        assert handle.cancel() is False
+
+    def test_cancel_is_idempotent(self) -> None:
+        """Test that a second cancel returns False and changes nothing."""
+        handle = _timer.call_at(soon(3600), lambda: None)
+        before = _timer.pending()
+        assert handle.cancel() is True
+        assert handle.cancel() is False
+        assert _timer.pending() == before - 1
+
+
+class TestTimerThread:
+    def test_timeout_tokens_share_one_timer_thread(self) -> None:
+        """Test that many pending timeouts use a single timer thread."""
+        tokens = [CancellationToken(timeout=60 + i) for i in range(20)]
+        timer_threads = [t for t in threading.enumerate() if t.name == "cancelflow-timer"]
+        assert len(timer_threads) == 1
+        for token in tokens:
+            token.close()
+        assert _timer.pending() == 0
+
+    def test_the_thread_ends_when_no_timer_is_pending(self) -> None:
+        """Test that the timer thread exits once its last timer has run or been
+        cancelled, so an idle program holds no cancelflow thread."""
+        ran = threading.Event()
+        handle = _timer.call_at(soon(3600), lambda: None)
+        _timer.call_at(soon(), ran.set)
+        assert timer_threads()
+        wait(ran)
+        handle.cancel()
+        assert wait_until(lambda: not timer_threads())
+        assert _timer.pending() == 0
+
+    def test_a_new_timer_after_the_thread_ended_starts_it_again(self) -> None:
+        """Test that a timer scheduled once the thread has ended still runs."""
+        first, second = threading.Event(), threading.Event()
+        _timer.call_at(soon(), first.set)
+        wait(first)
+        assert wait_until(lambda: not timer_threads())
+        _timer.call_at(soon(), second.set)
+        wait(second)
+
+    def test_a_forked_child_starts_with_no_timers_and_runs_its_own(self) -> None:
+        """Test that a forked child inherits none of the parent's pending timers, can
+        schedule its own, and the parent's timer still runs in the parent."""
+        parent_ran = threading.Event()
+        parent_timer = _timer.call_at(soon(3600), lambda: None)
+        try:
+            with (
+                pipe() as (reader, writer),
+                running(
+                    multiprocessing.get_context("fork"), _child_reports_timers, writer
+                ) as child,
+            ):
+                assert receive(reader) == (0, True)
+                child.join(WAIT)
+                assert child.exitcode == 0
+            _timer.call_at(soon(), parent_ran.set)
+            wait(parent_ran)
+        finally:
+            parent_timer.cancel()

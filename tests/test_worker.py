@@ -1,0 +1,199 @@
+"""Specification of a process pool's worker side (the zygote and its workers).
+
+Most promises are checked through :class:`cancelflow.ProcessPool`: what a task changes in
+its worker is put back (or the worker is replaced), and how a worker treats the signals
+that reach it. The module's helpers (killing a process tree, the zygote's channel, the
+traceback text) are tested directly.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import resource
+import signal
+from concurrent.futures.process import _ExceptionWithTraceback
+from pathlib import Path
+
+import pytest
+
+import contractloads
+import faultloads
+import workloads
+from cancelflow import CancellationToken, CancelledException, ProcessPool
+from cancelflow._process import _worker
+from support import WAIT, Announcements, wait_until
+
+
+def signal_pending(pid: int, signum: int) -> bool:
+    """Whether ``signum`` is waiting to be delivered to process ``pid``."""
+    with open(f"/proc/{pid}/status") as status:
+        masks = [
+            int(line.split()[1], 16) for line in status if line.startswith(("SigPnd", "ShdPnd"))
+        ]
+    return any(mask >> (signum - 1) & 1 for mask in masks)
+
+
+class TestStateRestoredBetweenTasks:
+    """Regression (issue 9): a task's changes to its worker's process reached every later
+    task of that worker. A lowered RLIMIT_AS made them all fail with MemoryError, and a
+    blocked SIGTERM turned the ladder's SIGTERM step into a SIGKILL."""
+
+    def test_lowered_hard_memory_limit_retires_the_worker(self) -> None:
+        """Test that after a task lowers its worker's hard RLIMIT_AS (which cannot be
+        raised again) and fails with MemoryError, the next task runs in a fresh worker
+        with the full limit and can allocate."""
+        with ProcessPool(1, name="rlimit") as pool:
+            first = pool.submit(faultloads.exhaust_memory)
+            with pytest.raises(MemoryError):
+                first.result(WAIT)
+            assert pool.submit(faultloads.rlimit_as).result(WAIT) == resource.getrlimit(
+                resource.RLIMIT_AS
+            )
+            assert pool.submit(faultloads.allocate, 256).result(WAIT) == 256 * 1024 * 1024
+            assert first.pid not in pool.statistics().worker_pids
+            assert pool.statistics().replaced_total == 1
+
+    def test_lowered_soft_memory_limit_is_restored(self) -> None:
+        """Test that a soft RLIMIT_AS lowered by a task is put back after it, in the same
+        worker (no replacement needed)."""
+        with ProcessPool(1, name="rlimit") as pool:
+            pid = pool.submit(faultloads.lower_soft_memory_limit).result(WAIT)
+            assert pool.submit(faultloads.rlimit_as).result(WAIT) == resource.getrlimit(
+                resource.RLIMIT_AS
+            )
+            assert pool.submit(workloads.whoami).result(WAIT) == pid
+            assert pool.statistics().replaced_total == 0
+
+    def test_blocked_sigterm_is_unblocked_after_the_task(self) -> None:
+        """Test that a task that blocks SIGTERM and returns does not leave it blocked: the
+        next task on that worker is still stopped by SIGTERM (fate terminated, the worker
+        survives), not by SIGKILL."""
+        with ProcessPool(1, grace_period=0.05, term_grace_period=WAIT, name="sigmask") as pool:
+            pid = pool.submit(faultloads.block_sigterm_and_return).result(WAIT)
+            sink = Announcements()
+            spinning = pool.submit_task(workloads.announce_and_spin, partial_sink=sink)
+            assert sink.wait("pid") == pid
+            spinning.cancel()
+            with pytest.raises(concurrent.futures.CancelledError):
+                spinning.result(WAIT)
+            assert spinning.fate == "terminated"
+            assert pool.submit(workloads.whoami).result(WAIT) == pid
+
+    @pytest.mark.parametrize("disposition", ["SIG_IGN", "SIG_DFL"])
+    def test_a_task_changing_sigterm_does_not_poison_the_next_task(self, disposition: str) -> None:
+        """Test that a SIGTERM disposition set by one task is gone for the next one on the
+        same worker: its stop is a true "terminated" whose finally ran."""
+        with ProcessPool(1, grace_period=0, term_grace_period=WAIT) as p:
+            first = p.submit(contractloads.set_sigterm, disposition).result(WAIT)
+            announce = Announcements()
+            future = p.submit_task(workloads.announce_and_finish_in_finally, partial_sink=announce)
+            assert announce.wait("pid") == first  # the same worker
+            future.cancel()
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(WAIT)
+            assert future.fate == "terminated"
+            assert future.partial_results["finally"] == "ran"
+
+    def test_a_task_that_dies_of_its_own_sigterm_disposition_is_killed_not_terminated(
+        self,
+    ) -> None:
+        """Test that a task which set SIGTERM to SIG_DFL and is stopped is reported
+        "killed" (its finally did not run), never "terminated"."""
+        with ProcessPool(1, grace_period=0, term_grace_period=WAIT) as p:
+            announce = Announcements()
+            future = p.submit_task(
+                contractloads.set_sigterm_then_spin, ("SIG_DFL",), partial_sink=announce
+            )
+            announce.wait("pid")
+            future.cancel()
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(WAIT)
+            assert future.fate == "killed"
+            assert "finally" not in future.partial_results
+            assert p.submit(contractloads.sigterm_disposition).result(WAIT) == "_on_sigterm"
+
+    def test_cwd_and_environment_are_restored(self, tmp_path: Path) -> None:
+        """Test that a task's chdir and environment change do not reach the next task."""
+        with ProcessPool(1) as p:
+            before = p.submit(contractloads.cwd_and_env).result(WAIT)
+            p.submit(contractloads.change_cwd_and_env, str(tmp_path)).result(WAIT)
+            assert p.submit(contractloads.cwd_and_env).result(WAIT) == before
+
+    def test_a_worker_whose_task_left_a_thread_is_replaced(self) -> None:
+        """Test that a task leaving a thread running gets a fresh worker for the next task."""
+        with ProcessPool(1) as p:
+            first = p.submit(contractloads.leave_a_thread).result(WAIT)
+            assert p.submit(contractloads.whoami).result(WAIT) != first
+
+    def test_a_working_directory_that_is_gone_retires_the_worker(self, tmp_path: Path) -> None:
+        """Test that a task that leaves its worker in a directory that no longer exists
+        gets a fresh worker for the next task."""
+        with ProcessPool(1) as p:
+            first = p.submit(workloads.chdir_into_removed_directory, str(tmp_path / "gone"))
+            pid = first.result(WAIT)
+            assert p.submit(workloads.whoami).result(WAIT) != pid
+            assert p.statistics().replaced_total == 1
+
+
+class TestSignals:
+    def test_an_idle_worker_survives_a_stray_sigterm(self) -> None:
+        """Test that a SIGTERM reaching a worker between tasks is ignored: the worker
+        stays and runs the next task."""
+        with ProcessPool(1) as p:
+            assert p.wait_ready(WAIT)
+            (worker,) = p.statistics().worker_pids
+            os.kill(worker, signal.SIGTERM)
+            assert wait_until(lambda: not signal_pending(worker, signal.SIGTERM))
+            assert p.submit(workloads.whoami).result(WAIT) == worker
+            assert p.statistics().replaced_total == 0
+
+    def test_a_sigint_does_not_stop_a_running_task(self) -> None:
+        """Test that a SIGINT reaching a busy worker (a terminal's Ctrl-C reaches the whole
+        process group) neither stops its task nor the worker: the owner decides."""
+        with ProcessPool(1, grace_period=WAIT) as p:
+            token = CancellationToken()
+            announce = Announcements()
+            future = p.submit_task(
+                workloads.announce_and_wait_cooperatively, token=token, partial_sink=announce
+            )
+            worker = announce.wait("pid")
+            os.kill(worker, signal.SIGINT)
+            assert wait_until(lambda: not signal_pending(worker, signal.SIGINT))
+            assert not future.done()
+            token.cancel("done waiting")
+            with pytest.raises(CancelledException, match="done waiting"):
+                future.result(WAIT)
+            assert future.fate == "cancelled"
+            assert p.submit(workloads.whoami).result(WAIT) == worker
+
+    def test_a_sigterm_inside_a_critical_section_waits_for_its_end(self) -> None:
+        """Test that a SIGTERM arriving inside critical_section lets the block finish, then
+        stops the task as it leaves the block (its fate is terminated, the worker stays)."""
+        with ProcessPool(1) as p:
+            future = p.submit(workloads.sigterm_self_in_critical_section)
+            with pytest.raises(CancelledException):
+                future.result(WAIT)
+            assert future.fate == "terminated"
+            assert future.partial_results == {"inside": "after the signal"}
+            assert p.submit(workloads.whoami).result(WAIT) == future.pid
+
+
+class TestHelpers:
+    def test_remote_traceback_text_is_what_process_pool_executor_shows(self) -> None:
+        """Test that a task's error text is formatted exactly as ProcessPoolExecutor
+        formats a worker's traceback."""
+        try:
+            raise ValueError("boom")
+        except ValueError as exc:
+            error = exc
+        text = _worker.remote_traceback_text(error)
+        assert error.__traceback__ is not None
+        assert "ValueError: boom" in text
+        # typeshed types ``.tb`` as a traceback; CPython stores the formatted text there.
+        expected: object = _ExceptionWithTraceback(error, error.__traceback__).tb
+        assert text == expected
+
+    def test_run_chunk_calls_fn_for_each_argument_tuple_in_order(self) -> None:
+        """Test that one chunk of map()'s arguments gives fn's results in order."""
+        assert _worker.run_chunk(pow, [(2, 3), (3, 2), (10, 0)]) == [8, 9, 1]
