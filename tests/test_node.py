@@ -171,17 +171,10 @@ class TestDefaults:
         assert Node("m", _plain_fn).deps == ()
         assert Node("m", _plain_fn).timeout is None
 
-    @pytest.mark.xfail(
-        reason="bug: deps given as an iterator are consumed by the check and stored as ()",
-        strict=True,
-    )
-    def test_deps_given_as_an_iterator_are_kept_or_refused(self) -> None:
-        """Test that deps given as a one-shot iterator are either kept or refused, never
-        silently dropped (the node would then run before its dependencies)."""
-        try:
-            node = Node("n", _plain_fn, deps=iter(["a", "b"]))  # type: ignore[arg-type]
-        except PipelineDefinitionError:
-            return
+    def test_deps_given_as_an_iterator_are_kept(self) -> None:
+        """Regression: deps given as a one-shot iterator are kept, not consumed by the
+        check and stored as () (the node would then run before its dependencies)."""
+        node = Node("n", _plain_fn, deps=iter(["a", "b"]))  # type: ignore[arg-type]
         assert node.deps == ("a", "b")
 
     def test_a_node_cannot_be_changed(self) -> None:

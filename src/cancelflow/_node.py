@@ -56,11 +56,9 @@ class Node:
             raise PipelineDefinitionError(
                 f"node {id!r}: fn must be callable, not {type(fn).__name__}", node_id=id
             )
-        if (
-            isinstance(deps, str)
-            or not isinstance(deps, Iterable)
-            or not all(isinstance(d, str) for d in deps)
-        ):
+        # Read once, so that a one-shot iterator is kept rather than consumed by the check.
+        dep_ids = None if isinstance(deps, str) or not isinstance(deps, Iterable) else tuple(deps)
+        if dep_ids is None or not all(isinstance(d, str) for d in dep_ids):
             raise PipelineDefinitionError(
                 f"node {id!r}: deps must be a sequence of node ids (str), got {deps!r}",
                 node_id=id,
@@ -96,7 +94,7 @@ class Node:
                 raise PipelineDefinitionError(f"node {id!r}: {error}", node_id=id)
         object.__setattr__(self, "id", id)
         object.__setattr__(self, "fn", fn)
-        object.__setattr__(self, "deps", tuple(deps))
+        object.__setattr__(self, "deps", dep_ids)
         object.__setattr__(self, "run_in", run_in)
         object.__setattr__(self, "timeout", None if timeout is None else float(timeout))
 
