@@ -419,9 +419,9 @@ class TestCancellation:
     def test_cancelling_the_awaiting_coroutine_stops_the_task_through_its_token(
         self, backend: Backend, tmp_path: Path
     ) -> None:
-        """Test that cancelling the asyncio task awaiting run_sync cancels the task's token
-        (the task sees it and runs its cleanup) and asyncio.CancelledError propagates only
-        once the task is over."""
+        """Test that cancelling the asyncio task awaiting run_sync stops the task through its
+        token (it sees the cancel and completes its cleanup, within the grace period) and
+        asyncio.CancelledError propagates only once the task is over."""
         gate = tmp_path / "gate"
 
         async def body(pool: PoolBackend) -> None:
@@ -450,6 +450,9 @@ class TestCancellation:
                 f"asyncio.CancelledError came while the task was not over; it stored {reports.log}"
             )
             assert (await cleaning) is True
+            assert "cleaned" in reports.values, (
+                f"the task was stopped before its cleanup ended; it stored {reports.log}"
+            )
 
         backend.run(body)
 
