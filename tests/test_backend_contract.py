@@ -167,7 +167,7 @@ class Backend:
 async def _assert_dask_clean(client: Any) -> None:
     """Nothing of the test is left on the Dask worker (no task, run, busy child or stray
     process) nor on the scheduler (no cancelflow key, Event or run reason)."""
-    from cancelflow._backends._dask_worker import worker_census
+    from cancelflow._cli.demo.census import worker_census
 
     for address, state in (await client.run(worker_census)).items():
         assert state["tasks"] == [], f"{address} still runs {state['tasks']}"

@@ -10,10 +10,9 @@ whose wording differs between pools; what is here is said the same way everywher
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from ._validate import check_seconds
 
@@ -44,12 +43,13 @@ def ladder_seconds(value: float | None, default: float, what: str) -> float:
     return default if value is None else check_seconds(value, what)
 
 
-def loop_future(future: concurrent.futures.Future[Any]) -> asyncio.Future[None]:
-    """A future of the running loop, set (to ``None``) once ``future`` is done.
+def loop_future(when_done: Callable[[Callable[[], object]], object]) -> asyncio.Future[None]:
+    """A future of the running loop, set (to ``None``) once the work is done.
 
-    ``future`` may be done from any thread; the loop is woken with
-    ``call_soon_threadsafe``. If the loop is closed by then, nobody waits any more and
-    nothing happens. Read the outcome from ``future`` itself.
+    ``when_done(callback)`` must call ``callback()`` once, from any thread, when the work
+    is done (at once if it already is): e.g. ``lambda cb: future.add_done_callback(lambda
+    _: cb())``. The loop is woken with ``call_soon_threadsafe``; if it is closed by then,
+    nobody waits any more and nothing happens. Read the outcome from the work itself.
     """
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
@@ -58,11 +58,11 @@ def loop_future(future: concurrent.futures.Future[Any]) -> asyncio.Future[None]:
         if not done.done():
             done.set_result(None)
 
-    def on_done(_: concurrent.futures.Future[Any]) -> None:
+    def on_done() -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed
             loop.call_soon_threadsafe(settle)
 
-    future.add_done_callback(on_done)
+    when_done(on_done)
     return done
 
 

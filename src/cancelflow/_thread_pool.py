@@ -1,9 +1,11 @@
 """`ThreadPool`: a `concurrent.futures` executor whose running tasks can be cancelled.
 
-A thread cannot be killed, so a cancelled task is *asked* to stop (its token is cancelled)
-and its caller is released at once. A task that keeps running for ``grace_period`` seconds
-after that is *abandoned*: logged, counted, and no longer counted against ``max_workers``,
-so the pool starts another worker for later work. An abandoned thread that finally returns
+A thread cannot be killed, so a cancelled task is *asked* to stop (its token is cancelled).
+Its future is resolved at once (as ``concurrent.futures`` users expect); ``run_sync``
+releases its caller once the task is over, so the partial results are final and the fate
+known. A task that keeps running for ``grace_period`` seconds after the cancel is
+*abandoned*: logged, counted, and no longer counted against ``max_workers``, so the pool
+starts another worker for later work (and ``run_sync``'s caller is released then). An abandoned thread that finally returns
 ends, or becomes an ordinary worker again if the pool is under capacity.
 """
 
@@ -51,6 +53,8 @@ _task_ids = itertools.count(1)
 
 # After an interrupt has been sent, how long a task gets to unwind before it is abandoned.
 _INTERRUPT_SETTLE = 0.1
+#: fates of a task that is not over yet (see ``_WorkItem.when_over``)
+_UNDER_WAY = (Fate.PENDING, Fate.RUNNING)
 
 # PyThreadState_SetAsyncExc(thread_id, exc): two prototypes of the same C function, one that
 # passes an exception type and one that passes NULL (which clears a pending exception).
@@ -116,6 +120,7 @@ class _WorkItem:
         "cancel_handle",
         "cancelled_at",
         "context",
+        "error",
         "fate",
         "fn",
         "fn_name",
@@ -126,6 +131,7 @@ class _WorkItem:
         "interrupt_sent",
         "kwargs",
         "name",
+        "over_callbacks",
         "partials",
         "pool",
         "returned",
@@ -174,6 +180,40 @@ class _WorkItem:
         self.cancel_handle: Any = None
         self.timeout_handle: _timer.TimerHandle | None = None
         self.grace_handle: _timer.TimerHandle | None = None
+        self.over_callbacks: list[Callable[[], object]] | None = None
+        #: the cancel's exception the future holds, once it holds one
+        self.error: CancelledException | None = None
+
+    def when_over(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` (from any thread) once the task is over: it returned or
+        raised, it was dropped before it started, or its thread was abandoned. At once,
+        on this thread, if it is over already."""
+        with _futures.lock(self.future):
+            if self.fate in _UNDER_WAY:
+                if self.over_callbacks is None:
+                    self.over_callbacks = []
+                self.over_callbacks.append(callback)
+                return
+        callback()
+
+    def settle_fate(self, fate: Fate) -> None:
+        """Record how the task ended (caller holds the future's lock); a cancel's
+        exception held by the future now says it too, with every partial result the task
+        stored until then (its cleanup's included). Call :meth:`fire_over` after
+        releasing the lock."""
+        self.fate = fate
+        if self.error is not None:
+            self.error.fate = fate
+            self.error.partial_results.update(self.partials)
+
+    def fire_over(self) -> None:
+        """Run the :meth:`when_over` callbacks once the fate is final (no lock held)."""
+        with _futures.lock(self.future):
+            if self.fate in _UNDER_WAY:
+                return
+            callbacks, self.over_callbacks = self.over_callbacks, None
+        for callback in callbacks or ():
+            callback()
 
     def sink(self, key: str, value: Any) -> None:
         self.partials[key] = value
@@ -535,11 +575,16 @@ class ThreadPool(Executor):
         If cancelled while blocked: ``token`` is checked on entry, and if it is already
         cancelled :class:`CancelledException` is raised before a worker is taken. If
         ``token`` is cancelled (from any thread) or the timeout passes while the task runs,
-        this raises :class:`CancelledException` / :class:`PipelineTimeoutException` at
-        once, without waiting for the thread. If the awaiting asyncio task is cancelled,
-        the task's token is cancelled too (reason ``"asyncio task cancelled"``) and
-        :class:`asyncio.CancelledError` propagates. Either way the thread gets the grace
-        period to return, then is abandoned and its slot handed to a new worker.
+        the task's token is cancelled and the thread gets ``grace_period`` seconds to
+        return; then it is abandoned and its slot handed to a new worker. This raises
+        :class:`CancelledException` / :class:`PipelineTimeoutException` once the task is
+        over (it returned or raised, or was abandoned), with every partial result it
+        stored (its cleanup's too) and its ``fate`` (``"cancelled"`` or
+        ``"abandoned"``): the wait is bounded by the grace period (and the interrupt's
+        settling time with ``interrupt_on_cancel``). If the awaiting asyncio task is
+        cancelled, the task's token is cancelled too (reason ``"asyncio task
+        cancelled"``) and :class:`asyncio.CancelledError` propagates once the task is
+        over, in the same way. For a release at once, use :meth:`submit_task`'s future.
 
         Warning: CPU-bound pure-Python work holds the GIL and gains nothing from threads;
         it should check its token often (``check_cancelled()``), or it can only be
@@ -564,7 +609,9 @@ class ThreadPool(Executor):
         self._enqueue(item)
         future: ThreadTaskFuture[T] = item.future
         stop = functools.partial(self._stop_for_awaiter, item)
-        await await_or_stop(loop_future(future), stop, wait_for_stop=False)
+        # Released once the task is over (returned, raised, or its thread abandoned after
+        # the grace period), so partial results are final and the fate known.
+        await await_or_stop(loop_future(item.when_over), stop, wait_for_stop=True)
         return _outcome_of(future)
 
     def map(
@@ -937,13 +984,14 @@ class ThreadPool(Executor):
             if item.token.is_cancelled:
                 settled = self._settle_locked(item)
                 if item.fate != Fate.ABANDONED:
-                    item.fate = Fate.CANCELLED
+                    item.settle_fate(Fate.CANCELLED)
             elif not future.done():
                 resolved = True
                 item.fate = Fate.FAILED if outcome.exc is not None else Fate.FINISHED
                 _futures.settle_locked(future, result=outcome.value, exception=outcome.exc)
         if resolved or settled:
             _futures.run_callbacks(future)
+        item.fire_over()
         item.token.close()
         _drop_call(item)
         came_back = False
@@ -1003,6 +1051,7 @@ class ThreadPool(Executor):
             _drop_call(item)
             _futures.settle_locked(future, exception=error)
         _futures.run_callbacks(future)
+        item.fire_over()
         if item.cancel_handle is not None:
             item.cancel_handle.remove()
         item.token.close()
@@ -1039,13 +1088,15 @@ class ThreadPool(Executor):
         if not resolved:
             return
         _futures.run_callbacks(future)
-        if running:
-            handle = _timer.call_at(
-                item.cancelled_at + item.grace, functools.partial(self._grace_expired, item)
-            )
-            item.grace_handle = handle
-            if item.returned:  # it returned before the handle was stored: _complete missed it
-                handle.cancel()
+        if not running:
+            item.fire_over()  # it never ran, or already returned: over now
+            return
+        handle = _timer.call_at(
+            item.cancelled_at + item.grace, functools.partial(self._grace_expired, item)
+        )
+        item.grace_handle = handle
+        if item.returned:  # it returned before the handle was stored: _complete missed it
+            handle.cancel()
 
     def _settle_locked(self, item: _WorkItem) -> bool:
         """Resolve as cancelled if still unresolved; caller holds the future's lock."""
@@ -1058,7 +1109,10 @@ class ThreadPool(Executor):
         if item.cancel_as_future:
             _futures.settle_locked(future, cancelled=True, signal_safe=True)
         else:
-            _futures.settle_locked(future, exception=item.cancel_exception(), signal_safe=True)
+            item.error = item.cancel_exception()
+            if item.fate not in _UNDER_WAY:
+                item.error.fate = item.fate
+            _futures.settle_locked(future, exception=item.error, signal_safe=True)
         with self._count_lock:
             self._cancelled += 1
         return True
@@ -1084,9 +1138,11 @@ class ThreadPool(Executor):
                 self._abandoned_total += 1
                 self._abandoned_running += 1
                 with _futures.lock(item.future):
-                    item.fate = Fate.ABANDONED
+                    item.settle_fate(Fate.ABANDONED)
                 self._spawn_if_needed()
                 self._cond.notify_all()
+        if not interrupted:
+            item.fire_over()
         thread = worker.thread.name if worker.thread is not None else None
         fn_name = item.fn_name
         if interrupted:

@@ -2,8 +2,9 @@
 
 ``await cancelflow.to_thread.run_sync(fn, *args, token=...)`` is
 :func:`asyncio.to_thread` with a cancellation token: cancelling the token or the awaiting
-task releases the caller at once and asks the thread to stop (through
-:func:`cancelflow.check_cancelled` / :func:`cancelflow.current_token` inside ``fn``).
+task asks the thread to stop (through :func:`cancelflow.check_cancelled` /
+:func:`cancelflow.current_token` inside ``fn``) and releases the caller once ``fn`` is
+over: it returned, or was abandoned after the grace period.
 Calls share one process-wide :class:`~cancelflow.ThreadPool`, created on first use.
 """
 
@@ -84,11 +85,12 @@ async def run_sync(
     If cancelled while blocked: ``token`` is checked on entry, and if it is already
     cancelled :class:`~cancelflow.CancelledException` is raised before a worker thread is
     taken. If ``token`` is cancelled (from any thread, a signal handler or another
-    process) or ``timeout`` passes while ``fn`` runs, this raises at once, without waiting
-    for the thread. If the awaiting task is cancelled, the task's token is cancelled and
-    :class:`asyncio.CancelledError` propagates. The thread gets ``grace_period`` seconds to
-    return; one that does not is abandoned (logged, counted) and its slot goes at once to a
-    new worker thread, so stuck threads never block later calls. A thread is never killed:
+    process) or ``timeout`` passes while ``fn`` runs, the thread gets ``grace_period``
+    seconds to return; one that does not is abandoned (logged, counted) and its slot goes
+    at once to a new worker thread, so stuck threads never block later calls. This raises
+    once ``fn`` is over (returned, or abandoned), with every partial result it stored and
+    its fate. If the awaiting task is cancelled, the task's token is cancelled and
+    :class:`asyncio.CancelledError` propagates, in the same way. A thread is never killed:
     an abandoned one keeps running until ``fn`` returns.
 
     Warning: pure-Python CPU-bound work holds the GIL and gains nothing from threads; it
