@@ -222,7 +222,11 @@ def dask_cluster() -> Iterator[Any]:
         cluster.close()
 
 
+# Module-scoped so that pytest runs every thread test, then every process test, then the
+# Dask ones: the module's cluster (which opens sockets in this process whenever its
+# workers connect) only starts once the per-test leak checks of the others are done.
 @pytest.fixture(
+    scope="module",
     params=[
         "thread",
         "process",

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
+from ._backends._base import PoolBackend
 from ._events import EventBus, PipelineEvent
 from ._exceptions import (
     CancelledException,
@@ -18,7 +19,7 @@ from ._exceptions import (
 from ._fate import Fate
 from ._node import Node
 from ._registry import CancellationRegistry, CleanupHandler, RunHandle
-from ._run import Mode, Run, RunOutcome, SyncPool
+from ._run import Mode, Run, RunOutcome
 from ._supersede import DEFAULT_SUPERSEDE_REASON, Superseder
 from ._token import CancellationToken, check_reason
 from ._validate import check_optional_seconds
@@ -29,7 +30,6 @@ __all__ = (
     "Mode",
     "PipelineExecutor",
     "PipelineResult",
-    "SyncPool",
 )
 
 _MODES: tuple[str, ...] = ("graceful", "interrupt")
@@ -226,8 +226,8 @@ class PipelineExecutor:
         self,
         registry: CancellationRegistry | None = None,
         *,
-        thread_pool: SyncPool | None = None,
-        process_pool: SyncPool | None = None,
+        thread_pool: PoolBackend | None = None,
+        process_pool: PoolBackend | None = None,
         mode: Mode = "graceful",
         graceful_timeout: float | None = DEFAULT_GRACEFUL_TIMEOUT,
         cleanup_timeout: float | None = None,
@@ -252,7 +252,7 @@ class PipelineExecutor:
         self.cleanup_timeout = check_optional_seconds(cleanup_timeout, "cleanup_timeout", positive=True)
         self._thread_pool = thread_pool
         self._process_pool = process_pool
-        self._owned_pools: list[SyncPool] = []
+        self._owned_pools: list[PoolBackend] = []
         self._runs: set[Run] = set()
         self._closed = False
         self._superseder = Superseder()
@@ -454,7 +454,7 @@ class PipelineExecutor:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def _pool_for(self, run_in: str) -> SyncPool:
+    def _pool_for(self, run_in: str) -> PoolBackend:
         if self._closed:
             raise PoolClosedError("the PipelineExecutor is closed")
         if run_in == "thread":
@@ -616,7 +616,7 @@ class _RunSpec:
     handlers: list[CleanupHandler]
 
 
-async def _shutdown_pool(pool: SyncPool) -> None:
+async def _shutdown_pool(pool: PoolBackend) -> None:
     closer = getattr(pool, "aclose", None)
     if closer is not None:
         await closer()

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal
 
+from ._backends._base import PoolBackend
 from ._events import EventBus, PipelineEvent
 from ._exceptions import (
     CancelledException,
@@ -26,31 +27,12 @@ from ._node import Node, NodeContext
 from ._registry import RunHandle
 from ._token import CallbackHandle, CancellationToken
 
-if TYPE_CHECKING:
-    from ._context import PartialSink
-
-__all__ = ("Mode", "Run", "RunOutcome", "SyncPool")
+__all__ = ("Mode", "Run", "RunOutcome")
 
 Mode = Literal["graceful", "interrupt"]
 
 # While interrupted coroutine nodes refuse to end, they are cancelled again this often.
 _RECANCEL_INTERVAL = 1.0
-
-
-class SyncPool(Protocol):
-    """What the executor needs of a thread or process pool (cancelflow's pools fit)."""
-
-    async def run_sync(
-        self,
-        fn: Callable[..., Any],
-        *args: Any,
-        token: CancellationToken | None = None,
-        timeout: float | None = None,
-        grace_period: float | None = None,
-        partial_sink: PartialSink | None = None,
-    ) -> Any: ...
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None: ...
 
 
 @dataclass
@@ -124,7 +106,7 @@ class Run:
         timeout: float | None,
         *,
         events: EventBus,
-        pool_for: Callable[[str], SyncPool],
+        pool_for: Callable[[str], PoolBackend],
     ) -> None:
         self.handle = handle
         self.events = events

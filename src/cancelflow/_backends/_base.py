@@ -6,8 +6,9 @@ and :class:`~cancelflow.ProcessPool`, and :class:`~cancelflow.DaskRunner`. The e
 depends on this protocol only; ``tests/test_backend_contract.py`` runs one suite over every
 backend against it.
 
-A leaf module: it imports only :mod:`typing`, :mod:`collections.abc` and
-``cancelflow._token``, so any layer may import it and it imports no layer.
+Near a leaf: it imports only :mod:`typing`, :mod:`collections.abc`, ``cancelflow._token``
+and ``cancelflow._context`` (for :data:`PartialSink`), so the executor's layer imports it
+without importing any backend.
 """
 
 from __future__ import annotations
@@ -15,12 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
+from .._context import PartialSink
 from .._token import CancellationToken
 
 __all__ = ("PartialSink", "PoolBackend")
-
-#: Receives each ``store_partial(key, value)`` of a task, as ``sink(key, value)``.
-PartialSink = Callable[[str, Any], None]
 
 
 @runtime_checkable

@@ -158,13 +158,17 @@ class _Core:
             return
         await self.on_loop(self._close())
 
-    async def _close(self) -> None:
-        from ._dask_worker import forget_topic_on_scheduler
-
+    async def wait_for_calls(self) -> None:
+        """Return once every call made so far, and the background work behind it, is over."""
         while self.driving:
             await asyncio.gather(*list(self.driving), return_exceptions=True)
         while self.background:
             await asyncio.gather(*list(self.background), return_exceptions=True)
+
+    async def _close(self) -> None:
+        from ._dask_worker import forget_topic_on_scheduler
+
+        await self.wait_for_calls()
         client = self.client
         if client is None or client.status not in ("running", "connecting", "newly-created"):
             return
@@ -305,10 +309,13 @@ class _Core:
                 call.wake.clear()
                 if call.stopped is not None:
                     raise self._stopped_from_worker(call, call.stopped)
-                if call.aborted or (deadline is not None and loop.time() >= deadline):
+                if deadline is not None and loop.time() >= deadline:
                     return await self._stop_hard(call, result)
                 token = call.token
-                if call.dropped or token is None or not token.is_cancelled or signalled:
+                # The awaiting coroutine cancelled (aborted) stops the task as a cancel of
+                # its token does: asked first, forced after the grace period.
+                stopping = call.aborted or (token is not None and token.is_cancelled)
+                if call.dropped or not stopping or signalled:
                     continue
                 signalled = True
                 if call.mode == "process":  # the worker runs the ladder; this is a backstop
@@ -318,7 +325,7 @@ class _Core:
                 run_token = call.run_token
                 if run_token is not None and run_token.is_cancelled:
                     continue  # the run's Event carries it to every worker
-                await self._signal(call, token.cancel_reason)
+                await self._signal(call, self._reason(call))
             return self._outcome(call, result)
         finally:
             if handle is not None:
@@ -703,11 +710,34 @@ class DaskRunner:
         await self._core.aclose()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Refuse new calls (the synchronous half of :meth:`aclose`, for the pool protocol).
+        """Refuse new calls; with ``wait``, return once every call already made is over
+        (the synchronous half of :meth:`aclose`, for the pool protocol).
 
-        Running calls go on; use :meth:`aclose` to wait for them and release the client.
+        Running calls go on (cancel their tokens to stop them); their tasks' partial
+        results have all reached their sinks when this returns. It blocks: call it from
+        a thread other than the event loop the runner's calls are driven on (or await
+        :meth:`aclose`, which also releases the client). ``cancel_futures`` changes
+        nothing: a call is sent to the scheduler as soon as it is made.
+
+        Raises:
+            RuntimeError: ``wait`` asked on the thread of the loop that drives the calls
+                (it would wait for itself); the runner is closed all the same.
         """
-        self._core.closed = True
+        core = self._core
+        core.closed = True
+        loop = core.loop
+        if not wait or loop is None or not loop.is_running():
+            return  # no loop runs: no call is being driven
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise RuntimeError(
+                "DaskRunner.shutdown(wait=True) cannot wait on the loop that drives its "
+                "calls: await runner.aclose(), or call shutdown from another thread"
+            )
+        asyncio.run_coroutine_threadsafe(core.wait_for_calls(), loop).result()
 
     async def __aenter__(self) -> DaskRunner:
         await self.start()
