@@ -1,6 +1,6 @@
 """What the pools' futures need of :class:`concurrent.futures.Future` beyond its public methods.
 
-Package-internal: for the pools (``_thread_pool`` now; ``_process_pool`` can adopt it).
+Package-internal: for the pools' futures (``_thread_pool``, ``_process._task``).
 Everything else about a future goes through its public methods (``done()``,
 ``running()``, ``cancelled()``, ``set_running_or_notify_cancel()``, ``set_result()``,
 ``set_exception()``, ``cancel()``). These few helpers are the only place that touches the

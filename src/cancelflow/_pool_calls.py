@@ -1,8 +1,7 @@
 """What every pool's ``submit_task`` / ``run_sync`` repeat: checking the call and the stop
 ladder's seconds, and awaiting a task from asyncio.
 
-Package-internal: for the pools (``_thread_pool`` now; ``_process_pool`` and
-``_backends._dask`` can adopt it). The public signatures stay each pool's own (they
+Package-internal: for the pools (``_thread_pool``, ``_process._pool``). The public signatures stay each pool's own (they
 differ: ``term_grace_period``, ``interrupt_on_cancel``, ``run_in``), and so do the checks
 whose wording differs between pools; what is here is said the same way everywhere.
 """
@@ -14,6 +13,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
+from ._token import CancellationToken
 from ._validate import check_seconds
 
 __all__ = ("await_or_stop", "check_call", "ladder_seconds", "loop_future")
@@ -21,10 +21,13 @@ __all__ = ("await_or_stop", "check_call", "ladder_seconds", "loop_future")
 T = TypeVar("T")
 
 
-def check_call(fn: object, args: object, kwargs: object) -> None:
+def check_call(
+    fn: object, args: object, kwargs: object, token: object = None, partial_sink: object = None
+) -> None:
     """Refuse a task call that cannot be made: ``fn`` not callable, ``args`` not an
     iterable of arguments (a ``str`` or ``bytes`` is refused), ``kwargs`` neither a
-    mapping nor ``None``.
+    mapping nor ``None``, ``token`` neither a :class:`CancellationToken` nor ``None``,
+    ``partial_sink`` neither callable nor ``None``.
 
     Raises:
         TypeError: naming the argument.
@@ -35,6 +38,10 @@ def check_call(fn: object, args: object, kwargs: object) -> None:
         raise TypeError(f"args must be an iterable of arguments, not {type(args).__name__}")
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise TypeError(f"kwargs must be a mapping or None, not {type(kwargs).__name__}")
+    if token is not None and not isinstance(token, CancellationToken):
+        raise TypeError(f"token must be a CancellationToken or None, not {type(token).__name__}")
+    if partial_sink is not None and not callable(partial_sink):
+        raise TypeError(f"partial_sink must be callable, not {type(partial_sink).__name__}")
 
 
 def ladder_seconds(value: float | None, default: float, what: str) -> float:

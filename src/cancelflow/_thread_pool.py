@@ -750,13 +750,7 @@ class ThreadPool(Executor):
         interrupt_on_cancel: bool,
     ) -> _WorkItem | None:
         """Validate a submission; ``None`` means ``token`` is already cancelled."""
-        check_call(fn, args, kwargs)
-        if token is not None and not isinstance(token, CancellationToken):
-            raise TypeError(
-                f"token must be a CancellationToken or None, not {type(token).__name__}"
-            )
-        if partial_sink is not None and not callable(partial_sink):
-            raise TypeError(f"partial_sink must be callable, not {type(partial_sink).__name__}")
+        check_call(fn, args, kwargs, token, partial_sink)
         if not isinstance(interrupt_on_cancel, bool):
             raise TypeError(
                 f"interrupt_on_cancel must be a bool, not {type(interrupt_on_cancel).__name__}"

@@ -13,12 +13,13 @@ import itertools
 import os
 import pickle
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from .._exceptions import CancelledException
 from .._fate import Fate
+from .._pool_calls import check_call, ladder_seconds
 from .._token import CancellationToken
 from .._validate import check_seconds as _seconds
 from . import _supervisor, _zygote
@@ -259,23 +260,10 @@ class ProcessPool(concurrent.futures.Executor):
             TypeError: ``fn`` is not callable, or it or an argument cannot be pickled.
             ValueError: a negative timeout or grace period.
         """
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        if isinstance(args, (str, bytes)) or not isinstance(args, Iterable):
-            raise TypeError(f"args must be an iterable of arguments, not {type(args).__name__}")
-        if kwargs is not None and not isinstance(kwargs, Mapping):
-            raise TypeError(f"kwargs must be a mapping or None, not {type(kwargs).__name__}")
-        if token is not None and not isinstance(token, CancellationToken):
-            raise TypeError(f"token must be a CancellationToken, not {type(token).__name__}")
+        check_call(fn, args, kwargs, token, partial_sink)
         timeout = None if timeout is None else _seconds(timeout, "timeout", positive=True)
-        grace = self._grace if grace_period is None else _seconds(grace_period, "grace_period")
-        term_grace = (
-            self._term_grace
-            if term_grace_period is None
-            else _seconds(term_grace_period, "term_grace_period")
-        )
-        if partial_sink is not None and not callable(partial_sink):
-            raise TypeError(f"partial_sink must be callable, not {type(partial_sink).__name__}")
+        grace = ladder_seconds(grace_period, self._grace, "grace_period")
+        term_grace = ladder_seconds(term_grace_period, self._term_grace, "term_grace_period")
         supervisor = self._supervisor
         supervisor.check_open()
         call = (fn, tuple(args), dict(kwargs or {}))

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Callable
-from concurrent.futures._base import (
-    CANCELLED,
-    CANCELLED_AND_NOTIFIED,
-    FINISHED,
-    PENDING,
-    RUNNING,
-)
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from .. import _futures
 from .._fate import Fate
 from .._token import CancellationToken
 
@@ -62,18 +56,15 @@ class TaskFuture(concurrent.futures.Future[Any]):
         :class:`concurrent.futures.CancelledError`) once the task returned or its worker
         and process tree are confirmed gone, never before.
         """
-        with self._condition:
-            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
-                return True
-            if self._state == FINISHED:
-                return False
+        if self.done():
+            return self.cancelled()
         task = self._task
         if task is None:
             return super().cancel() if not self._pooled else self.cancelled()
         task.supervisor.request_stop(task, "future", "future cancelled")
         # True only if this call's stop is the one that ends the task (a token's or a
         # timeout's stop that won the race ends it with CancelledException instead).
-        return task.stop_kind == "future" and self._state != FINISHED
+        return task.stop_kind == "future" and (self.cancelled() or not self.done())
 
     def kill(self, reason: str | None = "killed") -> bool:
         """Stop the task at once: SIGKILL its worker and whole process tree, no grace.
@@ -83,30 +74,24 @@ class TaskFuture(concurrent.futures.Future[Any]):
         steps: no ``finally`` block of the task runs. Returns ``False`` if it already
         finished.
         """
-        with self._condition:
-            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
-                return True
-            if self._state == FINISHED:
-                return False
+        if self.done():
+            return self.cancelled()
         task = self._task
         if task is None:
             return super().cancel() if not self._pooled else self.cancelled()
         task.supervisor.request_stop(task, "future", reason, kill=True)
-        return self._state != FINISHED
+        return self.cancelled() or not self.done()
 
     # -- the supervisor's handle (package-internal) ---------------------------------------
     @property
     def decision_lock(self) -> Any:
-        """The re-entrant lock under which a task is dropped, claimed or first stopped."""
-        return self._condition
+        """The re-entrant lock under which a task is dropped, claimed or first stopped
+        (the future's own, so that those decisions are atomic with its state)."""
+        return _futures.lock(self)
 
     def start_running(self) -> bool:
-        """Mark a pending future running (call with :attr:`decision_lock` held); ``False``
-        if it is not pending any more."""
-        if self._state != PENDING:
-            return False
-        self._state = RUNNING
-        return True
+        """Mark a pending future running; ``False`` if it is not pending any more."""
+        return _futures.start(self)
 
     def forget_task(self) -> None:
         """Drop the link to the supervisor's record: the future is settled."""
@@ -114,14 +99,11 @@ class TaskFuture(concurrent.futures.Future[Any]):
 
     def settle_cancelled(self) -> None:
         """End this future cancelled, whether it was pending or running."""
-        with self._condition:
-            if self._state not in (PENDING, RUNNING, CANCELLED):
+        with _futures.lock(self):
+            if self.done():
                 return
-            self._state = CANCELLED_AND_NOTIFIED
-            for waiter in self._waiters:
-                waiter.add_cancelled(self)
-            self._condition.notify_all()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
+            _futures.settle_locked(self, cancelled=True)
+        _futures.run_callbacks(self)
 
 
 @dataclass(eq=False)
