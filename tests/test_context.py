@@ -25,8 +25,8 @@ from cancelflow import (
     current_token,
     store_partial,
 )
-from cancelflow._context import task_scope
-from support import WAIT, names, run, wait
+from cancelflow._context import deliver_partial, task_scope
+from support import WAIT, LogCapture, names, run, wait
 
 INF = math.inf
 
@@ -232,6 +232,34 @@ class TestStorePartial:
         with pytest.raises(CancelledException) as info:
             future.result(WAIT)
         assert info.value.partial_results == {"rows": 41}
+
+
+class TestDeliverPartial:
+    """How a pool hands a task's partial results to the caller's sink, away from the task."""
+
+    def test_keeps_the_latest_value_and_calls_the_sink_in_order(self) -> None:
+        """Test that each value is kept under its key (the latest wins) and passed on."""
+        store: dict[str, Any] = {}
+        seen: list[tuple[str, Any]] = []
+        for key, value in [("a", 1), ("b", 2), ("a", 3)]:
+            deliver_partial(store, lambda k, v: seen.append((k, v)), key, value)
+        assert store == {"a": 3, "b": 2}
+        assert seen == [("a", 1), ("b", 2), ("a", 3)]
+
+    def test_a_raising_sink_is_logged_and_the_value_kept(self, logs: LogCapture) -> None:
+        """Test that a sink that raises does not break the stream: the value is kept and
+        the error logged with the ids given."""
+        store: dict[str, Any] = {}
+
+        def bad(key: str, value: Any) -> None:
+            raise RuntimeError("sink broke")
+
+        deliver_partial(store, bad, "k", 1, pool="p1")
+        deliver_partial(store, bad, "k", 2, pool="p1")
+        assert store == {"k": 2}
+        errors = [r for r in logs.cancelflow("ERROR") if r["message"] == "partial_sink raised"]
+        assert len(errors) == 2
+        assert errors[0]["extra"]["pool"] == "p1"
 
 
 class TestCriticalSection:

@@ -15,6 +15,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from ._log import safe_log
 from ._token import CancellationToken
 from ._validate import seconds_error
 
@@ -28,6 +29,23 @@ __all__ = (
 )
 
 PartialSink = Callable[[str, Any], None]
+
+
+def deliver_partial(
+    store: dict[str, Any], sink: PartialSink | None, key: str, value: Any, /, **ids: object
+) -> None:
+    """Keep ``value`` as the latest partial result under ``key`` and hand it to ``sink``.
+
+    For the pools and backends that receive a task's partial results away from the task
+    (a supervisor thread, a client loop): a sink that raises is logged (with ``ids``
+    bound) and never breaks the stream of results.
+    """
+    store[key] = value
+    if sink is not None:
+        try:
+            sink(key, value)
+        except Exception as exc:  # noqa: BLE001 - a sink must not break the stream
+            safe_log("ERROR", "partial_sink raised", exception=exc, **ids)
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._context import PartialSink
+from .._context import PartialSink, deliver_partial
 from .._exceptions import (
     CancelledException,
     PoolClosedError,
@@ -208,12 +208,7 @@ class _Core:
             except Exception as exc:  # noqa: BLE001 - a bad value must not break the stream
                 safe_log("ERROR", f"partial result {name!r} could not be loaded", exception=exc)
                 return
-            call.partials[name] = value
-            if call.sink is not None:
-                try:
-                    call.sink(name, value)
-                except Exception as exc:  # noqa: BLE001 - a sink must not break the stream
-                    safe_log("ERROR", "partial_sink raised", exception=exc, key=call.key)
+            deliver_partial(call.partials, call.sink, name, value, key=call.key)
 
     # -- runs (client loop) ------------------------------------------------------------------
     def _join_run(self, call: _Call) -> None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .. import _cell, _interpreter_exit
+from .._context import deliver_partial
 from .._exceptions import (
     BrokenPoolError,
     CancelledException,
@@ -646,12 +647,7 @@ class Supervisor:
                         what=f"partial result {key!r}",
                         remote_text=f"a {type_name} value",
                     ) from exc
-                task.partials[key] = value
-                if task.partial_sink is not None:
-                    try:
-                        task.partial_sink(key, value)
-                    except Exception as exc:  # noqa: BLE001 - a sink must not break the pool
-                        safe_log("ERROR", "partial_sink raised", exception=exc, pool=self.name)
+                deliver_partial(task.partials, task.partial_sink, key, value, pool=self.name)
             case Cancel(_, reason):
                 # The task cancelled its own token (a child of the caller's, as in every
                 # backend): the task is stopped; the caller's token is left alone.
