@@ -21,6 +21,7 @@ import pytest
 
 from cancelflow import CancellationToken, _cell
 from cancelflow._platform import HAVE_FUTEX, futex_wait
+from cancelflow._token import token_on_slot
 from support import WAIT, Recorder, memfds, pipe, receive, running, share
 
 SLOT = _cell.SLOT_SIZE
@@ -235,7 +236,7 @@ class TestTokenResources:
         have their callbacks run by a cancel made through either."""
         first = CancellationToken()
         share(first)
-        second = CancellationToken._on_slot(first._chunk, first._offset, name="task-2")
+        second = token_on_slot(first._chunk, first._offset, name="task-2")
         first_recorder, second_recorder = Recorder(), Recorder()
         first.on_cancel(first_recorder)
         second.on_cancel(second_recorder)

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cancelflow import CancellationRegistry, CancellationToken, PipelineExecutor, _cell
-from cancelflow._token import _Cell
+from cancelflow._token import _Cell, token_on_slot
 from support import WAIT, pipe, receive, running
 
 LIMIT = _cell.REASON_MAX
@@ -52,7 +52,7 @@ def shared_pair() -> tuple[CancellationToken, CancellationToken]:
     token = CancellationToken()
     token._exported = True  # what handing it to a starting process does
     token._chunk.mark_shared()
-    return token, CancellationToken._on_slot(token._chunk, token._offset)
+    return token, token_on_slot(token._chunk, token._offset)
 
 
 def stored_form(reason: str) -> str:
@@ -124,7 +124,7 @@ class TestReasonInProcess:
         token = CancellationToken()
         token.cancel(reason)
         token._write_shared_reason(token._reason)  # what pickling for a process start does
-        view = CancellationToken._on_slot(token._chunk, token._offset)
+        view = token_on_slot(token._chunk, token._offset)
         assert view.cancel_reason == reason
 
     @pytest.mark.parametrize("reason", TEXTS.values(), ids=TEXTS.keys())
@@ -150,7 +150,7 @@ class TestReasonInProcess:
         parent = CancellationToken()
         child = parent.child()
         child._exported = True
-        view = CancellationToken._on_slot(child._chunk, child._offset)
+        view = token_on_slot(child._chunk, child._offset)
         parent.cancel(reason)
         assert child.is_cancelled
         assert view.cancel_reason == reason

@@ -132,6 +132,13 @@ def store_partial(key: str, value: Any) -> None:
 _critical_hook: Callable[[float], AbstractContextManager[None]] | None = None
 
 
+def set_critical_hook(hook: Callable[[float], AbstractContextManager[None]] | None) -> None:
+    """Package-internal (the process worker): what :func:`critical_section` does inside a
+    task of this process from now on; ``None``: nothing (a plain no-op block)."""
+    global _critical_hook
+    _critical_hook = hook
+
+
 def critical_section(max_seconds: float) -> AbstractContextManager[None]:
     """Defer a forced stop of this task while the ``with`` body runs, for at most
     ``max_seconds``.

@@ -12,7 +12,7 @@ import time
 import weakref
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Self, TypeVar, overload
 
 from . import _cell, _timer
 from ._exceptions import CancelledException
@@ -20,7 +20,7 @@ from ._log import safe_log
 from ._platform import futex_wait, futex_wake
 from ._validate import check_seconds as _check_timeout
 
-__all__ = ("CallbackHandle", "CancellationToken", "Reason", "TokenRef")
+__all__ = ("CallbackHandle", "CancellationToken", "Reason", "TokenRef", "token_on_slot")
 
 Reason = str | None
 _ids = itertools.count(1)
@@ -190,7 +190,7 @@ class CancellationToken(_Cell):
         self.is_cancelled = False
 
     @classmethod
-    def _on_slot(cls, chunk: _cell.Chunk, offset: int, name: str | None = None) -> CancellationToken:
+    def _on_slot(cls, chunk: _cell.Chunk, offset: int, name: str | None = None) -> Self:
         """A token over an existing slot (another process's token, or a pool's task slot)."""
         self = cls.from_buffer(chunk.mm, offset)
         chunk.adopt()
@@ -670,8 +670,30 @@ def _attach_chunk(dupfd: Any) -> _cell.Chunk:
     return _cell.attach_chunk(dupfd.detach())
 
 
+_T = TypeVar("_T", bound=CancellationToken)
+
+
+@overload
+def token_on_slot(chunk: _cell.Chunk, offset: int, name: str | None = None) -> CancellationToken: ...
+@overload
+def token_on_slot(
+    chunk: _cell.Chunk, offset: int, name: str | None = None, *, kind: type[_T]
+) -> _T: ...
+def token_on_slot(
+    chunk: _cell.Chunk,
+    offset: int,
+    name: str | None = None,
+    *,
+    kind: type[CancellationToken] = CancellationToken,
+) -> CancellationToken:
+    """Package-internal: a token (of class ``kind``) over the existing slot at ``offset``
+    of ``chunk``: another process's token, or a pool's task slot. Cancelling either
+    view is seen by both, in every process that maps the chunk."""
+    return kind._on_slot(chunk, offset, name)
+
+
 def _rebuild_token(chunk: _cell.Chunk, offset: int, name: str) -> CancellationToken:
-    return CancellationToken._on_slot(chunk, offset, name)
+    return token_on_slot(chunk, offset, name)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

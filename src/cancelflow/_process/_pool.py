@@ -283,8 +283,7 @@ class ProcessPool(concurrent.futures.Executor):
         task = Task(
             supervisor, next(_seq), payload, future, token, grace, term_grace, timeout, partial_sink
         )
-        future._task = task
-        future._pooled = True
+        future.attach(task)
         if token is not None and token.is_cancelled:
             task.stop_kind, task.stop_reason = "cancel", token.cancel_reason
             supervisor.finish(task, Fate.CANCELLED)

@@ -45,8 +45,8 @@ from .._exceptions import (
 )
 from .._fate import Fate
 from .._log import safe_log
-from .._platform import kill_tree, pidfd_open, send_signal
-from .._token import CancellationToken
+from .._platform import kill_tree, pidfd_open, send_signal, signal_name
+from .._token import CancellationToken, token_on_slot
 from . import _zygote
 from ._channel import FrameReader, encode
 from ._protocol import (
@@ -197,7 +197,7 @@ class Supervisor:
         self._chunk = _cell.Chunk(2 * size + 1, pinned=True, label="cancelflow-pool")
         self._chunk.mark_shared()
         self._slot_tokens = [
-            CancellationToken._on_slot(self._chunk, (1 + 2 * i) * _SLOT, name=f"{name}-slot-{i}")
+            token_on_slot(self._chunk, (1 + 2 * i) * _SLOT, name=f"{name}-slot-{i}")
             for i in range(size)
         ]
         self._controls = [
@@ -1021,7 +1021,7 @@ def _crash_error(worker: WorkerHandle) -> WorkerCrashedError:
         )
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
-        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
+        name = signal_name(signum)
         return WorkerCrashedError(
             f"worker {worker.pid} was killed by signal {signum} ({name})", signal=signum, pid=worker.pid
         )

@@ -93,6 +93,11 @@ class TaskFuture(concurrent.futures.Future[Any]):
         """Mark a pending future running; ``False`` if it is not pending any more."""
         return _futures.start(self)
 
+    def attach(self, task: Task) -> None:
+        """Link this future, made by a pool, to the supervisor's record of its task."""
+        self._task = task
+        self._pooled = True
+
     def forget_task(self) -> None:
         """Drop the link to the supervisor's record: the future is settled."""
         self._task = None

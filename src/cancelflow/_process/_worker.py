@@ -43,7 +43,7 @@ from typing import Any
 from .. import _cell, _context
 from .._exceptions import CancelledException, Terminated, UnreadableResultError
 from .._platform import kill_tree, set_child_subreaper, set_parent_death_signal
-from .._token import CancellationToken
+from .._token import CancellationToken, token_on_slot
 from ._channel import encode, recv_frame
 from ._protocol import (
     TASK_TOKEN_ID,
@@ -317,7 +317,7 @@ class _Worker:
         return True
 
     def run_task(self, seq: int, payload: bytes) -> None:
-        token = _TaskToken._on_slot(self.chunk, self.token_offset, name=f"task-{seq}")
+        token = token_on_slot(self.chunk, self.token_offset, name=f"task-{seq}", kind=_TaskToken)
         token._worker = self
         token._seq = seq
 
@@ -325,7 +325,7 @@ class _Worker:
             self.send(Partial(seq, key, _blob(value), _type_name(value)))
 
         control = self.control
-        _context._critical_hook = lambda seconds: _critical_section(seconds, control)
+        _context.set_critical_hook(lambda seconds: _critical_section(seconds, control))
         kind: Outcome
         value: Any = None
         # While a task runs, the zygote's death freezes this worker with the task's tree
