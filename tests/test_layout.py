@@ -138,3 +138,74 @@ class TestTheToolsLoadLazily:
         loaded = _modules_loaded_by(f"import {module}")
         assert sorted(m for m in loaded if _is_tools(m)) == sorted(packages)
         assert [m for m in loaded if m.split(".")[0] in TOOL_ONLY] == []
+
+
+#: Private names of the standard library the library uses on purpose, each for a reason
+#: its module documents (the same traceback text as ``ProcessPoolExecutor``).
+STDLIB_PRIVATE_IMPORTS = {("concurrent.futures.process", "_RemoteTraceback")}
+
+
+def _reach_ins(name: str, source: str, *, is_package: bool = False) -> list[str]:
+    """``from M import _name`` of a private name that is not a module, and
+    ``module._name`` on a module of the package imported by name: the ways one module
+    reaches into another's private parts (attributes of objects are out of reach of an
+    AST walk; package-internal handles are public names of private modules)."""
+    package = name.split(".") if is_package else name.split(".")[:-1]
+    tree = ast.parse(source, name)
+    modules: set[str] = set()  # local names bound to a module of the package
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
+        module = ".".join(part for part in (base, node.module or "") if part)
+        for alias in node.names:
+            target = f"{module}.{alias.name}"
+            is_module = _is_package_module(target)
+            if is_module:
+                modules.add(alias.asname or alias.name)
+            private = alias.name.startswith("_") and not alias.name.startswith("__")
+            if private and not is_module and (module, alias.name) not in STDLIB_PRIVATE_IMPORTS:
+                found.append(f"line {node.lineno}: from {module} import {alias.name}")
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
+            found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+    return found
+
+
+def _is_package_module(dotted: str) -> bool:
+    if not dotted.startswith("cancelflow."):
+        return False
+    path = PACKAGE.joinpath(*dotted.split(".")[1:])
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+class TestNoReachIns:
+    def test_the_check_finds_a_reach_in(self) -> None:
+        """Test that the walk below reports both kinds of reach-in it looks for, and
+        not a private module imported by name."""
+        source = "from ._token import _Cell\nfrom . import _context\n_context._critical_hook = None\n"
+        assert _reach_ins("cancelflow._probe", source) == [
+            "line 1: from cancelflow._token import _Cell",
+            "line 3: _context._critical_hook",
+        ]
+
+    def test_no_library_module_reaches_into_another(self) -> None:
+        """Test that no module of the library imports another module's private name or
+        reads a private attribute of another module: it goes through the documented
+        package-internal handles (public names of the private modules) instead."""
+        offenders = {
+            _module_name(path): _reach_ins(
+                _module_name(path),
+                path.read_text(encoding="utf-8"),
+                is_package=path.name == "__init__.py",
+            )
+            for path in _library_files()
+        }
+        assert {name: found for name, found in offenders.items() if found} == {}
