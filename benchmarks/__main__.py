@@ -16,7 +16,9 @@ from cancelflow._cli.bench.cli import add_parser
 
 def main_full(argv: list[str] | None = None) -> int:
     """``python -m benchmarks``: the full suite, writing JSON and PNG next to the cwd by default."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description="cancelflow's full benchmark suite")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description="cancelflow's full benchmark suite"
+    )
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)
     args = parser.parse_args(["bench", *(argv if argv is not None else sys.argv[1:])])

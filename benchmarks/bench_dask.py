@@ -160,8 +160,9 @@ async def bench_cancel(runner: DaskRunner, samples: int, how: str) -> dict[str, 
         pids = Pids()
         token = CancellationToken()
         call = asyncio.ensure_future(
-            pinned.run_sync(spin_tree, token=token, partial_sink=pids, grace_period=0.0,
-                            term_grace_period=0.0)
+            pinned.run_sync(
+                spin_tree, token=token, partial_sink=pids, grace_period=0.0, term_grace_period=0.0
+            )
         )
         tree = await asyncio.wait_for(pids.future, WAIT)
         # Waits in that worker's queue (1 thread) behind the node about to be cancelled.
@@ -205,7 +206,12 @@ def runner_on(runner: DaskRunner, address: str) -> DaskRunner:
 async def bench_overhead(runner: DaskRunner, rounds: int) -> dict[str, list[float]]:
     client = runner.client
     threads = runner.with_run_in("thread")
-    results: dict[str, list[float]] = {"plain": [], "process": [], "process+token": [], "thread": []}
+    results: dict[str, list[float]] = {
+        "plain": [],
+        "process": [],
+        "process+token": [],
+        "thread": [],
+    }
     for _ in range(rounds):
         t0 = time.perf_counter()
         assert await client.submit(add, 1, 2, pure=False) == 3
@@ -248,7 +254,6 @@ async def bench_dask_own(client: Any) -> tuple[float, float, float]:
     return share, restart, time.perf_counter() - t1 + restart
 
 
-
 async def main(samples: int, rounds: int) -> None:
     # The scheduler of a LocalCluster lives in this process: on this event loop (not a
     # thread of its own), so that it and the client do not trade the GIL at every hop.
@@ -273,8 +278,10 @@ async def bench_all(samples: int, rounds: int, address: str) -> None:
         for _ in range(10):  # warm: imports in every child, connections
             await runner.run_sync(add, 1, 1)
             await runner.with_run_in("thread").run_sync(add, 1, 1)
-        print(f"DaskRunner on LocalCluster(processes=True, n_workers=2, threads_per_worker=1), "
-              f"distributed {distributed.__version__}, {os.cpu_count()} CPUs")
+        print(
+            f"DaskRunner on LocalCluster(processes=True, n_workers=2, threads_per_worker=1), "
+            f"distributed {distributed.__version__}, {os.cpu_count()} CPUs"
+        )
         print(f"\n1. cancel -> node's process tree (child + grandchild) gone, {samples} samples")
         by_token = await bench_cancel(runner, samples, "token")
         line("token.cancel() -> tree gone", by_token["gone"], "p50 <= 10 ms, p99 <= 50 ms")
@@ -291,13 +298,19 @@ async def bench_all(samples: int, rounds: int, address: str) -> None:
         base = pct(over["plain"], 0.5)
         for name, values in over.items():
             ratio = pct(values, 0.5) / base
-            line(f"{name} ({ratio:.2f}x plain at p50)", values, "<= 1.5x" if name == "process" else "")
+            line(
+                f"{name} ({ratio:.2f}x plain at p50)",
+                values,
+                "<= 1.5x" if name == "process" else "",
+            )
         print("\n4. Dask's own tools on a spinning task (1 thread per worker)")
         for pinned in _pinned.values():
             await pinned.aclose()
         share, restart, recovered = await bench_dask_own(client)
-        print(f"  future.cancel(force=True): the task keeps running; worker CPU in the next "
-              f"second: {share * 100:.0f} % (the thread is never stopped)")
+        print(
+            f"  future.cancel(force=True): the task keeps running; worker CPU in the next "
+            f"second: {share * 100:.0f} % (the thread is never stopped)"
+        )
         print(f"  client.restart_workers([that worker]): {restart:.2f} s (its results are lost)")
         print(f"  ... until a task runs on the cluster again: {recovered:.2f} s")
     print("\nRun: python -m benchmarks.bench_dask [samples] [rounds]")

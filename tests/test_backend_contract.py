@@ -234,7 +234,7 @@ def dask_cluster() -> Iterator[Any]:
         # the test: the per-test leak check cannot apply. Backend.run checks instead that
         # nothing of the test is left on the worker or the scheduler.
         pytest.param("dask", marks=pytest.mark.allow_leaks),
-    ]
+    ],
 )
 def backend(request: pytest.FixtureRequest) -> Backend:
     name: str = request.param

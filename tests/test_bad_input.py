@@ -331,7 +331,6 @@ class TestThreadPoolBadInput:
 
 
 class TestPipelineDefinitionBadInput:
-
     @pytest.mark.parametrize(
         ("nodes", "match"),
         [

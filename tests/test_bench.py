@@ -39,7 +39,11 @@ def _check_row(row: dict[str, Any], metrics: list[dict[str, Any]]) -> list[str]:
             problems.append(f"{where}: no {metric['key']}")
         elif "samples" in cell:
             samples = cell["samples"]
-            if not samples or cell["n"] != len(samples) or not all(math.isfinite(x) for x in samples):
+            if (
+                not samples
+                or cell["n"] != len(samples)
+                or not all(math.isfinite(x) for x in samples)
+            ):
                 problems.append(f"{where}: bad samples for {metric['key']}")
         elif not (isinstance(cell.get("cannot"), str) and cell["cannot"]):
             problems.append(f"{where}: {metric['key']} has neither numbers nor a reason")
@@ -71,7 +75,11 @@ def test_bench_quick_fills_every_cell(tmp_path: Path) -> None:
     problems: list[str] = []
     for scenario in data["scenarios"]:
         for variant in scenario["variants"]:
-            rows = [r for r in data["rows"] if (r["scenario"], r["variant"]) == (scenario["key"], variant["key"])]
+            rows = [
+                r
+                for r in data["rows"]
+                if (r["scenario"], r["variant"]) == (scenario["key"], variant["key"])
+            ]
             for system in data["systems"]:
                 mine = [r for r in rows if r["system"] == system]
                 if not mine:
@@ -83,7 +91,9 @@ def test_bench_quick_fills_every_cell(tmp_path: Path) -> None:
     measured = {r["system"] for r in data["rows"] if r["status"] != "skipped"}
     for system in measured:
         entry = data["leaks"][system]
-        assert {"processes", "zombies", "threads", "shm", "killed_by_benchmark", "leaked"} <= set(entry)
+        assert {"processes", "zombies", "threads", "shm", "killed_by_benchmark", "leaked"} <= set(
+            entry
+        )
     assert data["leaks"]["cancelflow"]["processes"] == []
     # The suite itself leaves no process behind (threads of a peer's idle cache may linger).
     assert data["leftovers_after_run"]["processes"] == []

@@ -1164,7 +1164,9 @@ class TestCleanupHandlers:
             async with PipelineExecutor() as executor:
                 with pytest.raises(TypeError, match=r"cleanup_handlers\[0\]"):
                     await executor.execute_pipeline(
-                        "bad-cleanup", [Node("n", noop)], cleanup_handlers=[42]  # type: ignore[list-item]
+                        "bad-cleanup",
+                        [Node("n", noop)],
+                        cleanup_handlers=[42],  # type: ignore[list-item]
                     )
                 assert "bad-cleanup" not in executor.registry
 

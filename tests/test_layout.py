@@ -57,9 +57,7 @@ def _is_tools(module: str) -> bool:
 def _library_files() -> list[Path]:
     tools = PACKAGE / "_cli"
     return sorted(
-        path
-        for path in PACKAGE.rglob("*.py")
-        if tools not in path.parents and path != ENTRY_POINT
+        path for path in PACKAGE.rglob("*.py") if tools not in path.parents and path != ENTRY_POINT
     )
 
 
@@ -107,9 +105,7 @@ class TestTheLibraryNeverImportsTheTools:
         """Test that no module of ``src/cancelflow``, the tools included, imports
         ``benchmarks/`` (the benchmarks use the bench, not the other way round)."""
         offenders = {
-            _module_name(path): sorted(
-                m for m in _imports(path) if m.split(".")[0] == "benchmarks"
-            )
+            _module_name(path): sorted(m for m in _imports(path) if m.split(".")[0] == "benchmarks")
             for path in PACKAGE.rglob("*.py")
         }
         assert {name: found for name, found in offenders.items() if found} == {}
@@ -190,7 +186,9 @@ class TestNoReachIns:
     def test_the_check_finds_a_reach_in(self) -> None:
         """Test that the walk below reports both kinds of reach-in it looks for, and
         not a private module imported by name."""
-        source = "from ._token import _Cell\nfrom . import _context\n_context._critical_hook = None\n"
+        source = (
+            "from ._token import _Cell\nfrom . import _context\n_context._critical_hook = None\n"
+        )
         assert _reach_ins("cancelflow._probe", source) == [
             "line 1: from cancelflow._token import _Cell",
             "line 3: _context._critical_hook",

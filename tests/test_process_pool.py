@@ -87,8 +87,11 @@ class TestProcessPool:
         seen = Announcements()
         token = CancellationToken()
         future = pool.submit_task(
-            workloads.announce_and_spin, token=token, partial_sink=seen,
-            grace_period=0, term_grace_period=0,
+            workloads.announce_and_spin,
+            token=token,
+            partial_sink=seen,
+            grace_period=0,
+            term_grace_period=0,
         )
         worker = seen.wait("pid")
         token.cancel("stop now")
@@ -115,8 +118,11 @@ class TestProcessPool:
         seen = Announcements()
         token = CancellationToken()
         future = pool.submit_task(
-            workloads.announce_and_finish_in_finally, token=token, partial_sink=seen,
-            grace_period=0, term_grace_period=WAIT,
+            workloads.announce_and_finish_in_finally,
+            token=token,
+            partial_sink=seen,
+            grace_period=0,
+            term_grace_period=WAIT,
         )
         seen.wait("pid")
         token.cancel("terminate")
@@ -130,8 +136,11 @@ class TestProcessPool:
         seen = Announcements()
         token = CancellationToken()
         future = pool.submit_task(
-            workloads.spawn_stubborn_tree, token=token, partial_sink=seen,
-            grace_period=0, term_grace_period=0.2,
+            workloads.spawn_stubborn_tree,
+            token=token,
+            partial_sink=seen,
+            grace_period=0,
+            term_grace_period=0.2,
         )
         child, grandchild = seen.wait("tree")
         token.cancel("kill the tree")
@@ -145,8 +154,12 @@ class TestProcessPool:
         seen = Announcements()
         token = CancellationToken()
         future = pool.submit_task(
-            workloads.store_then_spin, (50,), token=token, partial_sink=seen,
-            grace_period=0, term_grace_period=0,
+            workloads.store_then_spin,
+            (50,),
+            token=token,
+            partial_sink=seen,
+            grace_period=0,
+            term_grace_period=0,
         )
         seen.wait("pid")
         token.cancel("enough")
@@ -160,8 +173,12 @@ class TestProcessPool:
         seen = Announcements()
         token = CancellationToken()
         future = pool.submit_task(
-            workloads.announce_then_critical, (1.0,), token=token, partial_sink=seen,
-            grace_period=0, term_grace_period=0,
+            workloads.announce_then_critical,
+            (1.0,),
+            token=token,
+            partial_sink=seen,
+            grace_period=0,
+            term_grace_period=0,
         )
         seen.wait("pid")
         token.cancel("stop")
@@ -315,7 +332,9 @@ class TestProcessPool:
         )
         owner = subprocess.Popen(
             [sys.executable, str(script), os.path.dirname(workloads.__file__)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert owner.stdout is not None
         first, second = int(owner.stdout.readline()), int(owner.stdout.readline())
@@ -365,7 +384,9 @@ class TestRunSync:
         async def main() -> None:
             task = asyncio.create_task(
                 pool.run_sync(
-                    workloads.announce_and_spin, partial_sink=seen, grace_period=0,
+                    workloads.announce_and_spin,
+                    partial_sink=seen,
+                    grace_period=0,
                     term_grace_period=0,
                 )
             )
@@ -373,7 +394,9 @@ class TestRunSync:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            assert (
+                not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            )
 
         asyncio.run(self._run(main()))
 
@@ -409,6 +432,7 @@ class TestSupervisorWakeups:
         submitter's wake byte for good, leaving every later task queued forever.
         """
         with ProcessPool(2) as pool:
+
             def burst() -> list[concurrent.futures.Future[Any]]:
                 return [pool.submit(abs, -i) for i in range(300)]
 

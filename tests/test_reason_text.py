@@ -74,8 +74,6 @@ def stored_form(reason: str) -> str:
 # -- processes --------------------------------------------------------------------------
 
 
-
-
 def _child_reads(tokens: list[CancellationToken], ready: Any, conn: Any) -> None:
     ready.set()
     conn.send([(token.wait_blocking(WAIT), token.cancel_reason) for token in tokens])
@@ -238,9 +236,10 @@ class TestReasonAcrossProcesses:
         whatever the text (one token per kind of text)."""
         reasons = list(TEXTS.values())
         tokens = [CancellationToken() for _ in reasons]
-        with pipe() as (reader, writer), running(
-            mp_context, _child_cancels, tokens, reasons, writer
-        ) as proc:
+        with (
+            pipe() as (reader, writer),
+            running(mp_context, _child_cancels, tokens, reasons, writer) as proc,
+        ):
             assert receive(reader) == [True] * len(reasons)
             proc.join(WAIT)
             assert proc.exitcode == 0

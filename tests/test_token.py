@@ -756,7 +756,6 @@ class TestCancellationToken:
         assert ref() is None
         assert _timer.pending() == 0
 
-
     # -- resources and pickling ---------------------------------------------------------------
 
     def test_pickle_outside_process_start_raises(self) -> None:

@@ -248,8 +248,12 @@ class PipelineExecutor:
         self.registry = registry if registry is not None else CancellationRegistry()
         self.events = events if events is not None else EventBus()
         self.mode: Mode = _check_mode(mode)
-        self.graceful_timeout = check_optional_seconds(graceful_timeout, "graceful_timeout", positive=True)
-        self.cleanup_timeout = check_optional_seconds(cleanup_timeout, "cleanup_timeout", positive=True)
+        self.graceful_timeout = check_optional_seconds(
+            graceful_timeout, "graceful_timeout", positive=True
+        )
+        self.cleanup_timeout = check_optional_seconds(
+            cleanup_timeout, "cleanup_timeout", positive=True
+        )
         self._thread_pool = thread_pool
         self._process_pool = process_pool
         self._owned_pools: list[PoolBackend] = []
@@ -651,4 +655,3 @@ def _check_mode(mode: object) -> Mode:
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     return cast("Mode", mode)
-

@@ -22,7 +22,9 @@ logger = _root.bind(cancelflow=True)
 __all__ = ("logger", "safe_log")
 
 
-def safe_log(level: str, message: str, *, exception: BaseException | None = None, **ids: Any) -> None:
+def safe_log(
+    level: str, message: str, *, exception: BaseException | None = None, **ids: Any
+) -> None:
     """Log ``message`` at ``level`` with ``ids`` bound; never raises."""
     try:
         bound = logger.bind(**ids)

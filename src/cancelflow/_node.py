@@ -159,7 +159,10 @@ class NodeContext:
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Sent to a process worker: the token and the sink are the worker's own.
-        return (_rebuild_in_worker, (dict(self.inputs), dict(self.context), self.pipeline_id, self.node_id))
+        return (
+            _rebuild_in_worker,
+            (dict(self.inputs), dict(self.context), self.pipeline_id, self.node_id),
+        )
 
 
 def _rebuild_in_worker(

@@ -581,4 +581,3 @@ def _check_cleanup_timeout(value: float) -> float:
 def _check_id(pipeline_id: object) -> None:
     if not isinstance(pipeline_id, str) or not pipeline_id:
         raise TypeError(f"pipeline_id must be a non-empty str, got {pipeline_id!r}")
-

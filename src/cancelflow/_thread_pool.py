@@ -470,7 +470,9 @@ class ThreadPool(Executor):
         return f"<ThreadPool {self._name} {state} max_workers={self._max_workers}>"
 
     # -- submitting ---------------------------------------------------------------------
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> ThreadTaskFuture[T]:
+    def submit(
+        self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> ThreadTaskFuture[T]:
         """Schedule ``fn(*args, **kwargs)``; return its cancellable :class:`ThreadTaskFuture`.
 
         The standard :meth:`Executor.submit`, with a fresh task token, no timeout and the

@@ -265,12 +265,7 @@ class CancellationToken(_Cell):
         try:
             self._once.pop()
         except IndexError:
-            if (
-                self._callbacks
-                and self.is_cancelled
-                and not self._applied
-                and not self._finishing
-            ):
+            if self._callbacks and self.is_cancelled and not self._applied and not self._finishing:
                 # Leftovers of a delivery cut short by an exception (a KeyboardInterrupt
                 # landing inside cancel()): they still run, once.
                 self._finish()
@@ -468,7 +463,9 @@ class CancellationToken(_Cell):
             TypeError: ``timeout`` is not a number.
             ValueError: ``timeout`` is negative or not finite.
         """
-        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout, "timeout")
+        deadline = (
+            None if timeout is None else time.monotonic() + _check_timeout(timeout, "timeout")
+        )
         address = ctypes.addressof(self)
         blocked = self._blocked
         blocked.append(None)  # registered before the flag is read: see _apply
@@ -674,7 +671,9 @@ _T = TypeVar("_T", bound=CancellationToken)
 
 
 @overload
-def token_on_slot(chunk: _cell.Chunk, offset: int, name: str | None = None) -> CancellationToken: ...
+def token_on_slot(
+    chunk: _cell.Chunk, offset: int, name: str | None = None
+) -> CancellationToken: ...
 @overload
 def token_on_slot(
     chunk: _cell.Chunk, offset: int, name: str | None = None, *, kind: type[_T]

@@ -297,7 +297,9 @@ class _Core:
             while not result.done():
                 waker = asyncio.ensure_future(call.wake.wait())
                 wait = None if deadline is None else max(0.0, deadline - loop.time())
-                await asyncio.wait((result, waker), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    (result, waker), timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
                 waker.cancel()
                 if result.done():
                     break
@@ -635,7 +637,9 @@ class DaskRunner:
         if token is not None and not isinstance(token, CancellationToken):
             raise TypeError(f"token must be a CancellationToken, not {type(token).__name__}")
         if run_token is not None and not isinstance(run_token, CancellationToken):
-            raise TypeError(f"run_token must be a CancellationToken, not {type(run_token).__name__}")
+            raise TypeError(
+                f"run_token must be a CancellationToken, not {type(run_token).__name__}"
+            )
         if timeout is not None:
             timeout = _seconds(timeout, "timeout", positive=True)
         grace = self._grace if grace_period is None else _seconds(grace_period, "grace_period")
@@ -685,7 +689,9 @@ class DaskRunner:
             driving = asyncio.ensure_future(core.drive(call))
         else:
             assert core.loop is not None
-            driving = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(core.drive(call), core.loop))
+            driving = asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(core.drive(call), core.loop)
+            )
         try:
             return await asyncio.shield(driving)
         except asyncio.CancelledError:

@@ -19,7 +19,14 @@ from typing import Any
 
 from .._context import current_token
 
-__all__ = ("TOKEN_MARKER", "dump_payload", "dump_value", "load_payload", "load_value", "run_payload")
+__all__ = (
+    "TOKEN_MARKER",
+    "dump_payload",
+    "dump_value",
+    "load_payload",
+    "load_value",
+    "run_payload",
+)
 
 #: The persistent id that stands for "this task's token" inside a payload.
 TOKEN_MARKER = "cancelflow.dask.task-token"

@@ -74,6 +74,8 @@ HANDLER = "cancelflow"
 REASON_PATH = "cancelflow-run-reason"
 #: Seconds one long-poll of a run's Event may block on the scheduler before it is renewed.
 LONG_POLL = 10.0
+
+
 @dataclass(eq=False)
 class _Remote:
     """One executing cancelflow task on this worker."""
@@ -260,10 +262,10 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
     def execute(self, spec: dict[str, Any]) -> Any:
         key: str = spec["key"]
         run = self._join_run(spec["run"]) if spec.get("run") else None
-        token = (
-            run.token.child(name=key) if run is not None else CancellationToken(name=key)
+        token = run.token.child(name=key) if run is not None else CancellationToken(name=key)
+        remote = _Remote(
+            key, spec["mode"], token, run, grace=spec["grace"], term_grace=spec["term_grace"]
         )
-        remote = _Remote(key, spec["mode"], token, run, grace=spec["grace"], term_grace=spec["term_grace"])
         with self.lock:
             self.tasks[key] = remote
             presignalled = key in self.presignalled

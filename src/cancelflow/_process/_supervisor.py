@@ -267,7 +267,6 @@ class Supervisor:
         if self.shutting_down:
             raise PoolClosedError(f"{self.name} is shut down")
 
-
     # == requests from any thread (lock-free stop path) =========================
     def post(self, command: Command) -> None:
         """Hand ``command`` to the supervisor thread (any thread, a signal handler too)."""
@@ -316,7 +315,6 @@ class Supervisor:
                 return False
             task.worker = worker
         return True
-
 
     # == the supervisor thread ==================================================
     def _run(self) -> None:
@@ -422,7 +420,6 @@ class Supervisor:
         alive, so a long ``timeout`` does not hold its result)."""
         entry = (time.monotonic() + delay, next(self._timer_ids), action, weakref.ref(task))
         heapq.heappush(self._timers, entry)
-
 
     # -- the zygote -----------------------------------------------------------
     def _start_zygote(self) -> None:
@@ -546,7 +543,6 @@ class Supervisor:
             pass  # the zygote is dying: its EOF comes next and starts a new one
         finally:
             child_end.close()
-
 
     # -- worker channels ------------------------------------------------------
     def _send_to(self, worker: WorkerHandle, frame: bytes) -> None:
@@ -719,7 +715,6 @@ class Supervisor:
     def _on_timeout(self, task: Task) -> None:
         self._stop(task, "timeout", f"timeout after {task.timeout:g}s")
 
-
     # -- the ladder -----------------------------------------------------------
     def _stop(self, task: Task, kind: StopKind, reason: str | None) -> None:
         if task.done:
@@ -851,7 +846,6 @@ class Supervisor:
                 return
             self._spawn(index=worker.index)
 
-
     # -- endings --------------------------------------------------------------
     def finish(
         self, task: Task, fate: Fate, *, value: Any = None, error: BaseException | None = None
@@ -868,7 +862,10 @@ class Supervisor:
         future = task.future
         if task.error is not None:  # a message of the task could not be handled
             error = task.error
-            if fate in (Fate.FINISHED, Fate.FAILED, Fate.CANCELLED) and task.stop_kind in (None, "error"):
+            if fate in (Fate.FINISHED, Fate.FAILED, Fate.CANCELLED) and task.stop_kind in (
+                None,
+                "error",
+            ):
                 fate = Fate.FAILED
         future.fate = fate
         future.partial_results = dict(task.partials)
@@ -942,7 +939,9 @@ class Supervisor:
                 if worker.state != "dead":
                     with contextlib.suppress(OSError):
                         worker.sock.close()
-                for fd in ([worker.pidfd] if worker.pidfd is not None else []) + list(worker.waiting):
+                for fd in ([worker.pidfd] if worker.pidfd is not None else []) + list(
+                    worker.waiting
+                ):
                     with contextlib.suppress(OSError):
                         os.close(fd)
             if self._zygote_sock is not None:
@@ -1016,17 +1015,19 @@ class Supervisor:
 def _crash_error(worker: WorkerHandle) -> WorkerCrashedError:
     status = worker.status
     if status is None:
-        return WorkerCrashedError(
-            f"worker {worker.pid} died (exit status unknown)", pid=worker.pid
-        )
+        return WorkerCrashedError(f"worker {worker.pid} died (exit status unknown)", pid=worker.pid)
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
         name = signal_name(signum)
         return WorkerCrashedError(
-            f"worker {worker.pid} was killed by signal {signum} ({name})", signal=signum, pid=worker.pid
+            f"worker {worker.pid} was killed by signal {signum} ({name})",
+            signal=signum,
+            pid=worker.pid,
         )
     code = os.WEXITSTATUS(status)
-    return WorkerCrashedError(f"worker {worker.pid} exited with code {code}", exitcode=code, pid=worker.pid)
+    return WorkerCrashedError(
+        f"worker {worker.pid} exited with code {code}", exitcode=code, pid=worker.pid
+    )
 
 
 def _after_fork_in_child() -> None:

@@ -396,8 +396,7 @@ class _Worker:
             except BaseException as again:  # noqa: BLE001 - even the pickling error
                 blob = _blob(
                     UnreadableResultError(
-                        f"the task's {what_failed} cannot be "
-                        f"pickled: {again!r}",
+                        f"the task's {what_failed} cannot be pickled: {again!r}",
                         remote_text=text,
                     )
                 )

@@ -52,7 +52,9 @@ __all__ = ("importing_main", "start", "zygote_main")
 importing_main = False
 
 
-def start(name: str, options: dict[str, Any], chunk_fd: int) -> tuple[subprocess.Popen[bytes], socket.socket]:
+def start(
+    name: str, options: dict[str, Any], chunk_fd: int
+) -> tuple[subprocess.Popen[bytes], socket.socket]:
     """Start a zygote (a fresh interpreter) and send it what spawn would send.
 
     Returns the process and the parent's end of its ``SOCK_SEQPACKET`` channel. Leaves
@@ -241,5 +243,3 @@ def _send_or_exit(ctrl: socket.socket, message: ZygoteMessage) -> None:
         send_record(ctrl, message)
     except OSError:
         os._exit(0)
-
-

@@ -66,7 +66,9 @@ def _foreign_shm(names: set[str]) -> set[str]:
         try:
             with open(f"/proc/{entry}/maps") as file:
                 text = file.read()
-            links = [os.readlink(f"/proc/{entry}/fd/{fd}") for fd in os.listdir(f"/proc/{entry}/fd")]
+            links = [
+                os.readlink(f"/proc/{entry}/fd/{fd}") for fd in os.listdir(f"/proc/{entry}/fd")
+            ]
         except OSError:
             continue
         for name in names - found:
@@ -209,7 +211,9 @@ class Leaks:
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for system, entry in self.by_system.items():
-            leaked = bool(entry["processes"] or entry["zombies"] or entry["threads"] or entry["shm"])
+            leaked = bool(
+                entry["processes"] or entry["zombies"] or entry["threads"] or entry["shm"]
+            )
             out[system] = {**entry, "leaked": leaked}
         return out
 
@@ -234,7 +238,9 @@ def final_leftovers(before: Snapshot) -> dict[str, Any]:
     """What is still there after the whole run (after the benchmark's own cleanup)."""
     started = time.monotonic()
     while True:
-        threads = [t.name for t in threading.enumerate() if t not in before.threads and t.is_alive()]
+        threads = [
+            t.name for t in threading.enumerate() if t not in before.threads and t.is_alive()
+        ]
         children = {p: c for p, c in _children().items() if p not in before.children}
         live = {p: c for p, c in children.items() if not _is_helper(c)}
         waited = time.monotonic() - started

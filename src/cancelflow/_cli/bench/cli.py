@@ -26,10 +26,22 @@ def add_parser(sub: Any) -> None:
             "the same work in one run; print p50/p90/p99/max per cell and cancelflow/peer ratios."
         ),
     )
-    parser.add_argument("--quick", action="store_true", help="a handful of samples per cell (well under a minute)")
-    parser.add_argument("--samples", type=int, default=None, metavar="N", help="samples per cell (default 30, quick 3)")
-    parser.add_argument("--json", metavar="PATH", help="write every raw sample and the leak report as JSON")
-    parser.add_argument("--plot", metavar="PATH", help="write the latency distributions as PNG (needs matplotlib)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a handful of samples per cell (well under a minute)"
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="samples per cell (default 30, quick 3)",
+    )
+    parser.add_argument(
+        "--json", metavar="PATH", help="write every raw sample and the leak report as JSON"
+    )
+    parser.add_argument(
+        "--plot", metavar="PATH", help="write the latency distributions as PNG (needs matplotlib)"
+    )
     parser.add_argument(
         "--scenarios",
         nargs="+",
@@ -37,7 +49,9 @@ def add_parser(sub: Any) -> None:
         metavar="N",
         help="only these scenarios (1-7)",
     )
-    parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), metavar="NAME", help="only these systems")
+    parser.add_argument(
+        "--systems", nargs="+", choices=list(SYSTEMS), metavar="NAME", help="only these systems"
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the random pauses (default 1)")
     parser.set_defaults(run=run)
 
@@ -118,5 +132,8 @@ def measure(args: argparse.Namespace) -> int:
         print(write_plot(data, args.plot))
     failed = [r for r in data["rows"] if r["status"] == "error"]
     if failed:
-        print(f"{len(failed)} cells failed: " + ", ".join(f"{r['scenario']}/{r['variant']} {r['system']}" for r in failed))
+        print(
+            f"{len(failed)} cells failed: "
+            + ", ".join(f"{r['scenario']}/{r['variant']} {r['system']}" for r in failed)
+        )
     return 1 if failed else 0

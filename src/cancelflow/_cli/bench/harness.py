@@ -64,7 +64,9 @@ class Bench:
     def pause(self) -> float:
         return self.rng.uniform(0.0, self.settings.max_pause)
 
-    def finish_sample(self, system: str, worker: Watched | None, grand: Watched | None = None) -> None:
+    def finish_sample(
+        self, system: str, worker: Watched | None, grand: Watched | None = None
+    ) -> None:
         """Kill what a sample left running (counted against ``system``); reap the orphaned
         grandchild (re-parented to us, the subreaper). Workers are their pool's to reap."""
         for item in (worker, grand):

@@ -37,11 +37,15 @@ def availability() -> dict[str, str | None]:
 
 
 _NO_COROUTINES = "runs no coroutines (a process/thread pool for sync callables)"
-_NO_PIPELINE = "no pipeline executor: waves, a graceful mode and kept partial results are not offered"
+_NO_PIPELINE = (
+    "no pipeline executor: waves, a graceful mode and kept partial results are not offered"
+)
 _NO_TOKEN = "no cancellation token a task can check"
 
 
-def cell_rows(bench: Bench, scenario: Scenario, variant: Variant, system: str) -> list[tuple[Row, Callable[[], None] | None]]:
+def cell_rows(
+    bench: Bench, scenario: Scenario, variant: Variant, system: str
+) -> list[tuple[Row, Callable[[], None] | None]]:
     """The rows of one cell, each with the callable that fills it (``None``: already final)."""
     key, v = scenario.key, variant.key
 
@@ -59,7 +63,9 @@ def cell_rows(bench: Bench, scenario: Scenario, variant: Variant, system: str) -
         elif system in SYNC_THREADS:
             threads = SYNC_THREADS[system]()
         elif system == "anyio":
-            r = row("anyio.to_thread.run_sync, cancel scope; the task polls from_thread.check_cancelled()")
+            r = row(
+                "anyio.to_thread.run_sync, cancel scope; the task polls from_thread.check_cancelled()"
+            )
             return [(r, functools.partial(coop_thread_async, bench, system, r))]
         elif system == "asyncio":
             r = row("loop.run_in_executor(ThreadPoolExecutor); the task polls a threading.Event")

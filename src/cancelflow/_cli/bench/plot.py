@@ -20,7 +20,10 @@ def write_plot(data: dict[str, Any], path: str) -> str:
         for variant in scenario["variants"]:
             for metric in variant["metrics"]:
                 series = [
-                    (r["system"] + ("" if r["primary"] else " (2)"), r["metrics"][metric["key"]]["samples"])
+                    (
+                        r["system"] + ("" if r["primary"] else " (2)"),
+                        r["metrics"][metric["key"]]["samples"],
+                    )
                     for r in data["rows"]
                     if r["scenario"] == scenario["key"]
                     and r["variant"] == variant["key"]
@@ -28,14 +31,18 @@ def write_plot(data: dict[str, Any], path: str) -> str:
                 ]
                 if series:
                     panels.append(
-                        (f"{scenario['key']} {variant['key']}: {metric['title']}", metric["unit"], series)
+                        (
+                            f"{scenario['key']} {variant['key']}: {metric['title']}",
+                            metric["unit"],
+                            series,
+                        )
                     )
     if not panels:
         return "plot skipped: no samples"
     cols = 3
     rows_n = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(6 * cols, 0.45 * 9 * rows_n + 1), squeeze=False)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     for ax, (title, unit, series) in zip(axes.flat, panels, strict=False):
         labels = [name for name, _ in series]
@@ -48,7 +55,10 @@ def write_plot(data: dict[str, Any], path: str) -> str:
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(unit)
         ax.tick_params(labelsize=7)
-    fig.suptitle(f"cancelflow bench ({data['mode']}), {data['date']}, {data['machine']['python']}", fontsize=11)
+    fig.suptitle(
+        f"cancelflow bench ({data['mode']}), {data['date']}, {data['machine']['python']}",
+        fontsize=11,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path, dpi=90)
     plt.close(fig)

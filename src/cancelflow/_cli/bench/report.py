@@ -93,7 +93,11 @@ def headline(data: dict[str, Any]) -> list[dict[str, Any]]:
     rows = data["rows"]
     for scenario in data["scenarios"]:
         for variant in scenario["variants"]:
-            here = [r for r in rows if r["scenario"] == scenario["key"] and r["variant"] == variant["key"]]
+            here = [
+                r
+                for r in rows
+                if r["scenario"] == scenario["key"] and r["variant"] == variant["key"]
+            ]
             ours = next((r for r in here if r["system"] == "cancelflow" and r["primary"]), None)
             if ours is None:
                 continue
@@ -123,7 +127,9 @@ def headline(data: dict[str, Any]) -> list[dict[str, Any]]:
                             "ratio": ratio,
                             "faster": "cancelflow" if better else ("tie" if ratio == 1 else "peer"),
                             "close": 0.8 <= ratio <= 1.25,
-                            "why": "" if better else _why(peer["system"], metric["key"], variant["key"]),
+                            "why": ""
+                            if better
+                            else _why(peer["system"], metric["key"], variant["key"]),
                         }
                     )
     return out
@@ -158,22 +164,32 @@ def format_report(data: dict[str, Any]) -> str:
         f"samples per cell: {s['samples']}; random pause after the task signalled: 0-{s['max_pause_ms']:.0f} ms "
         f"(seed {s['seed']}); runtime {data['runtime_s']:.0f} s"
     )
-    lines.append("times in ms from the cancel (or the crash) unless stated; p50/p90/p99/max over n samples")
+    lines.append(
+        "times in ms from the cancel (or the crash) unless stated; p50/p90/p99/max over n samples"
+    )
     lines.append(
         "process deaths are stamped by a separate pidfd watcher process"
-        + (" (SCHED_FIFO)" if data.get("watcher_realtime") else " (normal priority: may lag on a loaded machine)")
+        + (
+            " (SCHED_FIFO)"
+            if data.get("watcher_realtime")
+            else " (normal priority: may lag on a loaded machine)"
+        )
     )
     for scenario in data["scenarios"]:
         for variant in scenario["variants"]:
             lines.append("")
             lines.append(f"## {scenario['key']}. {scenario['title']} - {variant['title']}")
             units = {mt["key"]: mt for mt in variant["metrics"]}
-            lines.append(f"   {'system / metric':<43} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'n':>4}")
+            lines.append(
+                f"   {'system / metric':<43} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'n':>4}"
+            )
             for row in data["rows"]:
                 if row["scenario"] != scenario["key"] or row["variant"] != variant["key"]:
                     continue
                 lines.append(f"   {row['system']}: {row['label']}")
-                if row["status"] in ("cannot", "skipped") or (row["status"] == "error" and not row["metrics"]):
+                if row["status"] in ("cannot", "skipped") or (
+                    row["status"] == "error" and not row["metrics"]
+                ):
                     lines.append(f"      {row['status']}: {row['reason']}")
                     continue
                 for key, cell in row["metrics"].items():
@@ -188,7 +204,11 @@ def format_report(data: dict[str, Any]) -> str:
                             f"      {title:<40} {_fmt(cell['p50'], unit):>8} {_fmt(cell['p90'], unit):>8} "
                             f"{_fmt(cell['p99'], unit):>8} {_fmt(cell['max'], unit):>8} {cell['n']:>4}"
                         )
-                extras = {k: val for k, val in row["extra"].items() if k in ("grandchild_left_alive", "raised", "error")}
+                extras = {
+                    k: val
+                    for k, val in row["extra"].items()
+                    if k in ("grandchild_left_alive", "raised", "error")
+                }
                 if extras:
                     lines.append("      " + "; ".join(f"{k}: {val}" for k, val in extras.items()))
                 for note in row["notes"]:
@@ -227,7 +247,11 @@ def format_report(data: dict[str, Any]) -> str:
             lines.append(
                 f"   {it['scenario']} {it['variant']}, {it['metric_title']}: {it['peer']} "
                 f"{_fmt(it['peer_p50'], unit)} vs cancelflow {_fmt(it['cancelflow_p50'], unit)} {unit}"
-                + (f" (cancelflow {it['ratio'] if unit != 'tasks/s' else 1 / it['ratio']:.2g}x slower)" if not close else "")
+                + (
+                    f" (cancelflow {it['ratio'] if unit != 'tasks/s' else 1 / it['ratio']:.2g}x slower)"
+                    if not close
+                    else ""
+                )
                 + (f" - {it['why']}" if it["why"] and not close else "")
             )
     lines.append("")
@@ -252,9 +276,13 @@ def format_report(data: dict[str, Any]) -> str:
                 "(owner unknown: on this shared machine, likely another program's)"
             )
         if entry["asyncio_log"]:
-            found.append(f"{len(entry['asyncio_log'])} asyncio log warnings (e.g. {entry['asyncio_log'][0]!r})")
+            found.append(
+                f"{len(entry['asyncio_log'])} asyncio log warnings (e.g. {entry['asyncio_log'][0]!r})"
+            )
         if entry["orphans_reaped"]:
-            found.append(f"{entry['orphans_reaped']} orphaned grandchildren reaped by the benchmark")
+            found.append(
+                f"{entry['orphans_reaped']} orphaned grandchildren reaped by the benchmark"
+            )
         if entry["helpers"]:
             found.append(f"helpers started: {len(entry['helpers'])} (interpreter-lifetime)")
         lines.append(f"   {system:<22} " + ("; ".join(found) if found else "nothing left"))

@@ -69,7 +69,9 @@ def brief(row: Row) -> str:
 
 
 def row_json(row: Row) -> dict[str, Any]:
-    variant = next(v for s in SCENARIOS if s.key == row.scenario for v in s.variants if v.key == row.variant)
+    variant = next(
+        v for s in SCENARIOS if s.key == row.scenario for v in s.variants if v.key == row.variant
+    )
     metrics: dict[str, Any] = {}
     status, reason = row.status, row.reason
     if status == "ok":
@@ -81,7 +83,9 @@ def row_json(row: Row) -> dict[str, Any]:
                     metrics[metric.key]["note"] = row.cannot[metric.key]
             elif metric.key in row.cannot:
                 metrics[metric.key] = {"unit": metric.unit, "cannot": row.cannot[metric.key]}
-            elif metric.key == "task_stopped" and row.system == "cancelflow" and row.scenario == "3":
+            elif (
+                metric.key == "task_stopped" and row.system == "cancelflow" and row.scenario == "3"
+            ):
                 metrics[metric.key] = {"unit": metric.unit, "error": "no samples"}
             else:
                 metrics[metric.key] = {"unit": metric.unit, "error": "no samples"}

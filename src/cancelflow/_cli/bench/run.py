@@ -22,7 +22,16 @@ from .scenarios.pool_group import GROUP, run_pool_group
 
 def _versions() -> dict[str, str]:
     out: dict[str, str] = {}
-    for dist in ("cancelflow", "pebble", "loky", "anyio", "trio", "trio-parallel", "psutil", "matplotlib"):
+    for dist in (
+        "cancelflow",
+        "pebble",
+        "loky",
+        "anyio",
+        "trio",
+        "trio-parallel",
+        "psutil",
+        "matplotlib",
+    ):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -124,7 +133,12 @@ def run_bench(settings: Settings) -> dict[str, Any]:
                         "key": v.key,
                         "title": v.title,
                         "metrics": [
-                            {"key": m.key, "title": m.title, "unit": m.unit, "higher_is_better": m.higher_is_better}
+                            {
+                                "key": m.key,
+                                "title": m.title,
+                                "unit": m.unit,
+                                "higher_is_better": m.higher_is_better,
+                            }
                             for m in v.metrics
                         ],
                     }
@@ -142,7 +156,11 @@ def run_bench(settings: Settings) -> dict[str, Any]:
 
 
 def _run_cell(
-    bench: Bench, scenario: Scenario, variant: Variant, system: str, available: dict[str, str | None]
+    bench: Bench,
+    scenario: Scenario,
+    variant: Variant,
+    system: str,
+    available: dict[str, str | None],
 ) -> list[Row]:
     name = f"{scenario.key}/{variant.key}"
     reason = _skip_reason(bench.settings, available, system)

@@ -79,7 +79,9 @@ class SyncProcs:
     def throughput(self, n: int) -> None:
         futures = [self.submit(abs, (i,)) for i in range(n)]
         if not _wait_futures(futures, 20):
-            raise TimeoutError(f"{sum(not f.done() for f in futures)} of {n} tasks did not finish within 20 s")
+            raise TimeoutError(
+                f"{sum(not f.done() for f in futures)} of {n} tasks did not finish within 20 s"
+            )
 
     def close(self) -> None:
         raise NotImplementedError
@@ -137,7 +139,9 @@ def _close_process_pool(pool: Any, timeout: float = 10.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(zygote_pid, signal.SIGKILL)
         closer.join(timeout)
-        raise RuntimeError(f"ProcessPool.shutdown() did not finish within {timeout:g}s (supervisor asleep)")
+        raise RuntimeError(
+            f"ProcessPool.shutdown() did not finish within {timeout:g}s (supervisor asleep)"
+        )
 
 
 class PebbleProcs(SyncProcs):
@@ -496,7 +500,9 @@ class SyncThreads:
     def throughput(self, n: int) -> None:
         futures = [self.submit(abs, (i,)) for i in range(n)]
         if not _wait_futures(futures, 20):
-            raise TimeoutError(f"{sum(not f.done() for f in futures)} of {n} tasks did not finish within 20 s")
+            raise TimeoutError(
+                f"{sum(not f.done() for f in futures)} of {n} tasks did not finish within 20 s"
+            )
 
     def close(self) -> None:
         raise NotImplementedError

@@ -122,7 +122,9 @@ def _crash():
 """
 
 
-def process_task(task: str, beacon: str | None, seq: int, **params: Any) -> tuple[Any, tuple[Any, ...]]:
+def process_task(
+    task: str, beacon: str | None, seq: int, **params: Any
+) -> tuple[Any, tuple[Any, ...]]:
     """``(fn, args)`` that run process task ``task`` (see ``PROCESS_SOURCE``)."""
     namespace = {
         "task": task,

@@ -47,8 +47,9 @@ def worker_census(*, dask_worker: Any) -> dict[str, Any]:
     return {
         "tasks": tasks,
         "runs": runs,
-        "pool": None if stats is None else {"busy": stats.busy, "idle": stats.idle,
-                                            "workers": stats.workers},
+        "pool": None
+        if stats is None
+        else {"busy": stats.busy, "idle": stats.idle, "workers": stats.workers},
         "extra_processes": extra,
     }
 

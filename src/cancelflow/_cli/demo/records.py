@@ -53,9 +53,7 @@ class RunRecord:
     never_started: bool = False
     partials: dict[str, Any] | None = None
     finished: dict[str, Any] | None = None
-    cleanup_runs: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(CLEANUP_HANDLERS, 0)
-    )
+    cleanup_runs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CLEANUP_HANDLERS, 0))
     error: str | None = None
     extra_context: dict[str, Any] = field(default_factory=dict)
 

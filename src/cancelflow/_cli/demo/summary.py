@@ -137,6 +137,7 @@ def _problems(summary: dict[str, Any]) -> list[str]:
         problems.append(f"left on the Dask workers: {left['dask_workers_left']}")
     return problems
 
+
 def summarize(
     args: argparse.Namespace,
     demo: Demo,

@@ -67,7 +67,9 @@ _EXC = Metric("exception", "cancel -> exception", "ms")
 _KEPT = Metric("partial_kept", "partial results kept", "results", higher_is_better=True)
 _ERROR = Metric("caller_error", "crash -> caller gets the error", "ms")
 _AGAIN = Metric("pool_runs_again", "crash -> pool ran the next task", "ms")
-_TPUT = Metric("throughput", "trivial tasks per second, 2 workers", "tasks/s", higher_is_better=True)
+_TPUT = Metric(
+    "throughput", "trivial tasks per second, 2 workers", "tasks/s", higher_is_better=True
+)
 _CHECK = Metric("check_cost", "one check, net of the loop", "ns")
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -76,7 +78,11 @@ SCENARIOS: tuple[Scenario, ...] = (
         "Non-cooperative CPU task in a process (1 worker)",
         (
             Variant("loop", "pure-Python `while True` loop", (_CALLER, _GONE, _NEXT)),
-            Variant("c_call", "one long C call (hashlib.pbkdf2_hmac): no signal handler runs", (_CALLER, _GONE, _NEXT)),
+            Variant(
+                "c_call",
+                "one long C call (hashlib.pbkdf2_hmac): no signal handler runs",
+                (_CALLER, _GONE, _NEXT),
+            ),
         ),
     ),
     Scenario(
@@ -95,7 +101,13 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "4",
         "Coroutine on the event loop, interrupt mode",
-        (Variant("coroutine", "cancel -> CancelledException (asyncio/anyio: their Cancelled)", (_RAISES,)),),
+        (
+            Variant(
+                "coroutine",
+                "cancel -> CancelledException (asyncio/anyio: their Cancelled)",
+                (_RAISES,),
+            ),
+        ),
     ),
     Scenario(
         "5",
@@ -117,8 +129,16 @@ SCENARIOS: tuple[Scenario, ...] = (
         "7",
         "Throughput and token-check cost",
         (
-            Variant("processes", "batches of 2,000 trivial tasks (400 with --quick), 2 worker processes", (_TPUT,)),
-            Variant("threads", "batches of 2,000 trivial tasks (400 with --quick), 2 worker threads", (_TPUT,)),
+            Variant(
+                "processes",
+                "batches of 2,000 trivial tasks (400 with --quick), 2 worker processes",
+                (_TPUT,),
+            ),
+            Variant(
+                "threads",
+                "batches of 2,000 trivial tasks (400 with --quick), 2 worker threads",
+                (_TPUT,),
+            ),
             Variant("token_check", "cost of one cancellation check", (_CHECK,)),
         ),
     ),

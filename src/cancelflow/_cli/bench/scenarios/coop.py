@@ -29,7 +29,11 @@ def coop_process_sync(bench: Bench, procs: SyncProcs, variant: str, row: Row) ->
             bench.flag.clear()
             handle = procs.submit(
                 *tasks.process_task(
-                    "coop_flag", procs.beacon_arg(), seq, flag_path=bench.flag.path, quiet=procs.quiet
+                    "coop_flag",
+                    procs.beacon_arg(),
+                    seq,
+                    flag_path=bench.flag.path,
+                    quiet=procs.quiet,
                 )
             )
         bench.beacon.wait(seq, BEACON_TIMEOUT)
@@ -62,9 +66,13 @@ async def coop_process_async(bench: Bench, procs: AsyncProcs, variant: str, row:
         result: list[BaseException] = []
         ended: list[float] = []
 
-        async def runner(seq: int = seq, result: list[BaseException] = result, ended: list[float] = ended) -> None:
+        async def runner(
+            seq: int = seq, result: list[BaseException] = result, ended: list[float] = ended
+        ) -> None:
             try:
-                fn, args = tasks.process_task("coop_flag", bench.beacon.path, seq, flag_path=bench.flag.path)
+                fn, args = tasks.process_task(
+                    "coop_flag", bench.beacon.path, seq, flag_path=bench.flag.path
+                )
                 await procs.call(fn, *args)
             except Exception as exc:  # noqa: BLE001 - the outcome being measured
                 result.append(exc)
@@ -160,7 +168,11 @@ def coop_thread_async(bench: Bench, system: str, row: Row) -> None:
                                 )
                             else:
                                 await anyio.to_thread.run_sync(
-                                    tasks.coop_anyio_thread, bench.beacon.path, seq, record, limiter=limiter
+                                    tasks.coop_anyio_thread,
+                                    bench.beacon.path,
+                                    seq,
+                                    record,
+                                    limiter=limiter,
                                 )
                     except Exception as exc:  # noqa: BLE001 - the outcome being measured
                         raised.append(exc)

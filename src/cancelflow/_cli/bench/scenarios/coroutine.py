@@ -71,7 +71,9 @@ def coroutine_cell(bench: Bench, system: str, row: Row) -> None:
 
                     scope = anyio.CancelScope()
 
-                    async def victim(scope: anyio.CancelScope = scope, started: asyncio.Event = started) -> None:
+                    async def victim(
+                        scope: anyio.CancelScope = scope, started: asyncio.Event = started
+                    ) -> None:
                         with scope:
                             await _wait_for_ever(started)
 

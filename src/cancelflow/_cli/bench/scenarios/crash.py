@@ -58,7 +58,9 @@ async def crash_async(bench: Bench, procs: AsyncProcs, how: str, row: Row) -> No
         await procs.ensure()
         seq = bench.seq()
         try:
-            fn, args = tasks.process_task("crash", bench.beacon.path, seq, how=how, pause=bench.pause())
+            fn, args = tasks.process_task(
+                "crash", bench.beacon.path, seq, how=how, pause=bench.pause()
+            )
             await procs.call(fn, *args)
             row.error("the crashing task returned")
         except Exception as exc:  # noqa: BLE001 - the outcome being measured

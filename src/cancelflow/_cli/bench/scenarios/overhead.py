@@ -63,7 +63,9 @@ def throughput_async(bench: Bench, system: str, variant: str, row: Row) -> None:
             t0 = time.perf_counter()
             async with anyio.create_task_group() as tg:
                 for i in range(n):
-                    tg.start_soon(functools.partial(anyio.to_thread.run_sync, abs, i, limiter=limiter))
+                    tg.start_soon(
+                        functools.partial(anyio.to_thread.run_sync, abs, i, limiter=limiter)
+                    )
             if rep:
                 row.add("throughput", n / (time.perf_counter() - t0))
 

@@ -35,10 +35,16 @@ def pipeline_cell(bench: Bench, mode: str, row: Row) -> None:
                 context = {"beacon": bench.beacon.path, "seq": seq, "duration": duration}
                 task = asyncio.ensure_future(
                     executor.execute_pipeline(
-                        f"bench-{seq}", nodes, context, mode=mode, cancel_token=token  # type: ignore[arg-type]
+                        f"bench-{seq}",
+                        nodes,
+                        context,
+                        mode="interrupt" if mode == "interrupt" else "graceful",
+                        cancel_token=token,
                     )
                 )
-                signalled = asyncio.ensure_future(bench.beacon.wait_async(seq, BEACON_TIMEOUT, count=3))
+                signalled = asyncio.ensure_future(
+                    bench.beacon.wait_async(seq, BEACON_TIMEOUT, count=3)
+                )
                 await asyncio.wait({signalled, task}, return_when=asyncio.FIRST_COMPLETED)
                 if not signalled.done():
                     signalled.cancel()
@@ -48,7 +54,9 @@ def pipeline_cell(bench: Bench, mode: str, row: Row) -> None:
                     except Exception as exc:  # noqa: BLE001 - reported as the row's error
                         row.error(f"the pipeline ended before wave 1 ran: {exc!r}"[:300])
                     continue
-                await asyncio.sleep(bench.rng.uniform(0.0, min(bench.settings.max_pause, duration / 2)))
+                await asyncio.sleep(
+                    bench.rng.uniform(0.0, min(bench.settings.max_pause, duration / 2))
+                )
                 t0 = time.perf_counter()
                 token.cancel("bench")
                 try:

@@ -14,7 +14,14 @@ from .coop import coop_process_async, coop_process_sync
 from .crash import crash_async, crash_sync
 from .stop import kill_async, kill_sync
 
-GROUP = (("1", "loop"), ("1", "c_call"), ("2", "grandchild"), ("3", "process"), ("6", "exit"), ("6", "segfault"))
+GROUP = (
+    ("1", "loop"),
+    ("1", "c_call"),
+    ("2", "grandchild"),
+    ("3", "process"),
+    ("6", "exit"),
+    ("6", "segfault"),
+)
 _SYNC_FILL: dict[str, Callable[[Bench, SyncProcs, str, Row], None]] = {
     "1": kill_sync,
     "2": kill_sync,
@@ -39,7 +46,13 @@ def _group_rows(bench: Bench, system: str, cells: list[tuple[str, str]]) -> list
         for index, cls in enumerate(classes):
             if index and key in ("3", "6"):
                 continue  # the second way of using an executor only differs in how it stops
-            label = cls.coop_label if key == "3" else cls.label.split(",")[0] if key == "6" else cls.label
+            label = (
+                cls.coop_label
+                if key == "3"
+                else cls.label.split(",")[0]
+                if key == "6"
+                else cls.label
+            )
             row = Row(key, variant, system, label, primary=index == 0, tag=cls.tag)
             out.append((row, index))
     return out
@@ -57,7 +70,9 @@ def run_pool_group(bench: Bench, system: str, cells: list[tuple[str, str]]) -> l
         except Exception as exc:  # noqa: BLE001 - a failing cell is reported, the run goes on
             row.error(f"{type(exc).__name__}: {exc}")
             ok = False
-        progress(f"  [{row.scenario + '/' + row.variant:<18}] {system:<20} {time.perf_counter() - started:6.1f}s  {brief(row)}")
+        progress(
+            f"  [{row.scenario + '/' + row.variant:<18}] {system:<20} {time.perf_counter() - started:6.1f}s  {brief(row)}"
+        )
         return ok
 
     with bench.leaks.track(system, "scenarios 1, 2, 3/process, 6"):
@@ -70,7 +85,10 @@ def run_pool_group(bench: Bench, system: str, cells: list[tuple[str, str]]) -> l
                     if index not in opened:
                         procs.open(1)
                         opened.add(index)
-                    if not run_one(row, functools.partial(_SYNC_FILL[row.scenario], bench, procs, row.variant, row)):
+                    if not run_one(
+                        row,
+                        functools.partial(_SYNC_FILL[row.scenario], bench, procs, row.variant, row),
+                    ):
                         opened.discard(index)  # it may be wedged: the next cell gets a fresh pool
                         try:
                             procs.close()

@@ -83,7 +83,10 @@ def kill_sync(bench: Bench, procs: SyncProcs, variant: str, row: Row) -> None:
             procs.stop(handle, sig)
         except Cannot as exc:
             alive = not worker.wait(VERIFY)
-            row.cannot_all(f"{exc}" + (f" (verified: still running {VERIFY * 1e3:.0f} ms later)" if alive else ""))
+            row.cannot_all(
+                f"{exc}"
+                + (f" (verified: still running {VERIFY * 1e3:.0f} ms later)" if alive else "")
+            )
             bench.finish_sample(procs.system, worker, grand)
             return
         bound = CALLER_BOUND
@@ -114,7 +117,12 @@ async def kill_async(bench: Bench, procs: AsyncProcs, variant: str, row: Row) ->
         done = anyio.Event()
         ended: list[float] = []
 
-        async def runner(scope: anyio.CancelScope = scope, done: anyio.Event = done, ended: list[float] = ended, seq: int = seq) -> None:
+        async def runner(
+            scope: anyio.CancelScope = scope,
+            done: anyio.Event = done,
+            ended: list[float] = ended,
+            seq: int = seq,
+        ) -> None:
             try:
                 with scope:
                     fn, args = tasks.process_task("spin", bench.beacon.path, seq, kind=variant)
@@ -139,7 +147,9 @@ async def kill_async(bench: Bench, procs: AsyncProcs, variant: str, row: Row) ->
             t1 = ended[0] if released else time.perf_counter()
             if not released:
                 tg.cancel_scope.cancel()
-        _record_stop(bench, row, procs.system, t0, t1, released, None, worker, grand, procs.kills_worker)
+        _record_stop(
+            bench, row, procs.system, t0, t1, released, None, worker, grand, procs.kills_worker
+        )
         if not procs.kills_worker:
             procs.broken = True  # type: ignore[attr-defined]
         if variant != "grandchild":
