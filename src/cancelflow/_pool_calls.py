@@ -9,14 +9,15 @@ whose wording differs between pools; what is here is said the same way everywher
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ._token import CancellationToken
 from ._validate import check_seconds
 
-__all__ = ("await_or_stop", "check_call", "ladder_seconds", "loop_future")
+__all__ = ("await_or_stop", "check_call", "future_done", "ladder_seconds", "loop_future")
 
 T = TypeVar("T")
 
@@ -71,6 +72,18 @@ def loop_future(when_done: Callable[[Callable[[], object]], object]) -> asyncio.
 
     when_done(on_done)
     return done
+
+
+def future_done(
+    future: concurrent.futures.Future[Any],
+) -> Callable[[Callable[[], object]], object]:
+    """The ``when_done`` of :func:`loop_future` for a :class:`concurrent.futures.Future`:
+    done when it is (a result, an exception, or cancelled)."""
+
+    def when_done(callback: Callable[[], object]) -> None:
+        future.add_done_callback(lambda _: callback())
+
+    return when_done
 
 
 async def await_or_stop(

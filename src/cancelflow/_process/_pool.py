@@ -4,9 +4,7 @@ started, and heal — the public API. The work is done by the pool's supervisor 
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-import contextlib
 import functools
 import io
 import itertools
@@ -19,7 +17,7 @@ from typing import Any
 
 from .._exceptions import CancelledException
 from .._fate import Fate
-from .._pool_calls import check_call, ladder_seconds
+from .._pool_calls import await_or_stop, check_call, future_done, ladder_seconds, loop_future
 from .._token import CancellationToken
 from .._validate import check_seconds as _seconds
 from . import _supervisor, _zygote
@@ -317,8 +315,7 @@ class ProcessPool(concurrent.futures.Executor):
             WorkerCrashedError: the worker died by itself.
             Exception: whatever ``fn`` raised.
         """
-        if token is not None and not isinstance(token, CancellationToken):
-            raise TypeError(f"token must be a CancellationToken, not {type(token).__name__}")
+        check_call(fn, args, None, token, partial_sink)
         if token is not None and token.is_cancelled:
             reason = token.cancel_reason
             raise CancelledException(reason or "operation cancelled", reason=reason)
@@ -331,15 +328,9 @@ class ProcessPool(concurrent.futures.Executor):
             term_grace_period=term_grace_period,
             partial_sink=partial_sink,
         )
-        waiter = _AsyncWaiter(future)
-        try:
-            await asyncio.shield(waiter.result)
-        except asyncio.CancelledError:
-            future.cancel()
-            while not waiter.result.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(waiter.result)
-            raise
+        # Cancelling the awaiting task stops the task down the ladder and waits until the
+        # stop is complete before asyncio.CancelledError propagates.
+        await await_or_stop(loop_future(future_done(future)), future.cancel, wait_for_stop=True)
         return future.result()
 
     def map(
@@ -443,24 +434,6 @@ class ProcessPool(concurrent.futures.Executor):
         else:
             state = "open"
         return f"<ProcessPool {self.name} workers={supervisor.size} {state}>"
-
-
-class _AsyncWaiter:
-    """Resolves an asyncio future on the caller's loop when a TaskFuture is done."""
-
-    def __init__(self, future: TaskFuture) -> None:
-        loop = asyncio.get_running_loop()
-        self.result: asyncio.Future[None] = loop.create_future()
-
-        def done(_: concurrent.futures.Future[Any]) -> None:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._set)
-
-        future.add_done_callback(done)
-
-    def _set(self) -> None:
-        if not self.result.done():
-            self.result.set_result(None)
 
 
 def _unpicklable_part(call: tuple[Any, tuple[Any, ...], dict[str, Any]], token: Any) -> str:
