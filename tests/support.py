@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.context
@@ -14,12 +15,13 @@ import multiprocessing.process
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -202,6 +204,30 @@ def receive(conn: multiprocessing.connection.Connection) -> Any:
 
 
 _EXITED = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+
+
+def listening_beyond_loopback(pids: Iterable[int]) -> list[str]:
+    """The sockets of these processes that listen (TCP) or are bound unconnected (UDP)
+    on an address other than loopback, as ``"pid ip:port"``; ``[]`` if none."""
+    found: list[str] = []
+    for pid in pids:
+        try:
+            connections = psutil.Process(pid).net_connections(kind="inet")
+        except psutil.Error:
+            continue  # gone meanwhile: it listens nowhere
+        for connection in connections:
+            listening = connection.status == psutil.CONN_LISTEN or (
+                connection.type == socket.SOCK_DGRAM and not connection.raddr
+            )
+            if listening and not ipaddress.ip_address(connection.laddr.ip).is_loopback:
+                found.append(f"{pid} {connection.laddr.ip}:{connection.laddr.port}")
+    return found
+
+
+def ours_and_descendants() -> list[int]:
+    """This process and every process under it."""
+    me = psutil.Process()
+    return [me.pid, *(child.pid for child in me.children(recursive=True))]
 
 
 def zygote_pid(pool: ProcessPool) -> int:

@@ -207,7 +207,7 @@ def dask_cluster() -> Iterator[Any]:
             n_workers=1,
             threads_per_worker=2,
             host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",  # None still serves HTTP, on 0.0.0.0:8787
+            dashboard_address="127.0.0.1:0",  # None: HTTP on 0.0.0.0:8787 all the same
         )
     try:
 

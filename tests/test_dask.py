@@ -2,22 +2,28 @@
 
 Logic tests run on an in-process ``LocalCluster(processes=False)`` started and closed by
 each test. Hard-cancel tests share one ``processes=True`` cluster (2 workers, 1 thread
-each, 127.0.0.1, no dashboard) for the whole module; each of them checks explicitly that
-nothing of it is left on the workers.
+each, 127.0.0.1 only, dashboards included) for the whole module; each of them checks
+explicitly that nothing of it is left on the workers. Tests that lose the cluster start
+a ``dask scheduler`` and a ``dask worker`` as processes of their own. Everything listens on
+127.0.0.1 only (``TestLoopbackOnly``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 distributed = pytest.importorskip("distributed", reason="cancelflow[dask] is not installed")
@@ -25,18 +31,28 @@ cloudpickle = pytest.importorskip("cloudpickle", reason="cancelflow[dask] is not
 
 import dask  # noqa: E402
 
+import backendloads  # noqa: E402
 from cancelflow import (  # noqa: E402
     CancellationToken,
     CancelledException,
+    ClusterConnectionError,
     Node,
     NodeContext,
+    PipelineExecutor,
+    PipelineFailedException,
     PipelineTimeoutException,
     WorkerCrashedError,
 )
 from cancelflow._backends._dask import DaskRunner  # noqa: E402
 from cancelflow._cli.demo.census import worker_census  # noqa: E402
 from cancelflow._context import current_token, store_partial  # noqa: E402
-from support import WAIT, assert_gone, run  # noqa: E402
+from support import (  # noqa: E402
+    WAIT,
+    assert_gone,
+    listening_beyond_loopback,
+    ours_and_descendants,
+    run,
+)
 
 # Node functions travel by value, as functions from __main__ or a notebook would: the
 # workers and their children never import this test module (nor pytest).
@@ -179,8 +195,9 @@ async def _local_cluster() -> Any:
             n_workers=1,
             threads_per_worker=2,
             asynchronous=True,
-            # The HTTP servers start even with dashboard_address=None (on 0.0.0.0:8787):
-            # bind them to a free port on 127.0.0.1 instead.
+            # Measured with distributed 2026.8: with dashboard_address=None the scheduler's
+            # HTTP server still listens on 0.0.0.0:8787 and the worker's on 0.0.0.0 too;
+            # bind both to a free port on 127.0.0.1 (TestLoopbackOnly checks it).
             dashboard_address="127.0.0.1:0",
             worker_dashboard_address="127.0.0.1:0",
         )
@@ -208,7 +225,7 @@ def process_cluster() -> Iterator[Any]:
             n_workers=2,
             threads_per_worker=1,
             host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",  # None still serves HTTP, on port 8787
+            dashboard_address="127.0.0.1:0",  # None: HTTP on 0.0.0.0:8787 all the same
         )
     try:
 
@@ -612,7 +629,7 @@ class TestDaskRunnerHardCancel:
                 "--no-nanny",
                 "--nthreads=1",
                 "--host=127.0.0.1",
-                "--no-dashboard",
+                "--dashboard-address=127.0.0.1:0",  # --no-dashboard: HTTP on 0.0.0.0 all the same
                 "--name=victim",
             ],
             env=environment,
@@ -647,3 +664,235 @@ class TestDaskRunnerHardCancel:
         finally:
             victim.kill()
             victim.wait()
+
+
+# == a cluster of separate processes: losing it ===============================================
+def _dask_cli(module: str, *arguments: str) -> subprocess.Popen[bytes]:
+    environment = dict(os.environ, DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED="False")
+    return subprocess.Popen(
+        [sys.executable, "-m", f"distributed.cli.{module}", *arguments],
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+class SeparateCluster:
+    """A ``dask scheduler`` and one ``dask worker`` (no nanny, 1 thread), each its own
+    process, on 127.0.0.1 only (dashboards included); killed and reaped, with everything
+    under them, when the test ends."""
+
+    def __init__(self) -> None:
+        with socket.socket() as probe:  # a free port for the scheduler
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.address = f"tcp://127.0.0.1:{port}"
+        loopback = ("--host=127.0.0.1", "--dashboard-address=127.0.0.1:0")
+        self.scheduler = _dask_cli("dask_scheduler", *loopback, f"--port={port}")
+        self.worker = _dask_cli(
+            "dask_worker", self.address, *loopback, "--no-nanny", "--nthreads=1"
+        )
+
+    async def start(self) -> None:
+        """Return once the scheduler answers and the worker has joined it."""
+        # The client keeps retrying to connect until the scheduler listens (or WAIT).
+        async with distributed.Client(self.address, asynchronous=True, timeout=WAIT) as client:
+            await client.wait_for_workers(1, timeout=WAIT)
+
+    def processes(self) -> list[int]:
+        pids = [self.scheduler.pid, self.worker.pid]
+        for pid in list(pids):
+            with contextlib.suppress(psutil.Error):
+                pids += [child.pid for child in psutil.Process(pid).children(recursive=True)]
+        return pids
+
+    def stop(self) -> None:
+        pids = self.processes()
+        for proc in (self.worker, self.scheduler):
+            proc.kill()
+            proc.wait(WAIT)
+        for pid in pids:
+            assert_gone(pid)
+
+
+@pytest.fixture
+def separate_cluster() -> Iterator[SeparateCluster]:
+    cluster = SeparateCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+class TestLosingTheCluster:
+    """Losing the client or the scheduler is reported as what it is, never as a cancel."""
+
+    def test_closing_the_client_during_a_call_raises_cluster_connection_error(
+        self, separate_cluster: SeparateCluster
+    ) -> None:
+        """Test that closing the runner's client while a process node runs fails the call
+        with ClusterConnectionError chained to Dask's error, and that a call made
+        afterwards fails at once the same way, without sending anything."""
+
+        async def body() -> None:
+            await separate_cluster.start()
+            client = await distributed.Client(separate_cluster.address, asynchronous=True)
+            runner = DaskRunner(client)
+            reports = Reports()
+            call = asyncio.ensure_future(
+                runner.run_sync(spin_with_grandchild, partial_sink=reports)
+            )
+            await reports.wait("pids")
+            await client.close()
+            with pytest.raises(ClusterConnectionError) as info:
+                await call
+            assert not isinstance(info.value, CancelledException)
+            assert info.value.__cause__ is not None
+            assert "pids" in info.value.partial_results
+            started = time.monotonic()
+            with pytest.raises(ClusterConnectionError, match="closed"):
+                await runner.run_sync(add, 1, 2)
+            assert time.monotonic() - started < WAIT / 3  # at once, not after Dask's timeout
+            await runner.aclose()
+
+        run(body(), CLUSTER_WAIT)
+
+    def test_losing_the_scheduler_during_a_call_raises_cluster_connection_error(
+        self, separate_cluster: SeparateCluster
+    ) -> None:
+        """Test that a scheduler killed while a node runs fails the call with
+        ClusterConnectionError (chained to Dask's FutureCancelledError), and that a call
+        made while the client tries to reconnect fails at once."""
+
+        async def body() -> None:
+            await separate_cluster.start()
+            async with distributed.Client(separate_cluster.address, asynchronous=True) as client:
+                runner = DaskRunner(client, run_in="thread")
+                reports = Reports()
+                call = asyncio.ensure_future(
+                    runner.run_sync(wait_cooperatively, "lost", partial_sink=reports)
+                )
+                await reports.wait("started")
+                separate_cluster.scheduler.kill()
+                with pytest.raises(ClusterConnectionError, match="scheduler was lost") as info:
+                    await call
+                assert isinstance(info.value.__cause__, distributed.client.FutureCancelledError)
+                started = time.monotonic()
+                with pytest.raises(ClusterConnectionError):
+                    await runner.run_sync(add, 1, 2)
+                assert time.monotonic() - started < WAIT / 3
+                await runner.aclose(timeout=0)
+
+        run(body(), CLUSTER_WAIT)
+
+    def test_a_pipeline_reports_the_lost_cluster_as_its_failure_cause(
+        self, separate_cluster: SeparateCluster
+    ) -> None:
+        """Test that inside a pipeline the lost connection is the failure's cause (a
+        PipelineFailedException from ClusterConnectionError), not a cancellation."""
+
+        async def body() -> None:
+            await separate_cluster.start()
+            client = await distributed.Client(separate_cluster.address, asynchronous=True)
+            runner = DaskRunner(client)
+            reports = Reports()
+            spy = _SpyRunner(runner, reports)
+            executor = PipelineExecutor(thread_pool=spy, process_pool=spy)
+            nodes = [Node("spin", _spin_node, run_in="process")]
+            run_task = asyncio.ensure_future(executor.execute_pipeline("lost", nodes))
+            await reports.wait("pids")
+            await client.close()
+            with pytest.raises(PipelineFailedException) as info:
+                await run_task
+            assert isinstance(info.value.__cause__, ClusterConnectionError)
+            await runner.aclose()
+
+        run(body(), CLUSTER_WAIT)
+
+
+def _spin_node(ctx: NodeContext) -> None:
+    spin_with_grandchild()
+
+
+class TestBoundedClose:
+    def test_aclose_abandons_a_call_still_running_after_its_timeout(self, tmp_path: Path) -> None:
+        """Test that aclose(timeout) returns once the timeout passed although a thread
+        node that ignores its token still runs, counts it in abandoned_calls, and that
+        the abandoned call raises ClusterConnectionError once the runner's client closed."""
+        gate = tmp_path / "gate"
+
+        async def body() -> None:
+            cluster = await _local_cluster()
+            try:
+                runner = DaskRunner(cluster.scheduler_address, warm_pool=False, run_in="thread")
+                reports = Reports()
+                call = asyncio.ensure_future(
+                    runner.run_sync(
+                        backendloads.finish_behind_gate, str(gate), partial_sink=reports
+                    )
+                )
+                try:
+                    await reports.wait("started")
+                    await runner.aclose(timeout=0.2)
+                    assert runner.abandoned_calls == 1
+                    with pytest.raises(ClusterConnectionError) as info:
+                        await call
+                    assert "started" in info.value.partial_results
+                finally:
+                    gate.touch()
+            finally:
+                await cluster.close()
+
+        run(body(), CLUSTER_WAIT)
+
+    @pytest.mark.parametrize("timeout", [-1, float("nan"), "1"])
+    def test_aclose_refuses_a_bad_timeout(self, timeout: Any) -> None:
+        """Test that aclose refuses a timeout that is not seconds >= 0 or None, naming it."""
+
+        async def body() -> None:
+            runner = DaskRunner("tcp://127.0.0.1:1")
+            with pytest.raises((TypeError, ValueError), match="timeout"):
+                await runner.aclose(timeout=timeout)
+
+        run(body())
+
+
+# == loopback only ============================================================================
+class TestLoopbackOnly:
+    def test_the_check_sees_a_socket_listening_beyond_loopback(self) -> None:
+        """Test that listening_beyond_loopback reports a socket on 0.0.0.0 and not one on
+        127.0.0.1 (so the checks below can fail)."""
+        with socket.socket() as wide, socket.socket() as narrow:
+            wide.bind(("0.0.0.0", 0))
+            wide.listen()
+            narrow.bind(("127.0.0.1", 0))
+            narrow.listen()
+            found = listening_beyond_loopback([os.getpid()])
+            port = wide.getsockname()[1]
+        assert found == [f"{os.getpid()} 0.0.0.0:{port}"]
+
+    def test_the_module_cluster_listens_on_loopback_only(self, process_cluster: Any) -> None:
+        """Test that the scheduler, the workers, their nannies and dashboards of the
+        module's processes=True cluster listen on 127.0.0.1 only."""
+        assert listening_beyond_loopback(ours_and_descendants()) == []
+
+    def test_the_in_process_cluster_listens_on_loopback_only(self) -> None:
+        """Test that the in-process cluster of the logic tests listens on 127.0.0.1 only."""
+
+        async def body() -> list[str]:
+            cluster = await _local_cluster()
+            try:
+                return listening_beyond_loopback([os.getpid()])
+            finally:
+                await cluster.close()
+
+        assert run(body(), CLUSTER_WAIT) == []
+
+    def test_a_cluster_of_separate_processes_listens_on_loopback_only(
+        self, separate_cluster: SeparateCluster
+    ) -> None:
+        """Test that a scheduler and a worker started from the command line as the tests
+        start them listen on 127.0.0.1 only (the CLI's default dashboard is 0.0.0.0)."""
+        run(separate_cluster.start(), CLUSTER_WAIT)
+        assert listening_beyond_loopback(separate_cluster.processes()) == []

@@ -10,6 +10,8 @@
     ├── WorkerCrashedError               a worker process died by itself (also BrokenProcessPool)
     ├── UnreadableResultError            a task's result, error or partial value could not be unpickled
     │                                    (also BrokenProcessPool)
+    ├── ClusterConnectionError           the connection to a Dask cluster was lost or closed
+    │                                    (also ConnectionError)
     └── PoolClosedError                  work offered to a pool that was shut down (also RuntimeError)
         └── BrokenPoolError              the pool cannot run tasks any more (also BrokenProcessPool
                                          and BrokenThreadPool)
@@ -37,6 +39,7 @@ __all__ = (
     "BrokenPoolError",
     "CancelflowError",
     "CancelledException",
+    "ClusterConnectionError",
     "PipelineDefinitionError",
     "PipelineFailedException",
     "PipelineTimeoutException",
@@ -255,6 +258,31 @@ class UnreadableResultError(CancelflowError, BrokenProcessPool):
         return (
             _rebuild,
             (type(self), (self.args[0],), {"what": self.what, "remote_text": self.remote_text}),
+        )
+
+
+class ClusterConnectionError(CancelflowError, ConnectionError):
+    """The connection to the cluster that runs the work was lost, or was closed.
+
+    Raised by :class:`~cancelflow.DaskRunner` when its client is closed, or loses the
+    scheduler, while a call runs (chained to Dask's own error), and at once for a call
+    made while the client is closed or reconnecting. Not a cancellation: nobody asked the
+    work to stop, and whether it ran to its end on the cluster is unknown. Also a
+    :class:`ConnectionError`.
+
+    Attributes:
+        partial_results: the partial results that reached this process before the
+            connection was lost (``{}`` for a call refused at once).
+    """
+
+    def __init__(self, message: str, partial_results: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.partial_results: dict[str, Any] = dict(partial_results or {})
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild,
+            (type(self), (self.args[0],), {"partial_results": self.partial_results}),
         )
 
 

@@ -30,12 +30,12 @@ from __future__ import annotations
 import functools
 import threading
 from concurrent.futures import Future
-from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import Any
 
 from . import _timer
 
-__all__ = ("lock", "run_callbacks", "settle_locked", "start")
+__all__ = ("lock", "run_callbacks", "settle_locked", "start", "start_locked")
 
 
 def lock(future: Future[Any]) -> threading.Condition:
@@ -47,12 +47,21 @@ def lock(future: Future[Any]) -> threading.Condition:
 
 
 def start(future: Future[Any]) -> bool:
-    """Mark a pending future running (public ``set_running_or_notify_cancel``); ``False``
-    if it is not pending any more (cancelled, failed or already running)."""
+    """Mark a pending future running (what ``set_running_or_notify_cancel`` does for a
+    pending one); ``False`` if it is not pending any more (cancelled, failed or already
+    running). One test of the state under the future's lock: this is on every task's
+    path, and the public methods would take the lock three times."""
     with lock(future):
-        if future.running() or future.done():
-            return False
-        return future.set_running_or_notify_cancel()
+        return start_locked(future)
+
+
+def start_locked(future: Future[Any]) -> bool:
+    """:func:`start` for a caller that holds :func:`lock` already (the lock is re-entrant,
+    but taking it again costs on every task's path)."""
+    if future._state != PENDING:
+        return False
+    future._state = RUNNING
+    return True
 
 
 def settle_locked(

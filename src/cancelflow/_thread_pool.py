@@ -55,6 +55,8 @@ _task_ids = itertools.count(1)
 _INTERRUPT_SETTLE = 0.1
 #: fates of a task that is not over yet (see ``_WorkItem.when_over``)
 _UNDER_WAY = (Fate.PENDING, Fate.RUNNING)
+# Read once: a member access on an Enum class costs ~0.2 µs on Python 3.11.
+_RUNNING, _FINISHED, _FAILED = Fate.RUNNING, Fate.FINISHED, Fate.FAILED
 
 # PyThreadState_SetAsyncExc(thread_id, exc): two prototypes of the same C function, one that
 # passes an exception type and one that passes NULL (which clears a pending exception).
@@ -943,7 +945,7 @@ class ThreadPool(Executor):
             if not _futures.start(future):
                 return False
             item.worker = worker
-            item.fate = Fate.RUNNING
+            item.fate = _RUNNING
         if item.timeout is not None:
             item.timeout_handle = _timer.call_at(
                 time.monotonic() + item.timeout, functools.partial(_fire_timeout, item)
@@ -983,7 +985,7 @@ class ThreadPool(Executor):
                     item.settle_fate(Fate.CANCELLED)
             elif not future.done():
                 resolved = True
-                item.fate = Fate.FAILED if outcome.exc is not None else Fate.FINISHED
+                item.fate = _FAILED if outcome.exc is not None else _FINISHED
                 _futures.settle_locked(future, result=outcome.value, exception=outcome.exc)
         if resolved or settled:
             _futures.run_callbacks(future)

@@ -23,6 +23,7 @@ How a node travels (see ``_dask_worker`` for the worker side):
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import copy
 import inspect
@@ -35,13 +36,14 @@ from typing import Any
 from .._context import PartialSink, deliver_partial
 from .._exceptions import (
     CancelledException,
+    ClusterConnectionError,
     PoolClosedError,
     WorkerCrashedError,
 )
 from .._log import safe_log
 from .._node import NodeContext
 from .._token import CallbackHandle, CancellationToken
-from .._validate import check_seconds as _seconds
+from .._validate import check_optional_seconds, check_seconds as _seconds
 
 __all__ = ("DaskRunner",)
 
@@ -103,6 +105,8 @@ class _Core:
         self.runs: dict[int, _Run] = {}
         self.background: set[asyncio.Task[Any]] = set()
         self.driving: set[asyncio.Task[Any]] = set()
+        #: calls still running when aclose()'s timeout passed, since the runner was made
+        self.abandoned_calls = 0
         if self.client is not None:
             self.loop = self.client.loop.asyncio_loop
 
@@ -132,7 +136,12 @@ class _Core:
             raise PoolClosedError("the DaskRunner is closed")
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
-        await self.on_loop(self._ensure_started())
+        lost = self.connection_error()  # a client of the caller's, closed before we start
+        if lost is None:
+            await self.on_loop(self._ensure_started())
+            lost = self.connection_error()
+        if lost is not None:
+            raise lost
 
     async def _ensure_started(self) -> None:
         if self.starting is None:
@@ -152,23 +161,37 @@ class _Core:
         await client.register_plugin(CancelflowWorkerPlugin(warm=self.warm_pool), name=PLUGIN_NAME)
         client.subscribe_topic(self.topic, self._on_event)
 
-    async def aclose(self) -> None:
+    async def aclose(self, timeout: float | None) -> None:
         self.closed = True
         if self.loop is None or self.starting is None:
             return
-        await self.on_loop(self._close())
+        await self.on_loop(self._close(timeout))
 
-    async def wait_for_calls(self) -> None:
-        """Return once every call made so far, and the background work behind it, is over."""
-        while self.driving:
-            await asyncio.gather(*list(self.driving), return_exceptions=True)
-        while self.background:
-            await asyncio.gather(*list(self.background), return_exceptions=True)
+    async def wait_for_calls(self, timeout: float | None = None) -> int:
+        """Return once every call made so far, and the background work behind it, is over,
+        or ``timeout`` seconds have passed; the number of calls still running then."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        for tasks in (self.driving, self.background):
+            while tasks:
+                left = None if deadline is None else max(0.0, deadline - loop.time())
+                _, pending = await asyncio.wait(list(tasks), timeout=left)
+                if pending and deadline is not None and deadline - loop.time() <= 0:
+                    return len(self.driving)
+        return 0
 
-    async def _close(self) -> None:
+    async def _close(self, timeout: float | None) -> None:
         from ._dask_worker import forget_topic_on_scheduler
 
-        await self.wait_for_calls()
+        running = await self.wait_for_calls(timeout)
+        if running:
+            self.abandoned_calls += running
+            safe_log(
+                "WARNING",
+                f"DaskRunner closed with {running} call(s) still running after {timeout:g}s: "
+                "abandoned (their callers get ClusterConnectionError once the client closes)",
+                topic=self.topic,
+            )
         client = self.client
         if client is None or client.status not in ("running", "connecting", "newly-created"):
             return
@@ -422,6 +445,33 @@ class _Core:
             return "the task awaiting the node was cancelled"
         return None
 
+    def connection_error(
+        self, call: _Call | None = None, error: BaseException | None = None
+    ) -> ClusterConnectionError | None:
+        """The error for a call that cannot reach the cluster, or ``None`` if it can.
+
+        The client was closed (by its owner, or by the runner), or it lost the scheduler
+        (Dask then cancels every future with reason ``scheduler-connection-lost`` and tries
+        to reconnect). ``error``: what Dask raised for ``call``, if anything.
+        """
+        client = self.client
+        status = getattr(client, "status", "running")
+        reason = getattr(error, "reason", None)
+        if status == "running" and reason != "scheduler-connection-lost":
+            return None
+        where = self.address or getattr(getattr(client, "scheduler", None), "address", None)
+        what = (
+            "the connection to the Dask scheduler was lost"
+            if reason == "scheduler-connection-lost" or status == "connecting"
+            else f"the Dask client is {status}"
+        )
+        if call is None:
+            return ClusterConnectionError(f"{what} ({where}); no new call is sent")
+        return ClusterConnectionError(
+            f"{what} ({where}) while {call.key} ran; whether it ran to its end is unknown",
+            call.partials,
+        )
+
     def _stopped_error(self, call: _Call) -> CancelledException:
         reason = self._reason(call)
         return CancelledException(
@@ -443,9 +493,18 @@ class _Core:
         if isinstance(error, FutureCancelledError):
             if call.dropped or self._reason(call) is not None:
                 raise self._stopped_error(call) from None
+            lost = self.connection_error(call, error)
+            if lost is not None:
+                raise lost from error
             raise CancelledException(
                 "the Dask task was cancelled outside cancelflow", call.partials
             ) from error
+        if isinstance(error, (OSError, asyncio.CancelledError, concurrent.futures.CancelledError)):
+            # How a closing client or a lost scheduler shows (CommClosedError is an OSError);
+            # a node's own error is never taken for it.
+            lost = self.connection_error(call, error)
+            if lost is not None:
+                raise lost from error
         if isinstance(error, KilledWorker):
             raise WorkerCrashedError(
                 f"the Dask worker running {call.key} died ({error})"
@@ -704,11 +763,29 @@ class DaskRunner:
                     await asyncio.shield(driving)
             raise
 
-    async def aclose(self) -> None:
-        """Wait for running calls, drop the runner's topic on the scheduler, and close the
-        client if the runner opened it. Idempotent. The worker plugin stays registered
-        (other runners may use it); Dask closes it with its workers."""
-        await self._core.aclose()
+    async def aclose(self, timeout: float | None = 30.0) -> None:
+        """Refuse new calls, wait for running ones, drop the runner's topic on the
+        scheduler, and close the client if the runner opened it. Idempotent. The worker
+        plugin stays registered (other runners may use it); Dask closes it with its workers.
+
+        The wait is bounded by ``timeout`` seconds (``None``: no bound): calls still running
+        then (a thread node that ignores its token, a long node nobody cancelled) are
+        abandoned — logged as a warning and counted in :attr:`abandoned_calls` — and the
+        closing goes on. An abandoned call's caller gets
+        :class:`~cancelflow.ClusterConnectionError` once the client is closed; with a
+        client of your own, it runs on until the cluster ends it. ``async with`` uses the
+        default.
+
+        Raises:
+            TypeError, ValueError: ``timeout`` is not a number of seconds >= 0 or ``None``.
+        """
+        seconds = check_optional_seconds(timeout, "timeout")
+        await self._core.aclose(seconds)
+
+    @property
+    def abandoned_calls(self) -> int:
+        """Calls that were still running when :meth:`aclose`'s timeout passed."""
+        return self._core.abandoned_calls
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Refuse new calls; with ``wait``, return once every call already made is over

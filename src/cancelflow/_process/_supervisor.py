@@ -83,6 +83,11 @@ def _remote_traceback(text: str) -> BaseException:
 
 __all__ = ("Close", "Command", "Dispatch", "KillTask", "StopTask", "Supervisor", "WorkerHandle")
 
+# Fates the per-task path uses, read once: a member access on an Enum class costs ~0.2 µs
+# on Python 3.11, several times per task.
+_RUNNING, _FINISHED, _FAILED = Fate.RUNNING, Fate.FINISHED, Fate.FAILED
+_SETTLED_PLAINLY = (_FINISHED, _FAILED)
+
 _SLOT = _cell.SLOT_SIZE
 _supervisors: weakref.WeakSet[Supervisor] = weakref.WeakSet()
 
@@ -604,6 +609,11 @@ class Supervisor:
             worker.feeding = False
 
     def _on_message(self, worker: WorkerHandle, message: WorkerMessage) -> None:
+        if type(message) is Result:  # the one message of every task: the shortest way
+            task = worker.task
+            if task is not None and task.seq == message.seq:
+                self._on_result(worker, task, message)
+            return
         match message:
             case Ready(pid):
                 if not worker.pid:  # before the zygote's "spawned": the pid is known now
@@ -648,8 +658,6 @@ class Supervisor:
                 # The task cancelled its own token (a child of the caller's, as in every
                 # backend): the task is stopped; the caller's token is left alone.
                 self._stop(task, "cancel", reason)
-            case Result():
-                self._on_result(worker, task, message)
 
     def _on_result(self, worker: WorkerHandle, task: Task, result: Result) -> None:
         worker.task = None
@@ -676,7 +684,7 @@ class Supervisor:
             if task.stop_kind == "future":
                 self.finish(task, Fate.CANCELLED)
             else:
-                self.finish(task, Fate.FINISHED, value=value)
+                self.finish(task, _FINISHED, value=value)
         elif isinstance(value, CancelledException) and (
             task.stop_kind is not None or worker.slot.is_cancelled
         ):
@@ -705,7 +713,7 @@ class Supervisor:
             worker.task = task
             worker.slot.reset()
             task.future.pid = worker.pid
-            task.future.fate = Fate.RUNNING
+            task.future.fate = _RUNNING
             self._send_to(worker, encode(wire(RunTask(task.seq, task.payload))))
             if task.timeout is not None:
                 self._at(task.timeout, self._on_timeout, task)
@@ -870,7 +878,7 @@ class Supervisor:
         future.fate = fate
         future.partial_results = dict(task.partials)
         future.cancel_reason = task.stop_reason
-        if fate not in (Fate.FINISHED, Fate.FAILED):
+        if fate not in _SETTLED_PLAINLY:
             safe_log(
                 "INFO",
                 f"task {task.seq} {fate}" + (f": {task.stop_reason}" if task.stop_reason else ""),
@@ -879,7 +887,7 @@ class Supervisor:
             )
         if task.error is not None:
             future.set_exception(task.error)
-        elif fate == Fate.FINISHED:
+        elif fate is _FINISHED:
             future.set_result(value)
         elif fate in (Fate.FAILED, Fate.CRASHED):
             assert error is not None

@@ -90,8 +90,9 @@ class TaskFuture(concurrent.futures.Future[Any]):
         return _futures.lock(self)
 
     def start_running(self) -> bool:
-        """Mark a pending future running; ``False`` if it is not pending any more."""
-        return _futures.start(self)
+        """Mark a pending future running (call with :attr:`decision_lock` held); ``False``
+        if it is not pending any more."""
+        return _futures.start_locked(self)
 
     def attach(self, task: Task) -> None:
         """Link this future, made by a pool, to the supervisor's record of its task."""

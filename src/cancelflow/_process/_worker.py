@@ -290,6 +290,8 @@ class _Worker:
         if initializer is not None and not self.initialize(initializer):
             return
         self.state = _ProcessState()  # what the initializer set up is the clean state
+        control = self.control  # critical sections of this worker's tasks defer its stops
+        _context.set_critical_hook(lambda seconds: _critical_section(seconds, control))
         try:
             self.send(Ready(os.getpid()))
         except OSError:  # the pool closed this worker's channel while it was starting
@@ -324,8 +326,6 @@ class _Worker:
         def sink(key: str, value: Any) -> None:
             self.send(Partial(seq, key, _blob(value), _type_name(value)))
 
-        control = self.control
-        _context.set_critical_hook(lambda seconds: _critical_section(seconds, control))
         kind: Outcome
         value: Any = None
         # While a task runs, the zygote's death freezes this worker with the task's tree
