@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import psutil
 import pytest
@@ -44,6 +44,10 @@ from cancelflow import (  # noqa: E402
     WorkerCrashedError,
 )
 from cancelflow._backends._dask import DaskRunner  # noqa: E402
+from cancelflow._backends._dask_worker import (  # noqa: E402
+    missing_scheduler_internals,
+    missing_worker_internals,
+)
 from cancelflow._cli.demo.census import worker_census  # noqa: E402
 from cancelflow._context import current_token, store_partial  # noqa: E402
 from support import (  # noqa: E402
@@ -150,7 +154,17 @@ class Reports:
 
 async def assert_workers_clean(client: Any) -> None:
     """Nothing of cancelflow is left on any worker or on the scheduler."""
-    census = await client.run(worker_census)
+    # A task the scheduler cancelled on its own (another client's cancel) leaves the
+    # worker's books once its Dask thread has returned, which may be after the caller
+    # heard: wait for that, with a deadline.
+    deadline = time.monotonic() + WAIT
+    while True:
+        census = await client.run(worker_census)
+        if all(not state["tasks"] and not state["runs"] for state in census.values()):
+            break
+        if time.monotonic() > deadline:
+            break  # the asserts below say what is left
+        await asyncio.sleep(0.01)  # re-check soon; not a wait for something to happen
     for address, state in census.items():
         assert state["tasks"] == [], f"{address} still runs {state['tasks']}"
         assert state["runs"] == [], f"{address} still watches runs {state['runs']}"
@@ -896,3 +910,65 @@ class TestLoopbackOnly:
         start them listen on 127.0.0.1 only (the CLI's default dashboard is 0.0.0.0)."""
         run(separate_cluster.start(), CLUSTER_WAIT)
         assert listening_beyond_loopback(separate_cluster.processes()) == []
+
+
+# == the Dask internals the runner relies on ==================================================
+class TestDaskInternals:
+    """The runner uses a few private parts of distributed; if a release moves them, these
+    fail and say which (the tested range is pinned in pyproject.toml's ``dask`` extra)."""
+
+    def test_the_scheduler_has_what_the_runner_calls(self) -> None:
+        """Test that the scheduler has stimulus_cancel with the arguments the runner passes,
+        the pub/sub broker's topics, the events extension and the rest it uses."""
+
+        async def body() -> tuple[list[str], dict[str, list[str]]]:
+            cluster = await _local_cluster()
+            try:
+                async with distributed.Client(cluster.scheduler_address, asynchronous=True) as c:
+                    on_scheduler = await c.run_on_scheduler(missing_scheduler_internals)
+                    on_workers = await c.run(missing_worker_internals)
+                    return on_scheduler, on_workers
+            finally:
+                await cluster.close()
+
+        on_scheduler, on_workers = run(body(), CLUSTER_WAIT)
+        version = distributed.__version__
+        assert on_scheduler == [], (
+            f"distributed {version} moved scheduler internals that DaskRunner uses "
+            f"(src/cancelflow/_backends/_dask_worker.py): {on_scheduler}"
+        )
+        assert all(missing == [] for missing in on_workers.values()), (
+            f"distributed {version} moved worker internals the plugin uses: {on_workers}"
+        )
+
+    def test_the_check_names_what_is_missing(self) -> None:
+        """Test that the check reports a scheduler without those parts, naming each (so the
+        test above can fail, and the runner's start says what is wrong)."""
+
+        class Bare:
+            extensions: ClassVar[dict[str, Any]] = {}
+
+        missing = missing_scheduler_internals(dask_scheduler=Bare())
+        assert any("stimulus_cancel" in m for m in missing)
+        assert any("_broker._topics" in m for m in missing)
+        assert any("events" in m for m in missing)
+        assert "Worker.state.nthreads" in missing_worker_internals(dask_worker=Bare())
+
+    def test_the_extra_pins_the_tested_range(self) -> None:
+        """Test that the dask extra gives distributed an upper bound, and that the version
+        installed here is inside the range."""
+        from importlib.metadata import requires
+
+        from packaging.requirements import Requirement
+
+        pins = [
+            Requirement(text.split(";")[0])
+            for text in requires("cancelflow") or []
+            if text.startswith("distributed") and "dask" in text
+        ]
+        assert pins, "the dask extra does not name distributed"
+        specifier = pins[0].specifier
+        assert any(spec.operator == "<" for spec in specifier), f"no upper bound: {specifier}"
+        assert specifier.contains(distributed.__version__), (
+            f"distributed {distributed.__version__} is outside the tested range {specifier}"
+        )

@@ -151,13 +151,26 @@ class _Core:
     async def _start(self) -> None:
         from distributed import Client
 
-        from ._dask_worker import PLUGIN_NAME, CancelflowWorkerPlugin
+        from ._dask_worker import (
+            PLUGIN_NAME,
+            CancelflowWorkerPlugin,
+            missing_scheduler_internals,
+        )
 
         if self.client is None:
             self.client = await Client(  # type: ignore[no-untyped-call,unused-ignore]
                 self.address, asynchronous=True
             )
         client = self.client
+        missing = await client.run_on_scheduler(missing_scheduler_internals)
+        if missing:
+            import distributed
+
+            raise RuntimeError(
+                f"DaskRunner cannot stop tasks on this scheduler: distributed "
+                f"{distributed.__version__} lacks {'; '.join(missing)}. cancelflow is tested "
+                "with the versions its 'dask' extra allows (pip install 'cancelflow[dask]')."
+            )
         await client.register_plugin(CancelflowWorkerPlugin(warm=self.warm_pool), name=PLUGIN_NAME)
         client.subscribe_topic(self.topic, self._on_event)
 

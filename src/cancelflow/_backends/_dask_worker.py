@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import inspect
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -435,6 +436,46 @@ def run_task(spec: dict[str, Any]) -> tuple[str, Any]:
         return "ok", plugin.execute(spec)
     except _Stopped as stopped:
         return "stopped", stopped.error
+
+
+# -- what the runner relies on inside distributed ----------------------------------------------
+#: Parameters of ``Scheduler.stimulus_cancel`` as the runner calls it (positionally).
+_STIMULUS_CANCEL = ("keys", "client", "force", "reason", "msg")
+
+
+def missing_scheduler_internals(*, dask_scheduler: Any) -> list[str]:
+    """What the runner uses of the scheduler's internals and this scheduler lacks
+    (``[]``: all there). Run on the scheduler when a runner starts, and by the tests."""
+    missing = []
+    cancel = getattr(dask_scheduler, "stimulus_cancel", None)
+    try:
+        names = tuple(inspect.signature(cancel).parameters)[: len(_STIMULUS_CANCEL)]  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        names = ()
+    if names != _STIMULUS_CANCEL:
+        missing.append(f"Scheduler.stimulus_cancel{_STIMULUS_CANCEL} (found {names or 'none'})")
+    if not isinstance(getattr(getattr(dask_scheduler, "_broker", None), "_topics", None), dict):
+        missing.append("Scheduler._broker._topics (a dict of topics)")
+    events = getattr(dask_scheduler, "extensions", {}).get("events")
+    if not all(hasattr(events, name) for name in ("event_set", "event_clear")):
+        missing.append("Scheduler.extensions['events'].event_set / event_clear")
+    for name in ("tasks", "workers", "rpc", "set_metadata", "get_metadata"):
+        if not hasattr(dask_scheduler, name):
+            missing.append(f"Scheduler.{name}")
+    return missing
+
+
+def missing_worker_internals(*, dask_worker: Any) -> list[str]:
+    """What the worker plugin uses of a worker's internals and this worker lacks."""
+    missing = []
+    state = getattr(dask_worker, "state", None)
+    for name in ("nthreads", "tasks"):
+        if not hasattr(state, name):
+            missing.append(f"Worker.state.{name}")
+    for name in ("handlers", "log_event", "loop", "scheduler"):
+        if not hasattr(dask_worker, name):
+            missing.append(f"Worker.{name}")
+    return missing
 
 
 # -- run on the scheduler (``client.run_on_scheduler``); each is one atomic step there --------
