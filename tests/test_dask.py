@@ -704,8 +704,36 @@ class SeparateCluster:
         self.address = f"tcp://127.0.0.1:{port}"
         loopback = ("--host=127.0.0.1", "--dashboard-address=127.0.0.1:0")
         self.scheduler = _dask_cli("dask_scheduler", *loopback, f"--port={port}")
-        self.worker = _dask_cli(
-            "dask_worker", self.address, *loopback, "--no-nanny", "--nthreads=1"
+        self.others: list[subprocess.Popen[bytes]] = []  # workers a test added
+        self.worker = self.start_worker()
+
+    def start_worker(
+        self, *, without_cancelflow: bool = False, name: str = "worker"
+    ) -> subprocess.Popen[bytes]:
+        """Start a ``dask worker`` named ``name`` for this scheduler (one that cannot
+        import cancelflow, as on a machine where it is not installed, if asked)."""
+        arguments = (
+            self.address,
+            "--host=127.0.0.1",
+            "--dashboard-address=127.0.0.1:0",
+            "--no-nanny",
+            "--nthreads=1",
+            f"--name={name}",
+        )
+        if not without_cancelflow:
+            return _dask_cli("dask_worker", *arguments)
+        script = (
+            "import sys; sys.modules['cancelflow'] = None; "  # import cancelflow fails
+            "from distributed.cli.dask_worker import main; "
+            f"sys.argv = ['dask-worker', *{list(arguments)!r}]; main()"
+        )
+        environment = dict(os.environ, DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED="False")
+        return subprocess.Popen(
+            [sys.executable, "-c", script],
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
     async def start(self) -> None:
@@ -715,7 +743,7 @@ class SeparateCluster:
             await client.wait_for_workers(1, timeout=WAIT)
 
     def processes(self) -> list[int]:
-        pids = [self.scheduler.pid, self.worker.pid]
+        pids = [self.scheduler.pid, self.worker.pid, *(w.pid for w in self.others)]
         for pid in list(pids):
             with contextlib.suppress(psutil.Error):
                 pids += [child.pid for child in psutil.Process(pid).children(recursive=True)]
@@ -723,7 +751,7 @@ class SeparateCluster:
 
     def stop(self) -> None:
         pids = self.processes()
-        for proc in (self.worker, self.scheduler):
+        for proc in (*self.others, self.worker, self.scheduler):
             proc.kill()
             proc.wait(WAIT)
         for pid in pids:
@@ -821,6 +849,41 @@ class TestLosingTheCluster:
                 await run_task
             assert isinstance(info.value.__cause__, ClusterConnectionError)
             await runner.aclose()
+
+        run(body(), CLUSTER_WAIT)
+
+
+class TestWhereCancelflowMustBeInstalled:
+    def test_a_worker_without_cancelflow_is_named_and_a_later_start_retries(
+        self, separate_cluster: SeparateCluster
+    ) -> None:
+        """Test that a runner's start fails with an error naming the worker that cannot
+        import cancelflow, and that the failure is not kept: once that worker is gone, the
+        same runner starts and runs."""
+
+        async def body() -> None:
+            await separate_cluster.start()
+            bad = separate_cluster.start_worker(without_cancelflow=True, name="no-cancelflow")
+            separate_cluster.others.append(bad)
+            async with distributed.Client(separate_cluster.address, asynchronous=True) as client:
+                await client.wait_for_workers(2, timeout=WAIT)
+                workers = (await client.scheduler.identity())["workers"]
+                bad_address = next(
+                    address for address, info in workers.items() if info["name"] == "no-cancelflow"
+                )
+                runner = DaskRunner(client, run_in="thread")
+                with pytest.raises(RuntimeError, match="cannot import cancelflow") as info:
+                    await runner.run_sync(add, 1, 2)
+                assert f"worker {bad_address}" in str(info.value)
+                assert "the scheduler cannot" not in str(info.value)  # it has cancelflow
+                bad.kill()
+                bad.wait(WAIT)
+                deadline = time.monotonic() + WAIT
+                while bad_address in (await client.scheduler.identity())["workers"]:
+                    assert time.monotonic() < deadline, "the scheduler kept the dead worker"
+                    await asyncio.sleep(0.05)  # re-check soon; the scheduler notices
+                assert await runner.run_sync(add, 1, 2) == 3
+                await runner.aclose()
 
         run(body(), CLUSTER_WAIT)
 

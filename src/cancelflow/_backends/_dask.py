@@ -27,6 +27,7 @@ import concurrent.futures
 import contextlib
 import copy
 import inspect
+import pkgutil
 import re
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
@@ -44,6 +45,7 @@ from .._log import safe_log
 from .._node import NodeContext
 from .._token import CallbackHandle, CancellationToken
 from .._validate import check_optional_seconds, check_seconds as _seconds
+from .._version import __version__
 
 __all__ = ("DaskRunner",)
 
@@ -144,9 +146,12 @@ class _Core:
             raise lost
 
     async def _ensure_started(self) -> None:
-        if self.starting is None:
-            self.starting = asyncio.ensure_future(self._start())
-        await asyncio.shield(self.starting)
+        starting = self.starting
+        if starting is not None and starting.done() and starting.exception() is not None:
+            starting = None  # a failed start is not kept: the cluster may be fixed since
+        if starting is None:
+            starting = self.starting = asyncio.ensure_future(self._start())
+        await asyncio.shield(starting)
 
     async def _start(self) -> None:
         from distributed import Client
@@ -162,13 +167,14 @@ class _Core:
                 self.address, asynchronous=True
             )
         client = self.client
+        await _check_installed(client)
         missing = await client.run_on_scheduler(missing_scheduler_internals)
         if missing:
-            import distributed
+            from importlib.metadata import version
 
             raise RuntimeError(
                 f"DaskRunner cannot stop tasks on this scheduler: distributed "
-                f"{distributed.__version__} lacks {'; '.join(missing)}. cancelflow is tested "
+                f"{version('distributed')} lacks {'; '.join(missing)}. cancelflow is tested "
                 "with the versions its 'dask' extra allows (pip install 'cancelflow[dask]')."
             )
         await client.register_plugin(CancelflowWorkerPlugin(warm=self.warm_pool), name=PLUGIN_NAME)
@@ -840,6 +846,37 @@ class DaskRunner:
     def __repr__(self) -> str:
         target = self._core.address or self._core.client
         return f"<DaskRunner {target!r} run_in={self._run_in}>"
+
+
+async def _check_installed(client: Any) -> None:
+    """Refuse a cluster whose scheduler or workers cannot import this version of
+    cancelflow, naming each: the scheduler runs the runner's stop requests, the workers
+    the plugin and the nodes. Asked with :func:`pkgutil.resolve_name`, which a process
+    without cancelflow can run (it then fails to import it)."""
+    mine = __version__
+    name = "cancelflow._version:__version__"
+    problems = []
+    try:
+        theirs = await client.run_on_scheduler(pkgutil.resolve_name, name)
+    except Exception as exc:  # noqa: BLE001 - reported below, with the others
+        theirs = exc
+    problems += _version_problem("the scheduler", theirs, mine)
+    found = await client.run(pkgutil.resolve_name, name, on_error="return")
+    for address, version in sorted(found.items()):
+        problems += _version_problem(f"worker {address}", version, mine)
+    if problems:
+        raise RuntimeError(
+            f"DaskRunner needs cancelflow {mine} on the scheduler and on every worker: "
+            + "; ".join(problems)
+        )
+
+
+def _version_problem(who: str, found: object, mine: str) -> list[str]:
+    if isinstance(found, BaseException):
+        return [f"{who} cannot import cancelflow ({type(found).__name__}: {found})"]
+    if found != mine:
+        return [f"{who} has cancelflow {found}"]
+    return []
 
 
 async def _make_call(
