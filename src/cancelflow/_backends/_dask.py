@@ -680,8 +680,8 @@ class DaskRunner:
         after the cancel, its Dask task is released, the call waits ``term_grace_period``
         more for the thread to return, then raises anyway (the thread, which Dask cannot
         stop, runs on until it returns). If the awaiting asyncio task is cancelled, the
-        Dask task is released at once, its tree killed and confirmed gone, then
-        ``asyncio.CancelledError`` propagates. Nothing of the call is left on the
+        node is stopped as for a cancel of ``token`` (asked, then forced as above), and
+        ``asyncio.CancelledError`` propagates once that stop is complete. Nothing of the call is left on the
         scheduler: its key is released when the call ends.
 
         Args:
