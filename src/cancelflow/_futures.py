@@ -2,10 +2,10 @@
 
 Package-internal: for the pools' futures (``_thread_pool``, ``_process._task``).
 Everything else about a future goes through its public methods (``done()``,
-``running()``, ``cancelled()``, ``set_running_or_notify_cancel()``, ``set_result()``,
-``set_exception()``, ``cancel()``). These few helpers are the only place that touches the
-stdlib's private fields (``_condition``, ``_state``, ``_result``, ``_exception``,
-``_waiters``, ``_invoke_callbacks``), for three reasons the public methods cannot meet:
+``running()``, ``cancelled()``, ``set_result()``, ``set_exception()``, ``cancel()``).
+These few helpers are the only place that touches the stdlib's private fields
+(``_condition``, ``_state``, ``_result``, ``_exception``, ``_waiters``,
+``_invoke_callbacks``), for four reasons the public methods cannot meet:
 
 * **A task's own state changes together with its future's.** A pool keeps a task's fate
   (and whether it was claimed, dropped, returned) consistent with the future's state by
@@ -15,6 +15,9 @@ stdlib's private fields (``_condition``, ``_state``, ``_result``, ``_exception``
   future would deadlock), and calling them after it would let a racing cancel slip in
   between. So :func:`settle_locked` resolves under the lock and :func:`run_callbacks`
   runs the callbacks once it is released, as the stdlib itself does.
+* **Starting a task is on every task's path.** :func:`start_locked` marks a future
+  running with one test of its state under the lock the caller already holds;
+  ``set_running_or_notify_cancel()`` plus the checks around it took the lock three times.
 * **A running task's future can be cancelled.** ``Future.cancel()`` refuses a running
   future; a pool's ``cancel()`` does not.
 * **The cancel path must be safe in a signal handler.** ``Future.cancel()`` and
@@ -35,7 +38,7 @@ from typing import Any
 
 from . import _timer
 
-__all__ = ("lock", "run_callbacks", "settle_locked", "start", "start_locked")
+__all__ = ("lock", "run_callbacks", "settle_locked", "start_locked")
 
 
 def lock(future: Future[Any]) -> threading.Condition:
@@ -46,18 +49,12 @@ def lock(future: Future[Any]) -> threading.Condition:
     return future._condition
 
 
-def start(future: Future[Any]) -> bool:
+def start_locked(future: Future[Any]) -> bool:
     """Mark a pending future running (what ``set_running_or_notify_cancel`` does for a
     pending one); ``False`` if it is not pending any more (cancelled, failed or already
-    running). One test of the state under the future's lock: this is on every task's
-    path, and the public methods would take the lock three times."""
-    with lock(future):
-        return start_locked(future)
-
-
-def start_locked(future: Future[Any]) -> bool:
-    """:func:`start` for a caller that holds :func:`lock` already (the lock is re-entrant,
-    but taking it again costs on every task's path)."""
+    running). The caller holds :func:`lock`, under which it also records the start in its
+    own state. One test of the state: this is on every task's path, and the public
+    methods would take the lock three times."""
     if future._state != PENDING:
         return False
     future._state = RUNNING

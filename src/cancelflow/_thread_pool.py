@@ -5,8 +5,9 @@ Its future is resolved at once (as ``concurrent.futures`` users expect); ``run_s
 releases its caller once the task is over, so the partial results are final and the fate
 known. A task that keeps running for ``grace_period`` seconds after the cancel is
 *abandoned*: logged, counted, and no longer counted against ``max_workers``, so the pool
-starts another worker for later work (and ``run_sync``'s caller is released then). An abandoned thread that finally returns
-ends, or becomes an ordinary worker again if the pool is under capacity.
+starts another worker for later work (and ``run_sync``'s caller is released then). An
+abandoned thread that finally returns ends, or becomes an ordinary worker again if the
+pool is under capacity.
 """
 
 from __future__ import annotations
@@ -942,7 +943,7 @@ class ThreadPool(Executor):
         """Mark a dequeued task running; ``False`` if it was cancelled. Caller holds the lock."""
         future = item.future
         with _futures.lock(future):
-            if not _futures.start(future):
+            if not _futures.start_locked(future):
                 return False
             item.worker = worker
             item.fate = _RUNNING
