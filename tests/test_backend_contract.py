@@ -53,12 +53,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 Body = Callable[[PoolBackend], Awaitable[None]]
 
-_DASK_CONFIG = {
-    "distributed.worker.profile.enabled": False,  # no profiler thread per worker
-    "distributed.scheduler.allowed-failures": 0,  # a worker's death fails its task at once
-    "distributed.admin.system-monitor.gil.enabled": False,
-}
-
 
 # -- helpers ---------------------------------------------------------------------------------
 class Reports:
@@ -158,65 +152,23 @@ class Backend:
         finally:
             if isinstance(pool, DaskRunner):
                 if passed and pool.client is not None:
-                    await _assert_dask_clean(pool.client)
+                    from dasksupport import assert_workers_clean
+
+                    await assert_workers_clean(pool.client)
                 await pool.aclose()
             elif isinstance(pool, (ThreadPool, ProcessPool)):
                 pool.shutdown(wait=True, cancel_futures=True, cancel_running=True)
 
 
-async def _assert_dask_clean(client: Any) -> None:
-    """Nothing of the test is left on the Dask worker (no task, run, busy child or stray
-    process) nor on the scheduler (no cancelflow key, Event or run reason)."""
-    from cancelflow._cli.demo.census import worker_census
-
-    for address, state in (await client.run(worker_census)).items():
-        assert state["tasks"] == [], f"{address} still runs {state['tasks']}"
-        assert state["runs"] == [], f"{address} still watches runs {state['runs']}"
-        assert state["extra_processes"] == [], f"{address} left {state['extra_processes']}"
-        if state["pool"] is not None:
-            assert state["pool"]["busy"] == 0, f"{address}: {state['pool']}"
-    clean: dict[str, Any] = {"keys": [], "events": [], "reasons": {}}
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT
-    # The scheduler forgets a call's key after the call returned: poll, with a deadline.
-    while (left := await client.run_on_scheduler(_cancelflow_on_scheduler)) != clean:
-        assert loop.time() < deadline, f"left on the scheduler: {left}"
-        await asyncio.sleep(0.01)  # re-check soon; not a wait for something to happen
-
-
-def _cancelflow_on_scheduler(dask_scheduler: Any) -> dict[str, Any]:
-    keys = [k for k in dask_scheduler.tasks if str(k).startswith("cancelflow-")]
-    events = [
-        n for n in dask_scheduler.extensions["events"]._events if str(n).startswith("cancelflow")
-    ]
-    reasons = dask_scheduler.task_metadata.get("cancelflow-run-reason", {})
-    return {"keys": keys, "events": events, "reasons": reasons}
-
-
 # -- fixtures --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dask_cluster() -> Iterator[Any]:
-    """One LocalCluster for the module's Dask tests, warmed up (worker plugin registered,
-    the worker's process pool started) so that no test pays for, or sees, its start."""
-    distributed = pytest.importorskip("distributed", reason="cancelflow[dask] is not installed")
-    import dask
+    """One warm LocalCluster (1 worker process, 2 threads) for the module's Dask tests."""
+    pytest.importorskip("distributed", reason="cancelflow[dask] is not installed")
+    from dasksupport import warm_process_cluster
 
-    with dask.config.set(_DASK_CONFIG):
-        cluster = distributed.LocalCluster(
-            processes=True,
-            n_workers=1,
-            threads_per_worker=2,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",  # None: HTTP on 0.0.0.0:8787 all the same
-        )
+    cluster = warm_process_cluster(n_workers=1, threads_per_worker=2)
     try:
-
-        async def warm() -> None:
-            async with DaskRunner(cluster.scheduler_address) as runner:
-                await runner.client.wait_for_workers(1, timeout=WAIT)
-                assert await runner.run_sync(backendloads.add, 1, 1) == 2
-
-        asyncio.run(asyncio.wait_for(warm(), WAIT * 2))
         yield cluster
     finally:
         cluster.close()

@@ -48,8 +48,13 @@ from cancelflow._backends._dask_worker import (  # noqa: E402
     missing_scheduler_internals,
     missing_worker_internals,
 )
-from cancelflow._cli.demo.census import worker_census  # noqa: E402
 from cancelflow._context import current_token, store_partial  # noqa: E402
+from dasksupport import (  # noqa: E402
+    DASK_CONFIG,
+    assert_workers_clean,
+    cancelflow_state_on_scheduler,
+    warm_process_cluster,
+)
 from support import (  # noqa: E402
     WAIT,
     assert_gone,
@@ -64,12 +69,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 #: a cluster's start and close around a test body, which bounds its own waits by WAIT
 CLUSTER_WAIT = 2 * WAIT
-
-_DASK_CONFIG = {
-    "distributed.worker.profile.enabled": False,  # no profiler thread per worker
-    "distributed.scheduler.allowed-failures": 0,  # a worker's death fails its task at once
-    "distributed.admin.system-monitor.gil.enabled": False,
-}
 
 
 # -- node functions (run on the workers) ------------------------------------------------------
@@ -152,43 +151,6 @@ class Reports:
         return self.values[key]
 
 
-async def assert_workers_clean(client: Any) -> None:
-    """Nothing of cancelflow is left on any worker or on the scheduler."""
-    # A task the scheduler cancelled on its own (another client's cancel) leaves the
-    # worker's books once its Dask thread has returned, which may be after the caller
-    # heard: wait for that, with a deadline.
-    deadline = time.monotonic() + WAIT
-    while True:
-        census = await client.run(worker_census)
-        if all(not state["tasks"] and not state["runs"] for state in census.values()):
-            break
-        if time.monotonic() > deadline:
-            break  # the asserts below say what is left
-        await asyncio.sleep(0.01)  # re-check soon; not a wait for something to happen
-    for address, state in census.items():
-        assert state["tasks"] == [], f"{address} still runs {state['tasks']}"
-        assert state["runs"] == [], f"{address} still watches runs {state['runs']}"
-        assert state["extra_processes"] == [], f"{address} left {state['extra_processes']}"
-        if state["pool"] is not None:
-            assert state["pool"]["busy"] == 0, f"{address}: {state['pool']}"
-    # A call's key is released (and its run's Event cleared) by messages the scheduler
-    # handles after the call returned: wait for that, with a deadline.
-    clean: dict[str, Any] = {"keys": [], "events": [], "reasons": {}}
-    deadline = time.monotonic() + WAIT
-    while (leftovers := await client.run_on_scheduler(_cancelflow_state_on_scheduler)) != clean:
-        assert time.monotonic() < deadline, f"left on the scheduler: {leftovers}"
-        await asyncio.sleep(0.01)  # re-check soon; not a wait for something to happen
-
-
-def _cancelflow_state_on_scheduler(dask_scheduler: Any) -> dict[str, Any]:
-    keys = [k for k in dask_scheduler.tasks if str(k).startswith("cancelflow-")]
-    events = [
-        n for n in dask_scheduler.extensions["events"]._events if str(n).startswith("cancelflow")
-    ]
-    reasons = dask_scheduler.task_metadata.get("cancelflow-run-reason", {})
-    return {"keys": keys, "events": events, "reasons": reasons}
-
-
 # -- clusters --------------------------------------------------------------------------------
 @pytest.fixture(scope="module", autouse=True)
 def dask_background_threads() -> None:
@@ -203,7 +165,7 @@ def dask_background_threads() -> None:
 
 
 async def _local_cluster() -> Any:
-    with dask.config.set(_DASK_CONFIG):
+    with dask.config.set(DASK_CONFIG):
         return await distributed.LocalCluster(
             processes=False,
             n_workers=1,
@@ -233,22 +195,8 @@ async def in_process(body: Callable[[DaskRunner, Any], Awaitable[None]], **optio
 @pytest.fixture(scope="module")
 def process_cluster() -> Iterator[Any]:
     """One ``processes=True`` cluster for the hard-cancel tests, with warm pools."""
-    with dask.config.set(_DASK_CONFIG):
-        cluster = distributed.LocalCluster(
-            processes=True,
-            n_workers=2,
-            threads_per_worker=1,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",  # None: HTTP on 0.0.0.0:8787 all the same
-        )
+    cluster = warm_process_cluster(n_workers=2, threads_per_worker=1)
     try:
-
-        async def warm() -> None:
-            async with DaskRunner(cluster.scheduler_address) as runner:
-                await runner.client.wait_for_workers(2)
-                await runner.run_sync(add, 1, 1)
-
-        run(warm(), CLUSTER_WAIT)
         yield cluster
     finally:
         cluster.close()
@@ -327,7 +275,7 @@ class TestDaskRunnerLogic:
             ]
             for report in reports:
                 await report.wait("started")
-            events = (await client.run_on_scheduler(_cancelflow_state_on_scheduler))["events"]
+            events = (await client.run_on_scheduler(cancelflow_state_on_scheduler))["events"]
             assert len(events) == 1  # one Event for the run, watched from the worker
             run_token.cancel("whole run")
             for call in calls:
@@ -408,7 +356,7 @@ class TestDaskRunnerLogic:
             token.cancel("before")
             with pytest.raises(CancelledException, match="before"):
                 await runner.run_sync(add, 1, 2, token=token)
-            info = await client.run_on_scheduler(_cancelflow_state_on_scheduler)
+            info = await client.run_on_scheduler(cancelflow_state_on_scheduler)
             assert info["keys"] == []
 
         run(in_process(body), CLUSTER_WAIT)
@@ -541,7 +489,7 @@ class TestDaskRunnerHardCancel:
             reports = Reports()
             call = asyncio.ensure_future(runner.run_sync(spin, partial_sink=reports))
             pid = await reports.wait("pid")
-            keys = (await client.run_on_scheduler(_cancelflow_state_on_scheduler))["keys"]
+            keys = (await client.run_on_scheduler(cancelflow_state_on_scheduler))["keys"]
             assert len(keys) == 1
             async with distributed.Client(
                 process_cluster.scheduler_address, asynchronous=True
