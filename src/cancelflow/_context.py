@@ -48,6 +48,30 @@ def deliver_partial(
             safe_log("ERROR", "partial_sink raised", exception=exc, **ids)
 
 
+def report_lost_attempt(
+    sink: PartialSink | None,
+    attempt: int,
+    where: str,
+    partials: dict[str, Any],
+    /,
+    **ids: object,
+) -> None:
+    """Tell ``sink`` that attempt number ``attempt`` of its task was lost (its worker, at
+    ``where``, left) and the task runs again, with what that attempt stored.
+
+    For backends that may run a task more than once (Dask). A sink that can keep attempts
+    apart has an ``attempt_lost(attempt, where, partials)`` method (the pipeline's node
+    sink does); any other sink is not told. A sink that raises is logged.
+    """
+    hook = getattr(sink, "attempt_lost", None)
+    if hook is None:
+        return
+    try:
+        hook(attempt, where, partials)
+    except Exception as exc:  # noqa: BLE001 - a sink must not break the stream
+        safe_log("ERROR", "partial_sink.attempt_lost raised", exception=exc, **ids)
+
+
 @dataclass(frozen=True, slots=True)
 class TaskScope:
     """The token and partial-result sink of the task running in this context."""

@@ -40,6 +40,7 @@ __all__ = (
     "CancelflowError",
     "CancelledException",
     "ClusterConnectionError",
+    "MemoryLimitError",
     "PipelineDefinitionError",
     "PipelineFailedException",
     "PipelineTimeoutException",
@@ -85,6 +86,8 @@ class CancelledException(CancelflowError):
         self.reason = reason
         #: for a pipeline: how each node that started ended (see ``PipelineResult``)
         self.node_fates: dict[str, Fate] = {}
+        #: for a pipeline: nodes run more than once, and how many times (see ``PipelineResult``)
+        self.node_attempts: dict[str, int] = {}
         #: for a single pool task: how it was stopped (``cancelled``, ``terminated``,
         #: ``killed``, ``abandoned``...), else ``None``
         self.fate: Fate | None = None
@@ -97,7 +100,7 @@ class CancelledException(CancelflowError):
         return (
             _rebuild,
             (type(self), (self.message, self.partial_results, self.wave_num), self._extra()),
-            {"fate": self.fate, "node_fates": self.node_fates},
+            {"fate": self.fate, "node_fates": self.node_fates, "node_attempts": self.node_attempts},
         )
 
     def _extra(self) -> dict[str, Any]:
@@ -155,6 +158,8 @@ class PipelineFailedException(CancelflowError):
         self.wave_num = wave_num
         #: how each node that started ended (see ``PipelineResult.node_fates``)
         self.node_fates: dict[str, Fate] = {}
+        #: nodes run more than once, and how many times (``PipelineResult.node_attempts``)
+        self.node_attempts: dict[str, int] = {}
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
@@ -168,7 +173,7 @@ class PipelineFailedException(CancelflowError):
                     "wave_num": self.wave_num,
                 },
             ),
-            {"node_fates": self.node_fates},
+            {"node_fates": self.node_fates, "node_attempts": self.node_attempts},
         )
 
 
@@ -283,6 +288,51 @@ class ClusterConnectionError(CancelflowError, ConnectionError):
         return (
             _rebuild,
             (type(self), (self.args[0],), {"partial_results": self.partial_results}),
+        )
+
+
+class MemoryLimitError(CancelflowError, MemoryError):
+    """A node's process tree was killed because it took its worker past a memory limit.
+
+    Raised by :class:`~cancelflow.DaskRunner` for a process node whose processes, added to
+    the Dask worker's own memory, passed the worker's ``memory_limit`` (times the fraction
+    ``distributed.worker.memory.terminate``): the node's tree is killed, the worker and its
+    data stay. Not a cancellation (nobody asked the node to stop) and not a crash. Also a
+    :class:`MemoryError`.
+
+    Attributes:
+        partial_results: what the node stored before it was killed.
+        reason: the reason its tree was killed (names the memory measured and the limit).
+        used: bytes the node's processes held when they were killed.
+        limit: the byte limit that was passed.
+        fate: always ``"killed"``.
+    """
+
+    fate: Fate = Fate.KILLED
+
+    def __init__(
+        self,
+        message: str,
+        partial_results: dict[str, Any] | None = None,
+        *,
+        reason: str | None = None,
+        used: int = 0,
+        limit: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.partial_results: dict[str, Any] = dict(partial_results or {})
+        self.reason = reason
+        self.used = used
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild,
+            (
+                type(self),
+                (self.args[0], self.partial_results),
+                {"reason": self.reason, "used": self.used, "limit": self.limit},
+            ),
         )
 
 

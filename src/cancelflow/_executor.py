@@ -68,6 +68,11 @@ class PipelineResult:
             ignored its token past the grace period) or ``timed_out``. The exceptions
             raised by :meth:`PipelineExecutor.execute_pipeline` carry the same dict as
             ``node_fates``.
+        node_attempts: nodes that ran more than once, with how many times: a backend
+            that runs a node again when its worker leaves mid-run (Dask) reports each lost
+            attempt; the partial results that attempt N stored are kept under
+            ``"{node_id}@{N}.{key}"`` (the last attempt's under the plain keys). Empty
+            when every node ran once. The exceptions carry it too, as ``node_attempts``.
 
     For seed compatibility it can also be read like the seed's response dict:
     ``result["cancelled"]``, ``result.get("cancel_reason")``.
@@ -83,6 +88,7 @@ class PipelineResult:
     failed_node: str | None = None
     cleanup_errors: tuple[BaseException, ...] = ()
     node_fates: dict[str, Fate] = field(default_factory=dict)
+    node_attempts: dict[str, int] = field(default_factory=dict)
 
     @property
     def completed(self) -> bool:
@@ -589,6 +595,7 @@ class PipelineExecutor:
             failed_node=error.node_id if isinstance(error, PipelineFailedException) else None,
             cleanup_errors=outcome.cleanup_errors,
             node_fates=outcome.node_fates,
+            node_attempts=outcome.node_attempts,
         )
         if isinstance(error, CancelledException) and self.events.has_subscribers():
             await self.events.emit(

@@ -46,6 +46,7 @@ class RunOutcome:
     error: CancelledException | PipelineFailedException | None
     cleanup_errors: tuple[BaseException, ...] = ()
     node_fates: dict[str, Fate] = field(default_factory=dict)
+    node_attempts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,25 @@ class _NodeRun:
             return
         run.handle.store_partial(f"{self.node.id}.{key}", value)
 
+    def attempt_lost(self, attempt: int, where: str, partials: dict[str, Any]) -> None:
+        """The backend lost attempt ``attempt`` of this node (its worker at ``where``
+        left) and runs it again: keep what that attempt stored as
+        ``"{node_id}@{attempt}.{key}"`` (the next attempt's values take the plain keys)
+        and count the attempt (any thread)."""
+        run = self.run
+        if run.closed:
+            return
+        node_id = self.node.id
+        run.attempts[node_id] = max(run.attempts.get(node_id, 1), attempt + 1)
+        for key, value in partials.items():
+            run.handle.store_partial(f"{node_id}@{attempt}.{key}", value)
+        safe_log(
+            "WARNING",
+            f"node {node_id!r}: attempt {attempt} lost with its worker {where}; running again",
+            pipeline_id=run.pipeline_id,
+            node_id=node_id,
+        )
+
 
 class Run:
     """The state of one pipeline run; lives on the loop that runs it.
@@ -123,6 +143,8 @@ class Run:
         #: how each node ended: finished / failed / cancelled / terminated / killed /
         #: crashed / abandoned / timed_out; nodes that never started are absent
         self.fates: dict[str, Fate] = {}
+        #: nodes a backend ran more than once (their worker left mid-run): attempts made
+        self.attempts: dict[str, int] = {}
         self.interrupt = CancellationToken(name=f"{self.pipeline_id}:interrupt")
         self.interrupted = False
         self.outputs: dict[str, Any] = {}
@@ -448,6 +470,7 @@ class Run:
             error.__cause__ = cause.error
         if error is not None:
             error.node_fates = dict(self.fates)
+            error.node_attempts = dict(self.attempts)
         if isinstance(error, CancelledException):
             await self._emit(
                 "execution_cancelled",
@@ -483,6 +506,7 @@ class Run:
             error,
             cleanup_errors,
             dict(self.fates),
+            dict(self.attempts),
         )
 
     def _first_incomplete_wave(self) -> int:

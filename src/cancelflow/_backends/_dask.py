@@ -23,6 +23,7 @@ How a node travels (see ``_dask_worker`` for the worker side):
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import copy
@@ -34,10 +35,11 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._context import PartialSink, deliver_partial
+from .._context import PartialSink, deliver_partial, report_lost_attempt
 from .._exceptions import (
     CancelledException,
     ClusterConnectionError,
+    MemoryLimitError,
     PoolClosedError,
     WorkerCrashedError,
 )
@@ -47,13 +49,34 @@ from .._token import CallbackHandle, CancellationToken
 from .._validate import check_optional_seconds, check_seconds as _seconds
 from .._version import __version__
 
-__all__ = ("DaskRunner",)
+__all__ = ("DaskRunner", "LostAttempt")
 
 _RUN_IN = ("process", "thread", "loop")
 #: Seconds past a task's own stop ladder before the client stops it through the scheduler.
 _BACKSTOP = 2.0
 #: Seconds the client waits for a killed task's tree to be reported gone.
 _ENDED_PATIENCE = 15.0
+#: Lost attempts a runner keeps (the oldest go first).
+_LOST_KEPT = 100
+
+
+@dataclass(frozen=True)
+class LostAttempt:
+    """A run of a node that Dask gave up because its worker left (died, or was retired)
+    before the node ended; Dask runs the node again on another worker.
+
+    Attributes:
+        key: the Dask key of the call.
+        attempt: which attempt was lost (1 for the first run of the node).
+        worker: the address of the worker that left.
+        partial_results: what that attempt stored before it was lost (the next attempt
+            starts with none).
+    """
+
+    key: str
+    attempt: int
+    worker: str
+    partial_results: dict[str, Any]
 
 
 @dataclass(eq=False)
@@ -89,6 +112,7 @@ class _Call:
     run: _Run | None = None
     submit_options: dict[str, Any] = field(default_factory=dict)
     stopped: BaseException | None = None
+    lost: list[LostAttempt] = field(default_factory=list)
 
 
 class _Core:
@@ -99,7 +123,9 @@ class _Core:
         self.address = client_or_address if isinstance(client_or_address, str) else None
         self.owns_client = self.client is None
         self.warm_pool = warm_pool
-        self.topic = f"cancelflow-{uuid.uuid4().hex}"
+        #: ends every key of the runner, so the scheduler knows its topic from a key alone
+        self.id = uuid.uuid4().hex
+        self.topic = f"cancelflow-{self.id}"
         self.loop: asyncio.AbstractEventLoop | None = None
         self.starting: asyncio.Task[None] | None = None
         self.closed = False
@@ -109,6 +135,7 @@ class _Core:
         self.driving: set[asyncio.Task[Any]] = set()
         #: calls still running when aclose()'s timeout passed, since the runner was made
         self.abandoned_calls = 0
+        self.lost_attempts: collections.deque[LostAttempt] = collections.deque(maxlen=_LOST_KEPT)
         if self.client is not None:
             self.loop = self.client.loop.asyncio_loop
 
@@ -158,6 +185,7 @@ class _Core:
 
         from ._dask_worker import (
             PLUGIN_NAME,
+            CancelflowSchedulerPlugin,
             CancelflowWorkerPlugin,
             missing_scheduler_internals,
         )
@@ -177,8 +205,9 @@ class _Core:
                 f"{version('distributed')} lacks {'; '.join(missing)}. cancelflow is tested "
                 "with the versions its 'dask' extra allows (pip install 'cancelflow[dask]')."
             )
-        await client.register_plugin(CancelflowWorkerPlugin(warm=self.warm_pool), name=PLUGIN_NAME)
         client.subscribe_topic(self.topic, self._on_event)
+        await client.register_plugin(CancelflowSchedulerPlugin(), name=PLUGIN_NAME)
+        await client.register_plugin(CancelflowWorkerPlugin(warm=self.warm_pool), name=PLUGIN_NAME)
 
     async def aclose(self, timeout: float | None) -> None:
         self.closed = True
@@ -231,6 +260,8 @@ class _Core:
         op = message.get("op")
         if op == "ended":
             call.ended.set()
+        elif op == "lost":
+            self._attempt_lost(call, str(message.get("worker")))
         elif op == "stopped":
             # The worker stopped the node and its tree is gone: no need to wait for the
             # task's result to travel the scheduler and be gathered.
@@ -251,6 +282,22 @@ class _Core:
                 safe_log("ERROR", f"partial result {name!r} could not be loaded", exception=exc)
                 return
             deliver_partial(call.partials, call.sink, name, value, key=call.key)
+
+    def _attempt_lost(self, call: _Call, worker: str) -> None:
+        """A worker left while running ``call``'s task; Dask will run it again."""
+        lost = LostAttempt(call.key, len(call.lost) + 1, worker, call.partials)
+        call.lost.append(lost)
+        call.partials = {}
+        self.lost_attempts.append(lost)
+        safe_log(
+            "WARNING",
+            f"attempt {lost.attempt} of a Dask task was lost with its worker; Dask runs it "
+            f"again (at-least-once); {len(lost.partial_results)} partial result(s) kept "
+            "with the lost attempt",
+            key=call.key,
+            worker=worker,
+        )
+        report_lost_attempt(call.sink, lost.attempt, worker, lost.partial_results, key=call.key)
 
     # -- runs (client loop) ------------------------------------------------------------------
     def _join_run(self, call: _Call) -> None:
@@ -316,7 +363,7 @@ class _Core:
 
     # -- one call (client loop) --------------------------------------------------------------
     async def drive(self, call: _Call) -> Any:
-        from ._dask_worker import run_task
+        from ._dask_worker import RESOURCE, run_task
 
         loop = asyncio.get_running_loop()
         me = asyncio.current_task()
@@ -330,9 +377,10 @@ class _Core:
         result: asyncio.Future[Any] | None = None
         future: Any = None
         try:
-            future = self.client.submit(
-                run_task, call.spec, key=call.key, pure=False, **call.submit_options
-            )
+            options = dict(call.submit_options)
+            # Only workers where this version's plugin runs offer RESOURCE.
+            options["resources"] = {**options.get("resources", {}), RESOURCE: 1}
+            future = self.client.submit(run_task, call.spec, key=call.key, pure=False, **options)
             result = asyncio.ensure_future(self.client.gather(future))
             deadline: float | None = None
             signalled = False
@@ -395,7 +443,7 @@ class _Core:
             future.release()
 
     def _stopped_from_worker(self, call: _Call, error: BaseException) -> BaseException:
-        if isinstance(error, CancelledException):
+        if isinstance(error, (CancelledException, MemoryLimitError)):
             for name, item in call.partials.items():
                 error.partial_results.setdefault(name, item)
         return error
@@ -508,7 +556,7 @@ class _Core:
             kind, value = result.result()
             if kind == "ok":
                 return value
-            raise self._stopped_from_worker(call, value)
+            raise self._stopped_from_worker(call, value)  # "stopped" or "failed"
         if isinstance(error, FutureCancelledError):
             if call.dropped or self._reason(call) is not None:
                 raise self._stopped_error(call) from None
@@ -620,6 +668,10 @@ class DaskRunner:
         reserved = {"key", "pure"} & set(options)
         if reserved:
             raise ValueError(f"submit_options may not set {sorted(reserved)}: the runner does")
+        if not isinstance(options.get("resources", {}), Mapping):
+            raise TypeError(
+                "submit_options['resources'] must be a mapping of resource names to amounts"
+            )
         self._submit_options = options
         self._core = _Core(client_or_address, bool(warm_pool))
 
@@ -744,7 +796,7 @@ class DaskRunner:
         if run_token is None and token is not None:
             run_token = _run_token_of(token)
         label = args[0].node_id if args and isinstance(args[0], NodeContext) else _name_of(fn)
-        key = f"cancelflow-{_slug(label)}-{uuid.uuid4().hex}"
+        key = f"cancelflow-{_slug(label)}-{uuid.uuid4().hex}-{self._core.id}"
         spec = {
             "key": key,
             "mode": mode,
@@ -805,6 +857,17 @@ class DaskRunner:
     def abandoned_calls(self) -> int:
         """Calls that were still running when :meth:`aclose`'s timeout passed."""
         return self._core.abandoned_calls
+
+    @property
+    def lost_attempts(self) -> list[LostAttempt]:
+        """The runs of nodes that Dask gave up because their worker left (the latest
+        100, oldest first). Dask runs such a node again elsewhere: a Dask task runs *at
+        least* once. Each lost attempt is also logged as a warning, and a pipeline keeps
+        its partial results apart (see ``PipelineResult.node_attempts``). For at most once,
+        set ``distributed.scheduler.allowed-failures`` to 0 on the scheduler: the call
+        then fails with :class:`~cancelflow.WorkerCrashedError` instead (a worker retired
+        on purpose still hands its tasks on)."""
+        return list(self._core.lost_attempts)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Refuse new calls; with ``wait``, return once every call already made is over

@@ -47,24 +47,36 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from distributed import WorkerPlugin, get_worker
+import dask.config
+from distributed import SchedulerPlugin, WorkerPlugin, get_worker
+from tornado.ioloop import PeriodicCallback
 
 from .._context import task_scope
-from .._exceptions import CancelledException, PipelineTimeoutException, WorkerCrashedError
+from .._exceptions import (
+    CancelledException,
+    MemoryLimitError,
+    PipelineTimeoutException,
+    WorkerCrashedError,
+)
 from .._fate import Fate
+from .._platform import descendants, private_memory
 from .._process import ProcessPool, TaskFuture
 from .._token import CancellationToken
+from .._version import __version__
 from . import _dask_child
 
 __all__ = (
     "KEY_PREFIX",
     "PLUGIN_NAME",
+    "RESOURCE",
+    "CancelflowSchedulerPlugin",
     "CancelflowWorkerPlugin",
     "cancel_run_on_scheduler",
     "end_run_on_scheduler",
     "forget_topic_on_scheduler",
     "run_task",
     "stop_task_on_scheduler",
+    "topic_of",
 )
 
 PLUGIN_NAME = "cancelflow"
@@ -75,6 +87,17 @@ HANDLER = "cancelflow"
 REASON_PATH = "cancelflow-run-reason"
 #: Seconds one long-poll of a run's Event may block on the scheduler before it is renewed.
 LONG_POLL = 10.0
+#: The Dask resource a worker offers once this version's plugin runs there; every task of
+#: the runner asks for one unit of it, so the scheduler never sends one to a worker that
+#: lacks cancelflow (or has another version): such a worker is refused, not poisoned.
+RESOURCE = f"cancelflow-{__version__}"
+#: How much of it each worker offers: never the limit on how many tasks run there.
+RESOURCE_SUPPLY = 1_000_000_000
+
+
+def topic_of(key: str) -> str:
+    """The topic of the runner that made ``key`` (keys end with the runner's id)."""
+    return KEY_PREFIX + key.rsplit("-", 1)[-1]
 
 
 @dataclass(eq=False)
@@ -88,6 +111,7 @@ class _Remote:
     pool_future: TaskFuture | None = None  # once submitted
     killed: bool = False
     kill_reason: str | None = None
+    memory_error: MemoryLimitError | None = None  # killed for taking the worker past its limit
     timed_out: bool = False
     grace: float = 0.0
     term_grace: float = 0.0
@@ -121,7 +145,7 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
         self.warm = warm
 
     # -- lifecycle (worker event loop) ------------------------------------------------------
-    def setup(self, worker: Any) -> None:
+    async def setup(self, worker: Any) -> None:
         self.worker = worker
         self.lock = threading.Lock()
         self.tasks: dict[str, _Remote] = {}
@@ -130,12 +154,18 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
         self.doomed: dict[str, str] = {}  # key -> topic to tell when it is gone
         self.pool: ProcessPool | None = None
         self.closing = False
+        self.memory_watch: PeriodicCallback | None = None
         worker.handlers[HANDLER] = self._on_message
         if self.warm:
             self._get_pool()
+        self._watch_memory()
+        # Last: only now may the scheduler send the runner's tasks here.
+        await worker.set_resources(**{RESOURCE: RESOURCE_SUPPLY})
 
     def teardown(self, worker: Any) -> None:
         worker.handlers.pop(HANDLER, None)
+        if self.memory_watch is not None:
+            self.memory_watch.stop()
         with self.lock:
             self.closing = True
             pool, self.pool = self.pool, None
@@ -226,6 +256,63 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
         """Kill the child's whole tree now (the pool's one kill path, no grace): the
         future settles once the child and every process of its tree are gone."""
         future.kill(remote.kill_reason)
+
+    # -- memory (worker event loop) --------------------------------------------------------
+    def _watch_memory(self) -> None:
+        """Count the processes of the worker's pool against its memory limit.
+
+        Dask's monitors (the worker's and the nanny's) measure the worker process alone;
+        a process node's memory is in its child. Every ``monitor-interval`` while a
+        process node runs, this adds the private memory of every process of the pool to
+        the worker's resident set; past ``memory_limit`` times the fraction
+        ``distributed.worker.memory.terminate`` (the limit itself when that is off), the
+        running node whose tree holds the most is killed with its whole tree
+        (:class:`~cancelflow.MemoryLimitError`, fate ``killed``). The worker, its other
+        tasks and its data stay.
+        """
+        limit = getattr(getattr(self.worker, "memory_manager", None), "memory_limit", None)
+        if not limit:
+            return
+        fraction = dask.config.get("distributed.worker.memory.terminate", 0.95)
+        interval = dask.config.get("distributed.worker.memory.monitor-interval", "100ms")
+        from dask.utils import parse_timedelta
+
+        self.memory_limit = int(limit)
+        self.memory_cap = int(limit * fraction) if fraction else int(limit)
+        seconds = parse_timedelta(interval, default="ms") or 0.1
+        self.memory_watch = PeriodicCallback(self._check_memory, seconds * 1000)
+        self.memory_watch.start()
+
+    def _check_memory(self) -> None:
+        with self.lock:
+            running = [r for r in self.tasks.values() if r.pool_future is not None and not r.killed]
+            pool = self.pool
+        if not running or pool is None:
+            return
+        trees: list[tuple[int, _Remote]] = []
+        for remote in running:
+            future = remote.pool_future
+            pid = future.pid if future is not None else None
+            if pid:
+                trees.append((private_memory([pid, *descendants(pid)]), remote))
+        zygote = pool.statistics().zygote_pid
+        pool_memory = private_memory([zygote, *descendants(zygote)]) if zygote else 0
+        worker_memory = self.worker.monitor.get_process_memory()
+        used = worker_memory + pool_memory
+        if used <= self.memory_cap or not trees:
+            return
+        tree_memory, victim = max(trees, key=lambda item: item[0])
+        mib = 1 << 20
+        reason = (
+            f"memory: the node's processes held {tree_memory / mib:.0f} MiB; with the Dask "
+            f"worker ({worker_memory / mib:.0f} MiB) and its pool, {used / mib:.0f} MiB passed "
+            f"{self.memory_cap / mib:.0f} MiB (the worker's memory_limit of "
+            f"{self.memory_limit / mib:.0f} MiB times distributed.worker.memory.terminate)"
+        )
+        victim.memory_error = MemoryLimitError(
+            f"node tree killed: {reason}", reason=reason, used=tree_memory, limit=self.memory_cap
+        )
+        self._stop_now(victim, reason)
 
     # -- runs ----------------------------------------------------------------------------
     def _join_run(self, name: str) -> _RunWatch:
@@ -341,17 +428,26 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
             self._kill_child(remote, future)
         try:
             blob = future.result()
-        except concurrent.futures.CancelledError:
-            raise _cancelled(remote.kill_reason, future.partial_results, Fate.KILLED) from None
-        except WorkerCrashedError:
-            if remote.killed:
-                raise _cancelled(remote.kill_reason, future.partial_results, Fate.KILLED) from None
-            raise
-        except CancelledException as exc:
-            if remote.killed and not isinstance(exc, PipelineTimeoutException):
-                raise _cancelled(remote.kill_reason, future.partial_results, Fate.KILLED) from None
-            raise
+        except (concurrent.futures.CancelledError, WorkerCrashedError, CancelledException) as exc:
+            error = self._stop_error(remote, future, exc)
+            if error is exc:
+                raise
+            raise error from None
         return _dask_child.load_value(blob)
+
+    @staticmethod
+    def _stop_error(remote: _Remote, future: TaskFuture, exc: BaseException) -> BaseException:
+        """What the caller gets for a child task that ended with ``exc``: the memory
+        error if the watch killed it, a kill if we stopped it, else ``exc`` itself."""
+        partials = future.partial_results
+        if remote.memory_error is not None:
+            remote.memory_error.partial_results.update(partials)
+            return remote.memory_error
+        if isinstance(exc, concurrent.futures.CancelledError) or (
+            remote.killed and not isinstance(exc, PipelineTimeoutException)
+        ):
+            return _cancelled(remote.kill_reason, partials, Fate.KILLED)
+        return exc
 
     def _run_here(
         self, remote: _Remote, spec: dict[str, Any], sink: Callable[[str, Any], None]
@@ -421,9 +517,10 @@ def _cancelled(
 def run_task(spec: dict[str, Any]) -> tuple[str, Any]:
     """The function every cancelflow Dask task runs (in a Dask worker thread).
 
-    Returns ``("ok", value)``, or ``("stopped", CancelledException)`` when cancelflow
-    stopped the node (returned, not raised, so that Dask does not log a stop as a failed
-    task). The node's own exceptions are raised, as for any Dask task.
+    Returns ``("ok", value)``, ``("stopped", CancelledException)`` when cancelflow
+    stopped the node, or ``("failed", MemoryLimitError)`` when its tree was killed for
+    memory (returned, not raised, so that Dask does not log them as failed tasks). The
+    node's own exceptions are raised, as for any Dask task.
     """
     worker = get_worker()
     plugin = worker.plugins.get(PLUGIN_NAME)
@@ -436,6 +533,42 @@ def run_task(spec: dict[str, Any]) -> tuple[str, Any]:
         return "ok", plugin.execute(spec)
     except _Stopped as stopped:
         return "stopped", stopped.error
+    except MemoryLimitError as error:
+        return "failed", error
+
+
+class CancelflowSchedulerPlugin(SchedulerPlugin):  # type: ignore[misc,unused-ignore]
+    """Tells a runner when a worker left while running one of its tasks.
+
+    Dask runs such a task again elsewhere (up to ``distributed.scheduler.allowed-failures``
+    times when the worker died; always when it was retired), without telling the client.
+    For each task of a runner that leaves ``processing`` because its worker is gone, this
+    publishes ``{"op": "lost", "key": ..., "worker": ...}`` on the runner's topic, in order
+    with the task's partial results, so the client closes that attempt before any of the
+    next one arrives. Registered (idempotently) on the scheduler by every runner.
+    """
+
+    idempotent = True
+    name = PLUGIN_NAME
+
+    async def start(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        self.running_on: dict[str, str] = {}  # key -> address of the worker running it
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if not isinstance(key, str) or not key.startswith(KEY_PREFIX):
+            return
+        if finish == "processing":
+            ts = self.scheduler.tasks.get(key)
+            worker = getattr(getattr(ts, "processing_on", None), "address", None)
+            if worker is not None:
+                self.running_on[key] = worker
+        elif start == "processing":
+            worker = self.running_on.pop(key, None)
+            lost = finish in ("released", "erred") and worker not in self.scheduler.workers
+            if worker is not None and lost:
+                message = {"op": "lost", "key": key, "worker": worker}
+                self.scheduler.log_event(topic_of(key), message)
 
 
 # -- what the runner relies on inside distributed ----------------------------------------------
