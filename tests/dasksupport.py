@@ -1,4 +1,6 @@
-"""What the Dask test modules share: checking that nothing of a test is left on a cluster.
+"""What the Dask test modules share: clusters (in processes of their own, warm or made
+of separate ``dask scheduler``/``dask worker`` processes), checking that nothing of a test
+is left on them, and a partial-result sink a test can await.
 
 The functions run on the scheduler travel by value (cloudpickle), so a scheduler that
 cannot import this test module still runs them.
@@ -7,6 +9,11 @@ cannot import this test module still runs them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
 import sys
 import time
 from typing import Any
@@ -14,10 +21,11 @@ from typing import Any
 import cloudpickle
 import dask
 import distributed
+import psutil
 
 from cancelflow import DaskRunner
 from cancelflow._cli.demo.census import worker_census
-from support import WAIT
+from support import WAIT, assert_gone
 
 #: Dask settings of the tests' clusters
 DASK_CONFIG = {
@@ -91,3 +99,142 @@ def cancelflow_state_on_scheduler(dask_scheduler: Any) -> dict[str, Any]:
     ]
     reasons = dask_scheduler.task_metadata.get("cancelflow-run-reason", {})
     return {"keys": keys, "events": events, "reasons": reasons}
+
+
+class Reports:
+    """A partial_sink that lets the test await the node's reports (any thread)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self._loop = asyncio.get_running_loop()
+        self._events: dict[str, asyncio.Event] = {}
+
+    def _event(self, key: str) -> asyncio.Event:
+        return self._events.setdefault(key, asyncio.Event())
+
+    def __call__(self, key: str, value: Any) -> None:
+        self.values[key] = value
+        self._loop.call_soon_threadsafe(lambda: self._event(key).set())
+
+    async def wait(self, key: str) -> Any:
+        await asyncio.wait_for(self._event(key).wait(), WAIT)
+        return self.values[key]
+
+
+# -- a cluster of separate processes ---------------------------------------------------------
+def dask_cli(
+    module: str, *arguments: str, environment: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``python -m distributed.cli.<module> ARGUMENTS`` (no profiler thread)."""
+    env = dict(os.environ, DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED="False")
+    env.update(environment or {})
+    return subprocess.Popen(
+        [sys.executable, "-m", f"distributed.cli.{module}", *arguments],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+class SeparateCluster:
+    """A ``dask scheduler`` and one ``dask worker`` (no nanny, 1 thread), each its own
+    process, on 127.0.0.1 only (dashboards included); killed and reaped, with everything
+    under them, when the test ends.
+
+    ``scheduler_environment``: extra environment of the scheduler (Dask settings as
+    ``DASK_...`` variables); ``first_worker``: start the first worker (else the test
+    starts its own with :meth:`start_worker`).
+    """
+
+    def __init__(
+        self,
+        *,
+        scheduler_environment: dict[str, str] | None = None,
+        first_worker: bool = True,
+    ) -> None:
+        with socket.socket() as probe:  # a free port for the scheduler
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.address = f"tcp://127.0.0.1:{port}"
+        loopback = ("--host=127.0.0.1", "--dashboard-address=127.0.0.1:0")
+        self.scheduler = dask_cli(
+            "dask_scheduler", *loopback, f"--port={port}", environment=scheduler_environment
+        )
+        self.workers: list[subprocess.Popen[bytes]] = []
+        if first_worker:
+            self.start_worker()
+
+    def start_worker(
+        self,
+        *,
+        without_cancelflow: bool = False,
+        name: str = "worker",
+        nanny: bool = False,
+        memory_limit: str | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start a ``dask worker`` named ``name`` for this scheduler, with one thread (one
+        that cannot import cancelflow, as on a machine where it is not installed, if
+        asked); it is stopped with the cluster."""
+        arguments = [
+            self.address,
+            "--host=127.0.0.1",
+            "--dashboard-address=127.0.0.1:0",
+            "--nanny" if nanny else "--no-nanny",
+            "--nthreads=1",
+            f"--name={name}",
+        ]
+        if memory_limit is not None:
+            arguments.append(f"--memory-limit={memory_limit}")
+        if not without_cancelflow:
+            proc = dask_cli("dask_worker", *arguments)
+        else:
+            script = (
+                "import sys; sys.modules['cancelflow'] = None; "  # import cancelflow fails
+                "from distributed.cli.dask_worker import main; "
+                f"sys.argv = ['dask-worker', *{arguments!r}]; main()"
+            )
+            environment = dict(os.environ, DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED="False")
+            proc = subprocess.Popen(
+                [sys.executable, "-c", script],
+                env=environment,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        self.workers.append(proc)
+        return proc
+
+    async def start(self, workers: int = 1) -> None:
+        """Return once the scheduler answers and ``workers`` workers have joined it."""
+        # The client keeps retrying to connect until the scheduler listens (or WAIT).
+        client: Any = distributed.Client(  # type: ignore[no-untyped-call]
+            self.address, asynchronous=True, timeout=WAIT
+        )
+        async with client:
+            await client.wait_for_workers(workers, timeout=WAIT)
+
+    def processes(self) -> list[int]:
+        roots = [self.scheduler, *self.workers]
+        pids = [proc.pid for proc in roots]
+        for pid in list(pids):
+            with contextlib.suppress(psutil.Error):
+                pids += [child.pid for child in psutil.Process(pid).children(recursive=True)]
+        return pids
+
+    def stop(self) -> None:
+        pids = self.processes()
+        for proc in (*self.workers, self.scheduler):
+            proc.kill()
+            proc.wait(WAIT)
+        for pid in pids:  # what a nanny started, or a worker left, goes too
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in pids:
+            assert_gone(pid)
+
+    def __enter__(self) -> SeparateCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -11,7 +11,6 @@ a ``dask scheduler`` and a ``dask worker`` as processes of their own. Everything
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -23,7 +22,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-import psutil
 import pytest
 
 distributed = pytest.importorskip("distributed", reason="cancelflow[dask] is not installed")
@@ -51,6 +49,8 @@ from cancelflow._backends._dask_worker import (  # noqa: E402
 from cancelflow._context import current_token, store_partial  # noqa: E402
 from dasksupport import (  # noqa: E402
     DASK_CONFIG,
+    Reports,
+    SeparateCluster,
     assert_workers_clean,
     cancelflow_state_on_scheduler,
     warm_process_cluster,
@@ -131,26 +131,6 @@ async def coroutine_waits_forever() -> None:
 
 
 # -- helpers ---------------------------------------------------------------------------------
-class Reports:
-    """A partial_sink that lets the test await the node's reports (any thread)."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-        self._loop = asyncio.get_running_loop()
-        self._events: dict[str, asyncio.Event] = {}
-
-    def _event(self, key: str) -> asyncio.Event:
-        return self._events.setdefault(key, asyncio.Event())
-
-    def __call__(self, key: str, value: Any) -> None:
-        self.values[key] = value
-        self._loop.call_soon_threadsafe(lambda: self._event(key).set())
-
-    async def wait(self, key: str) -> Any:
-        await asyncio.wait_for(self._event(key).wait(), WAIT)
-        return self.values[key]
-
-
 # -- clusters --------------------------------------------------------------------------------
 @pytest.fixture(scope="module", autouse=True)
 def dask_background_threads() -> None:
@@ -629,90 +609,10 @@ class TestDaskRunnerHardCancel:
 
 
 # == a cluster of separate processes: losing it ===============================================
-def _dask_cli(module: str, *arguments: str) -> subprocess.Popen[bytes]:
-    environment = dict(os.environ, DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED="False")
-    return subprocess.Popen(
-        [sys.executable, "-m", f"distributed.cli.{module}", *arguments],
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-class SeparateCluster:
-    """A ``dask scheduler`` and one ``dask worker`` (no nanny, 1 thread), each its own
-    process, on 127.0.0.1 only (dashboards included); killed and reaped, with everything
-    under them, when the test ends."""
-
-    def __init__(self) -> None:
-        with socket.socket() as probe:  # a free port for the scheduler
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.address = f"tcp://127.0.0.1:{port}"
-        loopback = ("--host=127.0.0.1", "--dashboard-address=127.0.0.1:0")
-        self.scheduler = _dask_cli("dask_scheduler", *loopback, f"--port={port}")
-        self.others: list[subprocess.Popen[bytes]] = []  # workers a test added
-        self.worker = self.start_worker()
-
-    def start_worker(
-        self, *, without_cancelflow: bool = False, name: str = "worker"
-    ) -> subprocess.Popen[bytes]:
-        """Start a ``dask worker`` named ``name`` for this scheduler (one that cannot
-        import cancelflow, as on a machine where it is not installed, if asked)."""
-        arguments = (
-            self.address,
-            "--host=127.0.0.1",
-            "--dashboard-address=127.0.0.1:0",
-            "--no-nanny",
-            "--nthreads=1",
-            f"--name={name}",
-        )
-        if not without_cancelflow:
-            return _dask_cli("dask_worker", *arguments)
-        script = (
-            "import sys; sys.modules['cancelflow'] = None; "  # import cancelflow fails
-            "from distributed.cli.dask_worker import main; "
-            f"sys.argv = ['dask-worker', *{list(arguments)!r}]; main()"
-        )
-        environment = dict(os.environ, DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED="False")
-        return subprocess.Popen(
-            [sys.executable, "-c", script],
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    async def start(self) -> None:
-        """Return once the scheduler answers and the worker has joined it."""
-        # The client keeps retrying to connect until the scheduler listens (or WAIT).
-        async with distributed.Client(self.address, asynchronous=True, timeout=WAIT) as client:
-            await client.wait_for_workers(1, timeout=WAIT)
-
-    def processes(self) -> list[int]:
-        pids = [self.scheduler.pid, self.worker.pid, *(w.pid for w in self.others)]
-        for pid in list(pids):
-            with contextlib.suppress(psutil.Error):
-                pids += [child.pid for child in psutil.Process(pid).children(recursive=True)]
-        return pids
-
-    def stop(self) -> None:
-        pids = self.processes()
-        for proc in (*self.others, self.worker, self.scheduler):
-            proc.kill()
-            proc.wait(WAIT)
-        for pid in pids:
-            assert_gone(pid)
-
-
 @pytest.fixture
 def separate_cluster() -> Iterator[SeparateCluster]:
-    cluster = SeparateCluster()
-    try:
+    with SeparateCluster() as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 class TestLosingTheCluster:
@@ -812,7 +712,6 @@ class TestWhereCancelflowMustBeInstalled:
         async def body() -> None:
             await separate_cluster.start()
             bad = separate_cluster.start_worker(without_cancelflow=True, name="no-cancelflow")
-            separate_cluster.others.append(bad)
             async with distributed.Client(separate_cluster.address, asynchronous=True) as client:
                 await client.wait_for_workers(2, timeout=WAIT)
                 workers = (await client.scheduler.identity())["workers"]

@@ -181,12 +181,13 @@ class _Core:
         await asyncio.shield(starting)
 
     async def _start(self) -> None:
+        import cloudpickle
         from distributed import Client
 
+        from . import _dask_loader
         from ._dask_worker import (
             PLUGIN_NAME,
             CancelflowSchedulerPlugin,
-            CancelflowWorkerPlugin,
             missing_scheduler_internals,
         )
 
@@ -207,7 +208,11 @@ class _Core:
             )
         client.subscribe_topic(self.topic, self._on_event)
         await client.register_plugin(CancelflowSchedulerPlugin(), name=PLUGIN_NAME)
-        await client.register_plugin(CancelflowWorkerPlugin(warm=self.warm_pool), name=PLUGIN_NAME)
+        # By value: a worker that joins later without cancelflow still unpickles it, and
+        # starts (refused the runner's tasks) instead of failing to start.
+        cloudpickle.register_pickle_by_value(_dask_loader)
+        loader = _dask_loader.PluginLoader(__version__, self.warm_pool)
+        await client.register_plugin(loader, name=PLUGIN_NAME)
 
     async def aclose(self, timeout: float | None) -> None:
         self.closed = True
