@@ -22,6 +22,8 @@ distributed = pytest.importorskip("distributed", reason="cancelflow[dask] is not
 cloudpickle = pytest.importorskip("cloudpickle", reason="cancelflow[dask] is not installed")
 
 from cancelflow import (  # noqa: E402
+    CancellationToken,
+    CancelledException,
     DaskRunner,
     Fate,
     MemoryLimitError,
@@ -31,6 +33,7 @@ from cancelflow import (  # noqa: E402
     PipelineFailedException,
     WorkerCrashedError,
 )
+from cancelflow._backends._dask_worker import RESOURCE  # noqa: E402
 from cancelflow._context import current_token, store_partial  # noqa: E402
 from dasksupport import Reports, SeparateCluster, assert_workers_clean  # noqa: E402
 from support import WAIT, run  # noqa: E402
@@ -79,6 +82,23 @@ def stay_until_killed_then_fail(ctx: NodeContext) -> str:
     return "first attempt survived"
 
 
+def wait_for_cancel() -> str:
+    store_partial("started", True)
+    token = current_token()
+    token.wait_blocking(WAIT)
+    token.raise_if_cancelled()
+    return "not cancelled"
+
+
+def restrictions_on_scheduler(dask_scheduler: Any) -> dict[str, Any]:
+    """The resource restrictions of the runners' tasks the scheduler holds (run there)."""
+    return {
+        str(key): ts.resource_restrictions
+        for key, ts in dask_scheduler.tasks.items()
+        if str(key).startswith("cancelflow-")
+    }
+
+
 # -- helpers (test process) -------------------------------------------------------------------
 async def address_of(client: Any, name: str) -> str:
     workers = (await client.scheduler.identity())["workers"]
@@ -97,8 +117,38 @@ def cluster() -> Iterator[SeparateCluster]:
         yield cluster
 
 
+async def restrictions_while_running(runner: DaskRunner) -> list[Any]:
+    """Start a thread node, read its task's restrictions on the scheduler while it runs,
+    then cancel it."""
+    reports = Reports()
+    token = CancellationToken()
+    call = asyncio.ensure_future(
+        runner.run_sync(wait_for_cancel, token=token, partial_sink=reports, run_in="thread")
+    )
+    await reports.wait("started")
+    found = await runner.client.run_on_scheduler(restrictions_on_scheduler)
+    token.cancel("read")
+    with pytest.raises(CancelledException):
+        await call
+    return list(found.values())
+
+
 # == 3. a worker that joins without cancelflow ==================================================
 class TestLateWorkerWithoutCancelflow:
+    def test_tasks_are_placed_freely_while_every_worker_runs_cancelflow(
+        self, cluster: SeparateCluster
+    ) -> None:
+        """Test that while every worker runs this version's plugin, the runner's tasks
+        carry no restriction (Dask places them as any task)."""
+
+        async def body() -> None:
+            cluster.start_worker(name="good")
+            await cluster.start(workers=1)
+            async with DaskRunner(cluster.address) as runner:
+                assert await restrictions_while_running(runner) == [None]
+
+        run(body(), CLUSTER_WAIT)
+
     def test_gets_none_of_the_runners_tasks_and_keeps_serving_others(
         self, cluster: SeparateCluster
     ) -> None:
@@ -114,6 +164,8 @@ class TestLateWorkerWithoutCancelflow:
                     cluster.start_worker(without_cancelflow=True, name="bare")
                     await client.wait_for_workers(2, timeout=WAIT)
                     bare = await address_of(client, "bare")
+                    restricted = await restrictions_while_running(runner)
+                    assert restricted == [{RESOURCE: 1}]
                     names = await asyncio.gather(*(runner.run_sync(worker_name) for _ in range(8)))
                     assert names == ["good"] * 8
                     plain = client.submit(sum, [1, 2], workers=[bare], pure=False)

@@ -12,6 +12,8 @@ from hypothesis import given, strategies as st
 from cancelflow import (
     CancelflowError,
     CancelledException,
+    Fate,
+    MemoryLimitError,
     PipelineDefinitionError,
     PipelineFailedException,
     PipelineTimeoutException,
@@ -27,6 +29,7 @@ ALL_ERRORS = (
     PipelineDefinitionError,
     WorkerCrashedError,
     PoolClosedError,
+    MemoryLimitError,
 )
 
 reasons = st.none() | st.text(max_size=50)
@@ -242,3 +245,31 @@ class TestFatesSurvivePickling:
         failed = PipelineFailedException("boom", node_id="b")
         failed.node_fates = {"b": Fate.FAILED}
         assert pickle.loads(pickle.dumps(failed)).node_fates == {"b": "failed"}
+
+    def test_node_attempts_survive_pickling(self) -> None:
+        """Test that node_attempts survives a pickle round trip on both pipeline errors."""
+        cancelled = CancelledException("stopped")
+        cancelled.node_attempts = {"a": 2}
+        assert roundtrip(cancelled).node_attempts == {"a": 2}
+        failed = PipelineFailedException("boom", node_id="a")
+        failed.node_attempts = {"a": 3}
+        assert roundtrip(failed).node_attempts == {"a": 3}
+
+
+class TestMemoryLimitError:
+    def test_is_a_memory_error_not_a_cancellation(self) -> None:
+        """Test that a memory kill is a CancelflowError and a MemoryError, never a
+        cancellation, with fate killed."""
+        error = MemoryLimitError("node tree killed: memory")
+        assert isinstance(error, CancelflowError)
+        assert isinstance(error, MemoryError)
+        assert not isinstance(error, CancelledException)
+        assert error.fate == Fate.KILLED
+
+    def test_pickle_roundtrip(self) -> None:
+        """Test that partial results, reason, used and limit survive a pickle round trip
+        (the error travels from the Dask worker)."""
+        error = MemoryLimitError("killed", {"k": 1}, reason="memory: x", used=5, limit=7)
+        copy = roundtrip(error)
+        assert (str(copy), copy.partial_results, copy.reason) == ("killed", {"k": 1}, "memory: x")
+        assert (copy.used, copy.limit, copy.fate) == (5, 7, Fate.KILLED)

@@ -368,7 +368,7 @@ class _Core:
 
     # -- one call (client loop) --------------------------------------------------------------
     async def drive(self, call: _Call) -> Any:
-        from ._dask_worker import RESOURCE, run_task
+        from ._dask_worker import run_task
 
         loop = asyncio.get_running_loop()
         me = asyncio.current_task()
@@ -382,10 +382,9 @@ class _Core:
         result: asyncio.Future[Any] | None = None
         future: Any = None
         try:
-            options = dict(call.submit_options)
-            # Only workers where this version's plugin runs offer RESOURCE.
-            options["resources"] = {**options.get("resources", {}), RESOURCE: 1}
-            future = self.client.submit(run_task, call.spec, key=call.key, pure=False, **options)
+            future = self.client.submit(
+                run_task, call.spec, key=call.key, pure=False, **call.submit_options
+            )
             result = asyncio.ensure_future(self.client.gather(future))
             deadline: float | None = None
             signalled = False
@@ -673,10 +672,6 @@ class DaskRunner:
         reserved = {"key", "pure"} & set(options)
         if reserved:
             raise ValueError(f"submit_options may not set {sorted(reserved)}: the runner does")
-        if not isinstance(options.get("resources", {}), Mapping):
-            raise TypeError(
-                "submit_options['resources'] must be a mapping of resource names to amounts"
-            )
         self._submit_options = options
         self._core = _Core(client_or_address, bool(warm_pool))
 

@@ -59,7 +59,7 @@ from .._exceptions import (
     WorkerCrashedError,
 )
 from .._fate import Fate
-from .._platform import descendants, private_memory
+from .._platform import descendants, private_memory, proportional_memory
 from .._process import ProcessPool, TaskFuture
 from .._token import CancellationToken
 from .._version import __version__
@@ -87,10 +87,13 @@ HANDLER = "cancelflow"
 REASON_PATH = "cancelflow-run-reason"
 #: Seconds one long-poll of a run's Event may block on the scheduler before it is renewed.
 LONG_POLL = 10.0
-#: The Dask resource a worker offers once this version's plugin runs there; every task of
-#: the runner asks for one unit of it, so the scheduler never sends one to a worker that
-#: lacks cancelflow (or has another version): such a worker is refused, not poisoned.
+#: The Dask resource a worker offers once this version's plugin runs there. While some
+#: worker does not, the runner's tasks ask for one unit of it (see
+#: :class:`CancelflowSchedulerPlugin`), so none is sent to a worker that lacks cancelflow
+#: (or has another version): such a worker is refused the runner's tasks, not poisoned.
 RESOURCE = f"cancelflow-{__version__}"
+#: The share of the memory cap past which the quick estimate is checked exactly.
+_SCREEN = 0.8
 #: How much of it each worker offers: never the limit on how many tasks run there.
 RESOURCE_SUPPLY = 1_000_000_000
 
@@ -289,17 +292,24 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
             pool = self.pool
         if not running or pool is None:
             return
+        zygote = pool.statistics().zygote_pid
+        if not zygote:
+            return
+        group = [zygote, *descendants(zygote)]
+        worker_memory = self.worker.monitor.get_process_memory()
+        # The quick estimate counts the forks' shared pages once per fork (too high):
+        # only near the cap is the exact split worth its cost.
+        if worker_memory + private_memory(group) <= self.memory_cap * _SCREEN:
+            return
+        used = worker_memory + proportional_memory(group)
+        if used <= self.memory_cap:
+            return
         trees: list[tuple[int, _Remote]] = []
         for remote in running:
-            future = remote.pool_future
-            pid = future.pid if future is not None else None
+            pid = remote.pool_future.pid if remote.pool_future is not None else None
             if pid:
-                trees.append((private_memory([pid, *descendants(pid)]), remote))
-        zygote = pool.statistics().zygote_pid
-        pool_memory = private_memory([zygote, *descendants(zygote)]) if zygote else 0
-        worker_memory = self.worker.monitor.get_process_memory()
-        used = worker_memory + pool_memory
-        if used <= self.memory_cap or not trees:
+                trees.append((proportional_memory([pid, *descendants(pid)]), remote))
+        if not trees:
             return
         tree_memory, victim = max(trees, key=lambda item: item[0])
         mib = 1 << 20
@@ -538,14 +548,23 @@ def run_task(spec: dict[str, Any]) -> tuple[str, Any]:
 
 
 class CancelflowSchedulerPlugin(SchedulerPlugin):  # type: ignore[misc,unused-ignore]
-    """Tells a runner when a worker left while running one of its tasks.
+    """The runner's part on the scheduler: where its tasks may run, and lost attempts.
 
-    Dask runs such a task again elsewhere (up to ``distributed.scheduler.allowed-failures``
-    times when the worker died; always when it was retired), without telling the client.
-    For each task of a runner that leaves ``processing`` because its worker is gone, this
-    publishes ``{"op": "lost", "key": ..., "worker": ...}`` on the runner's topic, in order
-    with the task's partial results, so the client closes that attempt before any of the
-    next one arrives. Registered (idempotently) on the scheduler by every runner.
+    *Where*: while every worker offers :data:`RESOURCE` (this version's plugin runs
+    there), the runner's tasks are placed as any Dask task. While some worker does not
+    (it lacks cancelflow, has another version, or is still starting), each task of a
+    runner that enters the graph, or goes back to waiting, is restricted to the workers
+    that offer it, so no such task reaches a worker that cannot run it. The check is two
+    ``len`` calls per task: the common case costs nothing else and keeps Dask's placement.
+
+    *Lost attempts*: Dask runs a task again elsewhere when its worker leaves mid-run (up to
+    ``distributed.scheduler.allowed-failures`` times when the worker died; always when it
+    was retired), without telling the client. For each task of a runner that leaves
+    ``processing`` because its worker is gone, this publishes ``{"op": "lost", "key": ...,
+    "worker": ...}`` on the runner's topic, in order with the task's partial results, so
+    the client closes that attempt before anything of the next one arrives.
+
+    Registered (idempotently) by every runner.
     """
 
     idempotent = True
@@ -554,6 +573,13 @@ class CancelflowSchedulerPlugin(SchedulerPlugin):  # type: ignore[misc,unused-ig
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
         self.running_on: dict[str, str] = {}  # key -> address of the worker running it
+
+    def update_graph(self, scheduler: Any, *, keys: Any = (), **kwargs: Any) -> None:
+        if self._all_workers_ready():
+            return
+        for key in kwargs.get("tasks") or keys:
+            if isinstance(key, str) and key.startswith(KEY_PREFIX):
+                self._restrict(key)
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         if not isinstance(key, str) or not key.startswith(KEY_PREFIX):
@@ -569,6 +595,17 @@ class CancelflowSchedulerPlugin(SchedulerPlugin):  # type: ignore[misc,unused-ig
             if worker is not None and lost:
                 message = {"op": "lost", "key": key, "worker": worker}
                 self.scheduler.log_event(topic_of(key), message)
+                if finish == "released" and not self._all_workers_ready():
+                    self._restrict(key)  # before it is placed again
+
+    def _all_workers_ready(self) -> bool:
+        offering = self.scheduler.resources.get(RESOURCE, ())
+        return len(offering) >= len(self.scheduler.workers)
+
+    def _restrict(self, key: str) -> None:
+        ts = self.scheduler.tasks.get(key)
+        if ts is not None:
+            ts.resource_restrictions = {**(ts.resource_restrictions or {}), RESOURCE: 1}
 
 
 # -- what the runner relies on inside distributed ----------------------------------------------
@@ -592,9 +629,15 @@ def missing_scheduler_internals(*, dask_scheduler: Any) -> list[str]:
     events = getattr(dask_scheduler, "extensions", {}).get("events")
     if not all(hasattr(events, name) for name in ("event_set", "event_clear")):
         missing.append("Scheduler.extensions['events'].event_set / event_clear")
-    for name in ("tasks", "workers", "rpc", "set_metadata", "get_metadata"):
+    for name in ("tasks", "workers", "rpc", "set_metadata", "get_metadata", "log_event"):
         if not hasattr(dask_scheduler, name):
             missing.append(f"Scheduler.{name}")
+    if not isinstance(getattr(dask_scheduler, "resources", None), dict):
+        missing.append("Scheduler.resources (a dict of resource -> {worker: amount})")
+    from distributed.scheduler import TaskState
+
+    if "resource_restrictions" not in getattr(TaskState, "__slots__", ()):
+        missing.append("TaskState.resource_restrictions")
     return missing
 
 

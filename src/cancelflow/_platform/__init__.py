@@ -17,8 +17,9 @@ subreaper, the one kill sequence), ``_libc``.
   event-driven confirmation that a worker is gone. ``None`` where unsupported.
 * :func:`kill_tree`: the one kill sequence (freeze the tree in rounds, then SIGKILL it),
   used by the pool's supervisor, its workers, its zygote and the Dask worker plugin.
-* :func:`private_memory`: the memory a set of processes holds for itself (what a memory
-  limit over a process tree counts).
+* :func:`private_memory` (a quick, high estimate) and :func:`proportional_memory` (shared
+  pages split between their processes) of the memory a set of processes holds: what a
+  memory limit over a process tree counts.
 * :func:`send_signal`: the one place cancelflow signals a process. It refuses targets that
   can only be a bug (pid 0 or below, which mean process groups; pid 1; this process; its
   process group's leader), so a stale or unset pid can never stop the owner.
@@ -28,7 +29,14 @@ from __future__ import annotations
 
 from ._exit_watch import pidfd_open
 from ._signals import UnsafeSignalTarget, send_signal, set_parent_death_signal, signal_name
-from ._tree import children, descendants, kill_tree, private_memory, set_child_subreaper
+from ._tree import (
+    children,
+    descendants,
+    kill_tree,
+    private_memory,
+    proportional_memory,
+    set_child_subreaper,
+)
 from ._wake import HAVE_FUTEX, futex_wait, futex_wake
 
 __all__ = (
@@ -41,6 +49,7 @@ __all__ = (
     "kill_tree",
     "pidfd_open",
     "private_memory",
+    "proportional_memory",
     "send_signal",
     "set_child_subreaper",
     "set_parent_death_signal",
