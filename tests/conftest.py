@@ -141,7 +141,9 @@ def logs() -> Iterator[LogCapture]:
     """Every loguru record emitted while the test runs (any level, any source)."""
     capture = LogCapture()
     handler = logger.add(capture.sink, level="TRACE")
+    logger.enable("cancelflow")  # the library is silent unless enabled
     yield capture
+    logger.disable("cancelflow")
     logger.remove(handler)
     capture.clear()
 

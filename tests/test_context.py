@@ -257,9 +257,12 @@ class TestDeliverPartial:
         deliver_partial(store, bad, "k", 1, pool="p1")
         deliver_partial(store, bad, "k", 2, pool="p1")
         assert store == {"k": 2}
-        errors = [r for r in logs.cancelflow("ERROR") if r["message"] == "partial_sink raised"]
+        errors = [
+            r for r in logs.cancelflow("ERROR") if r["message"].startswith("partial_sink raised\n")
+        ]
         assert len(errors) == 2
         assert errors[0]["extra"]["pool"] == "p1"
+        assert errors[0]["message"].endswith("RuntimeError: sink broke")  # its traceback
 
 
 class TestCriticalSection:

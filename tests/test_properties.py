@@ -37,7 +37,6 @@ from typing import Any, Literal
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
-from loguru import logger
 
 import faultloads
 from cancelflow import (
@@ -424,14 +423,6 @@ def shared_pools() -> Iterator[_Pools]:
         pools.thread = pools.process = None
 
 
-@pytest.fixture
-def quiet_logs() -> Iterator[None]:
-    """The runs log a lot at DEBUG; keep warnings and up (failures stay readable)."""
-    logger.disable("cancelflow")
-    yield
-    logger.enable("cancelflow")
-
-
 def run_example(plan: Plan) -> Observation:
     executor = PipelineExecutor(thread_pool=pools.thread, process_pool=pools.process)
     harness = Harness(plan, executor)
@@ -597,7 +588,7 @@ class TestRandomPipelines:
     @pytest.mark.timeout(TEST_TIMEOUT)
     @pytest.mark.parametrize("mode", ["graceful", "interrupt"])
     def test_random_cancellation_keeps_the_invariants(
-        self, mode: Literal["graceful", "interrupt"], shared_pools: _Pools, quiet_logs: None
+        self, mode: Literal["graceful", "interrupt"], shared_pools: _Pools
     ) -> None:
         """Test that a random pipeline of loop, thread and process nodes, cancelled at a
         random moment by a random source (or failing, timing out, completing), ends once,

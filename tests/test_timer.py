@@ -92,7 +92,8 @@ class TestCallAt:
         _timer.call_at(base, explode)
         _timer.call_at(base + 0.001, after.set)
         wait(after)
-        record = logs.wait_for(lambda r: r["message"] == "timer callback raised")
+        record = logs.wait_for(lambda r: r["message"].startswith("timer callback raised\n"))
+        assert record["message"].endswith("RuntimeError: timer boom")  # its traceback
         assert record["level"].name == "ERROR"
         assert record["exception"] is not None
         assert isinstance(record["exception"].value, RuntimeError)

@@ -31,6 +31,7 @@ from ._exceptions import (
 )
 from ._executor import PipelineExecutor as PipelineExecutor, PipelineResult as PipelineResult
 from ._fate import Fate as Fate
+from ._log import log_to_logging as log_to_logging
 from ._node import Node as Node, NodeContext as NodeContext
 from ._process import (
     ProcessPool as ProcessPool,
@@ -80,6 +81,7 @@ __all__ = (
     "check_cancelled",
     "critical_section",
     "current_token",
+    "log_to_logging",
     "store_partial",
     "to_process",
     "to_thread",

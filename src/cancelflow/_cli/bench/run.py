@@ -101,7 +101,7 @@ def run_bench(settings: Settings) -> dict[str, Any]:
         watcher_realtime = bench.watch.realtime
     finally:
         bench.close()
-        logger.enable("cancelflow")
+        logger.disable("cancelflow")  # the library's default
         asyncio_logger.removeHandler(bench.leaks.capture)
         asyncio_logger.propagate = True
     leftovers = final_leftovers(before_run)

@@ -179,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
             level=args.log_level,
             format="{level} {message} {extra}",
         )
+        logger.enable("cancelflow")
     if args.dask is not None and args.dask.strip().lower() == "local":
         # multiprocessing's resource tracker (which the LocalCluster's process start needs)
         # lives as long as this interpreter: started now, it is not counted as the demo's.
@@ -251,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
                 close_cluster(cluster)
                 cluster = None
             restore_loggers(quieted)
-            logger.enable("cancelflow")
+            logger.disable("cancelflow")
             return EXIT_PROBLEM
         demo.runs[0].error = demo.runs[0].error or f"{type(exc).__name__}: {exc}"
     finally:
@@ -265,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
             close_cluster(cluster)
         if sink_id is not None:
             logger.remove(sink_id)
-        logger.enable("cancelflow")
+        logger.disable("cancelflow")  # the library's default
     for pid in before:
         seen.pop(pid, None)
     left = leftovers(

@@ -1,0 +1,171 @@
+"""Specification of how cancelflow logs: silent unless enabled, from the real place, with
+ids bound, routable to the standard library's logging, never with local variables."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+from loguru import logger
+
+import cancelflow
+from cancelflow import CancellationRegistry, CancellationToken
+from cancelflow._log import safe_log
+from support import WAIT, LogCapture
+
+
+@pytest.fixture
+def stdlib_records() -> Iterator[list[logging.LogRecord]]:
+    """What reaches the standard library's ``cancelflow`` logger through log_to_logging."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    root = logging.getLogger()
+    handler = Keep(level=logging.DEBUG)
+    root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.DEBUG)
+    sink_id = cancelflow.log_to_logging()
+    try:
+        yield records
+    finally:
+        logger.remove(sink_id)
+        logger.disable("cancelflow")
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+class TestSilentByDefault:
+    def test_a_program_that_runs_pipelines_prints_nothing(self) -> None:
+        """Test that a fresh program running a completed and a cancelled pipeline (which
+        log at DEBUG and INFO when enabled) writes nothing to stderr or stdout."""
+        program = textwrap.dedent(
+            """
+            import asyncio
+            from cancelflow import PipelineExecutor, Node
+
+            async def work(ctx):
+                await asyncio.sleep(0)
+                return 1
+
+            async def main():
+                executor = PipelineExecutor()
+                await executor.run_pipeline("ok", [Node("a", work)])
+                task = asyncio.ensure_future(
+                    executor.run_pipeline("stop", [Node("b", work), Node("c", work, deps=["b"])])
+                )
+                await asyncio.sleep(0)  # let it register
+                await executor.registry.cancel("stop", "enough")
+                assert (await task).cancelled
+
+            asyncio.run(main())
+            """
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", program], capture_output=True, text=True, timeout=WAIT
+        )
+        assert done.returncode == 0, done.stderr
+        assert (done.stdout, done.stderr) == ("", "")
+
+    def test_enabling_cancelflow_turns_the_records_on(self, logs: LogCapture) -> None:
+        """Test that logger.enable("cancelflow") (what the logs fixture does) delivers the
+        library's records."""
+        token = CancellationToken()
+        token.on_cancel(_raise)
+        token.cancel("go")
+        assert any("callback" in m for m in logs.messages("ERROR"))
+
+
+def _raise() -> None:
+    secret = "hunter2-local-value"
+    raise RuntimeError(f"boom {len(secret)}")
+
+
+class TestRecords:
+    def test_a_record_names_the_module_and_function_that_logged_it(self, logs: LogCapture) -> None:
+        """Test that a record's name, function and line are the caller's, not the wrapper's."""
+        safe_log("INFO", "from the test")
+        [record] = [r for r in logs.cancelflow() if r["message"] == "from the test"]
+        assert record["name"] == __name__
+        assert record["function"] == ("test_a_record_names_the_module_and_function_that_logged_it")
+
+    def test_one_module_can_be_silenced(self, logs: LogCapture) -> None:
+        """Test that disabling one module's records (the registry's) keeps the others."""
+        logger.disable("cancelflow._registry")
+        try:
+            registry = CancellationRegistry()
+            registry.register("p1")
+            registry.unregister("p1")
+            safe_log("INFO", "still here")
+        finally:
+            logger.enable("cancelflow._registry")
+        names = {r["name"] for r in logs.cancelflow()}
+        assert "cancelflow._registry" not in names
+        assert __name__ in names
+
+    def test_ids_are_bound(self, logs: LogCapture) -> None:
+        """Test that the ids a record is about travel in its extra dict."""
+        safe_log("INFO", "about a node", pipeline_id="p", node_id="n")
+        [record] = [r for r in logs.cancelflow() if r["message"] == "about a node"]
+        assert record["extra"]["pipeline_id"] == "p"
+        assert record["extra"]["node_id"] == "n"
+
+    def test_an_exception_is_logged_without_local_variables(self, logs: LogCapture) -> None:
+        """Test that a callback's error, rendered by a loguru sink with diagnose=True
+        (logger.add's default), shows its traceback but none of its local variables."""
+        rendered: list[str] = []
+        sink = logger.add(rendered.append, level="ERROR", diagnose=True, backtrace=True)
+        try:
+            token = CancellationToken()
+            token.on_cancel(_raise)
+            token.cancel("go")
+        finally:
+            logger.remove(sink)
+        text = "".join(rendered)
+        assert "RuntimeError: boom 19" in text
+        assert "in _raise" in text  # the traceback is there
+        assert "hunter2-local-value" not in text
+
+
+class TestStandardLogging:
+    def test_records_reach_logging_with_level_place_and_ids(
+        self, stdlib_records: list[logging.LogRecord]
+    ) -> None:
+        """Test that log_to_logging sends each record to the logger named after its module,
+        with its level, function, line and bound ids."""
+        safe_log("WARNING", "to logging", pipeline_id="p7")
+        [record] = [r for r in stdlib_records if r.getMessage() == "to logging"]
+        assert record.name == __name__
+        assert record.levelno == logging.WARNING
+        assert record.funcName == "test_records_reach_logging_with_level_place_and_ids"
+        assert record.pipeline_id == "p7"  # type: ignore[attr-defined]
+
+    def test_an_error_arrives_with_exc_info(self, stdlib_records: list[logging.LogRecord]) -> None:
+        """Test that a callback's error reaches logging with its exception as exc_info."""
+        token = CancellationToken()
+        token.on_cancel(_raise)
+        token.cancel("go")
+        errors = [r for r in stdlib_records if r.levelno == logging.ERROR]
+        assert errors
+        assert errors[0].exc_info is not None
+        assert isinstance(errors[0].exc_info[1], RuntimeError)
+
+    def test_a_library_module_logs_under_the_cancelflow_logger(
+        self, stdlib_records: list[logging.LogRecord]
+    ) -> None:
+        """Test that a library module's record (the registry's) goes to a logger under
+        "cancelflow", so configuring logging.getLogger("cancelflow") reaches it."""
+        registry = CancellationRegistry()
+        registry.register("p2")
+        registry.unregister("p2")
+        names = {r.name for r in stdlib_records}
+        assert "cancelflow._registry" in names
+        library = logging.getLogger("cancelflow")
+        assert logging.getLogger("cancelflow._registry").parent is library
