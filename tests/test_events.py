@@ -350,3 +350,22 @@ class TestExecutorEvents:
 
         run(main())
         assert threads == {threading.get_ident()}
+
+
+class TestEventNamesArePublic:
+    def test_exported_from_the_package(self) -> None:
+        """Test that the names EventBus.subscribe accepts are public as cancelflow.EVENT_NAMES."""
+        import cancelflow
+
+        assert cancelflow.EVENT_NAMES == EVENT_NAMES
+
+    def test_the_readme_documents_each_event_and_its_payload(self) -> None:
+        """Test that the README's event table has one row per event, in order."""
+        import re
+        from pathlib import Path
+
+        readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+        table = readme[readme.index("| event | when | `data` |") :]
+        table = table[: table.index("\n\n")]
+        rows = re.findall(r"^\| `([a-z_]+)`(?: \*)? \| [^|]+ \| [^|]+ \|$", table, re.MULTILINE)
+        assert tuple(rows) == EVENT_NAMES

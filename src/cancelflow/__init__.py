@@ -15,7 +15,11 @@ from ._context import (
     current_token as current_token,
     store_partial as store_partial,
 )
-from ._events import EventBus as EventBus, PipelineEvent as PipelineEvent
+from ._events import (
+    EVENT_NAMES as EVENT_NAMES,
+    EventBus as EventBus,
+    PipelineEvent as PipelineEvent,
+)
 from ._exceptions import (
     BrokenPoolError as BrokenPoolError,
     CancelflowError as CancelflowError,
@@ -49,6 +53,7 @@ from ._token import CallbackHandle as CallbackHandle, CancellationToken as Cance
 from ._version import __version__ as __version__
 
 __all__ = (
+    "EVENT_NAMES",
     "BrokenPoolError",
     "CallbackHandle",
     "CancelflowError",
