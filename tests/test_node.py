@@ -90,7 +90,7 @@ class TestValidation:
             (lambda: Node("a", _plain_fn, run_in="gpu"), "run_in"),  # type: ignore[arg-type]
             (lambda: Node("a", _plain_fn, run_in="loop"), "run_in"),
             (lambda: Node("a", _coroutine_fn, run_in="thread"), "thread"),
-            (lambda: Node("a", lambda ctx: 1, run_in="process"), "process node"),
+            (lambda: Node("a", _HoldsALock(), run_in="process"), "process node"),
             (lambda: Node("a", _plain_fn, timeout=0), "timeout"),
             (lambda: Node("a", _plain_fn, timeout=-1), "timeout"),
             (lambda: Node("a", _plain_fn, timeout="1"), "timeout"),  # type: ignore[arg-type]
@@ -108,16 +108,12 @@ class TestValidation:
     @pytest.mark.parametrize(
         ("make", "match"),
         [
-            (lambda: Node("n", lambda ctx: 1, run_in="process"), "module-level function"),
-            (lambda: Node("n", _closure(), run_in="process"), "module-level function"),
             (lambda: Node("n", value_of, timeout=0), "timeout"),
             (lambda: Node("n", value_of, timeout=-1.0), "timeout"),
             (lambda: Node("n", value_of, run_in="thread"), "coroutine function runs on the loop"),
             (lambda: Node("n", _plain_fn, run_in="loop"), "needs a coroutine function"),
         ],
         ids=[
-            "lambda-process",
-            "closure-process",
             "zero-timeout",
             "negative-timeout",
             "coroutine-in-thread",
@@ -130,10 +126,15 @@ class TestValidation:
             make()
         assert info.value.node_id == "n"
 
+    @pytest.mark.parametrize("fn", [lambda ctx: 1, _closure()], ids=["lambda", "closure"])
+    def test_a_lambda_or_a_closure_makes_a_process_node(self, fn: Callable[..., Any]) -> None:
+        """Test that a process node takes a lambda or a closure (they travel by value)."""
+        assert Node("n", fn, run_in="process").fn is fn
+
     def test_a_process_node_whose_callable_does_not_pickle_is_refused(self) -> None:
         """Test that a process node whose module-level callable cannot be pickled is
         refused when it is made, naming the node, with the pickling error as cause."""
-        with pytest.raises(PipelineDefinitionError, match="cannot be pickled") as info:
+        with pytest.raises(PipelineDefinitionError, match="cannot be sent to a worker") as info:
             Node("n", _HoldsALock(), run_in="process")
         assert info.value.node_id == "n"
         assert isinstance(info.value.__cause__, TypeError)

@@ -100,20 +100,16 @@ class Node:
 
 
 def _check_picklable_callable(node_id: str, fn: Callable[..., Any]) -> None:
-    qualname = getattr(fn, "__qualname__", "")
-    if getattr(fn, "__name__", "") == "<lambda>" or "<locals>" in qualname:
-        raise PipelineDefinitionError(
-            f"node {node_id!r}: a process node needs a module-level function "
-            f"(lambdas and closures cannot be pickled), got {fn!r}",
-            node_id=node_id,
-        )
-    import pickle
+    """A process node's callable must travel to a worker: by reference (a module-level
+    function) or by value (a lambda, a closure, a function of ``__main__``: cloudpickle)."""
+    from ._process import dump_by_value
 
     try:
-        pickle.dumps(fn)
+        dump_by_value(fn)
     except Exception as exc:
         raise PipelineDefinitionError(
-            f"node {node_id!r}: the callable of a process node cannot be pickled: {exc}",
+            f"node {node_id!r}: the callable of a process node cannot be sent to a worker "
+            f"process: {exc}",
             node_id=node_id,
         ) from exc
 

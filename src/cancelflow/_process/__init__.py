@@ -2,6 +2,8 @@
 
 * ``_pool``: :class:`ProcessPool`, the public API (argument checks, pickling a task,
   ``submit``/``map``/``run_sync``/``shutdown``); it owns one supervisor;
+* ``_pickling``: how a call travels to a worker: by reference (plain pickle) when it
+  can, by value (cloudpickle) for lambdas, closures and anything of ``__main__``;
 * ``_task``: :class:`TaskFuture` and the supervisor's record of a task;
 * ``_supervisor``: the pool's one thread — typed commands in, a ``selectors`` loop over
   worker sockets, pidfds and the zygote's channel, dispatch, the stop ladder, endings;
@@ -16,7 +18,8 @@ The one kill sequence is :func:`cancelflow._platform.kill_tree`.
 
 from __future__ import annotations
 
+from ._pickling import dump_by_value
 from ._pool import ProcessPool, ProcessPoolStatistics
 from ._task import TaskFuture
 
-__all__ = ("ProcessPool", "ProcessPoolStatistics", "TaskFuture")
+__all__ = ("ProcessPool", "ProcessPoolStatistics", "TaskFuture", "dump_by_value")

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import io
 import itertools
 import os
-import pickle
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ from .._pool_calls import await_or_stop, check_call, future_done, ladder_seconds
 from .._token import CancellationToken
 from .._validate import check_seconds as _seconds
 from . import _supervisor, _zygote
-from ._protocol import TASK_TOKEN_ID
+from ._pickling import dump_call, unpicklable_part
 from ._task import Task, TaskFuture
 from ._worker import run_chunk
 
@@ -49,22 +47,6 @@ class ProcessPoolStatistics:
 
 class _UnsendableError(TypeError):
     """A task's callable or argument cannot be pickled (``__cause__`` says why)."""
-
-
-class _TaskPickler(pickle.Pickler):
-    def __init__(self, file: io.BytesIO, tokens: tuple[CancellationToken, ...]) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self._tokens = tokens
-
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, CancellationToken):
-            if any(obj is t for t in self._tokens):
-                return TASK_TOKEN_ID
-            raise TypeError(
-                "only the task's own token (the token= argument) can be sent to a process "
-                "worker; inside the task use cancelflow.current_token()"
-            )
-        return None
 
 
 class ProcessPool(concurrent.futures.Executor):
@@ -185,7 +167,7 @@ class ProcessPool(concurrent.futures.Executor):
         init_payload: bytes | None = None
         if initializer is not None:
             try:
-                init_payload = pickle.dumps((initializer, initargs), pickle.HIGHEST_PROTOCOL)
+                init_payload = dump_call((initializer, initargs), None)
             except Exception as exc:
                 raise TypeError(f"initializer cannot be sent to a process: {exc}") from exc
         self.name = name or f"process-pool-{id(self):x}"
@@ -266,16 +248,9 @@ class ProcessPool(concurrent.futures.Executor):
         supervisor.check_open()
         call = (fn, tuple(args), dict(kwargs or {}))
         try:
-            try:  # fast path: nothing in the call needs translating
-                payload = pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL)
-            except TypeError:
-                if token is None:
-                    raise
-                buffer = io.BytesIO()
-                _TaskPickler(buffer, (token,)).dump(call)
-                payload = buffer.getvalue()
+            payload = dump_call(call, token)
         except Exception as exc:
-            part = _unpicklable_part(call, token)
+            part = unpicklable_part(call, token)
             raise _UnsendableError(f"{part} cannot be sent to a process: {exc}") from exc
         future = TaskFuture()
         task = Task(
@@ -434,21 +409,6 @@ class ProcessPool(concurrent.futures.Executor):
         else:
             state = "open"
         return f"<ProcessPool {self.name} workers={supervisor.size} {state}>"
-
-
-def _unpicklable_part(call: tuple[Any, tuple[Any, ...], dict[str, Any]], token: Any) -> str:
-    """Name the part of a task that does not pickle: ``fn``, ``args[i]`` or ``kwargs[k]``."""
-    fn, args, kwargs = call
-    parts = [("fn", fn)]
-    parts += [(f"args[{index}]", value) for index, value in enumerate(args)]
-    parts += [(f"kwargs[{key!r}]", value) for key, value in kwargs.items()]
-    tokens = (token,) if token is not None else ()
-    for name, value in parts:
-        try:
-            _TaskPickler(io.BytesIO(), tokens).dump(value)
-        except Exception:  # noqa: BLE001 - this is the part that does not pickle
-            return name
-    return "the task"
 
 
 def _chunks(calls: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:

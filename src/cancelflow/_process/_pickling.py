@@ -1,0 +1,104 @@
+"""How a call travels to a worker process: by reference when it can, by value when not.
+
+:func:`dump_call` pickles ``(fn, args, kwargs)`` for a worker:
+
+* **By reference** (plain :mod:`pickle`, the fast path, a few µs): a function, class or
+  object that the worker finds by importing its module. Chosen whenever plain pickle
+  succeeds and the pickle names nothing in ``__main__``.
+* **By value** (:mod:`cloudpickle`): lambdas, closures, functions defined inside other
+  functions, and anything defined in the program's ``__main__`` — which the worker
+  cannot import when the program is a REPL, a notebook, ``python -c``/``python -`` or
+  code under ``if __name__ == "__main__":``. The code and the globals it uses travel in
+  the pickle; the worker unpickles it with plain :mod:`pickle` (cloudpickle's
+  reconstructors are importable there: same interpreter, same environment).
+
+Both paths keep the task's own token out of the pickle (a persistent id the worker
+replaces by its view of the token); any other token is refused with a message that says
+what to use instead.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any
+
+from .._token import CancellationToken
+from ._protocol import TASK_TOKEN_ID
+
+__all__ = ("dump_by_value", "dump_call", "unpicklable_part")
+
+_MAIN = b"__main__"
+
+
+def _token_id(obj: Any, tokens: tuple[CancellationToken, ...]) -> str | None:
+    if isinstance(obj, CancellationToken):
+        if any(obj is t for t in tokens):
+            return TASK_TOKEN_ID
+        raise TypeError(
+            "only the task's own token (the token= argument) can be sent to a process "
+            "worker; inside the task use cancelflow.current_token()"
+        )
+    return None
+
+
+class _TaskPickler(pickle.Pickler):
+    def __init__(self, file: io.BytesIO, tokens: tuple[CancellationToken, ...]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._tokens = tokens
+
+    def persistent_id(self, obj: Any) -> Any:
+        return _token_id(obj, self._tokens)
+
+
+def dump_by_value(obj: Any, tokens: tuple[CancellationToken, ...] = ()) -> bytes:
+    """Pickle ``obj`` with cloudpickle (functions and classes of ``__main__``, lambdas
+    and closures by value), keeping ``tokens`` out as the task-token persistent id."""
+    import cloudpickle
+
+    class _ByValue(cloudpickle.Pickler):  # type: ignore[misc]
+        def persistent_id(self, obj: Any) -> Any:
+            return _token_id(obj, tokens)
+
+    buffer = io.BytesIO()
+    _ByValue(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+def dump_call(call: Any, token: CancellationToken | None) -> bytes:
+    """Pickle ``call`` for a worker: by reference when plain pickle works and names
+    nothing in ``__main__``, else by value (see the module).
+
+    Raises whatever both picklers raise for a part that cannot travel at all (a lock, an
+    open file, a token other than ``token``).
+    """
+    tokens = (token,) if token is not None else ()
+    try:
+        try:  # fast path: nothing in the call needs translating
+            payload = pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL)
+        except TypeError:
+            if token is None:
+                raise
+            buffer = io.BytesIO()
+            _TaskPickler(buffer, tokens).dump(call)
+            payload = buffer.getvalue()
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return dump_by_value(call, tokens)  # a lambda, a closure, a local class...
+    if _MAIN in payload:
+        return dump_by_value(call, tokens)  # the worker may not find it in its __main__
+    return payload
+
+
+def unpicklable_part(call: tuple[Any, tuple[Any, ...], dict[str, Any]], token: Any) -> str:
+    """Name the part of a task that does not pickle: ``fn``, ``args[i]`` or ``kwargs[k]``."""
+    fn, args, kwargs = call
+    parts = [("fn", fn)]
+    parts += [(f"args[{index}]", value) for index, value in enumerate(args)]
+    parts += [(f"kwargs[{key!r}]", value) for key, value in kwargs.items()]
+    tokens = (token,) if token is not None else ()
+    for name, value in parts:
+        try:
+            dump_by_value(value, tokens)
+        except Exception:  # noqa: BLE001 - this is the part that does not pickle
+            return name
+    return "the task"
