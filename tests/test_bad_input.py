@@ -10,6 +10,7 @@ on the same object.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import threading
 from collections.abc import Callable, Iterator
@@ -173,7 +174,8 @@ class TestProcessPoolBadInput:
                 TypeError,
                 "partial_sink",
             ),
-            (lambda p: p.submit_task(lambda: 1), TypeError, "fn"),
+            # a callable that cannot travel even by value (a lambda can: cloudpickle)
+            (lambda p: p.submit_task(functools.partial(print, threading.Lock())), TypeError, "fn"),
             (lambda p: p.submit_task(faultloads.echo, (threading.Lock(),)), TypeError, "args[0]"),
             (
                 lambda p: p.submit_task(faultloads.echo, (), {"value": threading.Lock()}),

@@ -1357,3 +1357,65 @@ class TestPipelineResult:
         assert isinstance(result.error, PipelineFailedException)
         assert isinstance(result.error.__cause__, RuntimeError)
         assert result.wave_cancelled_at == 1
+
+
+def _context_size(ctx: NodeContext) -> int:
+    return len(ctx.context)
+
+
+class TestContextForProcessNodes:
+    def test_an_unpicklable_context_value_is_refused_before_any_node_runs(self) -> None:
+        """Test that with a process node in the pipeline, a context value that cannot be
+        sent to a worker (a lock) is refused with PipelineDefinitionError naming its key,
+        before any node (here a thread node of the first wave) runs."""
+        ran = threading.Event()
+
+        def first(ctx: NodeContext) -> None:
+            ran.set()
+
+        nodes = [Node("first", first), Node("heavy", _context_size, run_in="process")]
+
+        async def body() -> None:
+            async with PipelineExecutor() as executor:
+                context = {"ok": 1, "guard": threading.Lock()}
+                with pytest.raises(PipelineDefinitionError, match=r"context\['guard'\]") as info:
+                    await executor.execute_pipeline("p", nodes, context=context)
+                assert info.value.node_id == "heavy"
+                assert "p" not in executor.registry.active_pipelines()
+
+        run(body())
+        assert not ran.is_set()
+
+    def test_a_bound_asyncio_event_is_refused_by_its_key(self) -> None:
+        """Test that an asyncio.Event something waits on (bound to its loop, so it cannot
+        be pickled) is named the same way."""
+
+        async def body() -> None:
+            stop = asyncio.Event()
+            waiter = asyncio.ensure_future(stop.wait())
+            await asyncio.sleep(0)  # the waiter binds the event to this loop
+            try:
+                async with PipelineExecutor() as executor:
+                    nodes = [Node("heavy", _context_size, run_in="process")]
+                    with pytest.raises(PipelineDefinitionError, match=r"context\['stop'\]"):
+                        await executor.execute_pipeline("p", nodes, context={"stop": stop})
+            finally:
+                waiter.cancel()
+
+        run(body())
+
+    def test_without_process_nodes_any_context_is_accepted(self) -> None:
+        """Test that loop and thread nodes read the context as it is (nothing is pickled)."""
+        lock = threading.Lock()
+
+        def uses_lock(ctx: NodeContext) -> bool:
+            return ctx.context["guard"] is lock
+
+        async def body() -> None:
+            async with PipelineExecutor() as executor:
+                result = await executor.execute_pipeline(
+                    "p", [Node("t", uses_lock)], context={"guard": lock}
+                )
+                assert result == {"t": True}
+
+        run(body())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import os
 import signal
 import subprocess
@@ -238,7 +239,7 @@ class TestProcessPool:
         with pytest.raises(TypeError, match="args\\[0\\] cannot be sent"):
             pool.submit_task(workloads.add, (threading.Lock(), 1))
         with pytest.raises(TypeError, match="fn cannot be sent"):
-            pool.submit_task(lambda: 1)
+            pool.submit_task(functools.partial(print, threading.Lock()))  # not even by value
         assert pool.statistics().completed_total == 0
 
     def test_unpicklable_argument_fails_the_future_of_submit(self, pool: ProcessPool) -> None:

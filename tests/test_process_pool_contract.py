@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -464,9 +465,15 @@ class TestConstructor:
             ProcessPool(workers)
 
     def test_an_unpicklable_initializer_is_refused_before_anything_starts(self) -> None:
-        """Test that an initializer that cannot be sent raises TypeError at once."""
+        """Test that an initializer that cannot be sent, even by value, raises TypeError at
+        once."""
         with pytest.raises(TypeError, match="initializer"):
-            ProcessPool(1, initializer=lambda: None)
+            ProcessPool(1, initializer=functools.partial(print, threading.Lock()))
+
+    def test_a_lambda_initializer_runs_in_each_worker(self) -> None:
+        """Test that an initializer defined as a lambda travels by value and runs."""
+        with ProcessPool(1, initializer=lambda: setattr(sys, "cf_initialised", "yes")) as p:
+            assert p.submit(getattr, sys, "cf_initialised", None).result(WAIT) == "yes"
 
 
 class TestMap:

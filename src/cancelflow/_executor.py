@@ -17,7 +17,7 @@ from ._exceptions import (
     PoolClosedError,
 )
 from ._fate import Fate
-from ._node import Node
+from ._node import Node, check_context_travels
 from ._registry import CancellationRegistry, CleanupHandler, RunHandle
 from ._run import Mode, Run, RunOutcome
 from ._supersede import DEFAULT_SUPERSEDE_REASON, Superseder
@@ -538,6 +538,7 @@ class PipelineExecutor:
             raise TypeError(f"context must be a mapping, not {type(context).__name__}")
         by_id = validate_pipeline(nodes)
         waves = compute_waves(by_id)
+        check_context_travels(context, by_id.values())
         if isinstance(cleanup_handlers, (str, bytes)) or not isinstance(cleanup_handlers, Iterable):
             raise TypeError(
                 "cleanup_handlers must be an iterable of callables, "

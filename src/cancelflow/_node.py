@@ -12,7 +12,7 @@ from ._exceptions import PipelineDefinitionError
 from ._token import CancellationToken
 from ._validate import seconds_error
 
-__all__ = ("Node", "NodeContext", "RunIn")
+__all__ = ("Node", "NodeContext", "RunIn", "check_context_travels")
 
 RunIn = Literal["loop", "thread", "process"]
 _RUN_IN: tuple[str, ...] = ("loop", "thread", "process")
@@ -97,6 +97,32 @@ class Node:
         object.__setattr__(self, "deps", dep_ids)
         object.__setattr__(self, "run_in", run_in)
         object.__setattr__(self, "timeout", None if timeout is None else float(timeout))
+
+
+def check_context_travels(context: Mapping[str, Any], nodes: Iterable[Node]) -> None:
+    """Refuse, before anything runs, a context a process node cannot receive.
+
+    A process node gets a copy of the pipeline's context in its worker (pickled, by value
+    where needed). If any node runs in a process, every context value must pickle; the
+    first that does not raises :class:`PipelineDefinitionError` naming its key and that
+    node. Costs one pickling of the context per run with process nodes.
+    """
+    process_node = next((node for node in nodes if node.run_in == "process"), None)
+    if process_node is None:
+        return
+    from ._process import dump_by_value
+
+    for key, value in context.items():
+        try:
+            dump_by_value(value)
+        except Exception as exc:
+            raise PipelineDefinitionError(
+                f"context[{key!r}] ({type(value).__name__}) cannot be sent to the worker of "
+                f"process node {process_node.id!r}: {exc}. Process nodes get a copy of the "
+                "context: keep picklable values in it, or pass this one to loop and thread "
+                "nodes only (another executor, or a closure)",
+                node_id=process_node.id,
+            ) from exc
 
 
 def _check_picklable_callable(node_id: str, fn: Callable[..., Any]) -> None:
