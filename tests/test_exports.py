@@ -115,3 +115,25 @@ class TestPublicSurface:
         if declared is None:
             pytest.fail("the package must declare __all__")
         assert sorted(declared) == PUBLIC
+
+
+class TestDocumentation:
+    def test_the_token_shows_its_real_signature(self) -> None:
+        """Test that help() and IDEs see CancellationToken(*, timeout, name), not the
+        (*args, **kwargs) of the __new__ that places it in shared memory."""
+        import inspect
+
+        parameters = inspect.signature(cancelflow.CancellationToken).parameters
+        assert list(parameters) == ["timeout", "name"]
+
+    def test_no_public_docstring_talks_about_design_documents(self) -> None:
+        """Test that the docstrings users read (every public name and its methods) speak
+        to users, not about the project's design documents ("seed")."""
+        found = []
+        for name in cancelflow.__all__:
+            obj = getattr(cancelflow, name)
+            docs = [(name, getattr(obj, "__doc__", None))]
+            if isinstance(obj, type):
+                docs += [(f"{name}.{k}", getattr(v, "__doc__", None)) for k, v in vars(obj).items()]
+            found += [where for where, doc in docs if doc and "seed" in doc.lower()]
+        assert found == []

@@ -8,9 +8,9 @@ for one run (``*`` marks events that may not occur)::
       node_finished           ... the node returned
       node_failed             ... the node raised (or ran past its own timeout)
       node_cancelled          ... the node was interrupted
-    * execution_cancelled     the run was cancelled or timed out (seed 004)
+    * execution_cancelled     the run was cancelled or timed out
     pipeline_finished         always last for the run
-    * cancellation_handled    run_pipeline() turned a cancellation into a result (seed 004)
+    * cancellation_handled    run_pipeline() turned a cancellation into a result
 
 Payloads (``event.data``, also readable as ``event["key"]``):
 

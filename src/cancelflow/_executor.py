@@ -43,7 +43,7 @@ _UNSET: Any = object()
 @dataclass(frozen=True)
 class PipelineResult:
     """How a pipeline run ended, as a value: what :meth:`PipelineExecutor.run_pipeline`
-    returns instead of raising (seed 004's graceful response).
+    returns instead of raising: a graceful response with the partial results.
 
     Attributes:
         pipeline_id: the run's id.
@@ -74,8 +74,8 @@ class PipelineResult:
             ``"{node_id}@{N}.{key}"`` (the last attempt's under the plain keys). Empty
             when every node ran once. The exceptions carry it too, as ``node_attempts``.
 
-    For seed compatibility it can also be read like the seed's response dict:
-    ``result["cancelled"]``, ``result.get("cancel_reason")``.
+    It can also be read like a response dict, as code written for the original
+    cancellation design does: ``result["cancelled"]``, ``result.get("cancel_reason")``.
     """
 
     pipeline_id: str
@@ -168,7 +168,7 @@ class PipelineExecutor:
     **Modes** (chosen per call, default from the executor) govern how a *cancel* is
     applied, whatever its source:
 
-    * ``"graceful"`` (seed 004): no new wave starts, the running wave finishes and its
+    * ``"graceful"`` (the default): no new wave starts, the running wave finishes and its
       results are kept. Nodes are not told: ``ctx.token`` stays uncancelled so a
       cooperative node completes its work. If the wave has not finished
       ``graceful_timeout`` seconds (default 30) after the cancel, the run is interrupted
@@ -369,7 +369,8 @@ class PipelineExecutor:
         mode: Mode | None = None,
         graceful_timeout: float | None = _UNSET,
     ) -> PipelineResult:
-        """Run a pipeline for ``key``, superseding the key's running one (seed 004).
+        """Run a pipeline for ``key``, superseding the key's running one (a newer request
+        cancels the one still being worked on).
 
         The key's running pipeline (started by this method) is cancelled with ``reason``
         and awaited to its end (in its own mode: graceful by default, so its running

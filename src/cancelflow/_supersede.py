@@ -1,7 +1,7 @@
 """`Superseder`: per key, a new run cancels the running one, waits for it, then starts.
 
-Seed 004's message-queue pattern ("a new message cancels the reply being prepared for
-the previous one") as a primitive, safe under concurrent callers.
+The message-queue pattern ("a new message cancels the reply being prepared for the
+previous one") as a primitive, safe under concurrent callers.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import inspect
 import itertools
 import multiprocessing.context
 import multiprocessing.reduction
@@ -574,6 +575,15 @@ class CancellationToken(_Cell):
     def __repr__(self) -> str:
         state = f"cancelled, reason={self.cancel_reason!r}" if self.is_cancelled else "active"
         return f"<CancellationToken {self.name} {state}>"
+
+
+# ``__new__`` takes ``*args, **kwargs`` (it only places the token in shared memory), which is
+# what inspect, and so help() and IDEs, would show: show ``__init__``'s real signature.
+_init = inspect.signature(CancellationToken.__init__)
+CancellationToken.__signature__ = _init.replace(  # type: ignore[attr-defined]
+    parameters=list(_init.parameters.values())[1:], return_annotation=inspect.Signature.empty
+)
+del _init
 
 
 class TokenRef(weakref.ref["CancellationToken"]):
