@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, TypeVarTuple
 
 from . import _futures, _interpreter_exit, _timer
+from ._async import wait_for_callback
 from ._context import PartialSink, task_scope
 from ._exceptions import (
     BrokenPoolError,
@@ -36,7 +37,7 @@ from ._exceptions import (
 )
 from ._fate import Fate
 from ._log import safe_log
-from ._pool_calls import await_or_stop, check_call, ladder_seconds, loop_future
+from ._pool_calls import check_call, ladder_seconds
 from ._token import CancellationToken
 from ._validate import check_seconds as _check_timeout
 
@@ -616,7 +617,7 @@ class ThreadPool(Executor):
         stop = functools.partial(self._stop_for_awaiter, item)
         # Released once the task is over (returned, raised, or its thread abandoned after
         # the grace period), so partial results are final and the fate known.
-        await await_or_stop(loop_future(item.when_over), stop, wait_for_stop=True)
+        await wait_for_callback(item.when_over, stop, finish_after_cancel=True)
         return _outcome_of(future)
 
     def map(

@@ -3,7 +3,6 @@ set, and all of them can read and wait on."""
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import inspect
 import itertools
@@ -16,6 +15,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar, overload
 
 from . import _cell, _timer
+from ._async import wait_for_callback
 from ._exceptions import CancelledException
 from ._log import safe_log
 from ._platform import futex_wait, futex_wake
@@ -424,10 +424,12 @@ class CancellationToken(_Cell):
         return handle
 
     async def wait(self) -> None:
-        """Return once the token is cancelled. Works on any asyncio loop in any thread.
+        """Return once the token is cancelled. Works on any asyncio loop in any thread, and
+        under trio (so under anyio on either).
 
         A cancel made in another thread, a signal handler or another process wakes this
-        waiter through ``loop.call_soon_threadsafe`` on the waiter's own loop: no polling.
+        waiter through its own event loop's thread-safe wake-up
+        (``loop.call_soon_threadsafe``, trio's ``run_sync_soon``): no polling.
 
         Not promised: a ``signal.signal`` handler that cancels, on the loop's own thread,
         runs only when Python gets to it, and a signal that lands just before the loop
@@ -437,20 +439,11 @@ class CancellationToken(_Cell):
         """
         if self.is_cancelled:
             return
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
 
-        def wake() -> None:
-            try:
-                loop.call_soon_threadsafe(_resolve, future)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
+        def when_cancelled(callback: Callable[[], object]) -> Callable[[], object]:
+            return self.on_cancel(callback).remove
 
-        handle = self.on_cancel(wake)
-        try:
-            await future
-        finally:
-            handle.remove()
+        await wait_for_callback(when_cancelled)
 
     def wait_blocking(self, timeout: float | None = None) -> bool:
         """Block this thread until the token is cancelled or ``timeout`` seconds pass.
@@ -703,8 +696,3 @@ def token_on_slot(
 
 def _rebuild_token(chunk: _cell.Chunk, offset: int, name: str) -> CancellationToken:
     return token_on_slot(chunk, offset, name)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .._async import wait_for_callback
 from .._exceptions import CancelledException
 from .._fate import Fate
-from .._pool_calls import await_or_stop, check_call, future_done, ladder_seconds, loop_future
+from .._pool_calls import check_call, future_done, ladder_seconds
 from .._token import CancellationToken
 from .._validate import check_seconds as _seconds
 from . import _supervisor, _zygote
@@ -305,7 +306,7 @@ class ProcessPool(concurrent.futures.Executor):
         )
         # Cancelling the awaiting task stops the task down the ladder and waits until the
         # stop is complete before asyncio.CancelledError propagates.
-        await await_or_stop(loop_future(future_done(future)), future.cancel, wait_for_stop=True)
+        await wait_for_callback(future_done(future), future.cancel, finish_after_cancel=True)
         return future.result()
 
     def map(
