@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,26 @@ def test_bench_quick_fills_every_cell(tmp_path: Path) -> None:
     assert data["leaks"]["cancelflow"]["processes"] == []
     # The suite itself leaves no process behind (threads of a peer's idle cache may linger).
     assert data["leftovers_after_run"]["processes"] == []
+
+
+@pytest.mark.timeout(120)
+def test_missing_peers_are_named_once_with_the_install_command(tmp_path: Path) -> None:
+    """Test that without the peers installed (hidden here by modules that fail to import),
+    the report says once which are missing and how to install them, instead of a
+    "skipped" line per cell."""
+    for module in ("pebble", "loky", "trio", "trio_parallel", "anyio"):
+        (tmp_path / f"{module}.py").write_text('raise ImportError("not installed here")\n')
+    environment = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "cancelflow", "bench", "--quick", "--scenarios", "1"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env=environment,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = proc.stdout[proc.stdout.index("cancelflow bench (") :]
+    [line] = [x for x in report.splitlines() if "not installed" in x]
+    assert "pebble, loky, anyio, trio-parallel" in line
+    assert "pip install 'cancelflow[bench]'" in line
+    assert "skipped" not in report

@@ -149,6 +149,15 @@ def _why(system: str, metric: str, variant: str) -> str:
     return ""
 
 
+def _is_not_installed(row: dict[str, Any]) -> bool:
+    return row["status"] == "skipped" and str(row.get("reason", "")).startswith("cannot import")
+
+
+def not_installed(rows: list[dict[str, Any]]) -> list[str]:
+    """The systems skipped because a peer library cannot be imported, in first-seen order."""
+    return list(dict.fromkeys(row["system"] for row in rows if _is_not_installed(row)))
+
+
 def format_report(data: dict[str, Any]) -> str:
     lines: list[str] = []
     m = data["machine"]
@@ -175,6 +184,12 @@ def format_report(data: dict[str, Any]) -> str:
             else " (normal priority: may lag on a loaded machine)"
         )
     )
+    missing = not_installed(data["rows"])
+    if missing:
+        lines.append(
+            f"not measured, not installed: {', '.join(missing)} "
+            f"(pip install 'cancelflow[bench]' to compare against them)"
+        )
     for scenario in data["scenarios"]:
         for variant in scenario["variants"]:
             lines.append("")
@@ -186,6 +201,8 @@ def format_report(data: dict[str, Any]) -> str:
             for row in data["rows"]:
                 if row["scenario"] != scenario["key"] or row["variant"] != variant["key"]:
                     continue
+                if _is_not_installed(row):
+                    continue  # said once, above
                 lines.append(f"   {row['system']}: {row['label']}")
                 if row["status"] in ("cannot", "skipped") or (
                     row["status"] == "error" and not row["metrics"]
