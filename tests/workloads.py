@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import cancelflow
@@ -145,3 +146,27 @@ def node_report_then_block_sigterm(ctx: cancelflow.NodeContext) -> None:
     with open(ctx.context["fifo"], "w") as fifo:
         fifo.write(f"{os.getpid()}\n")
     time.sleep(3600)
+
+
+def poll_remote_token(handle: cancelflow.RemoteToken, seconds: float) -> str:
+    """Store a partial result, then poll the handle (a local read) until it is cancelled
+    or ``seconds`` pass; report which."""
+    handle.store_partial("started", os.getpid())
+    deadline = time.monotonic() + seconds
+    while not handle.is_cancelled:
+        if time.monotonic() > deadline:
+            return "not cancelled"
+        time.sleep(0.001)  # a worker's loop of work between checks
+    return f"stopped: {handle.cancel_reason}"
+
+
+def cancel_remote_token(handle: cancelflow.RemoteToken, reason: str) -> bool:
+    """Cancel the owner's token from this process; wait until the cancel comes back."""
+    handle.cancel(reason)
+    return handle.wait(30)
+
+
+def remote_reader_threads(handle: cancelflow.RemoteToken) -> int:
+    """How many RemoteToken reader threads this process runs (the handle is in use)."""
+    assert not handle.is_cancelled
+    return sum(t.name == "cancelflow-remote-token" for t in threading.enumerate())

@@ -43,6 +43,7 @@ from ._process import (
     TaskFuture as TaskFuture,
 )
 from ._registry import CancellationRegistry as CancellationRegistry
+from ._remote import RemoteToken as RemoteToken
 from ._supersede import Superseder as Superseder
 from ._thread_pool import (
     ThreadPool as ThreadPool,
@@ -74,6 +75,7 @@ __all__ = (
     "PipelineResult",
     "PipelineTimeoutException",
     "PoolClosedError",
+    "RemoteToken",
     "ProcessPool",
     "ProcessPoolStatistics",
     "Superseder",

@@ -12,7 +12,7 @@ import time
 import weakref
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
 
 from . import _cell, _timer
 from ._async import wait_for_callback
@@ -20,6 +20,9 @@ from ._exceptions import CancelledException
 from ._log import safe_log
 from ._platform import futex_wait, futex_wake
 from ._validate import check_seconds as _check_timeout
+
+if TYPE_CHECKING:
+    from ._remote import RemoteToken
 
 __all__ = ("CallbackHandle", "CancellationToken", "Reason", "TokenRef", "token_on_slot")
 
@@ -523,6 +526,25 @@ class CancellationToken(_Cell):
         """Drop this token's links to its parents and its timer; it is then never
         cancelled by them. Idempotent. The token itself stays usable."""
         self._detach()
+
+    def remote(self, partial_sink: Callable[[str, Any], None] | None = None) -> RemoteToken:
+        """A picklable handle on this token for processes cancelflow did not start.
+
+        Send it to a worker of your own ``ProcessPoolExecutor``, ``multiprocessing.Pool``
+        or loky (as an argument, or through any queue): there ``handle.is_cancelled`` is
+        a local read that turns true the moment this token is cancelled (pushed by a small
+        server in this process, no polling), ``handle.cancel()`` cancels this token and
+        ``handle.store_partial(key, value)`` calls ``partial_sink(key, value)`` here (on
+        the server's thread: make it quick and thread-safe). ``handle.close()`` here ends
+        the sharing. The library's own pools do not need it (they share the token
+        itself, faster). See :class:`cancelflow.RemoteToken` for the guarantees.
+
+        Raises:
+            TypeError: ``partial_sink`` is not callable.
+        """
+        from ._remote import make_remote
+
+        return make_remote(self, partial_sink)
 
     def __enter__(self) -> CancellationToken:
         return self

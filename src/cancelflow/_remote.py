@@ -1,0 +1,471 @@
+"""A token for processes cancelflow did not start: :class:`RemoteToken`.
+
+The library's own pools hand a task its token through shared memory. A process that
+already runs — a worker of your own ``ProcessPoolExecutor``, ``multiprocessing.Pool`` or
+loky — cannot map it. For those, :meth:`CancellationToken.remote` makes a small picklable
+handle, served by the owning process:
+
+* **the server** (one per owning process, started with the first handle): a Unix socket
+  in a private directory (mode 0700), authenticated with a random key
+  (:mod:`multiprocessing.connection`, as the stdlib's managers are), one thread per
+  connected process. A cancel of the token is pushed to every connected handle at once;
+  a handle's ``cancel()`` and ``store_partial()`` come back the other way.
+* **the handle**, unpickled in another process, connects at once and keeps a reader
+  thread that sets its local flag when the cancel arrives: ``is_cancelled`` is an
+  attribute read, never a round trip.
+
+Guaranteed: a cancel (from any thread, signal handler or process) reaches every
+connected handle without polling; ``store_partial`` values reach the owner's sink in the
+order one handle sent them. If the owner is gone (exited, killed, or closed the handle),
+a handle reports itself cancelled with a reason that says so, so work stops rather than
+runs on for nobody. The server ends, and its socket directory is removed, when the last
+handle of the process is closed or at interpreter exit.
+
+Not promised: a handle that crosses a ``fork`` keeps its flag but not its reader thread
+(unpickle a fresh one in the child); values stored must pickle.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import mmap
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+import threading
+import weakref
+from collections.abc import Callable
+from multiprocessing.connection import Client, Connection, Listener
+from typing import Any
+
+from ._exceptions import CancelledException
+from ._log import safe_log
+
+__all__ = ("RemoteToken",)
+
+PartialSink = Callable[[str, Any], None]
+#: bound on waiting for the server's threads when it closes
+_JOIN_SECONDS = 5.0
+
+
+_REASON_MAX = 1000
+_NO_REASON = 0xFFFFFFFF
+
+
+_FLAG_FIELDS = (
+    ("is_cancelled", ctypes.c_bool),
+    ("_pad", ctypes.c_uint8 * 3),
+    ("_reason_len", ctypes.c_uint32),
+    ("_reason", ctypes.c_char * _REASON_MAX),
+)
+
+
+class _Flag(ctypes.Structure):
+    """A share's state in a small shared file, as the owner writes it (a
+    :class:`RemoteToken` is the same layout, read by the handles)."""
+
+    _fields_ = _FLAG_FIELDS
+
+
+def _set_flag(flag: Any, reason: str | None) -> None:
+    """Write ``reason``, then raise the flag: memory writes only (signal-safe)."""
+    if reason is None:
+        flag._reason_len = _NO_REASON
+    else:
+        data = reason.encode("utf-8", "surrogatepass")[:_REASON_MAX]
+        flag._reason = data
+        flag._reason_len = len(data)
+    flag.is_cancelled = True
+
+
+def _map(path: str, create: bool) -> mmap.mmap:
+    """Map the flag file at ``path`` (shared, read-write); ``create`` makes it first."""
+    flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        if create:
+            os.ftruncate(fd, ctypes.sizeof(_Flag))
+        return mmap.mmap(fd, ctypes.sizeof(_Flag), mmap.MAP_SHARED)
+    finally:
+        os.close(fd)
+
+
+class _Share:
+    """One token served to other processes (in the owner)."""
+
+    def __init__(self, token: Any, sink: PartialSink | None, path: str) -> None:
+        self.token = token
+        self.sink = sink
+        self.path = path
+        self.flag = _Flag.from_buffer(_map(path, create=True))
+        self.connections: list[Connection] = []
+        self.closed = False
+        #: set by the token's callback (any thread, a signal handler): the pusher sends
+        self.cancel_pending = False
+        self.lock = threading.Lock()
+        self.handle: Any = None
+
+
+class _Server:
+    """The owner's side: accepts handles, pushes cancels, receives partials and cancels."""
+
+    def __init__(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="cancelflow-")
+        os.chmod(self.directory, 0o700)
+        self.address = os.path.join(self.directory, "tokens")
+        self.authkey = secrets.token_bytes(32)
+        self.listener = Listener(self.address, family="AF_UNIX", authkey=self.authkey)
+        self.shares: dict[str, _Share] = {}
+        self.lock = threading.Lock()
+        self.closed = False
+        # A cancel may come from a signal handler: its callback only sets a flag and
+        # writes a byte here (no lock); the pusher thread does the sending.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self.threads = [
+            threading.Thread(target=self._accept, name="cancelflow-remote-tokens", daemon=True),
+            threading.Thread(target=self._pusher, name="cancelflow-remote-push", daemon=True),
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def add(self, token: Any, sink: PartialSink | None) -> str:
+        share_id = secrets.token_hex(8)
+        share = _Share(token, sink, os.path.join(self.directory, share_id))
+        share.handle = token.on_cancel(lambda: self._push_cancel(share))
+        with self.lock:
+            self.shares[share_id] = share
+        return share_id
+
+    def remove(self, share_id: str) -> None:
+        with self.lock:
+            share = self.shares.pop(share_id, None)
+            last = not self.shares
+        if share is not None:
+            share.handle.remove()
+            if not share.flag.is_cancelled:  # every handle sees it at once
+                _set_flag(share.flag, "the token's owner closed this handle")
+            with contextlib.suppress(OSError):
+                os.unlink(share.path)  # mapped handles keep their mapping
+            with share.lock:
+                share.closed = True
+                for connection in share.connections:
+                    with contextlib.suppress(OSError, ValueError):
+                        connection.send(("gone", "the token's owner closed this handle"))
+                    _hang_up(connection)  # its serving thread wakes, and closes it
+        if last:
+            self.close()
+
+    def close(self) -> None:
+        global _server
+        with _server_lock:
+            if _server is self:
+                _server = None
+        if self.closed:
+            return
+        self.closed = True
+        # Closing a listening socket does not wake a thread blocked in accept(): a
+        # connection that fails the handshake does, and the accept thread sees closed.
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as knock:
+            knock.connect(self.address)
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")  # the pusher sees closed and ends
+        if threading.current_thread() not in self.threads:
+            for thread in list(self.threads):  # each ends at once now (bounded anyway)
+                thread.join(_JOIN_SECONDS)
+
+    # -- threads ---------------------------------------------------------------------------
+    def _accept(self) -> None:
+        try:
+            while not self.closed:
+                try:
+                    connection = self.listener.accept()
+                except Exception:  # noqa: BLE001 - a client that failed the handshake
+                    continue
+                if self.closed:
+                    connection.close()
+                    return
+                server = threading.Thread(
+                    target=self._serve,
+                    args=(connection,),
+                    name="cancelflow-remote-token",
+                    daemon=True,
+                )
+                self.threads.append(server)
+                server.start()
+        finally:
+            with contextlib.suppress(OSError):
+                self.listener.close()
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _serve(self, connection: Connection) -> None:
+        share: _Share | None = None
+        try:
+            kind, share_id = connection.recv()
+            with self.lock:
+                share = self.shares.get(share_id) if kind == "attach" else None
+            if share is None:
+                connection.send(("gone", "the token's owner closed this handle"))
+                return
+            with share.lock:
+                if share.closed:
+                    connection.send(("gone", "the token's owner closed this handle"))
+                    return
+                share.connections.append(connection)
+                token = share.token
+                if token.is_cancelled:
+                    connection.send(("cancelled", token.cancel_reason))
+            while True:
+                message = connection.recv()
+                if message[0] == "partial" and share.sink is not None:
+                    try:
+                        share.sink(message[1], message[2])
+                    except Exception as exc:  # noqa: BLE001 - a sink must not break the stream
+                        safe_log("ERROR", "partial_sink raised", exception=exc)
+                elif message[0] == "cancel":
+                    share.token.cancel(message[1])
+        except (EOFError, OSError):
+            pass  # the handle's process closed it or ended
+        finally:
+            if share is not None:
+                with share.lock, contextlib.suppress(ValueError):
+                    share.connections.remove(connection)
+            with contextlib.suppress(OSError):
+                connection.close()
+
+    def _push_cancel(self, share: _Share) -> None:
+        """The token's callback: any thread or a signal handler; takes no lock. The flag
+        every handle reads is set here (reason first); the pusher wakes their waiters."""
+        _set_flag(share.flag, share.token.cancel_reason)
+        share.cancel_pending = True
+        with contextlib.suppress(OSError):  # full pipe: a wake-up is pending already
+            os.write(self._wake_w, b"x")
+
+    def _pusher(self) -> None:
+        try:
+            while True:
+                os.read(self._wake_r, 512)
+                if self.closed:
+                    return
+                with self.lock:
+                    shares = [share for share in self.shares.values() if share.cancel_pending]
+                for share in shares:
+                    share.cancel_pending = False
+                    reason = share.token.cancel_reason
+                    with share.lock:
+                        for connection in share.connections:
+                            with contextlib.suppress(OSError, ValueError):
+                                connection.send(("cancelled", reason))
+        finally:
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _hang_up(connection: Connection) -> None:
+    """Shut the connection's socket down: a thread blocked reading it wakes (end of file),
+    and so does the other side; closing it alone would not wake the reader."""
+    with contextlib.suppress(OSError, ValueError):
+        with socket.socket(fileno=os.dup(connection.fileno())) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+_server: _Server | None = None
+_server_lock = threading.Lock()
+
+
+def _get_server() -> _Server:
+    global _server
+    with _server_lock:
+        if _server is None or _server.closed:
+            _server = _Server()
+        return _server
+
+
+@atexit.register
+def _close_server() -> None:
+    server = _server
+    if server is not None:
+        server.close()
+
+
+class RemoteToken(ctypes.Structure):
+    """A picklable view of a :class:`CancellationToken` for any process (see the module).
+
+    Made by :meth:`CancellationToken.remote` in the owning process; send it through any
+    queue, pipe or executor. In the receiving process:
+
+    * ``is_cancelled``: one read of memory shared with the owner (as cheap as
+      ``CancellationToken.is_cancelled``), true the moment the owner's token is
+      cancelled, or once the owner stopped serving the handle (it closed it, or exited);
+    * :attr:`cancel_reason`, :meth:`raise_if_cancelled`, :meth:`wait`;
+    * :meth:`cancel`: cancels the owner's token;
+    * :meth:`store_partial`: hands ``value`` to the owner's ``partial_sink``.
+
+    In the owning process, :meth:`close` ends the sharing (connected handles then report
+    themselves cancelled: "the token's owner closed this handle").
+    """
+
+    # ``is_cancelled`` is the ctypes field: a C getter over the shared flag.
+    _fields_ = _FLAG_FIELDS
+    is_cancelled: bool
+
+    _address: str
+    _authkey: bytes
+    _share_id: str
+    _owner_pid: int
+    _event: threading.Event
+    _send_lock: threading.Lock
+    _connection: Connection | None
+    _memory: mmap.mmap | bytearray
+
+    @classmethod
+    def _open(cls, address: str, authkey: bytes, share_id: str, owner_pid: int) -> RemoteToken:
+        """The handle of share ``share_id``: mapped over its flag file, connected to the
+        owner's server when this is another process."""
+        memory: mmap.mmap | bytearray
+        try:
+            memory = _map(os.path.join(os.path.dirname(address), share_id), create=False)
+            missing = False
+        except OSError:  # the owner removed it (closed the handle, or exited)
+            memory, missing = bytearray(ctypes.sizeof(_Flag)), True
+        self = cls.from_buffer(memory)
+        self._memory = memory
+        self._address = address
+        self._authkey = authkey
+        self._share_id = share_id
+        self._owner_pid = owner_pid
+        self._event = threading.Event()
+        self._send_lock = threading.Lock()
+        self._connection = None
+        if missing:
+            self._set_gone("the token's owner is gone")
+        elif os.getpid() != owner_pid:
+            self._connect()
+        return self
+
+    @property
+    def cancel_reason(self) -> str | None:
+        """The reason of the owner's cancel, or why the owner stopped serving the handle;
+        ``None`` while not cancelled (or cancelled without a reason)."""
+        if not self.is_cancelled or self._reason_len == _NO_REASON:
+            return None
+        return bytes(self._reason[: self._reason_len]).decode("utf-8", "surrogatepass")
+
+    # -- pickling ----------------------------------------------------------------------------
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_receive, (self._address, self._authkey, self._share_id, self._owner_pid))
+
+    def __repr__(self) -> str:
+        state = "cancelled" if self.is_cancelled else "live"
+        return f"<RemoteToken {self._share_id} of pid {self._owner_pid} {state}>"
+
+    # -- the receiving process ---------------------------------------------------------------
+    def _connect(self) -> None:
+        try:
+            connection = Client(self._address, family="AF_UNIX", authkey=self._authkey)
+            connection.send(("attach", self._share_id))
+        except Exception:  # noqa: BLE001 - the owner is gone (or never reachable)
+            self._set_gone("the token's owner is gone")
+            return
+        self._connection = connection
+        threading.Thread(target=self._read, name="cancelflow-remote-token", daemon=True).start()
+
+    def _read(self) -> None:
+        connection = self._connection
+        assert connection is not None
+        try:
+            while True:
+                kind, reason = connection.recv()
+                if kind == "gone":
+                    self._set_gone(reason)
+                    return
+                self._event.set()  # cancelled: the flag is set already; wake waiters
+        except (EOFError, OSError):
+            self._set_gone("the token's owner is gone")
+
+    def _set_gone(self, reason: str) -> None:
+        if not self.is_cancelled:  # visible to every handle of this share
+            _set_flag(self, reason)
+        self._event.set()
+
+    def raise_if_cancelled(self) -> None:
+        """Raise :class:`CancelledException` (with the reason) if cancelled."""
+        if self.is_cancelled:
+            reason = self.cancel_reason
+            raise CancelledException(reason or "operation cancelled", reason=reason)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until cancelled or ``timeout`` seconds passed; return ``is_cancelled``."""
+        if self._connection is None and os.getpid() == self._owner_pid:
+            raise RuntimeError("in the owning process, wait on the CancellationToken itself")
+        if not self.is_cancelled:
+            self._event.wait(timeout)
+        return self.is_cancelled
+
+    def cancel(self, reason: str | None = None) -> None:
+        """Cancel the owner's token (the first reason wins there)."""
+        self._send(("cancel", reason))
+
+    def store_partial(self, key: str, value: Any) -> None:
+        """Hand ``value`` to the owner's ``partial_sink`` under ``key``.
+
+        Raises:
+            TypeError: ``key`` is not a string.
+        """
+        if not isinstance(key, str):
+            raise TypeError(f"key must be a str, not {type(key).__name__}")
+        self._send(("partial", key, value))
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        connection = self._connection
+        if connection is None:
+            raise RuntimeError(
+                "this RemoteToken is not connected: use it in another process (in the owner, "
+                "use the CancellationToken), or its owner is gone"
+            )
+        with self._send_lock, contextlib.suppress(OSError):
+            connection.send(message)
+
+    # -- the owning process ------------------------------------------------------------------
+    def close(self) -> None:
+        """In the owner: stop serving this handle (idempotent); the connected handles
+        report themselves cancelled. In another process: disconnect."""
+        if os.getpid() == self._owner_pid:
+            server = _server
+            if server is not None:
+                server.remove(self._share_id)
+            return
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(OSError):
+                connection.close()
+
+
+#: the handles this process received, by (address, share): a handle sent again (with every
+#: task of a pool, say) reuses its connection and reader thread
+_received: weakref.WeakValueDictionary[tuple[str, str], RemoteToken] = weakref.WeakValueDictionary()
+_received_lock = threading.Lock()
+
+
+def _receive(address: str, authkey: bytes, share_id: str, owner_pid: int) -> RemoteToken:
+    """Unpickle a handle: the one this process already holds for that share, if any."""
+    with _received_lock:
+        handle = _received.get((address, share_id))
+        if handle is None or handle._connection is None:
+            handle = RemoteToken._open(address, authkey, share_id, owner_pid)
+            _received[(address, share_id)] = handle
+        return handle
+
+
+def make_remote(token: Any, partial_sink: PartialSink | None) -> RemoteToken:
+    """The handle behind :meth:`CancellationToken.remote`."""
+    if partial_sink is not None and not callable(partial_sink):
+        raise TypeError(f"partial_sink must be callable, not {type(partial_sink).__name__}")
+    server = _get_server()
+    share_id = server.add(token, partial_sink)
+    return RemoteToken._open(server.address, server.authkey, share_id, os.getpid())

@@ -1,0 +1,153 @@
+"""Specification of RemoteToken: a token handed to processes cancelflow did not start
+(a stdlib ProcessPoolExecutor's workers here), with a partial-result sink."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import pickle
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cancelflow import CancellationToken, RemoteToken
+from support import WAIT
+from workloads import cancel_remote_token, poll_remote_token, remote_reader_threads
+
+
+@pytest.fixture(params=["fork", "forkserver"])
+def foreign_pool(
+    request: pytest.FixtureRequest, mp_singletons: None
+) -> Iterator[concurrent.futures.Executor]:
+    """A stdlib process pool, whose workers are already running when a handle is sent
+    (forkserver: workers that are not even descendants of this process)."""
+    context = multiprocessing.get_context(request.param)
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        pool.submit(os.getpid).result(WAIT)  # the worker runs before any handle exists
+        yield pool
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.arrived = threading.Event()
+
+    def __call__(self, key: str, value: Any) -> None:
+        self.values[key] = value
+        self.arrived.set()
+
+
+class TestInAForeignProcess:
+    def test_a_cancel_reaches_a_running_worker_and_partials_come_back(
+        self, foreign_pool: concurrent.futures.Executor
+    ) -> None:
+        """Test that a worker of a ProcessPoolExecutor, polling the handle, sees the
+        owner's cancel with its reason, and that what it stored reached the sink."""
+        token = CancellationToken()
+        sink = Sink()
+        handle = token.remote(sink)
+        try:
+            future = foreign_pool.submit(poll_remote_token, handle, WAIT)
+            assert sink.arrived.wait(WAIT)
+            token.cancel("enough")
+            assert future.result(WAIT) == "stopped: enough"
+            assert sink.values["started"] != os.getpid()
+        finally:
+            handle.close()
+
+    def test_the_worker_can_cancel_the_owners_token(
+        self, foreign_pool: concurrent.futures.Executor
+    ) -> None:
+        """Test that handle.cancel() in the worker cancels the owner's token (the first
+        reason wins) and comes back to the handle."""
+        token = CancellationToken()
+        handle = token.remote()
+        try:
+            assert foreign_pool.submit(cancel_remote_token, handle, "from the worker").result(WAIT)
+            assert token.is_cancelled
+            assert token.cancel_reason == "from the worker"
+        finally:
+            handle.close()
+
+    def test_closing_the_handle_stops_the_worker(
+        self, foreign_pool: concurrent.futures.Executor
+    ) -> None:
+        """Test that closing the handle in the owner makes the remote one report itself
+        cancelled (its owner no longer serves it), so the work stops."""
+        token = CancellationToken()
+        sink = Sink()
+        handle = token.remote(sink)
+        future = foreign_pool.submit(poll_remote_token, handle, WAIT)
+        assert sink.arrived.wait(WAIT)
+        handle.close()
+        assert future.result(WAIT).startswith("stopped: the token's owner")
+        assert not token.is_cancelled
+
+    def test_an_already_cancelled_token_arrives_cancelled(
+        self, foreign_pool: concurrent.futures.Executor
+    ) -> None:
+        """Test that a handle of a token cancelled before it was sent is cancelled there."""
+        token = CancellationToken()
+        token.cancel("before")
+        handle = token.remote()
+        try:
+            assert foreign_pool.submit(poll_remote_token, handle, WAIT).result(WAIT) == (
+                "stopped: before"
+            )
+        finally:
+            handle.close()
+
+    def test_a_handle_sent_with_every_task_keeps_one_connection(
+        self, foreign_pool: concurrent.futures.Executor
+    ) -> None:
+        """Test that a worker receiving the same handle with each of many tasks reuses one
+        connection (one reader thread), instead of one per task."""
+        handle = CancellationToken().remote()
+        try:
+            counts = {
+                foreign_pool.submit(remote_reader_threads, handle).result(WAIT) for _ in range(20)
+            }
+            assert counts == {1}
+        finally:
+            handle.close()
+
+
+class TestOwnerAndCleanup:
+    def test_a_handle_whose_owner_exited_is_cancelled(self) -> None:
+        """Test that unpickling a handle after its owner process exited gives a cancelled
+        handle whose reason says the owner is gone (and that the owner removed its socket
+        directory on exit)."""
+        program = (
+            "import pickle, sys; from cancelflow import CancellationToken; "
+            "h = CancellationToken().remote(); sys.stdout.buffer.write(pickle.dumps(h))"
+        )
+        done = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=WAIT)
+        assert done.returncode == 0, done.stderr
+        handle = pickle.loads(done.stdout)
+        assert isinstance(handle, RemoteToken)
+        assert handle.is_cancelled
+        assert handle.cancel_reason == "the token's owner is gone"
+        assert not os.path.exists(os.path.dirname(handle._address))
+
+    def test_the_server_ends_with_the_last_handle(self) -> None:
+        """Test that closing the last handle removes the server's socket directory (the
+        test's leak check also sees that its threads ended)."""
+        first = CancellationToken().remote()
+        second = CancellationToken().remote()
+        directory = os.path.dirname(first._address)
+        assert os.path.isdir(directory)
+        assert oct(os.stat(directory).st_mode & 0o777) == "0o700"
+        first.close()
+        assert os.path.isdir(directory)
+        second.close()
+        assert not os.path.exists(directory)
+
+    def test_a_bad_sink_is_refused(self) -> None:
+        """Test that a partial_sink that is not callable raises TypeError at once."""
+        with pytest.raises(TypeError, match="partial_sink"):
+            CancellationToken().remote(3)  # type: ignore[arg-type]
