@@ -169,6 +169,27 @@ class TestDemoSummary:
 
 
 @pytest.mark.timeout(120)
+class TestDemoSummaryLayout:
+    def test_every_line_fits_80_columns_and_no_number_is_cut(self, demo_run: DemoRun) -> None:
+        """Test that the summary laid out for an 80-column terminal has no line over 80
+        columns, and that every pid it names appears whole on one line."""
+        from cancelflow._cli.demo.render import render
+
+        text = render(demo_run.summary, width=80)
+        assert max(len(line) for line in text.splitlines()) <= 80
+        nodes = demo_run.first["nodes"].values()
+        pids = [str(node["helper_pid"]) for node in nodes if "helper_pid" in node]
+        pids += [
+            str(node["worker_pid"])
+            for node in nodes
+            if "worker_pid" in node and node["fate"] in ("killed", "terminated")
+        ]
+        assert pids  # every mode starts render_chart's helper
+        words = set(text.replace(";", " ").split())
+        for pid in pids:
+            assert pid in words, f"pid {pid} is not printed whole"
+
+
 class TestDemoModes:
     """What distinguishes the modes."""
 

@@ -82,15 +82,24 @@ class _RichDisplay(Display):
             TaskProgressColumn,
             TextColumn,
         )
+        from rich.table import Column  # type: ignore[import-not-found,unused-ignore]
 
         self.console: Any = Console(file=stream, highlight=False)
+        # The node's name and the percentage never shrink; the bar takes what is left
+        # after a status of ~24 columns, and a long status is cut with an ellipsis
+        # rather than squeezing the other columns (80 columns read well).
+        width = self.console.width
         self.bars: Any = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(bar_width=28),
-            TaskProgressColumn(),
-            TextColumn("{task.fields[status]}"),
+            TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+            BarColumn(bar_width=max(8, min(28, width - 58))),
+            TaskProgressColumn(table_column=Column(no_wrap=True, width=5)),
+            TextColumn(
+                "{task.fields[status]}",
+                table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1),
+            ),
             console=self.console,
             refresh_per_second=10,
+            expand=True,
         )
         self._tasks: dict[str, Any] = {}
 

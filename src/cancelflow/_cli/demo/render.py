@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import textwrap
 from typing import Any
 
 from .pipeline import WAVES
@@ -22,9 +24,42 @@ def _wave_text(num: int | None) -> str:
     return f"wave {num + 1}/{len(WAVES)} '{wave.name}' ({wave.where})"
 
 
-def render(summary: dict[str, Any]) -> str:
+#: where the wrapped part of a line goes on: under a node's details, under a partial
+#: result's value (a ``  key : value`` line: under its value; else two columns in)
+_NODE_DETAILS = 41
+_PARTIAL_VALUE = 30
+
+
+def terminal_width() -> int:
+    """The width to lay the summary out in: the terminal's, kept within 60..120."""
+    return max(60, min(120, shutil.get_terminal_size((100, 24)).columns))
+
+
+def _fit(line: str, width: int, indent: int) -> list[str]:
+    """``line`` wrapped at ``width`` on spaces only (a pid or a number is never cut),
+    the rest indented by ``indent``."""
+    if len(line) <= width:
+        return [line]
+    return textwrap.wrap(
+        line,
+        width,
+        subsequent_indent=" " * indent,
+        break_long_words=False,
+        break_on_hyphens=False,
+    ) or [line]
+
+
+def render(summary: dict[str, Any], width: int | None = None) -> str:
+    """The summary, each line wrapped to ``width`` columns (default: the terminal's)."""
+    width = terminal_width() if width is None else width
     lines: list[str] = []
-    add = lines.append
+
+    def add(line: str, indent: int | None = None) -> None:
+        if indent is None:
+            stripped = len(line) - len(line.lstrip(" "))
+            indent = 19 if line.startswith("  ") and " : " in line[:19] else stripped + 2
+        lines.extend(_fit(line, width, indent))
+
     first = summary["runs"][0]
     add("")
     headline = {
@@ -80,7 +115,8 @@ def render(summary: dict[str, Any]) -> str:
                 parts.append(f"helper process {node['helper_pid']} {gone}")
             add(
                 f"  {node['wave'] + 1}/{len(WAVES)} {node_id:<15}{node['run_in']:<8}"
-                f"{node['fate']:<12}{'; '.join(parts)}".rstrip()
+                f"{node['fate']:<12}{'; '.join(parts)}".rstrip(),
+                _NODE_DETAILS,
             )
         if run["outcome"] != "completed":
             add("")
@@ -104,7 +140,9 @@ def render(summary: dict[str, Any]) -> str:
                     note = "   <- stored by a process that was then killed"
                 elif "." in key and fate == "cancelled":
                     note = "   <- stored before it was cancelled"
-                add(f"  {key:<27} {_short(value, 60)}{note}")
+                add(
+                    f"  {key:<27} {_short(value, width - _PARTIAL_VALUE - 1)}{note}", _PARTIAL_VALUE
+                )
         add("")
         cleanup = run["cleanup"]
         if cleanup["expected_runs_each"]:
@@ -128,11 +166,13 @@ def render(summary: dict[str, Any]) -> str:
             "interrupt_to_pipeline_end": "second Ctrl-C -> pipeline ended",
             "cancel_to_newer_request_started": "supersede -> newer request started",
         }
+        graceful = mode == "graceful" and not summary["interrupted_by_user"]
         for key, label in labels.items():
             if latency.get(key) is not None:
-                add(f"  {label:<46} {latency[key]:8.1f} ms")
-        if mode == "graceful" and not summary["interrupted_by_user"]:
-            add(f"  (graceful: includes up to {summary['grace_s']:g} s left to the running wave)")
+                why = ""
+                if graceful and key == "cancel_to_last_node_stopped":
+                    why = f" (incl. <= {summary['grace_s']:g} s --grace)"
+                add(f"  {label:<46} {latency[key]:8.1f} ms{why}", 60)
     check = summary["final_check"]
     add("")
     if summary["nothing_left"]:
