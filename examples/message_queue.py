@@ -96,9 +96,12 @@ async def seed_pattern(orchestrator: Orchestrator) -> None:
 
 async def built_in(executor: PipelineExecutor) -> None:
     started = asyncio.Event()
+    # mode="graceful": the seed's behaviour, the superseded reply finishes its running
+    # wave. run_superseding interrupts by default, so that the newer message is answered
+    # at once.
     first = asyncio.create_task(
         executor.run_superseding(
-            "whatsapp:+15550100", tools(), {"message": "Hi", "started": started}
+            "whatsapp:+15550100", tools(), {"message": "Hi", "started": started}, mode="graceful"
         )
     )
     await started.wait()

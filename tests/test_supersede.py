@@ -193,9 +193,9 @@ class TestSuperseder:
 
 
 class TestRunSuperseding:
-    def test_new_message_supersedes_the_running_pipeline(self) -> None:
-        """Test seed 004's message-queue pattern: a new run cancels the running one, which
-        ends gracefully (its wave finishes), and then runs itself."""
+    def test_a_graceful_run_finishes_its_wave_when_superseded(self) -> None:
+        """Test the message-queue pattern with mode="graceful": a new run cancels the
+        running one, which ends gracefully (its wave finishes), and then runs itself."""
         log: list[str] = []
 
         async def main() -> tuple[PipelineResult, PipelineResult]:
@@ -218,7 +218,7 @@ class TestRunSuperseding:
                 return [Node("reply", reply), Node("send", send, deps=["reply"])]
 
             first = asyncio.create_task(
-                executor.run_superseding("chat-1", nodes(), {"message": "first"})
+                executor.run_superseding("chat-1", nodes(), {"message": "first"}, mode="graceful")
             )
             await started.wait()
             second = asyncio.create_task(
@@ -238,6 +238,39 @@ class TestRunSuperseding:
         assert new.completed
         assert new.results == {"reply": "reply to second", "send": "sent reply to second"}
         assert log == ["start first", "end first", "start second", "end second"]
+
+    def test_by_default_the_superseded_run_is_interrupted_and_the_new_one_starts(
+        self,
+    ) -> None:
+        """Test that with the defaults (an executor in graceful mode) a superseded run is
+        interrupted: its running node is cancelled at once, and the newer request starts
+        without waiting for that node (which would otherwise never end here)."""
+
+        async def main() -> tuple[PipelineResult, PipelineResult]:
+            # graceful is the executor's default; unbounded here, so that only an
+            # interrupt can end the first run
+            executor = PipelineExecutor(graceful_timeout=None)
+            started = asyncio.Event()
+
+            async def slow(ctx: NodeContext) -> str:
+                if ctx.context["message"] == "first":
+                    started.set()
+                    await asyncio.Event().wait()  # only an interrupt ends it
+                return f"reply to {ctx.context['message']}"
+
+            first = asyncio.create_task(
+                executor.run_superseding("chat-2", [Node("reply", slow)], {"message": "first"})
+            )
+            await started.wait()
+            new = await executor.run_superseding(
+                "chat-2", [Node("reply", slow)], {"message": "second"}
+            )
+            return await first, new
+
+        old, new = run(main())
+        assert old.cancelled
+        assert old.node_fates == {"reply": "cancelled"}
+        assert new.results == {"reply": "reply to second"}
 
     def test_superseded_before_start_runs_nothing(self) -> None:
         """Test that a run superseded while waiting returns a cancelled, empty result."""

@@ -373,8 +373,11 @@ class PipelineExecutor:
         cancels the one still being worked on).
 
         The key's running pipeline (started by this method) is cancelled with ``reason``
-        and awaited to its end (in its own mode: graceful by default, so its running
-        wave finishes); then this one starts. Concurrent calls for one key never run two
+        and awaited to its end, then this one starts. A superseded run's work is thrown
+        away, so these runs are **interrupted** by default, whatever the executor's mode:
+        their running nodes are told at once (process nodes go down the stop ladder) and
+        the newer request starts promptly instead of waiting for a wave to finish. Pass
+        ``mode="graceful"`` to let a superseded run finish its running wave first. Concurrent calls for one key never run two
         pipelines at once, and each caller gets its own run's :class:`PipelineResult`:
         a superseded one has ``cancelled=True`` and ``cancel_reason=reason``. A call
         superseded before it could start runs nothing and returns a cancelled result
@@ -384,13 +387,16 @@ class PipelineExecutor:
             key: what the runs are for (e.g. a conversation id).
             pipeline_id: the run's id (default: ``key``; runs of one key never overlap).
             reason: the cancel reason given to the run this call supersedes.
+            mode: how this run is stopped when a newer call supersedes it (or it is
+                cancelled): ``"interrupt"`` unless given.
         """
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, not {type(key).__name__}")
         check_reason(reason)
         run_id = key if pipeline_id is None else pipeline_id
         # Checked before superseding: a bad call must not cancel the key's running run.
-        spec = self._check_run(run_id, nodes, context, timeout, None, mode, graceful_timeout)
+        run_mode: Mode = "interrupt" if mode is None else mode
+        spec = self._check_run(run_id, nodes, context, timeout, None, run_mode, graceful_timeout)
 
         async def job(token: CancellationToken) -> PipelineResult:
             return await self._to_result(await self._run_checked(spec, token))
