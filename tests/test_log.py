@@ -169,3 +169,35 @@ class TestStandardLogging:
         assert "cancelflow._registry" in names
         library = logging.getLogger("cancelflow")
         assert logging.getLogger("cancelflow._registry").parent is library
+
+
+class TestWaveNumbersInText:
+    def test_the_end_of_a_run_counts_waves_from_one(self, logs: LogCapture) -> None:
+        """Test that the log line of a run's end says "in wave 1 of 2" for a run cancelled
+        in its first wave (wave_num 0), never "wave 0/2"."""
+        import asyncio
+
+        from cancelflow import Node, NodeContext, PipelineExecutor
+
+        started: list[asyncio.Event] = []
+
+        async def first(ctx: NodeContext) -> None:
+            started[0].set()
+            await asyncio.Event().wait()
+
+        async def second(ctx: NodeContext) -> None:
+            return None
+
+        async def main() -> None:
+            started.append(asyncio.Event())
+            async with PipelineExecutor(mode="interrupt") as executor:
+                task = asyncio.ensure_future(
+                    executor.run_pipeline("w", [Node("a", first), Node("b", second, deps=["a"])])
+                )
+                await started[0].wait()
+                await executor.registry.cancel("w", "stop")
+                assert (await task).wave_cancelled_at == 0
+
+        asyncio.run(main())
+        [line] = [m for m in logs.messages() if m.startswith("pipeline ended:")]
+        assert line == "pipeline ended: cancelled in wave 1 of 2"

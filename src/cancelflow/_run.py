@@ -483,11 +483,18 @@ class Run:
         # Cleanup: exactly once, now that nothing runs; dropped on success.
         cleanup_errors = await self.handle.end(run_handlers=error is not None)
         outcome_name = cause.kind
+        # Text for people counts waves from 1; wave_num (the data) is the 0-based index.
+        where = (
+            f"in wave {wave_num + 1} of {len(self.waves)}"
+            if wave_num < len(self.waves)
+            else f"after all {len(self.waves)} waves"
+        )
         safe_log(
             "WARNING" if outcome_name in ("timed_out", "failed") else "INFO",
-            f"pipeline ended: {outcome_name} at wave {wave_num}/{len(self.waves)}",
+            f"pipeline ended: {outcome_name} {where}",
             pipeline_id=self.pipeline_id,
             reason=cause.reason,
+            wave_num=wave_num,
         )
         await self._emit(
             "pipeline_finished",
