@@ -137,3 +137,16 @@ class TestDocumentation:
                 docs += [(f"{name}.{k}", getattr(v, "__doc__", None)) for k, v in vars(obj).items()]
             found += [where for where, doc in docs if doc and "seed" in doc.lower()]
         assert found == []
+
+
+def test_every_public_name_is_in_the_reference_site() -> None:
+    """Test that each name of cancelflow.__all__ has a ``::: cancelflow.NAME`` entry in
+    docs/reference/, so the reference site documents the whole public API."""
+    reference = pathlib.Path(__file__).parent.parent / "docs" / "reference"
+    entries = {
+        line.removeprefix("::: cancelflow.").strip()
+        for page in reference.glob("*.md")
+        for line in page.read_text(encoding="utf-8").splitlines()
+        if line.startswith("::: cancelflow.")
+    }
+    assert set(cancelflow.__all__) - entries == set()

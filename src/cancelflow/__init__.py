@@ -8,7 +8,7 @@ modules is private.
 from __future__ import annotations
 
 from . import to_process as to_process, to_thread as to_thread
-from ._backends._dask import DaskRunner as DaskRunner
+from ._backends._dask import DaskRunner as DaskRunner, LostAttempt as LostAttempt
 from ._context import (
     check_cancelled as check_cancelled,
     critical_section as critical_section,
@@ -62,6 +62,7 @@ __all__ = (
     "CancellationToken",
     "CancelledException",
     "ClusterConnectionError",
+    "LostAttempt",
     "MemoryLimitError",
     "DaskRunner",
     "EventBus",

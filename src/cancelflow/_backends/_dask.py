@@ -741,7 +741,8 @@ class DaskRunner:
             token: cancelling it stops the task.
             timeout: seconds the task may run on its worker before it is stopped the
                 same way (raises :class:`PipelineTimeoutException`).
-            grace_period / term_grace_period: override the runner's ladder for this call.
+            grace_period: override the runner's grace period for this call.
+            term_grace_period: override the runner's SIGTERM grace for this call.
             partial_sink: called as ``sink(key, value)`` for each ``store_partial`` of
                 the node, on the client's event-loop thread; must be quick and
                 thread-safe.

@@ -230,7 +230,8 @@ class ProcessPool(concurrent.futures.Executor):
             fn: a picklable callable (module-level function or class instance).
             token: cancelling it stops the task.
             timeout: seconds the task may run before it is stopped.
-            grace_period / term_grace_period: override the pool's ladder for this task.
+            grace_period: override the pool's grace period for this task.
+            term_grace_period: override the pool's SIGTERM grace for this task.
             partial_sink: called as ``sink(key, value)`` for each ``store_partial`` the
                 task makes, on the pool's supervisor thread; must be quick and thread-safe.
 
