@@ -17,7 +17,12 @@ import pytest
 
 from cancelflow import CancellationToken, RemoteToken
 from support import WAIT
-from workloads import cancel_remote_token, poll_remote_token, remote_reader_threads
+from workloads import (
+    cancel_remote_token,
+    poll_remote_token,
+    remote_in_fork_child,
+    remote_reader_threads,
+)
 
 
 @pytest.fixture(params=["fork", "forkserver"])
@@ -146,6 +151,18 @@ class TestOwnerAndCleanup:
         assert os.path.isdir(directory)
         second.close()
         assert not os.path.exists(directory)
+
+    def test_a_fork_of_the_owner_serves_its_own_handles(self) -> None:
+        """Test that a forked child of a serving owner starts its own server for the
+        handles it makes (the parent's copy has no threads in the child)."""
+        handle = CancellationToken().remote()
+        try:
+            context = multiprocessing.get_context("fork")
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+                future = pool.submit(remote_in_fork_child, handle._address)
+                assert future.result(WAIT) is True
+        finally:
+            handle.close()
 
     def test_a_bad_sink_is_refused(self) -> None:
         """Test that a partial_sink that is not callable raises TypeError at once."""

@@ -170,3 +170,13 @@ def remote_reader_threads(handle: cancelflow.RemoteToken) -> int:
     """How many RemoteToken reader threads this process runs (the handle is in use)."""
     assert not handle.is_cancelled
     return sum(t.name == "cancelflow-remote-token" for t in threading.enumerate())
+
+
+def remote_in_fork_child(parent_address: str) -> bool:
+    """In a forked child of a process serving RemoteTokens: a new handle gets this
+    process's own server (not the parent's copy, whose threads did not survive the fork)."""
+    handle = cancelflow.CancellationToken().remote()
+    try:
+        return handle._address != parent_address
+    finally:
+        handle.close()

@@ -114,6 +114,7 @@ class _Server:
     """The owner's side: accepts handles, pushes cancels, receives partials and cancels."""
 
     def __init__(self) -> None:
+        self.pid = os.getpid()  # a fork's copy is not this server (its threads are gone)
         self.directory = tempfile.mkdtemp(prefix="cancelflow-")
         os.chmod(self.directory, 0o700)
         self.address = os.path.join(self.directory, "tokens")
@@ -242,6 +243,8 @@ class _Server:
         every handle reads is set here (reason first); the pusher wakes their waiters."""
         _set_flag(share.flag, share.token.cancel_reason)
         share.cancel_pending = True
+        if self.closed:
+            return
         with contextlib.suppress(OSError):  # full pipe: a wake-up is pending already
             os.write(self._wake_w, b"x")
 
@@ -281,7 +284,7 @@ _server_lock = threading.Lock()
 def _get_server() -> _Server:
     global _server
     with _server_lock:
-        if _server is None or _server.closed:
+        if _server is None or _server.closed or _server.pid != os.getpid():
             _server = _Server()
         return _server
 
@@ -289,7 +292,7 @@ def _get_server() -> _Server:
 @atexit.register
 def _close_server() -> None:
     server = _server
-    if server is not None:
+    if server is not None and server.pid == os.getpid():
         server.close()
 
 
