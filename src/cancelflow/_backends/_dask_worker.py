@@ -92,10 +92,10 @@ LONG_POLL = 10.0
 #: :class:`CancelflowSchedulerPlugin`), so none is sent to a worker that lacks cancelflow
 #: (or has another version): such a worker is refused the runner's tasks, not poisoned.
 RESOURCE = f"cancelflow-{__version__}"
-#: The share of the memory cap past which the quick estimate is checked exactly.
-_SCREEN = 0.8
 #: How much of it each worker offers: never the limit on how many tasks run there.
 RESOURCE_SUPPLY = 1_000_000_000
+#: The share of the memory cap past which the quick estimate is checked exactly.
+_SCREEN = 0.8
 
 
 def topic_of(key: str) -> str:
@@ -266,8 +266,9 @@ class CancelflowWorkerPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]
 
         Dask's monitors (the worker's and the nanny's) measure the worker process alone;
         a process node's memory is in its child. Every ``monitor-interval`` while a
-        process node runs, this adds the private memory of every process of the pool to
-        the worker's resident set; past ``memory_limit`` times the fraction
+        process node runs, this adds the memory of every process of the pool (pages
+        shared between the zygote and its forks counted once) to the worker's resident
+        set; past ``memory_limit`` times the fraction
         ``distributed.worker.memory.terminate`` (the limit itself when that is off), the
         running node whose tree holds the most is killed with its whole tree
         (:class:`~cancelflow.MemoryLimitError`, fate ``killed``). The worker, its other
