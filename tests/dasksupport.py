@@ -55,6 +55,10 @@ def warm_process_cluster(n_workers: int, threads_per_worker: int) -> Any:
         async with DaskRunner(cluster.scheduler_address) as runner:
             await runner.client.wait_for_workers(n_workers, timeout=WAIT)
             assert await runner.run_sync(int, "2") == 2
+            # Every worker's pool has its zygote and children up (they start in the
+            # pool's own thread): nothing of the warm-up starts after the tests' snapshots.
+            ready = await runner.client.run(pool_ready)
+            assert all(ready.values()), ready
 
     try:
         asyncio.run(asyncio.wait_for(warm(), WAIT * 2))
@@ -62,6 +66,12 @@ def warm_process_cluster(n_workers: int, threads_per_worker: int) -> Any:
         cluster.close()
         raise
     return cluster
+
+
+def pool_ready(dask_worker: Any) -> bool:
+    """Run on a worker: wait until its cancelflow pool has started every process."""
+    pool = dask_worker.plugins["cancelflow"].pool
+    return pool is not None and bool(pool.wait_ready(WAIT))
 
 
 async def assert_workers_clean(client: Any) -> None:
