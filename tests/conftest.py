@@ -49,10 +49,11 @@ def _children() -> dict[int, str]:
     return found
 
 
-# The process-wide token arena (one memfd shared by every CancellationToken) lives as long
-# as any token does, which a test's traceback can prolong; tests/test_token.py checks
-# that it is released once the tokens are collected. Everything else counts.
-_SHARED_ARENA = "/memfd:cancelflow-tokens"
+# The process-wide token arena (one memfd, or an unlinked file without memfd, shared by
+# every CancellationToken) lives as long as any token does, which a test's traceback can
+# prolong; tests/test_token.py checks that it is released once the tokens are collected.
+# Everything else counts.
+_SHARED_ARENA = "cancelflow-tokens"
 
 
 def _fds() -> set[int]:
@@ -63,7 +64,7 @@ def _fds() -> set[int]:
         return found
     for name in names:
         try:
-            if os.readlink(f"/proc/self/fd/{name}").startswith(_SHARED_ARENA):
+            if _SHARED_ARENA in os.readlink(f"/proc/self/fd/{name}"):
                 continue
         except OSError:
             continue

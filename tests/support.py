@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import psutil
 import pytest
 
+from cancelflow._platform import FLAVOUR, PROCESS_POOLS, TOKENS_CROSS_PROCESSES
+
 if TYPE_CHECKING:
     from loguru import Message, Record
 
@@ -38,6 +40,18 @@ T = TypeVar("T")
 WAIT = 30  # watchdog for anything awaited in a test (never a measure of speed)
 #: every multiprocessing start method (tests/conftest.py's ``mp_context`` fixture)
 START_METHODS = ("fork", "spawn", "forkserver")
+
+#: for tests of what the "posix" and "windows" implementations of the platform layer
+#: (CANCELFLOW_PLATFORM, see cancelflow._platform) do not run: they check the clear error
+#: instead (tests/test_portable.py)
+needs_process_pools = pytest.mark.skipif(
+    not PROCESS_POOLS, reason=f"no process pool on the {FLAVOUR!r} platform implementation"
+)
+needs_shared_tokens = pytest.mark.skipif(
+    not TOKENS_CROSS_PROCESSES,
+    reason="a token reaches other processes through token.remote() on the 'windows' "
+    "platform implementation",
+)
 #: this directory: programs that tests start put it on their path to import its modules
 TESTS = os.path.dirname(os.path.abspath(__file__))
 

@@ -13,7 +13,7 @@ anyio = pytest.importorskip("anyio")
 
 import cancelflow  # noqa: E402
 from cancelflow import CancellationToken, ProcessPool, ThreadPool, current_token  # noqa: E402
-from support import WAIT, assert_gone  # noqa: E402
+from support import WAIT, assert_gone, needs_process_pools  # noqa: E402
 from workloads import add, announce_and_spin  # noqa: E402
 
 
@@ -89,6 +89,7 @@ class TestUnderTrio:
         assert trio.run(main) is True
         assert seen == ["cancelled"]  # the task was over before the cancel propagated
 
+    @needs_process_pools
     def test_a_process_task_is_killed_when_the_trio_task_is_cancelled(self) -> None:
         """Test that a trio cancel stops a process task that ignores its token, with its
         worker gone before the cancel propagates."""

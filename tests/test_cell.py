@@ -22,7 +22,7 @@ import pytest
 from cancelflow import CancellationToken, _cell
 from cancelflow._platform import HAVE_FUTEX, futex_wait
 from cancelflow._token import token_on_slot
-from support import WAIT, Recorder, memfds, pipe, receive, running, share
+from support import WAIT, Recorder, memfds, needs_shared_tokens, pipe, receive, running, share
 
 SLOT = _cell.SLOT_SIZE
 FORK = multiprocessing.get_context("fork")
@@ -141,6 +141,7 @@ class TestSlots:
         assert chunk.shared
 
 
+@needs_shared_tokens
 class TestAcrossProcesses:
     def test_a_slot_lock_excludes_other_processes_from_that_slot_only(
         self, chunk: _cell.Chunk

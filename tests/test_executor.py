@@ -30,6 +30,7 @@ from support import (
     WAIT,
     LogCapture,
     let_ready_callbacks_run,
+    needs_process_pools,
     other_tasks,
     run,
     value_of,
@@ -151,6 +152,7 @@ class TestCompletedRuns:
 
         assert run(main())["t"] == (True, "a")
 
+    @needs_process_pools
     def test_process_node_completes(self) -> None:
         """Test that a process node gets its inputs and returns its output."""
         pytest.importorskip("cancelflow._process", reason="process pool not yet available")
@@ -563,6 +565,7 @@ class TestInterruptMode:
 
         assert run(main()).wave_num == 0
 
+    @needs_process_pools
     def test_interrupt_stops_a_process_node_and_keeps_its_partial(self) -> None:
         """Test that an interrupt stops a process node that ignores its token, and that what
         it stored before is in partial_results."""

@@ -10,11 +10,13 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from cancelflow._platform import (
+    FLAVOUR,
     HAVE_FUTEX,
     UnsafeSignalTarget,
     _wake,
@@ -27,6 +29,8 @@ from cancelflow._platform import (
 from support import WAIT, assert_not_running
 
 needs_futex = pytest.mark.skipif(not HAVE_FUTEX, reason="no futex on this platform")
+#: pidfd and the child subreaper exist only in the "linux" implementation
+linux_only = pytest.mark.skipif(FLAVOUR != "linux", reason="the 'linux' implementation only")
 
 
 def _word(value: int = 0) -> ctypes.c_uint32:
@@ -34,9 +38,9 @@ def _word(value: int = 0) -> ctypes.c_uint32:
 
 
 class TestFutex:
-    def test_linux_has_futex(self) -> None:
-        """Test that the futex path is used on this (Linux) machine."""
-        assert HAVE_FUTEX
+    def test_linux_flavour_has_futex(self) -> None:
+        """Test that the futex path is used exactly when the "linux" flavour runs."""
+        assert HAVE_FUTEX == (FLAVOUR == "linux")
 
     def test_wait_returns_at_once_when_word_differs(self) -> None:
         """Test that futex_wait() returns without blocking when the word is not ``expected``."""
@@ -122,20 +126,104 @@ class TestFutex:
         del word, ready
         shared.close()
 
-    def test_fallback_wait_returns(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        """Test that without a futex, futex_wait() still returns (a bounded sleep)."""
-        monkeypatch.setattr(_wake, "HAVE_FUTEX", False)
-        word = _word(0)
-        futex_wait(ctypes.addressof(word), 0, None)
-        futex_wait(ctypes.addressof(word), 0, 0.001)
 
-    def test_fallback_wake_is_noop(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        """Test that without a futex, futex_wake() does nothing and does not fail."""
+def _until_parked(address: int) -> None:
+    deadline = time.monotonic() + WAIT
+    while address not in _wake._parked:
+        assert time.monotonic() < deadline, "the thread never parked"
+        time.sleep(0)  # yield the GIL to the parking thread
+
+
+class TestParkingLot:
+    """futex_wait / futex_wake without a futex (the "posix" and "windows" flavours)."""
+
+    @pytest.fixture(autouse=True)
+    def _no_futex(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(_wake, "HAVE_FUTEX", False)
+
+    def test_wait_returns_at_once_when_word_differs(self) -> None:
+        """Test that a wait on a word that is not ``expected`` does not block."""
+        word = _word(1)
+        futex_wait(ctypes.addressof(word), 0, None)  # would hang if it blocked
+
+    def test_wait_returns_after_timeout(self) -> None:
+        """Test that a parked wait returns once its timeout passes, and leaves the lot empty."""
+        word = _word(0)
+        futex_wait(ctypes.addressof(word), 0, 0.01)
+        assert ctypes.addressof(word) not in _wake._parked
+
+    def test_wake_releases_parked_thread(self) -> None:
+        """Test that futex_wake() wakes a thread parked on the word, without a timeout."""
+        word = _word(0)
+        address = ctypes.addressof(word)
+        woke = threading.Event()
+
+        def waiter() -> None:
+            while word.value == 0:
+                futex_wait(address, 0, None)
+            woke.set()
+
+        thread = threading.Thread(target=waiter, daemon=True)
+        thread.start()
+        _until_parked(address)  # the wake below must be what releases it
+        word.value = 1
+        futex_wake(address)
+        assert woke.wait(WAIT)
+        thread.join(WAIT)
+
+    def test_wake_reaches_only_its_address(self) -> None:
+        """Test that a wake on one word leaves a thread parked on another word parked."""
+        mine, other = _word(0), _word(0)
+        parked = threading.Event()
+        done = threading.Event()
+
+        def waiter() -> None:
+            parked.set()
+            futex_wait(ctypes.addressof(mine), 0, WAIT)
+            done.set()
+
+        thread = threading.Thread(target=waiter, daemon=True)
+        thread.start()
+        assert parked.wait(WAIT)
+        _until_parked(ctypes.addressof(mine))
+        futex_wake(ctypes.addressof(other))
+        assert not done.wait(0.05)
+        mine.value = 1
+        futex_wake(ctypes.addressof(mine))
+        assert done.wait(WAIT)
+        thread.join(WAIT)
+
+    def test_wake_without_waiters_is_a_no_op(self) -> None:
+        """Test that futex_wake() on a word nobody waits on does nothing and does not fail."""
         word = _word(0)
         futex_wake(ctypes.addressof(word))
+        futex_wake(ctypes.addressof(word))
+
+    @pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs pthread_kill")
+    def test_wake_from_a_signal_handler_of_the_parked_thread(self) -> None:
+        """Test that a signal handler running on the parked thread itself can wake it."""
+        word = _word(0)
+        address = ctypes.addressof(word)
+
+        def handler(signum: int, frame: object) -> None:
+            word.value = 1
+            futex_wake(address)
+
+        previous = signal.signal(signal.SIGUSR1, handler)
+        try:
+            timer = threading.Timer(
+                0.05, signal.pthread_kill, (threading.main_thread().ident, signal.SIGUSR1)
+            )
+            timer.start()
+            while word.value == 0:
+                futex_wait(address, 0, WAIT)
+            timer.join(WAIT)
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+        assert word.value == 1
 
 
+@linux_only
 class TestPidfdOpen:
     def test_live_process_gives_descriptor(self) -> None:
         """Test that pidfd_open() of a live process returns a descriptor."""
@@ -153,6 +241,7 @@ class TestPidfdOpen:
         assert pidfd_open(pid) is None
 
 
+@linux_only
 class TestSetChildSubreaper:
     def test_succeeds_in_child(self) -> None:
         """Test that set_child_subreaper() works (tried in a child, to leave pytest alone)."""
@@ -230,6 +319,7 @@ class TestKillTree:
         assert_not_running(shell)
         assert_not_running(sleeper)
 
+    @linux_only
     def test_watch_gives_a_descriptor_readable_once_each_process_is_gone(
         self, chain: tuple[subprocess.Popen[str], int, int]
     ) -> None:

@@ -26,7 +26,17 @@ import pytest
 from loguru import logger
 
 from cancelflow import CallbackHandle, CancellationToken, CancelledException, _timer
-from support import WAIT, LogCapture, Recorder, memfds, pipe, receive, running, share
+from support import (
+    WAIT,
+    LogCapture,
+    Recorder,
+    memfds,
+    needs_shared_tokens,
+    pipe,
+    receive,
+    running,
+    share,
+)
 
 # -- helpers ------------------------------------------------------------------------------
 
@@ -769,6 +779,7 @@ class TestCancellationToken:
             writer.send(CancellationToken())
 
     # -- across processes ------------------------------------------------------------------------
+    @needs_shared_tokens
     def test_parent_cancel_wakes_child(
         self, mp_context: multiprocessing.context.BaseContext
     ) -> None:
@@ -785,6 +796,7 @@ class TestCancellationToken:
             proc.join(WAIT)
             assert proc.exitcode == 0
 
+    @needs_shared_tokens
     def test_child_cancel_reaches_parent_callbacks(
         self, mp_context: multiprocessing.context.BaseContext
     ) -> None:
@@ -804,6 +816,7 @@ class TestCancellationToken:
         assert recorder.reasons == ["child says stop"]
         assert token.cancel("late") is False
 
+    @needs_shared_tokens
     def test_child_cancel_wakes_parent_asyncio_waiter(
         self, mp_context: multiprocessing.context.BaseContext
     ) -> None:
@@ -823,6 +836,7 @@ class TestCancellationToken:
         asyncio.run(main())
         assert token.cancel_reason == "from child"
 
+    @needs_shared_tokens
     def test_several_tokens_go_to_one_process(
         self, mp_context: multiprocessing.context.BaseContext
     ) -> None:
@@ -841,6 +855,7 @@ class TestCancellationToken:
             assert proc.exitcode == 0
         assert states == [(False, None)] * 3 + [(True, "three"), (False, None)]
 
+    @needs_shared_tokens
     def test_reason_set_before_sharing_reaches_child(self, mp_singletons: None) -> None:
         """Test that a reason given while only this process saw the token reaches a child,
         even when another token had already shared the memory.
@@ -855,6 +870,7 @@ class TestCancellationToken:
         with pipe() as (reader, writer), running(ctx, _child_reports_states, [early], writer):
             assert receive(reader) == [(True, "before sharing")]
 
+    @needs_shared_tokens
     def test_token_made_after_another_was_shared_stays_private(self, mp_singletons: None) -> None:
         """Test that handing one token to a process leaves tokens made later private:
         their callbacks need no hub thread and run in cancel() itself.
@@ -874,6 +890,7 @@ class TestCancellationToken:
         later.cancel()
         assert recorder.calls == 1
 
+    @needs_shared_tokens
     def test_parent_cancel_wakes_asyncio_waiter_in_child(self, mp_singletons: None) -> None:
         """Test that an asyncio waiter in a forked child wakes on the parent's cancel.
 
@@ -911,6 +928,7 @@ class TestCancellationToken:
             proc.join(WAIT)
         pending.close()
 
+    @needs_shared_tokens
     def test_long_reason_is_cut_across_processes(self, mp_singletons: None) -> None:
         """Test that a reason crosses processes cut to 120 bytes of whole UTF-8 characters."""
         ctx = multiprocessing.get_context("spawn")
@@ -923,6 +941,7 @@ class TestCancellationToken:
             assert receive(reader) == (True, True, "é" * 60)
         assert token.cancel_reason == reason
 
+    @needs_shared_tokens
     def test_shared_token_releases_descriptor(self, mp_singletons: None) -> None:
         """Test that a token passed to a child still frees its descriptor when collected."""
         ctx = multiprocessing.get_context("spawn")

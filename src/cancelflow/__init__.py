@@ -31,6 +31,7 @@ from ._exceptions import (
     PipelineTimeoutException as PipelineTimeoutException,
     PoolClosedError as PoolClosedError,
     UnreadableResultError as UnreadableResultError,
+    UnsupportedPlatformError as UnsupportedPlatformError,
     WorkerCrashedError as WorkerCrashedError,
 )
 from ._executor import PipelineExecutor as PipelineExecutor, PipelineResult as PipelineResult
@@ -85,6 +86,7 @@ __all__ = (
     "ThreadPoolStatistics",
     "ThreadTaskFuture",
     "UnreadableResultError",
+    "UnsupportedPlatformError",
     "WorkerCrashedError",
     "check_cancelled",
     "critical_section",

@@ -1,7 +1,9 @@
 """Shared-memory chunks that hold every token's flag and reason.
 
-A :class:`Chunk` is one ``memfd`` mapped ``MAP_SHARED`` and cut into fixed 128-byte slots;
-slot 0 is the header (a 32-bit *generation* word that every cross-process cancel bumps).
+A :class:`Chunk` is one shared-memory descriptor (a ``memfd`` on Linux, see
+:func:`cancelflow._platform.shared_memory`) mapped shared and cut into fixed 128-byte
+slots; slot 0 is the header (a 32-bit *generation* word that every cross-process cancel
+bumps, and, without futex, the path of the chunk's doorbell).
 A token's flag lives in its slot from the token's birth, so a process forked later, or
 started with the token as an argument, sees the same byte: no copy, no message, no lock.
 
@@ -17,11 +19,14 @@ Invariants this layer gives :mod:`cancelflow._token`:
   last token object (each token holds the buffer it was built on).
 * :meth:`Chunk.lock_slot` serialises first-cancel-wins *between processes* with an
   ``fcntl`` record lock, which the kernel drops if the holder dies: no lock can be left
-  held by a dead process. Threads of one process are serialised before that, by the
+  held by a dead process. (The ``"windows"`` flavour never shares a chunk, and locks
+  nothing.) Threads of one process are serialised before that, by the
   token's own atomic step.
 * Each process has at most one *hub* thread per chunk, running only while shared tokens of
-  that chunk have listeners (callbacks or asyncio waiters). It sleeps on the generation
-  word with ``futex`` and applies cancels made by other processes to local listeners.
+  that chunk have listeners (callbacks, asyncio waiters, and without futex also blocked
+  waiters). It sleeps on the generation word with ``futex`` (or, without futex, in
+  ``recv`` on its socket in the chunk's doorbell directory) and applies cancels made by
+  other processes to local listeners.
   Listeners are keyed by token object, not by slot: several token objects of one process
   may sit on the same slot (a pool's per-task tokens).
 * Slot accounting (``allocate``/``adopt``/``release``) is serialised by one re-entrant
@@ -35,7 +40,6 @@ Invariants this layer gives :mod:`cancelflow._token`:
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import mmap
 import os
 import threading
@@ -45,7 +49,19 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ._log import safe_log
-from ._platform import futex_wait, futex_wake
+from ._platform import (
+    HAVE_FUTEX,
+    TOKENS_CROSS_PROCESSES,
+    DoorbellListener,
+    at_fork,
+    discard_doorbell,
+    futex_wait,
+    futex_wake,
+    lock_range,
+    make_doorbell,
+    ring_doorbell,
+    shared_memory,
+)
 
 if TYPE_CHECKING:
     from ._token import TokenRef
@@ -91,8 +107,15 @@ def decode_reason(raw: bytes) -> str:
         return raw.decode("utf-8", "replace")
 
 
+_DOORBELL_MAX = SLOT_SIZE - 8
+
+
 class _Header(ctypes.Structure):
-    _fields_ = (("generation", ctypes.c_uint32),)
+    _fields_ = (
+        ("generation", ctypes.c_uint32),
+        ("doorbell_len", ctypes.c_uint32),
+        ("doorbell", ctypes.c_char * _DOORBELL_MAX),
+    )
 
 
 class Chunk:
@@ -111,14 +134,24 @@ class Chunk:
         self.size = nslots * SLOT_SIZE
         self.owned = fd is None
         if fd is None:
-            fd = os.memfd_create(label, os.MFD_CLOEXEC)
-            os.ftruncate(fd, self.size)
+            fd = shared_memory(label, self.size)
         else:
             self.size = os.fstat(fd).st_size
         self.fd: int = fd
         self.mm = mmap.mmap(fd, self.size)
-        self.header: _Header | None = _Header.from_buffer(self.mm, 0)
-        self.gen_address = ctypes.addressof(self.header)
+        header = _Header.from_buffer(self.mm, 0)
+        self.header: _Header | None = header
+        self.gen_address = ctypes.addressof(header)
+        #: without futex: the directory whose sockets a ring wakes (see _platform._doorbell)
+        self.doorbell = ""
+        if not HAVE_FUTEX and TOKENS_CROSS_PROCESSES:
+            if self.owned:
+                path = make_doorbell().encode()
+                if len(path) > _DOORBELL_MAX:
+                    raise OSError(f"doorbell path too long for a chunk header: {path!r}")
+                header.doorbell = path
+                header.doorbell_len = len(path)
+            self.doorbell = bytes(header.doorbell[: header.doorbell_len]).decode()
         # Owned chunks hand slots out; attached ones (from another process) never do.
         self._free: list[int] = (
             list(range(self.size - SLOT_SIZE, 0, -SLOT_SIZE)) if self.owned else []
@@ -176,6 +209,8 @@ class Chunk:
                     os.close(fd)
                 except OSError:
                     pass
+                if self.doorbell and self.owned:
+                    discard_doorbell(self.doorbell)
 
     @contextmanager
     def lock_slot(self, offset: int) -> Iterator[None]:
@@ -184,11 +219,8 @@ class Chunk:
         if fd < 0:
             yield
             return
-        fcntl.lockf(fd, fcntl.LOCK_EX, SLOT_SIZE, offset)
-        try:
+        with lock_range(fd, offset, SLOT_SIZE):
             yield
-        finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN, SLOT_SIZE, offset)
 
     # -- cross-process notification ----------------------------------------------------
     def ring(self) -> None:
@@ -197,7 +229,10 @@ class Chunk:
         if header is None:
             return
         header.generation = (header.generation + 1) & 0xFFFFFFFF
-        futex_wake(self.gen_address)
+        if HAVE_FUTEX:
+            futex_wake(self.gen_address)
+        elif self.doorbell:
+            ring_doorbell(self.doorbell)
 
     def watch(self, ref: TokenRef) -> None:
         """Deliver cancels that other processes make on ``ref``'s token to its local
@@ -237,6 +272,21 @@ class Chunk:
         threading.Thread(target=self._hub, name="cancelflow-token-hub", daemon=True).start()
 
     def _hub(self) -> None:
+        if HAVE_FUTEX:
+            self._hub_loop(None)
+            return
+        try:
+            listener = DoorbellListener(self.doorbell)
+        except OSError as exc:
+            safe_log("ERROR", "token hub cannot listen for cancels", exception=exc)
+            self._hub_ticket.append(1)
+            return
+        try:
+            self._hub_loop(listener)
+        finally:
+            listener.close()
+
+    def _hub_loop(self, listener: DoorbellListener | None) -> None:
         while True:
             header = self.header
             if header is None:
@@ -256,7 +306,10 @@ class Chunk:
                     self._hub_ticket.pop()
                 except IndexError:
                     return
-            futex_wait(self.gen_address, generation, None)
+            if listener is None:
+                futex_wait(self.gen_address, generation, None)
+            elif header.generation == generation:
+                listener.wait()
 
     def _deliver(self) -> bool:
         """Apply cancels made elsewhere to this process's listeners; return whether any
@@ -346,7 +399,7 @@ def _after_fork_in_child() -> None:
         chunk._hub_ticket = [1]  # hub threads do not survive a fork
 
 
-os.register_at_fork(
+at_fork(
     before=_before_fork,
     after_in_parent=_after_fork_in_parent,
     after_in_child=_after_fork_in_child,

@@ -12,6 +12,7 @@
     │                                    (also BrokenProcessPool)
     ├── ClusterConnectionError           the connection to a Dask cluster was lost or closed
     │                                    (also ConnectionError)
+    ├── UnsupportedPlatformError         this platform lacks what was asked for (also NotImplementedError)
     └── PoolClosedError                  work offered to a pool that was shut down (also RuntimeError)
         └── BrokenPoolError              the pool cannot run tasks any more (also BrokenProcessPool
                                          and BrokenThreadPool)
@@ -46,6 +47,7 @@ __all__ = (
     "PipelineTimeoutException",
     "PoolClosedError",
     "UnreadableResultError",
+    "UnsupportedPlatformError",
     "Terminated",
     "WorkerCrashedError",
 )
@@ -332,6 +334,32 @@ class MemoryLimitError(CancelflowError, MemoryError):
                 type(self),
                 (self.args[0], self.partial_results),
                 {"reason": self.reason, "used": self.used, "limit": self.limit},
+            ),
+        )
+
+
+class UnsupportedPlatformError(CancelflowError, NotImplementedError):
+    """What was asked for needs something this platform does not have.
+
+    Raised before any work starts (a :class:`~cancelflow.ProcessPool` is refused when it
+    is made, a pipeline with process nodes before its first node runs), with a message
+    that names the platform and what to use instead. ``platform`` is ``sys.platform``;
+    ``implementation`` is the flavour of cancelflow's platform layer in use
+    (``"linux"``, ``"posix"`` or ``"windows"``, see the README's platform table).
+    """
+
+    def __init__(self, message: str, *, platform: str = "", implementation: str = "") -> None:
+        super().__init__(message)
+        self.platform = platform
+        self.implementation = implementation
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild,
+            (
+                type(self),
+                self.args,
+                {"platform": self.platform, "implementation": self.implementation},
             ),
         )
 

@@ -18,6 +18,7 @@ from ._exceptions import (
 )
 from ._fate import Fate
 from ._node import Node, check_context_travels
+from ._platform import require_process_pools
 from ._registry import CancellationRegistry, CleanupHandler, RunHandle
 from ._run import Mode, Run, RunOutcome
 from ._supersede import DEFAULT_SUPERSEDE_REASON, Superseder
@@ -546,6 +547,10 @@ class PipelineExecutor:
         by_id = validate_pipeline(nodes)
         waves = compute_waves(by_id)
         check_context_travels(context, by_id.values())
+        if self._process_pool is None:
+            for node in by_id.values():
+                if node.run_in == "process":
+                    require_process_pools(f"process node {node.id!r}")
         if isinstance(cleanup_handlers, (str, bytes)) or not isinstance(cleanup_handlers, Iterable):
             raise TypeError(
                 "cleanup_handlers must be an iterable of callables, "

@@ -39,11 +39,12 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Callable
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import Connection
 from typing import Any
 
 from ._exceptions import CancelledException
 from ._log import safe_log
+from ._platform import connect_local, knock_local, listen_local, local_pair
 
 __all__ = ("RemoteToken",)
 
@@ -89,7 +90,7 @@ def _map(path: str, create: bool) -> mmap.mmap:
     try:
         if create:
             os.ftruncate(fd, ctypes.sizeof(_Flag))
-        return mmap.mmap(fd, ctypes.sizeof(_Flag), mmap.MAP_SHARED)
+        return mmap.mmap(fd, ctypes.sizeof(_Flag), access=mmap.ACCESS_WRITE)
     finally:
         os.close(fd)
 
@@ -119,14 +120,14 @@ class _Server:
         os.chmod(self.directory, 0o700)
         self.address = os.path.join(self.directory, "tokens")
         self.authkey = secrets.token_bytes(32)
-        self.listener = Listener(self.address, family="AF_UNIX", authkey=self.authkey)
+        self.listener = listen_local(self.address, self.authkey)
         self.shares: dict[str, _Share] = {}
         self.lock = threading.Lock()
         self.closed = False
         # A cancel may come from a signal handler: its callback only sets a flag and
         # writes a byte here (no lock); the pusher thread does the sending.
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
+        self._wake_r, self._wake_w = local_pair()
+        self._wake_w.setblocking(False)
         self.threads = [
             threading.Thread(target=self._accept, name="cancelflow-remote-tokens", daemon=True),
             threading.Thread(target=self._pusher, name="cancelflow-remote-push", daemon=True),
@@ -171,10 +172,9 @@ class _Server:
         self.closed = True
         # Closing a listening socket does not wake a thread blocked in accept(): a
         # connection that fails the handshake does, and the accept thread sees closed.
-        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as knock:
-            knock.connect(self.address)
+        knock_local(self.address)
         with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")  # the pusher sees closed and ends
+            self._wake_w.send(b"x")  # the pusher sees closed and ends
         if threading.current_thread() not in self.threads:
             for thread in list(self.threads):  # each ends at once now (bounded anyway)
                 thread.join(_JOIN_SECONDS)
@@ -245,13 +245,13 @@ class _Server:
         share.cancel_pending = True
         if self.closed:
             return
-        with contextlib.suppress(OSError):  # full pipe: a wake-up is pending already
-            os.write(self._wake_w, b"x")
+        with contextlib.suppress(OSError):  # full buffer: a wake-up is pending already
+            self._wake_w.send(b"x")
 
     def _pusher(self) -> None:
         try:
             while True:
-                os.read(self._wake_r, 512)
+                self._wake_r.recv(512)
                 if self.closed:
                     return
                 with self.lock:
@@ -264,9 +264,8 @@ class _Server:
                             with contextlib.suppress(OSError, ValueError):
                                 connection.send(("cancelled", reason))
         finally:
-            for fd in (self._wake_r, self._wake_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            for sock in (self._wake_r, self._wake_w):
+                sock.close()
 
 
 def _hang_up(connection: Connection) -> None:
@@ -370,7 +369,7 @@ class RemoteToken(ctypes.Structure):
     # -- the receiving process ---------------------------------------------------------------
     def _connect(self) -> None:
         try:
-            connection = Client(self._address, family="AF_UNIX", authkey=self._authkey)
+            connection = connect_local(self._address, self._authkey)
             connection.send(("attach", self._share_id))
         except Exception:  # noqa: BLE001 - the owner is gone (or never reachable)
             self._set_gone("the token's owner is gone")

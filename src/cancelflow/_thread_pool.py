@@ -37,6 +37,7 @@ from ._exceptions import (
 )
 from ._fate import Fate
 from ._log import safe_log
+from ._platform import at_fork
 from ._pool_calls import check_call, ladder_seconds
 from ._token import CancellationToken
 from ._validate import check_seconds as _check_timeout
@@ -1217,7 +1218,7 @@ def _after_fork_in_child() -> None:
         pool._after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+at_fork(after_in_child=_after_fork_in_child)
 
 
 def _failed_future(token: CancellationToken) -> ThreadTaskFuture[Any]:

@@ -24,13 +24,12 @@ import collections
 import ctypes
 import heapq
 import itertools
-import os
 import threading
 import time
 from collections.abc import Callable
 
 from ._log import safe_log
-from ._platform import futex_wait, futex_wake
+from ._platform import at_fork, futex_wait, futex_wake
 
 __all__ = ("TimerHandle", "call_at", "pending")
 
@@ -148,4 +147,4 @@ def _after_fork_in_child() -> None:
     _entries.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+at_fork(after_in_child=_after_fork_in_child)

@@ -18,7 +18,7 @@ from . import _cell, _timer
 from ._async import wait_for_callback
 from ._exceptions import CancelledException
 from ._log import safe_log
-from ._platform import futex_wait, futex_wake
+from ._platform import HAVE_FUTEX, TOKENS_CROSS_PROCESSES, futex_wait, futex_wake
 from ._validate import check_seconds as _check_timeout
 
 if TYPE_CHECKING:
@@ -466,6 +466,9 @@ class CancellationToken(_Cell):
         address = ctypes.addressof(self)
         blocked = self._blocked
         blocked.append(None)  # registered before the flag is read: see _apply
+        # Without futex a cancel made in another process reaches this one through the
+        # chunk's hub, which delivers to listeners only: be one while blocked.
+        listening = None if HAVE_FUTEX else self.on_cancel(_nothing)
         try:
             while not self.is_cancelled:
                 remaining = None
@@ -476,6 +479,8 @@ class CancellationToken(_Cell):
                 futex_wait(address, 0, remaining)
         finally:
             blocked.pop()
+            if listening is not None:
+                listening.remove()
         if self.is_cancelled and self._applied and self._is_shared():
             self._take_remote_cancel()
         return self.is_cancelled
@@ -571,6 +576,11 @@ class CancellationToken(_Cell):
 
     # -- pickling -------------------------------------------------------------------------
     def __reduce__(self) -> tuple[Any, ...]:
+        if not TOKENS_CROSS_PROCESSES:
+            raise TypeError(
+                "a CancellationToken cannot be sent to another process on this platform "
+                "(no fork, no descriptor passing): send token.remote() instead"
+            )
         if multiprocessing.context.get_spawning_popen() is None:
             raise TypeError(
                 "a CancellationToken can be sent to a process only when that process starts "
@@ -690,6 +700,10 @@ class _SharedChunk:
 
 def _attach_chunk(dupfd: Any) -> _cell.Chunk:
     return _cell.attach_chunk(dupfd.detach())
+
+
+def _nothing() -> None:
+    pass
 
 
 _T = TypeVar("_T", bound=CancellationToken)

@@ -1,15 +1,29 @@
 """Operating-system primitives that cancelflow needs, behind one small surface.
 
 Everything that depends on the kernel lives here, so the rest of the package never
-checks ``sys.platform`` itself. One module per concern: ``_wake`` (futex), ``_exit_watch``
-(pidfd), ``_signals`` (guarded signalling, parent-death signal), ``_tree`` (descendants,
-subreaper, the one kill sequence), ``_libc``.
+checks ``sys.platform`` itself. There are three implementations (*flavours*), chosen
+once at import (:data:`FLAVOUR`, forceable with ``CANCELFLOW_PLATFORM``; see
+``_flavour``): ``"linux"``, ``"posix"`` (what macOS and the BSDs have) and
+``"windows"`` (no fork, no fcntl, no POSIX signals). One module per concern:
+``_flavour`` (the choice), ``_shared_memory`` (token slots and their lock), ``_wake``
+(futex, or a per-process parking lot), ``_doorbell`` (wake-ups across processes without
+futex), ``_fork`` (fork hooks), ``_local_socket`` (an endpoint for local processes), ``_exit_watch`` (pidfd), ``_signals`` (guarded
+signalling, parent-death signal), ``_tree`` (descendants, subreaper, the one kill
+sequence, memory of a tree), ``_libc``.
 
-* :func:`futex_wait` / :func:`futex_wake`: block on a 32-bit word in (possibly shared)
-  memory until another thread or process changes it. On Linux this is the ``futex``
-  system call, used through :mod:`ctypes` with the GIL released, so a wait wakes as
-  soon as the word changes, in whatever process the change is made. Elsewhere a
-  documented fallback sleeps in short, growing steps (up to 5 ms) and re-reads the word.
+* :func:`shared_memory` / :func:`lock_range`: a descriptor to map shared (memfd, or an
+  unlinked temporary file) and a record lock on part of it that dies with its holder.
+* :func:`futex_wait` / :func:`futex_wake`: block on a 32-bit word until another thread
+  (with :data:`HAVE_FUTEX`, also another process) changes it; event-driven on every
+  flavour. Without futex, :func:`wake_all_parked` is how a cross-process wake-up that
+  arrived through a doorbell reaches this process's waiters.
+* :func:`make_doorbell` / :func:`ring_doorbell` / :class:`DoorbellListener` /
+  :func:`discard_doorbell`: a wake-up that crosses processes, for the flavours without
+  futex.
+* :func:`listen_local` / :func:`connect_local` / :func:`knock_local`: an authenticated
+  endpoint for other processes of this machine, named by a path (``AF_UNIX``, or
+  loopback TCP with a rendezvous file on ``"windows"``).
+* :func:`at_fork`: ``os.register_at_fork`` where there is fork (:data:`CAN_FORK`).
 * :func:`set_child_subreaper`: make this process adopt orphaned descendants, so that a
   killed task's grandchildren can be reaped here instead of becoming zombies of a PID 1
   that never reaps (containers). A no-op returning ``False`` where unsupported.
@@ -23,12 +37,26 @@ subreaper, the one kill sequence), ``_libc``.
 * :func:`send_signal`: the one place cancelflow signals a process. It refuses targets that
   can only be a bug (pid 0 or below, which mean process groups; pid 1; this process; its
   process group's leader), so a stale or unset pid can never stop the owner.
+* :data:`PROCESS_POOLS`: whether this flavour runs cancelflow's process pool (only
+  ``"linux"`` so far); :func:`require_process_pools` raises the one error for it
+  elsewhere.
 """
 
 from __future__ import annotations
 
+from ._doorbell import (
+    DoorbellListener,
+    discard as discard_doorbell,
+    make_directory as make_doorbell,
+    ring as ring_doorbell,
+)
 from ._exit_watch import pidfd_open
+from ._flavour import FLAVOUR, FLAVOURS, TOKENS_CROSS_PROCESSES
+from ._fork import CAN_FORK, at_fork
+from ._local_socket import connect_local, knock_local, listen_local, local_pair
+from ._shared_memory import lock_range, shared_memory
 from ._signals import UnsafeSignalTarget, send_signal, set_parent_death_signal, signal_name
+from ._support import PROCESS_POOLS, require_process_pools
 from ._tree import (
     children,
     descendants,
@@ -37,21 +65,39 @@ from ._tree import (
     proportional_memory,
     set_child_subreaper,
 )
-from ._wake import HAVE_FUTEX, futex_wait, futex_wake
+from ._wake import HAVE_FUTEX, futex_wait, futex_wake, wake_all_parked
 
 __all__ = (
+    "CAN_FORK",
+    "FLAVOUR",
+    "FLAVOURS",
     "HAVE_FUTEX",
+    "PROCESS_POOLS",
+    "TOKENS_CROSS_PROCESSES",
+    "DoorbellListener",
     "UnsafeSignalTarget",
+    "at_fork",
     "children",
+    "connect_local",
     "descendants",
+    "discard_doorbell",
     "futex_wait",
     "futex_wake",
     "kill_tree",
+    "knock_local",
+    "listen_local",
+    "local_pair",
+    "lock_range",
+    "make_doorbell",
     "pidfd_open",
     "private_memory",
+    "require_process_pools",
     "proportional_memory",
+    "ring_doorbell",
     "send_signal",
     "set_child_subreaper",
     "set_parent_death_signal",
+    "shared_memory",
     "signal_name",
+    "wake_all_parked",
 )

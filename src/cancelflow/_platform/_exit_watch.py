@@ -5,17 +5,19 @@ from __future__ import annotations
 import errno
 import os
 
+from ._flavour import FLAVOUR
+
 __all__ = ("pidfd_open",)
 
 
 def pidfd_open(pid: int) -> int | None:
     """Return a descriptor that is readable once ``pid`` has exited, or ``None``.
 
-    ``None`` means the platform has no pidfd or the process is already gone
+    ``None`` means the platform has no pidfd (only the ``"linux"`` flavour uses one) or the process is already gone
     (``ESRCH``); the caller then falls back to ``waitpid``.
     """
     opener = getattr(os, "pidfd_open", None)
-    if opener is None:
+    if opener is None or FLAVOUR != "linux":
         return None
     try:
         fd: int = opener(pid)

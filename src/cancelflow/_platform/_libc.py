@@ -1,4 +1,4 @@
-"""The C library, loaded once (``None`` where cancelflow does not call it directly)."""
+"""The C library, loaded once on Linux (``None`` elsewhere: cancelflow calls it there only)."""
 
 from __future__ import annotations
 

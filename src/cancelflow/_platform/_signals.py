@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
+from ._flavour import FLAVOUR
 from ._libc import libc as _libc
 
 __all__ = ("UnsafeSignalTarget", "send_signal", "set_parent_death_signal")
@@ -13,8 +14,9 @@ _PR_SET_PDEATHSIG = 1
 
 
 def set_parent_death_signal(signum: int) -> bool:
-    """Ask the kernel to send ``signum`` to this process when its parent dies."""
-    if _libc is None:
+    """Ask the kernel to send ``signum`` to this process when its parent dies; return
+    whether it will (only the ``"linux"`` flavour has this)."""
+    if FLAVOUR != "linux" or _libc is None:
         return False
     return bool(_libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0)
 

@@ -7,6 +7,7 @@ import os
 import signal
 
 from ._exit_watch import pidfd_open
+from ._flavour import FLAVOUR
 from ._libc import libc as _libc
 from ._signals import send_signal
 
@@ -25,8 +26,9 @@ _FREEZE_ROUNDS = 64
 
 
 def set_child_subreaper(enabled: bool = True) -> bool:
-    """Make this process the reaper of its orphaned descendants; return whether it worked."""
-    if _libc is None:
+    """Make this process the reaper of its orphaned descendants; return whether it worked
+    (only the ``"linux"`` flavour has this)."""
+    if FLAVOUR != "linux" or _libc is None:
         return False
     return bool(_libc.prctl(_PR_SET_CHILD_SUBREAPER, int(enabled), 0, 0, 0) == 0)
 
@@ -56,6 +58,8 @@ def children(pid: int) -> list[int]:
 
 
 def _children_of(pid: int) -> list[int]:
+    if FLAVOUR != "linux":
+        return _children_psutil(pid)
     task_dir = f"/proc/{pid}/task"
     try:
         tids = os.listdir(task_dir)
@@ -91,6 +95,8 @@ def private_memory(pids: list[int]) -> int:
     them, so it overstates a zygote and its forks: use :func:`proportional_memory` to
     decide. A process that exits meanwhile counts 0.
     """
+    if FLAVOUR != "linux":
+        return sum(_resident_psutil(pid) for pid in pids)
     total = 0
     for pid in pids:
         try:
@@ -115,6 +121,8 @@ def proportional_memory(pids: list[int]) -> int:
     where ``smaps_rollup`` is missing, :func:`private_memory`. A process that exits
     meanwhile counts 0.
     """
+    if FLAVOUR != "linux":
+        return private_memory(pids)
     total = 0
     for pid in pids:
         try:

@@ -16,6 +16,7 @@ from typing import Any
 from .._async import wait_for_callback
 from .._exceptions import CancelledException
 from .._fate import Fate
+from .._platform import require_process_pools
 from .._pool_calls import check_call, future_done, ladder_seconds
 from .._token import CancellationToken
 from .._validate import check_seconds as _seconds
@@ -134,6 +135,7 @@ class ProcessPool(concurrent.futures.Executor):
         term_grace_period: float = 1.0,
         name: str | None = None,
     ) -> None:
+        require_process_pools("ProcessPool")
         if max_workers is None:
             max_workers = os.cpu_count() or 1
         if isinstance(max_workers, bool) or not isinstance(max_workers, int):

@@ -45,7 +45,7 @@ from .._exceptions import (
 )
 from .._fate import Fate
 from .._log import safe_log
-from .._platform import kill_tree, pidfd_open, send_signal, signal_name
+from .._platform import at_fork, kill_tree, pidfd_open, send_signal, signal_name
 from .._token import CancellationToken, token_on_slot
 from . import _zygote
 from ._channel import FrameReader, encode
@@ -1044,4 +1044,4 @@ def _after_fork_in_child() -> None:
     _supervisors.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+at_fork(after_in_child=_after_fork_in_child)

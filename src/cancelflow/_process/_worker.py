@@ -31,7 +31,6 @@ import _signal  # type: ignore[import-not-found]
 import contextlib
 import os
 import pickle
-import resource
 import signal
 import socket
 import threading
@@ -136,6 +135,11 @@ def _reap_children() -> None:
             return
 
 
+try:
+    import resource
+except ImportError:  # the "windows" flavour: importable, never runs a worker
+    resource = None  # type: ignore[assignment]
+
 #: Every resource limit this platform has (RLIMIT_AS, RLIMIT_NOFILE, ...).
 _RLIMITS = tuple(
     getattr(resource, name) for name in sorted(dir(resource)) if name.startswith("RLIMIT_")
@@ -144,7 +148,9 @@ _RLIMITS = tuple(
 _getsignal: Callable[[int], Any] = getattr(_signal, "getsignal", signal.getsignal)
 #: Signals whose disposition a task can change (all but SIGKILL and SIGSTOP).
 _SIGNALS = tuple(
-    sig for sig in sorted(signal.valid_signals()) if sig not in (signal.SIGKILL, signal.SIGSTOP)
+    sig
+    for sig in sorted(signal.valid_signals())
+    if sig not in (getattr(signal, "SIGKILL", None), getattr(signal, "SIGSTOP", None))
 )
 
 

@@ -1,0 +1,235 @@
+"""The platform layer's costs, per implementation and per Python: what the README's
+platform table quotes.
+
+For each implementation (``CANCELFLOW_PLATFORM`` = linux, posix, windows; each run in a
+fresh interpreter) and each interpreter given:
+
+1. the cost of one check, ``token.is_cancelled``, against ``threading.Event.is_set()``;
+2. a wake-up within a process: ``token.cancel()`` in one thread until ``wait_blocking()``
+   returns in another, against ``Event.set()`` until ``Event.wait()`` returns;
+3. a wake-up across processes: ``cancel()`` in the parent until ``wait_blocking()`` returns
+   in a spawned child holding the token, against a byte written to a pipe until the child's
+   blocked ``os.read`` returns; and ``cancel()`` in the child until the parent's
+   ``on_cancel`` callback runs (the hub). Not on "windows", where tokens do not cross
+   processes.
+
+Samples of each pair are interleaved (token, baseline, token, ...), so a noisy moment
+lands on both; medians and p99 are reported, and the ratio of the medians.
+``time.monotonic_ns`` is system-wide on Linux, so a child's stamp compares with the
+parent's.
+
+Run: ``python -m benchmarks.bench_platforms [samples] [--python PATH ...]``
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import timeit
+from typing import Any
+
+FLAVOURS = ("linux", "posix", "windows")
+
+
+def _summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "median": statistics.median(ordered),
+        "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+    }
+
+
+def _checks() -> dict[str, float]:
+    from cancelflow import CancellationToken
+
+    token, event = CancellationToken(), threading.Event()
+    costs: dict[str, list[float]] = {"is_cancelled": [], "event_is_set": []}
+    for _ in range(5):  # interleaved rounds, best of each
+        for name, stmt, names in (
+            ("is_cancelled", "token.is_cancelled", {"token": token}),
+            ("event_is_set", "event.is_set()", {"event": event}),
+        ):
+            costs[name].append(min(timeit.repeat(stmt, globals=names, number=200_000, repeat=3)))
+    return {name: min(values) / 200_000 * 1e9 for name, values in costs.items()}
+
+
+def _wake_in_process(samples: int) -> dict[str, list[float]]:
+    from cancelflow import CancellationToken
+
+    out: dict[str, list[float]] = {"token": [], "event": []}
+    for _ in range(samples):
+        for kind in ("token", "event"):
+            woke: list[int] = []
+            if kind == "token":
+                token = CancellationToken()
+                ready = threading.Event()
+
+                def waiter() -> None:
+                    ready.set()
+                    token.wait_blocking(30)
+                    woke.append(time.monotonic_ns())
+
+                fire: Any = token.cancel
+            else:
+                event, ready = threading.Event(), threading.Event()
+
+                def waiter() -> None:
+                    ready.set()
+                    event.wait(30)
+                    woke.append(time.monotonic_ns())
+
+                fire = event.set
+            thread = threading.Thread(target=waiter)
+            thread.start()
+            ready.wait()
+            time.sleep(0.002)  # let it block
+            start = time.monotonic_ns()
+            fire()
+            thread.join()
+            out[kind].append((woke[0] - start) / 1000)
+    return out
+
+
+def _child(tokens: list[Any], back: list[Any], pipe_r: int, report: Any) -> None:
+    for token, reply in zip(tokens, back, strict=True):
+        report.send("ready")
+        token.wait_blocking(30)
+        woke = time.monotonic_ns()
+        report.send(("token", woke))
+        report.send("ready")
+        os.read(pipe_r, 1)
+        report.send(("pipe", time.monotonic_ns()))
+        report.recv()  # the parent says: cancel yours now
+        report.send(("start", time.monotonic_ns()))
+        reply.cancel()
+
+
+def _wake_across(samples: int) -> dict[str, list[float]]:
+    from cancelflow import CancellationToken
+
+    tokens = [CancellationToken() for _ in range(samples)]
+    back = [CancellationToken() for _ in range(samples)]
+    pipe_r, pipe_w = os.pipe()
+    os.set_inheritable(pipe_r, True)
+    parent_end, child_end = multiprocessing.Pipe()
+    context = multiprocessing.get_context("spawn")
+    process = context.Process(target=_child, args=(tokens, back, pipe_r, child_end))
+    process.start()
+    out: dict[str, list[float]] = {"token": [], "pipe": [], "callback": []}
+    try:
+        for token, reply in zip(tokens, back, strict=True):
+            heard: list[int] = []
+            called = threading.Event()
+
+            def callback(heard: list[int] = heard, called: threading.Event = called) -> None:
+                heard.append(time.monotonic_ns())
+                called.set()
+
+            reply.on_cancel(callback)
+            assert parent_end.recv() == "ready"
+            time.sleep(0.002)
+            start = time.monotonic_ns()
+            token.cancel()
+            kind, woke = parent_end.recv()
+            out["token"].append((woke - start) / 1000)
+            assert parent_end.recv() == "ready"
+            time.sleep(0.002)
+            start = time.monotonic_ns()
+            os.write(pipe_w, b"x")
+            kind, woke = parent_end.recv()
+            out["pipe"].append((woke - start) / 1000)
+            parent_end.send("go")
+            _, start = parent_end.recv()
+            assert called.wait(30)
+            out["callback"].append((heard[0] - start) / 1000)
+    finally:
+        process.join(60)
+        os.close(pipe_r)
+        os.close(pipe_w)
+    return out
+
+
+def measure(samples: int) -> dict[str, Any]:
+    """In one interpreter, with the implementation it was started with."""
+    from cancelflow import _platform
+
+    result: dict[str, Any] = {
+        "flavour": _platform.FLAVOUR,
+        "python": sys.version.split()[0],
+        "check_ns": _checks(),
+    }
+    inside = _wake_in_process(samples)
+    result["in_process_us"] = {kind: _summary(values) for kind, values in inside.items()}
+    if _platform.TOKENS_CROSS_PROCESSES:
+        across = _wake_across(samples)
+        result["across_us"] = {kind: _summary(values) for kind, values in across.items()}
+    return result
+
+
+def run(samples: int, pythons: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for python in pythons:
+        for flavour in FLAVOURS:
+            env = {**os.environ, "CANCELFLOW_PLATFORM": flavour}
+            done = subprocess.run(
+                [python, "-m", "benchmarks.bench_platforms", "--one", str(samples)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if done.returncode != 0:
+                print(f"{python} {flavour}: failed\n{done.stderr[-2000:]}")
+                continue
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def show(rows: list[dict[str, Any]]) -> None:
+    print(
+        f"{'python':8} {'impl':8} {'is_cancelled':>12} {'Event.is_set':>12} {'ratio':>6}  "
+        f"{'wake in process p50 (us) token/Event':>38}  "
+        f"{'across p50 (us) token/pipe, callback':>38}"
+    )
+    for row in rows:
+        checks = row["check_ns"]
+        inside = row["in_process_us"]
+        line = (
+            f"{row['python']:8} {row['flavour']:8} {checks['is_cancelled']:10.1f}ns "
+            f"{checks['event_is_set']:10.1f}ns {checks['is_cancelled'] / checks['event_is_set']:5.2f}x  "
+            f"{inside['token']['median']:10.1f} / {inside['event']['median']:6.1f} "
+            f"(p99 {inside['token']['p99']:6.0f} / {inside['event']['p99']:5.0f}) "
+            f"{inside['token']['median'] / inside['event']['median']:4.2f}x"
+        )
+        across = row.get("across_us")
+        if across:
+            line += (
+                f"  {across['token']['median']:7.1f} / {across['pipe']['median']:6.1f} "
+                f"(p99 {across['token']['p99']:6.0f} / {across['pipe']['p99']:5.0f}) "
+                f"{across['token']['median'] / across['pipe']['median']:4.2f}x, "
+                f"callback {across['callback']['median']:6.1f} (p99 {across['callback']['p99']:5.0f})"
+            )
+        else:
+            line += "  (tokens do not cross processes)"
+        print(line)
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--one"]:
+        print(json.dumps(measure(int(argv[1]))))
+        return
+    samples = int(argv[0]) if argv and not argv[0].startswith("--") else 200
+    pythons = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--python"] or [sys.executable]
+    rows = run(samples, pythons)
+    show(rows)
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

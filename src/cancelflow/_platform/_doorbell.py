@@ -1,0 +1,150 @@
+"""Wake-ups across processes without ``futex``: one datagram socket per listening process.
+
+A shared chunk of token slots has a *doorbell*: a private directory (mode 0700, made by
+the chunk's owner, its path written in the chunk) where every process that listens for
+cancels made elsewhere binds one ``AF_UNIX`` datagram socket (:class:`DoorbellListener`).
+:func:`ring` sends one byte to each socket in the directory; a listener blocks in
+``recv`` until one comes. Event-driven on every POSIX system, macOS included.
+
+Guarantees: a ring that happens after a listener is bound wakes it (the datagram waits
+in its queue if it is not blocked yet; a full queue means wake-ups are already pending).
+:func:`ring` never blocks, takes no lock and allocates nothing shared, so it is safe in a
+signal handler. A listener's socket is removed when it closes (or its process exits), and
+the directory with the last one, or by its maker's :func:`discard` or exit; a process
+killed while listening leaves a socket file that the next :func:`ring` finds refused, and
+removes. Only a SIGKILL of every process of a chunk leaves its directory behind.
+
+Not promised: a wake-up is only a hint (anyone who can write to the directory can send
+one), so the listener re-reads shared memory, which is the truth.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import itertools
+import os
+import socket
+import tempfile
+import weakref
+
+from ._fork import at_fork
+
+__all__ = ("DoorbellListener", "discard", "make_directory", "ring")
+
+#: longest socket path every POSIX system accepts (macOS: 104 bytes with the NUL)
+_MAX_SOCKET_PATH = 100
+_ids = itertools.count(1)
+
+
+def make_directory() -> str:
+    """Make a new doorbell directory (mode 0700) and return its path."""
+    for base in (tempfile.gettempdir(), "/tmp"):
+        path = tempfile.mkdtemp(prefix="cf-", dir=base)
+        if len(path) + 24 <= _MAX_SOCKET_PATH:
+            _made.add(path)
+            return path
+        os.rmdir(path)
+    raise OSError(errno.ENAMETOOLONG, "no temporary directory with a short enough path")
+
+
+def ring(directory: str) -> None:
+    """Wake every listener bound in ``directory``; never blocks, never raises."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return  # nobody listens any more
+    sender = _sender
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            sender.sendto(b"\0", path)
+        except BlockingIOError:
+            continue  # its queue is full: wake-ups are pending already
+        except ConnectionRefusedError:
+            with contextlib.suppress(OSError):  # its process was killed while listening
+                os.unlink(path)
+        except OSError:
+            continue  # gone meanwhile
+
+
+def discard(directory: str) -> None:
+    """Remove ``directory`` if no live listener is bound in it (the chunk's owner, on close)."""
+    _made.discard(directory)
+    ring(directory)  # drops the sockets of dead listeners
+    with contextlib.suppress(OSError):
+        os.rmdir(directory)
+
+
+class DoorbellListener:
+    """This process's socket in a doorbell directory; :meth:`wait` blocks until a ring."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o700)  # removed when its last listener left: make it again
+        self.path = os.path.join(directory, f"{os.getpid()}.{next(_ids)}")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.sock.bind(self.path)
+        except BaseException:
+            self.sock.close()
+            raise
+        _listening.add(self)
+
+    def wait(self) -> None:
+        """Block until at least one ring arrived since the last wait; take them all."""
+        sock = self.sock
+        sock.setblocking(True)
+        sock.recv(16)
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            while sock.recv(64):
+                pass
+
+    def close(self) -> None:
+        """Leave: remove the socket, and the directory if this was its last listener."""
+        _listening.discard(self)
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.directory)
+
+
+def _new_sender() -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    return sock
+
+
+#: the one unbound socket this process rings doorbells with
+_sender: socket.socket
+try:
+    _sender = _new_sender()
+except (AttributeError, OSError):  # no AF_UNIX (the windows flavour never rings)
+    pass
+
+
+#: directories this process made and has not discarded, and its listeners (not a fork's)
+_made: set[str] = set()
+_listening: weakref.WeakSet[DoorbellListener] = weakref.WeakSet()
+
+
+@atexit.register
+def _leave() -> None:
+    # Hub threads are daemons: they never close their listeners at exit.
+    for listener in list(_listening):
+        listener.close()
+    for directory in list(_made):
+        discard(directory)
+
+
+def _after_fork_in_child() -> None:
+    global _made, _listening
+    _made = set()  # the parent's, removed by the parent
+    _listening = weakref.WeakSet()
+
+
+at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,69 @@
+"""Shared memory for token slots, and a lock over a range of it that dies with its holder.
+
+``"linux"``: a ``memfd``. ``"posix"``: a temporary file, unlinked at once (in
+``/dev/shm`` where it exists, so it never touches a disk). ``"windows"``: a temporary
+file deleted when closed (``O_TEMPORARY``; unlinked at once where that flag does not
+exist). In every case the result is a file descriptor that :func:`mmap.mmap` maps, that
+``os.fstat`` identifies, and that a child process may inherit or be sent.
+
+:func:`lock_range` is an ``fcntl`` record lock (the kernel drops it if its holder dies)
+on the POSIX flavours. On ``"windows"`` a chunk never leaves its process, so threads are
+the only contenders, and those are serialised before by the token's own atomic step: it
+locks nothing there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+
+from ._flavour import FLAVOUR
+
+__all__ = ("lock_range", "shared_memory")
+
+if FLAVOUR != "windows":
+    import fcntl
+
+
+def shared_memory(label: str, size: int) -> int:
+    """A new descriptor of ``size`` zeroed bytes that can be mapped shared."""
+    if FLAVOUR == "linux":
+        fd = os.memfd_create(label, os.MFD_CLOEXEC)
+    else:
+        directory = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_TEMPORARY", 0)
+        for _ in range(100):
+            path = os.path.join(directory, f"{label}-{os.urandom(8).hex()}")
+            try:
+                fd = os.open(path, flags, 0o600)
+            except FileExistsError:
+                continue
+            break
+        else:  # pragma: no cover - 100 collisions of 64 random bits
+            raise FileExistsError(f"no free name for shared memory in {directory}")
+        if not hasattr(os, "O_TEMPORARY"):
+            os.unlink(path)
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def lock_range(fd: int, offset: int, length: int) -> Iterator[None]:
+    """Hold a lock on ``length`` bytes at ``offset`` of ``fd`` against other processes.
+
+    The kernel drops it if the holder dies. A no-op on ``"windows"`` (see the module).
+    """
+    if FLAVOUR == "windows":
+        yield
+        return
+    fcntl.lockf(fd, fcntl.LOCK_EX, length, offset)
+    try:
+        yield
+    finally:
+        fcntl.lockf(fd, fcntl.LOCK_UN, length, offset)
