@@ -8,7 +8,7 @@ fresh interpreter) and each interpreter given:
 2. a wake-up within a process: ``token.cancel()`` in one thread until ``wait_blocking()``
    returns in another, against ``Event.set()`` until ``Event.wait()`` returns;
 3. a wake-up across processes: ``cancel()`` in the parent until ``wait_blocking()`` returns
-   in a spawned child holding the token, against a byte written to a pipe until the child's
+   in a forked child holding the token, against a byte written to a pipe until the child's
    blocked ``os.read`` returns; and ``cancel()`` in the child until the parent's
    ``on_cancel`` callback runs (the hub). Not on "windows", where tokens do not cross
    processes.
@@ -23,6 +23,7 @@ Run: ``python -m benchmarks.bench_platforms [samples] [--python PATH ...]``
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -59,40 +60,34 @@ def _checks() -> dict[str, float]:
     return {name: min(values) / 200_000 * 1e9 for name, values in costs.items()}
 
 
+def _one_wake(wait: Any, fire: Any) -> float:
+    """Microseconds from ``fire()`` in this thread to ``wait()`` returning in another."""
+    woke: list[int] = []
+    ready = threading.Event()
+
+    def waiter() -> None:
+        ready.set()
+        wait()
+        woke.append(time.monotonic_ns())
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    ready.wait()
+    time.sleep(0.002)  # let it block
+    start = time.monotonic_ns()
+    fire()
+    thread.join()
+    return (woke[0] - start) / 1000
+
+
 def _wake_in_process(samples: int) -> dict[str, list[float]]:
     from cancelflow import CancellationToken
 
     out: dict[str, list[float]] = {"token": [], "event": []}
     for _ in range(samples):
-        for kind in ("token", "event"):
-            woke: list[int] = []
-            if kind == "token":
-                token = CancellationToken()
-                ready = threading.Event()
-
-                def waiter() -> None:
-                    ready.set()
-                    token.wait_blocking(30)
-                    woke.append(time.monotonic_ns())
-
-                fire: Any = token.cancel
-            else:
-                event, ready = threading.Event(), threading.Event()
-
-                def waiter() -> None:
-                    ready.set()
-                    event.wait(30)
-                    woke.append(time.monotonic_ns())
-
-                fire = event.set
-            thread = threading.Thread(target=waiter)
-            thread.start()
-            ready.wait()
-            time.sleep(0.002)  # let it block
-            start = time.monotonic_ns()
-            fire()
-            thread.join()
-            out[kind].append((woke[0] - start) / 1000)
+        token, event = CancellationToken(), threading.Event()
+        out["token"].append(_one_wake(functools.partial(token.wait_blocking, 30), token.cancel))
+        out["event"].append(_one_wake(functools.partial(event.wait, 30), event.set))
     return out
 
 
@@ -116,9 +111,9 @@ def _wake_across(samples: int) -> dict[str, list[float]]:
     tokens = [CancellationToken() for _ in range(samples)]
     back = [CancellationToken() for _ in range(samples)]
     pipe_r, pipe_w = os.pipe()
-    os.set_inheritable(pipe_r, True)
     parent_end, child_end = multiprocessing.Pipe()
-    context = multiprocessing.get_context("spawn")
+    # fork: the child inherits the pipe (and the tokens, shared from the fork on)
+    context = multiprocessing.get_context("fork")
     process = context.Process(target=_child, args=(tokens, back, pipe_r, child_end))
     process.start()
     out: dict[str, list[float]] = {"token": [], "pipe": [], "callback": []}
@@ -136,13 +131,13 @@ def _wake_across(samples: int) -> dict[str, list[float]]:
             time.sleep(0.002)
             start = time.monotonic_ns()
             token.cancel()
-            kind, woke = parent_end.recv()
+            _, woke = parent_end.recv()
             out["token"].append((woke - start) / 1000)
             assert parent_end.recv() == "ready"
             time.sleep(0.002)
             start = time.monotonic_ns()
             os.write(pipe_w, b"x")
-            kind, woke = parent_end.recv()
+            _, woke = parent_end.recv()
             out["pipe"].append((woke - start) / 1000)
             parent_end.send("go")
             _, start = parent_end.recv()

@@ -232,6 +232,7 @@ class TestTokenResources:
         assert not hubs[0].is_alive()
         assert memfds() == before
 
+    @needs_shared_tokens
     def test_tokens_on_one_slot_each_get_callbacks(self) -> None:
         """Test that two token objects on one shared slot (a pool's per-task tokens) both
         have their callbacks run by a cancel made through either."""

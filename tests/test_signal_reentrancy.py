@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from support import needs_shared_tokens
+
 CHILD_ALARM = 20  # seconds: the child dumps its stacks and exits if still running then
 WATCHDOG = 60.0  # seconds: the test's own bound on the child
 
@@ -160,6 +162,7 @@ class TestThreadingLockOnCancelPath:
             """
         )
 
+    @needs_shared_tokens
     @pytest.mark.parametrize("main_call", MAIN_CALLS.values(), ids=MAIN_CALLS.keys())
     def test_on_cancel_of_shared_token_in_signal_handler(self, main_call: str) -> None:
         """Test that ``on_cancel()`` on a token shared with another process (which must

@@ -234,6 +234,17 @@ class Chunk:
         elif self.doorbell:
             ring_doorbell(self.doorbell)
 
+    def listen(self) -> DoorbellListener | None:
+        """Without futex: a socket of this thread's own in the chunk's doorbell, which
+        every cross-process ring of the chunk wakes (``None`` with futex, or if it cannot
+        be made: then the hub delivers)."""
+        if not self.doorbell or self.fd < 0:
+            return None
+        try:
+            return DoorbellListener(self.doorbell)
+        except OSError:
+            return None
+
     def watch(self, ref: TokenRef) -> None:
         """Deliver cancels that other processes make on ``ref``'s token to its local
         listeners.

@@ -452,9 +452,10 @@ class CancellationToken(_Cell):
         """Block this thread until the token is cancelled or ``timeout`` seconds pass.
 
         Returns ``is_cancelled``. Works in any thread and in any process sharing the token;
-        a cancel anywhere wakes it at once (a ``futex`` on the shared flag; a short
-        sleep-and-recheck where the platform has none). Do not call it on an event loop
-        thread: use ``await token.wait()`` there.
+        a cancel anywhere wakes it at once, event-driven: a ``futex`` on the shared flag on
+        Linux; elsewhere a parked lock, and for a token shared with other processes a
+        socket of its own in the token's doorbell (see the README's platform table). Do
+        not call it on an event loop thread: use ``await token.wait()`` there.
 
         Raises:
             TypeError: ``timeout`` is not a number.
@@ -466,9 +467,11 @@ class CancellationToken(_Cell):
         address = ctypes.addressof(self)
         blocked = self._blocked
         blocked.append(None)  # registered before the flag is read: see _apply
-        # Without futex a cancel made in another process reaches this one through the
-        # chunk's hub, which delivers to listeners only: be one while blocked.
-        listening = None if HAVE_FUTEX else self.on_cancel(_nothing)
+        # Without futex, a cancel made in another process rings the chunk's doorbell:
+        # listen to it ourselves (bound before the flag is read, so no ring is missed), or,
+        # for a token not shared yet, be a listener that the hub serves if it becomes so.
+        doorbell = None if HAVE_FUTEX or not self._is_shared() else self._chunk.listen()
+        listening = None if HAVE_FUTEX or doorbell is not None else self.on_cancel(_nothing)
         try:
             while not self.is_cancelled:
                 remaining = None
@@ -476,11 +479,16 @@ class CancellationToken(_Cell):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
-                futex_wait(address, 0, remaining)
+                if doorbell is not None:
+                    doorbell.wait(remaining)
+                else:
+                    futex_wait(address, 0, remaining)
         finally:
             blocked.pop()
             if listening is not None:
                 listening.remove()
+            if doorbell is not None:
+                doorbell.close()
         if self.is_cancelled and self._applied and self._is_shared():
             self._take_remote_cancel()
         return self.is_cancelled

@@ -93,11 +93,16 @@ class DoorbellListener:
             raise
         _listening.add(self)
 
-    def wait(self) -> None:
-        """Block until at least one ring arrived since the last wait; take them all."""
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until at least one ring arrived since the last wait (or ``timeout``
+        seconds pass); take them all. A signal interrupts it (the handler runs, then it
+        returns)."""
         sock = self.sock
-        sock.setblocking(True)
-        sock.recv(16)
+        sock.settimeout(timeout)
+        try:
+            sock.recv(16)
+        except (TimeoutError, InterruptedError):
+            pass
         sock.setblocking(False)
         with contextlib.suppress(OSError):
             while sock.recv(64):
