@@ -719,7 +719,13 @@ class TestHostileReview:
             ref = weakref.ref(future.result(WAIT))
             del future
             gc.collect()
-            assert ref() is None
+            if getattr(sys, "_is_gil_enabled", lambda: True)():
+                assert ref() is None
+            else:
+                # Without the GIL the last reference dropped here is merged by the thread
+                # that made the object (the supervisor) when it next runs: soon, but not
+                # at once. Held until the timeout (the regression) would still fail.
+                assert wait_until(lambda: gc.collect() >= 0 and ref() is None)
 
     def test_interpreter_flags_reach_the_workers(self) -> None:
         """Test that python -O in the owner is -O in the workers, as with spawn."""

@@ -40,7 +40,6 @@ Invariants this layer gives :mod:`cancelflow._token`:
 from __future__ import annotations
 
 import ctypes
-import mmap
 import os
 import threading
 import weakref
@@ -59,6 +58,7 @@ from ._platform import (
     futex_wake,
     lock_range,
     make_doorbell,
+    map_shared,
     ring_doorbell,
     shared_memory,
 )
@@ -138,7 +138,7 @@ class Chunk:
         else:
             self.size = os.fstat(fd).st_size
         self.fd: int = fd
-        self.mm = mmap.mmap(fd, self.size)
+        self.mm = map_shared(fd, self.size)
         header = _Header.from_buffer(self.mm, 0)
         self.header: _Header | None = header
         self.gen_address = ctypes.addressof(header)

@@ -115,8 +115,9 @@ class CancellationToken(_Cell):
     bypasses callbacks and waiters.
 
     Signal safety: :meth:`cancel`, :meth:`on_cancel` and :meth:`CallbackHandle.remove`
-    take no lock within a process (each decision is a single atomic step under the GIL;
-    timers are unscheduled lock-free), so a signal handler that calls ``cancel()`` while
+    take no lock within a process (each decision is one operation on a built-in list or
+    dict: atomic under the GIL, and under that container's own lock on a free-threaded
+    build; timers are unscheduled lock-free), so a signal handler that calls ``cancel()`` while
     the interrupted thread is inside any of the token's methods (``cancel()`` itself
     included, while it runs callbacks or logs) cannot deadlock. Every callback still runs
     exactly once; callbacks skipped because an exception (say ``KeyboardInterrupt``) cut
@@ -135,6 +136,15 @@ class CancellationToken(_Cell):
     :meth:`on_cancel`, :meth:`CallbackHandle.remove`, :meth:`close`, :meth:`child`,
     :meth:`linked` and making tokens. Not :meth:`wait_blocking` (it would block the
     interrupted thread) and not :meth:`reset` (see there).
+
+    Attributes:
+        is_cancelled (bool): whether the token was cancelled, by anyone, anywhere. A
+            field read straight from the token's shared memory: no call, no lock, never
+            blocks, safe in a signal handler; in a hot loop prefer it (or
+            :func:`~cancelflow.check_cancelled` in a task) to a method call. Read-only by
+            contract (writing it bypasses callbacks and waiters). ``help()`` shows it as
+            a "Structure/Union member": ctypes gives its fields no docstring of their own.
+        name (str): the token's name, for logs and ``repr`` (given, or ``token-<n>``).
     """
 
     # ``is_cancelled`` is the ctypes field declared by _Cell.

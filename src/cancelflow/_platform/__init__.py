@@ -11,8 +11,10 @@ futex), ``_fork`` (fork hooks), ``_local_socket`` (an endpoint for local process
 signalling, parent-death signal), ``_tree`` (descendants, subreaper, the one kill
 sequence, memory of a tree), ``_libc``.
 
-* :func:`shared_memory` / :func:`lock_range`: a descriptor to map shared (memfd, or an
-  unlinked temporary file) and a record lock on part of it that dies with its holder.
+* :func:`shared_memory` / :func:`map_shared` / :func:`lock_range`: a descriptor to map
+  shared (memfd, or an unlinked temporary file), its mapping (which does not keep the
+  descriptor open where Python allows), and a record lock on part of it that dies with
+  its holder.
 * :func:`futex_wait` / :func:`futex_wake`: block on a 32-bit word until another thread
   (with :data:`HAVE_FUTEX`, also another process) changes it; event-driven on every
   flavour. Without futex, :func:`wake_all_parked` is how a cross-process wake-up that
@@ -54,7 +56,7 @@ from ._exit_watch import pidfd_open
 from ._flavour import FLAVOUR, FLAVOURS, TOKENS_CROSS_PROCESSES
 from ._fork import CAN_FORK, at_fork
 from ._local_socket import connect_local, knock_local, listen_local, local_pair
-from ._shared_memory import lock_range, shared_memory
+from ._shared_memory import lock_range, map_shared, shared_memory
 from ._signals import UnsafeSignalTarget, send_signal, set_parent_death_signal, signal_name
 from ._support import PROCESS_POOLS, require_process_pools
 from ._tree import (
@@ -89,6 +91,7 @@ __all__ = (
     "local_pair",
     "lock_range",
     "make_doorbell",
+    "map_shared",
     "pidfd_open",
     "private_memory",
     "require_process_pools",

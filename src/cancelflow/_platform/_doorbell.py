@@ -144,6 +144,9 @@ def _leave() -> None:
         listener.close()
     for directory in list(_made):
         discard(directory)
+    sender = globals().get("_sender")
+    if sender is not None:
+        sender.close()  # a later ring fails quietly (OSError), as for a gone listener
 
 
 def _after_fork_in_child() -> None:

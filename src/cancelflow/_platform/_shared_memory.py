@@ -15,13 +15,14 @@ locks nothing there.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import tempfile
 from collections.abc import Iterator
 
 from ._flavour import FLAVOUR
 
-__all__ = ("lock_range", "shared_memory")
+__all__ = ("lock_range", "map_shared", "shared_memory")
 
 if FLAVOUR != "windows":
     import fcntl
@@ -51,6 +52,20 @@ def shared_memory(label: str, size: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def map_shared(fd: int, size: int) -> mmap.mmap:
+    """Map ``size`` bytes of ``fd`` shared, without the mapping keeping ``fd`` open.
+
+    Where Python lets it (3.13+ on POSIX: ``trackfd=False``), the mapping holds no
+    duplicate of the descriptor, so closing ``fd`` closes the file for good even while
+    views of the mapping are alive (a free-threaded build may free them late). Elsewhere
+    the mapping keeps a duplicate until it is closed or collected.
+    """
+    try:
+        return mmap.mmap(fd, size, trackfd=False)  # type: ignore[call-arg,unused-ignore]
+    except TypeError:  # before 3.13, or Windows
+        return mmap.mmap(fd, size)
 
 
 @contextlib.contextmanager
