@@ -1042,7 +1042,9 @@ class TestCancellationToken:
         victims = [CancellationToken(name=f"B{i}") for i in range(200)]
         victim_calls = [0] * len(victims)
         a_calls: list[int] = []
-        handler_wins = [0]
+        # Wins are appended, never counted with +=: a nested handler may land between
+        # the read and the write of a +=, and that update would be lost (seen without GIL).
+        handler_wins: list[bool] = []
         turn = [0]
 
         def victim_callback(i: int) -> Callable[[], None]:
@@ -1058,11 +1060,11 @@ class TestCancellationToken:
         def handler() -> None:
             turn[0] += 1
             if turn[0] % 2:
-                handler_wins[0] += a.cancel("signal")
+                handler_wins.append(a.cancel("signal"))
             elif turn[0] // 2 < len(victims):
                 victims[turn[0] // 2].cancel("signal")
 
-        main_wins = [0]
+        main_wins: list[bool] = []
 
         def body(i: int) -> None:
             a_calls.append(0)
@@ -1072,14 +1074,14 @@ class TestCancellationToken:
                 logger.trace("A cancelled in round {}", slot)
 
             a.on_cancel(callback)
-            main_wins[0] += a.cancel("main")
+            main_wins.append(a.cancel("main"))
             a.reset()
 
         with sigusr1_storm(handler) as handled:
             rounds = storm_loop(handled, signals=200, body=body)
         assert a_calls == [1] * rounds
         # One winning cancel per round, plus one if the handler cancelled after the last reset.
-        assert main_wins[0] + handler_wins[0] == rounds + int(a.is_cancelled)
+        assert sum(main_wins) + sum(handler_wins) == rounds + int(a.is_cancelled)
         cancelled = [v.is_cancelled for v in victims]
         assert victim_calls == [int(c) for c in cancelled]
         assert any(r["message"].startswith("A cancelled") for r in logs.records)
