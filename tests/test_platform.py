@@ -7,6 +7,7 @@ import mmap
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,12 +19,16 @@ import pytest
 from cancelflow._platform import (
     FLAVOUR,
     HAVE_FUTEX,
+    DoorbellListener,
     UnsafeSignalTarget,
     _wake,
+    discard_doorbell,
     futex_wait,
     futex_wake,
     kill_tree,
+    make_doorbell,
     pidfd_open,
+    ring_doorbell,
     set_child_subreaper,
 )
 from support import WAIT, assert_not_running
@@ -343,3 +348,73 @@ class TestKillTree:
         UnsafeSignalTarget instead of stopping the test runner."""
         with pytest.raises(UnsafeSignalTarget):
             kill_tree(os.getpid(), include_root=True)
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="doorbells need AF_UNIX")
+class TestDoorbell:
+    """Wake-ups across processes without futex (_platform._doorbell)."""
+
+    @pytest.fixture
+    def directory(self) -> Iterator[str]:
+        path = make_doorbell()
+        yield path
+        discard_doorbell(path)
+        assert not os.path.exists(path)
+
+    def test_a_ring_wakes_a_listener_bound_before_it(self, directory: str) -> None:
+        """Test that a ring made after a listener is bound, before it waits, still wakes it."""
+        listener = DoorbellListener(directory)
+        try:
+            ring_doorbell(directory)
+            listener.wait(WAIT)  # returns at once: the ring waits in its queue
+        finally:
+            listener.close()
+
+    def test_a_ring_from_another_process_wakes_a_waiting_listener(self, directory: str) -> None:
+        """Test that a ring made by a forked child wakes a listener blocked in the parent."""
+        listener = DoorbellListener(directory)
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                time.sleep(0.05)  # the parent blocks meanwhile (not required for the check)
+                ring_doorbell(directory)
+                os._exit(0)
+            listener.wait(WAIT)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+        finally:
+            listener.close()
+
+    def test_drain_leaves_no_ring_pending(self, directory: str) -> None:
+        """Test that drain() takes every pending ring, so the next wait blocks until its
+        timeout."""
+        listener = DoorbellListener(directory)
+        try:
+            for _ in range(3):
+                ring_doorbell(directory)
+            listener.drain()
+            started = time.monotonic()
+            listener.wait(0.05)
+            assert time.monotonic() - started >= 0.04
+        finally:
+            listener.close()
+
+    def test_a_dead_listeners_socket_is_removed_by_the_next_ring(self, directory: str) -> None:
+        """Test that the socket file of a listener whose process died (never closed) is
+        removed by the next ring, and the directory by the owner's discard."""
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child binds, then dies without closing
+            DoorbellListener(directory)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert len(os.listdir(directory)) == 1
+        ring_doorbell(directory)
+        assert os.listdir(directory) == []
+
+    def test_the_last_listener_to_leave_removes_the_directory(self) -> None:
+        """Test that a listener closed last removes the (empty) directory."""
+        directory = make_doorbell()
+        listener = DoorbellListener(directory)
+        listener.close()
+        assert not os.path.exists(directory)
+        discard_doorbell(directory)  # nothing left to do: no error

@@ -162,6 +162,8 @@ class Chunk:
         #: token ``_id`` -> token (weakly), for the tokens of this process that have listeners
         self.listeners: dict[int, TokenRef] = {}
         self._hub_ticket: list[int] = [1]
+        #: without futex: doorbell sockets of this process free for the next wait
+        self._idle_listeners: list[DoorbellListener] = []
         #: (process being started, what this chunk was pickled as for it), see _token
         self.exported_to: tuple[weakref.ref[Any], weakref.ref[Any]] | None = None
         _all_chunks.add(self)
@@ -209,6 +211,9 @@ class Chunk:
                     os.close(fd)
                 except OSError:
                     pass
+                idle, self._idle_listeners = self._idle_listeners, []
+                for listener in idle:
+                    listener.close(last=False)
                 if self.doorbell and self.owned:
                     discard_doorbell(self.doorbell)
 
@@ -235,15 +240,29 @@ class Chunk:
             ring_doorbell(self.doorbell)
 
     def listen(self) -> DoorbellListener | None:
-        """Without futex: a socket of this thread's own in the chunk's doorbell, which
-        every cross-process ring of the chunk wakes (``None`` with futex, or if it cannot
-        be made: then the hub delivers)."""
+        """Without futex: a socket in the chunk's doorbell for this thread alone until
+        :meth:`unlisten`, which every cross-process ring of the chunk wakes (``None``
+        with futex, or if it cannot be made: then the hub delivers). Sockets are reused
+        between waits (binding one costs a few system calls); a reused one starts with
+        no ring pending."""
         if not self.doorbell or self.fd < 0:
             return None
         try:
-            return DoorbellListener(self.doorbell)
-        except OSError:
-            return None
+            listener = self._idle_listeners.pop()
+        except IndexError:
+            try:
+                return DoorbellListener(self.doorbell)
+            except OSError:
+                return None
+        listener.drain()
+        return listener
+
+    def unlisten(self, listener: DoorbellListener) -> None:
+        """Give back a socket from :meth:`listen` (closed if the chunk is)."""
+        if self.fd < 0:
+            listener.close()
+        else:
+            self._idle_listeners.append(listener)
 
     def watch(self, ref: TokenRef) -> None:
         """Deliver cancels that other processes make on ``ref``'s token to its local
@@ -408,6 +427,9 @@ def _after_fork_in_child() -> None:
             ref.drop_callbacks()  # the parent's callbacks run in the parent
         chunk.listeners = {}
         chunk._hub_ticket = [1]  # hub threads do not survive a fork
+        idle, chunk._idle_listeners = chunk._idle_listeners, []
+        for listener in idle:
+            listener.abandon()  # the parent's sockets: ours would read its rings
 
 
 at_fork(

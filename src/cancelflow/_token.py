@@ -316,14 +316,22 @@ class CancellationToken(_Cell):
         ctypes.memmove(ctypes.addressof(self) + _Cell._reason_bytes.offset, raw, len(raw))
         self._reason_len = len(raw)
 
-    def _apply(self) -> None:
-        """Deliver a cancellation to this process's waiters, exactly once."""
+    def _apply(self, *, remote: bool = False) -> None:
+        """Deliver a cancellation to this process's waiters, exactly once.
+
+        ``remote``: the cancel was made in another process, which has woken the waiters
+        and rung the hubs of every process already; only what lives here is left to do
+        (without futex, the threads parked in this process; then the callbacks).
+        """
         try:
             self._applied.pop()
         except IndexError:
             return
         self._once.clear()
-        if self._is_shared():
+        if remote:
+            if not HAVE_FUTEX:
+                futex_wake(ctypes.addressof(self))  # this process's parking lot
+        elif self._is_shared():
             futex_wake(ctypes.addressof(self))  # blocked waiters, in any process
             self._chunk.ring()
         elif self._blocked:
@@ -363,7 +371,7 @@ class CancellationToken(_Cell):
             self._once.pop()  # a local cancel() pops this before it sets the flag
         except IndexError:
             return
-        self._apply()
+        self._apply(remote=True)
 
     def _run_callback(self, callback: Callable[[], object]) -> None:
         try:
@@ -498,7 +506,7 @@ class CancellationToken(_Cell):
             if listening is not None:
                 listening.remove()
             if doorbell is not None:
-                doorbell.close()
+                self._chunk.unlisten(doorbell)
         if self.is_cancelled and self._applied and self._is_shared():
             self._take_remote_cancel()
         return self.is_cancelled

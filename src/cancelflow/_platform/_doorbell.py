@@ -87,6 +87,7 @@ class DoorbellListener:
         self.path = os.path.join(directory, f"{os.getpid()}.{next(_ids)}")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
+            self.sock.setblocking(False)  # blocking only inside wait()
             self.sock.bind(self.path)
         except BaseException:
             self.sock.close()
@@ -104,18 +105,31 @@ class DoorbellListener:
         except (TimeoutError, InterruptedError):
             pass
         sock.setblocking(False)
+        self.drain()
+
+    def drain(self) -> None:
+        """Take every ring that arrived (a listener reused for another wait)."""
         with contextlib.suppress(OSError):
-            while sock.recv(64):
+            while self.sock.recv(64):
                 pass
 
-    def close(self) -> None:
-        """Leave: remove the socket, and the directory if this was its last listener."""
+    def close(self, *, last: bool = True) -> None:
+        """Leave: remove the socket, and the directory if it is empty now (only when
+        ``last`` says this may be the last listener: a failed ``rmdir`` costs hundreds
+        of µs on some file systems)."""
         _listening.discard(self)
         self.sock.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
-        with contextlib.suppress(OSError):
-            os.rmdir(self.directory)
+        if last:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.directory)
+
+    def abandon(self) -> None:
+        """In a forked child: close this process's copy of the parent's socket, leaving
+        the parent's listener bound."""
+        _listening.discard(self)
+        self.sock.close()
 
 
 def _new_sender() -> socket.socket:
