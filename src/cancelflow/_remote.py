@@ -83,6 +83,11 @@ def _set_flag(flag: Any, reason: str | None) -> None:
     flag.is_cancelled = True
 
 
+#: the reasons a handle reads when its owner stopped serving it
+_OWNER_CLOSED = "the token's owner closed this handle"
+_OWNER_GONE = "the token's owner is gone"
+
+
 def _map(path: str, create: bool) -> mmap.mmap:
     """Map the flag file at ``path`` (shared, read-write); ``create`` makes it first."""
     flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
@@ -150,14 +155,14 @@ class _Server:
         if share is not None:
             share.handle.remove()
             if not share.flag.is_cancelled:  # every handle sees it at once
-                _set_flag(share.flag, "the token's owner closed this handle")
+                _set_flag(share.flag, _OWNER_CLOSED)
             with contextlib.suppress(OSError):
                 os.unlink(share.path)  # mapped handles keep their mapping
             with share.lock:
                 share.closed = True
                 for connection in share.connections:
                     with contextlib.suppress(OSError, ValueError):
-                        connection.send(("gone", "the token's owner closed this handle"))
+                        connection.send(("gone", _OWNER_CLOSED))
                     _hang_up(connection)  # its serving thread wakes, and closes it
         if last:
             self.close()
@@ -210,11 +215,11 @@ class _Server:
             with self.lock:
                 share = self.shares.get(share_id) if kind == "attach" else None
             if share is None:
-                connection.send(("gone", "the token's owner closed this handle"))
+                connection.send(("gone", _OWNER_CLOSED))
                 return
             with share.lock:
                 if share.closed:
-                    connection.send(("gone", "the token's owner closed this handle"))
+                    connection.send(("gone", _OWNER_CLOSED))
                     return
                 share.connections.append(connection)
                 token = share.token
@@ -345,7 +350,7 @@ class RemoteToken(ctypes.Structure):
         self._send_lock = threading.Lock()
         self._connection = None
         if missing:
-            self._set_gone("the token's owner is gone")
+            self._set_gone(_OWNER_GONE)
         elif os.getpid() != owner_pid:
             self._connect()
         return self
@@ -372,7 +377,7 @@ class RemoteToken(ctypes.Structure):
             connection = connect_local(self._address, self._authkey)
             connection.send(("attach", self._share_id))
         except Exception:  # noqa: BLE001 - the owner is gone (or never reachable)
-            self._set_gone("the token's owner is gone")
+            self._set_gone(_OWNER_GONE)
             return
         self._connection = connection
         threading.Thread(target=self._read, name="cancelflow-remote-token", daemon=True).start()
@@ -388,7 +393,7 @@ class RemoteToken(ctypes.Structure):
                     return
                 self._event.set()  # cancelled: the flag is set already; wake waiters
         except (EOFError, OSError):
-            self._set_gone("the token's owner is gone")
+            self._set_gone(_OWNER_GONE)
 
     def _set_gone(self, reason: str) -> None:
         if not self.is_cancelled:  # visible to every handle of this share

@@ -19,8 +19,10 @@ what to use instead.
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 from .._token import CancellationToken
@@ -51,17 +53,28 @@ class _TaskPickler(pickle.Pickler):
         return _token_id(obj, self._tokens)
 
 
+@functools.cache
+def _by_value_pickler() -> Callable[[io.BytesIO, tuple[CancellationToken, ...]], pickle.Pickler]:
+    """cloudpickle's Pickler with the task-token persistent id, made once (cloudpickle is
+    imported the first time something travels by value)."""
+    import cloudpickle
+
+    class _ByValuePickler(cloudpickle.Pickler):  # type: ignore[misc]
+        def __init__(self, file: io.BytesIO, tokens: tuple[CancellationToken, ...]) -> None:
+            super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+            self._tokens = tokens
+
+        def persistent_id(self, obj: Any) -> Any:
+            return _token_id(obj, self._tokens)
+
+    return _ByValuePickler
+
+
 def dump_by_value(obj: Any, tokens: tuple[CancellationToken, ...] = ()) -> bytes:
     """Pickle ``obj`` with cloudpickle (functions and classes of ``__main__``, lambdas
     and closures by value), keeping ``tokens`` out as the task-token persistent id."""
-    import cloudpickle
-
-    class _ByValue(cloudpickle.Pickler):  # type: ignore[misc]
-        def persistent_id(self, obj: Any) -> Any:
-            return _token_id(obj, tokens)
-
     buffer = io.BytesIO()
-    _ByValue(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    _by_value_pickler()(buffer, tokens).dump(obj)
     return buffer.getvalue()
 
 
