@@ -47,6 +47,10 @@ def _child_tries_slot_lock(fd: int, offset: int, conn: Any) -> None:
         conn.send(True)
 
 
+def _child_cancels(token: CancellationToken) -> None:
+    token.cancel("from the child")
+
+
 def _child_allocates(parent_chunk: _cell.Chunk, conn: Any) -> None:
     """In a forked child: whether the parent's chunk is still its own, and whether a new
     token slot comes from another chunk."""
@@ -175,6 +179,22 @@ class TestAcrossProcesses:
         thread.join(WAIT)
         assert woke.is_set()
         assert chunk.header.generation == (generation + 1) & 0xFFFFFFFF
+
+    def test_a_cancel_from_another_process_is_announced_once(self) -> None:
+        """Test that a cancel made in another process rings the chunk once: the hub that
+        delivers it here runs the callbacks and rings nobody again (regression: every
+        receiving process re-rang, waking every hub once more per process)."""
+        token = CancellationToken()
+        share(token)
+        recorder = Recorder()
+        token.on_cancel(recorder)  # a listener: this process's hub watches the chunk
+        header = token._chunk.header
+        assert header is not None
+        before = header.generation
+        with running(FORK, _child_cancels, token):
+            assert recorder.called.wait(WAIT)
+        assert token.cancel_reason == "from the child"
+        assert (header.generation - before) & 0xFFFFFFFF == 1
 
     def test_an_attached_chunk_maps_the_same_memory_once_per_process(
         self, chunk: _cell.Chunk
