@@ -237,6 +237,7 @@ class TestTokenResources:
         gc.collect()
         assert memfds() == before
 
+    @needs_shared_tokens
     def test_collected_shared_token_stops_its_hub(self) -> None:
         """Test that dropping a shared token that still has callbacks ends the hub thread."""
         gc.collect()

@@ -418,3 +418,42 @@ class TestDoorbell:
         listener.close()
         assert not os.path.exists(directory)
         discard_doorbell(directory)  # nothing left to do: no error
+
+    def test_a_ring_reaches_a_listener_when_others_never_read(self, directory: str) -> None:
+        """Test that listeners which never read (their unread rings count against the
+        sender on Linux) do not stop a ring from reaching a listener that does
+        (regression: the sender's budget ran out and every send failed EAGAIN)."""
+        deaf = [DoorbellListener(directory) for _ in range(40)]
+        try:
+            for _ in range(12):
+                ring_doorbell(directory)
+            listener = DoorbellListener(directory)
+            try:
+                ring_doorbell(directory)
+                started = time.monotonic()
+                listener.wait(WAIT)
+                assert time.monotonic() - started < WAIT / 2, "the ring never arrived"
+            finally:
+                listener.close(last=False)
+        finally:
+            for other in deaf:
+                other.close(last=False)
+
+    def test_drain_after_an_interrupted_wait_does_not_block(self, directory: str) -> None:
+        """Test that a listener left blocking (a signal handler raised inside wait())
+        drains without blocking (regression: the next wait_blocking hung in drain)."""
+        listener = DoorbellListener(directory)
+        try:
+            listener.sock.setblocking(True)  # what an exception out of recv() left behind
+            listener.drain()
+        finally:
+            listener.close(last=False)
+
+    def test_a_huge_timeout_is_clamped(self, directory: str) -> None:
+        """Test that wait() with a timeout beyond the platform's time_t does not raise."""
+        listener = DoorbellListener(directory)
+        try:
+            ring_doorbell(directory)
+            listener.wait(1e12)
+        finally:
+            listener.close(last=False)

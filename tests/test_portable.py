@@ -119,11 +119,6 @@ def _run(platform: str, code: str) -> str:
     return result.stdout
 
 
-def _doorbells() -> set[str]:
-    base = tempfile.gettempdir()
-    return {name for name in os.listdir(base) if name.startswith("cf-")}
-
-
 class TestSimulatedMacOS:
     def test_picks_the_posix_implementation(self) -> None:
         """Test that an interpreter without memfd, pidfd, pipe2 and SOCK_SEQPACKET runs the
@@ -134,8 +129,7 @@ class TestSimulatedMacOS:
         """Test that a token given to a spawned child wakes the parent's callback, waiter
         and coroutine when the child cancels, and the child's when the parent does, with
         nothing left in the temporary directory."""
-        before = _doorbells()
-        _run(
+        out = _run(
             "darwin",
             """
             import asyncio, multiprocessing
@@ -147,6 +141,7 @@ class TestSimulatedMacOS:
 
             if __name__ == "__main__":
                 to_child, to_parent = CancellationToken(), CancellationToken()
+                print("DOORBELL", to_child._chunk.doorbell)
                 heard = []
                 to_parent.on_cancel(lambda: heard.append(to_parent.cancel_reason))
                 process = multiprocessing.get_context("spawn").Process(
@@ -165,7 +160,9 @@ class TestSimulatedMacOS:
                 print("OK")
             """,
         )
-        assert _doorbells() <= before
+        doorbell = out.split("DOORBELL ", 1)[1].split()[0]
+        assert doorbell.startswith(tempfile.gettempdir())
+        assert not os.path.exists(doorbell), "the chunk's doorbell directory was left behind"
 
     def test_forcing_linux_names_what_is_missing(self) -> None:
         """Test that CANCELFLOW_PLATFORM=linux where Linux's primitives are missing fails

@@ -39,6 +39,7 @@ Invariants this layer gives :mod:`cancelflow._token`:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -67,6 +68,8 @@ if TYPE_CHECKING:
     from ._token import TokenRef
 
 SLOT_SIZE = 128
+#: doorbell sockets kept per chunk between waits (see Chunk.unlisten)
+_IDLE_LISTENERS = 4
 #: bytes of a reason that fit in shared memory; longer reasons are cut (see encode_reason)
 REASON_MAX = SLOT_SIZE - 8
 REASON_NONE = 0xFFFFFFFF
@@ -216,6 +219,9 @@ class Chunk:
                     listener.close(last=False)
                 if self.doorbell and self.owned:
                     discard_doorbell(self.doorbell)
+                elif idle:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(self.doorbell)  # if we were the last to listen
 
     @contextmanager
     def lock_slot(self, offset: int) -> Iterator[None]:
@@ -258,9 +264,10 @@ class Chunk:
         return listener
 
     def unlisten(self, listener: DoorbellListener) -> None:
-        """Give back a socket from :meth:`listen` (closed if the chunk is)."""
-        if self.fd < 0:
-            listener.close()
+        """Give back a socket from :meth:`listen`: kept for the next wait (a few at most:
+        an idle socket's unread rings count against the sender), else closed."""
+        if self.fd < 0 or len(self._idle_listeners) >= _IDLE_LISTENERS:
+            listener.close(last=False)
         else:
             self._idle_listeners.append(listener)
 
@@ -293,6 +300,8 @@ class Chunk:
 
     def ensure_hub(self) -> None:
         """Start this process's hub for the chunk, unless it runs already."""
+        if not HAVE_FUTEX and not self.doorbell:
+            return  # nothing crosses processes here ("windows"): nothing to listen to
         try:
             self._hub_ticket.pop()
         except IndexError:
@@ -314,7 +323,7 @@ class Chunk:
         try:
             self._hub_loop(listener)
         finally:
-            listener.close()
+            listener.close(last=False)  # the directory goes with its owner or at exit
 
     def _hub_loop(self, listener: DoorbellListener | None) -> None:
         while True:

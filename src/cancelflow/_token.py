@@ -485,12 +485,16 @@ class CancellationToken(_Cell):
         address = ctypes.addressof(self)
         blocked = self._blocked
         blocked.append(None)  # registered before the flag is read: see _apply
-        # Without futex, a cancel made in another process rings the chunk's doorbell:
-        # listen to it ourselves (bound before the flag is read, so no ring is missed), or,
-        # for a token not shared yet, be a listener that the hub serves if it becomes so.
-        doorbell = None if HAVE_FUTEX or not self._is_shared() else self._chunk.listen()
-        listening = None if HAVE_FUTEX or doorbell is not None else self.on_cancel(_nothing)
+        doorbell = listening = None
         try:
+            # Without futex, a cancel made in another process rings the chunk's doorbell:
+            # listen to it ourselves (bound before the flag is read, so no ring is missed),
+            # or, for a token not shared yet, be a listener that the hub serves if it
+            # becomes so.
+            if not HAVE_FUTEX:
+                doorbell = self._chunk.listen() if self._is_shared() else None
+                if doorbell is None:
+                    listening = self.on_cancel(_nothing)
             while not self.is_cancelled:
                 remaining = None
                 if deadline is not None:

@@ -59,7 +59,14 @@ def ring(directory: str) -> None:
     for name in names:
         path = os.path.join(directory, name)
         try:
-            sender.sendto(b"\0", path)
+            try:
+                sender.sendto(b"\0", path)
+            except BlockingIOError:
+                # Either its queue is full (wake-ups are pending already) or our socket's
+                # send budget is spent on datagrams nobody has read yet (Linux charges
+                # them to the sender): retry once with a fresh socket.
+                _renew(sender)
+                sender.sendto(b"\0", path)
         except BlockingIOError:
             continue  # its queue is full: wake-ups are pending already
         except ConnectionRefusedError:
@@ -82,33 +89,42 @@ class DoorbellListener:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(directory, 0o700)  # removed when its last listener left: make it again
         self.path = os.path.join(directory, f"{os.getpid()}.{next(_ids)}")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self.sock.setblocking(False)  # blocking only inside wait()
-            self.sock.bind(self.path)
+            for attempt in range(3):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(directory, 0o700)  # removed when its last listener left
+                try:
+                    self.sock.bind(self.path)
+                    break
+                except FileNotFoundError:  # removed again between mkdir and bind
+                    if attempt == 2:
+                        raise
         except BaseException:
             self.sock.close()
             raise
         _listening.add(self)
+        _used.add(directory)
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until at least one ring arrived since the last wait (or ``timeout``
         seconds pass); take them all. A signal interrupts it (the handler runs, then it
         returns)."""
         sock = self.sock
-        sock.settimeout(timeout)
+        sock.settimeout(None if timeout is None else min(max(timeout, 0.0), 86_400.0))
         try:
             sock.recv(16)
         except (TimeoutError, InterruptedError):
             pass
-        sock.setblocking(False)
+        finally:
+            sock.setblocking(False)  # also when a signal handler raised
         self.drain()
 
     def drain(self) -> None:
         """Take every ring that arrived (a listener reused for another wait)."""
+        self.sock.setblocking(False)
         with contextlib.suppress(OSError):
             while self.sock.recv(64):
                 pass
@@ -132,6 +148,15 @@ class DoorbellListener:
         self.sock.close()
 
 
+def _renew(sender: socket.socket) -> None:
+    """Put a fresh socket under ``sender``'s descriptor (same number, a new send budget)."""
+    fresh = _new_sender()
+    try:
+        os.dup2(fresh.fileno(), sender.fileno(), inheritable=False)
+    finally:
+        fresh.close()
+
+
 def _new_sender() -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.setblocking(False)
@@ -146,27 +171,35 @@ except (AttributeError, OSError):  # no AF_UNIX (the windows flavour never rings
     pass
 
 
-#: directories this process made and has not discarded, and its listeners (not a fork's)
+#: directories this process made and has not discarded, its listeners, and every directory
+#: it listened in (removed at exit if empty by then) - none of them a fork's
 _made: set[str] = set()
 _listening: weakref.WeakSet[DoorbellListener] = weakref.WeakSet()
+_used: set[str] = set()
 
 
 @atexit.register
 def _leave() -> None:
     # Hub threads are daemons: they never close their listeners at exit.
     for listener in list(_listening):
-        listener.close()
+        listener.close(last=False)
     for directory in list(_made):
         discard(directory)
+    for directory in list(_used):
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)  # the last process of a chunk to exit takes it along
     sender = globals().get("_sender")
     if sender is not None:
         sender.close()  # a later ring fails quietly (OSError), as for a gone listener
 
 
 def _after_fork_in_child() -> None:
-    global _made, _listening
+    global _made, _listening, _used
+    for listener in list(_listening):
+        listener.abandon()  # the parent's sockets: ours would read its rings
     _made = set()  # the parent's, removed by the parent
     _listening = weakref.WeakSet()
+    _used = set()
 
 
 at_fork(after_in_child=_after_fork_in_child)

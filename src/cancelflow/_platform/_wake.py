@@ -79,10 +79,11 @@ def futex_wait(address: int, expected: int, timeout: float | None) -> None:
         lock.acquire(True, -1 if timeout is None else _clamp(timeout))
     finally:
         with _lot_lock:
-            parked = _parked[address]
-            parked.remove(lock)
-            if not parked:
-                del _parked[address]
+            parked = _parked.get(address)
+            if parked is not None and lock in parked:
+                parked.remove(lock)
+                if not parked:
+                    del _parked[address]
 
 
 def futex_wake(address: int) -> None:
