@@ -1,18 +1,21 @@
-"""Wake-ups across processes without ``futex``: one datagram socket per listening process.
+"""Wake-ups across processes without ``futex``: datagram sockets in a shared directory.
 
 A shared chunk of token slots has a *doorbell*: a private directory (mode 0700, made by
-the chunk's owner, its path written in the chunk) where every process that listens for
-cancels made elsewhere binds one ``AF_UNIX`` datagram socket (:class:`DoorbellListener`).
+the chunk's owner, its path written in the chunk) where each process's hub, and each
+thread blocked in ``wait_blocking`` on a shared token, binds one ``AF_UNIX`` datagram
+socket (:class:`DoorbellListener`).
 :func:`ring` sends one byte to each socket in the directory; a listener blocks in
 ``recv`` until one comes. Event-driven on every POSIX system, macOS included.
 
 Guarantees: a ring that happens after a listener is bound wakes it (the datagram waits
 in its queue if it is not blocked yet; a full queue means wake-ups are already pending).
 :func:`ring` never blocks, takes no lock and allocates nothing shared, so it is safe in a
-signal handler. A listener's socket is removed when it closes (or its process exits), and
-the directory with the last one, or by its maker's :func:`discard` or exit; a process
-killed while listening leaves a socket file that the next :func:`ring` finds refused, and
-removes. Only a SIGKILL of every process of a chunk leaves its directory behind.
+signal handler (a sender whose budget is spent on rings nobody read gets a fresh socket
+under the same descriptor). A listener's socket is removed when it closes (or its process
+exits); the directory by its maker's :func:`discard`, by a chunk's last listener, or by
+the exit of any process that listened in it, once empty; a process killed while
+listening leaves a socket file that the next :func:`ring` finds refused, and removes.
+Only a SIGKILL of every process of a chunk leaves its directory behind.
 
 Not promised: a wake-up is only a hint (anyone who can write to the directory can send
 one), so the listener re-reads shared memory, which is the truth.
