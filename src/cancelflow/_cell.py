@@ -148,13 +148,11 @@ class Chunk:
         #: without futex: the directory whose sockets a ring wakes (see _platform._doorbell)
         self.doorbell = ""
         if not HAVE_FUTEX and TOKENS_CROSS_PROCESSES:
-            if self.owned:
-                path = make_doorbell().encode()
-                if len(path) > _DOORBELL_MAX:
-                    raise OSError(f"doorbell path too long for a chunk header: {path!r}")
+            if self.owned:  # at most ~76 bytes (a socket path's limit less a name)
+                path = os.fsencode(make_doorbell())
                 header.doorbell = path
                 header.doorbell_len = len(path)
-            self.doorbell = bytes(header.doorbell[: header.doorbell_len]).decode()
+            self.doorbell = os.fsdecode(bytes(header.doorbell[: header.doorbell_len]))
         # Owned chunks hand slots out; attached ones (from another process) never do.
         self._free: list[int] = (
             list(range(self.size - SLOT_SIZE, 0, -SLOT_SIZE)) if self.owned else []

@@ -45,7 +45,7 @@ def make_directory() -> str:
     """Make a new doorbell directory (mode 0700) and return its path."""
     for base in (tempfile.gettempdir(), "/tmp"):
         path = tempfile.mkdtemp(prefix="cf-", dir=base)
-        if len(path) + 24 <= _MAX_SOCKET_PATH:
+        if len(os.fsencode(path)) + 24 <= _MAX_SOCKET_PATH:  # the limit is in bytes
             _made.add(path)
             return path
         os.rmdir(path)

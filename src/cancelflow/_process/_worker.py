@@ -39,6 +39,11 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
+try:
+    import resource
+except ImportError:  # the "windows" flavour: importable, never runs a worker
+    resource = None  # type: ignore[assignment]
+
 from .. import _cell, _context
 from .._exceptions import CancelledException, Terminated, UnreadableResultError
 from .._platform import kill_tree, set_child_subreaper, set_parent_death_signal
@@ -134,11 +139,6 @@ def _reap_children() -> None:
         if pid == 0:
             return
 
-
-try:
-    import resource
-except ImportError:  # the "windows" flavour: importable, never runs a worker
-    resource = None  # type: ignore[assignment]
 
 #: Every resource limit this platform has (RLIMIT_AS, RLIMIT_NOFILE, ...).
 _RLIMITS = tuple(
