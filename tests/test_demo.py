@@ -28,7 +28,7 @@ import pytest
 from cancelflow import __version__
 
 DEMO = [sys.executable, "-m", "cancelflow", "demo"]
-CPU_NODES = ("score_orders", "simulate_risk", "render_chart")
+CPU_NODES = ("score_orders", "simulate_risk", "render_chart", "archive_orders")
 EARLY_NODES = ("fetch_orders", "fetch_prices", "parse_orders", "parse_prices")
 
 # The pipeline starts its process wave about 1 s after it starts (two waves of 0.5 s of
@@ -128,21 +128,50 @@ class TestDemoSummary:
         for node in EARLY_NODES:
             assert node in demo_run.first["partial_results"]
 
-    def test_process_node_that_ignores_its_token_is_killed(self, demo_run: DemoRun) -> None:
-        """Test that the pure-Python loop is killed, the token-checking node cancelled."""
+    def test_each_step_of_the_stop_ladder_stops_one_process_node(self, demo_run: DemoRun) -> None:
+        """Test that the process wave shows the pool's three stop steps, one node each: the
+        token-checking node is cancelled at its token; the pure-Python loop that ignores
+        its token is terminated by SIGTERM, and its finally block ran (what it stored
+        there is kept); the node that ignores SIGTERM too is killed, its worker and helper
+        process gone, and its finally block never ran."""
         fates = demo_run.fates()
-        assert fates["score_orders"] == "cancelled"
-        assert fates["simulate_risk"] == "killed"
-        assert demo_run.first["nodes"]["simulate_risk"]["worker_alive_after_run"] is False
+        nodes = demo_run.first["nodes"]
+        partials = demo_run.first["partial_results"]
+        assert fates["score_orders"] == "cancelled", fates
+        assert fates["simulate_risk"] == "terminated", fates
+        assert fates["archive_orders"] == "killed", fates
+        assert nodes["simulate_risk"]["finally_ran"] is True
+        in_finally = partials["simulate_risk.finally"]
+        assert in_finally["samples"] >= partials["simulate_risk.so_far"]["samples"] > 0
+        assert nodes["archive_orders"]["finally_ran"] is False
+        assert "archive_orders.finally" not in partials
+        assert nodes["archive_orders"]["worker_alive_after_run"] is False
+        assert nodes["archive_orders"]["helper_alive_after_run"] is False
 
-    def test_partial_results_keep_what_a_killed_process_node_stored(
+    def test_the_stops_come_in_the_ladders_order(self, demo_run: DemoRun) -> None:
+        """Test that the three stopped process nodes ended in the ladder's order: token,
+        then SIGTERM (0.3 s later), then SIGKILL (0.5 s after that)."""
+        nodes = demo_run.first["nodes"]
+        token, term, kill = (
+            nodes[node]["stopped_ms_after_cancel"]
+            for node in ("score_orders", "simulate_risk", "archive_orders")
+        )
+        assert token < term < kill, (token, term, kill)
+        # SIGKILL comes no sooner than both grace periods after the token.
+        assert kill - token >= 0.8e3 - 100, (token, kill)
+
+    def test_partial_results_keep_what_stopped_process_nodes_stored(
         self, demo_run: DemoRun
     ) -> None:
-        """Test that the partial results hold the values the killed process node stored."""
+        """Test that the partial results hold the values the terminated and the killed
+        process nodes stored before they were stopped."""
         partials = demo_run.first["partial_results"]
         stored = partials["simulate_risk.so_far"]
         assert stored["samples"] > 0
         assert 0 < stored["done"] < 1
+        killed = partials["archive_orders.so_far"]
+        assert 0 < killed["done"] < 1
+        assert isinstance(partials["archive_orders.helper_pid"], int)
         assert partials["score_orders.so_far"]["checked"] > 0
         assert isinstance(partials["render_chart.helper_pid"], int)
 
@@ -193,13 +222,16 @@ class TestDemoSummaryLayout:
 class TestDemoModes:
     """What distinguishes the modes."""
 
-    def test_interrupt_kills_the_node_with_a_helper_and_its_helper(
+    def test_interrupt_stops_the_nodes_with_a_helper_and_their_helpers(
         self, interrupt_run: DemoRun
     ) -> None:
-        """Test that in interrupt mode render_chart is killed with the helper process it started."""
-        node = interrupt_run.first["nodes"]["render_chart"]
-        assert node["fate"] == "killed"
-        assert node["helper_alive_after_run"] is False
+        """Test that in interrupt mode render_chart is stopped too: SIGTERM ends it (its
+        worker then kills the helper it started); archive_orders is killed with its helper."""
+        nodes = interrupt_run.first["nodes"]
+        assert nodes["render_chart"]["fate"] == "terminated"
+        assert nodes["render_chart"]["helper_alive_after_run"] is False
+        assert nodes["archive_orders"]["fate"] == "killed"
+        assert nodes["archive_orders"]["helper_alive_after_run"] is False
         assert interrupt_run.first["first_incomplete_wave"] == 2
 
     def test_graceful_lets_the_running_wave_finish_within_the_grace(
@@ -312,7 +344,7 @@ class TestDemoInTerminal:
         summary = term.text.split("== report-1:", 1)[1]
         assert "cancelled by Ctrl-C, then interrupted by a second Ctrl-C" in summary
         lines = {m[1]: m[0] for m in re.finditer(r"^\s+\d/4 (\S+).*$", summary, re.MULTILINE)}
-        assert " killed " in lines["simulate_risk"]
+        assert " terminated " in lines["simulate_risk"]
         assert " cancelled " in lines["score_orders"]
         assert "reason         : cancelled by the user (Ctrl-C)" in summary
         assert "Final check: no process left" in summary

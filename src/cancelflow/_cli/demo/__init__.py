@@ -1,9 +1,10 @@
 """``cancelflow demo``: the whole project shown end to end in under a minute.
 
 A report pipeline (see :mod:`cancelflow._cli.demo.nodes`) runs in four waves: simulated I/O
-on the event loop, blocking work in threads, CPU work in processes (one node checks its
-token, one never does, one starts a helper process of its own), then a last step on the
-loop. While it runs the demo draws one progress bar per node (``rich`` when it is
+on the event loop, blocking work in threads, work in processes (one node checks its token;
+one never does, so the pool's SIGTERM stops it and its ``finally`` runs; one starts a
+helper process of its own; one ignores its token and SIGTERM, so only SIGKILL of its
+process tree stops it), then a last step on the loop. While it runs the demo draws one progress bar per node (``rich`` when it is
 installed and the output is a terminal, plain lines otherwise). Then it cancels the
 pipeline: from a timer thread after ``--cancel-after`` seconds, on Ctrl-C, or, with
 ``--supersede``, by starting a newer request for the same key. Once everything has

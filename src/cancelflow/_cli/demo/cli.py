@@ -37,24 +37,30 @@ from .settings import (
     EXIT_PROBLEM,
     EXIT_USAGE,
     PROCESS_GRACE,
+    TERM_GRACE,
     THREAD_GRACE,
 )
 from .story import Demo
 from .summary import summarize
 
-_EPILOG = """\
+_EPILOG = f"""\
 what it shows:
   wave 1  event loop  fetch_orders, fetch_prices     simulated I/O
   wave 2  threads     parse_orders, parse_prices     blocking work, checks its token
   wave 3  processes   score_orders                   CPU work, checks its token
                       simulate_risk                  pure-Python loop, never checks it
                       render_chart                   starts a helper process of its own
+                      archive_orders                 a helper process; ignores SIGTERM
   wave 4  event loop  publish_report
 
   Then it cancels, and reports the reason, the wave that was running, each node's fate
-  (finished / cancelled / killed / not started), the partial results kept (also those a
-  killed process node stored), the cleanup handlers that ran (exactly once), the latency
-  it measured, and checks that no process or thread it started is left.
+  (finished / cancelled / terminated / killed / not started), the partial results kept
+  (also those a killed process node stored), the cleanup handlers that ran (exactly
+  once), the latency it measured, and checks that no process or thread it started is
+  left. A process node that is still running is stopped by the pool's ladder: its token
+  (score_orders stops there: cancelled), SIGTERM {PROCESS_GRACE:g} s later, which becomes an exception
+  so that its finally blocks run (simulate_risk: terminated), SIGKILL of its worker and
+  its process tree {TERM_GRACE:g} s after that (archive_orders, which ignores SIGTERM: killed).
 
 --dask ADDRESS runs the same pipeline on a Dask distributed cluster (--dask local starts
 one on 127.0.0.1 and closes it at the end): process nodes run in a child process of a
@@ -215,9 +221,10 @@ def run(args: argparse.Namespace) -> int:
             processes = DemoProcessPool()
             processes.wait_ready(30)
             note_children()
+            display.note(f"process pool ready: {len(processes.statistics().worker_pids)} workers")
             display.note(
-                f"process pool ready: {len(processes.statistics().worker_pids)} workers "
-                f"(ladder: token, then SIGKILL after {PROCESS_GRACE:g} s)"
+                f"  stop ladder: token; SIGTERM {PROCESS_GRACE:g} s later; "
+                f"SIGKILL {TERM_GRACE:g} s after that"
             )
         elif args.dask.strip().lower() == "local":
             display.note(

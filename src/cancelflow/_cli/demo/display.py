@@ -9,6 +9,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
+from .render import fit_line, terminal_width
+
 
 class Display:
     """Live progress: one line per event, progress at each quarter (plain text)."""
@@ -19,6 +21,8 @@ class Display:
         self._lock = threading.Lock()
         self._labels: dict[str, str] = {}
         self._quarters: dict[str, int] = {}
+        #: lines are wrapped to this width, as the summary is
+        self.width = terminal_width()
 
     def start(self) -> None:
         pass
@@ -36,7 +40,13 @@ class Display:
 
     def note(self, text: str) -> None:
         """An event line (cancel, wave started, cleanup ran...)."""
-        self._write(f"{time.perf_counter() - self.t0:6.2f}s  {text}")
+        self._write(self._stamped(text))
+
+    def _stamped(self, text: str) -> str:
+        """``text`` after the time stamp, wrapped to the width under its first word."""
+        indent = 9 + len(text) - len(text.lstrip(" ")) + 2
+        line = f"{time.perf_counter() - self.t0:6.2f}s  {text}"
+        return "\n".join(fit_line(line, self.width, indent))
 
     def add_node(self, key: str, label: str) -> None:
         self._labels[key] = label
@@ -89,6 +99,7 @@ class _RichDisplay(Display):
         # after a status of ~24 columns, and a long status is cut with an ellipsis
         # rather than squeezing the other columns (80 columns read well).
         width = self.console.width
+        self.width = width
         self.bars: Any = Progress(
             TextColumn("{task.description}", table_column=Column(no_wrap=True)),
             BarColumn(bar_width=max(8, min(28, width - 58))),
@@ -110,8 +121,7 @@ class _RichDisplay(Display):
         self.bars.stop()
 
     def note(self, text: str) -> None:
-        stamp = f"{time.perf_counter() - self.t0:6.2f}s  "
-        self.console.print(stamp + text, markup=False, highlight=False, soft_wrap=True)
+        self.console.print(self._stamped(text), markup=False, highlight=False, soft_wrap=True)
 
     def add_node(self, key: str, label: str) -> None:
         super().add_node(key, label)

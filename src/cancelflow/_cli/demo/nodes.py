@@ -11,13 +11,25 @@ The pipeline builds a small report::
     wave 1  threads      parse_orders, parse_prices       blocking work; they check their token
     wave 2  processes    score_orders                     CPU work; checks its token
                          simulate_risk                    pure-Python loop; never checks it
+                                                          (a finally block stores its estimate)
                          render_chart                     starts a child process, waits for it
+                         archive_orders                   starts a child process; ignores its
+                                                          token and SIGTERM
     wave 3  event loop   publish_report
 
+Cancelled, the three process nodes that do not finish within the grace show the pool's
+stop ladder, one step each: ``score_orders`` stops at its token (*cancelled*);
+``simulate_risk`` does not, but the SIGTERM that follows becomes an exception in its loop
+and its ``finally`` runs (*terminated*); ``archive_orders`` ignores SIGTERM too, so only
+SIGKILL of its worker and its process tree ends it (*killed*), and its ``finally`` never
+runs. Both store ``"finally"`` in their ``finally`` block (``pipeline.WITH_FINALLY``): the
+demo reads that partial result as the proof that the block ran.
+
 How long each one works comes from the pipeline's context (``io_seconds``,
-``cpu_seconds``, ``render_seconds``), so the demo can run a full-size and a quick request.
-With ``report_pid`` in the context (``--dask``), each process node first stores the pid of
-the process it runs in, so that the demo can check whether that process outlived it.
+``cpu_seconds``, ``render_seconds``, ``archive_seconds``), so the demo can run a
+full-size and a quick request. With ``report_pid`` in the context (``--dask``), each
+process node first stores the pid of the process it runs in, so that the demo can check
+whether that process outlived it.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -36,6 +49,7 @@ from cancelflow._context import check_cancelled
 from cancelflow._node import NodeContext
 
 __all__ = (
+    "archive_orders",
     "fetch_orders",
     "fetch_prices",
     "parse_orders",
@@ -149,8 +163,10 @@ def score_orders(ctx: NodeContext) -> dict[str, int]:
 def simulate_risk(ctx: NodeContext) -> dict[str, Any]:
     """Wave 2, in a process: a Monte-Carlo loop in pure Python that never checks its token.
 
-    Cancelled, it keeps running: the pool's stop ladder ends it (token, then after the
-    grace period SIGKILL of its worker). What it stored before is kept.
+    Cancelled, it keeps running until the pool's stop ladder reaches SIGTERM (after the
+    grace period), which the worker turns into an exception (``Terminated``) in this
+    loop: its ``finally`` block runs and stores the estimate so far (``"finally"``), and
+    the pool reports it as *terminated*. What it stored before is kept as well.
     """
     _report_pid(ctx)
     seconds = _seconds(ctx, "cpu_seconds")
@@ -158,43 +174,40 @@ def simulate_risk(ctx: NodeContext) -> dict[str, Any]:
     start = time.monotonic()
     next_report = start + _REPORT_EVERY
     samples = hits = 0
-    while True:
-        for _ in range(5_000):
-            x, y = rng.random(), rng.random()
-            hits += x * x + y * y <= 1.0
-        samples += 5_000
-        now = time.monotonic()
-        done = min(1.0, (now - start) / seconds)
-        if now >= next_report or done >= 1.0:
-            next_report = now + _REPORT_EVERY
-            estimate = round(4 * hits / samples, 5)
-            ctx.store_partial(
-                "so_far", {"samples": samples, "pi": estimate, "done": round(done, 3)}
-            )
-        if done >= 1.0:
-            return {"samples": samples, "pi": round(4 * hits / samples, 5)}
+    try:
+        while True:
+            for _ in range(5_000):
+                x, y = rng.random(), rng.random()
+                hits += x * x + y * y <= 1.0
+            samples += 5_000
+            now = time.monotonic()
+            done = min(1.0, (now - start) / seconds)
+            if now >= next_report or done >= 1.0:
+                next_report = now + _REPORT_EVERY
+                estimate = round(4 * hits / samples, 5)
+                ctx.store_partial(
+                    "so_far", {"samples": samples, "pi": estimate, "done": round(done, 3)}
+                )
+            if done >= 1.0:
+                return {"samples": samples, "pi": round(4 * hits / samples, 5)}
+    finally:
+        # Runs when the loop returns and when SIGTERM raised in it; never after SIGKILL.
+        pi = round(4 * hits / samples, 5) if samples else None
+        ctx.store_partial("finally", {"samples": samples, "pi": pi})
 
 
-# The helper process: renders the chart into a file after a while.
+# The helper process: sleeps a while (the work), then writes its output file.
 _CHILD = (
-    "import sys, time\n"
-    "time.sleep(float(sys.argv[1]))\n"
-    "open(sys.argv[2], 'w').write('<svg xmlns=\"http://www.w3.org/2000/svg\"/>')\n"
+    "import sys, time\ntime.sleep(float(sys.argv[1]))\nopen(sys.argv[2], 'w').write(sys.argv[3])\n"
 )
 
 
-def render_chart(ctx: NodeContext) -> dict[str, Any]:
-    """Wave 2, in a process: start a helper process of its own and wait for it.
-
-    It never checks its token. If its worker is killed, the pool kills the helper too
-    (the whole process tree of the task), and the demo checks that the helper is gone.
-    """
-    _report_pid(ctx)
-    seconds = _seconds(ctx, "render_seconds")
-    path = Path(ctx.context["scratch"]) / "chart.svg"
+def _run_helper(ctx: NodeContext, seconds: float, path: Path, content: str) -> None:
+    """Start a helper process that writes ``content`` to ``path`` after ``seconds``, and
+    wait for it, reporting progress; its pid is stored as ``helper_pid``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     helper = subprocess.Popen(
-        [sys.executable, "-I", "-S", "-c", _CHILD, str(seconds), str(path)],
+        [sys.executable, "-I", "-S", "-c", _CHILD, str(seconds), str(path), content],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -210,9 +223,42 @@ def render_chart(ctx: NodeContext) -> dict[str, Any]:
             ctx.store_partial("so_far", {"waited_s": round(waited, 2), "done": done})
             continue
         if code != 0:
-            raise RuntimeError(f"the chart helper exited with code {code}")
+            raise RuntimeError(f"the helper process exited with code {code}")
         ctx.store_partial("so_far", {"waited_s": round(time.monotonic() - start, 2), "done": 1.0})
-        return {"chart": path.name, "bytes": path.stat().st_size}
+        return
+
+
+def render_chart(ctx: NodeContext) -> dict[str, Any]:
+    """Wave 2, in a process: start a helper process of its own and wait for it.
+
+    It never checks its token. If its worker is stopped, the pool kills the helper too
+    (the whole process tree of the task), and the demo checks that the helper is gone.
+    """
+    _report_pid(ctx)
+    path = Path(ctx.context["scratch"]) / "chart.svg"
+    svg = '<svg xmlns="http://www.w3.org/2000/svg"/>'
+    _run_helper(ctx, _seconds(ctx, "render_seconds"), path, svg)
+    return {"chart": path.name, "bytes": path.stat().st_size}
+
+
+def archive_orders(ctx: NodeContext) -> dict[str, Any]:
+    """Wave 2, in a process: archive the orders with a helper process, ignoring SIGTERM.
+
+    Like a library or tool that ignores SIGTERM while it works (``SIG_IGN``, set here on
+    purpose), it never checks its token and the ladder's SIGTERM does nothing: only the
+    last step, SIGKILL of its worker and of its process tree (the helper included), ends
+    it. Its ``finally`` block (which would store ``"finally"``) does not run then. The
+    pool puts the worker's SIGTERM handler back after each task.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # first: before any SIGTERM can come
+    _report_pid(ctx)
+    path = Path(ctx.context["scratch"]) / "orders.archive"
+    try:
+        _run_helper(ctx, _seconds(ctx, "archive_seconds"), path, "archived orders\n")
+        return {"archive": path.name, "bytes": path.stat().st_size}
+    finally:
+        # Runs when the node returns or raises; never after SIGKILL.
+        ctx.store_partial("finally", {"archive_exists": path.exists()})
 
 
 async def publish_report(ctx: NodeContext) -> dict[str, Any]:
@@ -225,4 +271,5 @@ async def publish_report(ctx: NodeContext) -> dict[str, Any]:
         "orders": ctx.inputs["score_orders"]["checked"],
         "risk_pi": ctx.inputs["simulate_risk"]["pi"],
         "chart": ctx.inputs["render_chart"]["chart"],
+        "archive": ctx.inputs["archive_orders"]["archive"],
     }

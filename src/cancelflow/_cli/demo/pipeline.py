@@ -29,7 +29,12 @@ ROLES = {
     "score_orders": "checks its token",
     "simulate_risk": "never checks its token",
     "render_chart": "starts a helper process",
+    "archive_orders": "ignores its token and SIGTERM",
 }
+
+#: The nodes whose ``finally`` block stores the partial result ``"finally"`` (see ``nodes``):
+#: its presence proves that the block ran.
+WITH_FINALLY = ("simulate_risk", "archive_orders")
 
 CLEANUP_HANDLERS = ("close the API session", "remove the scratch directory")
 
@@ -50,10 +55,11 @@ def pipeline_nodes() -> list[Node]:
             deps=["parse_orders", "parse_prices"],
             run_in="process",
         ),
+        Node("archive_orders", m.archive_orders, deps=["parse_orders"], run_in="process"),
         Node(
             "publish_report",
             m.publish_report,
-            deps=["score_orders", "simulate_risk", "render_chart"],
+            deps=["score_orders", "simulate_risk", "render_chart", "archive_orders"],
         ),
     ]
 

@@ -9,19 +9,23 @@ from cancelflow._node import NodeContext
 from cancelflow._process import ProcessPool, TaskFuture
 from cancelflow._token import CancellationToken
 
-from .settings import PROCESS_GRACE
+from .settings import PROCESS_GRACE, PROCESS_WORKERS, TERM_GRACE
 
 
 class DemoProcessPool(ProcessPool):
     """A :class:`ProcessPool` that remembers the :class:`TaskFuture` of each pipeline node.
 
     The executor reports a stopped node as ``node_cancelled``; the future's ``fate`` tells
-    a node that stopped at its token (``cancelled``) from one whose worker was killed.
+    a node that stopped at its token (``cancelled``) from one whose SIGTERM became an
+    exception (``terminated``) and from one whose worker was killed (``killed``).
     """
 
     def __init__(self) -> None:
         super().__init__(
-            3, grace_period=PROCESS_GRACE, term_grace_period=0.0, name="demo-processes"
+            PROCESS_WORKERS,
+            grace_period=PROCESS_GRACE,
+            term_grace_period=TERM_GRACE,
+            name="demo-processes",
         )
         self.futures: dict[tuple[str, str], TaskFuture] = {}
 

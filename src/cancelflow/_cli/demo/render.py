@@ -35,7 +35,7 @@ def terminal_width() -> int:
     return max(60, min(120, shutil.get_terminal_size((100, 24)).columns))
 
 
-def _fit(line: str, width: int, indent: int) -> list[str]:
+def fit_line(line: str, width: int, indent: int) -> list[str]:
     """``line`` wrapped at ``width`` on spaces only (a pid or a number is never cut),
     the rest indented by ``indent``."""
     if len(line) <= width:
@@ -58,7 +58,7 @@ def render(summary: dict[str, Any], width: int | None = None) -> str:
         if indent is None:
             stripped = len(line) - len(line.lstrip(" "))
             indent = 19 if line.startswith("  ") and " : " in line[:19] else stripped + 2
-        lines.extend(_fit(line, width, indent))
+        lines.extend(fit_line(line, width, indent))
 
     first = summary["runs"][0]
     add("")
@@ -103,13 +103,20 @@ def render(summary: dict[str, Any], width: int | None = None) -> str:
             parts = [f"[{node['role']}]"] if "role" in node else []
             if node["detail"]:
                 parts.append(node["detail"])
+            # What its finally block stored says whether it ran (a terminated node's
+            # detail already says that it did).
+            if "finally_ran" in node and not (node["finally_ran"] and node["fate"] == "terminated"):
+                parts.append("its finally ran" if node["finally_ran"] else "its finally never ran")
             if "stopped_ms_after_interrupt" in node and node["fate"] != "finished":
                 parts.append(f"{node['stopped_ms_after_interrupt']:.0f} ms after the second Ctrl-C")
             elif "stopped_ms_after_cancel" in node and node["fate"] != "finished":
                 parts.append(f"{node['stopped_ms_after_cancel']:.0f} ms after the cancel")
-            if "worker_pid" in node and node["fate"] in ("killed", "terminated"):
+            if "worker_pid" in node and node["fate"] == "killed":
                 gone = "gone" if not node["worker_alive_after_run"] else "STILL RUNNING"
                 parts.append(f"worker {node['worker_pid']} {gone}")
+            elif "worker_pid" in node and node["fate"] == "terminated":
+                # SIGTERM ended the task, not its worker: the worker takes the next task.
+                parts.append(f"worker {node['worker_pid']} kept")
             if "helper_pid" in node:
                 gone = "gone" if not node["helper_alive_after_run"] else "STILL RUNNING"
                 parts.append(f"helper process {node['helper_pid']} {gone}")
@@ -133,12 +140,16 @@ def render(summary: dict[str, Any], width: int | None = None) -> str:
                     item[0],
                 ),
             ):
-                node_id = key.partition(".")[0]
+                node_id, _, name = key.partition(".")
                 fate = run["nodes"].get(node_id, {}).get("fate")
                 note = ""
-                if "." in key and fate in ("killed", "terminated"):
+                if name == "finally" and fate == "terminated":
+                    note = "   <- stored by its finally block, after SIGTERM"
+                elif name and fate == "terminated":
+                    note = "   <- stored before SIGTERM stopped it"
+                elif name and fate == "killed":
                     note = "   <- stored by a process that was then killed"
-                elif "." in key and fate == "cancelled":
+                elif name and fate == "cancelled":
                     note = "   <- stored before it was cancelled"
                 add(
                     f"  {key:<27} {_short(value, width - _PARTIAL_VALUE - 1)}{note}", _PARTIAL_VALUE

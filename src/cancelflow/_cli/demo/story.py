@@ -25,7 +25,7 @@ from cancelflow._thread_pool import ThreadPool
 
 from .check import alive, remember
 from .display import Display
-from .pipeline import CPU_WAVE, NODE_WAVE, ROLES, WAVES, pipeline_nodes
+from .pipeline import CPU_WAVE, NODE_WAVE, ROLES, WAVES, WITH_FINALLY, pipeline_nodes
 from .pool import DemoProcessPool
 from .records import DaskTarget, NodeRecord, RunRecord
 from .settings import (
@@ -36,6 +36,7 @@ from .settings import (
     PROCESS_GRACE,
     QUICK_WORK,
     SUPERSEDE_KEY,
+    TERM_GRACE,
 )
 
 
@@ -89,7 +90,8 @@ class Demo:
 
         dask = self.dask
         # A process node that ignores its token: SIGKILL of its child's tree on the worker
-        # after PROCESS_GRACE, as with the demo's own process pool.
+        # after PROCESS_GRACE (no SIGTERM step on Dask: there the demo shows token and
+        # SIGKILL only).
         async with DaskRunner(
             dask.address, grace_period=PROCESS_GRACE, term_grace_period=0.0
         ) as runner:
@@ -201,11 +203,14 @@ class Demo:
         for node_id, fate in run.result.node_fates.items():
             node = run.nodes.get(node_id)
             if node is not None and node.fate != fate:
+                on_dask = self.dask is not None
                 node.fate, node.detail = (
                     fate,
-                    _detail(node.run_in, fate, self.dask is not None, not self.local_pids),
+                    _detail(node.run_in, fate, on_dask, not self.local_pids),
                 )
-                self.display.status(f"{run.pipeline_id}/{node_id}", fate, node.detail)
+                self.display.status(
+                    f"{run.pipeline_id}/{node_id}", fate, _live_detail(fate, node.detail, on_dask)
+                )
 
     def _mark_not_started(self, run: RunRecord) -> None:
         for record in run.nodes.values():
@@ -257,10 +262,16 @@ class Demo:
                 f"  graceful: no new wave starts; the running wave may finish within "
                 f"{self.args.grace:g} s, then it is interrupted"
             )
-        else:
+        elif self.dask is not None:
             self.display.note(
                 "  interrupt: running nodes are told now; a process node that ignores its "
                 f"token is killed after {PROCESS_GRACE:g} s, with its process tree"
+            )
+        else:
+            self.display.note(
+                "  interrupt: running nodes are told now; a process node that ignores its "
+                f"token gets SIGTERM after {PROCESS_GRACE:g} s, SIGKILL (with its process "
+                f"tree) {TERM_GRACE:g} s later"
             )
 
     def _supersede(self) -> None:
@@ -297,7 +308,7 @@ class Demo:
             self.t_interrupt = time.perf_counter()
             self.display.note(
                 "Ctrl-C again: interrupting now (nodes are told to stop; a process node "
-                "that ignores its token is killed)"
+                "that ignores its token is stopped by the ladder)"
             )
             interrupted = False
             for pipeline_id in self.executor.registry.active_pipelines():
@@ -356,7 +367,11 @@ class Demo:
             if name == "node_failed":
                 node.error = repr(event.data.get("error"))
             node.fate, node.detail = self._fate(run, node)
-            self.display.status(f"{run.pipeline_id}/{node.id}", node.fate, node.detail)
+            on_dask = self.dask is not None
+            live = _live_detail(node.fate, node.detail, on_dask)
+            self.display.status(f"{run.pipeline_id}/{node.id}", node.fate, live)
+            if name == "node_cancelled" and node.id in WITH_FINALLY:
+                self._note_finally(run, node)
         elif name == "execution_cancelled":
             # Still registered: keep a copy of what a second Ctrl-C would not hand back.
             with contextlib.suppress(KeyError):
@@ -377,6 +392,19 @@ class Demo:
                 node.worker_pid = future.pid
                 fate = future.fate
         return fate, _detail(node.run_in, fate, self.dask is not None, not self.local_pids)
+
+    def _note_finally(self, run: RunRecord, node: NodeRecord) -> None:
+        """A stopped node with a ``finally`` block: did the block run? Its partial result
+        ``"finally"`` (stored in the block, so before the node's end reached us) says so."""
+        with contextlib.suppress(KeyError):
+            partials = self.executor.registry.get_partial_results(run.pipeline_id)
+            stored = partials.get(f"{node.id}.finally")
+            if isinstance(stored, dict):
+                what = ", ".join(f"{key}={value}" for key, value in stored.items())
+                text = f"finally ran: {what}"
+            else:
+                text = "its finally never ran"
+            self.display.note(f"  {run.label(node.id)}  {text}")
 
     def _register_cleanup(self, run: RunRecord) -> None:
         registry = self.executor.registry
@@ -464,7 +492,9 @@ class Demo:
         if node.fate != "cancelled" or node.worker_pid is None or node.worker_alive:
             return
         node.fate, node.detail = "killed", _detail(node.run_in, "killed", True)
-        self.display.status(f"{run.pipeline_id}/{node.id}", node.fate, node.detail)
+        self.display.status(
+            f"{run.pipeline_id}/{node.id}", node.fate, _live_detail("killed", node.detail, True)
+        )
 
     def _partials(self, run: RunRecord) -> dict[str, Any]:
         if run.result is not None:
@@ -483,12 +513,22 @@ def _detail(run_in: str, fate: str, on_dask: bool = False, remote: bool = False)
     if on_dask and fate == "killed":
         return "ignored its token: its child's process tree SIGKILLed, the Dask worker goes on"
     return {
-        "killed": "ignored its token: SIGKILL, with its process tree",
+        "killed": "SIGTERM did not stop it: SIGKILL, with its process tree",
         "terminated": "SIGTERM became an exception; its finally blocks ran",
         "crashed": "its worker died by itself",
         "abandoned": "ignored its token: abandoned after the grace period, still running",
         "timed_out": "ran past its own timeout",
     }.get(fate, "")
+
+
+def _live_detail(fate: str, detail: str, on_dask: bool) -> str:
+    """The fate's detail on a progress line: short, so that the line fits 80 columns."""
+    if on_dask:
+        return detail
+    return {
+        "terminated": "SIGTERM; its finally ran",
+        "killed": "SIGKILL, with its process tree",
+    }.get(fate, detail)
 
 
 def _add_sigint_handler(loop: asyncio.AbstractEventLoop, handler: Any) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 
 from cancelflow._version import __version__
 
-from .pipeline import ROLES
+from .pipeline import ROLES, WITH_FINALLY
 from .records import RunRecord
 from .settings import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEM
 from .story import Demo
@@ -76,6 +76,9 @@ def _run_summary(demo: Demo, run: RunRecord) -> dict[str, Any]:
         if node.helper_pid is not None:
             entry["helper_pid"] = node.helper_pid
             entry["helper_alive_after_run"] = node.helper_alive
+        if node.id in WITH_FINALLY and node.fate in ("cancelled", "terminated", "killed"):
+            # The block stores "finally" when it runs: the partial result is the proof.
+            entry["finally_ran"] = f"{node.id}.finally" in partials
         if node.error:
             entry["error"] = node.error
         nodes[node.id] = entry
