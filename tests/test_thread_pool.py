@@ -633,3 +633,109 @@ class TestThreadPoolStatistics:
         assert isinstance(stats, ThreadPoolStatistics)
         with pytest.raises(dataclasses.FrozenInstanceError):
             stats.workers = 5  # type: ignore[misc]
+
+
+def _live_token_slots() -> int:
+    """How many token slots this process's chunks have handed out and not got back."""
+    from cancelflow import _cell
+
+    return sum(chunk.live for chunk in list(_cell._all_chunks) if chunk.owned)
+
+
+class TestTaskTokenOnDemand:
+    """A plain ``submit`` makes its task's token only when something needs it."""
+
+    def test_tasks_that_never_read_their_token_make_none(self, pool: ThreadPool) -> None:
+        """Test that plain submissions whose tasks never read their token take no token slot."""
+        release = threading.Event()
+        before = _live_token_slots()
+        try:
+            futures = [pool.submit(release.wait, WAIT) for _ in range(20)]
+            assert _live_token_slots() == before
+        finally:
+            release.set()
+        assert all(f.result(WAIT) for f in futures)
+
+    def test_a_task_sees_one_token_however_often_it_asks(self, pool: ThreadPool) -> None:
+        """Test that current_token() gives the task the same token on every call."""
+
+        def twice() -> bool:
+            return current_token() is current_token()
+
+        assert pool.submit(twice).result(WAIT)
+
+    def test_a_cancel_before_the_task_reads_its_token_is_seen(self, one_worker: ThreadPool) -> None:
+        """Test that a task cancelled before it first reads its token finds it cancelled."""
+        started, release = threading.Event(), threading.Event()
+        seen: list[tuple[bool, str | None]] = []
+
+        def late_reader() -> None:
+            started.set()
+            release.wait(WAIT)
+            token = current_token()
+            seen.append((token.is_cancelled, token.cancel_reason))
+
+        future = one_worker.submit(late_reader)
+        wait(started)
+        assert future.cancel()
+        release.set()
+        drain(one_worker)
+        assert seen == [(True, "future cancelled")]
+        assert future.cancel_reason == "future cancelled"
+
+    def test_a_task_cancelling_its_own_token_fails_its_future(self, pool: ThreadPool) -> None:
+        """Test that a task whose token it cancels itself gets a failed future, as before."""
+
+        def self_cancel() -> None:
+            current_token().cancel("changed my mind")
+            check_cancelled()
+
+        with pytest.raises(CancelledException) as info:
+            pool.submit(self_cancel).result(WAIT)
+        assert info.value.reason == "changed my mind"
+
+    def test_a_token_made_twice_at_once_is_one_token(
+        self, pool: ThreadPool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that a second making of the token that lands inside the first (a signal
+        handler cancelling the task while its thread makes the token) ends with one token,
+        cancelled, that both calls return."""
+        from cancelflow import _thread_pool
+
+        release = threading.Event()
+        future = pool.submit(release.wait, WAIT)
+        item = future._item
+        assert item is not None
+        made: list[CancellationToken] = []
+
+        class Interrupted(CancellationToken):
+            def __init__(self, **kwargs: Any) -> None:
+                super().__init__(**kwargs)
+                made.append(self)
+                if len(made) == 1:  # "the handler" lands while the first one is made
+                    assert item is not None
+                    item.task_token().cancel("from the handler")
+
+        monkeypatch.setattr(_thread_pool, "CancellationToken", Interrupted)
+        try:
+            outer = item.task_token()
+        finally:
+            release.set()
+        assert len(made) == 2
+        assert outer is item.task_token() is made[1]
+        assert outer.cancel_reason == "from the handler"
+        with pytest.raises(CancelledException):
+            future.result(WAIT)
+
+    def test_cancelling_a_running_task_starts_no_thread(self, one_worker: ThreadPool) -> None:
+        """Test that the cancel of a running task schedules its grace timer without
+        starting a thread (the pool keeps the timer thread while it is open)."""
+        started, release = threading.Event(), threading.Event()
+        try:
+            future = one_worker.submit(stuck(started, release))
+            wait(started)
+            threads = set(threading.enumerate())
+            future.cancel()
+            assert set(threading.enumerate()) <= threads
+        finally:
+            release.set()

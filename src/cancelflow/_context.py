@@ -80,6 +80,31 @@ class TaskScope:
     partial_sink: PartialSink | None = None
 
 
+class _LazyTaskScope(TaskScope):
+    """A scope whose token is made on first read of ``token`` (by ``make_token``).
+
+    The slot stays unset until then, so the first read falls through to
+    :meth:`__getattr__`; every later read is the plain slot read of :class:`TaskScope`
+    (``check_cancelled()`` costs the same). ``make_token`` must return the same token to
+    every caller (two threads may both read first).
+    """
+
+    __slots__ = ("_make_token",)
+
+    def __init__(
+        self, make_token: Callable[[], CancellationToken], partial_sink: PartialSink | None
+    ) -> None:
+        object.__setattr__(self, "_make_token", make_token)
+        object.__setattr__(self, "partial_sink", partial_sink)
+
+    def __getattr__(self, name: str) -> Any:
+        if name != "token":
+            raise AttributeError(name)
+        token = self._make_token()
+        object.__setattr__(self, "token", token)
+        return token
+
+
 _scope: ContextVar[TaskScope | None] = ContextVar("cancelflow_task_scope", default=None)
 
 
@@ -103,6 +128,22 @@ class task_scope:  # lower case: used like the function it replaced
 
     def __exit__(self, *exc_info: object) -> None:
         _scope.reset(self._reset)
+
+
+def lazy_scope(
+    make_token: Callable[[], CancellationToken], partial_sink: PartialSink | None = None
+) -> TaskScope:
+    """A scope whose token is ``make_token()``, called only when the task first reads it
+    (``check_cancelled``, ``current_token``); ``make_token`` must give every caller the
+    same token."""
+    return _LazyTaskScope(make_token, partial_sink)
+
+
+def enter_scope_for_good(scope: TaskScope) -> None:
+    """Make ``scope`` current without a way back: only for a task that runs in a
+    :class:`contextvars.Context` of its own, dropped when the task ends (the thread
+    pool's tasks), where there is nothing to reset (cheaper than :class:`task_scope`)."""
+    _scope.set(scope)
 
 
 def current_scope() -> TaskScope | None:

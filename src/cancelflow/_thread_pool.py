@@ -28,7 +28,7 @@ from typing import Any, ParamSpec, TypeVar, TypeVarTuple
 
 from . import _futures, _interpreter_exit, _timer
 from ._async import wait_for_callback
-from ._context import PartialSink, task_scope
+from ._context import PartialSink, TaskScope, enter_scope_for_good, lazy_scope
 from ._exceptions import (
     BrokenPoolError,
     CancelledException,
@@ -144,6 +144,7 @@ class _WorkItem:
         "timeout",
         "timeout_handle",
         "token",
+        "token_box",
         "user_sink",
         "worker",
     )
@@ -154,7 +155,7 @@ class _WorkItem:
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        token: CancellationToken,
+        token: CancellationToken | None,
         timeout: float | None,
         grace: float,
         user_sink: PartialSink | None,
@@ -165,7 +166,10 @@ class _WorkItem:
         self.fn_name: str = getattr(fn, "__qualname__", None) or repr(fn)
         self.args = args
         self.kwargs = kwargs
+        #: the task's token, once made: at submission when a caller's token or a timeout
+        #: needs it, else on first use (see :meth:`task_token`); ``None`` until then
         self.token = token
+        self.token_box: list[CancellationToken] = []
         self.timeout = timeout
         self.grace = grace
         self.user_sink = user_sink
@@ -220,17 +224,59 @@ class _WorkItem:
         for callback in callbacks or ():
             callback()
 
+    def task_token(self) -> CancellationToken:
+        """The task's token, made now if nobody needed it so far.
+
+        A plain ``submit`` has no caller's token and no timeout, so nothing can cancel its
+        task but this pool (``cancel()``, ``shutdown``, an awaiter) or the task itself
+        through its token: the token is made only when one of those needs it, which most
+        tasks never do. Lock-free and safe to call from any thread, also from a signal
+        handler that interrupted a call of this very method: every caller appends the
+        token it made to ``token_box`` (one atomic operation) and the first one appended
+        wins; a loser's token is dropped unused.
+        """
+        token = self.token
+        if token is not None:
+            return token
+        made = CancellationToken(name=f"{self.pool._name}/{self.name}")
+        box = self.token_box
+        box.append(made)
+        token = box[0]
+        if token is made:
+            # Cancels made through this token by the task (or whoever it hands it to)
+            # settle the future; the pool's own cancels settle it themselves as well.
+            self.cancel_handle = token.on_cancel(
+                functools.partial(self.pool._settle_cancelled, self)
+            )
+        self.token = token
+        return token
+
+    def is_cancelled(self) -> bool:
+        """Whether the task's token is cancelled (``False`` while it has none)."""
+        token = self.token
+        return token is not None and token.is_cancelled
+
+    def cancel_reason(self) -> str | None:
+        token = self.token
+        return None if token is None else token.cancel_reason
+
     def sink(self, key: str, value: Any) -> None:
         self.partials[key] = value
         if self.user_sink is not None:
             self.user_sink(key, value)
 
     def run(self) -> Any:
-        with task_scope(self.token, self.sink):
-            return self.fn(*self.args, **self.kwargs)
+        """Call the task (in :attr:`context`, its own copy, dropped when it ends: the
+        scope set here needs no reset)."""
+        token = self.token
+        if token is None:
+            enter_scope_for_good(lazy_scope(self.task_token, self.sink))
+        else:
+            enter_scope_for_good(TaskScope(token, self.sink))
+        return self.fn(*self.args, **self.kwargs)
 
     def cancel_exception(self) -> CancelledException:
-        reason = self.token.cancel_reason
+        reason = self.cancel_reason()
         fn_name = self.fn_name
         if self.timed_out and self.timeout is not None and reason == _timeout_reason(self.timeout):
             return PipelineTimeoutException(
@@ -320,7 +366,7 @@ class ThreadTaskFuture(Future[T]):
     def cancel_reason(self) -> str | None:
         """The reason the task's token was cancelled with, or ``None`` if it was not."""
         item = self._item
-        return None if item is None else item.token.cancel_reason
+        return None if item is None else item.cancel_reason()
 
 
 class ThreadPool(Executor):
@@ -451,6 +497,8 @@ class ThreadPool(Executor):
         self._cancelled = 0
         # Re-entrant: it may be taken by a cancel callback run from a signal handler.
         self._count_lock = threading.RLock()
+        #: keeps the timer thread up while the pool has workers (see _timer.hold)
+        self._timer_hold: _timer.TimerHold | None = None
         _live_pools.add(self)
         _interpreter_exit.register(self)
 
@@ -713,11 +761,14 @@ class ThreadPool(Executor):
             if cancel_running:
                 stopping = [w.item for w in self._workers if w.item is not None]
             self._cond.notify_all()
+            timer_hold, self._timer_hold = self._timer_hold, None
         for item in dropped:
             self._cancel_as_future(item, "pool shut down")
         for item in stopping:
-            item.token.cancel("pool shut down")
+            item.task_token().cancel("pool shut down")
             self._settle_cancelled(item)
+        if timer_hold is not None:
+            timer_hold.release()  # grace timers just scheduled keep the thread up
         if not wait:
             return
         me = threading.current_thread()
@@ -767,8 +818,12 @@ class ThreadPool(Executor):
         self._check_accepting(fn)
         if token is not None and token.is_cancelled:
             return None
-        name = f"{self._name}-task"
-        task_token = token.child(name=name) if token is not None else CancellationToken(name=name)
+        if token is not None:
+            task_token: CancellationToken | None = token.child(name=f"{self._name}-task")
+        elif seconds is not None:
+            task_token = CancellationToken(name=f"{self._name}-task")
+        else:
+            task_token = None  # made on first use: see _WorkItem.task_token
         item = _WorkItem(
             self,
             fn,
@@ -780,7 +835,8 @@ class ThreadPool(Executor):
             partial_sink,
             interrupt_on_cancel,
         )
-        task_token.name = f"{self._name}/{item.name}"
+        if task_token is not None:
+            task_token.name = f"{self._name}/{item.name}"
         return item
 
     def _check_accepting(self, fn: object) -> None:
@@ -805,22 +861,32 @@ class ThreadPool(Executor):
     def _enqueue(self, item: _WorkItem) -> None:
         # From here on a cancel settles the future at once (a queued one is then skipped).
         # The callback never takes self._lock, so it may run here (an already-cancelled
-        # token) or from a signal handler that interrupts the block below.
-        item.cancel_handle = item.token.on_cancel(functools.partial(self._settle_cancelled, item))
+        # token) or from a signal handler that interrupts the block below. A task without
+        # a token yet registers it when the token is made (_WorkItem.task_token).
+        token = item.token
+        if token is not None:
+            item.cancel_handle = token.on_cancel(functools.partial(self._settle_cancelled, item))
         with self._lock:
             if not self._shutdown and self._broken is None:
                 self._queue.append(item)
-                self._cond.notify()
+                if self._idle:
+                    self._cond.notify()
                 self._spawn_if_needed()
                 return
-        item.cancel_handle.remove()
-        item.token.close()
+        if item.cancel_handle is not None:
+            item.cancel_handle.remove()
+        if item.token is not None:
+            item.token.close()
         self._check_accepting(item.fn)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _spawn_if_needed(self) -> None:
         """Start workers for queued work nobody waits for. Caller holds the lock."""
         while len(self._queue) > self._idle and self._active < self._max_workers:
+            if self._timer_hold is None:
+                # A cancel of a running task schedules its grace timer: with the timer
+                # thread up, that never starts a thread under a GIL-bound task.
+                self._timer_hold = _timer.hold()
             worker = _Worker()
             if self._thread_name_prefix:
                 name = f"{self._thread_name_prefix}_{next(self._thread_numbers)}"
@@ -958,9 +1024,18 @@ class ThreadPool(Executor):
     def _release(self, worker: _Worker) -> None:
         """The task's frames have returned: no interrupt may be sent for it from now on.
 
-        Then clears any interrupt sent for it and not delivered yet.
+        Then clears any interrupt sent for it and not delivered yet. The pool's lock is
+        taken only for a task that may be interrupted (``interrupt_on_cancel``): the
+        sender checks under it that the thread still runs the task. For any other task
+        the store needs no lock: ``_grace_expired`` racing with it either sees the item
+        and abandons the thread (which :meth:`_complete` then sees under the lock, and
+        takes back), or sees it gone.
         """
-        with self._lock:
+        item = worker.item
+        if item is not None and item.interrupt:
+            with self._lock:
+                worker.item = None
+        else:
             worker.item = None
         finishing = worker.finishing
         if finishing is not None and finishing.interrupt_sent:
@@ -982,7 +1057,7 @@ class ThreadPool(Executor):
         with _futures.lock(future):
             item.returned = True
             item.worker = None
-            if item.token.is_cancelled:
+            if item.is_cancelled():
                 settled = self._settle_locked(item)
                 if item.fate != Fate.ABANDONED:
                     item.settle_fate(Fate.CANCELLED)
@@ -992,8 +1067,10 @@ class ThreadPool(Executor):
                 _futures.settle_locked(future, result=outcome.value, exception=outcome.exc)
         if resolved or settled:
             _futures.run_callbacks(future)
-        item.fire_over()
-        item.token.close()
+        if item.over_callbacks is not None:
+            item.fire_over()
+        if item.token is not None:
+            item.token.close()
         _drop_call(item)
         came_back = False
         with self._lock:
@@ -1008,6 +1085,17 @@ class ThreadPool(Executor):
                 else:
                     self._active += 1
                 self._cond.notify_all()
+            else:
+                # The next queued task, under the lock already held (_take's first step);
+                # not one that may be interrupted: an interrupt may land only where _work
+                # catches it, and the rest of this method is outside that.
+                queue = self._queue
+                while queue and not queue[0].interrupt:
+                    queued = queue.popleft()
+                    if self._start(queued, worker):
+                        worker.item = queued
+                        break
+                del queue
         if came_back:
             safe_log(
                 "INFO",
@@ -1032,14 +1120,14 @@ class ThreadPool(Executor):
             if future.done():
                 return False
             item.cancel_as_future = True
-        item.token.cancel(reason)
+        item.task_token().cancel(reason)
         self._settle_cancelled(item)
         return future.cancelled()
 
     def _stop_for_awaiter(self, item: _WorkItem) -> None:
         """The asyncio task awaiting ``item`` (``run_sync``) was cancelled: cancel the
         task's token and settle its future now; the thread gets its grace period."""
-        item.token.cancel("asyncio task cancelled")
+        item.task_token().cancel("asyncio task cancelled")
         self._settle_cancelled(item)
 
     def _fail_pending(self, item: _WorkItem, error: BaseException) -> None:
@@ -1055,7 +1143,8 @@ class ThreadPool(Executor):
         item.fire_over()
         if item.cancel_handle is not None:
             item.cancel_handle.remove()
-        item.token.close()
+        if item.token is not None:
+            item.token.close()
 
     def _after_fork_in_child(self) -> None:
         """In a forked child: the pool's threads are gone; refuse work, never wait."""
@@ -1065,6 +1154,7 @@ class ThreadPool(Executor):
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._count_lock = threading.RLock()
+        self._timer_hold = None  # the timer thread is not in the child either
         self._queue.clear()
         self._workers.clear()
         self._exited = []
@@ -1159,12 +1249,12 @@ class ThreadPool(Executor):
             safe_log(
                 "WARNING",
                 f"{item.name} ({fn_name}) still running {time.monotonic() - item.cancelled_at:.3f}s "
-                f"after cancel ({item.token.cancel_reason!r}); thread {thread} abandoned, "
+                f"after cancel ({item.cancel_reason()!r}); thread {thread} abandoned, "
                 "a new worker takes its slot",
                 task=item.name,
                 pool=self._name,
                 thread=thread,
-                cancel_reason=item.token.cancel_reason,
+                cancel_reason=item.cancel_reason(),
             )
 
 
@@ -1178,7 +1268,7 @@ def _call(item: _WorkItem) -> _Outcome:
 def _fire_timeout(item: _WorkItem) -> None:
     assert item.timeout is not None
     item.timed_out = True
-    item.token.cancel(_timeout_reason(item.timeout))
+    item.task_token().cancel(_timeout_reason(item.timeout))
 
 
 def _noop(*args: Any, **kwargs: Any) -> None:

@@ -5,7 +5,10 @@
 long-lived program that makes and drops many timeout tokens keeps no dead entries.
 
 The thread starts with the first pending timer and ends as soon as none is pending, so an
-idle program holds no cancelflow thread. Callbacks run on the timer thread; one that
+idle program holds no cancelflow thread, unless it is held (:func:`hold`): a thread pool
+holds it while open, so that the cancel of a running task (which schedules its grace
+timer) never has to start a thread, a slow step when a busy task holds the GIL.
+Callbacks run on the timer thread; one that
 raises is logged and does not disturb the others.
 
 Signal safety: :meth:`TimerHandle.cancel` takes no lock (it is reached from
@@ -31,7 +34,7 @@ from collections.abc import Callable
 from ._log import safe_log
 from ._platform import at_fork, futex_wait, futex_wake
 
-__all__ = ("TimerHandle", "call_at", "pending")
+__all__ = ("TimerHandle", "call_at", "hold", "pending")
 
 _lock = threading.Lock()  # taken by the timer thread only
 _heap: list[tuple[float, int]] = []
@@ -45,6 +48,9 @@ _ticket: list[None] = [None]
 # Bumped (and futex-woken) whenever the timer thread should look again.
 _kicks = ctypes.c_uint32(0)
 _kick_address = ctypes.addressof(_kicks)
+# How many holders keep the timer thread running while no timer is pending (see hold()).
+_holds = 0
+_holds_lock = threading.Lock()
 
 
 def _kick() -> None:
@@ -89,6 +95,42 @@ def call_at(deadline: float, callback: Callable[[], object]) -> TimerHandle:
     return TimerHandle(ident)
 
 
+class TimerHold:
+    """Keeps the timer thread running while no timer is pending, until :meth:`release`."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held = True
+
+    def release(self) -> None:
+        """Let the timer thread end once nothing else holds it and no timer is pending.
+        Idempotent."""
+        global _holds
+        with _holds_lock:
+            if not self._held:
+                return
+            self._held = False
+            _holds -= 1
+        _kick()  # an idle timer thread looks again, and ends if it may
+
+
+def hold() -> TimerHold:
+    """Start the timer thread now if it does not run, and keep it running (idle, asleep on
+    its futex) until the returned hold is released; scheduling a timer then never starts
+    a thread. Not for signal handlers (takes a lock)."""
+    global _holds
+    with _holds_lock:
+        _holds += 1
+    try:
+        _ticket.pop()
+    except IndexError:
+        pass  # a timer thread runs; it sees the hold before it could leave
+    else:
+        threading.Thread(target=_run, name="cancelflow-timer", daemon=True).start()
+    return TimerHold()
+
+
 def pending() -> int:
     """How many timers are scheduled (for tests and statistics)."""
     return len(_entries)
@@ -118,11 +160,14 @@ def _run() -> None:
         seen = _kicks.value  # read before looking, so a later kick cannot be missed
         with _lock:
             callback, delay = _next_due()
+        if delay is None and _holds:
+            futex_wait(_kick_address, seen, None)  # held: idle until a kick
+            continue
         if delay is None:
             _ticket.append(None)  # we are leaving: the next call_at starts a thread
-            if not _incoming:
+            if not _incoming and not _holds:
                 return
-            try:  # a timer arrived while we were leaving: keep running if we can
+            try:  # a timer or a hold arrived while we were leaving: stay if we can
                 _ticket.pop()
             except IndexError:
                 return  # ...or another thread already took over
@@ -139,8 +184,10 @@ def _run() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _ticket
+    global _lock, _ticket, _holds, _holds_lock
     _lock = threading.Lock()  # another thread may have held it at the fork
+    _holds_lock = threading.Lock()
+    _holds = 0  # the holders' threads (pools) do not survive a fork either
     _ticket = [None]  # the timer thread does not survive a fork
     _heap.clear()
     _incoming.clear()

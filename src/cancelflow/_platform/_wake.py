@@ -17,7 +17,7 @@ import threading
 
 from ._flavour import FLAVOUR, FUTEX_SYSCALL
 from ._fork import at_fork
-from ._libc import libc as _libc
+from ._libc import libc as _libc, libc_keeping_gil as _libc_keeping_gil
 
 __all__ = ("HAVE_FUTEX", "futex_wait", "futex_wake")
 
@@ -94,8 +94,12 @@ def futex_wake(address: int) -> None:
     in a signal handler.
     """
     if HAVE_FUTEX:
-        assert _libc is not None
-        _libc.syscall(FUTEX_SYSCALL, ctypes.c_void_p(address), _FUTEX_WAKE, _INT_MAX, None, None, 0)
+        # Keeps the GIL: a wake never blocks, and letting a busy thread take the GIL here
+        # could make this caller (a cancel()) wait a whole switch interval to go on.
+        assert _libc_keeping_gil is not None
+        _libc_keeping_gil.syscall(
+            FUTEX_SYSCALL, ctypes.c_void_p(address), _FUTEX_WAKE, _INT_MAX, None, None, 0
+        )
         return
     for lock in tuple(_parked.get(address, ())):
         try:
