@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -121,3 +122,50 @@ class TestUnderAnyio:
             return value, token.cancel_reason
 
         assert anyio.run(main, backend=backend) == (42, "anyio")
+
+    def test_a_cancelled_scope_waits_for_the_task_without_spinning(
+        self, backend: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that run_sync cancelled by an anyio cancel scope sleeps while the task
+        finishes, however many times the loop turns meanwhile (anyio re-delivers the
+        cancel on every turn until the task leaves the scope)."""
+        import asyncio
+
+        waits = 0
+        shield = asyncio.shield
+
+        def counting_shield(awaitable: Any) -> Any:
+            nonlocal waits
+            waits += 1
+            return shield(awaitable)
+
+        monkeypatch.setattr(asyncio, "shield", counting_shield)
+        started, release = threading.Event(), threading.Event()
+
+        def blocked() -> None:
+            started.set()
+            release.wait(WAIT)
+
+        pool = ThreadPool(1, grace_period=WAIT)
+        try:
+
+            async def main() -> None:
+                async with anyio.create_task_group() as group:
+                    scope = anyio.CancelScope()
+
+                    async def runner() -> None:
+                        with scope:
+                            await pool.run_sync(blocked)
+
+                    group.start_soon(runner)
+                    await cancelflow.to_thread.run_sync(started.wait, WAIT)
+                    scope.cancel()
+                    for _ in range(200):  # turns of the loop while the task is stuck
+                        await anyio.sleep(0)
+                    release.set()
+
+            anyio.run(main, backend=backend)
+        finally:
+            release.set()
+            pool.shutdown(wait=True)
+        assert waits <= 3

@@ -86,13 +86,25 @@ async def wait_for_callback(
         if on_cancelled is not None:
             on_cancelled()
         if finish_after_cancel:
-            while not done.done():
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(done)
+            # Under anyio, a cancelled scope cancels its task again on every turn of the
+            # loop until the task leaves it: shielded, it stops, and this wait sleeps
+            # instead of spinning (which took the CPU from the threads finishing the work).
+            with _anyio_shield():
+                while not done.done():
+                    with contextlib.suppress(BaseException):
+                        await asyncio.shield(done)
         raise
     finally:
         if undo is not None:
             undo()
+
+
+def _anyio_shield() -> contextlib.AbstractContextManager[Any]:
+    """A shielded anyio cancel scope if anyio is in use (imported), else a no-op."""
+    anyio: Any = sys.modules.get("anyio")
+    if anyio is None:
+        return contextlib.nullcontext()
+    return anyio.CancelScope(shield=True)  # type: ignore[no-any-return]
 
 
 async def _wait_trio(
