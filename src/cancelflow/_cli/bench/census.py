@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 _HELPER_MARKERS = ("resource_tracker", "forkserver", "semaphore_tracker")
+_FORKED_BY_HELPER = "<forked by a helper> "
 
 
 @dataclass
@@ -37,6 +38,10 @@ def _children() -> dict[int, str]:
     for proc in procs:
         try:
             cmd = " ".join(proc.cmdline()) or proc.name()
+            if _is_helper(cmd) and proc.ppid() != os.getpid():
+                # forked by a helper (the forkserver's children carry its command line):
+                # a task's process, not the helper, so counted and killed like any other
+                cmd = _FORKED_BY_HELPER + cmd
             if proc.status() == psutil.STATUS_ZOMBIE:
                 cmd = "<zombie> " + cmd
         except psutil.Error:
@@ -116,6 +121,8 @@ def snapshot() -> Snapshot:
 
 
 def _is_helper(cmd: str) -> bool:
+    if _FORKED_BY_HELPER in cmd:
+        return False
     return any(marker in cmd for marker in _HELPER_MARKERS)
 
 

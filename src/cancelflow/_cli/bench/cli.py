@@ -10,7 +10,7 @@ from typing import Any
 
 from .harness import Settings, progress
 from .plot import write_plot
-from .report import format_report, headline
+from .report import format_report, goals, headline
 from .run import run_bench
 from .scenarios import SCENARIOS, SYSTEMS
 
@@ -37,6 +37,16 @@ def add_parser(sub: Any) -> None:
         help="samples per cell (default 30, quick 3)",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        metavar="R",
+        help=(
+            "split each cell's samples into R rounds; in each round every system is measured "
+            "in turn, in an order rotated per round (default 3, quick 1)"
+        ),
+    )
+    parser.add_argument(
         "--json", metavar="PATH", help="write every raw sample and the leak report as JSON"
     )
     parser.add_argument(
@@ -61,6 +71,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
     samples = args.samples if args.samples is not None else (3 if quick else 30)
     if samples < 1:
         raise SystemExit("--samples must be >= 1")
+    rounds = args.rounds if args.rounds is not None else (1 if quick else 3)
+    if rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
     return Settings(
         quick=quick,
         samples=samples,
@@ -69,6 +82,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         seed=args.seed,
         tasks=400 if quick else 2000,
         check_calls=20_000 if quick else 200_000,
+        rounds=rounds,
     )
 
 
@@ -84,6 +98,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
         argv.append("--quick")
     if args.samples is not None:
         argv += ["--samples", str(args.samples)]
+    if args.rounds is not None:
+        argv += ["--rounds", str(args.rounds)]
     if args.json:
         argv += ["--json", os.path.abspath(args.json)]
     if args.plot:
@@ -119,10 +135,12 @@ def measure(args: argparse.Namespace) -> int:
     """Run the suite in this process; exit code 1 if a cell failed (a "cannot" is a result)."""
     settings = settings_from(args)
     progress(
-        f"cancelflow bench: {'quick' if settings.quick else 'full'} run, {settings.samples} samples per cell"
+        f"cancelflow bench: {'quick' if settings.quick else 'full'} run, {settings.samples} "
+        f"samples per cell in {settings.rounds} round(s)"
     )
     data = run_bench(settings)
     data["headline"] = headline(data)
+    data["goals"] = goals(data)
     print(format_report(data))
     if args.json:
         with open(args.json, "w") as file:

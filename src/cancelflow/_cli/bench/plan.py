@@ -99,21 +99,22 @@ def cell_rows(
             return [(r, functools.partial(throughput_sync, bench, procs, r))]
         r = row(ASYNC_PROCS[system].label.split(",")[0].split(" run_sync")[0])
         return [(r, functools.partial(throughput_async, bench, system, v, r))]
-    if v == "threads":
+    if v in ("threads", "threads8"):
+        n = 8 if v == "threads8" else 2
         if system == "cancelflow":
             t = CancelflowThreads(bench)
             r = row("ThreadPool.submit")
-            return [(r, functools.partial(throughput_sync, bench, t, r))]
+            return [(r, functools.partial(throughput_sync, bench, t, r, n))]
         if system in SYNC_THREADS and system != "raw":
             t2 = SYNC_THREADS[system]()
             r = row(t2.label.split(";")[0])
-            return [(r, functools.partial(throughput_sync, bench, t2, r))]
+            return [(r, functools.partial(throughput_sync, bench, t2, r, n))]
         if system == "anyio":
             r = row("anyio.to_thread.run_sync")
-            return [(r, functools.partial(throughput_async, bench, system, v, r))]
+            return [(r, functools.partial(throughput_async, bench, system, "threads", r, n))]
         if system == "asyncio":
             r = row("loop.run_in_executor(ThreadPoolExecutor)")
-            return [(r, functools.partial(throughput_async, bench, system, v, r))]
+            return [(r, functools.partial(throughput_async, bench, system, "threads", r, n))]
         if system == "raw":
             return cannot("no pool: one new thread per task")
         return cannot(f"{system} runs tasks in processes only")

@@ -1,11 +1,59 @@
-"""The text report: a table per scenario variant, the headline ratios, where a peer is faster
-(and why), and what each system left behind.
+"""The text report: the headline (one line per goal of issue 16), a table per scenario
+variant, every ratio, where a peer is faster (and why), and what each system left behind.
 """
 
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 from typing import Any
+
+from .load import MIN_ROUND_SAMPLES, NOISY_BACKGROUND, NOISY_SPREAD
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One line of the headline: cancelflow's row / a peer's row, for one metric."""
+
+    key: str
+    figure: str  # at most 42 characters
+    scenario: str
+    variant: str
+    metric: str
+    peer: str  # the system of the row compared against
+    op: str  # ">=" (throughput), "<=" (latency, cost), "~" (about the same), "info"
+    target: float = 1.0
+    ours_tag: str | None = None  # None: cancelflow's primary row
+    peer_tag: str | None = None  # None: the peer's primary row
+
+
+#: A ratio within this factor of 1 meets a "~1x" goal.
+ABOUT_THE_SAME = 1.25
+#: The headline's lines, in order (issue 16's table).
+GOALS: tuple[Goal, ...] = (
+    Goal("thread_tput_2", "thread pool tput vs TPE, 2 threads", "7", "threads", "throughput",
+         "concurrent.futures", ">=", 0.5),
+    Goal("thread_tput_8", "thread pool tput vs TPE, 8 threads", "7", "threads8", "throughput",
+         "concurrent.futures", ">=", 0.5),
+    Goal("process_tput_pebble", "process pool tput, 2 workers, vs pebble", "7", "processes",
+         "throughput", "pebble", ">=", 1.0),
+    Goal("process_tput_mp", "process pool tput vs mp.Pool.apply_async", "7", "processes",
+         "throughput", "multiprocessing.Pool", "info"),
+    Goal("coop_process", "coop process task: -> raises vs anyio", "3", "process",
+         "caller_raises", "anyio", "<=", 1.0),
+    Goal("kill_caller", "kill, grace 0: -> caller released vs anyio", "1", "loop",
+         "caller_unblocked", "anyio", "<=", 1.0),
+    Goal("next_after_kill", "next task after a kill vs trio-parallel", "1", "loop",
+         "next_task", "trio-parallel", "<=", 1.0),
+    Goal("coop_thread", "coop thread task: -> raises vs TPE+Event", "3", "thread",
+         "caller_raises", "concurrent.futures", "<=", 1.2),
+    Goal("run_sync_scope", "run_sync: anyio scope vs asyncio cancel", "1", "loop",
+         "caller_unblocked", "cancelflow", "~", 1.0,
+         ours_tag="run_sync, anyio cancel scope", peer_tag="run_sync, asyncio Task.cancel()"),
+    Goal("check_cost", "check_cancelled() vs is_cancelled, cost", "7", "token_check",
+         "check_cost", "cancelflow", "<=", 1.5, ours_tag="check_cancelled()"),
+)  # fmt: skip
+_PIP = {"pebble": "pebble", "loky": "loky", "anyio": "anyio", "trio-parallel": "trio-parallel"}
 
 # (system or "*", "metric/variant" or "metric"); the most specific one wins.
 _KILL_PATH = (
@@ -61,6 +109,11 @@ _WHY_PEER_FASTER = {
         "supervisor thread handles every task and result in Python"
     ),
     ("*", "throughput/processes"): "no per-task token, timer or partial-result channel",
+    ("*", "throughput/threads8"): (
+        "every ThreadPool.submit creates a CancellationToken (a shared-memory cell) and takes "
+        "the pool's Condition lock, which the worker threads also take: under the GIL that "
+        "convoys; ThreadPoolExecutor hands off through a C SimpleQueue"
+    ),
     ("*", "throughput/threads"): (
         "every ThreadPool.submit creates a CancellationToken (a shared-memory cell) and takes "
         "the pool's Condition lock, which the worker threads also take: under the GIL that "
@@ -85,6 +138,128 @@ def _fmt(value: float, unit: str) -> str:
 
 def _ratio_text(ratio: float) -> str:
     return f"{ratio:.3g}"
+
+
+def _goal_text(goal: Goal) -> str:
+    if goal.op == "info":
+        return "info"
+    if goal.op == "~":
+        return f"~{goal.target:g}x"
+    return f"{goal.op}{goal.target:g}x"
+
+
+def _find(rows: list[dict[str, Any]], goal: Goal, system: str, tag: str | None) -> Any:
+    for row in rows:
+        if (row["scenario"], row["variant"], row["system"]) != (
+            goal.scenario,
+            goal.variant,
+            system,
+        ):
+            continue
+        if (tag is None and row["primary"]) or (tag is not None and row["tag"] == tag):
+            return row
+    return None
+
+
+def _why_missing(row: dict[str, Any] | None, metric: str) -> str | None:
+    """``None`` if ``row`` has a p50 for ``metric``, else why it was not measured."""
+    if row is None:
+        return "scenario not run"
+    if row["status"] == "skipped":
+        if str(row.get("reason", "")).startswith("cannot import"):
+            return f"pip install {_PIP.get(row['system'], row['system'])}"
+        return str(row["reason"])
+    cell = row["metrics"].get(metric, {})
+    if "p50" in cell:
+        return None
+    if row["status"] == "cannot":
+        return f"cannot: {row['reason']}"
+    return str(cell.get("cannot") or cell.get("error") or row.get("reason") or "no samples")
+
+
+def goals(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The headline's goal rows (``GOALS``) as data: both p50s, the ratio, whether met."""
+    rows = data["rows"]
+    out: list[dict[str, Any]] = []
+    for goal in GOALS:
+        ours = _find(rows, goal, "cancelflow", goal.ours_tag)
+        peer = _find(rows, goal, goal.peer, goal.peer_tag)
+        item: dict[str, Any] = {
+            "key": goal.key,
+            "figure": goal.figure,
+            "scenario": goal.scenario,
+            "variant": goal.variant,
+            "metric": goal.metric,
+            "goal": _goal_text(goal),
+            "op": goal.op,
+            "target": goal.target,
+            "ours": None,
+            "peer": None,
+            "ratio": None,
+            "met": None,
+            "measured": False,
+            "reason": None,
+        }
+        for side, row in (("ours", ours), ("peer", peer)):
+            if row is not None and "p50" in row["metrics"].get(goal.metric, {}):
+                cell = row["metrics"][goal.metric]
+                item[side] = {
+                    "system": row["system"],
+                    "tag": row["tag"],
+                    "label": row["label"],
+                    "p50": cell["p50"],
+                    "unit": cell["unit"],
+                    "noisy": bool(row.get("noisy")),
+                }
+        missing = _why_missing(peer, goal.metric) or _why_missing(ours, goal.metric)
+        if missing is not None or item["ours"] is None or item["peer"] is None:
+            item["reason"] = missing or "no samples"
+            out.append(item)
+            continue
+        ratio = item["ours"]["p50"] / item["peer"]["p50"] if item["peer"]["p50"] > 0 else None
+        item["ratio"] = ratio
+        item["measured"] = True
+        item["noisy"] = item["ours"]["noisy"] or item["peer"]["noisy"]
+        if ratio is not None:
+            if goal.op == ">=":
+                item["met"] = ratio >= goal.target
+            elif goal.op == "<=":
+                item["met"] = ratio <= goal.target
+            elif goal.op == "~":
+                item["met"] = 1 / ABOUT_THE_SAME <= ratio / goal.target <= ABOUT_THE_SAME
+        out.append(item)
+    return out
+
+
+def _goal_value(side: dict[str, Any]) -> str:
+    unit, value = side["unit"], side["p50"]
+    text = f"{value:,.0f}/s" if unit == "tasks/s" else f"{_fmt(value, unit)} {unit}"
+    return text + ("~" if side["noisy"] else "")
+
+
+def format_goals(items: list[dict[str, Any]]) -> list[str]:
+    """The headline table: one line per goal, at most 100 columns."""
+    lines = [
+        f"{'figure':<42}  {'cancelflow p50':>14}  {'peer p50':>12}  {'ratio':>7}  "
+        f"{'goal':>7}  {'met?':<5}"
+    ]
+    for item in items:
+        if not item["measured"]:
+            reason = str(item["reason"])
+            room = 100 - 42 - 2 - len("not measured ()")
+            if len(reason) > room:
+                reason = reason[: room - 3] + "..."
+            lines.append(f"{item['figure']:<42}  not measured ({reason})")
+            continue
+        met = {True: "yes", False: "NO", None: "-"}[item["met"]]
+        if item["op"] == "info":
+            met = "info"
+        ratio = "-" if item["ratio"] is None else f"{item['ratio']:.3g}x"
+        lines.append(
+            f"{item['figure']:<42}  {_goal_value(item['ours']):>14}  "
+            f"{_goal_value(item['peer']):>12}  {ratio:>7}  {item['goal']:>7}  {met:<5}"
+        )
+    return lines
 
 
 def headline(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -190,6 +365,25 @@ def format_report(data: dict[str, Any]) -> str:
             f"not measured, not installed: {', '.join(missing)} "
             f"(pip install 'cancelflow[bench]' to compare against them)"
         )
+    lines.append(
+        f"rounds: {s.get('rounds', 1)}; each cell's samples are split into rounds, and in each "
+        "round every system is measured in turn (order rotated per round); a caller is a "
+        "thread (or task) blocked in the system's own wait (result(), get(), join(), await)"
+    )
+    lines.append(
+        f"~ = noisy cell: other processes used > {NOISY_BACKGROUND:g} CPU during one of its "
+        f"rounds, or its round p50s (rounds of >= {MIN_ROUND_SAMPLES} samples) differ by "
+        f"> {NOISY_SPREAD:g}x"
+    )
+    lines.append("")
+    lines.append("## Headline: goals (cancelflow p50 / peer p50, same interleaved run)")
+    lines.extend(format_goals(data["goals"] if "goals" in data else goals(data)))
+    lines.append(
+        "ratio = cancelflow / peer: tasks/s (higher is better) or ms, ns (lower is better)"
+    )
+    lines.append(
+        f"~ after a value: noisy cell; ~1x goal: within {ABOUT_THE_SAME:g}x; NO: goal not met"
+    )
     for scenario in data["scenarios"]:
         for variant in scenario["variants"]:
             lines.append("")
@@ -203,7 +397,8 @@ def format_report(data: dict[str, Any]) -> str:
                     continue
                 if _is_not_installed(row):
                     continue  # said once, above
-                lines.append(f"   {row['system']}: {row['label']}")
+                mark = "~" if row.get("noisy") else " "
+                lines.append(f"  {mark}{row['system']}: {row['label']}")
                 if row["status"] in ("cannot", "skipped") or (
                     row["status"] == "error" and not row["metrics"]
                 ):
@@ -230,11 +425,13 @@ def format_report(data: dict[str, Any]) -> str:
                     lines.append("      " + "; ".join(f"{k}: {val}" for k, val in extras.items()))
                 for note in row["notes"]:
                     lines.append(f"      note: {note}")
+                if row.get("noisy"):
+                    lines.append("      noisy: " + "; ".join(row["noisy_why"]))
                 if row["status"] == "error":
                     lines.append(f"      ERROR: {row['reason']}")
     heads = headline(data)
     lines.append("")
-    lines.append("## Headline: cancelflow p50 / peer p50, same run")
+    lines.append("## Every ratio: cancelflow p50 / peer p50, same run")
     lines.append(
         "   (latency: below 1 = cancelflow faster; throughput: above 1 = cancelflow faster; "
         "(~) = within 25%, about the noise of this shared machine)"

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .load import NOISY_BACKGROUND, NOISY_SPREAD, noisy_reasons
 from .scenarios import SCENARIOS
 
 
@@ -30,6 +31,9 @@ class Row:
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: one entry per fill (round): ``round``, ``position`` (in that round's order),
+    #: ``start`` (how many samples of each metric there were before it) and the load
+    rounds: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, key: str, value: float) -> None:
         self.samples.setdefault(key, []).append(value)
@@ -68,6 +72,30 @@ def brief(row: Row) -> str:
     return ", ".join(parts)
 
 
+def rounds_json(row: Row) -> list[dict[str, Any]]:
+    """The row's rounds: the samples each took (``n``, ``p50`` per metric) and the load."""
+    out: list[dict[str, Any]] = []
+    for index, entry in enumerate(row.rounds):
+        end = row.rounds[index + 1]["start"] if index + 1 < len(row.rounds) else None
+        n: dict[str, int] = {}
+        p50: dict[str, float] = {}
+        for key, values in row.samples.items():
+            start = entry["start"].get(key, 0)
+            stop = len(values) if end is None else end.get(key, len(values))
+            part = values[start:stop]
+            n[key] = len(part)
+            if part:
+                p50[key] = percentile(part, 0.5)
+        out.append(
+            {
+                **{k: v for k, v in entry.items() if k != "start"},
+                "n": n,
+                "p50": p50,
+            }
+        )
+    return out
+
+
 def row_json(row: Row) -> dict[str, Any]:
     variant = next(
         v for s in SCENARIOS if s.key == row.scenario for v in s.variants if v.key == row.variant
@@ -94,6 +122,9 @@ def row_json(row: Row) -> dict[str, Any]:
             reason = "; ".join(row.errors[:3])
         elif any("error" in m for m in metrics.values()):
             status, reason = "error", "a metric has no samples"
+    rounds = rounds_json(row)
+    why = noisy_reasons(rounds) if status in ("ok", "error") and metrics else []
+    loads = [r["background_cpu"] for r in rounds if r.get("background_cpu") is not None]
     return {
         "scenario": row.scenario,
         "variant": row.variant,
@@ -107,4 +138,9 @@ def row_json(row: Row) -> dict[str, Any]:
         "notes": row.notes,
         "errors": row.errors,
         "extra": row.extra,
+        "rounds": rounds,
+        "background_cpu": max(loads) if loads else None,
+        "noisy": bool(why),
+        "noisy_why": why,
+        "noisy_thresholds": {"background_cpu": NOISY_BACKGROUND, "p50_spread": NOISY_SPREAD},
     }

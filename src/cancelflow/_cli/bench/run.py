@@ -10,14 +10,17 @@ import os
 import platform
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from .census import final_leftovers, snapshot
-from .harness import Bench, Settings, progress
+from .harness import Bench, Settings, progress, rotated, split_samples
+from .load import MIN_ROUND_SAMPLES, NOISY_BACKGROUND, NOISY_SPREAD
 from .plan import availability, cell_rows
 from .results import Row, brief, row_json
 from .scenarios import SCENARIOS, SYSTEM_TITLES, SYSTEMS, Scenario, Variant
-from .scenarios.pool_group import GROUP, run_pool_group
+from .scenarios.pool_group import GROUP, group_rows, run_pool_group
+from .scenarios.stop import finish_grand_row
 
 
 def _versions() -> dict[str, str]:
@@ -82,22 +85,7 @@ def run_bench(settings: Settings) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            group = [cell for cell in GROUP if cell[0] in settings.scenarios]
-            if group:  # system by system, each on one long-lived pool
-                for system in SYSTEMS:
-                    reason = _skip_reason(settings, available, system)
-                    if reason is not None:
-                        rows.extend(_skipped(scn, var, system, reason) for scn, var in group)
-                    else:
-                        rows.extend(run_pool_group(bench, system, group))
-            for scenario in SCENARIOS:
-                if scenario.key not in settings.scenarios:
-                    continue
-                for variant in scenario.variants:
-                    if (scenario.key, variant.key) in GROUP:
-                        continue
-                    for system in SYSTEMS:
-                        rows.extend(_run_cell(bench, scenario, variant, system, available))
+            rows = _run_all(bench, available)
         watcher_realtime = bench.watch.realtime
     finally:
         bench.close()
@@ -119,6 +107,10 @@ def run_bench(settings: Settings) -> dict[str, Any]:
             "check_calls": settings.check_calls,
             "scenarios": list(settings.scenarios),
             "systems": list(settings.systems),
+            "rounds": settings.rounds,
+            "noisy_background_cpu": NOISY_BACKGROUND,
+            "noisy_p50_spread": NOISY_SPREAD,
+            "noisy_min_round_samples": MIN_ROUND_SAMPLES,
         },
         "machine": machine,
         "watcher_realtime": watcher_realtime,
@@ -152,41 +144,91 @@ def run_bench(settings: Settings) -> dict[str, Any]:
         "rows": [row_json(r) for r in rows],
         "leaks": bench.leaks.as_json(),
         "leftovers_after_run": leftovers,
+        "order": bench.order,
     }
 
 
-def _run_cell(
+def _run_all(bench: Bench, available: dict[str, str | None]) -> list[Row]:
+    """Every cell, interleaved: each cell's samples are split into rounds, and in each
+    round every system of the cell is measured in turn, in an order rotated per round,
+    so that a loaded moment of the machine does not land on one system only.
+
+    The pool group (scenarios 1, 2, 3/process, 6) runs the same way at the level of a
+    system's block: in each round, system after system (rotated), each opens its
+    1-worker pool, runs its share of every cell of the group on it and closes it.
+    """
+    settings = bench.settings
+    shares = split_samples(settings.samples, settings.rounds)
+    rows: list[Row] = []
+    group = [cell for cell in GROUP if cell[0] in settings.scenarios]
+    if group:
+        planned: dict[str, list[tuple[Row, int]]] = {}
+        for system in SYSTEMS:
+            reason = _skip_reason(settings, available, system)
+            if reason is not None:
+                rows.extend(_skipped(scn, var, system, reason) for scn, var in group)
+                continue
+            planned[system] = group_rows(system, group)
+            rows.extend(row for row, _ in planned[system])
+        for round_, share in enumerate(shares):
+            for position, system in enumerate(rotated(list(planned), round_, len(shares))):
+                run_pool_group(bench, system, planned[system], round_, position, share)
+    for scenario in SCENARIOS:
+        if scenario.key not in settings.scenarios:
+            continue
+        for variant in scenario.variants:
+            if (scenario.key, variant.key) in GROUP:
+                continue
+            plans: dict[str, list[tuple[Row, Callable[[], None] | None]]] = {}
+            for system in SYSTEMS:
+                plan = _plan_cell(bench, scenario, variant, system, available)
+                rows.extend(row for row, _ in plan)
+                if any(fill is not None for _, fill in plan):
+                    plans[system] = plan
+            for round_, share in enumerate(shares):
+                for position, system in enumerate(rotated(list(plans), round_, len(shares))):
+                    for row, fill in plans[system]:
+                        if fill is not None and row.status == "ok":
+                            _fill(bench, row, fill, round_, position, share)
+    for row in rows:
+        finish_grand_row(bench, row, row.variant)
+    return rows
+
+
+def _plan_cell(
     bench: Bench,
     scenario: Scenario,
     variant: Variant,
     system: str,
     available: dict[str, str | None],
-) -> list[Row]:
-    name = f"{scenario.key}/{variant.key}"
+) -> list[tuple[Row, Callable[[], None] | None]]:
     reason = _skip_reason(bench.settings, available, system)
     if reason is not None:
-        return [_skipped(scenario.key, variant.key, system, reason)]
+        return [(_skipped(scenario.key, variant.key, system, reason), None)]
     try:
-        plan = cell_rows(bench, scenario, variant, system)
+        return cell_rows(bench, scenario, variant, system)
     except ImportError as exc:
         r = Row(scenario.key, variant.key, system, SYSTEM_TITLES[system], status="skipped")
         r.reason = f"cannot import: {exc}"
-        return [r]
-    out: list[Row] = []
-    for row, fill in plan:
-        out.append(row)
-        if fill is None:
-            continue
-        started = time.perf_counter()
-        try:
-            with bench.leaks.track(system, f"{name} {row.label[:40]}"):
-                fill()
-        except ImportError as exc:
-            row.status, row.reason = "skipped", f"cannot import: {exc}"
-        except Exception as exc:  # noqa: BLE001 - a failing cell is reported, the run goes on
-            row.error(f"{type(exc).__name__}: {exc}")
-        progress(f"  [{name:<18}] {system:<20} {time.perf_counter() - started:6.1f}s  {brief(row)}")
-    return out
+        return [(r, None)]
+
+
+def _fill(
+    bench: Bench, row: Row, fill: Callable[[], None], round_: int, position: int, share: int
+) -> None:
+    name = f"{row.scenario}/{row.variant} r{round_ + 1}"
+    started = time.perf_counter()
+    try:
+        with (
+            bench.leaks.track(row.system, f"{name} {row.label[:40]}"),
+            bench.measured(row, round_, position, share),
+        ):
+            fill()
+    except ImportError as exc:
+        row.status, row.reason = "skipped", f"cannot import: {exc}"
+    except Exception as exc:  # noqa: BLE001 - a failing cell is reported, the run goes on
+        row.error(f"{type(exc).__name__}: {exc}")
+    progress(f"  [{name:<21}] {row.system:<20} {time.perf_counter() - started:6.1f}s  {brief(row)}")
 
 
 def _skip_reason(settings: Settings, available: dict[str, str | None], system: str) -> str | None:

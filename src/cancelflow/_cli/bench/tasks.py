@@ -37,7 +37,6 @@ __all__ = (
     "node_wave_process",
     "node_wave_thread",
     "process_task",
-    "send_pid",
     "signal_running",
 )
 
@@ -202,12 +201,6 @@ def coop_anyio_thread(beacon: str | None, seq: int, record: dict[str, float]) ->
                 check_cancelled()
     finally:
         record["stopped"] = time.perf_counter()
-
-
-def send_pid(conn: Any) -> None:
-    """The raw baseline's "next task" (in a fork): send the pid through a pipe."""
-    conn.send(os.getpid())
-    conn.close()
 
 
 # -- pipeline nodes (scenario 5) -------------------------------------------------------------

@@ -70,6 +70,9 @@ _AGAIN = Metric("pool_runs_again", "crash -> pool ran the next task", "ms")
 _TPUT = Metric(
     "throughput", "trivial tasks per second, 2 workers", "tasks/s", higher_is_better=True
 )
+_TPUT8 = Metric(
+    "throughput", "trivial tasks per second, 8 workers", "tasks/s", higher_is_better=True
+)
 _CHECK = Metric("check_cost", "one check, net of the loop", "ns")
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -138,6 +141,11 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "threads",
                 "batches of 2,000 trivial tasks (400 with --quick), 2 worker threads",
                 (_TPUT,),
+            ),
+            Variant(
+                "threads8",
+                "batches of 2,000 trivial tasks (400 with --quick), 8 worker threads",
+                (_TPUT8,),
             ),
             Variant("token_check", "cost of one cancellation check", (_CHECK,)),
         ),

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import threading
 import time
 
 from .. import tasks
-from ..harness import BEACON_TIMEOUT, CALLER_BOUND, Bench, anyio_run
+from ..harness import BEACON_TIMEOUT, CALLER_BOUND, Bench, BlockedCaller, anyio_run
 from ..results import Row
 from ..systems import AsyncProcs, SyncProcs, SyncThreads
 
 
 # -- in a process ------------------------------------------------------------------------------
 def coop_process_sync(bench: Bench, procs: SyncProcs, variant: str, row: Row) -> None:
-    """Scenario 3 in a process, on an open pool: cancelflow's token, the peers' flag."""
+    """Scenario 3 in a process, on an open pool: cancelflow's token, the peers' flag.
+
+    As in ``stop.kill_sync``, the caller is a thread blocked in the system's own wait,
+    started before the cancel; this thread only stamps the cancel."""
     from cancelflow._token import CancellationToken
 
     for _ in range(bench.samples):
@@ -37,17 +41,19 @@ def coop_process_sync(bench: Bench, procs: SyncProcs, variant: str, row: Row) ->
                 )
             )
         bench.beacon.wait(seq, BEACON_TIMEOUT)
-        time.sleep(bench.pause())
+        pause = bench.pause()
+        caller = BlockedCaller(functools.partial(procs.wait, handle), pause + CALLER_BOUND)
+        time.sleep(pause)
         t0 = time.perf_counter()
         if token is not None:
             token.cancel("bench")
         else:
             bench.flag.set()
-        released = procs.wait(handle, CALLER_BOUND)
-        t1 = time.perf_counter()
-        if not released:
+        released = caller.join(CALLER_BOUND + 1.0)
+        if not released or caller.released_at is None:
             row.error("caller not released")
             continue
+        t1 = caller.released_at
         error = procs.error(handle)
         if error is None:
             row.error("the task returned instead of raising")
@@ -109,18 +115,20 @@ def coop_thread_sync(bench: Bench, threads: SyncThreads, row: Row) -> None:
             else:
                 handle = threads.submit(tasks.coop_event, (bench.beacon.path, seq, event, record))
             bench.beacon.wait(seq, BEACON_TIMEOUT)
-            time.sleep(bench.pause())
+            pause = bench.pause()
+            caller = BlockedCaller(functools.partial(threads.wait, handle), pause + CALLER_BOUND)
+            time.sleep(pause)
             t0 = time.perf_counter()
             if token is not None:
                 token.cancel("bench")
             else:
                 event.set()
-            released = threads.wait(handle, CALLER_BOUND)
-            t1 = time.perf_counter()
-            if not released:
+            released = caller.join(CALLER_BOUND + 1.0)
+            if not released or caller.released_at is None:
                 row.error("caller not released")
                 event.set()
                 continue
+            t1 = caller.released_at
             error = threads.error(handle)
             if error is None:
                 row.error("the task returned instead of raising")

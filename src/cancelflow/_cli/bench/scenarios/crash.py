@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 from .. import tasks
-from ..harness import BEACON_TIMEOUT, CALLER_BOUND, GONE_BOUND, NEXT_TIMEOUT, VERIFY, Bench
+from ..harness import (
+    BEACON_TIMEOUT,
+    CALLER_BOUND,
+    GONE_BOUND,
+    NEXT_TIMEOUT,
+    VERIFY,
+    Bench,
+    BlockedCaller,
+)
 from ..results import Cannot, Row
 from ..systems import AsyncioProcs, AsyncProcs, SyncProcs
 
@@ -18,6 +27,13 @@ def crash_sync(bench: Bench, procs: SyncProcs, how: str, row: Row) -> None:
         seq = bench.seq()
         handle = procs.submit(
             *tasks.process_task("crash", procs.beacon_arg(), seq, how=how, pause=bench.pause())
+        )
+        # The caller: a thread blocked in the system's own wait before the task crashes
+        # (it pauses first); not for a system whose caller is known never to return.
+        caller = (
+            None
+            if procs.crash_caller_hangs
+            else BlockedCaller(functools.partial(procs.wait, handle), CALLER_BOUND)
         )
         sig = bench.beacon.wait(seq, BEACON_TIMEOUT)[0]
         worker = bench.watch.watch(sig.pid)
@@ -36,8 +52,9 @@ def crash_sync(bench: Bench, procs: SyncProcs, how: str, row: Row) -> None:
                 row.cannot["caller_error"] = procs.crash_caller_hangs
             caller_verified = True
             continue
-        released = procs.wait(handle, CALLER_BOUND)
-        t1 = time.perf_counter()
+        assert caller is not None
+        released = caller.join(CALLER_BOUND + 1.0)
+        t1 = caller.released_at if caller.released_at is not None else time.perf_counter()
         if not released:
             row.error("caller not released")
             bench.finish_sample(procs.system, worker)

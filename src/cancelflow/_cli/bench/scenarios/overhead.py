@@ -17,8 +17,10 @@ from ..results import Row
 from ..systems import ASYNC_PROCS, SyncProcs, SyncThreads
 
 
-def throughput_sync(bench: Bench, pool: SyncProcs | SyncThreads, row: Row) -> None:
-    pool.open(2)
+def throughput_sync(
+    bench: Bench, pool: SyncProcs | SyncThreads, row: Row, workers: int = 2
+) -> None:
+    pool.open(workers)
     try:
         pool.throughput(50)  # warm every worker
         for _ in range(bench.samples):
@@ -29,14 +31,14 @@ def throughput_sync(bench: Bench, pool: SyncProcs | SyncThreads, row: Row) -> No
         pool.close()
 
 
-def throughput_async(bench: Bench, system: str, variant: str, row: Row) -> None:
+def throughput_async(bench: Bench, system: str, variant: str, row: Row, workers: int = 2) -> None:
     import anyio
 
     async def cell() -> None:
         n = bench.settings.tasks
         if variant == "processes":
             procs = ASYNC_PROCS[system](bench)
-            await procs.open(2)
+            await procs.open(workers)
             try:
                 await procs.throughput(50)
                 for _ in range(bench.samples):
@@ -47,7 +49,7 @@ def throughput_async(bench: Bench, system: str, variant: str, row: Row) -> None:
                 await procs.close()
             return
         if system == "asyncio":
-            tpe = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+            tpe = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
             loop = asyncio.get_running_loop()
             try:
                 for rep in range(bench.samples + 1):
@@ -58,7 +60,7 @@ def throughput_async(bench: Bench, system: str, variant: str, row: Row) -> None:
             finally:
                 tpe.shutdown(wait=True)
             return
-        limiter = anyio.CapacityLimiter(2)
+        limiter = anyio.CapacityLimiter(workers)
         for rep in range(bench.samples + 1):
             t0 = time.perf_counter()
             async with anyio.create_task_group() as tg:

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import time
+from typing import Any
 
 from .. import tasks
-from ..harness import BEACON_TIMEOUT, CALLER_BOUND, GONE_BOUND, NEXT_TIMEOUT, VERIFY, Bench
+from ..harness import (
+    BEACON_TIMEOUT,
+    CALLER_BOUND,
+    GONE_BOUND,
+    NEXT_TIMEOUT,
+    VERIFY,
+    Bench,
+    BlockedCaller,
+)
 from ..results import Cannot, Row
 from ..systems import AsyncProcs, SyncProcs
 from ..watch import Watched
@@ -52,9 +62,12 @@ def _record_stop(
             row.extra["grandchild_left_alive"] = row.extra.get("grandchild_left_alive", 0) + 1
 
 
-def _finish_grand_row(bench: Bench, row: Row, variant: str) -> None:
+def finish_grand_row(bench: Bench, row: Row, variant: str) -> None:
+    """After every round: say in how many samples the grandchild was left alive."""
     if variant != "grandchild" or row.status != "ok":
         return
+    if isinstance(row.extra.get("grandchild_left_alive"), str):
+        return  # already said
     left = row.extra.get("grandchild_left_alive", 0)
     total = left + len(row.samples.get("grandchild_gone", []))
     row.extra["grandchild_left_alive"] = f"{left}/{total}"
@@ -68,7 +81,12 @@ def _finish_grand_row(bench: Bench, row: Row, variant: str) -> None:
 
 
 def kill_sync(bench: Bench, procs: SyncProcs, variant: str, row: Row) -> None:
-    """Scenarios 1 and 2 on an open pool: stop a running non-cooperative task."""
+    """Scenarios 1 and 2 on an open pool: stop a running non-cooperative task.
+
+    The caller is a thread blocked in the system's own wait (``procs.wait``: the future's
+    ``result()``, ``AsyncResult.get()``, ``Process.join()``), started before the cancel;
+    "caller unblocked" is when that wait returned. This thread only stamps the cancel.
+    """
     caller_verified = False
     for _ in range(bench.samples):
         procs.ensure()
@@ -77,7 +95,13 @@ def kill_sync(bench: Bench, procs: SyncProcs, variant: str, row: Row) -> None:
         sig = bench.beacon.wait(seq, BEACON_TIMEOUT)[0]
         worker = bench.watch.watch(sig.pid)
         grand = bench.watch.watch(sig.gpid) if sig.gpid else None
-        time.sleep(bench.pause())
+        pause = bench.pause()
+        if procs.caller_hangs:  # verified once with a bound, then only checked
+            bound = 0.0 if caller_verified else VERIFY
+        else:
+            bound = CALLER_BOUND
+        caller = BlockedCaller(functools.partial(procs.wait, handle), pause + bound)
+        time.sleep(pause)
         t0 = time.perf_counter()
         try:
             procs.stop(handle, sig)
@@ -88,13 +112,13 @@ def kill_sync(bench: Bench, procs: SyncProcs, variant: str, row: Row) -> None:
                 + (f" (verified: still running {VERIFY * 1e3:.0f} ms later)" if alive else "")
             )
             bench.finish_sample(procs.system, worker, grand)
+            caller.join(GONE_BOUND)  # the kill ends the call: the caller thread returns
             return
-        bound = CALLER_BOUND
-        if procs.caller_hangs:  # verified once with a bound, then only checked
-            bound, caller_verified = (0.0 if caller_verified else VERIFY), True
+        if procs.caller_hangs:
+            caller_verified = True
             worker.wait(GONE_BOUND)
-        released = procs.wait(handle, bound)
-        t1 = time.perf_counter()
+        released = caller.join(bound + 1.0)
+        t1 = caller.released_at if released and caller.released_at is not None else t0
         _record_stop(bench, row, procs.system, t0, t1, released, procs.caller_hangs, worker, grand)
         if variant != "grandchild":
             try:
@@ -103,7 +127,7 @@ def kill_sync(bench: Bench, procs: SyncProcs, variant: str, row: Row) -> None:
             except Cannot as exc:
                 row.cannot["next_task"] = str(exc)
         bench.finish_sample(procs.system, worker, grand)
-    _finish_grand_row(bench, row, variant)
+        caller.join(GONE_BOUND)
 
 
 async def kill_async(bench: Bench, procs: AsyncProcs, variant: str, row: Row) -> None:
@@ -159,4 +183,59 @@ async def kill_async(bench: Bench, procs: AsyncProcs, variant: str, row: Row) ->
             except Cannot as exc:
                 row.cannot["next_task"] = str(exc)
         bench.finish_sample(procs.system, worker, grand)
-    _finish_grand_row(bench, row, variant)
+
+
+#: cancelflow's ``ProcessPool.run_sync`` awaited on asyncio (scenario 1, loop), cancelled
+#: two ways: (row tag, how).
+RUN_SYNC_ROWS = (
+    ("run_sync, anyio cancel scope", "anyio"),
+    ("run_sync, asyncio Task.cancel()", "asyncio"),
+)
+
+
+async def kill_run_sync(bench: Bench, pool: Any, row: Row, how: str) -> None:
+    """``await pool.run_sync(...)`` of a non-cooperative loop, cancelled by an anyio cancel
+    scope (``how="anyio"``) or by ``Task.cancel()`` of the awaiting task (``"asyncio"``);
+    the awaiting task stamps when its own await returns."""
+    import asyncio
+
+    import anyio
+
+    row.cannot["next_task"] = "measured on the ProcessPool.submit row (the same pool)"
+    for _ in range(bench.samples):
+        seq = bench.seq()
+        fn, args = tasks.process_task("spin", None, seq, kind="loop")
+        scope = anyio.CancelScope()
+        ended: list[float] = []
+
+        async def call(
+            fn: Any = fn, args: Any = args, scope: anyio.CancelScope = scope, ended: Any = ended
+        ) -> None:
+            try:
+                if how == "anyio":
+                    with scope:
+                        await pool.run_sync(fn, *args, partial_sink=bench.beacon.sink)
+                else:
+                    await pool.run_sync(fn, *args, partial_sink=bench.beacon.sink)
+            except Exception as exc:  # noqa: BLE001 - recorded as an error of the row
+                row.error(f"call raised {exc!r}")
+            finally:
+                ended.append(time.perf_counter())
+
+        task = asyncio.ensure_future(call())
+        sig = (await bench.beacon.wait_async(seq, BEACON_TIMEOUT))[0]
+        worker = bench.watch.watch(sig.pid)
+        await anyio.sleep(bench.pause())
+        t0 = time.perf_counter()
+        if how == "anyio":
+            scope.cancel()
+        else:
+            task.cancel()
+        await asyncio.wait({task}, timeout=CALLER_BOUND)
+        released = bool(ended)
+        t1 = ended[0] if released else time.perf_counter()
+        if not released:
+            task.cancel()
+            await asyncio.wait({task}, timeout=GONE_BOUND)
+        _record_stop(bench, row, "cancelflow", t0, t1, released, None, worker, None)
+        bench.finish_sample("cancelflow", worker)
