@@ -739,3 +739,36 @@ class TestTaskTokenOnDemand:
             assert set(threading.enumerate()) <= threads
         finally:
             release.set()
+
+
+class TestCallersTokenRace:
+    def test_a_task_returning_before_the_cancel_reaches_its_token_is_cancelled(
+        self, pool: ThreadPool
+    ) -> None:
+        """Test that a task which returns because its caller's token was cancelled, before
+        the canceller's thread got round to the link to the task's own token, counts as
+        cancelled (the future fails with the reason), not as finished."""
+        source = CancellationToken()
+        futures: list[ThreadTaskFuture[str]] = []
+
+        def slow_first_callback() -> None:
+            # Runs first, on the cancelling thread, before the link to the task's token:
+            # the task is woken by the flag meanwhile and returns.
+            concurrent.futures.wait(futures, WAIT)
+
+        source.on_cancel(slow_first_callback)
+
+        started = threading.Event()
+
+        def task() -> str:
+            started.set()
+            source.wait_blocking(WAIT)
+            return "returned"
+
+        futures.append(pool.submit_task(task, token=source))
+        wait(started)
+        source.cancel("stop")
+        with pytest.raises(CancelledException) as info:
+            futures[0].result(WAIT)
+        assert info.value.reason == "stop"
+        assert fate(futures[0]) == "cancelled"

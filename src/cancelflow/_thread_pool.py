@@ -140,6 +140,7 @@ class _WorkItem:
         "partials",
         "pool",
         "returned",
+        "source",
         "timed_out",
         "timeout",
         "timeout_handle",
@@ -170,6 +171,8 @@ class _WorkItem:
         #: needs it, else on first use (see :meth:`task_token`); ``None`` until then
         self.token = token
         self.token_box: list[CancellationToken] = []
+        #: the caller's token, whose cancel reaches ``token`` through a link
+        self.source: CancellationToken | None = None
         self.timeout = timeout
         self.grace = grace
         self.user_sink = user_sink
@@ -837,6 +840,7 @@ class ThreadPool(Executor):
         )
         if task_token is not None:
             task_token.name = f"{self._name}/{item.name}"
+        item.source = token
         return item
 
     def _check_accepting(self, fn: object) -> None:
@@ -1047,6 +1051,13 @@ class ThreadPool(Executor):
         assert item is not None
         assert outcome is not None
         worker.finishing = worker.outcome = None
+        source, token = item.source, item.token
+        if source is not None and source.is_cancelled and token is not None:
+            # The caller's token is cancelled, but its link may not have reached the
+            # task's token yet (the canceller's thread sets the flag first, then runs the
+            # links): a task that returned because of that cancel must count as
+            # cancelled, not finished. Idempotent if the link got there first.
+            token.cancel(source.cancel_reason)
         for handle in (item.timeout_handle, item.grace_handle):
             if handle is not None:
                 handle.cancel()
@@ -1282,6 +1293,7 @@ def _drop_call(item: _WorkItem) -> None:
     item.kwargs = {}
     item.context = _EMPTY_CONTEXT
     item.user_sink = None
+    item.source = None
 
 
 def _pending(future: Future[Any]) -> bool:
