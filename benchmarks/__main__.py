@@ -2,7 +2,10 @@
 
 Writes ``bench-results.json`` and ``bench-results.png`` in the current directory unless
 ``--json`` / ``--plot`` say otherwise; every other option is ``cancelflow bench``'s
-(``--quick``, ``--samples N``, ``--scenarios ...``, ``--systems ...``, ``--seed``).
+(``--quick``, ``--samples N``, ``--rounds R``, ``--scenarios ...``, ``--systems ...``,
+``--seed``). Each cell's samples are split into ``R`` rounds (3 by default) in which every
+system is measured in turn, in an order rotated per round; cells measured while other
+processes loaded the machine are marked noisy (``~``).
 The suite itself is the bench that ships with cancelflow (``cancelflow._cli.bench``).
 """
 

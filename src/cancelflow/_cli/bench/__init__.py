@@ -1,8 +1,18 @@
 """``cancelflow bench``: cancellation latency and overhead, cancelflow and its peers side by side.
 
-Everything runs in one measuring process, one cell after the other, so that ratios between
-systems come from the same run on the same machine. Scenarios 1, 2, 3 (process) and 6 run
-system by system on one long-lived 1-worker pool each; the others scenario by scenario.
+Everything runs in one measuring process, so that ratios between systems come from the
+same run on the same machine, and interleaved: each cell's samples are split into rounds
+(``--rounds``, 3 by default, 1 with ``--quick``), and in each round every system of the
+cell is measured in turn, in an order rotated per round, so that a loaded moment of the
+machine does not land on one system only. Scenarios 1, 2, 3 (process) and 6 run as one
+block per system and round, on a 1-worker pool opened for the block. Around every fill the
+CPU that *other* processes used is measured (``load``); a cell is flagged noisy when it was
+high, or when its rounds disagree.
+
+A caller is what a user's code would be: a thread blocked in the system's own wait
+(``future.result()``, ``AsyncResult.get()``, ``Process.join()``), or for the event-loop
+peers the awaiting task, started before the cancel; it stamps when that wait returns. The
+cancelling thread only stamps the cancel.
 
 A *sample* starts when the task itself has said that it runs (a line on a FIFO, or for
 cancelflow a ``store_partial`` that the pool hands over), followed by a seeded random pause
@@ -36,13 +46,14 @@ Modules:
   ``.pipeline``, ``.crash``, ``.overhead``; ``.pool_group`` runs 1, 2, 3 and 6 on one pool);
 * ``systems``: the adapters, one class per system (cancelflow and every peer);
 * ``plan``: which rows each cell produces, and which systems can be imported;
-* ``run``: the run, cell after cell, as one JSON-able dict;
+* ``run``: the run, cell by cell and round by round, as one JSON-able dict;
 * ``harness``: the run's settings and shared state (``Bench``), the bounds it waits for;
 * ``beacon``: how a task says that it runs (a FIFO) and how a peer's task is told to stop;
 * ``watch``: the pid watcher process that stamps process deaths;
 * ``census``: what each system left behind (processes, threads, ``/dev/shm``);
+* ``load``: the background CPU load around each fill, and when a cell is noisy;
 * ``results``: a row of results and its statistics;
-* ``report`` and ``plot``: the text report with the headline ratios, the PNG;
+* ``report`` and ``plot``: the text report (the goals headline first), the PNG;
 * ``tasks``: the work itself, imported by reference in worker processes.
 
 This package's ``__init__`` imports nothing: a worker that imports ``tasks`` loads only it.

@@ -62,7 +62,9 @@ _KILL_PATH = (
     "member) before it releases the caller"
 )
 _WHY_PEER_FASTER = {
-    ("raw", "*"): "the floor: a bare fork and SIGKILL, no pool, nothing to reuse",
+    ("raw", "*"): (
+        "the floor: a bare process (from the forkserver) and SIGKILL, no pool, nothing to reuse"
+    ),
     ("raw", "*/thread"): "the floor: a bare thread, an Event and join()",
     ("loky", "caller_unblocked"): (
         "loky fails the future when shutdown(kill_workers=True) is called, before its worker "
@@ -302,6 +304,7 @@ def headline(data: dict[str, Any]) -> list[dict[str, Any]]:
                             "ratio": ratio,
                             "faster": "cancelflow" if better else ("tie" if ratio == 1 else "peer"),
                             "close": 0.8 <= ratio <= 1.25,
+                            "noisy": bool(ours.get("noisy") or peer.get("noisy")),
                             "why": ""
                             if better
                             else _why(peer["system"], metric["key"], variant["key"]),
@@ -441,7 +444,7 @@ def format_report(data: dict[str, Any]) -> str:
         groups[(item["scenario"], item["variant"], item["metric_title"])].append(item)
     for (scn, var, title), items in groups.items():
         parts = [
-            f"{it['peer']} {_ratio_text(it['ratio'])}"
+            f"{it['peer']} {_ratio_text(it['ratio'])}{'~' if it.get('noisy') else ''}"
             + (" (peer faster)" if it["faster"] == "peer" and not it["close"] else "")
             + (" (~)" if it["close"] else "")
             for it in items
