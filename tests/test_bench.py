@@ -117,10 +117,12 @@ def test_missing_peers_are_named_once_with_the_install_command(tmp_path: Path) -
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = proc.stdout[proc.stdout.index("cancelflow bench (") :]
-    [line] = [x for x in report.splitlines() if "not installed" in x]
+    [line] = [x for x in report.splitlines() if "not installed:" in x]
     assert "pebble, loky, anyio, trio-parallel" in line
     assert "pip install 'cancelflow[bench]'" in line
     assert "skipped" not in report
+    kill_line = next(x for x in report.splitlines() if x.startswith("kill, grace 0"))
+    assert "not measured (pip install anyio)" in kill_line
 
 
 # -- the pieces of issue 16: rounds, background load, the goals headline ----------------------

@@ -25,6 +25,7 @@ class Goal:
     target: float = 1.0
     ours_tag: str | None = None  # None: cancelflow's primary row
     peer_tag: str | None = None  # None: the peer's primary row
+    needs: str = ""  # what to pip install when its rows are missing (not planned)
 
 
 #: A ratio within this factor of 1 meets a "~1x" goal.
@@ -49,7 +50,8 @@ GOALS: tuple[Goal, ...] = (
          "caller_raises", "concurrent.futures", "<=", 1.2),
     Goal("run_sync_scope", "run_sync: anyio scope vs asyncio cancel", "1", "loop",
          "caller_unblocked", "cancelflow", "~", 1.0,
-         ours_tag="run_sync, anyio cancel scope", peer_tag="run_sync, asyncio Task.cancel()"),
+         ours_tag="run_sync, anyio cancel scope", peer_tag="run_sync, asyncio Task.cancel()",
+         needs="anyio"),
     Goal("check_cost", "check_cancelled() vs is_cancelled, cost", "7", "token_check",
          "check_cost", "cancelflow", "<=", 1.5, ours_tag="check_cancelled()"),
 )  # fmt: skip
@@ -214,6 +216,12 @@ def goals(data: dict[str, Any]) -> list[dict[str, Any]]:
                     "noisy": bool(row.get("noisy")),
                 }
         missing = _why_missing(peer, goal.metric) or _why_missing(ours, goal.metric)
+        if (
+            goal.needs
+            and (ours is None or peer is None)
+            and goal.scenario in {r["scenario"] for r in rows}
+        ):
+            missing = f"pip install {goal.needs}"
         if missing is not None or item["ours"] is None or item["peer"] is None:
             item["reason"] = missing or "no samples"
             out.append(item)

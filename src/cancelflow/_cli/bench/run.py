@@ -168,7 +168,7 @@ def _run_all(bench: Bench, available: dict[str, str | None]) -> list[Row]:
             if reason is not None:
                 rows.extend(_skipped(scn, var, system, reason) for scn, var in group)
                 continue
-            planned[system] = group_rows(system, group)
+            planned[system] = group_rows(system, group, available["anyio"] is None)
             rows.extend(row for row, _ in planned[system])
         for round_, share in enumerate(shares):
             for position, system in enumerate(rotated(list(planned), round_, len(shares))):

@@ -41,8 +41,12 @@ _ASYNC_FILL: dict[str, Callable[[Bench, AsyncProcs, str, Row], Awaitable[None]]]
 }
 
 
-def group_rows(system: str, cells: list[tuple[str, str]]) -> list[tuple[Row, int]]:
-    """The rows of the pool group for ``system``, each with the index of its adapter."""
+def group_rows(
+    system: str, cells: list[tuple[str, str]], run_sync_rows: bool = True
+) -> list[tuple[Row, int]]:
+    """The rows of the pool group for ``system``, each with the index of its adapter
+    (negative: cancelflow's ``run_sync`` rows, planned only if ``run_sync_rows``: they
+    need anyio)."""
     out: list[tuple[Row, int]] = []
     classes: list[type[SyncProcs | AsyncProcs]] = (
         list(SYNC_PROCS[system]) if system in SYNC_PROCS else [ASYNC_PROCS[system]]
@@ -60,7 +64,7 @@ def group_rows(system: str, cells: list[tuple[str, str]]) -> list[tuple[Row, int
             )
             row = Row(key, variant, system, label, primary=index == 0, tag=cls.tag)
             out.append((row, index))
-        if system == "cancelflow" and (key, variant) == ("1", "loop"):
+        if run_sync_rows and system == "cancelflow" and (key, variant) == ("1", "loop"):
             for index, (tag, how) in enumerate(RUN_SYNC_ROWS, start=1):
                 label = "ProcessPool.run_sync on asyncio, " + (
                     "anyio CancelScope.cancel()" if how == "anyio" else "Task.cancel()"
