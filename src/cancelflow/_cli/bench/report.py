@@ -269,7 +269,7 @@ def format_goals(items: list[dict[str, Any]]) -> list[str]:
             f"{item['figure']:<42}  {_goal_value(item['ours']):>14}  "
             f"{_goal_value(item['peer']):>12}  {ratio:>7}  {item['goal']:>7}  {met:<5}"
         )
-    return lines
+    return [line.rstrip() for line in lines]
 
 
 def headline(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -378,8 +378,11 @@ def format_report(data: dict[str, Any]) -> str:
         )
     lines.append(
         f"rounds: {s.get('rounds', 1)}; each cell's samples are split into rounds, and in each "
-        "round every system is measured in turn (order rotated per round); a caller is a "
-        "thread (or task) blocked in the system's own wait (result(), get(), join(), await)"
+        "round every system is measured in turn (order rotated per round)"
+    )
+    lines.append(
+        "a caller is a thread (or task) blocked in the system's own wait (result(), get(), "
+        "join(), await), started before the cancel"
     )
     lines.append(
         f"~ = noisy cell: other processes used > {NOISY_BACKGROUND:g} CPU during one of its "
