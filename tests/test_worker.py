@@ -22,7 +22,7 @@ import faultloads
 import workloads
 from cancelflow import CancellationToken, CancelledException, ProcessPool
 from cancelflow._process import _worker
-from support import WAIT, Announcements, wait_until
+from support import WAIT, Announcements, run_script, wait_until
 
 
 def signal_pending(pid: int, signum: int) -> bool:
@@ -197,3 +197,54 @@ class TestHelpers:
     def test_run_chunk_calls_fn_for_each_argument_tuple_in_order(self) -> None:
         """Test that one chunk of map()'s arguments gives fn's results in order."""
         assert _worker.run_chunk(pow, [(2, 3), (3, 2), (10, 0)]) == [8, 9, 1]
+
+
+_NO_CHILD_NO_SCAN = """
+    from cancelflow._process import _worker
+
+    def scan(pid):
+        raise AssertionError(f"kill_tree({pid}) called without any child")
+
+    _worker.kill_tree = scan
+    _worker.kill_and_reap_tree()
+    print("ok")
+"""
+
+_EVERY_CHILD_REAPED = """
+    import os, signal
+    from cancelflow._process import _worker
+    from support import wait_until
+
+    def is_zombie(pid):
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+    exited = os.fork()
+    if exited == 0:
+        os._exit(0)
+    live = os.fork()
+    if live == 0:
+        signal.pause()
+        os._exit(0)
+    assert wait_until(lambda: is_zombie(exited))
+    _worker.kill_and_reap_tree()
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        print("ok")
+"""
+
+
+class TestTreeCleanup:
+    """What a worker does with the processes a stopped task leaves (run in a fresh
+    interpreter standing in for the worker: it kills every child of its process)."""
+
+    def test_without_children_nothing_is_scanned(self) -> None:
+        """Test that a worker with no child does not scan for a tree to kill."""
+        result = run_script(_NO_CHILD_NO_SCAN)
+        assert (result.returncode, result.stdout) == (0, "ok\n"), result.stderr
+
+    def test_live_and_exited_children_are_all_reaped(self) -> None:
+        """Test that every child is killed and reaped, the exited ones too."""
+        result = run_script(_EVERY_CHILD_REAPED)
+        assert (result.returncode, result.stdout) == (0, "ok\n"), result.stderr
