@@ -10,9 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -457,3 +459,67 @@ class TestDoorbell:
             listener.wait(1e12)
         finally:
             listener.close(last=False)
+
+
+def _gone_pid() -> int:
+    """The pid of a child that has exited and been reaped."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+def _socket_file(directory: str, name: str) -> None:
+    """Leave a bound socket's file in ``directory``, as a listener that ended with
+    ``os._exit`` leaves it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(os.path.join(directory, name))
+    sock.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="doorbells need AF_UNIX")
+class TestDoorbellSweep:
+    """Doorbells left behind by processes that could not clean up are swept."""
+
+    def make(self, base: str) -> str:
+        path = tempfile.mkdtemp(prefix="cf-", dir=base)  # mode 0700
+        return path
+
+    def test_a_doorbell_whose_listeners_are_all_gone_is_removed(self, tmp_path: Path) -> None:
+        """Test that a directory holding only sockets of exited processes is removed."""
+        from cancelflow._platform._doorbell import sweep
+
+        stale = self.make(str(tmp_path))
+        _socket_file(stale, f"{_gone_pid()}.1")
+        assert sweep(str(tmp_path)) == 1
+        assert not os.path.exists(stale)
+
+    def test_a_doorbell_with_a_live_listener_stays(self, tmp_path: Path) -> None:
+        """Test that a directory where a live process listens keeps that socket."""
+        from cancelflow._platform._doorbell import sweep
+
+        live = self.make(str(tmp_path))
+        _socket_file(live, f"{os.getpid()}.1")
+        _socket_file(live, f"{_gone_pid()}.2")
+        assert sweep(str(tmp_path)) == 0
+        assert os.listdir(live) == [f"{os.getpid()}.1"]
+
+    def test_what_is_not_a_doorbell_is_left_alone(self, tmp_path: Path) -> None:
+        """Test that other names, other modes and symbolic links are not touched."""
+        from cancelflow._platform._doorbell import sweep
+
+        other = tmp_path / "other"
+        other.mkdir(mode=0o700)
+        loose = tmp_path / "cf-loose"
+        loose.mkdir(mode=0o755)
+        target = tmp_path / "target"
+        target.mkdir(mode=0o700)
+        (tmp_path / "cf-link").symlink_to(target)
+        assert sweep(str(tmp_path)) == 0
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "cf-link",
+            "cf-loose",
+            "other",
+            "target",
+        ]

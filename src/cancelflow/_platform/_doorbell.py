@@ -15,7 +15,11 @@ under the same descriptor). A listener's socket is removed when it closes (or it
 exits); the directory by its maker's :func:`discard`, by a chunk's last listener, or by
 the exit of any process that listened in it, once empty; a process killed while
 listening leaves a socket file that the next :func:`ring` finds refused, and removes.
-Only a SIGKILL of every process of a chunk leaves its directory behind.
+A directory can still be left behind when no process of its chunk rings again: every one
+was SIGKILLed, or ended with ``os._exit`` (a forked ``multiprocessing`` child does) while
+listening. Those are swept by the next process that makes a doorbell in the same
+temporary directory (:func:`sweep`: this user's ``cf-*`` directories, mode 0700, whose
+every socket belongs to a process that is gone).
 
 Not promised: a wake-up is only a hint (anyone who can write to the directory can send
 one), so the listener re-reads shared memory, which is the truth.
@@ -34,7 +38,7 @@ import weakref
 
 from ._fork import at_fork
 
-__all__ = ("DoorbellListener", "discard", "make_directory", "ring")
+__all__ = ("DoorbellListener", "discard", "make_directory", "ring", "sweep")
 
 #: longest socket path every POSIX system accepts (macOS: 104 bytes with the NUL)
 _MAX_SOCKET_PATH = 100
@@ -42,8 +46,12 @@ _ids = itertools.count(1)
 
 
 def make_directory() -> str:
-    """Make a new doorbell directory (mode 0700) and return its path."""
+    """Make a new doorbell directory (mode 0700) and return its path; the first time in a
+    process, sweep the doorbells left behind in the same place first."""
     for base in (tempfile.gettempdir(), "/tmp"):
+        if base not in _swept:
+            _swept.add(base)
+            sweep(base)
         path = tempfile.mkdtemp(prefix="cf-", dir=base)
         if len(os.fsencode(path)) + 24 <= _MAX_SOCKET_PATH:  # the limit is in bytes
             _made.add(path)
@@ -77,6 +85,57 @@ def ring(directory: str) -> None:
                 os.unlink(path)
         except OSError:
             continue  # gone meanwhile
+
+
+def sweep(base: str) -> int:
+    """Remove the doorbell directories in ``base`` that nobody can use any more; return
+    how many.
+
+    Only this user's ``cf-*`` directories (not symbolic links) with mode 0700 are looked
+    at. A socket whose maker (the pid in its name) is gone is removed, and then the
+    directory if that left it empty. A directory that is empty already is removed too:
+    a chunk's listeners make it again when they bind (as when its last listener left).
+    Never raises.
+    """
+    removed = 0
+    try:
+        entries = [entry for entry in os.scandir(base) if entry.name.startswith("cf-")]
+    except OSError:
+        return 0
+    me = os.getuid() if hasattr(os, "getuid") else None
+    for entry in entries:
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not entry.is_dir(follow_symlinks=False) or info.st_mode & 0o777 != 0o700:
+                continue
+            if me is not None and info.st_uid != me:
+                continue
+            for name in os.listdir(entry.path):
+                if not _maker_alive(name):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(entry.path, name))
+            os.rmdir(entry.path)  # fails while a live listener is bound in it
+        except OSError:
+            continue
+        removed += 1
+    return removed
+
+
+def _maker_alive(name: str) -> bool:
+    """Whether the process that bound the socket ``name`` (``<pid>.<n>``) may still run."""
+    try:
+        pid = int(name.split(".", 1)[0])
+    except ValueError:
+        return True  # not one of ours: leave it (and so its directory)
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists (another user's, say)
+    return True
 
 
 def discard(directory: str) -> None:
@@ -177,6 +236,8 @@ except (AttributeError, OSError):  # no AF_UNIX (the windows flavour never rings
 #: directories this process made and has not discarded, its listeners, and every directory
 #: it listened in (removed at exit if empty by then) - none of them a fork's
 _made: set[str] = set()
+#: temporary directories already swept by this process (see sweep)
+_swept: set[str] = set()
 _listening: weakref.WeakSet[DoorbellListener] = weakref.WeakSet()
 _used: set[str] = set()
 
