@@ -137,6 +137,8 @@ def test_rounds_split_the_samples_and_rotate_the_order() -> None:
     orders = [rotated(systems, r, 3) for r in range(3)]
     assert all(sorted(order) == systems for order in orders)
     assert [order[0] for order in orders] == ["a", "c", "e"]
+    # more rounds than systems: each round still starts with the next one
+    assert [rotated(["a", "b"], r, 3)[0] for r in range(3)] == ["a", "b", "a"]
 
 
 @pytest.mark.slow
@@ -337,3 +339,23 @@ def test_the_headline_table_shows_one_line_per_goal() -> None:
     assert json_goal["coop_process"]["measured"] is False
     assert json_goal["coop_process"]["reason"] == "pip install anyio"
     json.dumps(items)  # JSON-able
+
+
+def test_each_round_keeps_the_samples_it_took() -> None:
+    """Test that a row's rounds count the samples each round added, also for a metric the
+    first round did not produce."""
+    from cancelflow._cli.bench.results import Row, rounds_json
+
+    row = Row("1", "loop", "cancelflow", "a fake row")
+    row.rounds.append({"round": 0, "position": 0, "start": {}, "background_cpu": 0.0})
+    row.add("caller_unblocked", 1.0)
+    row.rounds.append(
+        {"round": 1, "position": 1, "start": {"caller_unblocked": 1}, "background_cpu": 0.0}
+    )
+    row.add("caller_unblocked", 2.0)
+    row.add("next_task", 5.0)
+    first, second = rounds_json(row)
+    assert first["n"] == {"caller_unblocked": 1, "next_task": 0}
+    assert first["p50"] == {"caller_unblocked": 1.0}
+    assert second["n"] == {"caller_unblocked": 1, "next_task": 1}
+    assert second["p50"] == {"caller_unblocked": 2.0, "next_task": 5.0}

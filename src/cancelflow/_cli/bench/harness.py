@@ -131,7 +131,8 @@ def rotated(systems: list[str], round_: int, rounds: int) -> list[str]:
     share per round, so that each system goes first (and last) in turn."""
     if not systems:
         return []
-    shift = (round_ * len(systems)) // max(1, rounds) % len(systems)
+    n, rounds = len(systems), max(1, rounds)
+    shift = (round_ * n) // rounds if rounds <= n else round_ % n
     return systems[shift:] + systems[:shift]
 
 

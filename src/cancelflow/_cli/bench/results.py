@@ -81,7 +81,7 @@ def rounds_json(row: Row) -> list[dict[str, Any]]:
         p50: dict[str, float] = {}
         for key, values in row.samples.items():
             start = entry["start"].get(key, 0)
-            stop = len(values) if end is None else end.get(key, len(values))
+            stop = len(values) if end is None else end.get(key, 0)  # absent: none before
             part = values[start:stop]
             n[key] = len(part)
             if part:
