@@ -425,6 +425,51 @@ class TestTaskFutureKill:
             assert_gone(worker)
 
 
+class TestKilledTaskRelease:
+    def test_the_caller_is_released_once_the_tree_is_dead_not_after_the_sweep(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that a killed task's future settles as soon as its worker and tree are
+        known dead, while the zygote's sweep of the worker is still outstanding (the
+        worker's slot is replaced only after the sweep)."""
+        from cancelflow._process import _supervisor
+        from cancelflow._process._protocol import Sweep, send_record as real_send
+
+        release = threading.Event()
+        held: list[threading.Thread] = []
+
+        def send_record(sock: Any, record: Any, *args: Any) -> None:
+            if isinstance(record, Sweep):  # the sweep goes out only once the test says so
+
+                def later() -> None:
+                    release.wait(WAIT)
+                    real_send(sock, record, *args)
+
+                held.append(threading.Thread(target=later))
+                held[-1].start()
+                return
+            real_send(sock, record, *args)
+
+        monkeypatch.setattr(_supervisor, "send_record", send_record)  # as the pool calls it
+        seen = Announcements()
+        try:
+            with ProcessPool(1, grace_period=0, term_grace_period=0) as pool:
+                future = pool.submit_task(workloads.announce_and_spin, partial_sink=seen)
+                worker = seen.wait("pid")
+                assert future.cancel()
+                with pytest.raises(concurrent.futures.CancelledError):
+                    future.result(WAIT)
+                assert future.fate == "killed"
+                assert held, "no sweep was asked for"
+                assert_gone(worker)
+                release.set()
+                assert pool.submit(abs, -1).result(WAIT) == 1
+        finally:
+            release.set()
+            for thread in held:
+                thread.join(WAIT)
+
+
 class TestSupervisorWakeups:
     def test_concurrent_submitters_never_stall_the_pool(self) -> None:
         """Test that bursts of submits from several threads all complete (issue 6 hang).

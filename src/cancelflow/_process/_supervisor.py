@@ -793,6 +793,8 @@ class Supervisor:
         after it, then settle its task (in :meth:`_retire`, once the sweep is done)."""
         worker.gone = True
         self._drain(worker)
+        if not worker.waiting and not worker.swept:
+            self._settle_killed(worker)  # first: the caller need not wait for the sweep
         zygote = self._zygote_sock
         if zygote is None:
             worker.swept = True
@@ -818,7 +820,10 @@ class Supervisor:
             self._feed(worker, memoryview(self._inbox)[:size])
 
     def _retire(self, worker: WorkerHandle) -> None:
-        if worker.state == "dead" or not worker.gone or worker.waiting or not worker.swept:
+        if worker.state == "dead" or not worker.gone or worker.waiting:
+            return
+        if not worker.swept:
+            self._settle_killed(worker)
             return
         task = worker.task
         worker.task = None
@@ -853,6 +858,27 @@ class Supervisor:
                 self._break(BrokenPoolError(f"{self.name} is broken: workers keep dying at start"))
                 return
             self._spawn(index=worker.index)
+
+    def _settle_killed(self, worker: WorkerHandle) -> None:
+        """Release the caller of a task the pool killed as soon as the whole tree is
+        known dead, before the zygote's sweep comes back (the worker's slot is replaced
+        only after it).
+
+        Known dead: the worker's pidfd and the pidfd of every member of the tree that
+        ``kill_tree`` froze and killed have fired (``worker.waiting`` is empty), and what
+        the worker sent before it died was read (``_on_gone`` drained its socket). Only
+        for a task stopped by a cancel, a timeout or ``future.cancel()`` at the last rung:
+        its fate is "killed" whatever exit status the zygote reports; every other end
+        waits for that status (a crash is named by it).
+        """
+        task = worker.task
+        if (
+            task is not None
+            and not task.done
+            and task.stage >= 3
+            and task.stop_kind in ("cancel", "timeout", "future")
+        ):
+            self.finish(task, Fate.KILLED)
 
     # -- endings --------------------------------------------------------------
     def finish(
