@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from cancelflow import (
+    BrokenPoolError,
     CancellationToken,
     CancelledException,
     PipelineTimeoutException,
@@ -19,7 +20,7 @@ from cancelflow import (
 )
 from cancelflow._context import check_cancelled, current_token, store_partial
 from cancelflow._thread_pool import ThreadPool, ThreadPoolStatistics, ThreadTaskFuture
-from support import WAIT, LogCapture, wait
+from support import WAIT, LogCapture, wait, wait_until
 
 GRACE = 0.05
 
@@ -772,3 +773,52 @@ class TestCallersTokenRace:
             futures[0].result(WAIT)
         assert info.value.reason == "stop"
         assert fate(futures[0]) == "cancelled"
+
+
+def _timer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "cancelflow-timer"]
+
+
+class TestTimerThreadHold:
+    """An open pool keeps the timer thread; a shut-down or dropped one lets it go."""
+
+    def test_a_task_abandoned_after_shutdown_does_not_keep_the_timer_thread(self) -> None:
+        """Test that abandoning a task after shutdown (its replacement runs the queued
+        tasks) leaves no hold on the timer thread, which then ends."""
+        from cancelflow import _timer
+
+        started, release = threading.Event(), threading.Event()
+        pool = ThreadPool(1, grace_period=0.01)
+        try:
+            stuck_future = pool.submit(stuck(started, release))
+            wait(started)
+            queued = pool.submit(lambda: "queued")
+            pool.shutdown(wait=False, cancel_running=True)
+            assert queued.result(WAIT) == "queued"  # run by the stuck thread's replacement
+            assert fate(stuck_future) == "abandoned"
+            assert not _timer._holds
+            assert wait_until(lambda: not _timer_threads())
+        finally:
+            release.set()
+            pool.shutdown(wait=True)
+
+    def test_a_pool_dropped_without_shutdown_lets_the_timer_thread_go(self) -> None:
+        """Test that a pool collected without a shutdown (broken by its initializer, so
+        its threads are gone) gives its hold on the timer thread back."""
+        import gc
+        import weakref
+
+        from cancelflow import _timer
+
+        def fail() -> None:
+            raise RuntimeError("initializer fails")
+
+        pool = ThreadPool(1, initializer=fail)
+        with pytest.raises(BrokenPoolError):
+            pool.submit(int).result(WAIT)
+        collected = weakref.ref(pool)
+        del pool
+        # Its thread holds it until the thread has ended; then only a cycle is left.
+        assert wait_until(lambda: gc.collect() >= 0 and collected() is None)
+        assert not _timer._holds
+        assert wait_until(lambda: not _timer_threads())

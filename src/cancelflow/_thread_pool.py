@@ -887,10 +887,12 @@ class ThreadPool(Executor):
     def _spawn_if_needed(self) -> None:
         """Start workers for queued work nobody waits for. Caller holds the lock."""
         while len(self._queue) > self._idle and self._active < self._max_workers:
-            if self._timer_hold is None:
+            if self._timer_hold is None and not self._shutdown:
                 # A cancel of a running task schedules its grace timer: with the timer
-                # thread up, that never starts a thread under a GIL-bound task.
-                self._timer_hold = _timer.hold()
+                # thread up, that never starts a thread under a GIL-bound task. (Not
+                # after shutdown, which released it: a worker replacing an abandoned
+                # one then runs the queued tasks without holding the thread.)
+                self._timer_hold = _timer.hold(self)
             worker = _Worker()
             if self._thread_name_prefix:
                 name = f"{self._thread_name_prefix}_{next(self._thread_numbers)}"
@@ -1076,6 +1078,10 @@ class ThreadPool(Executor):
                 resolved = True
                 item.fate = _FAILED if outcome.exc is not None else _FINISHED
                 _futures.settle_locked(future, result=outcome.value, exception=outcome.exc)
+        if item.grace_handle is not None:
+            # A cancel racing with this return may have scheduled the grace timer after
+            # the loop above read it; it saw ``returned`` unset, so it is ours to cancel.
+            item.grace_handle.cancel()
         if resolved or settled:
             _futures.run_callbacks(future)
         if item.over_callbacks is not None:

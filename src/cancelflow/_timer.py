@@ -29,6 +29,7 @@ import heapq
 import itertools
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 from ._log import safe_log
@@ -48,9 +49,10 @@ _ticket: list[None] = [None]
 # Bumped (and futex-woken) whenever the timer thread should look again.
 _kicks = ctypes.c_uint32(0)
 _kick_address = ctypes.addressof(_kicks)
-# How many holders keep the timer thread running while no timer is pending (see hold()).
-_holds = 0
-_holds_lock = threading.Lock()
+# The holds that keep the timer thread running while no timer is pending (see hold()):
+# added and discarded in one atomic step each, so no lock (a signal handler may release
+# one while its thread is inside hold()).
+_holds: set[TimerHold] = set()
 
 
 def _kick() -> None:
@@ -98,37 +100,33 @@ def call_at(deadline: float, callback: Callable[[], object]) -> TimerHandle:
 class TimerHold:
     """Keeps the timer thread running while no timer is pending, until :meth:`release`."""
 
-    __slots__ = ("_held",)
-
-    def __init__(self) -> None:
-        self._held = True
+    __slots__ = ("__weakref__",)
 
     def release(self) -> None:
         """Let the timer thread end once nothing else holds it and no timer is pending.
-        Idempotent."""
-        global _holds
-        with _holds_lock:
-            if not self._held:
-                return
-            self._held = False
-            _holds -= 1
-        _kick()  # an idle timer thread looks again, and ends if it may
+        Idempotent, lock-free, safe from any thread and from a signal handler."""
+        if self in _holds:
+            _holds.discard(self)
+            _kick()  # an idle timer thread looks again, and ends if it may
 
 
-def hold() -> TimerHold:
+def hold(owner: object | None = None) -> TimerHold:
     """Start the timer thread now if it does not run, and keep it running (idle, asleep on
     its futex) until the returned hold is released; scheduling a timer then never starts
-    a thread. Not for signal handlers (takes a lock)."""
-    global _holds
-    with _holds_lock:
-        _holds += 1
+    a thread. With ``owner``, the hold is also released when ``owner`` is collected (a
+    pool dropped without a shutdown). Lock-free; starting the thread takes
+    :mod:`threading`'s own locks."""
+    held = TimerHold()
+    _holds.add(held)
+    if owner is not None:
+        weakref.finalize(owner, held.release)
     try:
         _ticket.pop()
     except IndexError:
         pass  # a timer thread runs; it sees the hold before it could leave
     else:
         threading.Thread(target=_run, name="cancelflow-timer", daemon=True).start()
-    return TimerHold()
+    return held
 
 
 def pending() -> int:
@@ -184,10 +182,9 @@ def _run() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _ticket, _holds, _holds_lock
+    global _lock, _ticket
     _lock = threading.Lock()  # another thread may have held it at the fork
-    _holds_lock = threading.Lock()
-    _holds = 0  # the holders' threads (pools) do not survive a fork either
+    _holds.clear()  # the holders' threads (pools) do not survive a fork either
     _ticket = [None]  # the timer thread does not survive a fork
     _heap.clear()
     _incoming.clear()
