@@ -260,6 +260,7 @@ class _WorkItem:
         return token is not None and token.is_cancelled
 
     def cancel_reason(self) -> str | None:
+        """The task's token's cancel reason (``None`` while it has no token)."""
         token = self.token
         return None if token is None else token.cancel_reason
 
