@@ -1061,9 +1061,8 @@ class ThreadPool(Executor):
             # links): a task that returned because of that cancel must count as
             # cancelled, not finished. Idempotent if the link got there first.
             token.cancel(source.cancel_reason)
-        for handle in (item.timeout_handle, item.grace_handle):
-            if handle is not None:
-                handle.cancel()
+        if item.timeout_handle is not None:
+            item.timeout_handle.cancel()
         if item.cancel_handle is not None:
             item.cancel_handle.remove()
         future = item.future
@@ -1080,8 +1079,10 @@ class ThreadPool(Executor):
                 item.fate = _FAILED if outcome.exc is not None else _FINISHED
                 _futures.settle_locked(future, result=outcome.value, exception=outcome.exc)
         if item.grace_handle is not None:
-            # A cancel racing with this return may have scheduled the grace timer after
-            # the loop above read it; it saw ``returned`` unset, so it is ours to cancel.
+            # Read only now that ``returned`` is set: a cancel racing with this return
+            # stores its grace timer first and then checks ``returned``, so one of the
+            # two sides cancels it. (A timer that fires meanwhile finds the thread's
+            # item gone and does nothing.)
             item.grace_handle.cancel()
         if resolved or settled:
             _futures.run_callbacks(future)
