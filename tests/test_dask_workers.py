@@ -74,10 +74,14 @@ def stay_until_killed_then_finish(marker: str) -> str:
 
 def stay_until_killed_then_fail(ctx: NodeContext) -> str:
     marker = ctx.context["marker"]
-    ctx.store_partial("pid", os.getpid())
     if os.path.exists(marker):
+        ctx.store_partial("pid", os.getpid())
         raise ValueError("the second attempt fails")
+    # The marker exists before the pid is reported: the test kills the worker on the
+    # report, and a kill between the report and the marker would make the second
+    # attempt wait as the first did.
     Path(marker).touch()
+    ctx.store_partial("pid", os.getpid())
     ctx.token.wait_blocking(WAIT)
     return "first attempt survived"
 
