@@ -492,7 +492,7 @@ class TestMap:
 
     def test_timeout_raises_timeout_error_and_stops_the_rest(self, pool: ProcessPool) -> None:
         """Test that a map timeout raises TimeoutError from the iterator."""
-        results = pool.map(workloads.announce_and_spin, [(), ()], timeout=0.2)
+        results = pool.map(workloads.store_then_spin, [1, 1], timeout=0.2)
         with pytest.raises(TimeoutError):
             list(results)
 
