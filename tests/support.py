@@ -130,10 +130,7 @@ def share(token: CancellationToken) -> None:
     From then on other processes may cancel it (see ``CancellationToken.__reduce__``):
     cross-process locking, futex wake-ups, no slot reuse, a hub thread for its callbacks.
     """
-    token._exported = True
-    token._chunk.mark_shared()
-    if token._id in token._chunk.listeners:
-        token._chunk.ensure_hub()
+    token._export()
 
 
 def memfds() -> set[int]:

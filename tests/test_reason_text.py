@@ -50,8 +50,7 @@ def shared_pair() -> tuple[CancellationToken, CancellationToken]:
     """A token another process may read, and a second token object on its slot: what a
     child process builds. The second one reads the reason from shared memory only."""
     token = CancellationToken()
-    token._exported = True  # what handing it to a starting process does
-    token._chunk.mark_shared()
+    token._export()  # what handing it to a starting process does
     return token, token_on_slot(token._chunk, token._offset)
 
 
@@ -147,7 +146,7 @@ class TestReasonInProcess:
         reason = TEXTS["lone_surrogate"]
         parent = CancellationToken()
         child = parent.child()
-        child._exported = True
+        child._export()
         view = token_on_slot(child._chunk, child._offset)
         parent.cancel(reason)
         assert child.is_cancelled

@@ -26,6 +26,7 @@ import pytest
 from loguru import logger
 
 from cancelflow import CallbackHandle, CancellationToken, CancelledException, _timer
+from cancelflow._token import token_on_slot
 from support import (
     WAIT,
     LogCapture,
@@ -1196,6 +1197,83 @@ class TestCancellationToken:
             wake_r.close()
             wake_w.close()
         assert token.cancel_reason == "sig"
+
+
+class TestTheFlagOtherProcessesSee:
+    """A token that only this process can see keeps its flag in a plain attribute (the
+    cheapest read); one that another process may see reads the flag in shared memory. A
+    cancel always writes the shared flag, so the switch loses nothing."""
+
+    @needs_shared_tokens
+    def test_a_cancel_in_another_process_is_read_at_once_without_a_callback(
+        self, mp_context: multiprocessing.context.BaseContext
+    ) -> None:
+        """Test that a cancel made by a child process (any start method) turns the
+        parent's ``is_cancelled`` true with nothing registered on the token (no hub)."""
+        token = CancellationToken()
+        go = mp_context.Event()
+        with running(mp_context, _child_cancels, token, go, "from the child") as proc:
+            go.set()
+            proc.join(WAIT)
+            assert proc.exitcode == 0
+        assert token.is_cancelled
+        assert token.cancel_reason == "from the child"
+
+    @needs_shared_tokens
+    def test_a_cancel_made_before_sharing_reads_the_same_through_the_slot(self) -> None:
+        """Test that a token cancelled while only this process saw it reads cancelled
+        through another object on its slot once shared (what a child builds)."""
+        token = CancellationToken()
+        token.cancel("early")
+        share(token)
+        view = token_on_slot(token._chunk, token._offset)
+        assert (token.is_cancelled, view.is_cancelled) == (True, True)
+
+    @needs_shared_tokens
+    def test_reset_clears_the_flag_every_process_reads(self) -> None:
+        """Test that reset() after sharing clears the token and every view of its slot."""
+        token = CancellationToken()
+        share(token)
+        view = token_on_slot(token._chunk, token._offset)
+        token.cancel()
+        token.reset()
+        assert (token.is_cancelled, view.is_cancelled) == (False, False)
+        view.cancel("again")
+        assert token.is_cancelled
+
+    @needs_shared_tokens
+    def test_a_shared_token_is_still_an_instance_of_its_own_class(self) -> None:
+        """Test that sharing keeps a user's subclass: its methods, its name, isinstance."""
+
+        class AuditedToken(CancellationToken):
+            def cancel(self, reason: str | None = None) -> bool:
+                self.audit = reason
+                return super().cancel(reason)
+
+        token = AuditedToken(name="audited")
+        share(token)
+        view = token_on_slot(token._chunk, token._offset, kind=AuditedToken)
+        for each in (token, view):
+            assert isinstance(each, AuditedToken)
+            assert type(each).__name__ == "AuditedToken"
+        assert token.cancel("kept") is True
+        assert token.audit == "kept"
+        assert view.is_cancelled
+        assert repr(token) == "<CancellationToken audited cancelled, reason='kept'>"
+
+    @needs_shared_tokens
+    def test_a_local_cancel_also_writes_the_flag_other_processes_read(self) -> None:
+        """Test that cancelling a token only this process sees also sets the flag in its
+        slot: what makes sharing it at any moment (a fork from another thread, a signal
+        handler) lose nothing."""
+        token = CancellationToken()
+        view = token_on_slot(token._chunk, token._offset)
+        token.cancel("local")
+        assert not token._is_shared()
+        assert view.is_cancelled
+        share(token)
+        assert token.is_cancelled
+        assert token.cancel_reason == "local"
 
 
 class TestCallbackHandle:

@@ -18,7 +18,7 @@ from . import _cell, _timer
 from ._async import wait_for_callback
 from ._exceptions import CancelledException
 from ._log import safe_log
-from ._platform import HAVE_FUTEX, TOKENS_CROSS_PROCESSES, futex_wait, futex_wake
+from ._platform import HAVE_FUTEX, TOKENS_CROSS_PROCESSES, at_fork, futex_wait, futex_wake
 from ._validate import check_seconds as _check_timeout
 
 if TYPE_CHECKING:
@@ -69,10 +69,14 @@ class CallbackHandle:
 
 
 class _Cell(ctypes.Structure):
-    # The flag is a ctypes field read straight from shared memory by a C getter:
-    # cheaper than a Python property and visible to every process that maps the slot.
+    # ``_flag`` is the shared flag, in memory every process that maps the slot sees (and
+    # the futex word that waiters sleep on). A token that only this process can see also
+    # keeps a copy in a plain attribute, which is what its ``is_cancelled`` reads (an
+    # instance attribute is cheaper to read than a ctypes field); once the token can be
+    # seen by another process, its class becomes a twin whose ``is_cancelled`` *is* this
+    # field (a C getter, no Python call). See ``_shared_twin``.
     _fields_ = (
-        ("is_cancelled", ctypes.c_bool),
+        ("_flag", ctypes.c_bool),
         ("_pad", ctypes.c_uint8 * 3),
         ("_reason_len", ctypes.c_uint32),
         ("_reason_bytes", ctypes.c_char * _cell.REASON_MAX),
@@ -88,10 +92,12 @@ class CancellationToken(_Cell):
     ``await token.wait()`` on any asyncio loop, :meth:`wait_blocking` in any thread or
     process, and every :meth:`on_cancel` callback, exactly once.
 
-    ``token.is_cancelled`` never blocks, takes no lock and makes no system call: it reads
-    one byte of shared memory through a C getter (about as cheap as
-    ``threading.Event.is_set()``, and over ten times cheaper than
-    ``multiprocessing.Event.is_set()``), so it is fine in a hot loop and in a signal handler.
+    ``token.is_cancelled`` never blocks, takes no lock, calls nothing and makes no system
+    call: while only this process can see the token it is a plain attribute (cheaper
+    than ``threading.Event.is_set()``), and once another process may (the token was sent
+    to a process start, or the process forked while it lived) it is one byte of shared
+    memory read by a C getter (over ten times cheaper than
+    ``multiprocessing.Event.is_set()``). Fine in a hot loop and in a signal handler.
 
     Linked tokens: :meth:`child` makes a token cancelled whenever this one is (not the
     reverse); :meth:`linked` one cancelled when any of several is; ``timeout=`` cancels a
@@ -138,17 +144,21 @@ class CancellationToken(_Cell):
     interrupted thread) and not :meth:`reset` (see there).
 
     Attributes:
-        is_cancelled (bool): whether the token was cancelled, by anyone, anywhere. A
-            field read straight from the token's shared memory: no call, no lock, never
-            blocks, safe in a signal handler; in a hot loop prefer it (or
-            :func:`~cancelflow.check_cancelled` in a task) to a method call. Read-only by
-            contract (writing it bypasses callbacks and waiters). ``help()`` shows it as
-            a "Structure/Union member": ctypes gives its fields no docstring of their own.
+        is_cancelled (bool): whether the token was cancelled, by anyone, anywhere. An
+            attribute read (a plain one, or, for a token shared with other processes, a
+            field of its shared memory): no call, no lock, never blocks, safe in a
+            signal handler; in a hot loop prefer it (or :func:`~cancelflow.check_cancelled`
+            in a task) to a method call. Read-only by contract (writing it bypasses
+            callbacks, waiters and other processes).
         name (str): the token's name, for logs and ``repr`` (given, or ``token-<n>``).
     """
 
-    # ``is_cancelled`` is the ctypes field declared by _Cell.
+    # An instance attribute while only this process can see the token; on the shared
+    # twin class, the ctypes field ``_Cell._flag`` (see ``_shared_twin``).
     is_cancelled: bool
+    _flag: bool
+    #: whether this class is a shared twin
+    _shared_view = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> CancellationToken:
         chunk, offset = _cell.allocate_slot()
@@ -184,6 +194,7 @@ class CancellationToken(_Cell):
             raise TypeError(f"name must be a str or None, not {type(name).__name__}")
         self._init_local(name)
         self._clear_shared()
+        _local_tokens[self._id] = weakref.ref(self)
         if timeout is not None:
             self._arm_timer(_check_timeout(timeout, "timeout"))
 
@@ -201,12 +212,22 @@ class CancellationToken(_Cell):
 
     def _clear_shared(self) -> None:
         self._reason_len = _cell.REASON_NONE
+        self._flag = False
         self.is_cancelled = False
+
+    def _share(self) -> None:
+        """From now on another process may see this token: ``is_cancelled`` reads the
+        shared flag. Idempotent; safe against a concurrent ``cancel()`` (which always
+        writes the shared flag first, so nothing written before the switch is lost)."""
+        kind = type(self)
+        if not kind._shared_view:
+            self.__class__ = _shared_twin(kind)
+        _local_tokens.pop(self._id, None)
 
     @classmethod
     def _on_slot(cls, chunk: _cell.Chunk, offset: int, name: str | None = None) -> Self:
         """A token over an existing slot (another process's token, or a pool's task slot)."""
-        self = cls.from_buffer(chunk.mm, offset)
+        self = _shared_twin(cls).from_buffer(chunk.mm, offset)
         chunk.adopt()
         self._bind(chunk, offset)
         self._exported = True
@@ -289,18 +310,26 @@ class CancellationToken(_Cell):
         try:
             if self._is_shared():
                 with chunk.lock_slot(self._offset):
-                    if self.is_cancelled:
+                    if self._flag:
                         won = False
                     else:
                         self._write_shared_reason(reason)
-                        self.is_cancelled = True
+                        self._flag = True
+                # The class may switch to the shared twin only just after a fork: until
+                # then ``is_cancelled`` is the local copy.
+                self.is_cancelled = True
             else:
                 self._reason = reason
+                # The shared flag first: it is the futex word, and what a fork or an export
+                # that makes the token shared in the meantime goes by (see _share).
+                self._flag = True
                 self.is_cancelled = True
         except BaseException:
             # Interrupted (say, by a signal handler that raised while we waited for the
             # slot lock) before the flag was set: let a later cancel() try again.
-            if not self.is_cancelled:
+            if self._flag:
+                self.is_cancelled = True
+            else:
                 self._once.append(None)
             raise
         if won:
@@ -593,6 +622,7 @@ class CancellationToken(_Cell):
         self.close()
 
     def __del__(self) -> None:
+        _local_tokens.pop(getattr(self, "_id", 0), None)
         try:
             self._detach()
         except Exception:  # noqa: BLE001 - interpreter shutdown
@@ -617,19 +647,73 @@ class CancellationToken(_Cell):
                 "(multiprocessing.Process args, any start method) or through cancelflow's "
                 "pools; it cannot travel through a queue or pipe to a running process"
             )
+        self._export()
+        return (
+            _rebuild_token,
+            (_SharedChunk.for_current_start(self._chunk), self._offset, self.name),
+        )
+
+    def _export(self) -> None:
+        """Another process gets this token (it is being pickled for a process start):
+        from now on it is shared, for good."""
         chunk = self._chunk
         self._exported = True
+        self._share()
         if self.is_cancelled and self._reason is not None:
             # Cancelled while only this process could see it (the reason was kept locally).
             self._write_shared_reason(self._reason)
         chunk.mark_shared()
         if self._id in chunk.listeners:
             chunk.ensure_hub()  # its callbacks now hear of cancels made over there
-        return (_rebuild_token, (_SharedChunk.for_current_start(chunk), self._offset, self.name))
 
     def __repr__(self) -> str:
         state = f"cancelled, reason={self.cancel_reason!r}" if self.is_cancelled else "active"
         return f"<CancellationToken {self.name} {state}>"
+
+
+#: Tokens of this process that no other process can see yet, by ``_id``: their
+#: ``is_cancelled`` is a plain attribute until :meth:`CancellationToken._share` (a fork
+#: shares them all).
+_local_tokens: dict[int, weakref.ref[CancellationToken]] = {}
+#: token class -> its shared twin (``_shared_twin``)
+_twins: dict[type[CancellationToken], type[CancellationToken]] = {}
+
+
+def _shared_twin(kind: type[_T]) -> type[_T]:
+    """The class a token of class ``kind`` takes once another process may see it: the
+    same class, whose ``is_cancelled`` is the shared flag (the ctypes field) instead of
+    the local copy. Same name and layout, so ``__class__`` can switch in place;
+    ``isinstance(token, kind)`` holds for both."""
+    if kind._shared_view:
+        return kind
+    twin = _twins.get(kind)
+    if twin is None:
+        body = {
+            "is_cancelled": _Cell._flag,
+            "_shared_view": True,
+            "__module__": kind.__module__,
+            "__qualname__": kind.__qualname__,
+            "__doc__": kind.__doc__,
+        }
+        metaclass: Any = type(kind)  # ctypes' structure metaclass
+        twin = _twins.setdefault(kind, metaclass(kind.__name__, (kind,), body))
+    return twin  # type: ignore[return-value]
+
+
+def _share_every_token() -> None:
+    """Around a fork: every token alive may be seen by the child (and the child's by the
+    parent); their ``is_cancelled`` reads the shared flag from now on."""
+    for ref in list(_local_tokens.values()):
+        token = ref()
+        if token is not None:
+            token._share()
+
+
+at_fork(
+    before=_share_every_token,
+    after_in_parent=_share_every_token,
+    after_in_child=_share_every_token,
+)
 
 
 # ``__new__`` takes ``*args, **kwargs`` (it only places the token in shared memory), which is
