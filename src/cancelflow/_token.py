@@ -153,8 +153,10 @@ class CancellationToken(_Cell):
         name (str): the token's name, for logs and ``repr`` (given, or ``token-<n>``).
     """
 
-    # An instance attribute while only this process can see the token; on the shared
-    # twin class, the ctypes field ``_Cell._flag`` (see ``_shared_twin``).
+    # A slot while only this process can see the token (a slot read is specialised by the
+    # interpreter: a few ns, where a ctypes field or a ctypes instance's __dict__ is not);
+    # on the shared twin class, the ctypes field ``_Cell._flag`` (see ``_shared_twin``).
+    __slots__ = ("is_cancelled",)
     is_cancelled: bool
     _flag: bool
     #: whether this class is a shared twin
