@@ -75,6 +75,15 @@ def _child_reports_states(tokens: list[CancellationToken], conn: Any) -> None:
     conn.send([(token.is_cancelled, token.cancel_reason) for token in tokens])
 
 
+def _child_cancels_and_reports(tokens: list[CancellationToken], mine: int, conn: Any) -> None:
+    """Cancel ``tokens[mine:]``; once the last of ``tokens[:mine]`` is cancelled (the
+    parent cancels them in order), send what each of them reads."""
+    for token in tokens[mine:]:
+        token.cancel("child")
+    tokens[mine - 1].wait_blocking(WAIT)
+    conn.send([token.is_cancelled for token in tokens[:mine]])
+
+
 def _child_times_out(conn: Any) -> None:
     conn.send(CancellationToken(timeout=0.01).wait_blocking(WAIT))
 
@@ -1260,6 +1269,34 @@ class TestTheFlagOtherProcessesSee:
         assert token.audit == "kept"
         assert view.is_cancelled
         assert repr(token) == "<CancellationToken audited cancelled, reason='kept'>"
+
+    @needs_shared_tokens
+    def test_a_fork_while_another_thread_cancels_shares_every_token(self) -> None:
+        """Test that tokens alive at a fork, some cancelled by another thread of the parent
+        while it forks, read the same on both sides: the child sees the parent's cancels
+        and the parent sees the child's, through ``is_cancelled`` alone."""
+        ctx = multiprocessing.get_context("fork")
+        tokens = [CancellationToken() for _ in range(300)]
+        theirs = tokens[200:]  # cancelled by the child
+        started = threading.Event()
+
+        def cancel_ours() -> None:
+            started.set()
+            for token in tokens[:200]:
+                token.cancel("parent")
+
+        canceller = threading.Thread(target=cancel_ours)
+        canceller.start()
+        assert started.wait(WAIT)
+        with pipe() as (reader, writer):
+            with running(ctx, _child_cancels_and_reports, tokens, 200, writer) as proc:
+                canceller.join(WAIT)
+                seen = receive(reader)
+                proc.join(WAIT)
+                assert proc.exitcode == 0
+        assert seen == [True] * 200  # the parent's cancels, all of them, in the child
+        assert all(token.is_cancelled for token in theirs)
+        assert {token.cancel_reason for token in theirs} == {"child"}
 
     @needs_shared_tokens
     def test_a_local_cancel_also_writes_the_flag_other_processes_read(self) -> None:
