@@ -23,6 +23,7 @@ from cancelflow._platform import (
     HAVE_FUTEX,
     DoorbellListener,
     UnsafeSignalTarget,
+    _tree,
     _wake,
     discard_doorbell,
     futex_wait,
@@ -344,6 +345,40 @@ class TestKillTree:
             for fd in killed.values():
                 if fd is not None:
                     os.close(fd)
+
+    def test_a_round_reads_only_what_is_new(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Test that a tree growing while it is frozen (orphans re-parented to the root
+        round after round, as a forking chain does, beside 1,000 zombies) costs each
+        process's children to be read twice at most, not once per round: the whole tree
+        re-walked every round let a chain outrun the rounds for seconds (killing a
+        worker with 4,000 zombies took 13 s)."""
+        root, zombies = 10_000, list(range(20_000, 21_000))
+        arrivals = iter(range(30_000, 30_006))  # one orphan per read of the root
+        reads: list[int] = []
+        frozen: list[int] = []
+
+        def children_of(pid: int) -> list[int]:
+            reads.append(pid)
+            if pid != root:
+                return []
+            late = next(arrivals, None)
+            if late is not None:
+                zombies.append(late)
+            return list(zombies)
+
+        def send_signal(pid: int, signum: int) -> bool:
+            if signum == signal.SIGSTOP:
+                frozen.append(pid)
+            return True
+
+        monkeypatch.setattr(_tree, "_children_of", children_of)
+        monkeypatch.setattr(_tree, "send_signal", send_signal)
+        killed = kill_tree(root, include_root=True)
+        assert sorted(killed) == sorted(zombies)  # every one, the late ones too
+        assert frozen[0] == root
+        assert sorted(frozen[1:]) == sorted(zombies)
+        assert len(reads) <= 2 * len(zombies) + 10
+        assert reads.count(root) == 7  # a round per arrival, and one that finds nothing
 
     def test_refuses_this_process_before_sending_anything(self) -> None:
         """Test that asking to kill this process's own tree with its root raises

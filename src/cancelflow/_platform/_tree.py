@@ -178,14 +178,28 @@ def kill_tree(
     if include_root:
         send_signal(pid, signal.SIGSTOP)
     killed: dict[int, int | None] = {}
+    # Each process is frozen the moment it is found, and only then are its children
+    # read; the next round reads them once more (a fork that was in flight when SIGSTOP
+    # came completes first), and the root's in every round (orphans are re-parented to
+    # it, a subreaper). Nothing found before is walked again: a round costs what is new,
+    # not the whole tree (a tree of thousands of zombies under a forking chain was
+    # re-walked every round, so the chain kept outrunning the rounds).
+    to_read = [pid]
     for _ in range(_FREEZE_ROUNDS):
-        found = [p for p in descendants(pid) if p not in killed]
-        if not found:
+        frozen: list[int] = []
+        stack = list(to_read)
+        while stack:
+            for child in _children_of(stack.pop()):
+                if child in killed or child == pid:
+                    continue
+                with contextlib.suppress(ValueError):  # refused: never ours to signal
+                    send_signal(child, signal.SIGSTOP)
+                killed[child] = pidfd_open(child) if watch else None
+                frozen.append(child)
+                stack.append(child)
+        if not frozen:
             break
-        for child in found:
-            with contextlib.suppress(ValueError):  # refused: never ours to signal
-                send_signal(child, signal.SIGSTOP)
-            killed[child] = pidfd_open(child) if watch else None
+        to_read = [pid, *frozen]
     for child in killed:
         with contextlib.suppress(ValueError):
             send_signal(child, signal.SIGKILL)

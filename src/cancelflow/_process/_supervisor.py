@@ -143,7 +143,8 @@ class WorkerHandle:
         self.pidfd: int | None = None
         self.state: WorkerState = "starting"
         self.task: Task | None = None
-        self.waiting: set[int] = set()  # pidfds of the tree being killed
+        #: pid -> pidfd of each member of the tree being killed, until it is gone
+        self.waiting: dict[int, int] = {}
         self.status: int | None = None
         self.gone = False
         self.ready = False  # said "ready" (its initializer ran)
@@ -768,17 +769,15 @@ class Supervisor:
         tree = kill_tree(worker.pid, include_root=True, watch=True)
         for pid, fd in tree.items():
             if fd is not None:
-                worker.waiting.add(fd)
+                worker.waiting[pid] = fd
                 self._selector.register(fd, selectors.EVENT_READ, ("pidfd", worker, pid))
 
     def _on_pidfd(self, worker: WorkerHandle, pid: int) -> None:
         if pid != worker.pid:  # a member of a killed tree is gone
-            for fd in list(worker.waiting):
-                key = self._selector.get_key(fd)
-                if key.data[2] == pid:
-                    self._selector.unregister(fd)
-                    os.close(fd)
-                    worker.waiting.discard(fd)
+            fd = worker.waiting.pop(pid, None)
+            if fd is not None:
+                self._selector.unregister(fd)
+                os.close(fd)
             self._retire(worker)
             return
         if worker.pidfd is None:  # already handled by an earlier event of the same select
@@ -974,7 +973,7 @@ class Supervisor:
                     with contextlib.suppress(OSError):
                         worker.sock.close()
                 for fd in ([worker.pidfd] if worker.pidfd is not None else []) + list(
-                    worker.waiting
+                    worker.waiting.values()
                 ):
                     with contextlib.suppress(OSError):
                         os.close(fd)
@@ -1035,7 +1034,9 @@ class Supervisor:
                 sock.close()
         fds = [self._wake_r, self._wake_w]
         for worker in self.workers.values():
-            fds += ([worker.pidfd] if worker.pidfd is not None else []) + list(worker.waiting)
+            fds += ([worker.pidfd] if worker.pidfd is not None else []) + list(
+                worker.waiting.values()
+            )
         for fd in fds:
             if fd >= 0:
                 with contextlib.suppress(OSError):
