@@ -436,6 +436,7 @@ class TestKilledTaskRelease:
         from cancelflow._process._protocol import Sweep, send_record as real_send
 
         release = threading.Event()
+        asked = threading.Event()
         held: list[threading.Thread] = []
 
         def send_record(sock: Any, record: Any, *args: Any) -> None:
@@ -447,6 +448,7 @@ class TestKilledTaskRelease:
 
                 held.append(threading.Thread(target=later))
                 held[-1].start()
+                asked.set()
                 return
             real_send(sock, record, *args)
 
@@ -460,7 +462,8 @@ class TestKilledTaskRelease:
                 with pytest.raises(concurrent.futures.CancelledError):
                     future.result(WAIT)
                 assert future.fate == "killed"
-                assert held, "no sweep was asked for"
+                # The supervisor asks for the sweep just after it settled the future.
+                assert asked.wait(WAIT), "no sweep was asked for"
                 assert_gone(worker)
                 release.set()
                 assert pool.submit(abs, -1).result(WAIT) == 1
