@@ -307,8 +307,9 @@ class RemoteToken(ctypes.Structure):
     queue, pipe or executor. In the receiving process:
 
     * ``is_cancelled``: one read of memory shared with the owner (as cheap as
-      ``CancellationToken.is_cancelled``), true the moment the owner's token is
-      cancelled, or once the owner stopped serving the handle (it closed it, or exited);
+      ``is_cancelled`` of a token shared with another process), true the moment the
+      owner's token is cancelled, or once the owner stopped serving the handle (it
+      closed it, or exited);
     * :attr:`cancel_reason`, :meth:`raise_if_cancelled`, :meth:`wait`;
     * :meth:`cancel`: cancels the owner's token;
     * :meth:`store_partial`: hands ``value`` to the owner's ``partial_sink``.
