@@ -80,7 +80,8 @@ def _child_cancels_and_reports(tokens: list[CancellationToken], mine: int, conn:
     parent cancels them in order), send what each of them reads."""
     for token in tokens[mine:]:
         token.cancel("child")
-    tokens[mine - 1].wait_blocking(WAIT)
+    if mine:
+        tokens[mine - 1].wait_blocking(WAIT)
     conn.send([token.is_cancelled for token in tokens[:mine]])
 
 
@@ -1297,6 +1298,51 @@ class TestTheFlagOtherProcessesSee:
         assert seen == [True] * 200  # the parent's cancels, all of them, in the child
         assert all(token.is_cancelled for token in theirs)
         assert {token.cancel_reason for token in theirs} == {"child"}
+
+    @needs_shared_tokens
+    def test_a_subclass_whose_init_subclass_wants_keywords_is_shared_through_a_fork(
+        self,
+    ) -> None:
+        """Test that a fork shares a token of a user's subclass whose ``__init_subclass__``
+        requires a keyword, and the tokens made after it: no subclass of the user's class
+        is made (which would call that hook), and a child's cancels reach the parent."""
+
+        class Tagged(CancellationToken):
+            tags: dict[str, type[CancellationToken]] = {}  # noqa: RUF012 - a user's registry
+
+            def __init_subclass__(cls, *, tag: str, **kwargs: Any) -> None:
+                super().__init_subclass__(**kwargs)
+                Tagged.tags[tag] = cls
+
+        class JobToken(Tagged, tag="job"):
+            pass
+
+        ctx = multiprocessing.get_context("fork")
+        tokens = [JobToken(), CancellationToken()]
+        with pipe() as (reader, writer):
+            with running(ctx, _child_cancels_and_reports, tokens, 0, writer) as proc:
+                receive(reader)
+                proc.join(WAIT)
+                assert proc.exitcode == 0
+        assert [token.is_cancelled for token in tokens] == [True, True]
+        assert Tagged.tags == {"job": JobToken}
+        assert JobToken.__subclasses__() == []
+
+    @needs_shared_tokens
+    def test_a_subclass_made_at_run_time_is_not_kept_by_sharing(self) -> None:
+        """Test that sharing a token of a class made at run time does not keep the class
+        alive once its tokens are gone."""
+
+        def shared_token_of_a_new_class() -> weakref.ref[type[CancellationToken]]:
+            class PerJob(CancellationToken):
+                pass
+
+            share(PerJob())
+            return weakref.ref(PerJob)
+
+        classes = [shared_token_of_a_new_class() for _ in range(3)]
+        gc.collect()
+        assert [ref() for ref in classes] == [None, None, None]
 
     @needs_shared_tokens
     def test_a_local_cancel_also_writes_the_flag_other_processes_read(self) -> None:

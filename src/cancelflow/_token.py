@@ -3,6 +3,7 @@ set, and all of them can read and wait on."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import inspect
 import itertools
@@ -159,8 +160,11 @@ class CancellationToken(_Cell):
     __slots__ = ("is_cancelled",)
     is_cancelled: bool
     _flag: bool
-    #: whether this class is a shared twin
+    #: whether ``is_cancelled`` reads the shared flag (a shared twin, or a user's
+    #: subclass once one of its tokens was shared: see ``_shared_twin``)
     _shared_view = False
+    #: gets a shared twin (cancelflow's own token classes say so in their body)
+    _has_twin = True
 
     def __new__(cls, *args: Any, **kwargs: Any) -> CancellationToken:
         chunk, offset = _cell.allocate_slot()
@@ -682,24 +686,36 @@ _twins: dict[type[CancellationToken], type[CancellationToken]] = {}
 
 
 def _shared_twin(kind: type[_T]) -> type[_T]:
-    """The class a token of class ``kind`` takes once another process may see it: the
-    same class, whose ``is_cancelled`` is the shared flag (the ctypes field) instead of
-    the local copy. Same name and layout, so ``__class__`` can switch in place;
-    ``isinstance(token, kind)`` holds for both."""
+    """The class a token of class ``kind`` takes once another process may see it: one
+    whose ``is_cancelled`` is the shared flag (the ctypes field) instead of the local copy.
+
+    For cancelflow's own token classes (``_has_twin`` in their body) that is a twin: a
+    subclass with the same name and layout, so ``__class__`` can switch in place and
+    ``isinstance(token, kind)`` holds for both. A user's subclass gets no twin (making a
+    subclass of it would run its ``__init_subclass__``, which may want keywords or record
+    every subclass, and would keep a class made at run time alive for good): ``kind``
+    itself reads the shared flag from then on, for all its instances. That is a little
+    slower for its tokens that no other process sees, and still true for them, since
+    every cancel writes the shared flag first.
+    """
     if kind._shared_view:
         return kind
     twin = _twins.get(kind)
-    if twin is None:
-        body = {
-            "is_cancelled": _Cell._flag,
-            "_shared_view": True,
-            "__module__": kind.__module__,
-            "__qualname__": kind.__qualname__,
-            "__doc__": kind.__doc__,
-        }
-        metaclass: Any = type(kind)  # ctypes' structure metaclass
-        twin = _twins.setdefault(kind, metaclass(kind.__name__, (kind,), body))
-    return twin  # type: ignore[return-value]
+    if twin is not None:
+        return twin  # type: ignore[return-value]
+    if not kind.__dict__.get("_has_twin", False):
+        kind.is_cancelled = _Cell._flag  # type: ignore[assignment]
+        kind._shared_view = True
+        return kind
+    body = {
+        "is_cancelled": _Cell._flag,
+        "_shared_view": True,
+        "__module__": kind.__module__,
+        "__qualname__": kind.__qualname__,
+        "__doc__": kind.__doc__,
+    }
+    metaclass: Any = type(kind)  # ctypes' structure metaclass
+    return _twins.setdefault(kind, metaclass(kind.__name__, (kind,), body))  # type: ignore[return-value]
 
 
 def _share_every_token() -> None:
@@ -708,7 +724,8 @@ def _share_every_token() -> None:
     for ref in list(_local_tokens.values()):
         token = ref()
         if token is not None:
-            token._share()
+            with contextlib.suppress(Exception):  # one token must not stop the others
+                token._share()
 
 
 at_fork(

@@ -228,6 +228,8 @@ def _environ_data() -> dict[bytes, bytes]:
 class _TaskToken(CancellationToken):
     """The worker's view of a task's token: a cancel made here is also sent to the parent."""
 
+    _has_twin = True
+
     def cancel(self, reason: str | None = None) -> bool:
         won = super().cancel(reason)
         if won:
