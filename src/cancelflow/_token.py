@@ -721,11 +721,21 @@ def _shared_twin(kind: type[_T]) -> type[_T]:
 def _share_every_token() -> None:
     """Around a fork: every token alive may be seen by the child (and the child's by the
     parent); their ``is_cancelled`` reads the shared flag from now on."""
+    interrupted: BaseException | None = None
     for ref in list(_local_tokens.values()):
         token = ref()
-        if token is not None:
-            with contextlib.suppress(Exception):  # one token must not stop the others
+        if token is None:
+            continue
+        try:
+            token._share()
+        except Exception:  # noqa: BLE001 - one token must not stop the others
+            continue
+        except BaseException as exc:  # noqa: BLE001 - a KeyboardInterrupt: finish first
+            interrupted = interrupted or exc
+            with contextlib.suppress(Exception):
                 token._share()
+    if interrupted is not None:
+        raise interrupted
 
 
 at_fork(
