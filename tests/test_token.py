@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from cancelflow import CallbackHandle, CancellationToken, CancelledException, _timer
+from cancelflow import CallbackHandle, CancellationToken, CancelledException, _timer, _token
 from cancelflow._token import token_on_slot
 from support import (
     WAIT,
@@ -1343,6 +1343,39 @@ class TestTheFlagOtherProcessesSee:
         classes = [shared_token_of_a_new_class() for _ in range(3)]
         gc.collect()
         assert [ref() for ref in classes] == [None, None, None]
+
+    def test_an_interrupted_fork_hook_still_shares_every_token(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that a KeyboardInterrupt (Ctrl-C during a fork) raised while the fork hook
+        shares one token does not leave the others on their local copy: every token is
+        shared, and the interrupt is raised once the hook is done."""
+        tokens = [CancellationToken() for _ in range(3)]
+        real = CancellationToken._share
+        interrupts = [KeyboardInterrupt()]
+
+        def share_once_interrupted(token: CancellationToken) -> None:
+            if token is tokens[1] and interrupts:
+                raise interrupts.pop()
+            real(token)
+
+        monkeypatch.setattr(CancellationToken, "_share", share_once_interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _token._share_every_token()
+        assert [type(token)._shared_view for token in tokens] == [True, True, True]
+
+    def test_a_token_collected_at_interpreter_exit_is_quiet(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that a token collected after the module's globals were cleared (interpreter
+        exit, where a free-threaded build runs late finalizers) reports nothing."""
+        token = CancellationToken()
+        unraisable: list[Any] = []
+        monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+        monkeypatch.setattr(_token, "_local_tokens", None)
+        del token
+        gc.collect()
+        assert unraisable == []
 
     @needs_shared_tokens
     def test_a_local_cancel_also_writes_the_flag_other_processes_read(self) -> None:

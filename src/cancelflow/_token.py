@@ -628,7 +628,10 @@ class CancellationToken(_Cell):
         self.close()
 
     def __del__(self) -> None:
-        _local_tokens.pop(getattr(self, "_id", 0), None)
+        try:
+            _local_tokens.pop(getattr(self, "_id", 0), None)
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the registry is gone
+            pass
         try:
             self._detach()
         except Exception:  # noqa: BLE001 - interpreter shutdown
@@ -722,18 +725,17 @@ def _share_every_token() -> None:
     """Around a fork: every token alive may be seen by the child (and the child's by the
     parent); their ``is_cancelled`` reads the shared flag from now on."""
     interrupted: BaseException | None = None
-    for ref in list(_local_tokens.values()):
-        token = ref()
-        if token is None:
-            continue
+    pending = list(_local_tokens.values())
+    while pending:
         try:
-            token._share()
-        except Exception:  # noqa: BLE001 - one token must not stop the others
-            continue
+            while pending:
+                token = pending[-1]()
+                if token is not None:
+                    with contextlib.suppress(Exception):  # one must not stop the others
+                        token._share()  # idempotent: retried if interrupted
+                pending.pop()
         except BaseException as exc:  # noqa: BLE001 - a KeyboardInterrupt: finish first
             interrupted = interrupted or exc
-            with contextlib.suppress(Exception):
-                token._share()
     if interrupted is not None:
         raise interrupted
 
