@@ -56,7 +56,17 @@ class TestCallAt:
         """Test that timers run in the order of their deadlines, not of their scheduling."""
         order: list[str] = []
         last = threading.Event()
-        base = soon(0.02)
+        # The timer thread is held in a callback while the three are scheduled, so that
+        # none is due (or run) before the last one is in: their order is the heap's alone.
+        entered, gate = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            entered.set()
+            gate.wait(WAIT)
+
+        _timer.call_at(time.monotonic(), hold)
+        assert entered.wait(WAIT)
+        base = time.monotonic()
         _timer.call_at(base + 0.002, lambda: order.append("second"))
 
         def third() -> None:
@@ -65,6 +75,7 @@ class TestCallAt:
 
         _timer.call_at(base + 0.004, third)
         _timer.call_at(base, lambda: order.append("first"))
+        gate.set()
         wait(last)
         assert order == ["first", "second", "third"]
 
