@@ -1330,6 +1330,11 @@ class TestTheFlagOtherProcessesSee:
         assert JobToken.__subclasses__() == []
 
     @needs_shared_tokens
+    @pytest.mark.skipif(
+        not getattr(sys, "_is_gil_enabled", lambda: True)(),
+        reason="free-threaded 3.13t keeps classes made after a fork with threads alive even "
+        "when no token of theirs was shared (measured), so this cannot tell sharing apart",
+    )
     def test_a_subclass_made_at_run_time_is_not_kept_by_sharing(self) -> None:
         """Test that sharing a token of a class made at run time does not keep the class
         alive once its tokens are gone."""
