@@ -72,10 +72,9 @@ class CallbackHandle:
 class _Cell(ctypes.Structure):
     # ``_flag`` is the shared flag, in memory every process that maps the slot sees (and
     # the futex word that waiters sleep on). A token that only this process can see also
-    # keeps a copy in a plain attribute, which is what its ``is_cancelled`` reads (an
-    # instance attribute is cheaper to read than a ctypes field); once the token can be
-    # seen by another process, its class becomes a twin whose ``is_cancelled`` *is* this
-    # field (a C getter, no Python call). See ``_shared_twin``.
+    # keeps a copy in a slot, which is what its ``is_cancelled`` reads (a slot is cheaper
+    # to read than a ctypes field); once the token can be seen by another process,
+    # ``is_cancelled`` *is* this field (a C getter, no Python call). See ``_shared_twin``.
     _fields_ = (
         ("_flag", ctypes.c_bool),
         ("_pad", ctypes.c_uint8 * 3),
@@ -94,8 +93,8 @@ class CancellationToken(_Cell):
     process, and every :meth:`on_cancel` callback, exactly once.
 
     ``token.is_cancelled`` never blocks, takes no lock, calls nothing and makes no system
-    call: while only this process can see the token it is a plain attribute (cheaper
-    than ``threading.Event.is_set()``), and once another process may (the token was sent
+    call: while only this process can see the token it is a slot read (cheaper than
+    ``threading.Event.is_set()``), and once another process may (the token was sent
     to a process start, or the process forked while it lived) it is one byte of shared
     memory read by a C getter (over ten times cheaper than
     ``multiprocessing.Event.is_set()``). Fine in a hot loop and in a signal handler.
@@ -681,7 +680,7 @@ class CancellationToken(_Cell):
 
 
 #: Tokens of this process that no other process can see yet, by ``_id``: their
-#: ``is_cancelled`` is a plain attribute until :meth:`CancellationToken._share` (a fork
+#: ``is_cancelled`` is a slot until :meth:`CancellationToken._share` (a fork
 #: shares them all).
 _local_tokens: dict[int, weakref.ref[CancellationToken]] = {}
 #: token class -> its shared twin (``_shared_twin``)
