@@ -267,6 +267,21 @@ def assert_gone(pid: int, *, already_exited: bool = False) -> None:
         pytest.fail(f"process {pid} is still there: {proc.status()}")
 
 
+#: whether a pool reaps what its tasks leave (``"linux"``: workers and zygote are
+#: subreapers); elsewhere a task's orphan is re-parented to init, which reaps it when it
+#: will (some containers' PID 1 never does), and a zombie of init runs nothing
+REAPS_ORPHANS = FLAVOUR == "linux"
+
+
+def ended(pid: int) -> bool:
+    """Whether the process has exited and, where the pool reaps orphans
+    (:data:`REAPS_ORPHANS`), been reaped; elsewhere a zombie counts as ended."""
+    try:
+        return not REAPS_ORPHANS and psutil.Process(pid).status() in _EXITED
+    except psutil.NoSuchProcess:
+        return True
+
+
 def assert_not_running(pid: int, timeout: float = WAIT) -> None:
     """The process exits within ``timeout``; a zombie counts as exited.
 

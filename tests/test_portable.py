@@ -1,8 +1,9 @@
 """cancelflow on macOS and Windows, simulated here: what is missing there is hidden from a
 fresh interpreter before cancelflow is imported (see tests/simulated_platform.py).
 
-Tokens, thread pools and pipelines of loop and thread nodes work; a process pool is
-refused with a clear error before anything starts. The full suites of the token, the
+Tokens, thread pools and pipelines of loop and thread nodes work everywhere; process
+pools work on the simulated macOS (the "posix" implementation) and are refused with a
+clear error before anything starts on the simulated Windows. The full suites of the token, the
 thread pool and the executor also run on the portable implementations (``.ci/run`` sets
 ``CANCELFLOW_PLATFORM``); these tests check what only a simulation shows: that the choice
 follows what the interpreter has, and that nothing Linux-only is touched on the way.
@@ -77,6 +78,18 @@ async def pipeline() -> None:
     assert results == {"fetch": 20, "double": 42}, results
 asyncio.run(pipeline())
 
+from cancelflow import _platform
+assert _platform.pidfd_open(os.getpid()) is None
+assert _platform.set_child_subreaper() is False
+print("FLAVOUR", _platform.FLAVOUR)
+"""
+
+#: what the simulated Windows must refuse, before anything starts
+_PROCESS_POOL_REFUSED = """
+import asyncio, sys
+import cancelflow
+from cancelflow import Node, PipelineExecutor, UnsupportedPlatformError
+
 try:
     cancelflow.ProcessPool()
 except UnsupportedPlatformError as exc:
@@ -101,12 +114,6 @@ async def refused() -> None:
         raise AssertionError("a pipeline with a process node was not refused")
 asyncio.run(refused())
 assert ran == [], "a node ran before the process node was refused"
-
-from cancelflow import _platform
-assert _platform.pidfd_open(os.getpid()) is None
-assert _platform.set_child_subreaper() is False
-print("FLAVOUR", _platform.FLAVOUR)
-print("OK")
 """
 
 
@@ -115,7 +122,7 @@ def _run(platform: str, code: str) -> str:
         platform, "import os, sys\n" + textwrap.dedent(code), timeout=WAIT * 4
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.rstrip().endswith("OK"), result.stdout
+    assert result.stdout.rstrip().endswith("OK"), result.stdout[-3000:]
     return result.stdout
 
 
@@ -123,7 +130,96 @@ class TestSimulatedMacOS:
     def test_picks_the_posix_implementation(self) -> None:
         """Test that an interpreter without memfd, pidfd, pipe2 and SOCK_SEQPACKET runs the
         "posix" implementation."""
-        assert "FLAVOUR posix" in _run("darwin", _WITHIN_A_PROCESS)
+        assert "FLAVOUR posix" in _run("darwin", _WITHIN_A_PROCESS + 'print("OK")')
+
+    def test_runs_process_pools_and_process_nodes(self) -> None:
+        """Test that a process pool works there: map, a cooperative cancel, a task that
+        ignores its token and SIGTERM killed with the grandchild it orphaned, the next
+        task on a fresh worker, a process node in a pipeline; and that shutdown leaves
+        no process of the pool behind."""
+        out = _run(
+            "darwin",
+            """
+            import asyncio, concurrent.futures, signal, time
+            import psutil
+            import cancelflow
+            from cancelflow import Node, PipelineExecutor, ProcessPool, check_cancelled
+
+            def square(x):
+                return x * x
+
+            def cooperative():
+                cancelflow.store_partial("started", True)
+                while True:
+                    check_cancelled()
+
+            def stubborn():
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                if os.fork() == 0:  # a child that forks a grandchild and leaves
+                    if os.fork() == 0:
+                        while True:
+                            time.sleep(1)
+                    os._exit(0)
+                os.wait()
+                cancelflow.store_partial("started", True)
+                while True:
+                    pass
+
+            def crunch(ctx):
+                return sum(range(ctx.inputs["n"]))
+
+            def gone(pid):
+                try:
+                    return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+                except psutil.NoSuchProcess:
+                    return True
+
+            if __name__ == "__main__":
+                me = psutil.Process()
+                with ProcessPool(2, grace_period=0.05, term_grace_period=0.05) as pool:
+                    assert list(pool.map(square, range(6))) == [0, 1, 4, 9, 16, 25]
+                    for fn, fate in ((cooperative, "cancelled"), (stubborn, "killed")):
+                        started = concurrent.futures.Future()
+                        future = pool.submit_task(
+                            fn, partial_sink=lambda key, value: started.set_result(value)
+                        )
+                        assert started.result(30)
+                        before = {p.pid for p in me.children(recursive=True)}
+                        future.cancel()
+                        try:
+                            future.result(30)
+                        except concurrent.futures.CancelledError:
+                            pass
+                        assert future.fate.value == fate, future.fate
+                        tree = before - set(pool.statistics().worker_pids) - {
+                            pool.statistics().zygote_pid
+                        }
+                        if fate == "killed":
+                            assert tree, "the stubborn task's worker was not seen"
+                        deadline = time.monotonic() + 30
+                        while not all(gone(pid) for pid in tree):
+                            assert time.monotonic() < deadline, [
+                                pid for pid in tree if not gone(pid)
+                            ]
+                            time.sleep(0.01)
+                    assert pool.submit(square, 7).result(30) == 49
+                    pids = set(pool.statistics().worker_pids) | {pool.statistics().zygote_pid}
+
+                async def pipeline():
+                    async with PipelineExecutor() as executor:
+                        return await executor.execute_pipeline(
+                            "crunch",
+                            [Node("n", lambda ctx: 1000, run_in="thread"),
+                             Node("crunch", crunch, deps=["n"], run_in="process")],
+                        )
+                assert asyncio.run(pipeline())["crunch"] == sum(range(1000))
+                left = [p.pid for p in me.children(recursive=True) if not gone(p.pid)]
+                assert left == [], left
+                assert all(gone(pid) for pid in pids)
+                print("OK")
+            """,
+        )
+        assert out.rstrip().endswith("OK")
 
     def test_tokens_cross_processes_both_ways(self) -> None:
         """Test that a token given to a spawned child wakes the parent's callback, waiter
@@ -181,7 +277,13 @@ class TestSimulatedWindows:
     def test_picks_the_windows_implementation(self) -> None:
         """Test that an interpreter without fork, fcntl, resource, AF_UNIX and POSIX
         signals imports cancelflow and runs tokens, thread pools and pipelines."""
-        assert "FLAVOUR windows" in _run("win32", _WITHIN_A_PROCESS)
+        assert "FLAVOUR windows" in _run("win32", _WITHIN_A_PROCESS + 'print("OK")')
+
+    def test_refuses_process_pools_before_anything_starts(self) -> None:
+        """Test that a ProcessPool and a pipeline with a process node are refused with
+        UnsupportedPlatformError naming what to use instead, and that no node before the
+        process node ran."""
+        _run("win32", _PROCESS_POOL_REFUSED + 'print("OK")')
 
     def test_a_token_refuses_to_travel_and_points_to_remote(self) -> None:
         """Test that pickling a token for a process start raises TypeError naming

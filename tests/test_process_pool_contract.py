@@ -39,6 +39,7 @@ from support import (
     Announcements,
     assert_gone,
     assert_not_running,
+    ended,
     run_script,
     wait_until,
     zygote_pid,
@@ -380,8 +381,9 @@ class TestForkingWhileKilled:
 
 
 def _alive(pid: int) -> bool:
-    """Whether ``pid`` still exists, running or as an unreaped zombie."""
-    return psutil.pid_exists(pid)
+    """Whether ``pid`` still exists, running or (where the pool reaps orphans) as an
+    unreaped zombie."""
+    return not ended(pid)
 
 
 class TestZygoteImports:

@@ -10,7 +10,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from cancelflow._process._protocol import Spawn, Sweep, Swept, read, recv_record, send_record, wire
+from cancelflow._process._protocol import (
+    PrepareFailed,
+    Spawn,
+    Sweep,
+    Swept,
+    read,
+    recv_record,
+    send_record,
+    wire,
+)
 
 
 class TestWire:
@@ -39,7 +48,7 @@ class TestWire:
 class TestRecords:
     @pytest.fixture
     def channel(self) -> Iterator[tuple[socket.socket, socket.socket]]:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with ours, theirs:
             yield ours, theirs
 
@@ -80,3 +89,52 @@ class TestRecords:
         ours, theirs = channel
         ours.close()
         assert recv_record(theirs) == (None, [])
+
+    def test_back_to_back_records_each_bring_their_own_descriptor(
+        self, channel: tuple[socket.socket, socket.socket]
+    ) -> None:
+        """Test that two records sent with one descriptor each, before either is read, are
+        received one at a time, each with the descriptor sent with it (a stream has no
+        record boundaries of its own)."""
+        ours, theirs = channel
+        pipes = [os.pipe(), os.pipe()]
+        try:
+            send_record(ours, Spawn(0, 1, 2), [pipes[0][1]])
+            send_record(ours, Spawn(1, 3, 4), [pipes[1][1]])
+            for index, (reader, _writer) in enumerate(pipes):
+                message, fds = recv_record(theirs)
+                assert message == Spawn(index, 1 + 2 * index, 2 + 2 * index)
+                assert len(fds) == 1
+                os.write(fds[0], b"%d" % index)
+                os.close(fds[0])
+                assert os.read(reader, 1) == b"%d" % index
+        finally:
+            for pair in pipes:
+                for fd in pair:
+                    os.close(fd)
+
+    def test_a_record_cut_short_by_its_writer_reads_as_no_record(
+        self, channel: tuple[socket.socket, socket.socket]
+    ) -> None:
+        """Test that a writer that dies in the middle of a record is end-of-file, not a
+        half record and not a hang."""
+        ours, theirs = channel
+        ours.sendall(b"\x00\x00\x00\x10half")
+        ours.close()
+        assert recv_record(theirs) == (None, [])
+
+    def test_a_large_record_arrives_whole(
+        self, channel: tuple[socket.socket, socket.socket]
+    ) -> None:
+        """Test that a record larger than the socket's buffer arrives whole, read while
+        it is still being written."""
+        import threading
+
+        ours, theirs = channel
+        message = PrepareFailed("é" * 500_000)
+        sender = threading.Thread(target=send_record, args=(ours, message))
+        sender.start()
+        try:
+            assert recv_record(theirs) == (message, [])
+        finally:
+            sender.join(timeout=10)

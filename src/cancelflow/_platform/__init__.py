@@ -26,11 +26,17 @@ sequence, memory of a tree), ``_libc``.
   endpoint for other processes of this machine, named by a path (``AF_UNIX``, or
   loopback TCP with a rendezvous file on ``"windows"``).
 * :func:`at_fork`: ``os.register_at_fork`` where there is fork (:data:`CAN_FORK`).
-* :func:`set_child_subreaper`: make this process adopt orphaned descendants, so that a
-  killed task's grandchildren can be reaped here instead of becoming zombies of a PID 1
-  that never reaps (containers). A no-op returning ``False`` where unsupported.
+* :func:`contain_descendants`: keep this process's descendants reachable after their
+  parent exits: a child subreaper (:func:`set_child_subreaper`, ``"linux"``: orphans
+  are re-parented here and reaped here, not by a PID 1 that may never reap) or the
+  leader of a process group they inherit (``"posix"``; :func:`kill_remains` ends what
+  is left of it once its leader died).
+* :func:`set_parent_death_signal` (after the parent's
+  :func:`prepare_parent_death_signals`): a signal this process gets when its parent
+  dies (``prctl``, or a thread blocked on a pipe only the parent writes to).
 * :func:`pidfd_open`: a file descriptor that becomes readable when a process exits, for
-  event-driven confirmation that a worker is gone. ``None`` where unsupported.
+  event-driven confirmation that a worker is gone. ``None`` where unsupported
+  (:data:`HAVE_PIDFD`: there, a worker's exit is reported by its parent, the zygote).
 * :func:`kill_tree`: the one kill sequence (freeze the tree in rounds, then SIGKILL it),
   used by the pool's supervisor, its workers, its zygote and the Dask worker plugin.
 * :func:`private_memory` (a quick, high estimate) and :func:`proportional_memory` (shared
@@ -39,8 +45,8 @@ sequence, memory of a tree), ``_libc``.
 * :func:`send_signal`: the one place cancelflow signals a process. It refuses targets that
   can only be a bug (pid 0 or below, which mean process groups; pid 1; this process; its
   process group's leader), so a stale or unset pid can never stop the owner.
-* :data:`PROCESS_POOLS`: whether this flavour runs cancelflow's process pool (only
-  ``"linux"`` so far); :func:`require_process_pools` raises the one error for it
+* :data:`PROCESS_POOLS`: whether this flavour runs cancelflow's process pool (``"linux"``
+  and ``"posix"``); :func:`require_process_pools` raises the one error for it
   elsewhere.
 """
 
@@ -52,16 +58,24 @@ from ._doorbell import (
     make_directory as make_doorbell,
     ring as ring_doorbell,
 )
-from ._exit_watch import pidfd_open
-from ._flavour import FLAVOUR, FLAVOURS, TOKENS_CROSS_PROCESSES
+from ._exit_watch import HAVE_PIDFD, pidfd_open
+from ._flavour import ENVIRONMENT_VARIABLE, FLAVOUR, FLAVOURS, TOKENS_CROSS_PROCESSES
 from ._fork import CAN_FORK, at_fork
 from ._local_socket import connect_local, knock_local, listen_local, local_pair
 from ._shared_memory import lock_range, map_shared, shared_memory
-from ._signals import UnsafeSignalTarget, send_signal, set_parent_death_signal, signal_name
+from ._signals import (
+    UnsafeSignalTarget,
+    prepare_parent_death_signals,
+    send_signal,
+    set_parent_death_signal,
+    signal_name,
+)
 from ._support import PROCESS_POOLS, require_process_pools
 from ._tree import (
     children,
+    contain_descendants,
     descendants,
+    kill_remains,
     kill_tree,
     private_memory,
     proportional_memory,
@@ -71,9 +85,11 @@ from ._wake import HAVE_FUTEX, futex_wait, futex_wake, wake_all_parked
 
 __all__ = (
     "CAN_FORK",
+    "ENVIRONMENT_VARIABLE",
     "FLAVOUR",
     "FLAVOURS",
     "HAVE_FUTEX",
+    "HAVE_PIDFD",
     "PROCESS_POOLS",
     "TOKENS_CROSS_PROCESSES",
     "DoorbellListener",
@@ -81,10 +97,12 @@ __all__ = (
     "at_fork",
     "children",
     "connect_local",
+    "contain_descendants",
     "descendants",
     "discard_doorbell",
     "futex_wait",
     "futex_wake",
+    "kill_remains",
     "kill_tree",
     "knock_local",
     "listen_local",
@@ -93,6 +111,7 @@ __all__ = (
     "make_doorbell",
     "map_shared",
     "pidfd_open",
+    "prepare_parent_death_signals",
     "private_memory",
     "require_process_pools",
     "proportional_memory",

@@ -7,7 +7,11 @@ import os
 
 from ._flavour import FLAVOUR
 
-__all__ = ("pidfd_open",)
+__all__ = ("HAVE_PIDFD", "pidfd_open")
+
+#: whether :func:`pidfd_open` can give descriptors here (only the ``"linux"`` flavour);
+#: without them a pool learns that a worker exited from the zygote, its parent
+HAVE_PIDFD: bool = FLAVOUR == "linux" and hasattr(os, "pidfd_open")
 
 
 def pidfd_open(pid: int) -> int | None:

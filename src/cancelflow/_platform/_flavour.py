@@ -2,12 +2,13 @@
 
 * ``"linux"``: ``memfd`` shared memory, ``futex`` wake-ups (also across processes),
   ``pidfd`` exit watches, ``prctl`` parent-death signals and child subreaper, ``/proc``
-  for the process tree, ``SOCK_SEQPACKET`` channels. Chosen on Linux when all of them are
+  for the process tree. Chosen on Linux when all of them are
   there (and the ``futex`` system call number is known for the machine).
 * ``"posix"``: only what macOS and the BSDs also have: an unlinked temporary file for
   shared memory, ``fcntl`` record locks, in-process wake-ups on parked locks, a
   datagram socket per listening process for wake-ups across processes, psutil for the
-  process tree. No process pool yet (see ARCHITECTURE.md).
+  process tree; a pool's workers lead process groups (no subreaper), learn of their
+  zygote's death from a pipe, and their exits are reported by the zygote (no pidfd).
 * ``"windows"``: no ``fork``, no ``fcntl``, no POSIX signals: tokens, thread pools and
   pipelines within a process, and :class:`~cancelflow.RemoteToken` (served over loopback
   TCP with an authentication key) for other processes. No process pool.
@@ -58,8 +59,6 @@ def missing_for(flavour: str) -> list[str]:
         for name in ("memfd_create", "pidfd_open", "pipe2"):
             if not hasattr(os, name):
                 missing.append(f"os.{name}")
-        if not hasattr(socket, "SOCK_SEQPACKET"):
-            missing.append("socket.SOCK_SEQPACKET")
         if libc is None:
             missing.append("the C library through ctypes")
         if FUTEX_SYSCALL is None:

@@ -4,21 +4,78 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 from ._flavour import FLAVOUR
 from ._libc import libc as _libc
 
-__all__ = ("UnsafeSignalTarget", "send_signal", "set_parent_death_signal")
+__all__ = (
+    "UnsafeSignalTarget",
+    "prepare_parent_death_signals",
+    "send_signal",
+    "set_parent_death_signal",
+)
 
 _PR_SET_PDEATHSIG = 1
 
 
+def prepare_parent_death_signals() -> None:
+    """Let the children this process forks from now on ask for a parent-death signal.
+
+    Call it in the parent before it forks them. ``"linux"``: nothing to do (``prctl``).
+    ``"posix"``: makes the pipe whose end-of-file tells a child that this process died;
+    only this process keeps its write end (each child closes its copy when it asks for a
+    signal), so the end-of-file comes when this process exits, however it exits.
+    """
+    global _death_pipe
+    if FLAVOUR == "posix" and _death_pipe is None:
+        _death_pipe = os.pipe()
+
+
 def set_parent_death_signal(signum: int) -> bool:
-    """Ask the kernel to send ``signum`` to this process when its parent dies; return
-    whether it will (only the ``"linux"`` flavour has this)."""
-    if FLAVOUR != "linux" or _libc is None:
+    """Have ``signum`` sent to this process when its parent dies; return whether it will.
+
+    Called again, it replaces the signal (0: none). ``"linux"``: the kernel sends it
+    (``prctl(PR_SET_PDEATHSIG)``). ``"posix"``: a daemon thread of this process, blocked
+    on the pipe of :func:`prepare_parent_death_signals` (which the parent must have made
+    before it forked this process; ``False`` otherwise), sends it to this process at the
+    pipe's end-of-file. Event-driven on both; ``False`` on ``"windows"``.
+    """
+    global _death_pipe, _death_signal, _death_watcher
+    if FLAVOUR == "linux":
+        return _libc is not None and bool(_libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0)
+    if FLAVOUR != "posix" or _death_pipe is None:
         return False
-    return bool(_libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0)
+    _death_signal = signum
+    if _death_watcher != os.getpid():  # the first call in this process: start watching
+        _death_watcher = os.getpid()
+        reader, writer = _death_pipe
+        os.close(writer)  # only the parent may hold it
+        _death_pipe = (reader, -1)
+        threading.Thread(
+            target=_watch_parent, args=(reader,), name="cancelflow-parent-death", daemon=True
+        ).start()
+    return True
+
+
+#: (read end, write end or -1) of the pipe a parent made for its children to watch
+_death_pipe: tuple[int, int] | None = None
+_death_signal = 0
+#: the pid of the process whose thread watches the pipe (a fork does not copy the thread)
+_death_watcher = 0
+
+
+def _watch_parent(reader: int) -> None:
+    while True:
+        try:
+            if not os.read(reader, 1):
+                break
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+    if _death_signal and _death_watcher == os.getpid():
+        os.kill(os.getpid(), _death_signal)
 
 
 class UnsafeSignalTarget(ValueError):

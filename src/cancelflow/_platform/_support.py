@@ -10,13 +10,9 @@ from ._flavour import FLAVOUR
 __all__ = ("PROCESS_POOLS", "require_process_pools")
 
 #: whether cancelflow's process pool (and so local process nodes) runs on this flavour
-PROCESS_POOLS: bool = FLAVOUR == "linux"
+PROCESS_POOLS: bool = FLAVOUR != "windows"
 
-_NEEDS = {
-    "posix": "a zygote channel, exit watches and parent-death signals that cancelflow "
-    "implements only on Linux so far",
-    "windows": "fork and POSIX signals",
-}
+_NEEDS = {"windows": "fork and POSIX signals"}
 
 
 def require_process_pools(what: str) -> None:

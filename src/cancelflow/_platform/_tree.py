@@ -1,4 +1,10 @@
-"""A process's tree: find it, keep orphans inside it (subreaper), and kill all of it."""
+"""A process's tree: find it, keep orphans inside it, and kill all of it.
+
+Keeping orphans: on ``"linux"`` the process is a child subreaper (orphans are
+re-parented to it); on ``"posix"``, which has no subreaper, it leads a process group of
+its own, which its descendants inherit, so one that lost its parent (and went to init)
+is still reached through the group by :func:`kill_tree` and :func:`kill_remains`.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,9 @@ from ._signals import send_signal
 
 __all__ = (
     "children",
+    "contain_descendants",
     "descendants",
+    "kill_remains",
     "kill_tree",
     "private_memory",
     "proportional_memory",
@@ -31,6 +39,40 @@ def set_child_subreaper(enabled: bool = True) -> bool:
     if FLAVOUR != "linux" or _libc is None:
         return False
     return bool(_libc.prctl(_PR_SET_CHILD_SUBREAPER, int(enabled), 0, 0, 0) == 0)
+
+
+def contain_descendants() -> str | None:
+    """Make this process keep its descendants reachable even once their parent exits.
+
+    Returns how: ``"subreaper"`` (``"linux"``: orphans are re-parented here, and a walk
+    of the tree finds them), ``"group"`` (``"posix"``: this process leads a new process
+    group, and a kill of its tree also signals the group), or ``None`` (``"windows"``).
+    Not kept, on ``"posix"``: a descendant that starts a session or group of its own and
+    then loses its parent.
+    """
+    if set_child_subreaper(True):
+        return "subreaper"
+    if FLAVOUR == "posix":
+        os.setpgid(0, 0)
+        return "group"
+    return None
+
+
+def kill_remains(pid: int) -> bool:
+    """After the process ``pid`` (which :func:`contain_descendants` made a group leader)
+    died: SIGKILL what is left of its process group. Returns whether anything was.
+
+    ``"posix"`` only (elsewhere ``False``: on ``"linux"`` the remains are re-parented to
+    the subreaper, which kills them as strays). A process group keeps its id while any
+    member lives, so no other process can have been given it meanwhile.
+    """
+    if FLAVOUR != "posix" or pid <= 1 or pid == os.getpgrp():
+        return False
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def descendants(pid: int) -> list[int]:
@@ -168,15 +210,25 @@ def kill_tree(
     exists); each becomes readable once that process is gone.
 
     Returns ``{pid: pidfd or None}`` for every descendant killed (the root is not in it).
+    On ``"posix"``, a process of the tree that leads a process group of its own (see
+    :func:`contain_descendants`) has its whole group frozen when it is, and killed.
+
     The caller owns the descriptors. Not promised: a process forked in the instant between
     a walk and its parent's freeze escapes the walk (it is re-parented to the nearest
-    subreaper once its parent dies, where a sweep finds it); a root that is not ours or
+    subreaper once its parent dies, where a sweep finds it; on ``"posix"`` its group's
+    kill reaches it); a root that is not ours or
     gone is skipped (:func:`send_signal` returns ``False``); a root that
     :func:`send_signal` refuses (pid <= 1, this process) raises ``UnsafeSignalTarget``
     before anything is sent.
     """
     if include_root:
         send_signal(pid, signal.SIGSTOP)
+    # "posix": a process of the tree that leads a group of its own (contain_descendants:
+    # a pool's worker) has its group frozen and killed with it, which also reaches the
+    # members that lost their parent (they went to init, out of the walk's reach).
+    groups: list[int] = []
+    if FLAVOUR == "posix" and include_root:
+        _freeze_group(pid, groups)
     killed: dict[int, int | None] = {}
     # Each process is frozen the moment it is found, and only then are its children
     # read; the next round reads them once more (a fork that was in flight when SIGSTOP
@@ -194,6 +246,8 @@ def kill_tree(
                     continue
                 with contextlib.suppress(ValueError):  # refused: never ours to signal
                     send_signal(child, signal.SIGSTOP)
+                if FLAVOUR == "posix":
+                    _freeze_group(child, groups)
                 killed[child] = pidfd_open(child) if watch else None
                 frozen.append(child)
                 stack.append(child)
@@ -203,6 +257,23 @@ def kill_tree(
     for child in killed:
         with contextlib.suppress(ValueError):
             send_signal(child, signal.SIGKILL)
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
     if include_root:
         send_signal(pid, signal.SIGKILL)
     return killed
+
+
+def _freeze_group(pid: int, groups: list[int]) -> None:
+    """If ``pid`` leads a process group that is not this process's, SIGSTOP the whole
+    group and note it in ``groups``."""
+    try:
+        leads = os.getpgid(pid) == pid
+    except OSError:
+        return
+    if not leads or pid <= 1 or pid == os.getpgrp():
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGSTOP)
+        groups.append(pid)

@@ -8,8 +8,8 @@ value that cannot travels inside as its own pickle (a ``blob``) and fails its ta
 
 Two channels:
 
-* parent <-> zygote: one pickled record per ``SOCK_SEQPACKET`` datagram, descriptors
-  passed beside it (:func:`send_record` / :func:`recv_record`);
+* parent <-> zygote: length-prefixed pickled records on a stream socket, descriptors
+  passed with a record's first bytes (:func:`send_record` / :func:`recv_record`);
 * parent <-> worker: length-prefixed frames on a stream socket per worker
   (:mod:`._channel`).
 
@@ -22,12 +22,14 @@ from __future__ import annotations
 import ctypes
 import pickle
 import socket
+import struct
 from typing import Any, Literal, NamedTuple
 
 __all__ = (
     "TASK_TOKEN_ID",
     "Cancel",
     "Control",
+    "Exited",
     "InitFailed",
     "Outcome",
     "Partial",
@@ -171,13 +173,19 @@ class Swept(NamedTuple):
     strays: int
 
 
+class Exited(NamedTuple):
+    """Worker ``pid`` exited (sent only where the parent has no pidfd to watch it)."""
+
+    pid: int
+
+
 class PrepareFailed(NamedTuple):
     """The zygote could not import ``__main__`` (tasks defined there will fail)."""
 
     text: str
 
 
-ZygoteMessage = ZygoteReady | Spawned | Swept | PrepareFailed
+ZygoteMessage = ZygoteReady | Spawned | Swept | Exited | PrepareFailed
 
 _CLASSES: dict[str, Any] = {
     "task": RunTask,
@@ -193,6 +201,7 @@ _CLASSES: dict[str, Any] = {
     "zygote-ready": ZygoteReady,
     "spawned": Spawned,
     "swept": Swept,
+    "exited": Exited,
     "prepare-failed": PrepareFailed,
 }
 _KINDS: dict[type, str] = {cls: kind for kind, cls in _CLASSES.items()}
@@ -213,17 +222,46 @@ def read(raw: tuple[Any, ...]) -> Any:
 
 
 def send_record(sock: socket.socket, message: NamedTuple, fds: list[int] | None = None) -> None:
-    """Send one record (and descriptors) on a ``SOCK_SEQPACKET`` socket."""
+    """Send one record (and descriptors) on a blocking stream socket.
+
+    A record is a 4-byte big-endian length and the pickle; the descriptors ride on its
+    first bytes (``SCM_RIGHTS``), so they reach the reader with the record's length. A
+    stream, not ``SOCK_SEQPACKET``: macOS and the BSDs have no such local socket.
+    """
     data = pickle.dumps(wire(message), protocol=pickle.HIGHEST_PROTOCOL)
-    if fds:
-        socket.send_fds(sock, [data], fds)
-    else:
-        sock.send(data)
+    frame = _RECORD_HEADER.pack(len(data)) + data
+    sent = socket.send_fds(sock, [frame], fds) if fds else sock.send(frame)
+    if sent < len(frame):
+        sock.sendall(memoryview(frame)[sent:])
 
 
 def recv_record(sock: socket.socket) -> tuple[Any, list[int]]:
-    """Receive one record and its descriptors; ``(None, fds)`` at end-of-file."""
-    data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 4)
-    if not data:
+    """Receive one record and its descriptors from a blocking stream socket;
+    ``(None, fds)`` at end-of-file (also in the middle of a record: the writer died)."""
+    fds: list[int] = []
+    header = _recv_exact(sock, _RECORD_HEADER.size, fds)
+    if header is None:
+        return None, fds
+    (size,) = _RECORD_HEADER.unpack(header)
+    data = _recv_exact(sock, size, fds)
+    if data is None:
         return None, fds
     return read(pickle.loads(data)), fds
+
+
+_RECORD_HEADER = struct.Struct("!I")
+#: descriptors a record may carry (one today: a worker's socket, or the setup file)
+_MAX_FDS = 4
+
+
+def _recv_exact(sock: socket.socket, size: int, fds: list[int]) -> bytes | None:
+    """``size`` bytes, collecting every descriptor that comes with them; ``None`` at
+    end-of-file."""
+    data = b""
+    while len(data) < size:
+        chunk, received, _flags, _addr = socket.recv_fds(sock, size - len(data), _MAX_FDS)
+        fds.extend(received)
+        if not chunk:
+            return None
+        data += chunk
+    return data

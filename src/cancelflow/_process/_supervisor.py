@@ -45,13 +45,14 @@ from .._exceptions import (
 )
 from .._fate import Fate
 from .._log import safe_log
-from .._platform import at_fork, kill_tree, pidfd_open, send_signal, signal_name
+from .._platform import HAVE_PIDFD, at_fork, kill_tree, pidfd_open, send_signal, signal_name
 from .._token import CancellationToken, token_on_slot
 from . import _zygote
 from ._channel import FrameReader, encode
 from ._protocol import (
     Cancel,
     Control,
+    Exited,
     InitFailed,
     Partial,
     PrepareFailed,
@@ -209,7 +210,9 @@ class Supervisor:
         self._controls = [
             Control.from_buffer(self._chunk.mm, (2 + 2 * i) * _SLOT) for i in range(size)
         ]
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_r, self._wake_w = os.pipe()  # not inherited by what Python starts
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake",))
         self._zygote_sock: socket.socket | None = None
@@ -465,6 +468,10 @@ class Supervisor:
                         worker.status = status
                         worker.swept = True
                         self._guarded(worker.task, self._retire, worker)
+            case Exited(pid):  # only where there is no pidfd (HAVE_PIDFD is False)
+                for worker in list(self.workers.values()):
+                    if worker.pid == pid and not worker.gone:
+                        self._guarded(worker.task, self._on_gone, worker)
             case PrepareFailed(text):
                 safe_log("WARNING", f"workers could not import __main__: {text}", pool=self.name)
 
@@ -503,6 +510,10 @@ class Supervisor:
             if worker.pid and not worker.gone:
                 if worker.state != "dying":
                     self._kill(worker)
+                if not HAVE_PIDFD:
+                    # Nobody can report its exit now (its parent is gone); killed while
+                    # frozen, it cannot run again.
+                    self._on_gone(worker)
             elif not worker.pid:  # never forked, or exited by itself at once
                 worker.gone = True
                 self._retire(worker)
@@ -520,8 +531,10 @@ class Supervisor:
     def _know_pid(self, worker: WorkerHandle, pid: int) -> None:
         """Record a worker's pid (from the zygote or from the worker, whichever is first)."""
         worker.pid = pid
+        if not HAVE_PIDFD:
+            return  # the zygote says when it exits (Exited)
         worker.pidfd = pidfd_open(pid)
-        if worker.pidfd is None:
+        if worker.pidfd is None:  # already gone
             self._on_gone(worker)
         else:
             self._selector.register(worker.pidfd, selectors.EVENT_READ, ("pidfd", worker, pid))

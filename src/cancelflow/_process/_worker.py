@@ -46,7 +46,7 @@ except ImportError:  # the "windows" flavour: importable, never runs a worker
 
 from .. import _cell, _context
 from .._exceptions import CancelledException, Terminated, UnreadableResultError
-from .._platform import kill_tree, set_child_subreaper, set_parent_death_signal
+from .._platform import contain_descendants, kill_tree, set_parent_death_signal
 from .._token import CancellationToken, token_on_slot
 from ._channel import encode, recv_frame
 from ._protocol import (
@@ -431,7 +431,7 @@ def worker_main(
     set_parent_death_signal(signal.SIGKILL)  # SIGSTOP while a task runs, see run_task
     if os.getppid() != zygote:  # the zygote died before we could ask to die with it
         os._exit(1)
-    set_child_subreaper(True)
+    contain_descendants()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)

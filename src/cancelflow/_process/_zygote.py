@@ -30,8 +30,18 @@ import time
 from typing import Any
 
 from .. import _cell
-from .._platform import children, kill_tree, set_child_subreaper
+from .._platform import (
+    ENVIRONMENT_VARIABLE,
+    FLAVOUR,
+    HAVE_PIDFD,
+    children,
+    kill_remains,
+    kill_tree,
+    prepare_parent_death_signals,
+    set_child_subreaper,
+)
 from ._protocol import (
+    Exited,
     PrepareFailed,
     Setup,
     Spawn,
@@ -57,10 +67,10 @@ def start(
 ) -> tuple[subprocess.Popen[bytes], socket.socket]:
     """Start a zygote (a fresh interpreter) and send it what spawn would send.
 
-    Returns the process and the parent's end of its ``SOCK_SEQPACKET`` channel. Leaves
+    Returns the process and the parent's end of its channel (a stream socket). Leaves
     nothing behind if it raises.
     """
-    parent_end, zygote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    parent_end, zygote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     # -P: the current directory is not put first on sys.path, so a file there named
     # like a module the zygote imports (selectors.py) is not run; the package's own
     # location goes last, for a cancelflow that is importable only from here.
@@ -71,7 +81,7 @@ def start(
         prep["authkey"] = bytes(prep["authkey"])
         prep.pop("start_method", None)
         # The setup travels in a file (its descriptor passed once): initargs may be
-        # larger than one SOCK_SEQPACKET record.
+        # large, and the zygote reads it before its loop starts.
         with tempfile.TemporaryFile() as setup:
             pickle.dump((prep, options), setup, pickle.HIGHEST_PROTOCOL)
             setup.flush()
@@ -83,8 +93,15 @@ def start(
                     *subprocess._args_from_interpreter_flags(),  # type: ignore[attr-defined]
                     "-P",
                     "-c",
-                    f"import sys; sys.path.append({package_root!r}); "
+                    # The zygote runs this process's implementation of the platform layer
+                    # (their messages depend on it), whatever its environment says; the
+                    # variable is put back as it was for the tasks.
+                    f"import os, sys; sys.path.append({package_root!r}); "
+                    f"was = os.environ.get({ENVIRONMENT_VARIABLE!r}); "
+                    f"os.environ[{ENVIRONMENT_VARIABLE!r}] = {FLAVOUR!r}; "
                     f"from {__name__} import zygote_main; "
+                    f"os.environ.pop({ENVIRONMENT_VARIABLE!r}) if was is None "
+                    f"else os.environ.__setitem__({ENVIRONMENT_VARIABLE!r}, was); "
                     f"zygote_main({zygote_end.fileno()}, {chunk_fd})",
                 ],
                 pass_fds=(zygote_end.fileno(), chunk_fd),
@@ -108,6 +125,7 @@ def zygote_main(control_fd: int, chunk_fd: int) -> None:
     ctrl = socket.socket(fileno=control_fd)
     chunk = _cell.attach_chunk(chunk_fd, pinned=True)
     set_child_subreaper(True)
+    prepare_parent_death_signals()
     try:
         message, fds = recv_record(ctrl)
     except (OSError, ValueError):
@@ -184,24 +202,33 @@ def zygote_main(control_fd: int, chunk_fd: int) -> None:
                         running = False
                         break
         # Reap everything that ended: workers (status kept for their sweep) and strays.
-        _reap(workers, statuses)
+        exited = _reap(workers, statuses)
+        if not HAVE_PIDFD:  # the parent cannot watch the workers itself: tell it
+            try:
+                for pid in exited:
+                    send_record(ctrl, Exited(pid))
+            except OSError:
+                running = False
     # The parent closed the channel or died: nothing may outlive it.
     kill_and_reap_tree()
     os._exit(0)
 
 
-def _reap(workers: set[int], statuses: dict[int, int]) -> None:
-    """Reap every child that ended; keep the exit status of workers for their sweep."""
+def _reap(workers: set[int], statuses: dict[int, int]) -> list[int]:
+    """Reap every child that ended; keep the exit status of workers for their sweep.
+    Returns the workers reaped."""
+    reaped: list[int] = []
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return reaped
         if pid == 0:
-            return
+            return reaped
         if pid in workers:
             workers.discard(pid)
             statuses[pid] = status
+            reaped.append(pid)
 
 
 def _sweep(worker: int, workers: set[int], statuses: dict[int, int]) -> tuple[int | None, int]:
@@ -225,6 +252,7 @@ def _sweep(worker: int, workers: set[int], statuses: dict[int, int]) -> tuple[in
                 workers.discard(pid)
                 statuses[pid] = status
             continue
+        kill_remains(worker)  # "posix": what is left of its process group (not counted)
         strays = [pid for pid in children(os.getpid()) if pid not in workers]
         if not strays or time.monotonic() > deadline:
             return statuses.pop(worker, None), swept
