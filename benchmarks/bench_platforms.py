@@ -13,7 +13,10 @@ fresh interpreter) and each interpreter given:
    in a forked child holding the token, against a byte written to a pipe until the child's
    blocked ``os.read`` returns; and ``cancel()`` in the child until the parent's
    ``on_cancel`` callback runs (the hub). Not on "windows", where tokens do not cross
-   processes.
+   processes;
+4. where the implementation runs a process pool: a cancel until the caller hears, for a
+   task that polls its token and for one that never does (grace 0: the tree is killed),
+   and the pool's throughput on trivial tasks.
 
 Samples of each pair are interleaved (token, baseline, token, ...), so a noisy moment
 lands on both; medians and p99 are reported, and the ratio of the medians.
@@ -25,6 +28,7 @@ Run: ``python -m benchmarks.bench_platforms [samples] [--python PATH ...]``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import multiprocessing
@@ -163,6 +167,78 @@ def _wake_across(samples: int) -> dict[str, list[float]]:
     return out
 
 
+def noop() -> None:
+    """A trivial task."""
+
+
+def announce_and_poll() -> None:
+    """Say it runs, then poll its token until it is cancelled."""
+    import cancelflow
+
+    cancelflow.store_partial("running", True)
+    while True:
+        cancelflow.check_cancelled()
+
+
+def announce_and_spin() -> None:
+    """Say it runs, then spin without ever checking its token."""
+    import cancelflow
+
+    cancelflow.store_partial("running", True)
+    while True:
+        pass
+
+
+def _pool(samples: int) -> dict[str, Any]:
+    """A 2-worker ProcessPool: cancel of a task that polls ``check_cancelled()`` until its
+    caller (blocked in ``result()``) raises; cancel with grace 0 of a task that spins and
+    never checks until its caller is released (the tree killed); tasks per second for
+    2,000 trivial tasks."""
+    import concurrent.futures
+
+    from cancelflow import ProcessPool
+
+    out: dict[str, Any] = {}
+    with ProcessPool(2, grace_period=0, term_grace_period=0) as pool:
+        pool.submit(noop).result(60)
+        for kind, fn, grace in (
+            ("cooperative", announce_and_poll, 5.0),
+            ("kill", announce_and_spin, 0.0),
+        ):
+            times = []
+            for _ in range(max(10, samples // 10)):
+                started: concurrent.futures.Future[float] = concurrent.futures.Future()
+                future = pool.submit_task(
+                    fn,
+                    grace_period=grace,
+                    partial_sink=lambda _key, _value, s=started: s.set_result(0.0),
+                )
+                started.result(60)
+                released = threading.Event()
+                stamp: list[float] = []
+
+                def caller(f: Any = future, out: list[float] = stamp, done: Any = released) -> None:
+                    with contextlib.suppress(BaseException):
+                        f.result(60)
+                    out.append(time.perf_counter())
+                    done.set()
+
+                thread = threading.Thread(target=caller)
+                thread.start()
+                begin = time.perf_counter()
+                future.cancel()
+                released.wait(60)
+                thread.join(60)
+                times.append((stamp[0] - begin) * 1e6)
+            out[kind] = _summary(times)
+        begin = time.perf_counter()
+        futures = [pool.submit(noop) for _ in range(2000)]
+        for f in futures:
+            f.result(60)
+        out["tasks_per_s"] = 2000 / (time.perf_counter() - begin)
+    return out
+
+
 def measure(samples: int) -> dict[str, Any]:
     """In one interpreter, with the implementation it was started with."""
     from cancelflow import _platform
@@ -177,6 +253,8 @@ def measure(samples: int) -> dict[str, Any]:
     if _platform.TOKENS_CROSS_PROCESSES:
         across = _wake_across(samples)
         result["across_us"] = {kind: _summary(values) for kind, values in across.items()}
+    if _platform.PROCESS_POOLS:
+        result["pool_us"] = _pool(samples)
     return result
 
 
@@ -227,6 +305,21 @@ def show(rows: list[dict[str, Any]]) -> None:
         else:
             line += "  (tokens do not cross processes)"
         print(line)
+    print(
+        f"\n{'python':8} {'impl':8} {'process pool: cooperative cancel p50 (p99)':>44} "
+        f"{'kill p50 (p99), us':>20} {'tasks/s':>9}"
+    )
+    for row in rows:
+        pool = row.get("pool_us")
+        if pool is None:
+            print(f"{row['python']:8} {row['flavour']:8} {'(no process pool)':>44}")
+            continue
+        print(
+            f"{row['python']:8} {row['flavour']:8} "
+            f"{pool['cooperative']['median']:33.0f} ({pool['cooperative']['p99']:6.0f}) "
+            f"{pool['kill']['median']:11.0f} ({pool['kill']['p99']:6.0f}) "
+            f"{pool['tasks_per_s']:9.0f}"
+        )
 
 
 def main(argv: list[str]) -> None:

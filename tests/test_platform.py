@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -33,6 +34,7 @@ from cancelflow._platform import (
     pidfd_open,
     ring_doorbell,
     set_child_subreaper,
+    set_parent_death_signal,
 )
 from support import WAIT, assert_not_running
 
@@ -558,3 +560,137 @@ class TestDoorbellSweep:
             "other",
             "target",
         ]
+
+
+posix_only = pytest.mark.skipif(FLAVOUR != "posix", reason="the 'posix' implementation only")
+
+#: A child that leads a process group of its own (contain_descendants), orphans a
+#: grandchild inside it (its child exits), and prints the orphan's pid.
+_ORPHANING_GROUP_LEADER = """
+import os, sys, time
+from cancelflow._platform import contain_descendants
+assert contain_descendants() == "group"
+middle = os.fork()
+if middle == 0:
+    orphan = os.fork()
+    if orphan == 0:
+        while True:
+            time.sleep(1)
+    print(orphan, flush=True)
+    os._exit(0)
+os.waitpid(middle, 0)
+sys.stdin.read()
+"""
+
+
+@posix_only
+class TestPosixContainment:
+    @pytest.fixture
+    def leader(self) -> Iterator[tuple[subprocess.Popen[str], int]]:
+        """A group leader and the orphan it left in its group: (leader, orphan)."""
+        child = subprocess.Popen(
+            [sys.executable, "-c", _ORPHANING_GROUP_LEADER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert child.stdout is not None
+        assert child.stdin is not None
+        orphan = int(child.stdout.readline())
+        try:
+            yield child, orphan
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(orphan, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+            child.stdin.close()
+            child.stdout.close()
+            child.wait(WAIT)
+
+    def test_kill_tree_reaches_an_orphan_through_the_roots_group(
+        self, leader: tuple[subprocess.Popen[str], int]
+    ) -> None:
+        """Test that kill_tree(include_root=True) of a group leader kills a descendant
+        that lost its parent (no longer in the tree a walk finds) through the group."""
+        child, orphan = leader
+        assert os.getpgid(orphan) == child.pid
+        assert orphan not in _tree.descendants(child.pid)
+        kill_tree(child.pid, include_root=True)
+        assert child.wait(WAIT) == -signal.SIGKILL
+        assert_not_running(orphan)
+
+    def test_kill_remains_ends_the_group_of_a_dead_leader(
+        self, leader: tuple[subprocess.Popen[str], int]
+    ) -> None:
+        """Test that once the leader is dead and reaped, kill_remains(leader) kills what is
+        left of its group, and says so."""
+        child, orphan = leader
+        child.kill()
+        child.wait(WAIT)
+        assert _tree.kill_remains(child.pid) is True
+        assert_not_running(orphan)
+
+    def test_kill_remains_never_signals_this_process_group(self) -> None:
+        """Test that kill_remains refuses this process's own group and init's."""
+        assert _tree.kill_remains(os.getpgrp()) is False
+        assert _tree.kill_remains(1) is False
+
+
+#: A parent that prepares parent-death signals, forks a child that asks for SIGKILL at
+#: its parent's death, prints the child's pid and exits once told to.
+_DYING_PARENT = """
+import os, sys, time
+from cancelflow._platform import prepare_parent_death_signals, set_parent_death_signal
+prepare_parent_death_signals()
+child = os.fork()
+if child == 0:
+    ok = set_parent_death_signal(9)
+    os.write(1, b"%d %d\\n" % (os.getpid(), ok))
+    while True:
+        time.sleep(1)
+sys.stdin.readline()
+os._exit(0)
+"""
+
+
+@posix_only
+class TestPosixParentDeathSignal:
+    def test_a_child_gets_its_signal_when_its_parent_dies(self) -> None:
+        """Test that a child of a process that prepared parent-death signals is sent the
+        signal it asked for when that parent exits (event-driven: a pipe's end-of-file)."""
+        parent = subprocess.Popen(
+            [sys.executable, "-c", _DYING_PARENT],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert parent.stdout is not None
+        assert parent.stdin is not None
+        pid, ok = map(int, parent.stdout.readline().split())
+        try:
+            assert ok == 1
+            assert psutil_running(pid)
+            parent.stdin.write("exit\n")
+            parent.stdin.flush()
+            assert parent.wait(WAIT) == 0
+            assert_not_running(pid)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            parent.stdin.close()
+            parent.stdout.close()
+
+    def test_without_preparation_it_says_no(self) -> None:
+        """Test that a process whose parent did not prepare gets False (pytest's parent
+        made no pipe for it)."""
+        assert set_parent_death_signal(signal.SIGKILL) is False
+
+
+def psutil_running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return False

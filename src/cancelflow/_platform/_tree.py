@@ -230,6 +230,23 @@ def kill_tree(
     if FLAVOUR == "posix" and include_root:
         _freeze_group(pid, groups)
     killed: dict[int, int | None] = {}
+    if FLAVOUR == "linux":
+        _freeze_by_walking(pid, killed, watch)
+    else:
+        _freeze_by_snapshots(pid, killed, groups)
+    for child in killed:
+        with contextlib.suppress(ValueError):
+            send_signal(child, signal.SIGKILL)
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+    if include_root:
+        send_signal(pid, signal.SIGKILL)
+    return killed
+
+
+def _freeze_by_walking(pid: int, killed: dict[int, int | None], watch: bool) -> None:
+    """Freeze the descendants of ``pid`` in rounds, reading ``/proc`` children lists."""
     # Each process is frozen the moment it is found, and only then are its children
     # read; the next round reads them once more (a fork that was in flight when SIGSTOP
     # came completes first), and the root's in every round (orphans are re-parented to
@@ -246,23 +263,42 @@ def kill_tree(
                     continue
                 with contextlib.suppress(ValueError):  # refused: never ours to signal
                     send_signal(child, signal.SIGSTOP)
-                if FLAVOUR == "posix":
-                    _freeze_group(child, groups)
                 killed[child] = pidfd_open(child) if watch else None
                 frozen.append(child)
                 stack.append(child)
         if not frozen:
             break
         to_read = [pid, *frozen]
-    for child in killed:
-        with contextlib.suppress(ValueError):
-            send_signal(child, signal.SIGKILL)
-    for group in groups:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(group, signal.SIGKILL)
-    if include_root:
-        send_signal(pid, signal.SIGKILL)
-    return killed
+
+
+def _freeze_by_snapshots(pid: int, killed: dict[int, int | None], groups: list[int]) -> None:
+    """Freeze the descendants of ``pid`` in rounds, each round one snapshot of the process
+    table (psutil; a scan of every process, so one per round, not one per process).
+
+    A round whose new processes were all in a group frozen before its snapshot is the
+    last: none of them could fork since.
+    """
+    import psutil
+
+    for _ in range(_FREEZE_ROUNDS):
+        try:
+            found = [p.pid for p in psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            return
+        new = [child for child in found if child not in killed and child != pid]
+        frozen_groups = set(groups)
+        moving = False  # found running: it may have forked since the snapshot
+        for child in new:
+            try:
+                moving = moving or os.getpgid(child) not in frozen_groups
+            except OSError:
+                continue  # gone since the snapshot
+            with contextlib.suppress(ValueError):  # refused: never ours to signal
+                send_signal(child, signal.SIGSTOP)
+            _freeze_group(child, groups)
+            killed[child] = None
+        if not moving:
+            return  # all of them were frozen (by their group) before the snapshot
 
 
 def _freeze_group(pid: int, groups: list[int]) -> None:
