@@ -277,9 +277,10 @@ def ended(pid: int) -> bool:
     """Whether the process has exited and, where the pool reaps orphans
     (:data:`REAPS_ORPHANS`), been reaped; elsewhere a zombie counts as ended."""
     try:
-        return not REAPS_ORPHANS and psutil.Process(pid).status() in _EXITED
+        status = psutil.Process(pid).status()
     except psutil.NoSuchProcess:
         return True
+    return not REAPS_ORPHANS and status in _EXITED
 
 
 def assert_not_running(pid: int, timeout: float = WAIT) -> None:

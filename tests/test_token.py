@@ -12,6 +12,7 @@ import multiprocessing.context
 import multiprocessing.forkserver
 import multiprocessing.process
 import multiprocessing.resource_tracker
+import os
 import pickle
 import signal
 import socket
@@ -35,6 +36,7 @@ from support import (
     needs_shared_tokens,
     pipe,
     receive,
+    run_script,
     running,
     share,
     wait_until,
@@ -1400,6 +1402,77 @@ class TestTheFlagOtherProcessesSee:
         share(token)
         assert token.is_cancelled
         assert token.cancel_reason == "local"
+
+
+#: Threads make, link, cancel and drop tokens while the main thread forks; each child
+#: cancels every token alive at its fork, and the parent checks that it sees each cancel.
+_FORKS_WHILE_THREADS_DROP_TOKENS = """
+import os, sys, threading
+from cancelflow import CancellationToken
+
+root = CancellationToken()
+tokens = []
+stop = threading.Event()
+
+def churn():
+    i = 0
+    while not stop.is_set():
+        i += 1
+        kind = i % 4
+        if kind == 0:
+            t = CancellationToken()
+        elif kind == 1:
+            t = root.child()
+        elif kind == 2:
+            t = CancellationToken(timeout=3600)
+        else:
+            t = CancellationToken.linked(root, CancellationToken())
+        if i % 7 == 0:
+            t.cancel("local")
+        tokens.append(t)
+        if len(tokens) > 1500:
+            del tokens[:500]
+
+threads = [threading.Thread(target=churn) for _ in range(4)]
+for thread in threads:
+    thread.start()
+missed = 0
+for _ in range(int(sys.argv[1])):
+    before = list(tokens)  # taken here: a list another thread locks is not safe to read
+    read, write = os.pipe()  # in a child of a free-threaded build
+    pid = os.fork()
+    if pid == 0:
+        for token in before:
+            token.cancel("child")
+        os.write(write, repr([token._id for token in before]).encode())
+        os._exit(0)
+    os.close(write)
+    data = b""
+    while chunk := os.read(read, 1 << 20):
+        data += chunk
+    os.close(read)
+    os.waitpid(pid, 0)
+    by_id = {token._id: token for token in before}
+    missed += sum(not by_id[i].is_cancelled for i in eval(data))
+stop.set()
+for thread in threads:
+    thread.join()
+print("missed", missed)
+"""
+
+
+class TestForkWhileThreadsDropTokens:
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+    def test_every_fork_completes_and_the_child_cancels_what_it_inherited(self) -> None:
+        """Test that forks made while other threads make, cancel and drop tokens all
+        complete and that every cancel a child makes is seen by the parent (regression,
+        free-threaded 3.13: a token freed in the child before the fork hooks ran waited
+        for the slots' lock held by a thread the child does not have, and dropped tokens'
+        finalizers nested until the recursion limit)."""
+        done = run_script(_FORKS_WHILE_THREADS_DROP_TOKENS, "25")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.split() == ["missed", "0"], done.stdout + done.stderr[-3000:]
+        assert "RecursionError" not in done.stderr, done.stderr[-3000:]
 
 
 class TestCallbackHandle:

@@ -411,13 +411,20 @@ def attach_chunk(fd: int, *, pinned: bool = False) -> Chunk:
 def _before_fork() -> None:
     # Every token alive now may be read by the child: it is shared from here on. No
     # thread is started here (a thread born just before fork() is a hazard for the child).
+    # The slots' lock is held across the fork (released in both after-hooks): no other
+    # thread is then in the middle of a slot operation, and the child's forking thread
+    # holds it (re-entrant) until its after-hook replaces it, so what runs in the child
+    # before that hook (finalizers a free-threaded build deferred: a token's release)
+    # takes it instead of waiting forever for a thread the child does not have.
     global fork_epoch
+    _slots_lock.acquire()
     fork_epoch += 1
     for chunk in list(_all_chunks):
         chunk.mark_shared()
 
 
 def _after_fork_in_parent() -> None:
+    _slots_lock.release()
     for chunk in list(_all_chunks):
         if chunk.listeners:  # all of them shared now: the child may cancel them
             chunk.ensure_hub()

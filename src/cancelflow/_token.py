@@ -9,6 +9,7 @@ import inspect
 import itertools
 import multiprocessing.context
 import multiprocessing.reduction
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -627,6 +628,30 @@ class CancellationToken(_Cell):
         self.close()
 
     def __del__(self) -> None:
+        # Tokens freed while another token's __del__ runs on this thread are finalized by
+        # that outer __del__, one after the other, not inside each other: a free-threaded
+        # build frees objects other threads dropped at any call (merging their reference
+        # counts), so thousands of dropped tokens nested their finalizers until the
+        # recursion limit (and the C stack) ran out. Keeping the token for the loop
+        # resurrects it once; its __del__ is not called again.
+        try:
+            pending: list[CancellationToken] | None = getattr(_finalizing, "pending", None)
+            if pending is not None:
+                pending.append(self)
+                return
+            _finalizing.pending = pending = []
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            self._finalize()
+            return
+        try:
+            self._finalize()
+            while pending:
+                pending.pop()._finalize()
+        finally:
+            _finalizing.pending = None
+
+    def _finalize(self) -> None:
+        """Give back what the token holds (its registry entry, links, slot)."""
         try:
             _local_tokens.pop(getattr(self, "_id", 0), None)
         except Exception:  # noqa: BLE001 - interpreter shutdown: the registry is gone
@@ -683,6 +708,8 @@ class CancellationToken(_Cell):
 #: ``is_cancelled`` is a slot until :meth:`CancellationToken._share` (a fork
 #: shares them all).
 _local_tokens: dict[int, weakref.ref[CancellationToken]] = {}
+#: per thread: the tokens whose finalization waits for the __del__ running there
+_finalizing = threading.local()
 #: token class -> its shared twin (``_shared_twin``)
 _twins: dict[type[CancellationToken], type[CancellationToken]] = {}
 
