@@ -348,6 +348,7 @@ class TestKillTree:
                 if fd is not None:
                     os.close(fd)
 
+    @linux_only  # the walk of /proc children lists; "posix" takes snapshots (psutil)
     def test_a_round_reads_only_what_is_new(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Test that a tree growing while it is frozen (orphans re-parented to the root
         round after round, as a forking chain does, beside 1,000 zombies) costs each
@@ -654,6 +655,32 @@ os._exit(0)
 """
 
 
+#: A child that asks for a parent-death signal (its watcher thread runs), blocks SIGTERM
+#: in its main thread, sends itself SIGTERM and reports whether it is still pending.
+_BLOCKED_SIGNAL_STAYS_PENDING = """
+import os, signal, sys, threading, time
+from cancelflow._platform import prepare_parent_death_signals, set_parent_death_signal
+prepare_parent_death_signals()
+child = os.fork()
+if child == 0:
+    handled = []
+    signal.signal(signal.SIGTERM, lambda *_: handled.append(1))
+    assert set_parent_death_signal(signal.SIGKILL)  # first, as a worker does
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])  # then the task
+    watcher = [t for t in threading.enumerate() if t.name == "cancelflow-parent-death"]
+    assert watcher, threading.enumerate()
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(100):  # a few bytecodes for a handler to run, were it to
+        time.sleep(0.001)
+    pending = signal.SIGTERM in signal.sigpending()
+    print("pending" if pending else "delivered", "handled" if handled else "not-handled")
+    sys.stdout.flush()
+    os._exit(0)
+_, status = os.waitpid(child, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 @posix_only
 class TestPosixParentDeathSignal:
     def test_a_child_gets_its_signal_when_its_parent_dies(self) -> None:
@@ -680,6 +707,19 @@ class TestPosixParentDeathSignal:
                 os.kill(pid, signal.SIGKILL)
             parent.stdin.close()
             parent.stdout.close()
+
+    def test_the_watching_thread_takes_no_signal_meant_for_the_process(self) -> None:
+        """Test that a signal the main thread blocks stays pending with the watcher thread
+        running, instead of being taken (and its handler run) by that thread: a task that
+        blocks SIGTERM must not be terminated."""
+        done = subprocess.run(
+            [sys.executable, "-c", _BLOCKED_SIGNAL_STAYS_PENDING],
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == ["pending", "not-handled"], done.stdout
 
     def test_without_preparation_it_says_no(self) -> None:
         """Test that a process whose parent did not prepare gets False (pytest's parent

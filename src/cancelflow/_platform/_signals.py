@@ -52,9 +52,17 @@ def set_parent_death_signal(signum: int) -> bool:
         reader, writer = _death_pipe
         os.close(writer)  # only the parent may hold it
         _death_pipe = (reader, -1)
-        threading.Thread(
+        watcher = threading.Thread(
             target=_watch_parent, args=(reader,), name="cancelflow-parent-death", daemon=True
-        ).start()
+        )
+        # Born with every signal blocked (a thread inherits its creator's mask): a signal
+        # sent to the process must never be taken by this thread, or a task that blocks
+        # SIGTERM in its own thread would have its handler run anyway.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            watcher.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return True
 
 
