@@ -1054,6 +1054,9 @@ class ThreadPool(Executor):
         assert item is not None
         assert outcome is not None
         worker.finishing = worker.outcome = None
+        # First: a cancel from here on (the link below, another thread) settles a task
+        # that is over, with its final fate, not one it thinks still runs.
+        item.returned = True
         source, token = item.source, item.token
         if source is not None and source.is_cancelled and token is not None:
             # The caller's token is cancelled, but its link may not have reached the
@@ -1216,6 +1219,8 @@ class ThreadPool(Executor):
         if not future.running():
             item.fate = Fate.CANCELLED
             _drop_call(item)  # it will never run: _start checks the state under this lock
+        elif item.returned:
+            item.fate = Fate.CANCELLED  # it returned already: final before anyone hears
         if item.cancel_as_future:
             _futures.settle_locked(future, cancelled=True, signal_safe=True)
         else:
