@@ -565,6 +565,14 @@ class TestDoorbellSweep:
 
 posix_only = pytest.mark.skipif(FLAVOUR != "posix", reason="the 'posix' implementation only")
 
+
+def _talking_child(code: str) -> subprocess.Popen[str]:
+    """``python -c code`` with text pipes to its stdin and from its stdout."""
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+
 #: A child that leads a process group of its own (contain_descendants), orphans a
 #: grandchild inside it (its child exits), and prints the orphan's pid.
 _ORPHANING_GROUP_LEADER = """
@@ -589,12 +597,7 @@ class TestPosixContainment:
     @pytest.fixture
     def leader(self) -> Iterator[tuple[subprocess.Popen[str], int]]:
         """A group leader and the orphan it left in its group: (leader, orphan)."""
-        child = subprocess.Popen(
-            [sys.executable, "-c", _ORPHANING_GROUP_LEADER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        child = _talking_child(_ORPHANING_GROUP_LEADER)
         assert child.stdout is not None
         assert child.stdin is not None
         orphan = int(child.stdout.readline())
@@ -686,12 +689,7 @@ class TestPosixParentDeathSignal:
     def test_a_child_gets_its_signal_when_its_parent_dies(self) -> None:
         """Test that a child of a process that prepared parent-death signals is sent the
         signal it asked for when that parent exits (event-driven: a pipe's end-of-file)."""
-        parent = subprocess.Popen(
-            [sys.executable, "-c", _DYING_PARENT],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        parent = _talking_child(_DYING_PARENT)
         assert parent.stdout is not None
         assert parent.stdin is not None
         pid, ok = map(int, parent.stdout.readline().split())
