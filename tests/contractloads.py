@@ -168,3 +168,38 @@ def start_fork_chain(path: str) -> None:
     cancelflow.store_partial("chain", True)
     while True:
         time.sleep(1)
+
+
+def leave_an_orphan() -> int:
+    """Start a process whose parent exits at once (a double fork: the orphan leaves the
+    worker's tree) and return its pid. The orphan ignores SIGTERM and sleeps."""
+    read, write = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        orphan = os.fork()
+        if orphan == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            while True:
+                time.sleep(1)
+        os.write(write, str(orphan).encode())
+        os._exit(0)
+    os.waitpid(middle, 0)
+    os.close(write)
+    pid = int(os.read(read, 32))
+    os.close(read)
+    return pid
+
+
+def orphan_then_wait_until_cancelled() -> None:
+    """Leave an orphan (its pid stored as the partial result "orphan"), then poll the
+    token until it is cancelled, and return."""
+    cancelflow.store_partial("orphan", leave_an_orphan())
+    while not cancelflow.current_token().is_cancelled:
+        time.sleep(0.01)
+
+
+def exit_at(deadline: float) -> None:
+    """Sleep until ``deadline`` (``time.monotonic()``, the same clock in every process of
+    the machine), then end the worker at once with exit code 3."""
+    time.sleep(max(0.0, deadline - time.monotonic()))
+    os._exit(3)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from pathlib import Path
@@ -378,6 +380,103 @@ class TestForkingWhileKilled:
             assert strays == []
             pids = [int(line) for line in record.read_text().split()]
             assert [pid for pid in pids if _alive(pid)] == []
+
+
+class TestWhatATaskLeaves:
+    """A task's orphans (processes whose parent exited: they leave the worker's tree) end
+    with the task's stop and with the pool, on every implementation: a subreaper worker
+    gets them back ("linux"), a worker leading a process group keeps them in it
+    ("posix")."""
+
+    @pytest.mark.parametrize("grace", [5.0, 0.0], ids=["cooperative", "killed"])
+    def test_an_orphan_ends_with_the_stopped_task(self, grace: float) -> None:
+        """Test that an orphan of a task stopped by its token (the task returns, or is
+        killed) is not running once the caller hears (regression, posix: a cooperative
+        stop left it running as long as its worker lived)."""
+        with ProcessPool(1, grace_period=grace, term_grace_period=0) as p:
+            announce = Announcements()
+            future = p.submit_task(
+                contractloads.orphan_then_wait_until_cancelled, partial_sink=announce
+            )
+            orphan = announce.wait("orphan")
+            future.cancel()
+            with contextlib.suppress(concurrent.futures.CancelledError, CancelledException):
+                future.result(WAIT)
+            assert_not_running(orphan)
+            assert p.submit(contractloads.square, 4).result(WAIT) == 16
+
+    def test_an_orphan_of_a_finished_task_ends_with_the_pool(self) -> None:
+        """Test that an orphan left running by a task that returned is gone once the pool
+        is shut down (regression, posix: it survived 2 shutdowns in 5)."""
+        with ProcessPool(2) as p:
+            orphan = p.submit(contractloads.leave_an_orphan).result(WAIT)
+        assert_not_running(orphan)
+
+
+class TestSimultaneousExits:
+    def test_workers_that_exit_together_all_fail_their_tasks(self) -> None:
+        """Test that when every worker exits at the same moment, each task fails with
+        WorkerCrashedError and the pool goes on (regression, posix: a worker reaped while
+        the zygote swept another was never reported; its task ran forever, and so did
+        shutdown)."""
+        with ProcessPool(4) as p:
+            for _ in range(5):
+                assert p.wait_ready(WAIT)
+                deadline = time.monotonic() + 0.3
+                futures = [p.submit(contractloads.exit_at, deadline) for _ in range(4)]
+                for future in futures:
+                    with pytest.raises(WorkerCrashedError):
+                        future.result(WAIT)
+            assert p.submit(contractloads.square, 5).result(WAIT) == 25
+
+
+#: An owner in a session of its own: a pool whose task leaves an orphan and never
+#: stops; it prints the pids of the zygote, the workers and the orphan, then waits.
+_OWNER_OF_A_BUSY_POOL = """
+import json, sys, time
+import contractloads
+from cancelflow import ProcessPool
+from support import Announcements
+
+if __name__ == "__main__":
+    pool = ProcessPool(2)
+    announce = Announcements()
+    pool.submit_task(contractloads.orphan_then_wait_until_cancelled, partial_sink=announce)
+    orphan = announce.wait("orphan")
+    assert pool.wait_ready(30)
+    stats = pool.statistics()
+    print(json.dumps([stats.zygote_pid, *stats.worker_pids, orphan]), flush=True)
+    time.sleep(3600)
+"""
+
+
+class TestOwnersGroupKilled:
+    def test_nothing_of_the_pool_outlives_a_kill_of_the_owners_process_group(
+        self, tmp_path: Path
+    ) -> None:
+        """Test that SIGKILL to the owner's whole process group (``kill -9 -PGID``, a shell
+        killing a job), which ends the owner and the zygote at once, leaves no worker, no
+        task and no orphan of a task running (regression, posix: a busy worker leads its
+        own group, froze when its zygote died, and stayed frozen for ever)."""
+        script = tmp_path / "owner.py"
+        script.write_text(
+            f"import sys\nsys.path.insert(0, {TESTS!r})\n" + textwrap.dedent(_OWNER_OF_A_BUSY_POOL)
+        )
+        owner = subprocess.Popen(
+            [sys.executable, str(script)],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        assert owner.stdout is not None
+        try:
+            pids = json.loads(owner.stdout.readline())
+        finally:
+            os.killpg(owner.pid, signal.SIGKILL)
+            owner.wait(WAIT)
+            owner.stdout.close()
+        for pid in pids:
+            assert_not_running(pid)
 
 
 def _alive(pid: int) -> bool:

@@ -27,9 +27,10 @@ def prepare_parent_death_signals() -> None:
     only this process keeps its write end (each child closes its copy when it asks for a
     signal), so the end-of-file comes when this process exits, however it exits.
     """
-    global _death_pipe
+    global _death_pipe, _grandparent
     if FLAVOUR == "posix" and _death_pipe is None:
         _death_pipe = os.pipe()
+        _grandparent = os.getppid()
 
 
 def set_parent_death_signal(signum: int) -> bool:
@@ -40,6 +41,11 @@ def set_parent_death_signal(signum: int) -> bool:
     on the pipe of :func:`prepare_parent_death_signals` (which the parent must have made
     before it forked this process; ``False`` otherwise), sends it to this process at the
     pipe's end-of-file. Event-driven on both; ``False`` on ``"windows"``.
+
+    ``"posix"`` only: a ``SIGSTOP`` (freeze, so that the grandparent can end this process
+    and its tree) becomes ``SIGKILL`` of this process and of the group it leads when the
+    grandparent is gone too (a signal to the owner's whole process group does not reach
+    a worker that leads its own): nobody would ever end a frozen process.
     """
     global _death_pipe, _death_signal, _death_watcher
     if FLAVOUR == "linux":
@@ -71,6 +77,8 @@ _death_pipe: tuple[int, int] | None = None
 _death_signal = 0
 #: the pid of the process whose thread watches the pipe (a fork does not copy the thread)
 _death_watcher = 0
+#: the parent of the process that made the pipe (a pool's owner, for its workers)
+_grandparent = 0
 
 
 def _watch_parent(reader: int) -> None:
@@ -82,8 +90,26 @@ def _watch_parent(reader: int) -> None:
             continue
         except OSError:
             return
-    if _death_signal and _death_watcher == os.getpid():
-        os.kill(os.getpid(), _death_signal)
+    me = os.getpid()
+    if not _death_signal or _death_watcher != me:
+        return
+    if _death_signal == signal.SIGSTOP and not _alive(_grandparent):
+        if os.getpgrp() == me:
+            os.killpg(me, signal.SIGKILL)  # this process and what it started
+        os.kill(me, signal.SIGKILL)
+    os.kill(me, _death_signal)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed and not reaped yet, does not)."""
+    import psutil
+
+    if pid <= 1:
+        return False
+    try:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
+        return False
 
 
 class UnsafeSignalTarget(ValueError):

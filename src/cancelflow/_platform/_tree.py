@@ -280,11 +280,16 @@ def _freeze_by_snapshots(pid: int, killed: dict[int, int | None], groups: list[i
     """
     import psutil
 
+    # This process's own tree, where it leads its group: the other members of the group
+    # too (a task's orphans went to init; the group cannot be signalled without us).
+    own_group = pid == os.getpid() and os.getpgrp() == pid
     for _ in range(_FREEZE_ROUNDS):
         try:
             found = [p.pid for p in psutil.Process(pid).children(recursive=True)]
         except psutil.Error:
             return
+        if own_group:
+            found += _members_of_group(pid)
         new = [child for child in found if child not in killed and child != pid]
         frozen_groups = set(groups)
         moving = False  # found running: it may have forked since the snapshot
@@ -299,6 +304,23 @@ def _freeze_by_snapshots(pid: int, killed: dict[int, int | None], groups: list[i
             killed[child] = None
         if not moving:
             return  # all of them were frozen (by their group) before the snapshot
+
+
+def _members_of_group(group: int) -> list[int]:
+    """Every process of process group ``group`` but this one (a scan of every process)."""
+    import psutil
+
+    me = os.getpid()
+    members = []
+    for pid in psutil.pids():
+        if pid == me:
+            continue
+        try:
+            if os.getpgid(pid) == group:
+                members.append(pid)
+        except OSError:
+            continue  # gone, or not ours to ask
+    return members
 
 
 def _freeze_group(pid: int, groups: list[int]) -> None:

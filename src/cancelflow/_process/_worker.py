@@ -70,6 +70,8 @@ class _State:
     running = False
     critical_depth = 0
     term_pending = False
+    #: how this worker keeps its task's orphans (``contain_descendants``)
+    containment: str | None = None
 
 
 _state = _State()
@@ -117,15 +119,20 @@ class _TaskUnpickler(pickle.Unpickler):
 def kill_and_reap_tree() -> None:
     """Kill everything this worker's task left and wait until each one is reaped.
 
-    The worker is a subreaper, so orphaned grandchildren come back to it; each round kills
+    A subreaper worker (``"linux"``) gets orphaned grandchildren back; each round kills
     every current descendant, so the blocking wait returns promptly. For the same reason
-    a worker without a child has no descendant at all: then nothing is scanned (the scan
-    of ``/proc`` is most of a cooperative stop's cost in the worker).
+    such a worker without a child has no descendant at all: then nothing is scanned (the
+    scan of ``/proc`` is most of a cooperative stop's cost in the worker). A worker that
+    leads a process group instead (``"posix"``) always looks: an orphan went to init, and
+    only the group (which ``kill_tree`` of this process covers) still reaches it.
     """
     try:
         os.waitpid(-1, os.WNOHANG)  # reaps one zombie, if any; the loop does the rest
     except ChildProcessError:
-        return  # no child, so no descendant: an orphan would have come back to us
+        if _state.containment != "group":
+            return  # no child, so no descendant: an orphan would have come back to us
+        kill_tree(os.getpid())  # the other members of this worker's group
+        return
     while True:
         kill_tree(os.getpid())
         try:
@@ -431,7 +438,7 @@ def worker_main(
     set_parent_death_signal(signal.SIGKILL)  # SIGSTOP while a task runs, see run_task
     if os.getppid() != zygote:  # the zygote died before we could ask to die with it
         os._exit(1)
-    contain_descendants()
+    _state.containment = contain_descendants()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)

@@ -156,6 +156,7 @@ def zygote_main(control_fd: int, chunk_fd: int) -> None:
         signal.signal(signum, lambda signum, _: stopping.append(signum))
     workers: set[int] = set()
     statuses: dict[int, int] = {}  # reaped workers whose sweep was not asked for yet
+    unreported: list[int] = []  # reaped workers the parent was not told of (no pidfd)
     selector = selectors.DefaultSelector()
     selector.register(ctrl, selectors.EVENT_READ, "ctrl")
     selector.register(wake_r, selectors.EVENT_READ, "wake")
@@ -195,43 +196,50 @@ def zygote_main(control_fd: int, chunk_fd: int) -> None:
                         break
                 elif isinstance(message, Sweep):
                     pid = message.pid
-                    status, swept = _sweep(pid, workers, statuses)
+                    status, swept = _sweep(pid, workers, statuses, unreported)
                     try:
                         send_record(ctrl, Swept(pid, status, swept))
                     except OSError:
                         running = False
                         break
         # Reap everything that ended: workers (status kept for their sweep) and strays.
-        exited = _reap(workers, statuses)
-        if not HAVE_PIDFD:  # the parent cannot watch the workers itself: tell it
+        # Every worker reaped, here or during a sweep above (a second worker can exit
+        # while the first is swept): where the parent cannot watch them itself, tell it.
+        _reap(workers, statuses, unreported)
+        exited, unreported[:] = list(unreported), []
+        if not HAVE_PIDFD:
             try:
                 for pid in exited:
                     send_record(ctrl, Exited(pid))
             except OSError:
                 running = False
-    # The parent closed the channel or died: nothing may outlive it.
+    # The parent closed the channel or died: nothing may outlive it, not even what is left
+    # of a worker that exited before its sweep was asked for (its group, on "posix").
+    for pid in statuses:
+        kill_remains(pid)
     kill_and_reap_tree()
     os._exit(0)
 
 
-def _reap(workers: set[int], statuses: dict[int, int]) -> list[int]:
-    """Reap every child that ended; keep the exit status of workers for their sweep.
-    Returns the workers reaped."""
-    reaped: list[int] = []
+def _reap(workers: set[int], statuses: dict[int, int], reaped: list[int]) -> None:
+    """Reap every child that ended; keep the exit status of workers for their sweep and
+    add each worker reaped to ``reaped``."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return reaped
+            return
         if pid == 0:
-            return reaped
+            return
         if pid in workers:
             workers.discard(pid)
             statuses[pid] = status
             reaped.append(pid)
 
 
-def _sweep(worker: int, workers: set[int], statuses: dict[int, int]) -> tuple[int | None, int]:
+def _sweep(
+    worker: int, workers: set[int], statuses: dict[int, int], reaped: list[int]
+) -> tuple[int | None, int]:
     """After ``worker`` died: reap it, then kill and reap every stray process.
 
     A stray is any child of the zygote that is not a live worker: what is left of a
@@ -242,7 +250,7 @@ def _sweep(worker: int, workers: set[int], statuses: dict[int, int]) -> tuple[in
     deadline = time.monotonic() + 10.0
     swept = 0
     while True:
-        _reap(workers, statuses)
+        _reap(workers, statuses, reaped)
         if worker in workers:  # not exited yet (the parent saw it die, so it is a zombie
             try:  # or about to be one): wait for it
                 pid, status = os.waitpid(worker, 0)
