@@ -592,6 +592,28 @@ sys.stdin.read()
 """
 
 
+#: A group leader that orphans a grandchild in its group, then kills its group's members;
+#: prints how many it killed and the orphan's pid.
+_KILLS_ITS_GROUPS_ORPHAN = """
+import os, time
+from cancelflow._platform import contain_descendants, descendants, kill_group_members
+assert contain_descendants() == "group"
+read, write = os.pipe()
+middle = os.fork()
+if middle == 0:
+    orphan = os.fork()
+    if orphan == 0:
+        while True:
+            time.sleep(1)
+    os.write(write, str(orphan).encode())
+    os._exit(0)
+os.waitpid(middle, 0)
+orphan = int(os.read(read, 32))
+assert orphan not in descendants(os.getpid())
+print(kill_group_members(), orphan)
+"""
+
+
 @posix_only
 class TestPosixContainment:
     @pytest.fixture
@@ -633,6 +655,20 @@ class TestPosixContainment:
         child.kill()
         child.wait(WAIT)
         assert _tree.kill_remains(child.pid) is True
+        assert_not_running(orphan)
+
+    def test_kill_group_members_kills_the_orphans_of_the_group_it_leads(self) -> None:
+        """Test that a group leader's kill_group_members() kills an orphan in its group
+        (one the walk of its children cannot find), and not the leader itself."""
+        done = subprocess.run(
+            [sys.executable, "-c", _KILLS_ITS_GROUPS_ORPHAN],
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        killed, orphan = map(int, done.stdout.split())
+        assert killed == 1
         assert_not_running(orphan)
 
     def test_kill_remains_never_signals_this_process_group(self) -> None:

@@ -46,7 +46,12 @@ except ImportError:  # the "windows" flavour: importable, never runs a worker
 
 from .. import _cell, _context
 from .._exceptions import CancelledException, Terminated, UnreadableResultError
-from .._platform import contain_descendants, kill_tree, set_parent_death_signal
+from .._platform import (
+    contain_descendants,
+    kill_group_members,
+    kill_tree,
+    set_parent_death_signal,
+)
 from .._token import CancellationToken, token_on_slot
 from ._channel import encode, recv_frame
 from ._protocol import (
@@ -131,7 +136,7 @@ def kill_and_reap_tree() -> None:
     except ChildProcessError:
         if _state.containment != "group":
             return  # no child, so no descendant: an orphan would have come back to us
-        kill_tree(os.getpid())  # the other members of this worker's group
+        kill_group_members()  # its orphans, still in this worker's group
         return
     while True:
         kill_tree(os.getpid())
