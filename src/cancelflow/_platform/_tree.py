@@ -24,6 +24,7 @@ __all__ = (
     "kill_group_members",
     "kill_remains",
     "kill_tree",
+    "preload",
     "private_memory",
     "proportional_memory",
     "set_child_subreaper",
@@ -40,6 +41,14 @@ def set_child_subreaper(enabled: bool = True) -> bool:
     if FLAVOUR != "linux" or _libc is None:
         return False
     return bool(_libc.prctl(_PR_SET_CHILD_SUBREAPER, int(enabled), 0, 0, 0) == 0)
+
+
+def preload() -> None:
+    """Import now what the tree functions need where there is no ``/proc`` to read
+    (psutil), so that the forks of this process (a zygote's workers) do not pay for the
+    import in their first kill (15-18 ms, measured on a stopped task's clean-up)."""
+    if FLAVOUR != "linux":
+        import psutil  # noqa: F401
 
 
 def contain_descendants() -> str | None:

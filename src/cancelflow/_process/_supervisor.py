@@ -45,7 +45,15 @@ from .._exceptions import (
 )
 from .._fate import Fate
 from .._log import safe_log
-from .._platform import HAVE_PIDFD, at_fork, kill_tree, pidfd_open, send_signal, signal_name
+from .._platform import (
+    HAVE_PIDFD,
+    at_fork,
+    kill_tree,
+    pidfd_open,
+    preload_tree_functions,
+    send_signal,
+    signal_name,
+)
 from .._token import CancellationToken, token_on_slot
 from . import _zygote
 from ._channel import FrameReader, encode
@@ -201,6 +209,7 @@ class Supervisor:
         self.ready_event = threading.Event()
         self._wake_pending = False
 
+        preload_tree_functions()  # a first kill must not wait for an import
         self._chunk = _cell.Chunk(2 * size + 1, pinned=True, label="cancelflow-pool")
         self._chunk.mark_shared()
         self._slot_tokens = [

@@ -37,6 +37,7 @@ from .._platform import (
     children,
     kill_remains,
     kill_tree,
+    preload_tree_functions,
     prepare_parent_death_signals,
     set_child_subreaper,
 )
@@ -126,6 +127,7 @@ def zygote_main(control_fd: int, chunk_fd: int) -> None:
     chunk = _cell.attach_chunk(chunk_fd, pinned=True)
     set_child_subreaper(True)
     prepare_parent_death_signals()
+    preload_tree_functions()  # once here, not in each worker's first kill
     try:
         message, fds = recv_record(ctrl)
     except (OSError, ValueError):
