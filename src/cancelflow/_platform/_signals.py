@@ -27,10 +27,9 @@ def prepare_parent_death_signals() -> None:
     only this process keeps its write end (each child closes its copy when it asks for a
     signal), so the end-of-file comes when this process exits, however it exits.
     """
-    global _death_pipe, _grandparent
+    global _death_pipe
     if FLAVOUR == "posix" and _death_pipe is None:
         _death_pipe = os.pipe()
-        _grandparent = os.getppid()
 
 
 def set_parent_death_signal(signum: int) -> bool:
@@ -42,10 +41,13 @@ def set_parent_death_signal(signum: int) -> bool:
     before it forked this process; ``False`` otherwise), sends it to this process at the
     pipe's end-of-file. Event-driven on both; ``False`` on ``"windows"``.
 
-    ``"posix"`` only: a ``SIGSTOP`` (freeze, so that the grandparent can end this process
-    and its tree) becomes ``SIGKILL`` of this process and of the group it leads when the
-    grandparent is gone too (a signal to the owner's whole process group does not reach
-    a worker that leads its own): nobody would ever end a frozen process.
+    ``"posix"``, for a process that leads its process group (a pool's worker, see
+    ``contain_descendants``): ``SIGKILL`` and ``SIGSTOP`` both become ``SIGKILL`` of the
+    whole group. Freezing (what ``"linux"`` asks for while a task runs) keeps a tree
+    under its root for the pool to kill; the group holds the tree here, so nothing is
+    lost by ending it at once, and a frozen worker whose pool's owner died in the same
+    instant (a kill of the owner's process group, which a worker leading its own does not
+    receive) would never be ended by anyone.
     """
     global _death_pipe, _death_signal, _death_watcher
     if FLAVOUR == "linux":
@@ -77,8 +79,6 @@ _death_pipe: tuple[int, int] | None = None
 _death_signal = 0
 #: the pid of the process whose thread watches the pipe (a fork does not copy the thread)
 _death_watcher = 0
-#: the parent of the process that made the pipe (a pool's owner, for its workers)
-_grandparent = 0
 
 
 def _watch_parent(reader: int) -> None:
@@ -93,23 +93,9 @@ def _watch_parent(reader: int) -> None:
     me = os.getpid()
     if not _death_signal or _death_watcher != me:
         return
-    if _death_signal == signal.SIGSTOP and not _alive(_grandparent):
-        if os.getpgrp() == me:
-            os.killpg(me, signal.SIGKILL)  # this process and what it started
-        os.kill(me, signal.SIGKILL)
+    if os.getpgrp() == me and _death_signal in (signal.SIGKILL, signal.SIGSTOP):
+        os.killpg(me, signal.SIGKILL)  # this process and what it started (see above)
     os.kill(me, _death_signal)
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, killed and not reaped yet, does not)."""
-    import psutil
-
-    if pid <= 1:
-        return False
-    try:
-        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-    except psutil.Error:
-        return False
 
 
 class UnsafeSignalTarget(ValueError):

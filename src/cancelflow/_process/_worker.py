@@ -355,7 +355,8 @@ class _Worker:
         kind: Outcome
         value: Any = None
         # While a task runs, the zygote's death freezes this worker with the task's tree
-        # under it (the pool then kills the tree); an idle worker just dies with it.
+        # under it (the pool then kills the tree); an idle worker just dies with it. (On
+        # "posix", where the worker's group holds the tree, both kill the group at once.)
         set_parent_death_signal(signal.SIGSTOP)
         try:
             _state.running = True
