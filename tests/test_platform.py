@@ -36,7 +36,7 @@ from cancelflow._platform import (
     set_child_subreaper,
     set_parent_death_signal,
 )
-from support import WAIT, assert_not_running
+from support import TESTS, WAIT, assert_not_running
 
 needs_futex = pytest.mark.skipif(not HAVE_FUTEX, reason="no futex on this platform")
 #: pidfd and the child subreaper exist only in the "linux" implementation
@@ -566,6 +566,15 @@ class TestDoorbellSweep:
 posix_only = pytest.mark.skipif(FLAVOUR != "posix", reason="the 'posix' implementation only")
 
 
+def _run_python(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -c code`` to its end; it must exit 0."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
 def _talking_child(code: str) -> subprocess.Popen[str]:
     """``python -c code`` with text pipes to its stdin and from its stdout."""
     return subprocess.Popen(
@@ -575,40 +584,26 @@ def _talking_child(code: str) -> subprocess.Popen[str]:
 
 #: A child that leads a process group of its own (contain_descendants), orphans a
 #: grandchild inside it (its child exits), and prints the orphan's pid.
-_ORPHANING_GROUP_LEADER = """
-import os, sys, time
+_ORPHANING_GROUP_LEADER = f"""
+import sys
+sys.path.insert(0, {TESTS!r})
 from cancelflow._platform import contain_descendants
+from contractloads import leave_an_orphan
 assert contain_descendants() == "group"
-middle = os.fork()
-if middle == 0:
-    orphan = os.fork()
-    if orphan == 0:
-        while True:
-            time.sleep(1)
-    print(orphan, flush=True)
-    os._exit(0)
-os.waitpid(middle, 0)
+print(leave_an_orphan(), flush=True)
 sys.stdin.read()
 """
 
 
 #: A group leader that orphans a grandchild in its group, then kills its group's members;
 #: prints how many it killed and the orphan's pid.
-_KILLS_ITS_GROUPS_ORPHAN = """
-import os, time
+_KILLS_ITS_GROUPS_ORPHAN = f"""
+import os, sys
+sys.path.insert(0, {TESTS!r})
 from cancelflow._platform import contain_descendants, descendants, kill_group_members
+from contractloads import leave_an_orphan
 assert contain_descendants() == "group"
-read, write = os.pipe()
-middle = os.fork()
-if middle == 0:
-    orphan = os.fork()
-    if orphan == 0:
-        while True:
-            time.sleep(1)
-    os.write(write, str(orphan).encode())
-    os._exit(0)
-os.waitpid(middle, 0)
-orphan = int(os.read(read, 32))
+orphan = leave_an_orphan()
 assert orphan not in descendants(os.getpid())
 print(kill_group_members(), orphan)
 """
@@ -660,13 +655,7 @@ class TestPosixContainment:
     def test_kill_group_members_kills_the_orphans_of_the_group_it_leads(self) -> None:
         """Test that a group leader's kill_group_members() kills an orphan in its group
         (one the walk of its children cannot find), and not the leader itself."""
-        done = subprocess.run(
-            [sys.executable, "-c", _KILLS_ITS_GROUPS_ORPHAN],
-            capture_output=True,
-            text=True,
-            timeout=WAIT,
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
+        done = _run_python(_KILLS_ITS_GROUPS_ORPHAN)
         killed, orphan = map(int, done.stdout.split())
         assert killed == 1
         assert_not_running(orphan)
@@ -746,13 +735,7 @@ class TestPosixParentDeathSignal:
         """Test that a signal the main thread blocks stays pending with the watcher thread
         running, instead of being taken (and its handler run) by that thread: a task that
         blocks SIGTERM must not be terminated."""
-        done = subprocess.run(
-            [sys.executable, "-c", _BLOCKED_SIGNAL_STAYS_PENDING],
-            capture_output=True,
-            text=True,
-            timeout=WAIT,
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
+        done = _run_python(_BLOCKED_SIGNAL_STAYS_PENDING)
         assert done.stdout.split() == ["pending", "not-handled"], done.stdout
 
     def test_without_preparation_it_says_no(self) -> None:

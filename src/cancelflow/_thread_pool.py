@@ -1071,7 +1071,6 @@ class ThreadPool(Executor):
         future = item.future
         resolved = settled = False
         with _futures.lock(future):
-            item.returned = True
             item.worker = None
             if item.is_cancelled():
                 settled = self._settle_locked(item)
