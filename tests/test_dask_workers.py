@@ -64,10 +64,14 @@ def hold_memory(total_mb: int, step_mb: int, seconds: float) -> str:
 def stay_until_killed_then_finish(marker: str) -> str:
     """First attempt: report the worker's pid and wait to be killed with it. Any later
     attempt (the marker exists): report and return."""
-    store_partial("pid", os.getpid())
     if os.path.exists(marker):
+        store_partial("pid", os.getpid())
         return f"done on {worker_name()}"
+    # The marker exists before the pid is reported: the test kills the worker on the
+    # report, and a kill between the report and the marker would make the second
+    # attempt wait as the first did.
     Path(marker).touch()
+    store_partial("pid", os.getpid())
     current_token().wait_blocking(WAIT)
     return "first attempt survived"
 
