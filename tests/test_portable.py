@@ -184,6 +184,7 @@ class TestSimulatedMacOS:
                             fn, partial_sink=lambda key, value: started.set_result(value)
                         )
                         assert started.result(30)
+                        assert pool.wait_ready(30)  # a starting worker is not yet listed
                         before = {p.pid for p in me.children(recursive=True)}
                         future.cancel()
                         try:
