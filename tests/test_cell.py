@@ -14,6 +14,7 @@ import gc
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -145,6 +146,21 @@ class TestSlots:
         assert chunk.shared
 
 
+def _child_listens_past_its_first_wait(chunk: _cell.Chunk, conn: Any) -> None:
+    """In a forked child: bind a doorbell socket, let its first (short) wait pass, say
+    so, then report whether the next wait was ended by a ring (not its timeout)."""
+    listener = chunk.listen()
+    assert listener is not None
+    try:
+        listener.wait(0)
+        conn.send("listening")
+        started = time.monotonic()
+        listener.wait(WAIT)
+        conn.send(time.monotonic() - started < WAIT / 2)
+    finally:
+        listener.close(last=False)
+
+
 @needs_shared_tokens
 class TestAcrossProcesses:
     def test_a_slot_lock_excludes_other_processes_from_that_slot_only(
@@ -179,6 +195,42 @@ class TestAcrossProcesses:
         thread.join(WAIT)
         assert woke.is_set()
         assert chunk.header.generation == (generation + 1) & 0xFFFFFFFF
+
+    @pytest.mark.skipif(HAVE_FUTEX, reason="doorbells: the implementations without futex")
+    def test_a_ring_reaches_a_listener_bound_after_this_process_last_rang(
+        self, chunk: _cell.Chunk
+    ) -> None:
+        """Test that a listener another process binds after this process's last ring is
+        woken by the next one: binding bumps the header's listener count, and a ringer
+        that reads a new count connects to the new socket."""
+        chunk.ring()  # this process's ringer now knows the listeners of this moment
+        with pipe() as (reader, writer):
+            with running(FORK, _child_listens_past_its_first_wait, chunk, writer):
+                assert receive(reader) == "listening"
+                chunk.ring()
+                assert receive(reader) is True
+
+    @pytest.mark.skipif(HAVE_FUTEX, reason="doorbells: the implementations without futex")
+    def test_a_cancel_made_here_reaches_other_objects_on_its_slot_without_the_hub(
+        self,
+    ) -> None:
+        """Test that a cancel made in this process runs the callbacks of this process's
+        other token objects on the same slot itself, before it returns: it does not ring
+        this process's hub (which would take a CPU from the processes it wakes)."""
+        first = CancellationToken()
+        share(first)
+        second = token_on_slot(first._chunk, first._offset, name="task-2")
+        ran_in: list[int] = []
+        first.on_cancel(lambda: ran_in.append(threading.get_ident()))
+        # The hub runs now; a cancel from another process takes it past its first wait.
+        other = CancellationToken()
+        share(other)
+        heard = Recorder()
+        other.on_cancel(heard)
+        with running(FORK, _child_cancels, other):
+            assert heard.called.wait(WAIT)
+        second.cancel("through the other object")
+        assert ran_in == [threading.get_ident()]
 
     def test_a_cancel_from_another_process_is_announced_once(self) -> None:
         """Test that a cancel made in another process rings the chunk once: the hub that
@@ -264,6 +316,6 @@ class TestTokenResources:
         first.on_cancel(first_recorder)
         second.on_cancel(second_recorder)
         second.cancel("through the other object")
-        assert first_recorder.called.wait(WAIT)  # delivered by the hub thread
+        assert first_recorder.called.wait(WAIT)
         assert (first_recorder.calls, second_recorder.calls) == (1, 1)
         assert first.cancel_reason == "through the other object"

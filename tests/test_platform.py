@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 
 from cancelflow._platform import (
+    DOORBELL_FRESH_WAIT,
     FLAVOUR,
     HAVE_FUTEX,
     DoorbellListener,
+    DoorbellRinger,
     UnsafeSignalTarget,
     _tree,
     _wake,
@@ -36,7 +38,7 @@ from cancelflow._platform import (
     set_child_subreaper,
     set_parent_death_signal,
 )
-from support import TESTS, WAIT, assert_not_running
+from support import TESTS, WAIT, assert_not_running, wait_until
 
 needs_futex = pytest.mark.skipif(not HAVE_FUTEX, reason="no futex on this platform")
 #: pidfd and the child subreaper exist only in the "linux" implementation
@@ -430,6 +432,7 @@ class TestDoorbell:
         timeout."""
         listener = DoorbellListener(directory)
         try:
+            listener.wait(0)  # a new listener's first wait is short (see the next class)
             for _ in range(3):
                 ring_doorbell(directory)
             listener.drain()
@@ -497,6 +500,285 @@ class TestDoorbell:
             listener.wait(1e12)
         finally:
             listener.close(last=False)
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="doorbells need AF_UNIX")
+class TestDoorbellRinger:
+    """A process's connected sockets to a doorbell's listeners (_doorbell.Ringer)."""
+
+    @pytest.fixture
+    def directory(self) -> Iterator[str]:
+        path = make_doorbell()
+        yield path
+        discard_doorbell(path)
+        assert not os.path.exists(path)
+
+    @pytest.fixture
+    def ringer(self, directory: str) -> Iterator[DoorbellRinger]:
+        ringer = DoorbellRinger(directory)
+        yield ringer
+        ringer.close()
+
+    @staticmethod
+    def _listener(directory: str) -> DoorbellListener:
+        listener = DoorbellListener(directory)
+        listener.wait(0)  # past its first, short wait: only a ring ends a wait now
+        return listener
+
+    @staticmethod
+    def _woken(listener: DoorbellListener) -> bool:
+        started = time.monotonic()
+        listener.wait(WAIT)
+        return time.monotonic() - started < WAIT / 2
+
+    def test_a_new_count_reaches_a_listener_bound_after_the_last_ring(
+        self, directory: str, ringer: DoorbellRinger
+    ) -> None:
+        """Test that a ring with a changed listener count reaches a listener that bound
+        after the ringer's previous ring."""
+        first = self._listener(directory)
+        second = None
+        try:
+            ringer.ring(1)
+            assert self._woken(first)
+            second = self._listener(directory)
+            ringer.ring(2)
+            assert self._woken(second)
+        finally:
+            for listener in (first, second):
+                if listener is not None:
+                    listener.close(last=False)
+
+    def test_a_ring_skips_the_listing_while_the_count_stays(
+        self, directory: str, ringer: DoorbellRinger
+    ) -> None:
+        """Test that a ring with an unchanged count sends on the sockets it has, without
+        listing the directory (a socket bound meanwhile is not rung: its own first wait
+        covers that moment)."""
+        first = self._listener(directory)
+        late = DoorbellListener(directory)
+        try:
+            ringer.ring(1)
+            os.rename(directory, directory + "-moved")  # a listing would now find nothing
+            try:
+                ringer.ring(1)
+            finally:
+                os.rename(directory + "-moved", directory)
+            assert self._woken(first)
+            assert late.sock.recv(16, socket.MSG_DONTWAIT)  # the first ring listed it
+        finally:
+            first.close(last=False)
+            late.close(last=False)
+
+    def test_a_new_listeners_first_wait_is_short(self, directory: str) -> None:
+        """Test that the first wait of a new listener ends after DOORBELL_FRESH_WAIT
+        without a ring (what covers a ring that read the count just before its bump)."""
+        listener = DoorbellListener(directory)
+        try:
+            started = time.monotonic()
+            listener.wait(WAIT)
+            assert time.monotonic() - started < WAIT / 2
+            assert DOORBELL_FRESH_WAIT < 0.1
+        finally:
+            listener.close(last=False)
+
+    def test_a_listener_gone_since_the_last_ring_makes_it_list_again(
+        self, directory: str, ringer: DoorbellRinger
+    ) -> None:
+        """Test that a ring whose socket finds its listener gone lists the directory
+        again in the same ring, and so reaches a listener that bound meanwhile even with
+        the count unchanged."""
+        gone = self._listener(directory)
+        ringer.ring(1)
+        gone.close(last=False)
+        listener = self._listener(directory)
+        try:
+            ringer.ring(1)
+            assert self._woken(listener)
+        finally:
+            listener.close(last=False)
+
+    def test_a_socket_bound_again_under_a_gone_listeners_name_is_reached(
+        self, directory: str, ringer: DoorbellRinger
+    ) -> None:
+        """Test that a ring reaches a socket bound under the name of a listener that left
+        (a new process with a reused pid): the ringer drops its socket to the old one
+        and connects afresh (regression: it kept the dead connection under that name)."""
+        gone = self._listener(directory)
+        ringer.ring(1)
+        gone.close(last=False)
+        successor = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            successor.bind(gone.path)
+            ringer.ring(1)
+            ringer.ring(1)
+            successor.settimeout(WAIT)
+            assert successor.recv(16) == b"\0"
+            successor.settimeout(0)
+            assert successor.recv(16) == b"\0"  # the second ring too
+        finally:
+            successor.close()
+            os.unlink(gone.path)
+
+    def test_a_ring_while_the_ringer_is_busy_still_wakes(
+        self, directory: str, ringer: DoorbellRinger
+    ) -> None:
+        """Test that a ring made while the ringer is in use (another thread, or the frame
+        a signal handler interrupted) rings by listing instead of waiting."""
+        listener = self._listener(directory)
+        try:
+            ringer.ring(1)
+            listener.drain()
+            with ringer._busy:
+                ringer.ring(2)
+            assert self._woken(listener)
+        finally:
+            listener.close(last=False)
+
+    def test_a_ringer_rings_from_a_signal_handler_that_cut_a_ring(
+        self, directory: str, ringer: DoorbellRinger
+    ) -> None:
+        """Test that a signal handler ringing while the main thread is inside a ring
+        neither blocks nor stops either ring."""
+        listener = self._listener(directory)
+        rang: list[bool] = []
+
+        def handler(signum: int, frame: object) -> None:
+            ringer.ring(1)
+            rang.append(True)
+
+        previous = signal.signal(signal.SIGUSR1, handler)
+        try:
+            real = ringer._send_all
+
+            def send_all_then_get_a_signal(own_hubs: bool) -> bool:
+                ok = real(own_hubs)
+                signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+                return ok
+
+            ringer._send_all = send_all_then_get_a_signal  # type: ignore[method-assign]
+            ringer.ring(1)
+            del ringer._send_all
+            assert rang == [True]
+            assert self._woken(listener)
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+            listener.close(last=False)
+
+    def test_a_forked_child_rings_with_sockets_of_its_own(
+        self, directory: str, ringer: DoorbellRinger
+    ) -> None:
+        """Test that a child forked after a ring drops the sockets it inherited and rings
+        the parent's listener with its own."""
+        listener = self._listener(directory)
+        try:
+            ringer.ring(1)
+            listener.drain()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 1
+                try:
+                    code = 0 if ringer._by_name == {} else 2
+                    ringer.ring(1)
+                finally:
+                    os._exit(code)
+            assert self._woken(listener)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+        finally:
+            listener.close(last=False)
+
+    def test_a_close_during_a_ring_in_another_thread_closes_every_socket(
+        self, directory: str, ringer: DoorbellRinger
+    ) -> None:
+        """Test that close() called while another thread rings leaves no socket open once
+        that ring ends, and that a ring after close() makes none."""
+        listener = self._listener(directory)
+        sending, go_on = threading.Event(), threading.Event()
+        real = ringer._send_all
+
+        def send_all_once_closed(own_hubs: bool) -> bool:
+            sending.set()
+            assert go_on.wait(WAIT)
+            return real(own_hubs)
+
+        ringer._send_all = send_all_once_closed  # type: ignore[method-assign]
+        thread = threading.Thread(target=ringer.ring, args=(1,))
+        try:
+            thread.start()
+            assert sending.wait(WAIT)
+            ringer.close()
+            assert ringer._by_name != {}  # the ring in progress still uses them
+            go_on.set()
+            thread.join(WAIT)
+            assert ringer._by_name == {}
+            assert self._woken(listener)  # that ring was made
+            ringer.ring(1)  # lists the directory, keeps nothing
+            assert ringer._by_name == {}
+        finally:
+            go_on.set()
+            thread.join(WAIT)
+            listener.close(last=False)
+
+    def test_close_closes_every_socket(self, directory: str, ringer: DoorbellRinger) -> None:
+        """Test that close() leaves no descriptor of the ringer open."""
+        listeners = [self._listener(directory) for _ in range(3)]
+        try:
+            before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+            ringer.ring(3)
+            ringer.close()
+            if before:
+                assert len(os.listdir("/proc/self/fd")) == before
+            assert ringer._by_name == {}
+        finally:
+            for listener in listeners:
+                listener.close(last=False)
+
+    def test_a_ring_can_leave_out_this_process_hubs(
+        self, directory: str, ringer: DoorbellRinger
+    ) -> None:
+        """Test that ring(own_hubs=False) wakes this process's waiters but not its hubs,
+        and that a plain ring wakes both."""
+        waiter = self._listener(directory)
+        hub = DoorbellListener(directory, hub=True)
+        try:
+            hub.wait(0)
+            ringer.ring(2, own_hubs=False)
+            assert self._woken(waiter)
+            with pytest.raises(BlockingIOError):
+                hub.sock.recv(16, socket.MSG_DONTWAIT)
+            ringer.ring(2)
+            assert self._woken(hub)
+            assert self._woken(waiter)
+        finally:
+            waiter.close(last=False)
+            hub.close(last=False)
+
+    def test_other_processes_sockets_come_first(self, directory: str) -> None:
+        """Test that the ringer sends to other processes' listeners before this
+        process's own (a hub woken here would compete with the ringing thread)."""
+        ringer = DoorbellRinger(directory)
+        mine = self._listener(directory)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child listens until the parent is done
+            os.close(write)
+            child = DoorbellListener(directory)
+            os.read(read, 1)
+            child.close(last=False)
+            os._exit(0)
+        os.close(read)
+        try:
+            assert wait_until(lambda: len(os.listdir(directory)) == 2)
+            ringer.ring(2)
+            names = {sock: name for name, sock in ringer._by_name.items()}
+            order = [names[sock] for sock in ringer._socks]
+            assert [name.startswith(f"{os.getpid()}.") for name in order] == [False, True]
+        finally:
+            os.close(write)
+            os.waitpid(pid, 0)
+            ringer.close()
+            mine.close(last=False)
 
 
 def _gone_pid() -> int:

@@ -44,8 +44,6 @@ import ctypes
 import os
 import threading
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ._log import safe_log
@@ -53,6 +51,7 @@ from ._platform import (
     HAVE_FUTEX,
     TOKENS_CROSS_PROCESSES,
     DoorbellListener,
+    DoorbellRinger,
     at_fork,
     discard_doorbell,
     futex_wait,
@@ -60,7 +59,6 @@ from ._platform import (
     lock_range,
     make_doorbell,
     map_shared,
-    ring_doorbell,
     shared_memory,
 )
 
@@ -110,12 +108,15 @@ def decode_reason(raw: bytes) -> str:
         return raw.decode("utf-8", "replace")
 
 
-_DOORBELL_MAX = SLOT_SIZE - 8
+_DOORBELL_MAX = SLOT_SIZE - 12
 
 
 class _Header(ctypes.Structure):
     _fields_ = (
         ("generation", ctypes.c_uint32),
+        # without futex: bumped (under the header's record lock) by every listener that
+        # binds in the doorbell, so that ringers know when to list the directory again
+        ("listeners", ctypes.c_uint32),
         ("doorbell_len", ctypes.c_uint32),
         ("doorbell", ctypes.c_char * _DOORBELL_MAX),
     )
@@ -153,6 +154,7 @@ class Chunk:
                 header.doorbell = path
                 header.doorbell_len = len(path)
             self.doorbell = os.fsdecode(bytes(header.doorbell[: header.doorbell_len]))
+        self._ringer = DoorbellRinger(self.doorbell) if self.doorbell else None
         # Owned chunks hand slots out; attached ones (from another process) never do.
         self._free: list[int] = (
             list(range(self.size - SLOT_SIZE, 0, -SLOT_SIZE)) if self.owned else []
@@ -165,6 +167,9 @@ class Chunk:
         self._hub_ticket: list[int] = [1]
         #: without futex: doorbell sockets of this process free for the next wait
         self._idle_listeners: list[DoorbellListener] = []
+        #: without futex: the socket of this process's last hub, kept for the next one (a
+        #: new socket would make every ringer list the doorbell again)
+        self._idle_hub: DoorbellListener | None = None
         #: (process being started, what this chunk was pickled as for it), see _token
         self.exported_to: tuple[weakref.ref[Any], weakref.ref[Any]] | None = None
         _all_chunks.add(self)
@@ -213,35 +218,53 @@ class Chunk:
                 except OSError:
                     pass
                 idle, self._idle_listeners = self._idle_listeners, []
+                if self._idle_hub is not None:
+                    idle.append(self._idle_hub)
+                    self._idle_hub = None
                 for listener in idle:
                     listener.close(last=False)
+                if self._ringer is not None:
+                    self._ringer.close()
                 if self.doorbell and self.owned:
                     discard_doorbell(self.doorbell)
                 elif idle:
                     with contextlib.suppress(OSError):
                         os.rmdir(self.doorbell)  # if we were the last to listen
 
-    @contextmanager
-    def lock_slot(self, offset: int) -> Iterator[None]:
+    def lock_slot(self, offset: int) -> contextlib.AbstractContextManager[None]:
         """Hold a cross-process lock on one slot (dropped by the kernel if we die)."""
         fd = self.fd
-        if fd < 0:
-            yield
-            return
-        with lock_range(fd, offset, SLOT_SIZE):
-            yield
+        return _NO_LOCK if fd < 0 else lock_range(fd, offset, SLOT_SIZE)
 
     # -- cross-process notification ----------------------------------------------------
-    def ring(self) -> None:
-        """Tell every hub in every process that some slot of this chunk changed."""
+    def ring(self, *, own_hub: bool = True) -> None:
+        """Tell every hub in every process that some slot of this chunk changed (and,
+        without futex, every thread blocked on one of its tokens).
+
+        ``own_hub=False``: not this process's hub, if the doorbell can leave it out (a
+        cancel made here, delivered here by :meth:`deliver_slot`); with futex it is
+        woken too, and finds nothing left to do.
+        """
         header = self.header
         if header is None:
             return
         header.generation = (header.generation + 1) & 0xFFFFFFFF
         if HAVE_FUTEX:
             futex_wake(self.gen_address)
-        elif self.doorbell:
-            ring_doorbell(self.doorbell)
+        elif self._ringer is not None:
+            self._ringer.ring(header.listeners if self.fd >= 0 else None, own_hubs=own_hub)
+
+    def _new_listener(self, *, hub: bool = False) -> DoorbellListener:
+        """Bind a socket in the doorbell, then count it in the header (so that ringers
+        connect to it; see _platform._doorbell for the race its first wait covers)."""
+        listener = DoorbellListener(self.doorbell, hub=hub)
+        header = self.header
+        if header is not None and self.fd >= 0:
+            # Threads of one process are not kept apart by a record lock: the RLock does
+            # (re-entrant for a signal handler that waits while its thread was binding).
+            with _listeners_lock, lock_range(self.fd, 0, SLOT_SIZE):
+                header.listeners = (header.listeners + 1) & 0xFFFFFFFF
+        return listener
 
     def listen(self) -> DoorbellListener | None:
         """Without futex: a socket in the chunk's doorbell for this thread alone until
@@ -255,7 +278,7 @@ class Chunk:
             listener = self._idle_listeners.pop()
         except IndexError:
             try:
-                return DoorbellListener(self.doorbell)
+                return self._new_listener()
             except OSError:
                 return None
         listener.drain()
@@ -312,8 +335,13 @@ class Chunk:
         if HAVE_FUTEX:
             self._hub_loop(None)
             return
+        with _slots_lock:
+            listener, self._idle_hub = self._idle_hub, None
         try:
-            listener = DoorbellListener(self.doorbell)
+            if listener is None:
+                listener = self._new_listener(hub=True)
+            else:
+                listener.drain()  # rings that came while no hub ran: _deliver looks anyway
         except OSError as exc:
             safe_log("ERROR", "token hub cannot listen for cancels", exception=exc)
             self._hub_ticket.append(1)
@@ -321,7 +349,11 @@ class Chunk:
         try:
             self._hub_loop(listener)
         finally:
-            listener.close(last=False)  # the directory goes with its owner or at exit
+            with _slots_lock:  # against close(), which closes an idle hub's socket
+                if self.fd >= 0 and self._idle_hub is None:
+                    self._idle_hub = listener
+                else:
+                    listener.close(last=False)  # the directory goes with its owner or at exit
 
     def _hub_loop(self, listener: DoorbellListener | None) -> None:
         while True:
@@ -367,11 +399,28 @@ class Chunk:
                 watching = True
         return watching
 
+    def deliver_slot(self, offset: int) -> None:
+        """Apply a cancel made in this process on the slot at ``offset`` to this
+        process's other token objects on that slot (their callbacks run now, in the
+        calling thread: the hub is not woken for a cancel made here)."""
+        for key, ref in list(self.listeners.items()):
+            if ref.offset != offset:
+                continue
+            token = ref()
+            if token is None:
+                self.listeners.pop(key, None)
+            elif token.is_cancelled:
+                self.listeners.pop(key, None)
+                ref.take_remote_cancel()
+
     def _watching(self) -> bool:
         return any(ref.shared() for ref in list(self.listeners.values()))
 
 
+_NO_LOCK = contextlib.nullcontext()
 _slots_lock = threading.RLock()
+#: serialises this process's bumps of a header's listener count (see Chunk._new_listener)
+_listeners_lock = threading.RLock()
 #: how many times this process forked (a token made before a fork is shared with it)
 fork_epoch = 0
 _all_chunks: weakref.WeakSet[Chunk] = weakref.WeakSet()
@@ -431,8 +480,9 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _current, _slots_lock
+    global _current, _slots_lock, _listeners_lock
     _slots_lock = threading.RLock()  # another thread may have held it at the fork
+    _listeners_lock = threading.RLock()
     _current = None  # the child allocates from chunks of its own
     for chunk in list(_all_chunks):
         chunk.owned = False
@@ -442,6 +492,9 @@ def _after_fork_in_child() -> None:
         chunk.listeners = {}
         chunk._hub_ticket = [1]  # hub threads do not survive a fork
         idle, chunk._idle_listeners = chunk._idle_listeners, []
+        if chunk._idle_hub is not None:
+            idle.append(chunk._idle_hub)
+            chunk._idle_hub = None
         for listener in idle:
             listener.abandon()  # the parent's sockets: ours would read its rings
 

@@ -313,6 +313,7 @@ class CancellationToken(_Cell):
             return False
         chunk = self._chunk
         won = True
+        woken = False
         try:
             if self._is_shared():
                 with chunk.lock_slot(self._offset):
@@ -321,8 +322,14 @@ class CancellationToken(_Cell):
                     else:
                         self._write_shared_reason(reason)
                         self._flag = True
-                # The class may switch to the shared twin only just after a fork: until
-                # then ``is_cancelled`` is the local copy.
+                        # The class may switch to the shared twin only just after a fork:
+                        # until then ``is_cancelled`` is the local copy.
+                        self.is_cancelled = True
+                        self._reason = reason
+                        # Woken before the lock is given back: the unlock's system call
+                        # is then not part of any waiter's wake-up.
+                        self._wake_every_process()
+                        woken = True
                 self.is_cancelled = True
             else:
                 self._reason = reason
@@ -340,7 +347,7 @@ class CancellationToken(_Cell):
             raise
         if won:
             self._reason = reason
-        self._apply()
+        self._apply(woken=woken)
         return won
 
     def _write_shared_reason(self, reason: Reason) -> None:
@@ -351,30 +358,41 @@ class CancellationToken(_Cell):
         ctypes.memmove(ctypes.addressof(self) + _Cell._reason_bytes.offset, raw, len(raw))
         self._reason_len = len(raw)
 
-    def _apply(self, *, remote: bool = False) -> None:
+    def _wake_every_process(self) -> None:
+        """Wake the threads blocked on this shared token, and the other processes' hubs
+        (this process's other tokens on the slot get it from ``_apply``)."""
+        futex_wake(ctypes.addressof(self))  # without futex: this process's parked threads
+        self._chunk.ring(own_hub=False)
+
+    def _apply(self, *, remote: bool = False, woken: bool = False) -> None:
         """Deliver a cancellation to this process's waiters, exactly once.
 
         ``remote``: the cancel was made in another process, which has woken the waiters
         and rung the hubs of every process already; only what lives here is left to do
         (without futex, the threads parked in this process; then the callbacks).
+        ``woken``: this process's :meth:`cancel` did :meth:`_wake_every_process` already.
         """
         try:
             self._applied.pop()
         except IndexError:
             return
         self._once.clear()
+        aliases = False
         if remote:
             if not HAVE_FUTEX:
                 futex_wake(ctypes.addressof(self))  # this process's parking lot
         elif self._is_shared():
-            futex_wake(ctypes.addressof(self))  # blocked waiters, in any process
-            self._chunk.ring()
+            if not woken:
+                self._wake_every_process()
+            aliases = True
         elif self._blocked:
             # Only this process can see the token: skip the system call unless a thread
             # is blocked in wait_blocking(). (The GIL orders that thread's registration
             # against our flag store, so none is missed.)
             futex_wake(ctypes.addressof(self))
         self._finish()
+        if aliases:  # this process's other token objects on the slot, if any
+            self._chunk.deliver_slot(self._offset)
 
     def _finish(self) -> None:
         """Drop links and timer, then run every registered callback once."""
@@ -790,13 +808,15 @@ class TokenRef(weakref.ref["CancellationToken"]):
     ``_cell``). Every method is a no-op (or ``False``) once the token is gone.
     """
 
-    __slots__ = ("key",)
+    __slots__ = ("key", "offset")
 
     key: int  #: the token's ``_id``: its key in ``Chunk.listeners``
+    offset: int  #: the token's slot in its chunk
 
     def __new__(cls, token: CancellationToken) -> TokenRef:
         self = super().__new__(cls, token)
         self.key = token._id
+        self.offset = token._offset
         return self
 
     def shared(self) -> bool:

@@ -19,9 +19,9 @@ sequence, memory of a tree), ``_libc``.
   (with :data:`HAVE_FUTEX`, also another process) changes it; event-driven on every
   flavour. Without futex, :func:`wake_all_parked` is how a cross-process wake-up that
   arrived through a doorbell reaches this process's waiters.
-* :func:`make_doorbell` / :func:`ring_doorbell` / :class:`DoorbellListener` /
-  :func:`discard_doorbell`: a wake-up that crosses processes, for the flavours without
-  futex.
+* :func:`make_doorbell` / :func:`ring_doorbell` / :class:`DoorbellRinger` /
+  :class:`DoorbellListener` / :func:`discard_doorbell`: a wake-up that crosses
+  processes, for the flavours without futex.
 * :func:`listen_local` / :func:`connect_local` / :func:`knock_local`: an authenticated
   endpoint for other processes of this machine, named by a path (``AF_UNIX``, or
   loopback TCP with a rendezvous file on ``"windows"``).
@@ -53,7 +53,9 @@ sequence, memory of a tree), ``_libc``.
 from __future__ import annotations
 
 from ._doorbell import (
+    FRESH_WAIT as DOORBELL_FRESH_WAIT,
     DoorbellListener,
+    Ringer as DoorbellRinger,
     discard as discard_doorbell,
     make_directory as make_doorbell,
     ring as ring_doorbell,
@@ -94,7 +96,9 @@ __all__ = (
     "HAVE_PIDFD",
     "PROCESS_POOLS",
     "TOKENS_CROSS_PROCESSES",
+    "DOORBELL_FRESH_WAIT",
     "DoorbellListener",
+    "DoorbellRinger",
     "UnsafeSignalTarget",
     "at_fork",
     "children",

@@ -7,11 +7,26 @@ socket (:class:`DoorbellListener`).
 :func:`ring` sends one byte to each socket in the directory; a listener blocks in
 ``recv`` until one comes. Event-driven on every POSIX system, macOS included.
 
+A :class:`Ringer` is the fast way to ring: it keeps one socket *connected* to each
+listener (a ``send`` on it costs a third of a ``sendto`` by path, and no directory is
+listed), and lists the directory again only when the *listener count* its caller reads
+from shared memory changed (each new listener bumps it after binding, see
+:class:`DoorbellListener`), or when a send found a listener gone. It rings other
+processes' sockets before its own process's (a hub woken here would only compete for the
+GIL with the ringing thread).
+
 Guarantees: a ring that happens after a listener is bound wakes it (the datagram waits
 in its queue if it is not blocked yet; a full queue means wake-ups are already pending).
-:func:`ring` never blocks, takes no lock and allocates nothing shared, so it is safe in a
-signal handler (a sender whose budget is spent on rings nobody read gets a fresh socket
-under the same descriptor). A listener's socket is removed when it closes (or its process
+With a :class:`Ringer`, "after" means after the listener's bump of the count is visible
+to the ringing process; a ring that read the count a moment earlier can miss a socket
+bound in that moment, which is why a new listener's first :meth:`DoorbellListener.wait`
+returns after at most :data:`FRESH_WAIT` seconds (its caller re-reads shared memory):
+such a race costs at most that delay, never a lost wake-up.
+:func:`ring` and :meth:`Ringer.ring` never block, wait for no lock and allocate nothing
+shared, so they are safe in a signal handler (a ring that finds its ringer busy, in
+another thread or in the frame the handler interrupted, rings like :func:`ring`; a sender
+whose budget is spent on rings nobody read gets a fresh socket under the same
+descriptor). A listener's socket is removed when it closes (or its process
 exits); the directory by its maker's :func:`discard`, by a chunk's last listener, or by
 the exit of any process that listened in it, once empty; a process killed while
 listening leaves a socket file that the next :func:`ring` finds refused, and removes.
@@ -34,15 +49,21 @@ import itertools
 import os
 import socket
 import tempfile
+import threading
 import weakref
 
 from ._fork import at_fork
 
-__all__ = ("DoorbellListener", "discard", "make_directory", "ring", "sweep")
+__all__ = ("FRESH_WAIT", "DoorbellListener", "Ringer", "discard", "make_directory", "ring", "sweep")
 
 #: longest socket path every POSIX system accepts (macOS: 104 bytes with the NUL)
 _MAX_SOCKET_PATH = 100
 _ids = itertools.count(1)
+#: what marks a hub's socket in its name (``<pid>.h<n>``; a waiter's is ``<pid>.<n>``)
+_HUB = "h"
+#: the longest a new listener's first wait lasts before its caller re-reads shared memory
+#: (see the module docstring: a ring racing with its bind)
+FRESH_WAIT = 0.005
 
 
 def make_directory() -> str:
@@ -85,6 +106,143 @@ def ring(directory: str) -> None:
                 os.unlink(path)
         except OSError:
             continue  # gone meanwhile
+
+
+class Ringer:
+    """This process's connected sockets to every listener of one doorbell directory.
+
+    :meth:`ring` wakes them all. :meth:`close` closes the sockets for good (a ring made
+    after it lists the directory, as :func:`ring` does). One per chunk and process; a
+    forked child drops the sockets it inherited (:meth:`forget`).
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        #: the listener count the sockets were made for (``None``: list the directory)
+        self._count: int | None = None
+        #: other processes' sockets first, then this process's waiters' (see the module
+        #: docstring); this process's hubs apart (see ring)
+        self._socks: tuple[socket.socket, ...] = ()
+        self._own_hubs: tuple[socket.socket, ...] = ()
+        self._by_name: dict[str, socket.socket] = {}
+        #: held by the one ring that may use and change the sockets; never waited for
+        self._busy = threading.Lock()
+        self._closed = False
+        _ringers.add(self)
+
+    def ring(self, count: int | None, *, own_hubs: bool = True) -> None:
+        """Wake every listener bound in the directory; never blocks, never raises.
+
+        ``count`` is the directory's listener count as the caller just read it from
+        shared memory (``None``: unknown, list the directory). ``own_hubs=False`` leaves
+        out this process's hub listeners (a cancel made here, whose caller delivers it
+        here itself: waking the hub would only take a CPU from the processes woken).
+        """
+        if self._closed or not self._busy.acquire(False):
+            ring(self.directory)  # another thread, or the frame a signal handler cut
+            return
+        try:
+            if count is None or count != self._count:
+                self._refresh(count)
+            if self._send_all(own_hubs):
+                self._refresh(None)  # a listener left (or was killed): list again
+                self._send_all(own_hubs)
+        except Exception:  # noqa: BLE001 - a ring never raises: fall back to a listing
+            self._count = None
+            ring(self.directory)
+        except BaseException:  # a signal handler raised: list again next time
+            self._count = None
+            raise
+        finally:
+            self._busy.release()
+        if self._closed:  # closed meanwhile, by a thread that found us ringing
+            self.close()
+
+    def _send_all(self, own_hubs: bool) -> bool:
+        """Send to every socket; return whether one found its listener gone (that socket
+        is dropped, so that a listing connects afresh to whatever has its name now)."""
+        gone = []
+        for socks in (self._socks, self._own_hubs) if own_hubs else (self._socks,):
+            for sock in socks:
+                try:
+                    sock.send(b"\0")
+                except BlockingIOError:
+                    continue  # its queue is full: wake-ups are pending already
+                except OSError:
+                    gone.append(sock)
+        if not gone:
+            return False
+        self._set({name: s for name, s in self._by_name.items() if s not in gone})
+        for sock in gone:
+            sock.close()
+        return True
+
+    def _refresh(self, count: int | None) -> None:
+        self._count = count
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            names = []  # nobody listens any more
+        old, fresh = dict(self._by_name), {}
+        for name in names:
+            sock = old.pop(name, None)
+            if sock is None:
+                sock = _connect(os.path.join(self.directory, name))
+                if sock is None:
+                    continue
+            fresh[name] = sock
+        self._set(fresh)
+        for sock in old.values():  # listeners that left
+            sock.close()
+
+    def _set(self, by_name: dict[str, socket.socket]) -> None:
+        mine, hub = f"{os.getpid()}.", f"{os.getpid()}.{_HUB}"
+        self._by_name = by_name
+        self._socks = tuple(
+            sock
+            for name, sock in sorted(by_name.items(), key=lambda item: item[0].startswith(mine))
+            if not name.startswith(hub)
+        )
+        self._own_hubs = tuple(sock for name, sock in by_name.items() if name.startswith(hub))
+
+    def forget(self) -> None:
+        """In a forked child: close this process's copies of the parent's sockets (and
+        make its own at the next ring)."""
+        self._busy = threading.Lock()
+        self._drop()
+
+    def close(self) -> None:
+        """Close every socket, for good (a ring in progress in another thread closes
+        them when it ends)."""
+        self._closed = True
+        if self._busy.acquire(False):
+            try:
+                self._drop()
+            finally:
+                self._busy.release()
+
+    def _drop(self) -> None:
+        socks, self._count = self._by_name, None
+        self._set({})
+        for sock in socks.values():
+            sock.close()
+
+
+def _connect(path: str) -> socket.socket | None:
+    """A non-blocking socket connected to the listener at ``path`` (``None`` if there
+    is none; a socket file left by a killed listener is removed)."""
+    sock = _new_sender()
+    try:
+        sock.connect(path)
+    except ConnectionRefusedError:
+        sock.close()
+        with contextlib.suppress(OSError):  # its process was killed while listening
+            os.unlink(path)
+        return None
+    except OSError:
+        sock.close()
+        return None
+    return sock
 
 
 def sweep(base: str) -> int:
@@ -147,14 +305,20 @@ def discard(directory: str) -> None:
 
 
 class DoorbellListener:
-    """This process's socket in a doorbell directory; :meth:`wait` blocks until a ring."""
+    """This process's socket in a doorbell directory; :meth:`wait` blocks until a ring.
 
-    def __init__(self, directory: str) -> None:
+    ``hub``: the socket of a chunk's hub thread, which a :class:`Ringer` of the same
+    process may leave out (see :meth:`Ringer.ring`).
+    """
+
+    def __init__(self, directory: str, *, hub: bool = False) -> None:
         self.directory = directory
-        self.path = os.path.join(directory, f"{os.getpid()}.{next(_ids)}")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        kind = _HUB if hub else ""
+        self.path = os.path.join(directory, f"{os.getpid()}.{kind}{next(_ids)}")
+        #: True until the first wait (see FRESH_WAIT)
+        self.fresh = True
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # blocking; see drain
         try:
-            self.sock.setblocking(False)  # blocking only inside wait()
             for attempt in range(3):
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(directory, 0o700)  # removed when its last listener left
@@ -171,24 +335,29 @@ class DoorbellListener:
         _used.add(directory)
 
     def wait(self, timeout: float | None = None) -> None:
-        """Block until at least one ring arrived since the last wait (or ``timeout``
-        seconds pass); take them all. A signal interrupts it (the handler runs, then it
-        returns)."""
+        """Block until a ring arrives (or ``timeout`` seconds pass; the first wait of a
+        new listener at most :data:`FRESH_WAIT`), taking one. Rings left unread only make
+        a later wait return early (:meth:`drain` takes them before a reuse). A signal's
+        handler runs meanwhile (and may end the wait by raising)."""
+        if self.fresh:
+            self.fresh = False
+            timeout = FRESH_WAIT if timeout is None else min(timeout, FRESH_WAIT)
         sock = self.sock
-        sock.settimeout(None if timeout is None else min(max(timeout, 0.0), 86_400.0))
-        try:
+        if timeout is None:
             sock.recv(16)
-        except (TimeoutError, InterruptedError):
-            pass
-        finally:
-            sock.setblocking(False)  # also when a signal handler raised
-        self.drain()
+        else:
+            sock.settimeout(min(max(timeout, 0.0), 86_400.0))
+            try:
+                sock.recv(16)
+            except (TimeoutError, BlockingIOError):  # BlockingIOError: a timeout of 0
+                pass
+            finally:
+                sock.settimeout(None)  # also when a signal handler raised
 
     def drain(self) -> None:
         """Take every ring that arrived (a listener reused for another wait)."""
-        self.sock.setblocking(False)
         with contextlib.suppress(OSError):
-            while self.sock.recv(64):
+            while self.sock.recv(64, socket.MSG_DONTWAIT):
                 pass
 
     def close(self, *, last: bool = True) -> None:
@@ -239,6 +408,7 @@ _made: set[str] = set()
 #: temporary directories already swept by this process (see sweep)
 _swept: set[str] = set()
 _listening: weakref.WeakSet[DoorbellListener] = weakref.WeakSet()
+_ringers: weakref.WeakSet[Ringer] = weakref.WeakSet()
 _used: set[str] = set()
 
 
@@ -261,6 +431,8 @@ def _after_fork_in_child() -> None:
     global _made, _listening, _used
     for listener in list(_listening):
         listener.abandon()  # the parent's sockets: ours would read its rings
+    for ringer in list(_ringers):
+        ringer.forget()
     _made = set()  # the parent's, removed by the parent
     _listening = weakref.WeakSet()
     _used = set()
