@@ -361,8 +361,12 @@ class CancellationToken(_Cell):
     def _wake_every_process(self) -> None:
         """Wake the threads blocked on this shared token, and the other processes' hubs
         (this process's other tokens on the slot get it from ``_apply``)."""
-        futex_wake(ctypes.addressof(self))  # without futex: this process's parked threads
-        self._chunk.ring(own_hub=False)
+        if HAVE_FUTEX:
+            futex_wake(ctypes.addressof(self))  # blocked waiters, in every process
+            self._chunk.ring(own_hub=False)
+        else:  # other processes first: the parking lot reaches this process's threads only
+            self._chunk.ring(own_hub=False)
+            futex_wake(ctypes.addressof(self))
 
     def _apply(self, *, remote: bool = False, woken: bool = False) -> None:
         """Deliver a cancellation to this process's waiters, exactly once.
