@@ -32,6 +32,7 @@ from cancelflow._platform import (
     futex_wait,
     futex_wake,
     kill_tree,
+    lock_range,
     make_doorbell,
     pidfd_open,
     ring_doorbell,
@@ -390,6 +391,77 @@ class TestKillTree:
         UnsafeSignalTarget instead of stopping the test runner."""
         with pytest.raises(UnsafeSignalTarget):
             kill_tree(os.getpid(), include_root=True)
+
+
+def _blocked_on_a_record_lock(pid: int) -> bool:
+    """Whether process ``pid`` waits for an fcntl record lock (Linux: ``/proc/locks``
+    shows a waiter with ``->``)."""
+    with open("/proc/locks", encoding="ascii") as locks:
+        return any("->" in fields and str(pid) in fields for fields in map(str.split, locks))
+
+
+@pytest.mark.skipif(
+    FLAVOUR == "windows" or not os.path.exists("/proc/locks"), reason="needs /proc/locks"
+)
+class TestLockRange:
+    def test_a_deadlock_the_kernel_sees_between_threads_is_waited_out(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that a wait the kernel refuses with EDEADLK because record locks belong
+        to processes (a thread here holds range 1 for a moment while another waits for
+        range 2, held by a process that waits for range 1) is retried until it succeeds
+        (regression: cancel() raised OSError EDEADLK under threads binding doorbell
+        sockets while other processes cancelled)."""
+        retried = threading.Event()
+        real_sleep = time.sleep
+
+        def sleep(seconds: float) -> None:
+            retried.set()
+            real_sleep(seconds)
+
+        monkeypatch.setattr(time, "sleep", sleep)  # the pause before a retry
+        with tempfile.TemporaryFile() as file:
+            fd = file.fileno()
+            os.ftruncate(fd, 4096)
+            taken = threading.Event()
+            errors: list[BaseException] = []
+
+            def hold_first() -> None:
+                with lock_range(fd, 0, 128):
+                    taken.set()
+                    retried.wait(WAIT)  # until the other thread met EDEADLK and retries
+
+            holder = threading.Thread(target=hold_first)
+            holder.start()
+            assert taken.wait(WAIT)
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child: holds range 2, waits for range 1
+                os.close(read)
+                code = 1
+                try:
+                    with lock_range(fd, 128, 128):
+                        os.write(write, b"x")
+                        with lock_range(fd, 0, 128):
+                            code = 0
+                finally:
+                    os._exit(code)
+            os.close(write)
+            try:
+                assert os.read(read, 1) == b"x"
+                assert wait_until(lambda: _blocked_on_a_record_lock(pid))
+                try:
+                    with lock_range(fd, 128, 128):  # the kernel sees: us -> child -> us
+                        pass
+                except OSError as exc:
+                    errors.append(exc)
+            finally:
+                retried.set()
+                holder.join(WAIT)
+                os.close(read)
+                _, status = os.waitpid(pid, 0)
+            assert errors == []
+            assert os.waitstatus_to_exitcode(status) == 0
 
 
 @pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="doorbells need AF_UNIX")

@@ -14,9 +14,11 @@ locks nothing there.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import tempfile
+import time
 
 from ._flavour import FLAVOUR
 
@@ -24,6 +26,9 @@ __all__ = ("lock_range", "map_shared", "shared_memory")
 
 if FLAVOUR != "windows":
     import fcntl
+
+#: how long lock_range retries a wait the kernel refused with EDEADLK (see there)
+_DEADLOCK_PATIENCE = 2.0
 
 
 def shared_memory(label: str, size: int) -> int:
@@ -72,6 +77,15 @@ class lock_range:
     The kernel drops it if the holder dies. A no-op on ``"windows"`` (see the module).
     A class, not a generator: it is on the path of every cross-process ``cancel()``, where
     a generator's context manager cost twice the two system calls.
+
+    Record locks belong to processes, not threads, so the kernel's deadlock check sees a
+    cycle where there is none: a thread of process A waits for a range B holds while a
+    thread of B waits for another range that *another* thread of A holds for a moment, and
+    one of the two waits fails with ``EDEADLK``. cancelflow's threads never wait for a
+    range while holding one, so such a cycle resolves within microseconds: the wait is
+    retried after a pause that doubles up to a millisecond. Only a cycle that lasts
+    (signal handlers in two processes, each cancelling inside the other's held range)
+    raises the ``OSError``, after :data:`_DEADLOCK_PATIENCE` seconds.
     """
 
     __slots__ = ("_fd", "_length", "_offset")
@@ -80,8 +94,19 @@ class lock_range:
         self._fd, self._offset, self._length = fd, offset, length
 
     def __enter__(self) -> None:
-        if FLAVOUR != "windows":
-            fcntl.lockf(self._fd, fcntl.LOCK_EX, self._length, self._offset)
+        if FLAVOUR == "windows":
+            return
+        pause, waited = 0.00005, 0.0
+        while True:
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX, self._length, self._offset)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EDEADLK or waited >= _DEADLOCK_PATIENCE:
+                    raise
+            time.sleep(pause)
+            waited += pause
+            pause = min(pause * 2, 0.001)
 
     def __exit__(self, *exc: object) -> None:
         if FLAVOUR != "windows":
