@@ -306,6 +306,26 @@ class TestTokenResources:
         assert memfds() == before
 
     @needs_shared_tokens
+    @pytest.mark.skipif(HAVE_FUTEX, reason="doorbells: the implementations without futex")
+    def test_a_hub_that_outlives_its_chunk_removes_the_doorbell(self) -> None:
+        """Test that when the chunk closes while its hub still runs, the hub's leaving
+        removes the doorbell directory (regression: empty directories piled up until the
+        process exited)."""
+        chunk = _cell.Chunk(4, pinned=True)
+        token = token_on_slot(chunk, SLOT, name="listened")
+        before = set(threading.enumerate())
+        token.on_cancel(Recorder())  # a shared token with a callback: the hub runs
+        hubs = [t for t in set(threading.enumerate()) - before if t.name == "cancelflow-token-hub"]
+        assert len(hubs) == 1
+        directory = chunk.doorbell
+        chunk.close()  # its owner's discard cannot remove it: the hub's socket is bound
+        del token
+        gc.collect()  # the token's release rings the hub, which finds nothing to watch
+        for hub in hubs:
+            hub.join(WAIT)
+        assert not os.path.exists(directory)
+
+    @needs_shared_tokens
     def test_tokens_on_one_slot_each_get_callbacks(self) -> None:
         """Test that two token objects on one shared slot (a pool's per-task tokens) both
         have their callbacks run by a cancel made through either."""

@@ -792,6 +792,24 @@ class TestDoorbellRinger:
             thread.join(WAIT)
             listener.close(last=False)
 
+    def test_beyond_max_connected_listeners_it_rings_by_path_and_keeps_no_socket(
+        self, directory: str, ringer: DoorbellRinger, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that with more listeners than MAX_CONNECTED the ringer keeps no socket
+        (one descriptor each in every ringing process would not scale) and still wakes
+        every listener (regression: it connected to all of them)."""
+        from cancelflow._platform import _doorbell
+
+        monkeypatch.setattr(_doorbell, "MAX_CONNECTED", 2)
+        listeners = [self._listener(directory) for _ in range(3)]
+        try:
+            ringer.ring(3)
+            assert ringer._by_name == {}
+            assert all(self._woken(listener) for listener in listeners)
+        finally:
+            for listener in listeners:
+                listener.close(last=False)
+
     def test_close_closes_every_socket(self, directory: str, ringer: DoorbellRinger) -> None:
         """Test that close() leaves no descriptor of the ringer open."""
         listeners = [self._listener(directory) for _ in range(3)]

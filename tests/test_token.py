@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from cancelflow import CallbackHandle, CancellationToken, CancelledException, _timer, _token
+from cancelflow import CallbackHandle, CancellationToken, CancelledException, _cell, _timer, _token
 from cancelflow._token import token_on_slot
 from support import (
     WAIT,
@@ -372,6 +372,71 @@ class TestCancellationToken:
         assert token.cancel("second") is False
         assert recorder.calls == 1
         assert token.cancel_reason == "first"
+
+    @needs_shared_tokens
+    def test_an_interrupted_wake_of_a_shared_token_is_made_by_the_next_cancel(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that a cancel of a shared token cut short while it wakes the processes
+        (a KeyboardInterrupt in the ring, which runs under the slot's lock) leaves the
+        wake-up and the callbacks to the next cancel() (regression: both were lost)."""
+        token = CancellationToken()
+        share(token)
+        recorder = Recorder()
+        token.on_cancel(recorder)
+        woke = threading.Event()
+
+        def wait() -> None:
+            if token.wait_blocking(WAIT):
+                woke.set()
+
+        waiting = threading.Thread(target=wait)
+        waiting.start()
+
+        def interrupted(self: _cell.Chunk, *, own_hub: bool = True) -> None:
+            raise KeyboardInterrupt  # as if SIGINT landed inside the ring
+
+        monkeypatch.setattr(_cell.Chunk, "ring", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            token.cancel("first")
+        monkeypatch.undo()
+        assert token.is_cancelled
+        assert token.cancel("second") is False
+        assert recorder.calls == 1
+        waiting.join(WAIT)
+        assert woke.is_set()
+        assert token.cancel_reason == "first"
+
+    @needs_shared_tokens
+    def test_a_cancel_interrupted_after_another_process_won_leaves_delivery_open(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that a cancel() interrupted while it waited for the slot's lock, which
+        another process's cancel held, leaves that cancel deliverable here: the hub (or a
+        waiter) that takes it runs the callbacks (regression: they never ran)."""
+        token = CancellationToken()
+        share(token)
+        recorder = Recorder()
+        token.on_cancel(recorder)
+
+        class _OtherProcessWinsThenInterrupt:
+            def __enter__(self) -> None:
+                token._write_shared_reason("theirs")  # what the other process wrote
+                token._flag = True
+                raise KeyboardInterrupt  # while this one still waited for the lock
+
+            def __exit__(self, *exc: object) -> None:
+                pass
+
+        monkeypatch.setattr(
+            token._chunk, "lock_slot", lambda offset: _OtherProcessWinsThenInterrupt()
+        )
+        with pytest.raises(KeyboardInterrupt):
+            token.cancel("ours")
+        monkeypatch.undo()
+        token._take_remote_cancel()  # what this process's hub does for the other's cancel
+        assert recorder.calls == 1
+        assert token.cancel_reason == "theirs"
 
     def test_callback_registered_during_cancel_runs_once(self) -> None:
         """Test that a callback added by another callback during cancel() runs once."""

@@ -28,7 +28,14 @@ Invariants this layer gives :mod:`cancelflow._token`:
   ``recv`` on its socket in the chunk's doorbell directory) and applies cancels made by
   other processes to local listeners.
   Listeners are keyed by token object, not by slot: several token objects of one process
-  may sit on the same slot (a pool's per-task tokens).
+  may sit on the same slot (a pool's per-task tokens). A cancel made in this process is
+  delivered to this process's other objects on its slot by the canceller itself
+  (:meth:`Chunk.deliver_slot`); without futex it does not wake this process's hub. A hub
+  that stops keeps its doorbell socket for the next one (a new socket makes every other
+  process list the doorbell again).
+* :meth:`Chunk.lock_slot` and the header's listener-count lock never nest in one thread,
+  so the ``EDEADLK`` the kernel reports for them (record locks belong to processes) is a
+  false cycle, retried by :func:`cancelflow._platform.lock_range`.
 * Slot accounting (``allocate``/``adopt``/``release``) is serialised by one re-entrant
   lock, so a token created or collected on any thread (or in a ``__del__`` run by the
   garbage collector inside that very code) cannot close a chunk that is being handed out.
@@ -352,8 +359,8 @@ class Chunk:
             with _slots_lock:  # against close(), which closes an idle hub's socket
                 if self.fd >= 0 and self._idle_hub is None:
                     self._idle_hub = listener
-                else:
-                    listener.close(last=False)  # the directory goes with its owner or at exit
+                else:  # the last to leave a closed chunk's doorbell removes it
+                    listener.close(last=self.fd < 0)
 
     def _hub_loop(self, listener: DoorbellListener | None) -> None:
         while True:

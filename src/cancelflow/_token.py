@@ -209,6 +209,8 @@ class CancellationToken(_Cell):
         self.name = name or f"token-{self._id}"
         self._once: list[None] = [None]
         self._applied: list[None] = [None]
+        #: a cancel() that set the flag was cut short before delivering (see cancel)
+        self._undelivered = False
         self._reason: Reason = None
         self._callbacks: dict[int, Callable[[], object]] = {}
         #: one item per thread of this process inside wait_blocking()
@@ -306,14 +308,19 @@ class CancellationToken(_Cell):
         try:
             self._once.pop()
         except IndexError:
+            if self._undelivered:
+                # An earlier call set the flag, then an exception (a KeyboardInterrupt
+                # landing inside cancel()) cut it short before it woke anyone: deliver.
+                self._undelivered = False
+                self._apply()
             if self._callbacks and self.is_cancelled and not self._applied and not self._finishing:
-                # Leftovers of a delivery cut short by an exception (a KeyboardInterrupt
-                # landing inside cancel()): they still run, once.
+                # Leftovers of a delivery cut short by an exception: they still run, once.
                 self._finish()
             return False
         chunk = self._chunk
         won = True
         woken = False
+        set_here = False
         try:
             if self._is_shared():
                 with chunk.lock_slot(self._offset):
@@ -322,6 +329,7 @@ class CancellationToken(_Cell):
                     else:
                         self._write_shared_reason(reason)
                         self._flag = True
+                        set_here = True
                         # The class may switch to the shared twin only just after a fork:
                         # until then ``is_cancelled`` is the local copy.
                         self.is_cancelled = True
@@ -336,13 +344,17 @@ class CancellationToken(_Cell):
                 # The shared flag first: it is the futex word, and what a fork or an export
                 # that makes the token shared in the meantime goes by (see _share).
                 self._flag = True
+                set_here = True
                 self.is_cancelled = True
         except BaseException:
             # Interrupted (say, by a signal handler that raised while we waited for the
-            # slot lock) before the flag was set: let a later cancel() try again.
-            if self._flag:
+            # slot lock, or while we woke the other processes).
+            if set_here:  # ours, maybe not yet woken anywhere: the next cancel() delivers
                 self.is_cancelled = True
-            else:
+                self._undelivered = True
+            else:  # not ours (or not set): whoever delivers here may take it, or retry
+                if self._flag:
+                    self.is_cancelled = True
                 self._once.append(None)
             raise
         if won:
@@ -466,6 +478,7 @@ class CancellationToken(_Cell):
         """
         self._clear_shared()
         self._reason = None
+        self._undelivered = False
         self._applied = [None]
         self._once = [None]
 

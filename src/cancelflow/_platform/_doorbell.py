@@ -8,8 +8,8 @@ socket (:class:`DoorbellListener`).
 ``recv`` until one comes. Event-driven on every POSIX system, macOS included.
 
 A :class:`Ringer` is the fast way to ring: it keeps one socket *connected* to each
-listener (a ``send`` on it costs a third of a ``sendto`` by path, and no directory is
-listed), and lists the directory again only when the *listener count* its caller reads
+listener, up to :data:`MAX_CONNECTED` of them (a ``send`` on it costs a third of a
+``sendto`` by path, and no directory is listed), and lists the directory again only when the *listener count* its caller reads
 from shared memory changed (each new listener bumps it after binding, see
 :class:`DoorbellListener`), or when a send found a listener gone. It rings other
 processes' sockets before its own process's (a hub woken here would only compete for the
@@ -59,6 +59,9 @@ __all__ = ("FRESH_WAIT", "DoorbellListener", "Ringer", "discard", "make_director
 #: longest socket path every POSIX system accepts (macOS: 104 bytes with the NUL)
 _MAX_SOCKET_PATH = 100
 _ids = itertools.count(1)
+#: the most listeners a Ringer keeps a socket connected to (each is a descriptor of the
+#: ringing process); beyond, it rings by path like :func:`ring`
+MAX_CONNECTED = 64
 #: what marks a hub's socket in its name (``<pid>.h<n>``; a waiter's is ``<pid>.<n>``)
 _HUB = "h"
 #: the longest a new listener's first wait lasts before its caller re-reads shared memory
@@ -128,6 +131,8 @@ class Ringer:
         #: held by the one ring that may use and change the sockets; never waited for
         self._busy = threading.Lock()
         self._closed = False
+        #: more listeners than MAX_CONNECTED: ring by path, keep no socket
+        self._crowded = False
         _ringers.add(self)
 
     def ring(self, count: int | None, *, own_hubs: bool = True) -> None:
@@ -144,7 +149,9 @@ class Ringer:
         try:
             if count is None or count != self._count:
                 self._refresh(count)
-            if self._send_all(own_hubs):
+            if self._crowded:
+                ring(self.directory)
+            elif self._send_all(own_hubs):
                 self._refresh(None)  # a listener left (or was killed): list again
                 self._send_all(own_hubs)
         except Exception:  # noqa: BLE001 - a ring never raises: fall back to a listing
@@ -184,7 +191,8 @@ class Ringer:
         except OSError:
             names = []  # nobody listens any more
         old, fresh = dict(self._by_name), {}
-        for name in names:
+        self._crowded = len(names) > MAX_CONNECTED
+        for name in names if not self._crowded else ():
             sock = old.pop(name, None)
             if sock is None:
                 sock = _connect(os.path.join(self.directory, name))
