@@ -464,16 +464,18 @@ class TestLockRange:
             assert os.waitstatus_to_exitcode(status) == 0
 
 
+@pytest.fixture
+def directory() -> Iterator[str]:
+    """A doorbell directory, which must be gone after its maker's discard."""
+    path = make_doorbell()
+    yield path
+    discard_doorbell(path)
+    assert not os.path.exists(path)
+
+
 @pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="doorbells need AF_UNIX")
 class TestDoorbell:
     """Wake-ups across processes without futex (_platform._doorbell)."""
-
-    @pytest.fixture
-    def directory(self) -> Iterator[str]:
-        path = make_doorbell()
-        yield path
-        discard_doorbell(path)
-        assert not os.path.exists(path)
 
     def test_a_ring_wakes_a_listener_bound_before_it(self, directory: str) -> None:
         """Test that a ring made after a listener is bound, before it waits, still wakes it."""
@@ -577,13 +579,6 @@ class TestDoorbell:
 @pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="doorbells need AF_UNIX")
 class TestDoorbellRinger:
     """A process's connected sockets to a doorbell's listeners (_doorbell.Ringer)."""
-
-    @pytest.fixture
-    def directory(self) -> Iterator[str]:
-        path = make_doorbell()
-        yield path
-        discard_doorbell(path)
-        assert not os.path.exists(path)
 
     @pytest.fixture
     def ringer(self, directory: str) -> Iterator[DoorbellRinger]:
