@@ -306,6 +306,33 @@ class TestTokenResources:
         assert memfds() == before
 
     @needs_shared_tokens
+    def test_a_hub_ends_once_a_cancel_made_here_delivered_its_last_listener(self) -> None:
+        """Test that the hub thread ends when a cancel made in this process delivers to
+        the last listened token object of the chunk (regression: the delivery took the
+        token out of the hub's sight without telling it, and the hub slept forever)."""
+        chunk = _cell.Chunk(4, pinned=True)
+        try:
+            first = token_on_slot(chunk, SLOT, name="listened")
+            second = token_on_slot(chunk, SLOT, name="cancelled here")
+            other = token_on_slot(chunk, 2 * SLOT, name="cancelled elsewhere")
+            before = set(threading.enumerate())
+            recorder, heard = Recorder(), Recorder()
+            first.on_cancel(recorder)
+            other.on_cancel(heard)
+            hubs = [
+                t for t in set(threading.enumerate()) - before if t.name == "cancelflow-token-hub"
+            ]
+            assert len(hubs) == 1
+            with running(FORK, _child_cancels, other):  # the hub delivers it: it now sleeps
+                assert heard.called.wait(WAIT)
+            second.cancel("here")
+            assert recorder.calls == 1
+            hubs[0].join(WAIT)
+            assert not hubs[0].is_alive()
+        finally:
+            chunk.close()
+
+    @needs_shared_tokens
     @pytest.mark.skipif(HAVE_FUTEX, reason="doorbells: the implementations without futex")
     def test_a_hub_that_outlives_its_chunk_removes_the_doorbell(self) -> None:
         """Test that when the chunk closes while its hub still runs, the hub's leaving

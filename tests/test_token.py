@@ -42,7 +42,24 @@ from support import (
     wait_until,
 )
 
+
 # -- helpers ------------------------------------------------------------------------------
+class _OtherProcessWinsThenInterrupt:
+    """A slot lock whose wait ends as if another process's cancel had won meanwhile
+    (flag and reason written), and a KeyboardInterrupt lands before it is ours. (A class
+    at module level: free-threaded 3.13 keeps classes made in a test alive, and with
+    them what they close over.)"""
+
+    def __init__(self, token: CancellationToken) -> None:
+        self.token = token
+
+    def __enter__(self) -> None:
+        self.token._write_shared_reason("theirs")
+        self.token._flag = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 # Child-process bodies (module level, so spawn and forkserver can import them).
@@ -419,17 +436,8 @@ class TestCancellationToken:
         recorder = Recorder()
         token.on_cancel(recorder)
 
-        class _OtherProcessWinsThenInterrupt:
-            def __enter__(self) -> None:
-                token._write_shared_reason("theirs")  # what the other process wrote
-                token._flag = True
-                raise KeyboardInterrupt  # while this one still waited for the lock
-
-            def __exit__(self, *exc: object) -> None:
-                pass
-
         monkeypatch.setattr(
-            token._chunk, "lock_slot", lambda offset: _OtherProcessWinsThenInterrupt()
+            token._chunk, "lock_slot", lambda offset: _OtherProcessWinsThenInterrupt(token)
         )
         with pytest.raises(KeyboardInterrupt):
             token.cancel("ours")

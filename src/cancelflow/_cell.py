@@ -415,9 +415,10 @@ class Chunk:
                 continue
             token = ref()
             if token is None:
-                self.listeners.pop(key, None)
+                self._forget(key)
             elif token.is_cancelled:
-                self.listeners.pop(key, None)
+                # Left in the listeners: its delivery unwatches it, and so tells a running
+                # hub when nothing is left to watch (popping it here kept the hub alive).
                 ref.take_remote_cancel()
 
     def _watching(self) -> bool:
