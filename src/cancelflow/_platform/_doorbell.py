@@ -9,11 +9,12 @@ socket (:class:`DoorbellListener`).
 
 A :class:`Ringer` is the fast way to ring: it keeps one socket *connected* to each
 listener, up to :data:`MAX_CONNECTED` of them (a ``send`` on it costs a third of a
-``sendto`` by path, and no directory is listed), and lists the directory again only when the *listener count* its caller reads
-from shared memory changed (each new listener bumps it after binding, see
-:class:`DoorbellListener`), or when a send found a listener gone. It rings other
-processes' sockets before its own process's (a hub woken here would only compete for the
-GIL with the ringing thread).
+``sendto`` by path, and no directory is listed), and lists the directory again only
+when the *listener count* its caller reads from shared memory changed (each new
+listener bumps it after binding, see ``Chunk._new_listener``), or when a send found a
+listener gone. It rings other processes' sockets before its own process's, and can
+leave out its own process's hubs (for a cancel made here, which the canceller delivers
+here itself: a hub woken for nothing would take a CPU from the processes woken).
 
 Guarantees: a ring that happens after a listener is bound wakes it (the datagram waits
 in its queue if it is not blocked yet; a full queue means wake-ups are already pending).
