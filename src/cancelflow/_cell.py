@@ -28,9 +28,9 @@ Invariants this layer gives :mod:`cancelflow._token`:
   ``recv`` on its socket in the chunk's doorbell directory) and applies cancels made by
   other processes to local listeners.
   Listeners are keyed by token object, not by slot: several token objects of one process
-  may sit on the same slot (a pool's per-task tokens). Without futex, a cancel made in
-  this process is delivered to this process's other objects on its slot by the canceller
-  itself (:meth:`Chunk.deliver_slot`), and does not wake this process's hub. A hub
+  may sit on the same slot (a pool's per-task tokens). A cancel made in this process is
+  delivered to this process's other objects on its slot by the canceller itself
+  (:meth:`Chunk.deliver_slot`); without futex it does not wake this process's hub. A hub
   that stops keeps its doorbell socket for the next one (a new socket makes every other
   process list the doorbell again).
 * :meth:`Chunk.lock_slot` and the header's listener-count lock never nest in one thread,
@@ -248,9 +248,9 @@ class Chunk:
         """Tell every hub in every process that some slot of this chunk changed (and,
         without futex, every thread blocked on one of its tokens).
 
-        ``own_hub=False``: without futex, not this process's hub (a cancel made here,
-        delivered here by :meth:`deliver_slot`); with futex it is woken too, and
-        delivers it to this process's other tokens on the slot.
+        ``own_hub=False``: not this process's hub, if the doorbell can leave it out (a
+        cancel made here, delivered here by :meth:`deliver_slot`); with futex it is
+        woken too, and finds nothing left to do.
         """
         header = self.header
         if header is None:
@@ -259,7 +259,7 @@ class Chunk:
         if HAVE_FUTEX:
             futex_wake(self.gen_address)
         elif self._ringer is not None:
-            self._ringer.ring(header.listeners, own_hubs=own_hub)  # closed: rings by path
+            self._ringer.ring(header.listeners if self.fd >= 0 else None, own_hubs=own_hub)
 
     def _new_listener(self, *, hub: bool = False) -> DoorbellListener:
         """Bind a socket in the doorbell, then count it in the header (so that ringers
@@ -409,7 +409,7 @@ class Chunk:
     def deliver_slot(self, offset: int) -> None:
         """Apply a cancel made in this process on the slot at ``offset`` to this
         process's other token objects on that slot (their callbacks run now, in the
-        calling thread: without futex the hub is not woken for a cancel made here)."""
+        calling thread: the hub is not woken for a cancel made here)."""
         for key, ref in list(self.listeners.items()):
             if ref.offset != offset:
                 continue

@@ -371,9 +371,8 @@ class CancellationToken(_Cell):
         self._reason_len = len(raw)
 
     def _wake_every_process(self) -> None:
-        """Wake the threads blocked on this shared token, and the hubs of the other
-        processes (and with futex this one's; without, ``_apply`` delivers to this
-        process's other tokens on the slot)."""
+        """Wake the threads blocked on this shared token, and the other processes' hubs
+        (this process's other tokens on the slot get it from ``_apply``)."""
         if HAVE_FUTEX:
             futex_wake(ctypes.addressof(self))  # blocked waiters, in every process
             self._chunk.ring(own_hub=False)
@@ -401,8 +400,7 @@ class CancellationToken(_Cell):
         elif self._is_shared():
             if not woken:
                 self._wake_every_process()
-            # With futex this process's hub is woken too, and delivers to them itself.
-            aliases = not HAVE_FUTEX
+            aliases = True
         elif self._blocked:
             # Only this process can see the token: skip the system call unless a thread
             # is blocked in wait_blocking(). (The GIL orders that thread's registration
