@@ -259,7 +259,7 @@ class Chunk:
         if HAVE_FUTEX:
             futex_wake(self.gen_address)
         elif self._ringer is not None:
-            self._ringer.ring(header.listeners if self.fd >= 0 else None, own_hubs=own_hub)
+            self._ringer.ring(header.listeners, own_hubs=own_hub)  # closed: rings by path
 
     def _new_listener(self, *, hub: bool = False) -> DoorbellListener:
         """Bind a socket in the doorbell, then count it in the header (so that ringers
