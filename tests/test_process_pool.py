@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import functools
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -100,6 +101,23 @@ class TestProcessPool:
             future.result(WAIT)
         assert future.fate == "killed"
         assert_gone(worker)
+
+    def test_a_stopped_task_ends_cancelled_whatever_its_exception_carries(
+        self, pool: ProcessPool
+    ) -> None:
+        """Test that a task that stops on its cancel ends cancelled even if the
+        CancelledException it raised could not be pickled (the pool makes the caller's)."""
+        seen = Announcements()
+        token = CancellationToken()
+        future = pool.submit_task(
+            workloads.wait_cooperatively_then_raise_unpicklable, token=token, partial_sink=seen
+        )
+        seen.wait("pid")
+        token.cancel("user pressed stop")
+        with pytest.raises(CancelledException) as info:
+            future.result(WAIT)
+        assert info.value.reason == "user pressed stop"
+        assert future.fate == "cancelled"
 
     def test_future_cancel_stops_running_task(self, pool: ProcessPool) -> None:
         """Test that TaskFuture.cancel() works on a running task, unlike ProcessPoolExecutor."""
@@ -408,6 +426,74 @@ class TestRunSync:
         with pytest.raises(CancelledException, match="before"):
             asyncio.run(self._run(pool.run_sync(workloads.whoami, token=token)))
         assert pool.statistics().completed_total == 0
+
+
+class TestFirstStep:
+    """The ladder's first step (cancel the task's token in its worker) is taken by the
+    thread that asks for the stop; the supervisor thread takes the later ones."""
+
+    def test_the_task_sees_its_cancel_while_the_supervisor_is_held_up(
+        self, pool: ProcessPool, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that a running task sees its token's cancel even while the pool's
+        supervisor thread is busy with something else."""
+        fifo = str(tmp_path / "saw-cancel")
+        os.mkfifo(fifo)
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        release = threading.Event()
+        try:
+            seen = Announcements()
+            token = CancellationToken()
+            future = pool.submit_task(
+                workloads.wait_cooperatively_then_tell, (fifo,), token=token, partial_sink=seen
+            )
+            seen.wait("pid")
+            supervisor = pool._supervisor
+            handle = supervisor._on_command
+
+            def held_up(command: Any) -> None:
+                release.wait(2 * WAIT)  # longer than the test waits for the task
+                handle(command)
+
+            monkeypatch.setattr(supervisor, "_on_command", held_up)
+            token.cancel("now")
+            readable, _, _ = select.select([reader], [], [], WAIT)
+            assert readable, "the task did not see its cancel"
+            assert os.read(reader, 1) == b"x"
+            release.set()
+            with pytest.raises(CancelledException) as info:
+                future.result(WAIT)
+            assert info.value.reason == "now"
+            assert future.fate == "cancelled"
+        finally:
+            release.set()
+            os.close(reader)
+
+    def test_a_late_first_step_never_reaches_the_next_task_of_the_worker(self) -> None:
+        """Test that the first step asked for a task that has ended (the asking thread
+        found it running an instant before) leaves alone the task its worker runs now."""
+        with ProcessPool(1) as pool:
+            token = CancellationToken()
+            first = pool.submit_task(abs, (-1,), token=token)
+            ended = first._task
+            assert ended is not None
+            assert first.result(WAIT) == 1
+            seen = Announcements()
+            own = CancellationToken()
+            following = pool.submit_task(
+                workloads.announce_and_wait_cooperatively, token=own, partial_sink=seen
+            )
+            seen.wait("pid")
+            running = following._task
+            assert running is not None
+            assert running.worker is not None
+            assert running.worker is ended.worker
+            pool._supervisor._cancel_slot_now(ended, "late")
+            assert not running.worker.slot.is_cancelled, "the next task's token was cancelled"
+            own.cancel("its own")
+            with pytest.raises(CancelledException) as info:
+                following.result(WAIT)
+            assert info.value.reason == "its own"
 
 
 class TestTaskFutureKill:

@@ -882,7 +882,7 @@ class TestSupervisorEvents:
         with ProcessPool(1) as p:
             ours, theirs = socket.socketpair()
             theirs.close()
-            retired = WorkerHandle(0, ours, CancellationToken(), Control())
+            retired = WorkerHandle(0, ours, CancellationToken(), threading.Lock(), Control())
             ours.close()
             p._supervisor._on_socket(retired)  # what the supervisor does with the late event
             assert p.submit(contractloads.square, 3).result(WAIT) == 9

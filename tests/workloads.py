@@ -110,6 +110,32 @@ def store_then_spin(count: int) -> None:
         pass
 
 
+def wait_cooperatively_then_tell(fifo: str) -> str:
+    """Like ``announce_and_wait_cooperatively``, then writes a byte to ``fifo`` before
+    raising: the test hears that the task saw its cancel without asking the pool."""
+    token = _context.current_token()
+    _context.store_partial("pid", os.getpid())
+    while not token.is_cancelled:
+        pass
+    with open(fifo, "wb") as channel:
+        channel.write(b"x")
+    token.raise_if_cancelled()
+    return "unreachable"
+
+
+def wait_cooperatively_then_raise_unpicklable() -> None:
+    """Stops on its cancel with a CancelledException that cannot be pickled."""
+    token = _context.current_token()
+    _context.store_partial("pid", os.getpid())
+    while not token.is_cancelled:
+        pass
+    raise cancelflow.CancelledException("stopped", {"lock": threading.Lock()})
+
+
+def own_token_is_cancelled() -> bool:
+    return _context.current_token().is_cancelled
+
+
 def cancel_own_token(reason: str) -> str:
     _context.current_token().cancel(reason)
     _context.current_token().raise_if_cancelled()

@@ -111,14 +111,17 @@ class Cancel(NamedTuple):
     reason: str | None
 
 
-Outcome = Literal["ok", "error", "terminated"]
+Outcome = Literal["ok", "error", "stopped", "terminated"]
 
 
 class Result(NamedTuple):
-    """Task ``seq`` ended: returned (``ok``), raised (``error``) or took SIGTERM.
+    """Task ``seq`` ended: returned (``ok``), raised (``error``), raised
+    :class:`~cancelflow.CancelledException` once its token was cancelled (``stopped``: the
+    pool makes the caller's exception itself, so nothing travels) or took SIGTERM.
 
-    ``blob`` is the value or exception pickled on its own (``None`` when terminated);
-    ``text`` is the worker's traceback text of an exception, or the value's type name.
+    ``blob`` is the value or exception pickled on its own (``None`` when stopped or
+    terminated); ``text`` is the worker's traceback text of an exception, or the value's
+    type name.
     """
 
     seq: int

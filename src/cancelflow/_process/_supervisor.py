@@ -143,7 +143,12 @@ class WorkerHandle:
     """The supervisor's view of one worker process (its channel, pid, state, task)."""
 
     def __init__(
-        self, index: int, sock: socket.socket, slot: CancellationToken, control: Control
+        self,
+        index: int,
+        sock: socket.socket,
+        slot: CancellationToken,
+        slot_lock: threading.Lock,
+        control: Control,
     ) -> None:
         self.index = index
         self.sock = sock
@@ -164,11 +169,13 @@ class WorkerHandle:
         #: why it is being ended by the pool itself (the zygote died), if so
         self.lost: str | None = None
         self.slot = slot
+        #: held while the slot changes hands (see Supervisor._cancel_slot_now)
+        self.slot_lock = slot_lock
         self.control = control
 
     def drop_views(self) -> None:
         """Forget this worker's views of the shared chunk (so it can be unmapped)."""
-        with contextlib.suppress(AttributeError):
+        with self.slot_lock, contextlib.suppress(AttributeError):
             del self.slot, self.control
 
 
@@ -216,6 +223,7 @@ class Supervisor:
             token_on_slot(self._chunk, (1 + 2 * i) * _SLOT, name=f"{name}-slot-{i}")
             for i in range(size)
         ]
+        self._slot_locks = [threading.Lock() for _ in range(size)]
         self._controls = [
             Control.from_buffer(self._chunk.mm, (2 + 2 * i) * _SLOT) for i in range(size)
         ]
@@ -311,8 +319,30 @@ class Supervisor:
             first = task.stop_kind is None and not task.done
             if first:
                 task.stop_kind, task.stop_reason = kind, reason
+        if first and not kill:
+            self._cancel_slot_now(task, reason)
         if first or kill:
             self.post(KillTask(task, kind, reason) if kill else StopTask(task, kind, reason))
+
+    def _cancel_slot_now(self, task: Task, reason: str | None) -> None:
+        """Take the ladder's first step here and now: cancel the running task's token.
+
+        The task then sees its cancel without waiting for the supervisor thread (which
+        takes the step again, a no-op, and goes on down the ladder). Skipped, leaving the
+        step to the supervisor, when the task is not running on a worker, or when its
+        slot is changing hands at this moment (a non-blocking try: a signal handler
+        that interrupted the holder must not wait for it). Under the lock, the slot
+        belongs to ``task`` if its worker still says so: the supervisor resets a slot for
+        its next task under the same lock.
+        """
+        worker = task.worker
+        if worker is None or self.forked or not worker.slot_lock.acquire(blocking=False):
+            return
+        try:
+            if worker.task is task and worker.state == "busy":
+                worker.slot.cancel(reason)
+        finally:
+            worker.slot_lock.release()
 
     def _drop_queued(self, task: Task, kind: StopKind, reason: str | None) -> bool:
         """Settle a task that no worker took yet as cancelled; ``False`` if one did."""
@@ -552,12 +582,13 @@ class Supervisor:
         if self.broken is not None or self._zygote_sock is None or not self._zygote_ready:
             return  # a new zygote spawns every missing worker once it is ready
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        slot = self._slot_tokens[index]
-        slot.reset()
+        slot, slot_lock = self._slot_tokens[index], self._slot_locks[index]
+        with slot_lock:
+            slot.reset()
         control = self._controls[index]
         control.critical_until = 0.0
         control.pid = 0
-        worker = WorkerHandle(index, parent_end, slot, control)
+        worker = WorkerHandle(index, parent_end, slot, slot_lock, control)
         self.workers[index] = worker
         parent_end.setblocking(False)  # never block the supervisor on a frozen worker
         self._selector.register(parent_end, selectors.EVENT_READ, ("sock", worker))
@@ -692,7 +723,8 @@ class Supervisor:
             self.finish(task, Fate.TERMINATED)
             return
         try:
-            value = pickle.loads(blob)  # type: ignore[arg-type]  # only None if terminated
+            # (a "stopped" task sends no blob: the worker saw its slot cancelled)
+            value = None if outcome == "stopped" else pickle.loads(blob)  # type: ignore[arg-type]
         except BaseException as exc:  # noqa: BLE001 - even SystemExit: this task fails
             what = "result" if outcome == "ok" else "exception"
             error = UnreadableResultError(
@@ -708,8 +740,9 @@ class Supervisor:
                 self.finish(task, Fate.CANCELLED)
             else:
                 self.finish(task, _FINISHED, value=value)
-        elif isinstance(value, CancelledException) and (
-            task.stop_kind is not None or worker.slot.is_cancelled
+        elif outcome == "stopped" or (
+            isinstance(value, CancelledException)
+            and (task.stop_kind is not None or worker.slot.is_cancelled)
         ):
             if task.stop_kind is None:
                 task.stop_kind, task.stop_reason = "cancel", worker.slot.cancel_reason
@@ -733,8 +766,9 @@ class Supervisor:
             else:
                 return
             worker.state = "busy"
-            worker.task = task
-            worker.slot.reset()
+            with worker.slot_lock:
+                worker.task = task
+                worker.slot.reset()
             task.future.pid = worker.pid
             task.future.fate = _RUNNING
             self._send_to(worker, encode(wire(RunTask(task.seq, task.payload))))

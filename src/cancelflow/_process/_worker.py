@@ -164,6 +164,10 @@ _RLIMITS = tuple(
 )
 #: The C function behind signal.getsignal, without its conversion to enums (60x faster).
 _getsignal: Callable[[int], Any] = getattr(_signal, "getsignal", signal.getsignal)
+#: The C function behind signal.pthread_sigmask, whose wrapper turns every signal of the
+#: returned set into an enum (most of a restore's cost after a task).
+#: (The "windows" flavour has none, and never runs a worker.)
+_sigmask: Callable[[int, Any], Any] = getattr(_signal, "pthread_sigmask", lambda how, mask: set())
 #: Signals whose disposition a task can change (all but SIGKILL and SIGSTOP).
 _SIGNALS = tuple(
     sig
@@ -184,6 +188,11 @@ class _ProcessState:
     something cannot be put back: a hard limit lowered for good, a working directory
     that is gone, or a thread the task started that is still running.
 
+    Two steps, so that the caller does not wait for the second: :meth:`check` (before
+    the result is sent) puts back what may fail and so retire the worker, which the
+    pool must hear before the result; :meth:`reset` (after it is sent, before the next
+    task is read) puts back what always can be.
+
     Not restored (documented): file descriptors the task left open, module-level state
     it changed (imports, globals, caches), dispositions changed behind :mod:`signal`'s
     back (``sigaction`` through ctypes). Use ``max_tasks_per_child`` to bound those.
@@ -191,30 +200,21 @@ class _ProcessState:
 
     def __init__(self) -> None:
         self.limits = {limit: resource.getrlimit(limit) for limit in _RLIMITS}
-        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        self.mask = _sigmask(signal.SIG_BLOCK, ())
         self.handlers = [(sig, _getsignal(sig)) for sig in _SIGNALS]
         self.cwd = os.getcwd()
         self.environ: dict[bytes, bytes] = dict(_environ_data())
         self.threads = {t.ident for t in threading.enumerate()}
 
-    def restore(self) -> str | None:
-        """Restore the worker's state; return why it cannot be, else ``None``."""
-        signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
-        getsignal = _getsignal
-        for sig, handler in self.handlers:
-            if getsignal(sig) is not handler:
-                signal.signal(sig, handler)
+    def check(self) -> str | None:
+        """Put back the limits and the working directory; return why the worker must
+        retire (this or a thread the task left running), else ``None``."""
         for limit, values in self.limits.items():
             if resource.getrlimit(limit) != values:
                 try:
                     resource.setrlimit(limit, values)
                 except (ValueError, OSError) as exc:
                     return f"a resource limit changed by the task cannot be restored: {exc}"
-        if _environ_data() != self.environ:
-            os.environ.clear()
-            os.environ.update(
-                {os.fsdecode(key): os.fsdecode(value) for key, value in self.environ.items()}
-            )
         try:
             if os.getcwd() != self.cwd:
                 os.chdir(self.cwd)
@@ -230,6 +230,19 @@ class _ProcessState:
         if left:
             return f"the task left threads running: {', '.join(left)}"
         return None
+
+    def reset(self) -> None:
+        """Put back the signal mask, the dispositions and the environment (cannot fail)."""
+        _sigmask(signal.SIG_SETMASK, self.mask)
+        getsignal = _getsignal
+        for sig, handler in self.handlers:
+            if getsignal(sig) is not handler:
+                signal.signal(sig, handler)
+        if _environ_data() != self.environ:
+            os.environ.clear()
+            os.environ.update(
+                {os.fsdecode(key): os.fsdecode(value) for key, value in self.environ.items()}
+            )
 
 
 def _environ_data() -> dict[bytes, bytes]:
@@ -376,11 +389,14 @@ class _Worker:
             # answer for the task nor read the worker's channel.
             os._exit(1 if kind == "error" else 0)
         set_parent_death_signal(signal.SIGKILL)
-        if kind == "terminated" or token.is_cancelled:
+        stopped = token.is_cancelled
+        if kind == "terminated" or stopped:
             kill_and_reap_tree()
         else:
             _reap_children()
-        self.retiring = self.state.restore()
+        if stopped and kind == "error" and isinstance(value, CancelledException):
+            kind = "stopped"  # the pool makes the caller's error: nothing to pickle
+        self.retiring = self.state.check()
         if self.retiring is None and self.tasks_left is not None:
             self.tasks_left -= 1
             if self.tasks_left <= 0:
@@ -388,9 +404,10 @@ class _Worker:
         if self.retiring is not None:
             # Said before the result, so that the pool never hands this worker a task.
             self.send(Retire(seq, self.retiring))
-        self.send(self.outcome(seq, kind, value, token))
+        self.send(self.outcome(seq, kind, value))
+        self.state.reset()  # before the next task is read; the caller need not wait
 
-    def outcome(self, seq: int, kind: Outcome, value: Any, token: CancellationToken) -> Result:
+    def outcome(self, seq: int, kind: Outcome, value: Any) -> Result:
         """The result message: builtins outside, the value as its own pickle inside.
 
         A value that does not pickle here is replaced by the pickling error (as
@@ -398,13 +415,9 @@ class _Worker:
         so that the parent can attach it as ``__cause__``, or report it if the exception
         cannot be unpickled there.
         """
-        text = ""
-        if kind == "error":
-            stopped = isinstance(value, CancelledException) and token.is_cancelled
-            if not stopped:  # the pool makes its own error for a stopped task
-                text = remote_traceback_text(value)
-        if kind == "terminated":
+        if kind == "terminated" or kind == "stopped":
             return Result(seq, kind, None, "")
+        text = remote_traceback_text(value) if kind == "error" else ""
         try:
             blob = _blob(value)
         except BaseException as exc:  # noqa: BLE001 - the value would not pickle
