@@ -56,6 +56,15 @@ class TestWhichPath:
         with pytest.raises(TypeError, match="current_token"):
             dump_call((lambda t: t, (CancellationToken(),), {}), token)
 
+    def test_a_by_value_call_without_a_task_token_refuses_any_token(self) -> None:
+        """Test that a token inside a by-value call of a task given no token is refused
+        with what to use instead (a closure over it, or an argument)."""
+        other = CancellationToken()
+        with pytest.raises(TypeError, match="current_token"):
+            dump_call((lambda t: t, (other,), {}), None)
+        with pytest.raises(TypeError, match="current_token"):
+            dump_call((lambda: other.is_cancelled, (), {}), None)
+
     def test_what_cannot_travel_at_all_raises(self) -> None:
         """Test that a part neither pickler can send (a lock) raises."""
         with pytest.raises(TypeError):
