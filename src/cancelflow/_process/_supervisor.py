@@ -319,7 +319,7 @@ class Supervisor:
             first = task.stop_kind is None and not task.done
             if first:
                 task.stop_kind, task.stop_reason = kind, reason
-        if first and not kill:
+        if first and not kill and task.grace > 0:  # (with no grace the kill comes at once)
             self._cancel_slot_now(task, reason)
         if first or kill:
             self.post(KillTask(task, kind, reason) if kill else StopTask(task, kind, reason))
@@ -329,7 +329,8 @@ class Supervisor:
 
         The task then sees its cancel without waiting for the supervisor thread (which
         takes the step again, a no-op, and goes on down the ladder). Skipped, leaving the
-        step to the supervisor, when the task is not running on a worker, or when its
+        step to the supervisor, when the task has no grace period (the supervisor kills it
+        at once: the kill must not wait for this), is not running on a worker, or when its
         slot is changing hands at this moment (a non-blocking try: a signal handler
         that interrupted the holder must not wait for it). Under the lock, the slot
         belongs to ``task`` if its worker still says so: the supervisor resets a slot for

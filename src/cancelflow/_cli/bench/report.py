@@ -81,8 +81,9 @@ _WHY_PEER_FASTER = {
         "thread, which first freezes the worker (SIGSTOP) and walks its process tree in /proc"
     ),
     ("*", "caller_raises/process"): (
-        "cancelflow's outcome travels worker -> supervisor thread -> caller thread (a thread "
-        "hand-off under the GIL); not profiled further"
+        "the peer's worker writes to a pipe its caller reads; cancelflow's outcome goes "
+        "worker -> supervisor thread -> caller thread, two wake-ups, each slower the longer "
+        "the machine idled (the cancel itself reaches the task from the cancelling thread)"
     ),
     ("anyio", "caller_raises/thread"): (
         "anyio's cancel only flags the scope, read by from_thread.check_cancelled(); cancelflow's "
