@@ -276,6 +276,15 @@ def block_sigterm_and_return() -> int:
     return os.getpid()
 
 
+def leave_sigterm_pending_to_own_handler() -> int:
+    """Install a SIGTERM handler that ends the process, block SIGTERM, send it to this
+    process (it stays pending) and return the pid."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(7))
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+    os.kill(os.getpid(), signal.SIGTERM)
+    return os.getpid()
+
+
 def wait_for_token(beacon: str) -> str:
     """A task that reports and blocks until its token is cancelled."""
     token = cancelflow.current_token()

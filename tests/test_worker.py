@@ -80,6 +80,15 @@ class TestStateRestoredBetweenTasks:
             assert spinning.fate == "terminated"
             assert pool.submit(workloads.whoami).result(WAIT) == pid
 
+    def test_a_signal_the_task_left_pending_goes_to_the_workers_own_handler(self) -> None:
+        """Test that a SIGTERM a task blocked and left pending, with its own handler
+        installed, reaches the worker's handler once the task is over (dispositions are
+        put back before the mask): the worker lives on for the next task."""
+        with ProcessPool(1, name="pending") as pool:
+            pid = pool.submit(faultloads.leave_sigterm_pending_to_own_handler).result(WAIT)
+            assert pool.submit(workloads.whoami).result(WAIT) == pid
+            assert pool.statistics().replaced_total == 0
+
     @pytest.mark.parametrize("disposition", ["SIG_IGN", "SIG_DFL"])
     def test_a_task_changing_sigterm_does_not_poison_the_next_task(self, disposition: str) -> None:
         """Test that a SIGTERM disposition set by one task is gone for the next one on the

@@ -232,8 +232,11 @@ class _ProcessState:
         return None
 
     def reset(self) -> None:
-        """Put back the signal mask, the dispositions and the environment (cannot fail)."""
-        _sigmask(signal.SIG_SETMASK, self.mask)
+        """Put back the dispositions, the environment and the signal mask (cannot fail).
+
+        The mask last: a signal the task blocked and left pending is then delivered to
+        the worker's own handler, not to one the task installed.
+        """
         getsignal = _getsignal
         for sig, handler in self.handlers:
             if getsignal(sig) is not handler:
@@ -243,6 +246,7 @@ class _ProcessState:
             os.environ.update(
                 {os.fsdecode(key): os.fsdecode(value) for key, value in self.environ.items()}
             )
+        _sigmask(signal.SIG_SETMASK, self.mask)
 
 
 def _environ_data() -> dict[bytes, bytes]:
