@@ -285,6 +285,24 @@ def leave_sigterm_pending_to_own_handler() -> int:
     return os.getpid()
 
 
+class SignalsWhilePickled:
+    """A value that sends SIGTERM to the process that pickles it (a ladder's SIGTERM
+    landing while a worker sends a task's result) and waits until it was handled."""
+
+    def __reduce__(self) -> tuple[type[SignalsWhilePickled], tuple[()]]:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs between two bytecodes of this loop
+            pass
+        return (SignalsWhilePickled, ())
+
+
+def return_while_own_sigterm_handler_exits() -> SignalsWhilePickled:
+    """Install a SIGTERM handler that exits, then return a value whose pickling is
+    interrupted by SIGTERM."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    return SignalsWhilePickled()
+
+
 def wait_for_token(beacon: str) -> str:
     """A task that reports and blocks until its token is cancelled."""
     token = cancelflow.current_token()

@@ -89,6 +89,15 @@ class TestStateRestoredBetweenTasks:
             assert pool.submit(workloads.whoami).result(WAIT) == pid
             assert pool.statistics().replaced_total == 0
 
+    def test_a_signal_while_the_result_is_sent_goes_to_the_workers_own_handler(self) -> None:
+        """Test that a SIGTERM arriving while the worker pickles and sends a task's result
+        (the ladder's, sent before the pool read the result) is not handled by the
+        SIGTERM handler the task installed: the caller gets the value."""
+        with ProcessPool(1, name="late-sigterm") as pool:
+            future = pool.submit(faultloads.return_while_own_sigterm_handler_exits)
+            assert isinstance(future.result(WAIT), faultloads.SignalsWhilePickled)
+            assert future.fate == "finished"
+
     @pytest.mark.parametrize("disposition", ["SIG_IGN", "SIG_DFL"])
     def test_a_task_changing_sigterm_does_not_poison_the_next_task(self, disposition: str) -> None:
         """Test that a SIGTERM disposition set by one task is gone for the next one on the

@@ -188,10 +188,13 @@ class _ProcessState:
     something cannot be put back: a hard limit lowered for good, a working directory
     that is gone, or a thread the task started that is still running.
 
-    Two steps, so that the caller does not wait for the second: :meth:`check` (before
-    the result is sent) puts back what may fail and so retire the worker, which the
-    pool must hear before the result; :meth:`reset` (after it is sent, before the next
-    task is read) puts back what always can be.
+    In steps, so that the caller does not wait for the last: as soon as the task is
+    over, :meth:`restore_handlers` (a signal the ladder sends while the result is built
+    and sent must reach the worker's handler, not one the task installed); then
+    :meth:`check` puts back what may fail and so retire the worker, which the pool must
+    hear before the result; after the result is sent, :meth:`reset` puts back the
+    environment and the signal mask (last: a signal the task blocked and left pending is
+    delivered to the worker's own handler).
 
     Not restored (documented): file descriptors the task left open, module-level state
     it changed (imports, globals, caches), dispositions changed behind :mod:`signal`'s
@@ -201,7 +204,7 @@ class _ProcessState:
     def __init__(self) -> None:
         self.limits = {limit: resource.getrlimit(limit) for limit in _RLIMITS}
         self.mask = _sigmask(signal.SIG_BLOCK, ())
-        self.handlers = [(sig, _getsignal(sig)) for sig in _SIGNALS]
+        self.handlers = list(map(_getsignal, _SIGNALS))
         self.cwd = os.getcwd()
         self.environ: dict[bytes, bytes] = dict(_environ_data())
         self.threads = {t.ident for t in threading.enumerate()}
@@ -231,16 +234,16 @@ class _ProcessState:
             return f"the task left threads running: {', '.join(left)}"
         return None
 
-    def reset(self) -> None:
-        """Put back the dispositions, the environment and the signal mask (cannot fail).
-
-        The mask last: a signal the task blocked and left pending is then delivered to
-        the worker's own handler, not to one the task installed.
-        """
-        getsignal = _getsignal
-        for sig, handler in self.handlers:
-            if getsignal(sig) is not handler:
+    def restore_handlers(self) -> None:
+        """Put back every signal's disposition (as set through :mod:`signal`)."""
+        if list(map(_getsignal, _SIGNALS)) == self.handlers:  # (one C-level pass)
+            return
+        for sig, handler in zip(_SIGNALS, self.handlers, strict=True):
+            if _getsignal(sig) is not handler:
                 signal.signal(sig, handler)
+
+    def reset(self) -> None:
+        """Put back the environment, then the signal mask (cannot fail)."""
         if _environ_data() != self.environ:
             os.environ.clear()
             os.environ.update(
@@ -392,6 +395,7 @@ class _Worker:
             # A process the task forked returned (or raised) out of the task: it must not
             # answer for the task nor read the worker's channel.
             os._exit(1 if kind == "error" else 0)
+        self.state.restore_handlers()
         set_parent_death_signal(signal.SIGKILL)
         stopped = token.is_cancelled
         if kind == "terminated" or stopped:
