@@ -469,6 +469,26 @@ class TestFirstStep:
             release.set()
             os.close(reader)
 
+    def test_a_first_step_cut_short_still_leaves_the_stop_to_the_supervisor(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that a stop whose first step is interrupted in the asking thread (a
+        Ctrl-C landing there) still goes down the ladder: the task is stopped."""
+        seen = Announcements()
+        with ProcessPool(1, grace_period=0.05, term_grace_period=0) as pool:
+            future = pool.submit_task(workloads.announce_and_spin, partial_sink=seen)
+            seen.wait("pid")
+
+            def interrupted(task: Any, reason: str | None) -> None:
+                raise KeyboardInterrupt
+
+            monkeypatch.setattr(pool._supervisor, "_cancel_slot_now", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                future.cancel()
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(WAIT)
+            assert future.fate == "killed"
+
     def test_a_late_first_step_never_reaches_the_next_task_of_the_worker(self) -> None:
         """Test that the first step asked for a task that has ended (the asking thread
         found it running an instant before) leaves alone the task its worker runs now."""

@@ -319,10 +319,14 @@ class Supervisor:
             first = task.stop_kind is None and not task.done
             if first:
                 task.stop_kind, task.stop_reason = kind, reason
-        if first and not kill and task.grace > 0:  # (with no grace the kill comes at once)
-            self._cancel_slot_now(task, reason)
-        if first or kill:
-            self.post(KillTask(task, kind, reason) if kill else StopTask(task, kind, reason))
+        if not (first or kill):
+            return
+        command = KillTask(task, kind, reason) if kill else StopTask(task, kind, reason)
+        try:
+            if first and not kill and task.grace > 0:  # (no grace: the kill comes at once)
+                self._cancel_slot_now(task, reason)
+        finally:  # even if interrupted there (Ctrl-C): the stop is recorded, so it must go
+            self.post(command)
 
     def _cancel_slot_now(self, task: Task, reason: str | None) -> None:
         """Take the ladder's first step here and now: cancel the running task's token.
