@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import itertools
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from pathlib import Path
 
@@ -596,6 +597,140 @@ class TestMap:
         results = pool.map(workloads.store_then_spin, [1, 1], timeout=0.2)
         with pytest.raises(TimeoutError):
             list(results)
+
+    def test_buffersize_submits_only_that_many_calls_ahead(self, pool: ProcessPool) -> None:
+        """Test that map(buffersize=2) reads two arguments before it returns and one more
+        each time a result is asked for (Python 3.14's argument, on every version)."""
+        taken: list[int] = []
+
+        def arguments() -> Iterator[int]:
+            for x in range(6):
+                taken.append(x)
+                yield x
+
+        results = pool.map(contractloads.square, arguments(), buffersize=2)
+        assert taken == [0, 1]
+        assert next(results) == 0
+        assert taken == [0, 1, 2]
+        assert list(results) == [1, 4, 9, 16, 25]
+
+    def test_buffersize_maps_an_endless_iterable(self, pool: ProcessPool) -> None:
+        """Test that map over itertools.count() with buffersize yields results in order
+        and, closed, leaves no task behind."""
+        results = pool.map(contractloads.square, itertools.count(), buffersize=3)
+        assert [next(results) for _ in range(10)] == [x * x for x in range(10)]
+        assert isinstance(results, Generator)  # what closes early
+        results.close()
+        assert wait_until(lambda: pool.statistics().busy == 0)
+        assert pool.statistics().queued == 0
+
+    def test_buffersize_counts_chunks(self, pool: ProcessPool) -> None:
+        """Test that with chunksize, buffersize bounds the chunks in flight."""
+        taken: list[int] = []
+
+        def arguments() -> Iterator[int]:
+            for x in range(9):
+                taken.append(x)
+                yield x
+
+        results = pool.map(contractloads.square, arguments(), chunksize=3, buffersize=1)
+        assert taken == [0, 1, 2]
+        assert list(results) == [x * x for x in range(9)]
+
+    @pytest.mark.parametrize(
+        ("buffersize", "error"),
+        [(0, ValueError), (-1, ValueError), ("2", TypeError), (True, TypeError)],
+    )
+    def test_a_bad_buffersize_is_refused_before_anything_is_read(
+        self, pool: ProcessPool, buffersize: object, error: type[Exception]
+    ) -> None:
+        """Test that an invalid buffersize raises at once, naming it, and reads nothing."""
+        taken: list[int] = []
+
+        def arguments() -> Iterator[int]:
+            taken.append(0)
+            yield 0
+
+        with pytest.raises(error, match="buffersize"):
+            pool.map(contractloads.square, arguments(), buffersize=buffersize)  # type: ignore[arg-type]
+        assert taken == []
+        assert pool.statistics().completed_total == 0
+
+
+class TestForcedShutdown:
+    """terminate_workers() and kill_workers(): Python 3.14's, on every version."""
+
+    def test_terminate_workers_runs_the_running_tasks_finally_and_cancels_the_queue(
+        self,
+    ) -> None:
+        """Test that terminate_workers() sends SIGTERM at once (the task's finally runs:
+        fate terminated), cancels queued tasks, refuses new ones, and returns at once."""
+        p = ProcessPool(1, grace_period=WAIT, term_grace_period=WAIT)
+        seen = Announcements()
+        running = p.submit_task(workloads.announce_and_finish_in_finally, partial_sink=seen)
+        seen.wait("pid")
+        queued = p.submit(contractloads.square, 2)
+        p.terminate_workers()
+        with pytest.raises(RuntimeError):
+            p.submit(contractloads.square, 3)
+        with pytest.raises(CancelledException) as caught:
+            running.result(WAIT)
+        assert caught.value.fate == "terminated"
+        assert caught.value.partial_results["finally"] == "ran"
+        assert caught.value.reason == "pool shut down (terminate)"
+        assert queued.cancelled()
+        p.shutdown()
+
+    def test_terminate_workers_kills_a_task_that_ignores_sigterm(self) -> None:
+        """Test that a task ignoring SIGTERM is killed term_grace_period later."""
+        p = ProcessPool(1, grace_period=WAIT, term_grace_period=0.1)
+        seen = Announcements()
+        running = p.submit_task(
+            contractloads.set_sigterm_then_spin, ("SIG_IGN",), partial_sink=seen
+        )
+        pid = seen.wait("pid")
+        p.terminate_workers()
+        with pytest.raises(CancelledException) as caught:
+            running.result(WAIT)
+        assert caught.value.fate == "killed"
+        assert "finally" not in caught.value.partial_results
+        assert_gone(pid)
+        p.shutdown()
+
+    def test_kill_workers_kills_each_running_tree_at_once(self) -> None:
+        """Test that kill_workers() freezes and kills the running task's whole tree with
+        no grace (a SIGTERM-ignoring child in its own session included)."""
+        p = ProcessPool(2, grace_period=WAIT, term_grace_period=WAIT)
+        seen = Announcements()
+        running = p.submit_task(workloads.spawn_stubborn_tree, partial_sink=seen)
+        child, grandchild = seen.wait("tree")
+        done = p.submit(contractloads.square, 5)
+        assert done.result(WAIT) == 25
+        p.kill_workers()
+        with pytest.raises(CancelledException) as caught:
+            running.result(WAIT)
+        assert caught.value.fate == "killed"
+        assert caught.value.reason == "pool shut down (kill)"
+        assert done.result(0) == 25
+        for pid in (child, grandchild):
+            assert_gone(pid)
+        p.shutdown()
+        assert p.statistics().worker_pids == ()
+
+    @pytest.mark.parametrize("force", ["terminate_workers", "kill_workers"])
+    def test_a_forced_shutdown_is_a_no_op_when_nothing_runs(self, force: str) -> None:
+        """Test that terminate/kill_workers on an idle, a shut down, or a broken pool
+        raises nothing, and the pool still ends cleanly."""
+        idle = ProcessPool(1)
+        getattr(idle, force)()
+        getattr(idle, force)()
+        idle.shutdown()
+        getattr(idle, force)()
+        broken = ProcessPool(1, initializer=contractloads.fail_to_initialize)
+        with pytest.raises(BrokenProcessPool):
+            broken.submit(contractloads.square, 1).result(WAIT)
+        getattr(broken, force)()
+        broken.shutdown()
 
 
 class TestFutures:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
+import itertools
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures.thread import BrokenThreadPool
 
 import psutil
@@ -171,6 +172,60 @@ class TestMap:
             next(results)
         assert one_worker.submit(lambda: "drained").result(WAIT) == "drained"
         assert ran in ([], [0])  # the first call may not have started by the timeout
+
+    def test_buffersize_submits_only_that_many_calls_ahead(self, one_worker: ThreadPool) -> None:
+        """Test that map(buffersize=2) reads two arguments before it returns and one more
+        each time a result is asked for (Python 3.14's argument, on every version)."""
+        pulled: list[int] = []
+
+        def numbers() -> Iterator[int]:
+            for n in range(5):
+                pulled.append(n)
+                yield n
+
+        results = one_worker.map(abs, numbers(), buffersize=2)
+        assert pulled == [0, 1]
+        assert next(results) == 0
+        assert pulled == [0, 1, 2]
+        assert list(results) == [1, 2, 3, 4]
+
+    def test_buffersize_maps_an_endless_iterable(self, one_worker: ThreadPool) -> None:
+        """Test that map over itertools.count() with buffersize yields in order, and that
+        closing it cancels the calls still queued."""
+        results = one_worker.map(abs, itertools.count(), buffersize=4)
+        assert [next(results) for _ in range(20)] == list(range(20))
+        assert isinstance(results, Generator)  # what closes early
+        results.close()
+        assert one_worker.submit(lambda: "drained").result(WAIT) == "drained"
+        assert one_worker.statistics().queued == 0
+
+    def test_an_error_of_the_iterable_comes_out_of_next_with_buffersize(
+        self, one_worker: ThreadPool
+    ) -> None:
+        """Test that, read lazily, an iterable's error is raised by the next() that reads
+        it (not by map), after the results before it."""
+
+        def numbers() -> Iterator[int]:
+            yield 1
+            yield 2
+            raise LookupError("the iterable broke")
+
+        results = one_worker.map(abs, numbers(), buffersize=1)
+        assert next(results) == 1  # (reads 2 first)
+        with pytest.raises(LookupError, match="the iterable broke"):
+            next(results)
+
+    @pytest.mark.parametrize(
+        ("buffersize", "error"),
+        [(0, ValueError), (-2, ValueError), (1.0, TypeError), (True, TypeError)],
+    )
+    def test_a_bad_buffersize_raises_before_anything_runs(
+        self, one_worker: ThreadPool, buffersize: object, error: type[Exception]
+    ) -> None:
+        """Test that an invalid buffersize raises at once, naming it, and submits nothing."""
+        with pytest.raises(error, match="buffersize"):
+            one_worker.map(abs, range(3), buffersize=buffersize)  # type: ignore[arg-type]
+        assert one_worker.statistics().workers == 0
 
 
 class TestShutdown:

@@ -37,6 +37,7 @@ from ._exceptions import (
 )
 from ._fate import Fate
 from ._log import safe_log
+from ._map import check_buffersize, ordered_map
 from ._platform import at_fork
 from ._pool_calls import check_call, ladder_seconds
 from ._token import CancellationToken
@@ -679,19 +680,23 @@ class ThreadPool(Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        buffersize: int | None = None,
     ) -> Iterator[T]:
         """Like :func:`map`, run in the pool; the standard :meth:`Executor.map`.
 
-        As in the stdlib: the iterables are consumed and every call is submitted before
-        this returns; results are yielded in input order; ``chunksize`` is checked (an int
-        >= 1) and otherwise ignored, as :class:`~concurrent.futures.ThreadPoolExecutor`
-        ignores it; ``timeout`` counts from this call, and when a result is not ready by
-        then ``next()`` raises :class:`TimeoutError`. When that happens, or a call raises,
-        or the iterator is closed early, the calls not collected yet are cancelled: queued
-        ones never start (they are all cancelled before any running one is stopped, so no
-        worker freed by a stop can start them) and, unlike the stdlib, running ones have
-        their tokens cancelled (``"future cancelled"``) and are abandoned after the grace
-        period if they do not return.
+        As in the stdlib: every call is submitted before this returns (the iterables are
+        consumed here), unless ``buffersize`` bounds the calls in flight (Python 3.14's
+        argument, here on every version: the first ``buffersize`` are submitted here, one
+        more each time a result is asked for); results are yielded in input order;
+        ``chunksize`` is checked (an int >= 1) and otherwise ignored, as
+        :class:`~concurrent.futures.ThreadPoolExecutor` ignores it; ``timeout`` counts
+        from this call, and when a result is not ready by then ``next()`` raises
+        :class:`TimeoutError`. When that happens, or a call raises, or the iterator is
+        closed early, the calls not collected yet are cancelled: queued ones never start
+        (they are all cancelled before any running one is stopped, so no worker freed by
+        a stop can start them) and, unlike the stdlib, running ones have their tokens
+        cancelled (``"future cancelled"``) and are abandoned after the grace period if
+        they do not return.
 
         If cancelled while blocked: ``map`` takes no token; use :meth:`submit_task` with a
         token for that. Waiting for a result can be bounded only by ``timeout``; when it
@@ -699,9 +704,11 @@ class ThreadPool(Executor):
         once (cooperative tasks) or after the grace period (abandoned ones).
 
         Raises:
-            TypeError: ``chunksize`` is not an int.
-            ValueError: ``chunksize`` < 1 (``"chunksize must be >= 1."``).
-            RuntimeError, BrokenPoolError, PoolClosedError: as for :meth:`submit`.
+            TypeError: ``chunksize`` or ``buffersize`` is not an int.
+            ValueError: ``chunksize`` < 1 (``"chunksize must be >= 1."``), ``buffersize``
+                < 1 (``"buffersize must be None or >= 1."``).
+            RuntimeError, BrokenPoolError, PoolClosedError: as for :meth:`submit` (with
+                ``buffersize``, also from ``next()``, as is an error of an iterable).
             TimeoutError: from ``next()``, a result was not ready ``timeout`` seconds
                 after this call.
         """
@@ -709,22 +716,8 @@ class ThreadPool(Executor):
             raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
-        end_time = None if timeout is None else timeout + time.monotonic()
-        futures = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
-        futures.reverse()  # the next result is last: popped without copying
-
-        def results() -> Iterator[T]:
-            try:
-                while futures:
-                    left = None if end_time is None else end_time - time.monotonic()
-                    yield _pop_result(futures, left)
-            finally:
-                # Last submitted first: every queued call is cancelled before a running
-                # one is stopped, so a worker freed by a stop finds none of them.
-                for future in futures:
-                    future.cancel()
-
-        return results()
+        buffersize = check_buffersize(buffersize)
+        return ordered_map(self.submit, fn, iterables, timeout=timeout, buffersize=buffersize)
 
     # -- shutting down ------------------------------------------------------------------
     def shutdown(
@@ -1311,17 +1304,6 @@ def _drop_call(item: _WorkItem) -> None:
 def _pending(future: Future[Any]) -> bool:
     """Neither started nor done (nor cancelled)."""
     return not (future.running() or future.done())
-
-
-def _pop_result(futures: list[ThreadTaskFuture[T]], timeout: float | None) -> T:
-    """The result of the last future, which is then removed from ``futures``.
-
-    If it raises (the task's error, or :class:`TimeoutError`), the future stays in the
-    list, to be cancelled with the rest. Returned, not held: no frame keeps the result.
-    """
-    result = futures[-1].result(timeout)
-    del futures[-1]
-    return result
 
 
 _live_pools: weakref.WeakSet[ThreadPool] = weakref.WeakSet()

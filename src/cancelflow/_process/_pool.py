@@ -16,6 +16,7 @@ from typing import Any
 from .._async import wait_for_callback
 from .._exceptions import CancelledException
 from .._fate import Fate
+from .._map import check_buffersize, ordered_map
 from .._platform import require_process_pools
 from .._pool_calls import check_call, future_done, ladder_seconds
 from .._token import CancellationToken
@@ -318,28 +319,41 @@ class ProcessPool(concurrent.futures.Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        buffersize: int | None = None,
     ) -> Iterator[Any]:
         """Like :meth:`concurrent.futures.ProcessPoolExecutor.map`.
 
-        The iterables are consumed and every call submitted at once; results come in
-        order. With ``chunksize`` > 1 the calls travel to the workers in chunks of that
-        many (one task per chunk, so a cancel or a crash stops a whole chunk).
+        Every call is submitted before this returns (the iterables are consumed here),
+        unless ``buffersize`` bounds the tasks in flight (Python 3.14's argument, here on
+        every version: the first ``buffersize`` tasks are submitted here, one more each
+        time a result is asked for); results come in order. With ``chunksize`` > 1 the
+        calls travel to the workers in chunks of that many (one task per chunk, so a
+        cancel or a crash stops a whole chunk; ``buffersize`` then counts chunks).
         ``timeout`` bounds the wait for all results, counted from this call; when it
         passes (``TimeoutError``), or a call raises, or the iterator is closed early, the
         tasks not yet collected are stopped, running ones included.
 
         Raises:
-            ValueError: ``chunksize`` < 1 (``TypeError`` if it is not an int).
-            PoolClosedError, TypeError: as :meth:`submit`.
+            ValueError: ``chunksize`` < 1 or ``buffersize`` < 1 (``TypeError`` if either is
+                not an int).
+            PoolClosedError, TypeError: as :meth:`submit` (with ``buffersize``, also from
+                ``next()``, as is an error of an iterable).
         """
         if isinstance(chunksize, bool) or not isinstance(chunksize, int):
             raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
+        buffersize = check_buffersize(buffersize)
         if chunksize == 1:
-            return super().map(fn, *iterables, timeout=timeout)
+            return ordered_map(self.submit, fn, iterables, timeout=timeout, buffersize=buffersize)
         chunks = _chunks(zip(*iterables, strict=False), chunksize)
-        results = super().map(functools.partial(run_chunk, fn), chunks, timeout=timeout)
+        results = ordered_map(
+            self.submit,
+            functools.partial(run_chunk, fn),
+            (chunks,),
+            timeout=timeout,
+            buffersize=buffersize,
+        )
         return _flatten(results)
 
     def shutdown(
@@ -362,8 +376,39 @@ class ProcessPool(concurrent.futures.Executor):
         child of the pool's owner this returns at once: the pool is the parent's.
         """
         self._supervisor.shutdown(
-            wait, cancel_futures=cancel_futures, cancel_running=cancel_running
+            wait, cancel_futures=cancel_futures, running="ladder" if cancel_running else None
         )
+
+    def terminate_workers(self) -> None:
+        """Shut the pool down now: queued tasks never start, running ones get SIGTERM at once.
+
+        Python 3.14's :meth:`ProcessPoolExecutor.terminate_workers`, on every version: as
+        ``shutdown(wait=False, cancel_futures=True)``, and each running task skips the
+        token step of the ladder: its worker gets SIGTERM now (the task's ``finally``
+        blocks run, see the class), and SIGKILL with its whole tree if it still runs
+        ``term_grace_period`` seconds later (at once if that is 0). Idle workers end with
+        the pool. Returns at once; :meth:`shutdown` (``wait=True``) then waits until every
+        process of the pool is gone.
+
+        Unlike the stdlib, where the pool breaks and every running future fails with
+        ``BrokenProcessPool``: a running task's future fails with
+        :class:`CancelledException` (``fate`` ``terminated`` or ``killed``, reason
+        ``"pool shut down (terminate)"``), and a task that finished first keeps its result.
+        After this, :meth:`submit` raises :class:`PoolClosedError` (a ``RuntimeError``).
+        Idempotent; a no-op in a forked child of the owner and on a broken pool.
+        """
+        self._supervisor.shutdown(False, cancel_futures=True, running="terminate")
+
+    def kill_workers(self) -> None:
+        """Shut the pool down now: queued tasks never start, running ones are killed at once.
+
+        Python 3.14's :meth:`ProcessPoolExecutor.kill_workers`, on every version: as
+        :meth:`terminate_workers`, but each running task's worker and whole process tree
+        are frozen and SIGKILLed now (no ``finally`` block of the task runs); its future
+        fails with :class:`CancelledException` (``fate`` ``killed``, reason
+        ``"pool shut down (kill)"``) once each of those processes is gone.
+        """
+        self._supervisor.shutdown(False, cancel_futures=True, running="kill")
 
     def statistics(self) -> ProcessPoolStatistics:
         """A snapshot of the pool's workers, queue and counters."""

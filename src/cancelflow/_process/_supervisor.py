@@ -129,11 +129,17 @@ class KillTask:
     reason: str | None
 
 
+#: How a shutdown stops the tasks running then: down the whole ladder (``"ladder"``), with
+#: SIGTERM now (``"terminate"``: ``term_grace_period`` later SIGKILL), or with SIGKILL of
+#: each tree now (``"kill"``).
+Force = Literal["ladder", "terminate", "kill"]
+
+
 @dataclass(frozen=True, slots=True)
 class Close:
-    """The pool was shut down: end once idle (stop running tasks if ``cancel_running``)."""
+    """The pool was shut down: end once idle (stop running tasks if ``running`` says how)."""
 
-    cancel_running: bool
+    running: Force | None
 
 
 Command = Dispatch | StopTask | KillTask | Close
@@ -265,9 +271,10 @@ class Supervisor:
             )
 
     def shutdown(
-        self, wait: bool = True, *, cancel_futures: bool = False, cancel_running: bool = False
+        self, wait: bool = True, *, cancel_futures: bool = False, running: Force | None = None
     ) -> None:
-        """See :meth:`cancelflow.ProcessPool.shutdown`."""
+        """See :meth:`cancelflow.ProcessPool.shutdown` (``running``: how to stop the tasks
+        running now, if at all; see :data:`Force`)."""
         if os.getpid() != self.owner:
             return
         with self.lock:
@@ -275,7 +282,7 @@ class Supervisor:
             queued = list(self.queue) if cancel_futures else []
         for task in queued:
             self._drop_queued(task, "future", "pool shut down")
-        self.post(Close(cancel_running))
+        self.post(Close(running))
         if wait and threading.current_thread() is not self.thread:
             self.closed.wait()
             self.thread.join()
@@ -460,12 +467,28 @@ class Supervisor:
                 if not task.done and worker is not None and worker.task is task and task.stage < 3:
                     task.stage = 3
                     self._kill(worker)
-            case Close(cancel_running=True):
+            case Close(running=str(how)):
                 for worker in list(self.workers.values()):
                     if worker.task is not None:
-                        self._stop(worker.task, "shutdown", "pool shut down")
+                        self._stop_for_shutdown(worker.task, how)
             case Dispatch() | Close():
                 pass  # dispatching follows every turn of the loop
+
+    def _stop_for_shutdown(self, task: Task, how: Force) -> None:
+        """Stop a running task for a shutdown: down the ladder, or from its SIGTERM or
+        SIGKILL step at once (``terminate_workers``, ``kill_workers``)."""
+        if how == "ladder" or task.done or task.worker is None:
+            self._stop(task, "shutdown", "pool shut down")
+            return
+        if task.stop_kind is None:
+            task.stop_kind, task.stop_reason = "shutdown", f"pool shut down ({how})"
+        worker = task.worker
+        if how == "terminate" and task.stage < 2 and task.term_grace > 0:
+            task.stage = 1  # the token step is skipped, not taken
+            self._escalate(task)
+        elif task.stage < 3 and worker.task is task and worker.state in ("busy", "retiring"):
+            task.stage = 3
+            self._kill(worker)
 
     def _at(self, delay: float, action: Callable[[Task], None], task: Task) -> None:
         """Call ``action(task)`` on this thread after ``delay`` seconds, if the task is

@@ -1,0 +1,103 @@
+"""``Executor.map`` for the pools: results in input order, a bounded window of calls in
+flight (``buffersize``, the stdlib's since Python 3.14, here on every version), and what
+happens to the calls not collected when the iteration stops.
+
+Package-internal: :meth:`cancelflow.ThreadPool.map` and :meth:`cancelflow.ProcessPool.map`
+check their own ``chunksize`` and call :func:`ordered_map`.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+__all__ = ("check_buffersize", "ordered_map")
+
+T = TypeVar("T")
+
+_END = object()
+
+
+def check_buffersize(buffersize: object) -> int | None:
+    """``buffersize`` as given if it is ``None`` or an int >= 1.
+
+    Raises:
+        TypeError: not an int (a ``bool`` is refused too).
+        ValueError: < 1 (``"buffersize must be None or >= 1."``, the stdlib's words).
+    """
+    if buffersize is None:
+        return None
+    if isinstance(buffersize, bool) or not isinstance(buffersize, int):
+        raise TypeError(f"buffersize must be an int or None, not {type(buffersize).__name__}")
+    if buffersize < 1:
+        raise ValueError("buffersize must be None or >= 1.")
+    return buffersize
+
+
+def ordered_map(
+    submit: Callable[..., concurrent.futures.Future[T]],
+    fn: Callable[..., T],
+    iterables: tuple[Iterable[Any], ...],
+    *,
+    timeout: float | None,
+    buffersize: int | None,
+) -> Iterator[T]:
+    """Submit ``fn(*args)`` for each ``args`` of ``zip(*iterables)`` and return an iterator
+    over the results, in input order.
+
+    Without ``buffersize`` every call is submitted before this returns (the iterables are
+    consumed here). With it, the first ``buffersize`` calls are submitted here and one
+    more each time a result is asked for, before waiting for it: at most ``buffersize``
+    calls are in flight, and the iterables are read as the results are consumed (an error
+    raised by an iterable, or by ``submit``, comes out of ``next()``).
+
+    ``timeout`` counts from this call: a result not ready by then makes ``next()`` raise
+    :class:`TimeoutError`. When that happens, or a call raises, or the iterator is closed
+    (or collected) before the end, every call not collected yet is cancelled, the last
+    submitted first: a queued one never starts, so a worker freed by the stop of a
+    running one finds none of them. What ``cancel()`` does to a running call is the
+    pool's (both pools stop it).
+
+    The iterator holds the pool's ``submit``: with ``buffersize``, the pool stays alive
+    while the iterator does (the stdlib's ``map`` stops submitting, and so ends early,
+    once the executor is collected).
+    """
+    end_time = None if timeout is None else timeout + time.monotonic()
+    calls = zip(*iterables, strict=False)
+    if buffersize is None:
+        pending = collections.deque(submit(fn, *args) for args in calls)
+    else:
+        pending = collections.deque(
+            submit(fn, *args) for _, args in zip(range(buffersize), calls, strict=False)
+        )
+
+    def results() -> Iterator[T]:
+        try:
+            while pending:
+                if buffersize is not None:
+                    args = next(calls, _END)
+                    if args is not _END:
+                        pending.append(submit(fn, *args))  # type: ignore[misc]
+                left = None if end_time is None else end_time - time.monotonic()
+                yield _pop_result(pending, left)
+        finally:
+            for future in reversed(pending):
+                future.cancel()
+
+    return results()
+
+
+def _pop_result(
+    pending: collections.deque[concurrent.futures.Future[T]], timeout: float | None
+) -> T:
+    """The result of the first future, which is then removed from ``pending``.
+
+    If it raises (the call's error, or :class:`TimeoutError`), the future stays, to be
+    cancelled with the rest. Returned, not held: no frame keeps the result.
+    """
+    result = pending[0].result(timeout)
+    pending.popleft()
+    return result
