@@ -205,6 +205,30 @@ class TestProcessPool:
             future.result(WAIT)
         assert info.value.partial_results["critical"] == "completed"
 
+    @pytest.mark.parametrize(("term_grace", "fate"), [(0, "killed"), (WAIT, "terminated")])
+    def test_a_deferred_step_comes_when_the_critical_section_ends(
+        self, pool: ProcessPool, term_grace: float, fate: str
+    ) -> None:
+        """Test that a step deferred for a critical section is taken when the block ends,
+        not at its declared end (an hour here), as critical_section() promises
+        (regression: the kill or SIGTERM waited for the declared time)."""
+        seen = Announcements()
+        token = CancellationToken()
+        future = pool.submit_task(
+            workloads.critical_until_cancelled_then_spin,
+            (3600.0,),
+            token=token,
+            partial_sink=seen,
+            grace_period=0,
+            term_grace_period=term_grace,
+        )
+        seen.wait("pid")
+        token.cancel("stop")
+        with pytest.raises(CancelledException) as info:
+            future.result(WAIT)
+        assert info.value.fate == fate
+        assert info.value.partial_results["left"] is True
+
     def test_timeout_raises_pipeline_timeout(self, pool: ProcessPool) -> None:
         """Test that a task running past its timeout is stopped with a TimeoutError."""
         future = pool.submit_task(

@@ -58,6 +58,19 @@ def announce_then_critical(seconds: float) -> str:
         pass
 
 
+def critical_until_cancelled_then_spin(seconds: float) -> None:
+    """Declare a critical section of ``seconds``, leave it as soon as the token is
+    cancelled (storing "left"), then spin without checking again."""
+    token = _context.current_token()
+    with cancelflow.critical_section(seconds):
+        _context.store_partial("pid", os.getpid())
+        while not token.is_cancelled:
+            time.sleep(0.001)
+        _context.store_partial("left", True)
+    while True:
+        pass
+
+
 def sigterm_self_in_critical_section() -> None:
     """Sends itself SIGTERM inside a critical section, then stores what it reached."""
     with cancelflow.critical_section(60):

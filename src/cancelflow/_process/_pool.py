@@ -384,10 +384,12 @@ class ProcessPool(concurrent.futures.Executor):
 
         Python 3.14's :meth:`ProcessPoolExecutor.terminate_workers`, on every version: as
         ``shutdown(wait=False, cancel_futures=True)``, and each running task skips the
-        token step of the ladder: its worker gets SIGTERM now (the task's ``finally``
-        blocks run, see the class), and SIGKILL with its whole tree if it still runs
-        ``term_grace_period`` seconds later (at once if that is 0). Idle workers end with
-        the pool. Returns at once; :meth:`shutdown` (``wait=True``) then waits until every
+        grace period of the ladder: its token is cancelled and its worker gets SIGTERM now
+        (the task's ``finally`` blocks run, see the class), and SIGKILL with its whole
+        tree if it still runs
+        ``term_grace_period`` seconds later (at once if that is 0); a task inside
+        :func:`cancelflow.critical_section` gets the signal when the block ends, as on the
+        ladder. Idle workers end with the pool. Returns at once; :meth:`shutdown` (``wait=True``) then waits until every
         process of the pool is gone.
 
         Unlike the stdlib, where the pool breaks and every running future fails with
@@ -404,7 +406,8 @@ class ProcessPool(concurrent.futures.Executor):
 
         Python 3.14's :meth:`ProcessPoolExecutor.kill_workers`, on every version: as
         :meth:`terminate_workers`, but each running task's worker and whole process tree
-        are frozen and SIGKILLed now (no ``finally`` block of the task runs); its future
+        are frozen and SIGKILLed now, inside a critical section too, as
+        :meth:`TaskFuture.kill` (no ``finally`` block of the task runs); its future
         fails with :class:`CancelledException` (``fate`` ``killed``, reason
         ``"pool shut down (kill)"``) once each of those processes is gone.
         """

@@ -111,6 +111,13 @@ class Cancel(NamedTuple):
     reason: str | None
 
 
+class CriticalEnded(NamedTuple):
+    """Task ``seq`` left its outermost :func:`~cancelflow.critical_section` while its token
+    was cancelled: a stop step the pool deferred for it may go now (sent only then)."""
+
+    seq: int
+
+
 Outcome = Literal["ok", "error", "stopped", "terminated"]
 
 
@@ -130,7 +137,7 @@ class Result(NamedTuple):
     text: str
 
 
-WorkerMessage = Ready | InitFailed | Retire | Partial | Cancel | Result
+WorkerMessage = Ready | InitFailed | Retire | Partial | Cancel | CriticalEnded | Result
 
 
 # -- parent -> zygote ----------------------------------------------------------------------
@@ -197,6 +204,7 @@ _CLASSES: dict[str, Any] = {
     "retire": Retire,
     "partial": Partial,
     "cancel": Cancel,
+    "critical-ended": CriticalEnded,
     "result": Result,
     "setup": Setup,
     "spawn": Spawn,

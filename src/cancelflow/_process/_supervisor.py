@@ -60,6 +60,7 @@ from ._channel import FrameReader, encode
 from ._protocol import (
     Cancel,
     Control,
+    CriticalEnded,
     Exited,
     InitFailed,
     Partial,
@@ -484,7 +485,9 @@ class Supervisor:
             task.stop_kind, task.stop_reason = "shutdown", f"pool shut down ({how})"
         worker = task.worker
         if how == "terminate" and task.stage < 2 and task.term_grace > 0:
-            task.stage = 1  # the token step is skipped, not taken
+            if task.stage < 1:  # the token step, without its grace period
+                task.stage = 1
+                worker.slot.cancel(task.stop_reason)
             self._escalate(task)
         elif task.stage < 3 and worker.task is task and worker.state in ("busy", "retiring"):
             task.stage = 3
@@ -740,6 +743,8 @@ class Supervisor:
                 # The task cancelled its own token (a child of the caller's, as in every
                 # backend): the task is stopped; the caller's token is left alone.
                 self._stop(task, "cancel", reason)
+            case CriticalEnded():
+                self._resume_deferred(task)
 
     def _on_result(self, worker: WorkerHandle, task: Task, result: Result) -> None:
         worker.task = None
@@ -835,7 +840,10 @@ class Supervisor:
         critical = worker.control.critical_until
         now = time.monotonic()
         if critical > now:
-            self._at(critical - now, self._escalate, task)
+            # Until the section's declared end, or sooner: the worker says when the task
+            # leaves it (CriticalEnded, sent because the token step came first).
+            task.deferred = True
+            self._at(critical - now, self._resume_deferred, task)
             return
         if task.stage < 2 and task.term_grace > 0:
             task.stage = 2
@@ -845,6 +853,13 @@ class Supervisor:
         if task.stage < 3:
             task.stage = 3
             self._kill(worker)
+
+    def _resume_deferred(self, task: Task) -> None:
+        """Take the step deferred for a critical section, once (the section ended, or its
+        declared time ran out, whichever is first: the later one finds nothing to do)."""
+        if task.deferred:
+            task.deferred = False
+            self._escalate(task)
 
     def _kill(self, worker: WorkerHandle) -> None:
         """Freeze the worker, kill its whole tree and the worker, watch each one go."""

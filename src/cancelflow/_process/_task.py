@@ -130,6 +130,8 @@ class Task:
     stop_kind: StopKind | None = None
     stop_reason: str | None = None
     stage: int = 0  # 1 token set, 2 SIGTERM sent, 3 SIGKILL sent
+    #: the next step waits for the task's critical section to end (see Supervisor._escalate)
+    deferred: bool = False
     done: bool = False
     #: dropped before it was dispatched (decided under the future's lock, see _claim)
     dropped: bool = False

@@ -58,6 +58,7 @@ from ._protocol import (
     TASK_TOKEN_ID,
     Cancel,
     Control,
+    CriticalEnded,
     InitFailed,
     Outcome,
     Partial,
@@ -92,7 +93,13 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 @contextlib.contextmanager
-def _critical_section(seconds: float, control: Control) -> Iterator[None]:
+def _critical_section(
+    seconds: float, control: Control, on_outer_exit: Callable[[], None]
+) -> Iterator[None]:
+    """A critical section in a worker: ``control.critical_until`` tells the pool to defer
+    its SIGTERM and SIGKILL steps until then; the outermost block's end clears it, and
+    calls ``on_outer_exit`` (which tells the pool if it deferred a step, see
+    :meth:`_Worker.critical_ended`), then raises the SIGTERM that came meanwhile."""
     outer = _state.critical_depth == 0
     if outer:
         control.critical_until = time.monotonic() + seconds
@@ -103,6 +110,7 @@ def _critical_section(seconds: float, control: Control) -> Iterator[None]:
         _state.critical_depth -= 1
         if outer:
             control.critical_until = 0.0
+            on_outer_exit()
             if _state.term_pending:
                 _state.term_pending = False
                 raise Terminated()
@@ -310,6 +318,8 @@ class _Worker:
         self.pending: list[bytes] = []
         self.state = _ProcessState()
         self.retiring: str | None = None
+        #: the task running now and its token (see critical_ended)
+        self.task: tuple[int, CancellationToken] | None = None
         self.tasks_left = max_tasks
         self.pid = os.getpid()
 
@@ -337,7 +347,8 @@ class _Worker:
             return
         self.state = _ProcessState()  # what the initializer set up is the clean state
         control = self.control  # critical sections of this worker's tasks defer its stops
-        _context.set_critical_hook(lambda seconds: _critical_section(seconds, control))
+        ended = self.critical_ended
+        _context.set_critical_hook(lambda seconds: _critical_section(seconds, control, ended))
         try:
             self.send(Ready(os.getpid()))
         except OSError:  # the pool closed this worker's channel while it was starting
@@ -352,6 +363,17 @@ class _Worker:
                 self.run_task(task.seq, task.payload)
                 if self.retiring is not None:
                     return  # the pool was told; it replaces this worker once it exits
+
+    def critical_ended(self) -> None:
+        """The task left its outermost critical section: if it is being stopped (its
+        token is cancelled: the pool's first step, taken before any step it defers),
+        tell the pool, which then takes a step it deferred at once instead of at the
+        section's declared end. A step the pool defers after this read waits for that
+        declared end, as it would without this message."""
+        task = self.task
+        if task is not None and task[1].is_cancelled:
+            with contextlib.suppress(OSError):
+                self.send(CriticalEnded(task[0]))
 
     def initialize(self, payload: bytes) -> bool:
         """Run the pool's ``initializer``; on failure tell the pool (it breaks) and end."""
@@ -378,6 +400,7 @@ class _Worker:
         # under it (the pool then kills the tree); an idle worker just dies with it. (On
         # "posix", where the worker's group holds the tree, both kill the group at once.)
         set_parent_death_signal(signal.SIGSTOP)
+        self.task = (seq, token)
         try:
             _state.running = True
             with _context.task_scope(token, sink):
@@ -391,6 +414,7 @@ class _Worker:
         finally:
             _state.running = False
             _state.term_pending = False
+            self.task = None
         if os.getpid() != self.pid:
             # A process the task forked returned (or raised) out of the task: it must not
             # answer for the task nor read the worker's channel.
