@@ -62,6 +62,9 @@ class Control(ctypes.Structure):
     _fields_ = (
         ("critical_until", ctypes.c_double),  # CLOCK_MONOTONIC deadline, 0 = none
         ("pid", ctypes.c_int32),
+        # 1 while the parent defers a stop step for a critical section: the worker, leaving
+        # its outermost one, clears it and says so (CriticalEnded)
+        ("step_waits", ctypes.c_int32),
     )
 
 
@@ -112,8 +115,8 @@ class Cancel(NamedTuple):
 
 
 class CriticalEnded(NamedTuple):
-    """Task ``seq`` left its outermost :func:`~cancelflow.critical_section` while its token
-    was cancelled: a stop step the pool deferred for it may go now (sent only then)."""
+    """Task ``seq`` left its outermost :func:`~cancelflow.critical_section` while the pool
+    deferred a stop step for it (``Control.step_waits``): the step may go now."""
 
     seq: int
 

@@ -619,6 +619,7 @@ class Supervisor:
         control = self._controls[index]
         control.critical_until = 0.0
         control.pid = 0
+        control.step_waits = 0
         worker = WorkerHandle(index, parent_end, slot, slot_lock, control)
         self.workers[index] = worker
         parent_end.setblocking(False)  # never block the supervisor on a frozen worker
@@ -837,14 +838,17 @@ class Supervisor:
         worker = task.worker
         if task.done or worker is None or worker.task is not task or worker.state != "busy":
             return
-        critical = worker.control.critical_until
+        control = worker.control
+        control.step_waits = 1  # before the read: a section ending after it is told
+        critical = control.critical_until
         now = time.monotonic()
         if critical > now:
             # Until the section's declared end, or sooner: the worker says when the task
-            # leaves it (CriticalEnded, sent because the token step came first).
+            # leaves it (CriticalEnded).
             task.deferred = True
             self._at(critical - now, self._resume_deferred, task)
             return
+        control.step_waits = 0
         if task.stage < 2 and task.term_grace > 0:
             task.stage = 2
             send_signal(worker.pid, signal.SIGTERM)

@@ -318,8 +318,8 @@ class _Worker:
         self.pending: list[bytes] = []
         self.state = _ProcessState()
         self.retiring: str | None = None
-        #: the task running now and its token (see critical_ended)
-        self.task: tuple[int, CancellationToken] | None = None
+        #: the task running now (see critical_ended)
+        self.seq: int | None = None
         self.tasks_left = max_tasks
         self.pid = os.getpid()
 
@@ -365,15 +365,16 @@ class _Worker:
                     return  # the pool was told; it replaces this worker once it exits
 
     def critical_ended(self) -> None:
-        """The task left its outermost critical section: if it is being stopped (its
-        token is cancelled: the pool's first step, taken before any step it defers),
-        tell the pool, which then takes a step it deferred at once instead of at the
-        section's declared end. A step the pool defers after this read waits for that
-        declared end, as it would without this message."""
-        task = self.task
-        if task is not None and task[1].is_cancelled:
+        """The task left its outermost critical section: if the pool deferred a stop step
+        for it (``Control.step_waits``), say so once, and the pool takes the step now
+        instead of at the section's declared end. (Not promised: a deferral decided in
+        the same instant, the flag read before the pool's write lands; that step then
+        waits for the declared end, the bound the section gave.)"""
+        control, seq = self.control, self.seq
+        if control.step_waits and seq is not None:
+            control.step_waits = 0
             with contextlib.suppress(OSError):
-                self.send(CriticalEnded(task[0]))
+                self.send(CriticalEnded(seq))
 
     def initialize(self, payload: bytes) -> bool:
         """Run the pool's ``initializer``; on failure tell the pool (it breaks) and end."""
@@ -400,7 +401,7 @@ class _Worker:
         # under it (the pool then kills the tree); an idle worker just dies with it. (On
         # "posix", where the worker's group holds the tree, both kill the group at once.)
         set_parent_death_signal(signal.SIGSTOP)
-        self.task = (seq, token)
+        self.seq = seq
         try:
             _state.running = True
             with _context.task_scope(token, sink):
@@ -414,7 +415,7 @@ class _Worker:
         finally:
             _state.running = False
             _state.term_pending = False
-            self.task = None
+            self.seq = None
         if os.getpid() != self.pid:
             # A process the task forked returned (or raised) out of the task: it must not
             # answer for the task nor read the worker's channel.
