@@ -241,3 +241,127 @@ class TestSlotLockOnCancelPath:
             check(chunk.live == 1, f"only `token` holds a slot, not {chunk.live}")
             """
         )
+
+
+#: A queue that raises SIGUSR1 right after its first append on the main thread: the
+#: signal lands inside a pool's submit, after the task was queued, under the pool's lock.
+TRIP_QUEUE = """
+import collections
+
+
+class TripQueue(collections.deque):
+    fired = False
+
+    def append(self, item):
+        super().append(item)
+        if not TripQueue.fired and threading.get_ident() == MAIN:
+            TripQueue.fired = True
+            signal.raise_signal(signal.SIGUSR1)
+"""
+
+
+class TestShutdownFromASignalHandler:
+    """A handler that shuts a pool down while the main thread is inside its submit()."""
+
+    @pytest.mark.parametrize("wait", [True, False])
+    @pytest.mark.parametrize("cancel_futures", [True, False])
+    def test_thread_pool_refuses_the_interrupted_submit_and_ends(
+        self, wait: bool, cancel_futures: bool
+    ) -> None:
+        """Test that ThreadPool.shutdown() in a handler that interrupted submit() (past
+        its queue's append, holding the pool's lock) returns, the interrupted submit
+        raises PoolClosedError, nothing is left pending and the workers end
+        (regression: the handler waited for the lock its own thread held, for ever)."""
+        run_scenario(
+            TRIP_QUEUE
+            + textwrap.dedent(
+                f"""
+            import concurrent.futures
+            from cancelflow import ThreadPool, PoolClosedError
+            pool = ThreadPool(2)
+            earlier = [pool.submit(abs, -i) for i in range(5)]
+            pool._queue = TripQueue(pool._queue)
+            signal.signal(
+                signal.SIGUSR1,
+                lambda *_: pool.shutdown(wait={wait}, cancel_futures={cancel_futures}),
+            )
+            try:
+                pool.submit(abs, -9)
+            except PoolClosedError:
+                refused = True
+            else:
+                refused = False
+            check(TripQueue.fired, "the signal landed inside submit")
+            check(refused, "the interrupted submit was refused")
+            done, pending = concurrent.futures.wait(earlier, timeout=30)
+            check(not pending, "every earlier task settled")
+            pool.shutdown()
+            check(pool.statistics().workers == 0, "the workers ended")
+            """
+            )
+        )
+
+    @pytest.mark.parametrize("how", ["shutdown", "terminate_workers", "kill_workers"])
+    def test_process_pool_waits_and_the_queued_task_is_not_lost(self, how: str) -> None:
+        """Test that ProcessPool.shutdown(wait=True) (or terminate/kill_workers) in a
+        handler that interrupted submit() right after its task was queued returns once
+        the pool is gone, and that task ended (ran or was cancelled), never pending
+        (regression: the supervisor waited for the pool lock the interrupted submit held,
+        while the handler waited for the supervisor)."""
+        call = (
+            "pool.shutdown(wait=True)" if how == "shutdown" else f"(pool.{how}(), pool.shutdown())"
+        )
+        run_scenario(
+            TRIP_QUEUE
+            + textwrap.dedent(
+                f"""
+            import concurrent.futures
+            from cancelflow import ProcessPool
+            pool = ProcessPool(1)
+            pool.wait_ready(30)
+            supervisor = pool._supervisor
+            supervisor.queue = TripQueue(supervisor.queue)
+            signal.signal(signal.SIGUSR1, lambda *_: {call})
+            future = pool.submit(abs, -9)
+            check(TripQueue.fired, "the signal landed inside submit")
+            check(supervisor.closed.is_set(), "the handler returned once the pool was gone")
+            check(future.done(), "the interrupted submit's task ended")
+            if {how == "shutdown"}:
+                check(future.result(0) == 9, "queued before the shutdown, it ran")
+            """
+            )
+        )
+
+    def test_process_pool_refuses_a_submit_interrupted_before_its_append(self) -> None:
+        """Test that a handler's shutdown(wait=True) landing inside submit() after the
+        pool's open check but before the queue's append returns, and the submit raises
+        PoolClosedError instead of queueing into a pool that is gone (regression: a
+        deadlock, or with wait=False a task left pending for ever)."""
+        run_scenario(
+            """
+            from cancelflow import ProcessPool, PoolClosedError
+            pool = ProcessPool(1)
+            pool.wait_ready(30)
+            supervisor = pool._supervisor
+            opened = supervisor.check_open
+            fired = []
+
+            def check_open():
+                opened()
+                if not fired and supervisor.lock._is_owned():  # the call in enqueue
+                    fired.append(True)
+                    signal.raise_signal(signal.SIGUSR1)
+
+            supervisor.check_open = check_open
+            signal.signal(signal.SIGUSR1, lambda *_: pool.shutdown(wait=True))
+            try:
+                pool.submit(abs, -9)
+            except PoolClosedError:
+                refused = True
+            else:
+                refused = False
+            check(fired, "the signal landed inside submit")
+            check(refused, "the interrupted submit was refused")
+            check(not supervisor.queue, "nothing was left queued")
+            """
+        )

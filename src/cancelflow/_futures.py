@@ -38,7 +38,7 @@ from typing import Any
 
 from . import _timer
 
-__all__ = ("lock", "run_callbacks", "settle_locked", "start_locked")
+__all__ = ("held_here", "lock", "run_callbacks", "settle_locked", "start_locked")
 
 
 def lock(future: Future[Any]) -> threading.Condition:
@@ -47,6 +47,12 @@ def lock(future: Future[Any]) -> threading.Condition:
     Held, it makes a pool's change of its task's state atomic with the future's.
     """
     return future._condition
+
+
+def held_here(future: Future[Any]) -> bool:
+    """Whether the calling thread holds :func:`lock` of ``future`` (a signal handler may
+    run inside code that does: it must not then wait for anything that needs it)."""
+    return bool(future._condition._is_owned())  # type: ignore[attr-defined]
 
 
 def start_locked(future: Future[Any]) -> bool:

@@ -12,6 +12,7 @@ pool is under capacity.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import ctypes
 import functools
@@ -483,7 +484,9 @@ class ThreadPool(Executor):
         self._thread_numbers = itertools.count()
         self._initializer = initializer
         self._initargs = tuple(initargs)
-        self._lock = threading.Lock()
+        # Re-entrant so that shutdown() can tell a signal handler that interrupted this
+        # thread inside the pool (it holds the lock, see shutdown) from another thread.
+        self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._queue: deque[_WorkItem] = deque()
         self._workers: set[_Worker] = set()
@@ -745,9 +748,19 @@ class ThreadPool(Executor):
         Without ``cancel_running``, running tasks are not cancelled, so this waits for them
         to return however long that takes. Called from inside a task, it does not wait for
         that task's own thread. In a process forked from the pool's, it returns at once.
+
+        From a signal handler: safe. One that interrupted this pool's own code in the same
+        thread (a :meth:`submit` in progress, which it refuses: it raises
+        :class:`PoolClosedError`) shuts the pool down and cancels as asked, but cannot
+        wait (no worker can end before the handler returns): it logs a warning and
+        returns, as with ``wait=False``.
         """
         if self._forked:
             return
+        # A signal handler that interrupted this thread inside the pool (a submit), which
+        # holds the lock: the state changes below are simple enough to make re-entrantly
+        # (see _enqueue), but no worker can end before the handler returns, so no wait.
+        inside = self._lock._is_owned()  # type: ignore[attr-defined]
         with self._lock:
             self._shutdown = True
             dropped: list[_WorkItem] = []
@@ -767,6 +780,14 @@ class ThreadPool(Executor):
         if timer_hold is not None:
             timer_hold.release()  # grace timers just scheduled keep the thread up
         if not wait:
+            return
+        if inside:
+            safe_log(
+                "WARNING",
+                "shutdown(wait=True) called inside this pool's own code in the same thread "
+                "(from a signal handler?): not waiting; the pool still ends",
+                pool=self._name,
+            )
             return
         me = threading.current_thread()
         with self._lock:
@@ -867,10 +888,15 @@ class ThreadPool(Executor):
         with self._lock:
             if not self._shutdown and self._broken is None:
                 self._queue.append(item)
-                if self._idle:
-                    self._cond.notify()
-                self._spawn_if_needed()
-                return
+                if not self._shutdown:
+                    if self._idle:
+                        self._cond.notify()
+                    self._spawn_if_needed()
+                    return
+                # A signal handler shut the pool down right here (see shutdown): this
+                # submit is refused, as one a moment later would be.
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(item)
         if item.cancel_handle is not None:
             item.cancel_handle.remove()
         if item.token is not None:
@@ -1165,7 +1191,7 @@ class ThreadPool(Executor):
         self._forked = True
         self._shutdown = True
         # Another thread may have held these at the fork: new ones, never waited on.
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._count_lock = threading.RLock()
         self._timer_hold = None  # the timer thread is not in the child either

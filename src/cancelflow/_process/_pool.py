@@ -374,6 +374,14 @@ class ProcessPool(concurrent.futures.Executor):
         Idempotent. Everything the pool started (workers, their process trees, the zygote,
         pipes, the shared-memory chunk) is released; nothing is left running. In a forked
         child of the pool's owner this returns at once: the pool is the parent's.
+
+        From a signal handler: safe, and it waits as asked, also when the handler
+        interrupted a :meth:`submit` in the same thread (that submit then raises
+        :class:`PoolClosedError` unless its task was already queued, and the task is
+        never left behind). It cannot wait when the handler interrupted this thread
+        inside one of the pool's futures (a ``cancel()``, a done-callback): the
+        supervisor needs that future to end its task; then it logs a warning and returns
+        as with ``wait=False``.
         """
         self._supervisor.shutdown(
             wait, cancel_futures=cancel_futures, running="ladder" if cancel_running else None

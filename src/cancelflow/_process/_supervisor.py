@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .. import _cell, _interpreter_exit
+from .. import _cell, _futures, _interpreter_exit
 from .._context import deliver_partial
 from .._exceptions import (
     BrokenPoolError,
@@ -201,6 +201,7 @@ class Supervisor:
         self.size = size
         self._options = options
         # Re-entrant: a signal handler may submit while the interrupted code holds it.
+        # Taken by the API only, never by the supervisor thread (see enqueue).
         self.lock = threading.RLock()
         self.queue: collections.deque[Task] = collections.deque()
         self._commands: collections.deque[Command] = collections.deque()
@@ -208,6 +209,8 @@ class Supervisor:
         self.shutting_down = False
         #: why the pool cannot run tasks any more, once it broke
         self.broken: BaseException | None = None
+        #: the teardown's last sweep of the queue has begun (see enqueue)
+        self.final = False
         self.closed = threading.Event()
         self.owner = os.getpid()
         self.forked = False  # set in a forked child of the owner (see forget_in_child)
@@ -260,10 +263,26 @@ class Supervisor:
 
     # == requests from the pool's API ===========================================================
     def enqueue(self, task: Task) -> None:
-        """Queue ``task`` (raises what :meth:`check_open` raises) and watch its token."""
+        """Queue ``task`` (raises what :meth:`check_open` raises) and watch its token.
+
+        The supervisor thread never takes :attr:`lock`, so a signal handler that
+        interrupted this very call (which holds it) may shut the pool down and wait for
+        the end. If the pool's teardown swept its queue meanwhile (:attr:`final`) and this
+        task is in no one's hands, it is taken back and this raises
+        :class:`PoolClosedError`: a task is never left queued in a pool that is gone.
+        """
         with self.lock:
             self.check_open()
             self.queue.append(task)
+            if self.final:
+                with task.future.decision_lock:  # the sweep may be settling it right now
+                    mine = task.worker is None and not task.done and not task.dropped
+                    if mine:
+                        task.dropped = True
+                if mine:
+                    with contextlib.suppress(ValueError):
+                        self.queue.remove(task)
+                    raise PoolClosedError(f"{self.name} is shut down")
         self.post(Dispatch())
         token = task.token
         if token is not None:
@@ -284,9 +303,25 @@ class Supervisor:
         for task in queued:
             self._drop_queued(task, "future", "pool shut down")
         self.post(Close(running))
-        if wait and threading.current_thread() is not self.thread:
-            self.closed.wait()
-            self.thread.join()
+        if not wait or threading.current_thread() is self.thread:
+            return
+        if self._holds_a_task():
+            # A signal handler that interrupted this thread inside a task's future (a
+            # cancel, a settle): the supervisor needs that lock to end the task.
+            safe_log(
+                "WARNING",
+                "shutdown(wait=True) called while this thread holds a task's future "
+                "(from a signal handler?): not waiting; the pool still ends",
+                pool=self.name,
+            )
+            return
+        self.closed.wait()
+        self.thread.join()
+
+    def _holds_a_task(self) -> bool:
+        """Whether the calling thread holds the future lock of a task not over yet."""
+        tasks = list(self.queue) + [w.task for w in list(self.workers.values()) if w.task]
+        return any(not task.done and _futures.held_here(task.future) for task in tasks)
 
     def check_open(self) -> None:
         """Raise what a new task must hear if the pool cannot take it."""
@@ -393,10 +428,9 @@ class Supervisor:
     def _break(self, error: BaseException) -> None:
         """The pool cannot go on: refuse new tasks, and fail every pending one (after
         teardown has ended their processes) with ``error``."""
-        with self.lock:
-            if self.broken is None:
-                self.broken = error
-            self.shutting_down = True
+        if self.broken is None:
+            self.broken = error
+        self.shutting_down = True
 
     def _loop_once(self) -> bool:
         timeout = None
@@ -1043,11 +1077,16 @@ class Supervisor:
         future.forget_task()  # last: a racing cancel() sees the task until it is settled
 
     def _fail_all(self, error: BaseException) -> None:
-        """Fail every task that is not over (called once their processes are gone)."""
-        with self.lock:
-            queued = list(self.queue)
-            self.queue.clear()
-        for task in queued:
+        """Fail every task that is not over (called once their processes are gone).
+
+        The queue is emptied one atomic pop at a time, after :attr:`final` is set: a task
+        queued meanwhile is either popped here or taken back by :meth:`enqueue`."""
+        self.final = True
+        while True:
+            try:
+                task = self.queue.popleft()
+            except IndexError:
+                break
             with task.future.decision_lock:  # a caller's cancel may race us for it
                 if task.worker is not None or task.done or task.dropped:
                     continue
@@ -1063,7 +1102,8 @@ class Supervisor:
             return False
         if self.broken is not None:
             return True
-        if any(not (t.dropped or t.done) for t in self.queue):
+        # (A copy: an enqueue interrupted by the shutdown may append while we look.)
+        if any(not (t.dropped or t.done) for t in list(self.queue)):
             return False
         return all(w.task is None or w.task.done for w in self.workers.values()) and all(
             not w.waiting for w in self.workers.values()
@@ -1098,8 +1138,7 @@ class Supervisor:
             self._fail_all(self.broken or PoolClosedError(f"{self.name} is shut down"))
             self._release_chunk()
         finally:
-            with self.lock:
-                self.shutting_down = True
+            self.shutting_down = True
             self.closed.set()
 
     def _release_chunk(self) -> None:
