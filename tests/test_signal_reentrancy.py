@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from support import needs_shared_tokens
+from support import needs_process_pools, needs_shared_tokens
 
 CHILD_ALARM = 20  # seconds: the child dumps its stacks and exits if still running then
 WATCHDOG = 60.0  # seconds: the test's own bound on the child
@@ -301,6 +301,7 @@ class TestShutdownFromASignalHandler:
             )
         )
 
+    @needs_process_pools
     @pytest.mark.parametrize("how", ["shutdown", "terminate_workers", "kill_workers"])
     def test_process_pool_waits_and_the_queued_task_is_not_lost(self, how: str) -> None:
         """Test that ProcessPool.shutdown(wait=True) (or terminate/kill_workers) in a
@@ -332,6 +333,7 @@ class TestShutdownFromASignalHandler:
             )
         )
 
+    @needs_process_pools
     def test_process_pool_refuses_a_submit_interrupted_before_its_append(self) -> None:
         """Test that a handler's shutdown(wait=True) landing inside submit() after the
         pool's open check but before the queue's append returns, and the submit raises
