@@ -515,6 +515,51 @@ class TestZygoteImports:
         assert not (tmp_path / "marker").exists()
 
 
+class TestMainModuleClasses:
+    """A script's own classes, in tasks defined in the script (its ``__main__``)."""
+
+    SCRIPT = """
+        import concurrent.futures
+        from cancelflow import ProcessPool
+
+
+        class MyError(Exception):
+            pass
+
+
+        class Point:
+            def __init__(self, x):
+                self.x = x
+
+
+        def raise_mine():
+            raise MyError("boom")
+
+
+        def return_points():
+            return [Point(1), {"p": Point(2)}]
+
+
+        if __name__ == "__main__":
+            with ProcessPool(1) as pool:
+                error = pool.submit(raise_mine).exception(30)
+                print(type(error) is MyError, str(error), error.__cause__ is not None)
+                points = pool.submit(return_points).result(30)
+                print(type(points[0]) is Point, points[1]["p"].x)
+        """
+
+    def test_a_scripts_exception_and_values_come_back_as_its_own_classes(
+        self, tmp_path: Path
+    ) -> None:
+        """Test that a task of a script raising or returning the script's own classes
+        gives the caller those very classes, as ProcessPoolExecutor does (regression:
+        the task travelled by value with copies of them, which the worker then could not
+        pickle back: UnreadableResultError and PicklingError)."""
+        result = run_script(self.SCRIPT, path=tmp_path / "main.py")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["True boom True", "True 2"]
+
+
 class TestConstructor:
     def test_initializer_runs_in_every_worker(self) -> None:
         """Test that initializer(*initargs) runs in each worker before its tasks."""

@@ -28,7 +28,7 @@ from typing import Any
 from .._token import CancellationToken
 from ._protocol import TASK_TOKEN_ID
 
-__all__ = ("dump_by_value", "dump_call", "unpicklable_part")
+__all__ = ("dump_by_value", "dump_call", "dump_result", "main_attribute", "unpicklable_part")
 
 _MAIN = b"__main__"
 
@@ -118,6 +118,56 @@ def dump_call(call: Any, token: CancellationToken | None) -> bytes:
     if _MAIN in payload:
         return dump_by_value(call, tokens)  # the worker may not find it in its __main__
     return payload
+
+
+def main_attribute(qualname: str) -> Any:
+    """``__main__``'s object named ``qualname`` (``"Point"``, ``"Outer.Inner"``), in the
+    process that unpickles: how a worker sends an object of a ``__main__`` class back."""
+    import sys
+
+    obj: Any = sys.modules["__main__"]
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class _MainByName(pickle.Pickler):
+    """Pickles every class and function of ``__main__`` by its name there, unchecked.
+
+    A task sent by value brings copies of the ``__main__`` classes it uses (see the
+    module): in the worker they are not the objects its own ``__main__`` holds under
+    those names, so plain pickle refuses a value or exception of such a class ("not the
+    same object"). Named, they resolve to the caller's own classes in the parent (as
+    with ``ProcessPoolExecutor``, where they travel by reference both ways), so
+    ``except MyError`` and ``isinstance`` work there. Not for local classes
+    (``<locals>`` in the name), nor for classes nested in a class (cloudpickle rebuilds
+    them without their qualified name): the parent cannot find those, and the task fails
+    with :class:`~cancelflow.UnreadableResultError`.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, type | _FUNCTION) and getattr(obj, "__module__", None) == "__main__":
+            qualname = getattr(obj, "__qualname__", "")
+            if qualname and "<locals>" not in qualname:
+                return main_attribute, (qualname,)
+        return NotImplemented
+
+
+_FUNCTION = type(main_attribute)
+
+
+def dump_result(value: Any) -> bytes:
+    """Pickle a task's value, exception or partial result in the worker: plain pickle,
+    or, when that refuses a ``__main__`` class that travelled by value, naming
+    ``__main__``'s classes (:class:`_MainByName`)."""
+    try:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except pickle.PicklingError as exc:
+        if "__main__" not in str(exc):
+            raise
+    buffer = io.BytesIO()
+    _MainByName(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    return buffer.getvalue()
 
 
 def unpicklable_part(call: tuple[Any, tuple[Any, ...], dict[str, Any]], token: Any) -> str:

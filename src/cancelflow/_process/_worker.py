@@ -54,6 +54,7 @@ from .._platform import (
 )
 from .._token import CancellationToken, token_on_slot
 from ._channel import encode, recv_frame
+from ._pickling import dump_result
 from ._protocol import (
     TASK_TOKEN_ID,
     Cancel,
@@ -283,8 +284,7 @@ def _type_name(value: object) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
-def _blob(value: Any) -> bytes:
-    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+_blob = dump_result
 
 
 def remote_traceback_text(exc: BaseException) -> str:
