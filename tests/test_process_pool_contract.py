@@ -762,6 +762,50 @@ class TestForcedShutdown:
         p.shutdown()
         assert p.statistics().worker_pids == ()
 
+    def test_terminate_workers_during_the_grace_period_keeps_the_whole_term_grace(
+        self,
+    ) -> None:
+        """Test that terminate_workers() during a task's grace period sends SIGTERM and
+        leaves the task its whole term_grace_period for its finally (regression: the
+        grace period's own timer, armed before, killed it when it ran out)."""
+        p = ProcessPool(1, grace_period=0.2, term_grace_period=WAIT)
+        seen = Announcements()
+        token = CancellationToken()
+        running = p.submit_task(
+            workloads.spin_then_clean_up_for, (1.0,), token=token, partial_sink=seen
+        )
+        seen.wait("pid")
+        token.cancel("stop")
+        p.terminate_workers()
+        with pytest.raises(CancelledException) as caught:
+            running.result(WAIT)
+        assert caught.value.fate == "terminated"
+        assert caught.value.partial_results["cleanup"] == "done"
+        p.shutdown()
+
+    @pytest.mark.parametrize("how", ["terminate_workers", "shutdown"])
+    def test_a_task_already_sigtermed_keeps_its_term_grace(self, how: str) -> None:
+        """Test that terminate_workers() or shutdown(cancel_running=True) on a task whose
+        finally already runs after a SIGTERM lets it finish (regression: both killed it
+        at once)."""
+        p = ProcessPool(1, grace_period=0, term_grace_period=WAIT)
+        seen = Announcements()
+        token = CancellationToken()
+        running = p.submit_task(
+            workloads.spin_then_clean_up_for, (0.5,), token=token, partial_sink=seen
+        )
+        seen.wait("pid")
+        token.cancel("stop")  # grace 0: SIGTERM at once
+        if how == "shutdown":
+            p.shutdown(wait=False, cancel_running=True)
+        else:
+            p.terminate_workers()
+        with pytest.raises(CancelledException) as caught:
+            running.result(WAIT)
+        assert caught.value.fate == "terminated"
+        assert caught.value.partial_results["cleanup"] == "done"
+        p.shutdown()
+
     @pytest.mark.parametrize("force", ["terminate_workers", "kill_workers"])
     def test_a_forced_shutdown_is_a_no_op_when_nothing_runs(self, force: str) -> None:
         """Test that terminate/kill_workers on an idle, a shut down, or a broken pool

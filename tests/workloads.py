@@ -58,6 +58,20 @@ def announce_then_critical(seconds: float) -> str:
         pass
 
 
+def spin_then_clean_up_for(seconds: float) -> None:
+    """Spin (storing "pid") until stopped; the ``finally`` then works for ``seconds`` and
+    stores "cleanup" when it is done."""
+    try:
+        _context.store_partial("pid", os.getpid())
+        while True:
+            pass
+    finally:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            pass
+        _context.store_partial("cleanup", "done")
+
+
 def critical_until_cancelled_then_spin(seconds: float) -> None:
     """Declare a critical section of ``seconds``, leave it as soon as the token is
     cancelled (storing "left"), then spin without checking again."""

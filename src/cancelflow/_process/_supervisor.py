@@ -518,7 +518,9 @@ class Supervisor:
         if task.stop_kind is None:
             task.stop_kind, task.stop_reason = "shutdown", f"pool shut down ({how})"
         worker = task.worker
-        if how == "terminate" and task.stage < 2 and task.term_grace > 0:
+        if how == "terminate" and task.term_grace > 0:
+            if task.stage >= 2:
+                return  # SIGTERM was sent: its term_grace_period runs on
             if task.stage < 1:  # the token step, without its grace period
                 task.stage = 1
                 worker.slot.cancel(task.stop_reason)
@@ -858,15 +860,13 @@ class Supervisor:
         if task.stop_kind is None:
             task.stop_kind, task.stop_reason = kind, reason
         if task.stage >= 1:
-            if kind in ("shutdown",) and task.stage < 3:
-                self._escalate(task)
-            return
+            return  # already on its ladder, which goes on as it is
         task.stage = 1
         task.worker.slot.cancel(reason)
         if task.grace <= 0:
             self._escalate(task)
         else:
-            self._at(task.grace, self._escalate, task)
+            self._escalate_later(task.grace, task)
 
     def _escalate(self, task: Task) -> None:
         worker = task.worker
@@ -886,11 +886,17 @@ class Supervisor:
         if task.stage < 2 and task.term_grace > 0:
             task.stage = 2
             send_signal(worker.pid, signal.SIGTERM)
-            self._at(task.term_grace, self._escalate, task)
+            self._escalate_later(task.term_grace, task)
             return
         if task.stage < 3:
             task.stage = 3
             self._kill(worker)
+
+    def _escalate_later(self, delay: float, task: Task) -> None:
+        """Take the task's next step after ``delay``, unless it moved on meanwhile (a
+        ``terminate_workers()`` during its grace period arms its own next step)."""
+        stage = task.stage
+        self._at(delay, lambda task: self._escalate(task) if task.stage == stage else None, task)
 
     def _resume_deferred(self, task: Task) -> None:
         """Take the step deferred for a critical section, once (the section ended, or its
