@@ -229,6 +229,30 @@ class TestProcessPool:
         assert info.value.fate == fate
         assert info.value.partial_results["left"] is True
 
+    def test_a_section_that_overruns_its_declared_time_gets_the_sigterm(
+        self, pool: ProcessPool
+    ) -> None:
+        """Test that once a critical section's declared time ran out, the ladder's
+        SIGTERM becomes the exception in the task (its finally runs), as "for at most"
+        promises (regression: the worker kept deferring it while the block ran, and
+        SIGKILL came term_grace_period later)."""
+        seen = Announcements()
+        token = CancellationToken()
+        future = pool.submit_task(
+            workloads.overrun_critical_section,
+            (0.2,),
+            token=token,
+            partial_sink=seen,
+            grace_period=0,
+            term_grace_period=WAIT,
+        )
+        seen.wait("pid")
+        token.cancel("stop")
+        with pytest.raises(CancelledException) as info:
+            future.result(WAIT)
+        assert info.value.fate == "terminated"
+        assert info.value.partial_results["finally"] == "ran"
+
     def test_timeout_raises_pipeline_timeout(self, pool: ProcessPool) -> None:
         """Test that a task running past its timeout is stopped with a TimeoutError."""
         future = pool.submit_task(

@@ -58,6 +58,18 @@ def announce_then_critical(seconds: float) -> str:
         pass
 
 
+def overrun_critical_section(seconds: float) -> None:
+    """Declare a critical section of ``seconds`` (storing "pid" in it) and never leave
+    it; the ``finally`` stores "finally"."""
+    try:
+        with cancelflow.critical_section(seconds):
+            _context.store_partial("pid", os.getpid())
+            while True:
+                pass
+    finally:
+        _context.store_partial("finally", "ran")
+
+
 def spin_then_clean_up_for(seconds: float) -> None:
     """Spin (storing "pid") until stopped; the ``finally`` then works for ``seconds`` and
     stores "cleanup" when it is done."""

@@ -210,7 +210,8 @@ def critical_section(max_seconds: float) -> AbstractContextManager[None]:
 
     Inside a process worker, the pool's SIGTERM and SIGKILL steps wait until the block
     ends or its declared time runs out, whichever is first; a SIGTERM that arrives
-    meanwhile is delivered as soon as the block exits. Cooperative cancellation is not
+    meanwhile is delivered as soon as the block exits, or once the declared time has
+    run out if the block is still running then. Cooperative cancellation is not
     affected (the token is still set at once). Elsewhere (threads, the event loop) there
     is nothing to defer and this is a plain no-op context manager.
 

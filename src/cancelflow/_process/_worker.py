@@ -76,6 +76,8 @@ from ._protocol import (
 class _State:
     running = False
     critical_depth = 0
+    #: when the outermost critical section's declared time runs out (monotonic)
+    critical_until = 0.0
     term_pending = False
     #: how this worker keeps its task's orphans (``contain_descendants``)
     containment: str | None = None
@@ -87,10 +89,10 @@ _state = _State()
 def _on_sigterm(signum: int, frame: object) -> None:
     if not _state.running:
         return
-    if _state.critical_depth:
-        _state.term_pending = True
+    if _state.critical_depth and time.monotonic() < _state.critical_until:
+        _state.term_pending = True  # raised when the section ends
         return
-    raise Terminated()
+    raise Terminated()  # (also inside a section that overran its declared time)
 
 
 @contextlib.contextmanager
@@ -103,7 +105,7 @@ def _critical_section(
     :meth:`_Worker.critical_ended`), then raises the SIGTERM that came meanwhile."""
     outer = _state.critical_depth == 0
     if outer:
-        control.critical_until = time.monotonic() + seconds
+        _state.critical_until = control.critical_until = time.monotonic() + seconds
     _state.critical_depth += 1
     try:
         yield
