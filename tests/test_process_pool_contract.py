@@ -18,7 +18,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from pathlib import Path
 
@@ -664,10 +664,23 @@ class TestMap:
         and, closed, leaves no task behind."""
         results = pool.map(contractloads.square, itertools.count(), buffersize=3)
         assert [next(results) for _ in range(10)] == [x * x for x in range(10)]
-        assert isinstance(results, Generator)  # what closes early
-        results.close()
+        results.close()  # type: ignore[attr-defined]  # (Executor.map says Iterator)
         assert wait_until(lambda: pool.statistics().busy == 0)
         assert pool.statistics().queued == 0
+
+    def test_a_map_closed_before_its_first_result_stops_every_call(self) -> None:
+        """Test that closing map's iterator before the first next() drops the tasks it
+        queued (regression: a generator that never started ran no cleanup)."""
+        with ProcessPool(1) as p:
+            seen = Announcements()
+            blocker = p.submit_task(contractloads.wait_until_cancelled, partial_sink=seen)
+            seen.wait("pid")
+            results = p.map(contractloads.square, range(4))
+            assert p.statistics().queued == 4
+            results.close()  # type: ignore[attr-defined]  # (Executor.map says Iterator)
+            assert p.statistics().queued == 0
+            blocker.cancel()
+        assert p.statistics().completed_total == 1
 
     def test_buffersize_counts_chunks(self, pool: ProcessPool) -> None:
         """Test that with chunksize, buffersize bounds the chunks in flight."""

@@ -15,7 +15,7 @@ import itertools
 import os
 import threading
 import weakref
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures.thread import BrokenThreadPool
 
 import psutil
@@ -194,10 +194,36 @@ class TestMap:
         closing it cancels the calls still queued."""
         results = one_worker.map(abs, itertools.count(), buffersize=4)
         assert [next(results) for _ in range(20)] == list(range(20))
-        assert isinstance(results, Generator)  # what closes early
-        results.close()
+        results.close()  # type: ignore[attr-defined]  # (Executor.map says Iterator)
         assert one_worker.submit(lambda: "drained").result(WAIT) == "drained"
         assert one_worker.statistics().queued == 0
+
+    @pytest.mark.parametrize("how", ["close", "drop"])
+    def test_a_map_closed_before_its_first_result_cancels_every_call(
+        self, one_worker: ThreadPool, how: str
+    ) -> None:
+        """Test that closing (or dropping) map's iterator before the first next()
+        cancels the calls it submitted (regression: a generator that never started ran
+        no cleanup, so they all ran)."""
+        started, release = threading.Event(), threading.Event()
+
+        def block() -> bool:
+            started.set()
+            return release.wait(WAIT)
+
+        blocker = one_worker.submit(block)
+        assert started.wait(WAIT)
+        results = one_worker.map(abs, range(5))
+        assert one_worker.statistics().queued == 5
+        if how == "close":
+            results.close()  # type: ignore[attr-defined]  # (Executor.map says Iterator)
+        else:
+            del results
+            gc.collect()
+        assert one_worker.statistics().queued == 0
+        assert one_worker.statistics().cancelled == 5
+        release.set()
+        assert blocker.result(WAIT) is True
 
     def test_an_error_of_the_iterable_comes_out_of_next_with_buffersize(
         self, one_worker: ThreadPool

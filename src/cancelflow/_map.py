@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, TypeVar
 
 __all__ = ("check_buffersize", "ordered_map")
@@ -74,7 +74,7 @@ def ordered_map(
             submit(fn, *args) for _, args in zip(range(buffersize), calls, strict=False)
         )
 
-    def results() -> Iterator[T]:
+    def results() -> Generator[T, None, None]:
         try:
             while pending:
                 if buffersize is not None:
@@ -84,10 +84,40 @@ def ordered_map(
                 left = None if end_time is None else end_time - time.monotonic()
                 yield _pop_result(pending, left)
         finally:
-            for future in reversed(pending):
-                future.cancel()
+            _cancel_all(pending)
 
-    return results()
+    return _Results(results(), pending)
+
+
+def _cancel_all(pending: collections.deque[concurrent.futures.Future[T]]) -> None:
+    """Cancel every future left, the last submitted first."""
+    for future in reversed(pending):
+        future.cancel()
+
+
+class _Results(Iterator[T]):
+    """The iterator :func:`ordered_map` returns: a generator's, plus a :meth:`close` (and a
+    collection) that cancels the calls left even before the first ``next()`` (a
+    generator that never started runs no ``finally``)."""
+
+    __slots__ = ("_generator", "_pending")
+
+    def __init__(
+        self, generator: Generator[T, None, None], pending: collections.deque[Any]
+    ) -> None:
+        self._generator = generator
+        self._pending = pending
+
+    def __next__(self) -> T:
+        return next(self._generator)
+
+    def close(self) -> None:
+        """Stop: every call not collected yet is cancelled (see :func:`ordered_map`)."""
+        self._generator.close()
+        _cancel_all(self._pending)
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _pop_result(
