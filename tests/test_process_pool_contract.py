@@ -267,32 +267,60 @@ class TestSignalHandlerCancel:
 class TestFork:
     def test_a_forked_child_cannot_use_the_pool_and_exits_promptly(self) -> None:
         """Test that in a child forked from the owner, submit() raises a clear error,
+        a running task's cancel() and kill() say False (the child cannot stop it),
         shutdown() returns at once, and the child's normal exit does not hang
-        (regression: it waited forever on a supervisor that does not exist there)."""
+        (regression: it waited forever on a supervisor that does not exist there;
+        cancel() said True for a future that never ended)."""
         result = run_script(
             """
             import os, sys
             import contractloads
             from cancelflow import PoolClosedError, ProcessPool
 
-            pool = ProcessPool(1)
+            pool = ProcessPool(2)
             pool.submit(contractloads.square, 2).result(30)
+            running = pool.submit(contractloads.wait_until_cancelled)
             pid = os.fork()
             if pid == 0:
                 try:
                     pool.submit(contractloads.square, 3)
                 except PoolClosedError as exc:
                     print("child refused:", "fork" in str(exc), flush=True)
+                print("child cannot cancel:", not running.cancel(), not running.kill())
                 pool.shutdown()
                 sys.exit(0)  # a normal exit: the interpreter's exit hooks run
             _, status = os.waitpid(pid, 0)
             print("child status", os.waitstatus_to_exitcode(status), flush=True)
             print(pool.submit(contractloads.square, 4).result(30))
+            running.cancel()
             pool.shutdown()
             """
         )
         assert result.returncode == 0, result.stderr
-        assert result.stdout.splitlines() == ["child refused: True", "child status 0", "16"]
+        assert result.stdout.splitlines() == [
+            "child refused: True",
+            "child cannot cancel: True True",
+            "child status 0",
+            "16",
+        ]
+
+    def test_a_submit_from_a_signal_handler_never_catches_cloudpickle_half_imported(
+        self,
+    ) -> None:
+        """Test that making a pool imports what by-value pickling needs, so a submit of a
+        __main__ function from a signal handler cannot land in the middle of the first
+        such import (regression: TypeError "partially initialized module 'cloudpickle'")."""
+        result = run_script(
+            """
+            import sys
+            from cancelflow import ProcessPool
+            before = "cloudpickle" in sys.modules
+            with ProcessPool(1):
+                print(before, "cloudpickle" in sys.modules)
+            """
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["False", "True"]
 
     def test_a_forked_child_does_not_keep_the_zygote_alive(self) -> None:
         """Test that when the owner is SIGKILLed while a forked child of it lives on,

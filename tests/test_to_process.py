@@ -61,6 +61,31 @@ class TestRunSync:
         assert pid != os.getpid()
         assert run(to_process.run_sync(workloads.add, 1, 1)) == 2
 
+    def test_partial_sink_hears_what_the_task_stores(self) -> None:
+        """Test that run_sync passes partial_sink on, as ProcessPool.run_sync does
+        (regression: the argument was missing)."""
+        seen = Announcements()
+
+        async def main() -> None:
+            token = CancellationToken()
+            call = asyncio.ensure_future(
+                to_process.run_sync(
+                    workloads.store_then_spin,
+                    2,
+                    token=token,
+                    partial_sink=seen,
+                    grace_period=0,
+                    term_grace_period=0,
+                )
+            )
+            await asyncio.get_running_loop().run_in_executor(None, seen.wait, "pid")
+            token.cancel("enough")
+            with pytest.raises(CancelledException):
+                await call
+
+        run(main())
+        assert seen.values["step-1"] == 1
+
     def test_a_cancelled_token_runs_nothing(self) -> None:
         """Test that a token cancelled before the call raises CancelledException on entry
         and runs no task."""

@@ -46,6 +46,7 @@ async def run_sync(
     timeout: float | None = None,
     grace_period: float | None = None,
     term_grace_period: float | None = None,
+    partial_sink: Callable[[str, Any], None] | None = None,
 ) -> Any:
     """Run ``fn(*args)`` in a worker process of the default pool and return its result.
 
@@ -61,4 +62,5 @@ async def run_sync(
         timeout=timeout,
         grace_period=grace_period,
         term_grace_period=term_grace_period,
+        partial_sink=partial_sink,
     )

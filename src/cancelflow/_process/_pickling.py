@@ -28,7 +28,14 @@ from typing import Any
 from .._token import CancellationToken
 from ._protocol import TASK_TOKEN_ID
 
-__all__ = ("dump_by_value", "dump_call", "dump_result", "main_attribute", "unpicklable_part")
+__all__ = (
+    "dump_by_value",
+    "dump_call",
+    "dump_result",
+    "main_attribute",
+    "prepare_by_value",
+    "unpicklable_part",
+)
 
 _MAIN = b"__main__"
 
@@ -86,6 +93,13 @@ def _by_value_picklers() -> tuple[_MakePickler, _MakePickler]:
             return super().reducer_override(obj)
 
     return _WithoutTokens, _WithTokens
+
+
+def prepare_by_value() -> None:
+    """Import what sending by value needs (cloudpickle) now, not on the first call sent
+    by value: a submit from a signal handler landing in that import would find it half
+    done."""
+    _by_value_picklers()
 
 
 def dump_by_value(obj: Any, tokens: tuple[CancellationToken, ...] = ()) -> bytes:

@@ -22,7 +22,7 @@ from .._pool_calls import check_call, future_done, ladder_seconds
 from .._token import CancellationToken
 from .._validate import check_seconds as _seconds
 from . import _supervisor, _zygote
-from ._pickling import dump_call, unpicklable_part
+from ._pickling import dump_call, prepare_by_value, unpicklable_part
 from ._task import Task, TaskFuture
 from ._worker import run_chunk
 
@@ -80,8 +80,9 @@ class ProcessPool(concurrent.futures.Executor):
        ``finally`` blocks and context managers run; ``term_grace_period`` seconds;
     3. the worker and every process the task started (children, grandchildren, also
        ones that changed process group or session, also ones forked during the kill) are
-       frozen and SIGKILLed, and the pool waits, event-driven (pidfd, then the zygote's
-       sweep), until each one is confirmed gone and reaped.
+       frozen and SIGKILLed, and the pool waits, event-driven (a pidfd each), until
+       each one is confirmed gone; the zygote reaps them (its sweep), which the caller
+       of a stopped task does not wait for.
 
     A task inside :func:`cancelflow.critical_section` defers steps 2 and 3 until the block
     ends, for at most the time it declared. The caller's exception comes once the stop is
@@ -175,6 +176,7 @@ class ProcessPool(concurrent.futures.Executor):
             except Exception as exc:
                 raise TypeError(f"initializer cannot be sent to a process: {exc}") from exc
         self.name = name or f"process-pool-{id(self):x}"
+        prepare_by_value()  # (a submit from a signal handler must not import it)
         options: dict[str, Any] = {"initializer": init_payload, "max_tasks": max_tasks_per_child}
         self._supervisor = _supervisor.Supervisor(self.name, max_workers, options)
 

@@ -50,7 +50,8 @@ class TaskFuture(concurrent.futures.Future[Any]):
 
         Returns ``True`` if the future will end cancelled: not when the task already
         finished, nor when another stop (its token, its timeout) got there first, which
-        ends it with :class:`CancelledException`. For a queued task the future is
+        ends it with :class:`CancelledException`, nor in a forked child of the pool's
+        owner (the task is the parent's). For a queued task the future is
         cancelled before this returns. For a running task this only starts the stop:
         the future becomes cancelled (and ``result()`` raises
         :class:`concurrent.futures.CancelledError`) once the task returned or its worker
@@ -61,6 +62,8 @@ class TaskFuture(concurrent.futures.Future[Any]):
         task = self._task
         if task is None:
             return super().cancel() if not self._pooled else self.cancelled()
+        if task.supervisor.forked:
+            return False  # a forked child of the pool's owner cannot stop its tasks
         task.supervisor.request_stop(task, "future", "future cancelled")
         # True only if this call's stop is the one that ends the task (a token's or a
         # timeout's stop that won the race ends it with CancelledException instead).
@@ -79,6 +82,8 @@ class TaskFuture(concurrent.futures.Future[Any]):
         task = self._task
         if task is None:
             return super().cancel() if not self._pooled else self.cancelled()
+        if task.supervisor.forked:
+            return False  # a forked child of the pool's owner cannot stop its tasks
         task.supervisor.request_stop(task, "future", reason, kill=True)
         return self.cancelled() or not self.done()
 
