@@ -873,6 +873,31 @@ class TestFutures:
         assert type(cause) is _RemoteTraceback
         assert "the remote traceback shows this line" in cause.tb
 
+    @pytest.mark.parametrize("how", ["token", "timeout"])
+    def test_a_task_that_returns_after_being_asked_to_stop_ends_stopped(
+        self, pool: ProcessPool, how: str
+    ) -> None:
+        """Test that a task returning a value after its token was cancelled (or its
+        timeout passed) fails with CancelledException (PipelineTimeoutException), fate
+        cancelled, as submit_task documents and as ThreadPool does (regression: the
+        future finished with the value)."""
+        seen = Announcements()
+        token = CancellationToken()
+        future = pool.submit_task(
+            contractloads.wait_until_cancelled,
+            token=token,
+            partial_sink=seen,
+            timeout=0.3 if how == "timeout" else None,
+        )
+        seen.wait("pid")
+        if how == "token":
+            token.cancel("enough")
+        with pytest.raises(CancelledException) as caught:
+            future.result(WAIT)
+        assert caught.value.fate == "cancelled"
+        assert isinstance(caught.value, TimeoutError) == (how == "timeout")
+        assert caught.value.partial_results["pid"] == seen.values["pid"]
+
     def test_running_is_true_while_the_task_runs(self, pool: ProcessPool) -> None:
         """Test running()/done()/cancelled() through a running task's life."""
         announce = Announcements()

@@ -97,6 +97,8 @@ __all__ = ("Close", "Command", "Dispatch", "KillTask", "StopTask", "Supervisor",
 # on Python 3.11, several times per task.
 _RUNNING, _FINISHED, _FAILED = Fate.RUNNING, Fate.FINISHED, Fate.FAILED
 _SETTLED_PLAINLY = (_FINISHED, _FAILED)
+#: how a running task can be asked to stop (an "error" stop is the pool's own failure)
+_ASKED_TO_STOP = ("cancel", "timeout", "future", "shutdown")
 
 _SLOT = _cell.SLOT_SIZE
 _supervisors: weakref.WeakSet[Supervisor] = weakref.WeakSet()
@@ -806,7 +808,9 @@ class Supervisor:
             self.finish(task, Fate.FAILED, error=error)
             return
         if outcome == "ok":
-            if task.stop_kind == "future":
+            if task.stop_kind in _ASKED_TO_STOP:
+                # Returned after it was asked to stop: it ends stopped, as documented (a
+                # value it returns then is dropped, as in ThreadPool).
                 self.finish(task, Fate.CANCELLED)
             else:
                 self.finish(task, _FINISHED, value=value)
