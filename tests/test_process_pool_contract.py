@@ -824,6 +824,25 @@ class TestForcedShutdown:
         assert caught.value.partial_results["cleanup"] == "done"
         p.shutdown()
 
+    def test_terminate_workers_waits_for_a_critical_section_even_without_term_grace(
+        self,
+    ) -> None:
+        """Test that terminate_workers() on a pool with term_grace_period=0 cancels the
+        token and kills a task inside critical_section only once it left the block, as
+        the ladder does (regression: killed at once, token never cancelled)."""
+        p = ProcessPool(1, grace_period=WAIT, term_grace_period=0)
+        seen = Announcements()
+        running = p.submit_task(
+            workloads.critical_until_cancelled_then_spin, (3600.0,), partial_sink=seen
+        )
+        seen.wait("pid")
+        p.terminate_workers()
+        with pytest.raises(CancelledException) as caught:
+            running.result(WAIT)
+        assert caught.value.fate == "killed"
+        assert caught.value.partial_results["left"] is True
+        p.shutdown()
+
     @pytest.mark.parametrize("how", ["terminate_workers", "shutdown"])
     def test_a_task_already_sigtermed_keeps_its_term_grace(self, how: str) -> None:
         """Test that terminate_workers() or shutdown(cancel_running=True) on a task whose
@@ -926,6 +945,21 @@ class TestFutures:
             done, _ = concurrent.futures.wait([queued], timeout=0)
             assert done == {queued}
             blocker.cancel()
+
+    def test_a_sigterm_from_outside_is_a_crash_not_a_cancel(self, pool: ProcessPool) -> None:
+        """Test that a SIGTERM someone else sends to a busy worker fails its task with
+        WorkerCrashedError (a BrokenProcessPool, as the stdlib raises), not the
+        CancelledException of a stop the pool made, and the pool serves on
+        (regression: fate "terminated", a CancelledException with no reason)."""
+        seen = Announcements()
+        future = pool.submit_task(workloads.announce_and_spin, partial_sink=seen)
+        os.kill(seen.wait("pid"), signal.SIGTERM)
+        with pytest.raises(BrokenProcessPool) as caught:
+            future.result(WAIT)
+        assert isinstance(caught.value, WorkerCrashedError)
+        assert caught.value.signal == signal.SIGTERM
+        assert future.fate == "crashed"
+        assert pool.submit(contractloads.square, 9).result(WAIT) == 81
 
     def test_a_worker_crash_is_a_broken_process_pool_and_the_pool_heals(
         self, pool: ProcessPool

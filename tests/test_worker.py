@@ -20,7 +20,7 @@ import pytest
 import contractloads
 import faultloads
 import workloads
-from cancelflow import CancellationToken, CancelledException, ProcessPool
+from cancelflow import CancellationToken, CancelledException, ProcessPool, WorkerCrashedError
 from cancelflow._process import _worker
 from support import WAIT, Announcements, run_script, wait_until
 
@@ -187,12 +187,14 @@ class TestSignals:
 
     def test_a_sigterm_inside_a_critical_section_waits_for_its_end(self) -> None:
         """Test that a SIGTERM arriving inside critical_section lets the block finish, then
-        stops the task as it leaves the block (its fate is terminated, the worker stays)."""
+        stops the task as it leaves the block (the worker stays). The pool did not send
+        it, so the task ends as one stopped from outside: WorkerCrashedError."""
         with ProcessPool(1) as p:
             future = p.submit(workloads.sigterm_self_in_critical_section)
-            with pytest.raises(CancelledException):
+            with pytest.raises(WorkerCrashedError) as caught:
                 future.result(WAIT)
-            assert future.fate == "terminated"
+            assert caught.value.signal == signal.SIGTERM
+            assert future.fate == "crashed"
             assert future.partial_results == {"inside": "after the signal"}
             assert p.submit(workloads.whoami).result(WAIT) == future.pid
 

@@ -50,8 +50,9 @@ def ordered_map(
 
     Without ``buffersize`` every call is submitted before this returns (the iterables are
     consumed here). With it, the first ``buffersize`` calls are submitted here and one
-    more each time a result is asked for, before waiting for it: at most ``buffersize``
-    calls are in flight, and the iterables are read as the results are consumed (an error
+    more each time a result is asked for, before waiting for it (so while it waits,
+    ``buffersize`` + 1 calls may be in flight, as in the stdlib), and the iterables are
+    read as the results are consumed (an error
     raised by an iterable, or by ``submit``, comes out of ``next()``).
 
     ``timeout`` counts from this call: a result not ready by then makes ``next()`` raise

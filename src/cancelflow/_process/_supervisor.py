@@ -520,7 +520,7 @@ class Supervisor:
         if task.stop_kind is None:
             task.stop_kind, task.stop_reason = "shutdown", f"pool shut down ({how})"
         worker = task.worker
-        if how == "terminate" and task.term_grace > 0:
+        if how == "terminate":  # (with no term_grace_period, _escalate kills at once)
             if task.stage >= 2:
                 return  # SIGTERM was sent: its term_grace_period runs on
             if task.stage < 1:  # the token step, without its grace period
@@ -792,7 +792,17 @@ class Supervisor:
         self.stats["completed"] += 1
         outcome, blob, text = result.outcome, result.blob, result.text
         if outcome == "terminated":
-            self.finish(task, Fate.TERMINATED)
+            if task.stop_kind is None:  # a SIGTERM the pool did not send: from outside
+                self.stats["crashed"] += 1
+                outside = WorkerCrashedError(
+                    f"worker {worker.pid} got a SIGTERM from outside the pool; its task "
+                    "ended (its finally blocks ran)",
+                    signal=signal.SIGTERM,
+                    pid=worker.pid,
+                )
+                self.finish(task, Fate.CRASHED, error=outside)
+            else:
+                self.finish(task, Fate.TERMINATED)
             return
         try:
             # (a "stopped" task sends no blob: the worker saw its slot cancelled)
@@ -887,6 +897,7 @@ class Supervisor:
             self._at(critical - now, self._resume_deferred, task)
             return
         control.step_waits = 0
+        task.deferred = False  # taken now: a deferral's timer or CriticalEnded is stale
         if task.stage < 2 and task.term_grace > 0:
             task.stage = 2
             send_signal(worker.pid, signal.SIGTERM)
