@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import gc
 import itertools
 import json
 import os
@@ -89,6 +90,22 @@ class TestShutdownRightAfterSubmit:
         token_less.join(WAIT)
         assert not token_less.is_alive()
         assert running.cancelled()
+
+    def test_a_pool_dropped_without_shutdown_runs_its_work_then_ends(self) -> None:
+        """Test that a pool collected without shutdown() still runs what was submitted,
+        then ends every process and its thread, as the stdlib's executor does
+        (regression: all of it lived on until the interpreter exited)."""
+        p = ProcessPool(2)
+        future = p.submit(contractloads.square, 7)
+        supervisor = p._supervisor
+        zygote = zygote_pid(p)
+        del p
+        gc.collect()
+        assert future.result(WAIT) == 49
+        assert supervisor.closed.wait(WAIT)
+        supervisor.thread.join(WAIT)
+        assert not supervisor.thread.is_alive()
+        assert_gone(zygote)
 
     def test_submit_after_shutdown_raises(self) -> None:
         """Test that submit() after shutdown() raises PoolClosedError (a RuntimeError)."""

@@ -9,6 +9,7 @@ import functools
 import itertools
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -179,6 +180,9 @@ class ProcessPool(concurrent.futures.Executor):
         prepare_by_value()  # (a submit from a signal handler must not import it)
         options: dict[str, Any] = {"initializer": init_payload, "max_tasks": max_tasks_per_child}
         self._supervisor = _supervisor.Supervisor(self.name, max_workers, options)
+        # A pool dropped without shutdown() ends once its work is done, as the stdlib's
+        # (its supervisor holds no reference to this object; an iterator of map() does).
+        weakref.finalize(self, self._supervisor.shutdown, False).atexit = False
 
     # == public API ==========================================================================
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
