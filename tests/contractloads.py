@@ -203,3 +203,14 @@ def exit_at(deadline: float) -> None:
     the machine), then end the worker at once with exit code 3."""
     time.sleep(max(0.0, deadline - time.monotonic()))
     os._exit(3)
+
+
+def _exit_while_unpickled() -> None:
+    sys.exit(3)
+
+
+class ExitsWhenUnpickled:
+    """Pickles anywhere; unpickling it (in the worker) raises SystemExit."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _exit_while_unpickled, ()

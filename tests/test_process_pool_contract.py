@@ -160,6 +160,19 @@ class TestUnreadableMessages:
         assert future.partial_results == {"ok": 1}
         assert pool.submit(contractloads.square, 5).result(WAIT) == 25
 
+    def test_arguments_that_cannot_be_unpickled_in_the_worker_fail_their_task_alone(
+        self, pool: ProcessPool
+    ) -> None:
+        """Test that an argument whose unpickling in the worker raises (here SystemExit)
+        fails its task with UnreadableResultError, a BrokenProcessPool as the stdlib
+        raises, and the worker serves on (regression: the caller got the raw SystemExit)."""
+        with pytest.raises(BrokenProcessPool) as caught:
+            pool.submit(id, contractloads.ExitsWhenUnpickled()).result(WAIT)
+        assert isinstance(caught.value, UnreadableResultError)
+        assert caught.value.what == "call"
+        assert "SystemExit" in caught.value.remote_text
+        assert pool.submit(contractloads.square, 5).result(WAIT) == 25
+
     def test_a_result_that_does_not_pickle_in_the_worker_raises_the_pickling_error(
         self, pool: ProcessPool
     ) -> None:

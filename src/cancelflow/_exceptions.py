@@ -237,7 +237,8 @@ class WorkerCrashedError(CancelflowError, BrokenProcessPool):
 
 
 class UnreadableResultError(CancelflowError, BrokenProcessPool):
-    """What a task sent back pickled in the worker but could not be unpickled here.
+    """What a task sent back pickled in the worker but could not be unpickled here (or
+    the task's call, pickled here, that could not be unpickled in the worker).
 
     For example an exception class whose ``__init__`` takes other arguments than it
     passes to ``Exception.__init__``, or a value of a class the parent cannot import. Only
@@ -246,8 +247,9 @@ class UnreadableResultError(CancelflowError, BrokenProcessPool):
     ``ProcessPoolExecutor`` raises in this case (there, the whole pool breaks).
 
     Attributes:
-        what: which part could not be read: ``"result"``, ``"exception"`` or
-            ``"partial result 'KEY'"``.
+        what: which part could not be read: ``"result"``, ``"exception"``,
+            ``"partial result 'KEY'"``, or ``"call"`` (the function or arguments, in
+            the worker).
         remote_text: the worker's text of the original: its ``repr`` and, for an
             exception, its formatted traceback.
     """

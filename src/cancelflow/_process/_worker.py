@@ -132,6 +132,22 @@ class _TaskUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
 
 
+def _load_call(payload: bytes, token: CancellationToken) -> Any:
+    """The task's ``(fn, args, kwargs)``; what fails to unpickle here (even with
+    ``SystemExit``) is an :class:`UnreadableResultError` (``what="call"``, a
+    ``BrokenProcessPool`` as the stdlib raises), failing this task alone."""
+    try:
+        return _TaskUnpickler(payload, token).load()
+    except Terminated:
+        raise
+    except BaseException as exc:
+        raise UnreadableResultError(
+            f"the task's function or arguments could not be unpickled in the worker: {exc!r}",
+            what="call",
+            remote_text=remote_traceback_text(exc),
+        ) from exc
+
+
 def kill_and_reap_tree() -> None:
     """Kill everything this worker's task left and wait until each one is reaped.
 
@@ -407,7 +423,7 @@ class _Worker:
         try:
             _state.running = True
             with _context.task_scope(token, sink):
-                fn, args, kwargs = _TaskUnpickler(payload, token).load()
+                fn, args, kwargs = _load_call(payload, token)
                 value = fn(*args, **kwargs)
             kind = "ok"
         except Terminated:
