@@ -26,14 +26,14 @@ def check_buffersize(buffersize: object) -> int | None:
 
     Raises:
         TypeError: not an int (a ``bool`` is refused too).
-        ValueError: < 1 (``"buffersize must be None or >= 1."``, the stdlib's words).
+        ValueError: < 1 (``"buffersize must be None or > 0"``, Python 3.14's words).
     """
     if buffersize is None:
         return None
     if isinstance(buffersize, bool) or not isinstance(buffersize, int):
-        raise TypeError(f"buffersize must be an int or None, not {type(buffersize).__name__}")
+        raise TypeError(f"buffersize must be an integer or None, not {type(buffersize).__name__}")
     if buffersize < 1:
-        raise ValueError("buffersize must be None or >= 1.")
+        raise ValueError("buffersize must be None or > 0")
     return buffersize
 
 
@@ -57,8 +57,8 @@ def ordered_map(
 
     ``timeout`` counts from this call: a result not ready by then makes ``next()`` raise
     :class:`TimeoutError`. When that happens, or a call raises, or the iterator is closed
-    (or collected) before the end, every call not collected yet is cancelled, the last
-    submitted first: a queued one never starts, so a worker freed by the stop of a
+    (also before its first result), or collected after its first result, every call not
+    collected yet is cancelled, the last submitted first: a queued one never starts, so a worker freed by the stop of a
     running one finds none of them. What ``cancel()`` does to a running call is the
     pool's (both pools stop it).
 
@@ -97,9 +97,11 @@ def _cancel_all(pending: collections.deque[concurrent.futures.Future[T]]) -> Non
 
 
 class _Results(Iterator[T]):
-    """The iterator :func:`ordered_map` returns: a generator's, plus a :meth:`close` (and a
-    collection) that cancels the calls left even before the first ``next()`` (a
-    generator that never started runs no ``finally``)."""
+    """The iterator :func:`ordered_map` returns: a generator's, plus a :meth:`close` that
+    cancels the calls left even before the first ``next()`` (a generator that never
+    started runs no ``finally``). Collected before its first ``next()``, it cancels
+    nothing: ``pool.map(fn, items)`` whose result is dropped runs every call, as in the
+    stdlib (fire and forget)."""
 
     __slots__ = ("_generator", "_pending")
 
@@ -116,9 +118,6 @@ class _Results(Iterator[T]):
         """Stop: every call not collected yet is cancelled (see :func:`ordered_map`)."""
         self._generator.close()
         _cancel_all(self._pending)
-
-    def __del__(self) -> None:
-        self.close()
 
 
 def _pop_result(

@@ -709,7 +709,7 @@ class ThreadPool(Executor):
         Raises:
             TypeError: ``chunksize`` or ``buffersize`` is not an int.
             ValueError: ``chunksize`` < 1 (``"chunksize must be >= 1."``), ``buffersize``
-                < 1 (``"buffersize must be None or >= 1."``).
+                < 1 (``"buffersize must be None or > 0"``).
             RuntimeError, BrokenPoolError, PoolClosedError: as for :meth:`submit` (with
                 ``buffersize``, also from ``next()``, as is an error of an iterable).
             TimeoutError: from ``next()``, a result was not ready ``timeout`` seconds
