@@ -52,15 +52,16 @@ def ordered_map(
     consumed here). With it, the first ``buffersize`` calls are submitted here and one
     more each time a result is asked for, before waiting for it (so while it waits,
     ``buffersize`` + 1 calls may be in flight, as in the stdlib), and the iterables are
-    read as the results are consumed (an error
-    raised by an iterable, or by ``submit``, comes out of ``next()``).
+    read as the results are consumed (an error raised by an iterable, or by ``submit``,
+    comes out of ``next()``).
 
     ``timeout`` counts from this call: a result not ready by then makes ``next()`` raise
     :class:`TimeoutError`. When that happens, or a call raises, or the iterator is closed
     (also before its first result), or collected after its first result, every call not
-    collected yet is cancelled, the last submitted first: a queued one never starts, so a worker freed by the stop of a
-    running one finds none of them. What ``cancel()`` does to a running call is the
-    pool's (both pools stop it).
+    collected yet is cancelled, the last submitted first: a queued one never starts, so
+    a worker freed by the stop of a running one finds none of them. What ``cancel()``
+    does to a running call is the pool's (both pools stop it). Collected before its
+    first result, it cancels nothing (see :class:`_Results`).
 
     The iterator holds the pool's ``submit``: with ``buffersize``, the pool stays alive
     while the iterator does (the stdlib's ``map`` stops submitting, and so ends early,
