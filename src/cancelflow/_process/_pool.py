@@ -400,11 +400,12 @@ class ProcessPool(concurrent.futures.Executor):
         ``shutdown(wait=False, cancel_futures=True)``, and each running task skips the
         grace period of the ladder: its token is cancelled and its worker gets SIGTERM now
         (the task's ``finally`` blocks run, see the class), and SIGKILL with its whole
-        tree if it still runs
-        ``term_grace_period`` seconds later (at once if that is 0); a task inside
-        :func:`cancelflow.critical_section` gets the signal when the block ends, as on the
-        ladder. Idle workers end with the pool. Returns at once; :meth:`shutdown` (``wait=True``) then waits until every
-        process of the pool is gone.
+        tree if it still runs ``term_grace_period`` seconds later (at once if that is 0).
+        A task inside :func:`cancelflow.critical_section` gets them when the block ends
+        or its declared time runs out, as on the ladder; a task already past its token
+        step keeps its ladder. Idle workers end with the pool. Returns at once;
+        :meth:`shutdown` (``wait=True``) then waits until every process of the pool is
+        gone.
 
         Unlike the stdlib, where the pool breaks and every running future fails with
         ``BrokenProcessPool``: a running task's future fails with
