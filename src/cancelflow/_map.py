@@ -3,7 +3,7 @@ flight (``buffersize``, the stdlib's since Python 3.14, here on every version), 
 happens to the calls not collected when the iteration stops.
 
 Package-internal: :meth:`cancelflow.ThreadPool.map` and :meth:`cancelflow.ProcessPool.map`
-check their own ``chunksize`` and call :func:`ordered_map`.
+check their own ``chunksize`` and call :func:`ordered_map`, which checks ``buffersize``.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ("check_buffersize", "ordered_map")
+__all__ = ("ordered_map",)
 
 T = TypeVar("T")
 
 _END = object()
 
 
-def check_buffersize(buffersize: object) -> int | None:
+def _check_buffersize(buffersize: object) -> int | None:
     """``buffersize`` as given if it is ``None`` or an int >= 1.
 
     Raises:
@@ -43,7 +43,7 @@ def ordered_map(
     iterables: tuple[Iterable[Any], ...],
     *,
     timeout: float | None,
-    buffersize: int | None,
+    buffersize: object,
 ) -> Iterator[T]:
     """Submit ``fn(*args)`` for each ``args`` of ``zip(*iterables)`` and return an iterator
     over the results, in input order.
@@ -66,20 +66,25 @@ def ordered_map(
     The iterator holds the pool's ``submit``: with ``buffersize``, the pool stays alive
     while the iterator does (the stdlib's ``map`` stops submitting, and so ends early,
     once the executor is collected).
+
+    Raises:
+        TypeError, ValueError: ``buffersize`` is not ``None`` or an int >= 1 (before any
+            argument is read).
     """
+    window = _check_buffersize(buffersize)  # (raises before anything is read)
     end_time = None if timeout is None else timeout + time.monotonic()
     calls = zip(*iterables, strict=False)
-    if buffersize is None:
+    if window is None:
         pending = collections.deque(submit(fn, *args) for args in calls)
     else:
         pending = collections.deque(
-            submit(fn, *args) for _, args in zip(range(buffersize), calls, strict=False)
+            submit(fn, *args) for _, args in zip(range(window), calls, strict=False)
         )
 
     def results() -> Generator[T, None, None]:
         try:
             while pending:
-                if buffersize is not None:
+                if window is not None:
                     args = next(calls, _END)
                     if args is not _END:
                         pending.append(submit(fn, *args))  # type: ignore[misc]

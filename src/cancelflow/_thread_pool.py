@@ -38,7 +38,7 @@ from ._exceptions import (
 )
 from ._fate import Fate
 from ._log import safe_log
-from ._map import check_buffersize, ordered_map
+from ._map import ordered_map
 from ._platform import at_fork
 from ._pool_calls import check_call, ladder_seconds
 from ._token import CancellationToken
@@ -719,7 +719,6 @@ class ThreadPool(Executor):
             raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
-        buffersize = check_buffersize(buffersize)
         return ordered_map(self.submit, fn, iterables, timeout=timeout, buffersize=buffersize)
 
     # -- shutting down ------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 from .._async import wait_for_callback
 from .._exceptions import CancelledException
 from .._fate import Fate
-from .._map import check_buffersize, ordered_map
+from .._map import ordered_map
 from .._platform import require_process_pools
 from .._pool_calls import check_call, future_done, ladder_seconds
 from .._token import CancellationToken
@@ -349,7 +349,6 @@ class ProcessPool(concurrent.futures.Executor):
             raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
-        buffersize = check_buffersize(buffersize)
         if chunksize == 1:
             return ordered_map(self.submit, fn, iterables, timeout=timeout, buffersize=buffersize)
         chunks = _chunks(zip(*iterables, strict=False), chunksize)

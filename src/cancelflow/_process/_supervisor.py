@@ -500,10 +500,7 @@ class Supervisor:
                 self._stop(task, kind, reason)
             case KillTask(task, kind, reason):
                 self._stop(task, kind, reason)
-                worker = task.worker
-                if not task.done and worker is not None and worker.task is task and task.stage < 3:
-                    task.stage = 3
-                    self._kill(worker)
+                self._kill_now(task)
             case Close(running=str(how)):
                 for worker in list(self.workers.values()):
                     if worker.task is not None:
@@ -527,8 +524,17 @@ class Supervisor:
                 task.stage = 1
                 worker.slot.cancel(task.stop_reason)
             self._escalate(task)
-        elif task.stage < 3 and worker.task is task and worker.state in ("busy", "retiring"):
-            task.stage = 3
+        else:
+            self._kill_now(task)
+
+    def _kill_now(self, task: Task) -> None:
+        """The ladder's last step at once, if the task still runs and was not killed yet
+        (a worker already being killed, by the zygote's death, is not killed twice)."""
+        worker = task.worker
+        if task.done or worker is None or worker.task is not task or task.stage >= 3:
+            return
+        task.stage = 3
+        if worker.state != "dying":
             self._kill(worker)
 
     def _at(self, delay: float, action: Callable[[Task], None], task: Task) -> None:

@@ -302,9 +302,6 @@ def _type_name(value: object) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
-_blob = dump_result
-
-
 def remote_traceback_text(exc: BaseException) -> str:
     """The worker's text of ``exc``, formatted as ``ProcessPoolExecutor`` formats it."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -411,7 +408,7 @@ class _Worker:
         token._seq = seq
 
         def sink(key: str, value: Any) -> None:
-            self.send(Partial(seq, key, _blob(value), _type_name(value)))
+            self.send(Partial(seq, key, dump_result(value), _type_name(value)))
 
         kind: Outcome
         value: Any = None
@@ -470,7 +467,7 @@ class _Worker:
             return Result(seq, kind, None, "")
         text = remote_traceback_text(value) if kind == "error" else ""
         try:
-            blob = _blob(value)
+            blob = dump_result(value)
         except BaseException as exc:  # noqa: BLE001 - the value would not pickle
             what_failed = "result" if kind == "ok" else "exception"
             if kind == "ok":
@@ -483,9 +480,9 @@ class _Worker:
                     remote_text=text,
                 )
             try:
-                blob = _blob(what)
+                blob = dump_result(what)
             except BaseException as again:  # noqa: BLE001 - even the pickling error
-                blob = _blob(
+                blob = dump_result(
                     UnreadableResultError(
                         f"the task's {what_failed} cannot be pickled: {again!r}",
                         remote_text=text,
