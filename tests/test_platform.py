@@ -25,9 +25,11 @@ from cancelflow._platform import (
     HAVE_FUTEX,
     DoorbellListener,
     DoorbellRinger,
+    ProcessView,
     UnsafeSignalTarget,
     _tree,
     _wake,
+    children,
     discard_doorbell,
     futex_wait,
     futex_wake,
@@ -363,7 +365,7 @@ class TestKillTree:
         reads: list[int] = []
         frozen: list[int] = []
 
-        def children_of(pid: int) -> list[int]:
+        def children_of(pid: int, view: object = None) -> list[int]:
             reads.append(pid)
             if pid != root:
                 return []
@@ -398,6 +400,145 @@ def _blocked_on_a_record_lock(pid: int) -> bool:
     shows a waiter with ``->``)."""
     with open("/proc/locks", encoding="ascii") as locks:
         return any("->" in fields and str(pid) in fields for fields in map(str.split, locks))
+
+
+_FORK_TWO = (
+    "import os, sys, time\n"
+    "kids = []\n"
+    "for _ in range(2):\n"
+    "    kid = os.fork()\n"
+    "    if kid == 0:\n"
+    "        time.sleep(60)\n"
+    "        os._exit(0)\n"
+    "    kids.append(kid)\n"
+    "print(*kids, flush=True)\n"
+    "sys.stdin.readline()\n"
+    "os.kill(kids[0], 9)\n"
+    "os.waitpid(kids[0], 0)\n"
+    "print('reaped', flush=True)\n"
+    "sys.stdin.readline()\n"
+    "os.kill(kids[1], 9)\n"
+    "os.waitpid(kids[1], 0)\n"
+)
+
+
+@linux_only
+class TestProcessView:
+    """Descriptors held open on a process's /proc entries, for a fast kill of its tree."""
+
+    def test_reads_the_children_of_a_single_threaded_process_as_they_change(self) -> None:
+        """Test that a view reads the process's children, fresh at each read: a child
+        reaped since the last read is no longer there."""
+        with subprocess.Popen(
+            [sys.executable, "-c", _FORK_TWO],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as proc:
+            assert proc.stdin is not None
+            assert proc.stdout is not None
+            view = ProcessView(proc.pid)
+            try:
+                kids = [int(pid) for pid in proc.stdout.readline().split()]
+                assert len(kids) == 2
+                assert sorted(view.children() or []) == sorted(kids)
+                assert sorted(children(proc.pid)) == sorted(kids)
+                proc.stdin.write("\n")
+                proc.stdin.flush()
+                assert proc.stdout.readline().strip() == "reaped"
+                assert view.children() == [kids[1]]
+                proc.stdin.write("\n")
+                proc.stdin.flush()
+                assert proc.wait(WAIT) == 0
+            finally:
+                view.close()
+                if proc.poll() is None:
+                    proc.kill()
+
+    def test_gives_no_children_for_a_process_with_several_threads(self) -> None:
+        """Test that a view of a process running more than one thread returns None (the
+        other threads' children are in their own files): the walk reads them all."""
+        release = threading.Event()
+        thread = threading.Thread(target=release.wait)
+        thread.start()
+        view = ProcessView(os.getpid())
+        try:
+            assert view.children() is None
+        finally:
+            release.set()
+            thread.join()
+            view.close()
+
+    def test_still_parent_until_the_process_is_a_zombie(self) -> None:
+        """Test that still_parent() is True while the process lives, False once it
+        exited (a zombie) and once it is reaped, and that a reaped process's view reads
+        nothing (its pid, free again, is never read through it)."""
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        view = ProcessView(pid)
+        pidfd = os.pidfd_open(pid)
+        try:
+            assert view.open
+            assert view.still_parent()
+            os.kill(pid, signal.SIGKILL)
+            assert select.select([pidfd], [], [], WAIT)[0], "the child did not exit"
+            assert not view.still_parent()  # a zombie: not reaped yet
+            os.waitpid(pid, 0)
+            assert not view.still_parent()
+            assert view.children() is None
+        finally:
+            os.close(pidfd)
+            view.close()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
+    def test_close_releases_both_descriptors_and_is_idempotent(self) -> None:
+        """Test that close() closes what the view opened, and may be called again."""
+        before = len(os.listdir("/proc/self/fd"))
+        view = ProcessView(os.getpid())
+        assert view.open
+        assert len(os.listdir("/proc/self/fd")) == before + 2
+        view.close()
+        view.close()
+        assert not view.open
+        assert len(os.listdir("/proc/self/fd")) == before
+        assert view.children() is None
+        assert not view.still_parent()
+
+    def test_kill_tree_walks_through_the_view(self) -> None:
+        """Test that kill_tree with a view kills the root's child found through it."""
+        code = (
+            "import os, time\n"
+            "kid = os.fork()\n"
+            "if kid:\n"
+            "    print(kid, flush=True)\n"
+            "time.sleep(60)\n"
+        )
+        with subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
+        ) as proc:
+            assert proc.stdout is not None
+
+            class Counting(ProcessView):
+                reads = 0
+
+                def children(self) -> list[int] | None:
+                    Counting.reads += 1
+                    return super().children()
+
+            view = Counting(proc.pid)
+            try:
+                child = int(proc.stdout.readline())
+                killed = kill_tree(proc.pid, include_root=True, view=view)
+                assert list(killed) == [child]
+                assert Counting.reads >= 1
+                assert proc.wait(WAIT) == -signal.SIGKILL
+            finally:
+                view.close()
+                if proc.poll() is None:
+                    proc.kill()
 
 
 @pytest.mark.skipif(

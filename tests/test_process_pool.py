@@ -27,7 +27,7 @@ from cancelflow import (
     ProcessPool,
     WorkerCrashedError,
 )
-from support import WAIT, Announcements, assert_gone
+from support import REAPS_ORPHANS, WAIT, Announcements, assert_gone
 
 
 @pytest.fixture
@@ -474,6 +474,102 @@ class TestRunSync:
         with pytest.raises(CancelledException, match="before"):
             asyncio.run(self._run(pool.run_sync(workloads.whoami, token=token)))
         assert pool.statistics().completed_total == 0
+
+
+def _hold_commands(pool: ProcessPool, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Hold the pool's supervisor thread in its next command until the returned event is
+    set (or for twice the tests' bound)."""
+    release = threading.Event()
+    supervisor = pool._supervisor
+    handle = supervisor._on_command
+
+    def held_up(command: Any) -> None:
+        release.wait(2 * WAIT)
+        handle(command)
+
+    monkeypatch.setattr(supervisor, "_on_command", held_up)
+    return release
+
+
+def _exits_within(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` (not a child of ours) exits within ``seconds``."""
+    fd = os.pidfd_open(pid)
+    try:
+        readable, _, _ = select.select([fd], [], [], seconds)
+        return bool(readable)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not REAPS_ORPHANS, reason="the asking thread kills only on linux")
+class TestKillFromTheAskingThread:
+    """A stop with no grace at all (or a kill) SIGKILLs the worker from the thread that
+    asks for it; the supervisor thread then walks and kills the rest of the tree."""
+
+    def test_a_task_stopped_without_grace_dies_while_the_supervisor_is_held_up(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that a stop with no grace kills the worker without the supervisor."""
+        seen = Announcements()
+        with ProcessPool(1, grace_period=0, term_grace_period=0) as pool:
+            future = pool.submit_task(workloads.announce_and_spin, partial_sink=seen)
+            pid = seen.wait("pid")
+            release = _hold_commands(pool, monkeypatch)
+            try:
+                assert future.cancel()
+                assert _exits_within(pid, WAIT), "the worker was not killed"
+            finally:
+                release.set()
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(WAIT)
+            assert future.fate == "killed"
+
+    def test_a_task_in_a_critical_section_is_left_to_the_supervisor(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that a stop with no grace leaves a task inside a critical section alive
+        (the supervisor defers the step), while a kill() does not."""
+        seen = Announcements()
+        with ProcessPool(1, grace_period=0, term_grace_period=0) as pool:
+            future = pool.submit_task(
+                workloads.announce_then_critical, (4 * WAIT,), partial_sink=seen
+            )
+            pid = seen.wait("pid")
+            release = _hold_commands(pool, monkeypatch)
+            try:
+                assert future.cancel()
+                assert not _exits_within(pid, 0.3), "killed inside its critical section"
+                assert future.kill()
+                assert _exits_within(pid, WAIT), "kill() did not kill"
+            finally:
+                release.set()
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(WAIT)
+            assert future.fate == "killed"
+
+    def test_a_walk_after_the_worker_handed_its_child_on_releases_the_caller_after_the_sweep(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that when the worker, killed from the asking thread, is gone before the
+        supervisor walks its tree (its child went to the zygote), the caller is released
+        only once that child is killed too."""
+        seen = Announcements()
+        with ProcessPool(1, grace_period=0, term_grace_period=0) as pool:
+            future = pool.submit_task(workloads.fork_then_spin, partial_sink=seen)
+            pid = seen.wait("pid")
+            child = seen.wait("child")
+            at_release: list[bool] = []
+            future.add_done_callback(lambda _: at_release.append(psutil.pid_exists(child)))
+            release = _hold_commands(pool, monkeypatch)
+            try:
+                assert future.cancel()
+                assert _exits_within(pid, WAIT), "the worker was not killed"
+            finally:
+                release.set()
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(WAIT)
+            assert future.fate == "killed"
+            assert at_release == [False], "the caller was released before the child died"
 
 
 class TestFirstStep:

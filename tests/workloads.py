@@ -132,6 +132,18 @@ def spawn_stubborn_tree() -> None:
         pass
 
 
+def fork_then_spin() -> None:
+    """Fork a child that sleeps until killed; store "pid" and "child", then spin."""
+    child = os.fork()
+    if child == 0:
+        while True:
+            time.sleep(1)
+    _context.store_partial("child", child)
+    _context.store_partial("pid", os.getpid())
+    while True:
+        pass
+
+
 def segfault() -> None:
     _context.store_partial("pid", os.getpid())
     ctypes.string_at(0)

@@ -38,7 +38,9 @@ sequence, memory of a tree), ``_libc``.
   event-driven confirmation that a worker is gone. ``None`` where unsupported
   (:data:`HAVE_PIDFD`: there, a worker's exit is reported by its parent, the zygote).
 * :func:`kill_tree`: the one kill sequence (freeze the tree in rounds, then SIGKILL it),
-  used by the pool's supervisor, its workers, its zygote and the Dask worker plugin.
+  used by the pool's supervisor, its workers, its zygote and the Dask worker plugin; a
+  :class:`ProcessView` kept open on a worker spares its kill the lookup of ``/proc``
+  paths.
 * :func:`private_memory` (a quick, high estimate) and :func:`proportional_memory` (shared
   pages split between their processes) of the memory a set of processes holds: what a
   memory limit over a process tree counts.
@@ -74,6 +76,7 @@ from ._signals import (
 )
 from ._support import PROCESS_POOLS, require_process_pools
 from ._tree import (
+    ProcessView,
     children,
     contain_descendants,
     descendants,
@@ -95,6 +98,7 @@ __all__ = (
     "HAVE_FUTEX",
     "HAVE_PIDFD",
     "PROCESS_POOLS",
+    "ProcessView",
     "TOKENS_CROSS_PROCESSES",
     "DOORBELL_FRESH_WAIT",
     "DoorbellListener",

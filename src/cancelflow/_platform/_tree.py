@@ -18,6 +18,7 @@ from ._libc import libc as _libc
 from ._signals import send_signal
 
 __all__ = (
+    "ProcessView",
     "children",
     "contain_descendants",
     "descendants",
@@ -109,7 +110,81 @@ def children(pid: int) -> list[int]:
     return _children_of(pid)
 
 
-def _children_of(pid: int) -> list[int]:
+class ProcessView:
+    """Descriptors held open on one process's ``/proc`` entries (``"linux"`` only), so that
+    a kill of its tree reads the process's children without looking up a path.
+
+    A cold ``open()`` of ``/proc/<pid>/task/<pid>/children`` took most of a kill's
+    time before the SIGKILL on the test VM (about 100 µs; a ``pread`` of an open one,
+    about 25). The descriptors belong to the process, not to its pid: once it is gone
+    they read nothing, so a reused pid is never read through them. Elsewhere (and if
+    the files cannot be opened) :meth:`children` returns ``None``: walk as usual.
+    """
+
+    __slots__ = ("_children", "_stat", "pid")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._stat = self._children = -1
+        if FLAVOUR != "linux":
+            return
+        try:
+            self._stat = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+            self._children = os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY)
+        except OSError:
+            self.close()
+
+    def children(self) -> list[int] | None:
+        """The process's children while it has one thread; ``None`` if it has more (the
+        other threads' children are not in this file), is gone, or cannot be read."""
+        if self._children < 0:
+            return None
+        try:
+            stat = os.pread(self._stat, 4096, 0)
+            # Field 20 is num_threads: the 18th after the ")" that ends the name.
+            if stat[stat.rindex(b")") + 2 :].split()[17] != b"1":
+                return None
+            data = os.pread(self._children, 65536, 0)
+        except (OSError, ValueError, IndexError):
+            return None
+        if len(data) == 65536:
+            return None  # maybe cut short: read it the long way
+        return [int(pid) for pid in data.split()]
+
+    @property
+    def open(self) -> bool:
+        """Whether the descriptors are open (``"linux"``, the process was there)."""
+        return self._children >= 0
+
+    def still_parent(self) -> bool:
+        """Whether the process still holds its children: ``True`` while it lives, and
+        while it dies until its exit hands them to a reaper (the kernel does so just
+        before the process turns a zombie); ``False`` once it is a zombie or reaped, or
+        when that cannot be read. A walk of its children that ended before this returned
+        ``True`` saw all of them."""
+        if self._stat < 0:
+            return False
+        try:
+            stat = os.pread(self._stat, 4096, 0)
+            state = stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3]
+        except (OSError, ValueError):
+            return False
+        return state not in (b"Z", b"X", b"x", b"")
+
+    def close(self) -> None:
+        """Close the descriptors (idempotent)."""
+        for fd in (self._stat, self._children):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._stat = self._children = -1
+
+
+def _children_of(pid: int, view: ProcessView | None = None) -> list[int]:
+    if view is not None and view.pid == pid:
+        found = view.children()
+        if found is not None:
+            return found
     if FLAVOUR != "linux":
         return _children_psutil(pid)
     task_dir = f"/proc/{pid}/task"
@@ -206,7 +281,7 @@ def _resident_psutil(pid: int) -> int:
 
 
 def kill_tree(
-    pid: int, *, include_root: bool = False, watch: bool = False
+    pid: int, *, include_root: bool = False, watch: bool = False, view: ProcessView | None = None
 ) -> dict[int, int | None]:
     """SIGKILL every descendant of ``pid`` (and ``pid`` itself if ``include_root``).
 
@@ -222,6 +297,9 @@ def kill_tree(
     Returns ``{pid: pidfd or None}`` for every descendant killed (the root is not in it).
     On ``"posix"``, a process of the tree that leads a process group of its own (see
     :func:`contain_descendants`) has its whole group frozen when it is, and killed.
+
+    ``view`` (of ``pid``) lets the walk read the root's children through descriptors
+    opened beforehand (see :class:`ProcessView`).
 
     The caller owns the descriptors. Not promised: a process forked in the instant between
     a walk and its parent's freeze escapes the walk (it is re-parented to the nearest
@@ -241,7 +319,7 @@ def kill_tree(
         _freeze_group(pid, groups)
     killed: dict[int, int | None] = {}
     if FLAVOUR == "linux":
-        _freeze_by_walking(pid, killed, watch)
+        _freeze_by_walking(pid, killed, watch, view)
     else:
         _freeze_by_snapshots(pid, killed, groups)
     for child in killed:
@@ -255,7 +333,9 @@ def kill_tree(
     return killed
 
 
-def _freeze_by_walking(pid: int, killed: dict[int, int | None], watch: bool) -> None:
+def _freeze_by_walking(
+    pid: int, killed: dict[int, int | None], watch: bool, view: ProcessView | None
+) -> None:
     """Freeze the descendants of ``pid`` in rounds, reading ``/proc`` children lists."""
     # Each process is frozen the moment it is found, and only then are its children
     # read; the next round reads them once more (a fork that was in flight when SIGSTOP
@@ -268,7 +348,7 @@ def _freeze_by_walking(pid: int, killed: dict[int, int | None], watch: bool) -> 
         frozen: list[int] = []
         stack = list(to_read)
         while stack:
-            for child in _children_of(stack.pop()):
+            for child in _children_of(stack.pop(), view):
                 if child in killed or child == pid:
                     continue
                 with contextlib.suppress(ValueError):  # refused: never ours to signal

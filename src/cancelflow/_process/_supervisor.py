@@ -47,6 +47,7 @@ from .._fate import Fate
 from .._log import safe_log
 from .._platform import (
     HAVE_PIDFD,
+    ProcessView,
     at_fork,
     kill_tree,
     pidfd_open,
@@ -164,6 +165,14 @@ class WorkerHandle:
         self.reader = FrameReader()
         self.pid = 0
         self.pidfd: int | None = None
+        #: its /proc entries, held open for a fast kill (see ProcessView), while it lives
+        self.view: ProcessView | None = None
+        #: SIGKILLed by the thread that asked for the stop, before the supervisor's walk
+        #: of its tree (see Supervisor._kill_from_here)
+        self.killed_early = False
+        #: that walk may have come after its exit handed its children to the zygote: the
+        #: caller is released once the zygote's sweep is done, not before
+        self.walk_late = False
         self.state: WorkerState = "starting"
         self.task: Task | None = None
         #: pid -> pidfd of each member of the tree being killed, until it is gone
@@ -181,6 +190,15 @@ class WorkerHandle:
         #: held while the slot changes hands (see Supervisor._cancel_slot_now)
         self.slot_lock = slot_lock
         self.control = control
+
+    def close_descriptors(self) -> None:
+        """Close every descriptor held on this worker's processes (the owner's teardown,
+        a forked child's): its pidfd, those of a tree being killed, its ``/proc`` view."""
+        for fd in ([self.pidfd] if self.pidfd is not None else []) + list(self.waiting.values()):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self.view is not None:
+            self.view.close()
 
     def drop_views(self) -> None:
         """Forget this worker's views of the shared chunk (so it can be unmapped)."""
@@ -368,7 +386,9 @@ class Supervisor:
             return
         command = KillTask(task, kind, reason) if kill else StopTask(task, kind, reason)
         try:
-            if first and not kill and task.grace > 0:  # (no grace: the kill comes at once)
+            if kill or (task.grace <= 0 and task.term_grace <= 0):  # (first, or a kill)
+                self._kill_from_here(task, unconditional=kill)
+            elif first and task.grace > 0:  # (no grace: the next step comes at once)
                 self._cancel_slot_now(task, reason)
         finally:  # even if interrupted there (Ctrl-C): the stop is recorded, so it must go
             self.post(command)
@@ -391,6 +411,42 @@ class Supervisor:
         try:
             if worker.task is task and worker.state == "busy":
                 worker.slot.cancel(reason)
+        finally:
+            worker.slot_lock.release()
+
+    def _kill_from_here(self, task: Task, *, unconditional: bool) -> None:
+        """Take the ladder's SIGKILL step here and now, for a task stopped with no grace
+        at all (or killed): SIGKILL its worker without waiting for the supervisor thread.
+
+        The supervisor then walks and kills the rest of the tree as for any kill
+        (:meth:`_kill`): the worker, SIGKILLed, can fork no more, and keeps its children
+        until its exit hands them to the zygote, about a millisecond later (the kernel
+        tears the worker down first); if the walk came too late for that
+        (:meth:`ProcessView.still_parent`), the caller is released after the zygote's
+        sweep instead. Where the worker's ``/proc`` cannot be read (``"posix"``) the
+        step is left to the supervisor, as it is when the task is not running on a worker,
+        is inside a critical section (unless ``unconditional``: :meth:`TaskFuture.kill`),
+        or when its slot is changing hands at this moment (a non-blocking try, as in
+        :meth:`_cancel_slot_now`).
+        """
+        worker = task.worker
+        if worker is None or self.forked or not worker.slot_lock.acquire(blocking=False):
+            return
+        try:
+            view = worker.view
+            if (
+                worker.task is not task
+                or worker.state != "busy"
+                or worker.gone
+                or worker.pid <= 1
+                or view is None
+                or not view.open
+            ):
+                return
+            if not unconditional and worker.control.critical_until > time.monotonic():
+                return  # the supervisor defers the step (see _escalate)
+            worker.killed_early = True  # before the signal: see _kill
+            send_signal(worker.pid, signal.SIGKILL)
         finally:
             worker.slot_lock.release()
 
@@ -499,8 +555,8 @@ class Supervisor:
             case StopTask(task, kind, reason):
                 self._stop(task, kind, reason)
             case KillTask(task, kind, reason):
+                self._kill_now(task)  # first: then _stop finds the ladder under way
                 self._stop(task, kind, reason)
-                self._kill_now(task)
             case Close(running=str(how)):
                 for worker in list(self.workers.values()):
                     if worker.task is not None:
@@ -645,6 +701,7 @@ class Supervisor:
     def _know_pid(self, worker: WorkerHandle, pid: int) -> None:
         """Record a worker's pid (from the zygote or from the worker, whichever is first)."""
         worker.pid = pid
+        worker.view = ProcessView(pid)
         if not HAVE_PIDFD:
             return  # the zygote says when it exits (Exited)
         worker.pidfd = pidfd_open(pid)
@@ -882,6 +939,14 @@ class Supervisor:
         if task.stage >= 1:
             return  # already on its ladder, which goes on as it is
         task.stage = 1
+        if task.grace <= 0 and task.term_grace <= 0:
+            # Straight to SIGKILL, before the token's cancel (~85 µs of a kill's path on
+            # the test VM), which a task killed now never reads: only a step deferred by a
+            # critical section (or a worker not busy any more) leaves the token to tell.
+            self._escalate(task)
+            if task.stage < 3:
+                task.worker.slot.cancel(reason)
+            return
         task.worker.slot.cancel(reason)
         if task.grace <= 0:
             self._escalate(task)
@@ -930,11 +995,26 @@ class Supervisor:
         """Freeze the worker, kill its whole tree and the worker, watch each one go."""
         worker.state = "dying"
         self.stats["killed"] += 1
-        tree = kill_tree(worker.pid, include_root=True, watch=True)
+        if worker.gone or (worker.killed_early and not self._still_parent(worker)):
+            # Gone, or its exit is handing its children to the zygote: its pid may be
+            # another process's soon, so it is not signalled; what is left of its tree
+            # is the zygote's, whose sweep ends it (the caller is released after that).
+            worker.walk_late = worker.killed_early
+            return
+        tree = kill_tree(worker.pid, include_root=True, watch=True, view=worker.view)
         for pid, fd in tree.items():
             if fd is not None:
                 worker.waiting[pid] = fd
                 self._selector.register(fd, selectors.EVENT_READ, ("pidfd", worker, pid))
+        # Read after the walk and after the flag (set before the early SIGKILL): if the
+        # worker was SIGKILLed before the walk began, the walk saw every child only if
+        # the worker had not handed them on when it ended.
+        if worker.killed_early and not self._still_parent(worker):
+            worker.walk_late = True
+
+    @staticmethod
+    def _still_parent(worker: WorkerHandle) -> bool:
+        return worker.view is not None and worker.view.still_parent()
 
     def _on_pidfd(self, worker: WorkerHandle, pid: int) -> None:
         if pid != worker.pid:  # a member of a killed tree is gone
@@ -955,6 +1035,8 @@ class Supervisor:
         """The worker process exited: collect what it sent, have the zygote sweep up
         after it, then settle its task (in :meth:`_retire`, once the sweep is done)."""
         worker.gone = True
+        if worker.view is not None:
+            worker.view.close()
         self._drain(worker)
         if not worker.waiting and not worker.swept:
             self._settle_killed(worker)  # first: the caller need not wait for the sweep
@@ -1038,6 +1120,7 @@ class Supervisor:
         if (
             task is not None
             and not task.done
+            and not worker.walk_late
             and task.stage >= 3
             and task.stop_kind in ("cancel", "timeout", "future")
         ):
@@ -1142,11 +1225,7 @@ class Supervisor:
                 if worker.state != "dead":
                     with contextlib.suppress(OSError):
                         worker.sock.close()
-                for fd in ([worker.pidfd] if worker.pidfd is not None else []) + list(
-                    worker.waiting.values()
-                ):
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+                worker.close_descriptors()
             if self._zygote_sock is not None:
                 self._zygote_sock.close()  # EOF: the zygote kills every worker tree and exits
                 self._zygote_sock = None
@@ -1201,12 +1280,9 @@ class Supervisor:
         for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.close()
-        fds = [self._wake_r, self._wake_w]
         for worker in self.workers.values():
-            fds += ([worker.pidfd] if worker.pidfd is not None else []) + list(
-                worker.waiting.values()
-            )
-        for fd in fds:
+            worker.close_descriptors()
+        for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
