@@ -1150,13 +1150,6 @@ class Supervisor:
         future.fate = fate
         future.partial_results = dict(task.partials)
         future.cancel_reason = task.stop_reason
-        if fate not in _SETTLED_PLAINLY:
-            safe_log(
-                "INFO",
-                f"task {task.seq} {fate}" + (f": {task.stop_reason}" if task.stop_reason else ""),
-                pool=self.name,
-                worker_pid=task.worker.pid if task.worker is not None else None,
-            )
         if task.error is not None:
             future.set_exception(task.error)
         elif fate is _FINISHED:
@@ -1184,7 +1177,14 @@ class Supervisor:
                 )
             stopped.fate = fate
             future.set_exception(stopped)
-        future.forget_task()  # last: a racing cancel() sees the task until it is settled
+        future.forget_task()  # a racing cancel() sees the task until it is settled
+        if fate not in _SETTLED_PLAINLY:  # (after: the caller need not wait for the log)
+            safe_log(
+                "INFO",
+                f"task {task.seq} {fate}" + (f": {task.stop_reason}" if task.stop_reason else ""),
+                pool=self.name,
+                worker_pid=task.worker.pid if task.worker is not None else None,
+            )
 
     def _fail_all(self, error: BaseException) -> None:
         """Fail every task that is not over (called once their processes are gone).
