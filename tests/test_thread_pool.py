@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -822,3 +823,99 @@ class TestTimerThreadHold:
         assert wait_until(lambda: gc.collect() >= 0 and collected() is None)
         assert not _timer._holds
         assert wait_until(lambda: not _timer_threads())
+
+
+def _has_idle_threads(pool: ThreadPool, count: int) -> bool:
+    return bool(pool._idle == count)
+
+
+def _threads_named(prefix: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(prefix)]
+
+
+class TestDroppedWithoutShutdown:
+    """A pool dropped without ``shutdown()`` ends its threads once its work is done, as
+    the stdlib's ``ThreadPoolExecutor`` does; its work is not lost."""
+
+    def test_its_threads_end_and_its_map_results_can_still_be_read(self) -> None:
+        """Test that a pool dropped while its map's results are unread is collected,
+        its threads end, and every result is still there."""
+        import gc
+
+        pool = ThreadPool(5, thread_name_prefix="dropped-map")
+        results = pool.map(abs, range(-5, 5))
+        threads = _threads_named("dropped-map")
+        assert threads
+        del pool
+        gc.collect()
+        for thread in threads:
+            thread.join(WAIT)
+        assert not any(t.is_alive() for t in threads)
+        assert list(results) == [5, 4, 3, 2, 1, 0, 1, 2, 3, 4]
+
+    def test_a_task_submitted_right_before_the_drop_still_runs(self) -> None:
+        """Test that a task submitted to a pool nobody keeps runs, then the threads end."""
+        import gc
+
+        ran = threading.Event()
+        ThreadPool(2, thread_name_prefix="dropped-submit").submit(ran.set)
+        gc.collect()
+        assert ran.wait(WAIT)
+        assert wait_until(lambda: gc.collect() >= 0 and not _threads_named("dropped-submit"))
+
+    def test_a_running_task_keeps_its_pool_until_it_returns(self) -> None:
+        """Test that a pool dropped while a task runs keeps its thread until the task
+        returned (and the future gets its result), then the thread ends."""
+        import gc
+
+        started, release = threading.Event(), threading.Event()
+
+        def task() -> str:
+            started.set()
+            assert release.wait(WAIT)
+            return "returned"
+
+        future = ThreadPool(1, thread_name_prefix="dropped-running").submit(task)
+        wait(started)
+        gc.collect()
+        assert _threads_named("dropped-running")
+        release.set()
+        assert future.result(WAIT) == "returned"
+        assert wait_until(lambda: gc.collect() >= 0 and not _threads_named("dropped-running"))
+        assert future.cancel() is False  # its pool is gone: a done future stays done
+        assert fate(future) == "finished"
+
+    def test_queued_work_of_a_dropped_pool_all_runs(self) -> None:
+        """Test that every task queued behind a busy thread of a dropped pool runs."""
+        import gc
+
+        started, release = threading.Event(), threading.Event()
+        ran: list[int] = []
+
+        def first() -> None:
+            started.set()
+            assert release.wait(WAIT)
+
+        pool = ThreadPool(1, thread_name_prefix="dropped-queue")
+        pool.submit(first)
+        wait(started)
+        futures = [pool.submit(ran.append, n) for n in range(20)]
+        del pool
+        gc.collect()
+        release.set()
+        for future in futures:
+            future.result(WAIT)
+        assert ran == list(range(20))
+        assert wait_until(lambda: gc.collect() >= 0 and not _threads_named("dropped-queue"))
+
+    def test_a_task_submitted_to_an_idle_pool_right_before_the_drop_still_runs(self) -> None:
+        """Test that a task given to a pool whose thread waits idle (holding no reference
+        to it) runs even when the pool is dropped right after the submit."""
+        pool = ThreadPool(1, thread_name_prefix="dropped-idle")
+        assert pool.submit(int).result(WAIT) == 0
+        assert wait_until(functools.partial(_has_idle_threads, pool, 1))  # it waits for work
+        ran = threading.Event()
+        pool.submit(ran.set)
+        del pool
+        assert ran.wait(WAIT)
+        assert wait_until(lambda: not _threads_named("dropped-idle"))

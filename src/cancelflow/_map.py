@@ -63,9 +63,9 @@ def ordered_map(
     does to a running call is the pool's (both pools stop it). Collected before its
     first result, it cancels nothing (see :class:`_Results`).
 
-    The iterator holds the pool's ``submit``: with ``buffersize``, the pool stays alive
+    With ``buffersize`` the iterator holds the pool's ``submit``, so the pool stays alive
     while the iterator does (the stdlib's ``map`` stops submitting, and so ends early,
-    once the executor is collected).
+    once the executor is collected); without, it holds only the futures.
 
     Raises:
         TypeError, ValueError: ``buffersize`` is not ``None`` or an int >= 1 (before any
@@ -81,13 +81,17 @@ def ordered_map(
             submit(fn, *args) for _, args in zip(range(window), calls, strict=False)
         )
 
+    # Without a window everything is submitted: the iterator then holds no reference to
+    # the pool (a pool dropped while its results are read is collected, its threads end).
+    more = submit if window is not None else None
+
     def results() -> Generator[T, None, None]:
         try:
             while pending:
-                if window is not None:
+                if more is not None:
                     args = next(calls, _END)
                     if args is not _END:
-                        pending.append(submit(fn, *args))  # type: ignore[misc]
+                        pending.append(more(fn, *args))  # type: ignore[misc]
                 left = None if end_time is None else end_time - time.monotonic()
                 yield _pop_result(pending, left)
         finally:

@@ -140,7 +140,8 @@ class _WorkItem:
         "name",
         "over_callbacks",
         "partials",
-        "pool",
+        "pool_name",
+        "pool_ref",
         "returned",
         "source",
         "timed_out",
@@ -164,7 +165,9 @@ class _WorkItem:
         user_sink: PartialSink | None,
         interrupt: bool,
     ) -> None:
-        self.pool = pool
+        #: weak: a future outlives its pool, which a dropped pool's threads need to end
+        self.pool_ref = weakref.ref(pool)
+        self.pool_name = pool._name
         self.fn = fn
         self.fn_name: str = getattr(fn, "__qualname__", None) or repr(fn)
         self.args = args
@@ -243,16 +246,15 @@ class _WorkItem:
         token = self.token
         if token is not None:
             return token
-        made = CancellationToken(name=f"{self.pool._name}/{self.name}")
+        made = CancellationToken(name=f"{self.pool_name}/{self.name}")
         box = self.token_box
         box.append(made)
         token = box[0]
-        if token is made:
+        pool = self.pool_ref()
+        if token is made and pool is not None:  # (no pool: every task of it is over)
             # Cancels made through this token by the task (or whoever it hands it to)
             # settle the future; the pool's own cancels settle it themselves as well.
-            self.cancel_handle = token.on_cancel(
-                functools.partial(self.pool._settle_cancelled, self)
-            )
+            self.cancel_handle = token.on_cancel(functools.partial(pool._settle_cancelled, self))
         self.token = token
         return token
 
@@ -350,7 +352,10 @@ class ThreadTaskFuture(Future[T]):
         item = self._item
         if item is None:
             return super().cancel()
-        return item.pool._cancel_as_future(item, "future cancelled")
+        pool = item.pool_ref()
+        if pool is None:  # collected: it had no task left, so this one is over
+            return self.cancelled()
+        return pool._cancel_as_future(item, "future cancelled")
 
     @property
     def fate(self) -> Fate:
@@ -406,6 +411,10 @@ class ThreadPool(Executor):
     with ``wait=True`` before ``atexit`` callbacks run, so queued and running tasks
     finish; from then on submitting raises ``RuntimeError("cannot schedule new futures
     after interpreter shutdown")``.
+
+    Dropped without :meth:`shutdown` (as the stdlib's): once nothing refers to the pool,
+    its queue is empty and no task runs, it is collected and its idle threads end; work
+    submitted before the drop still runs, and its futures stay usable.
 
     Fork: in a child made by :func:`os.fork`, a pool of the parent has none of its
     threads; it refuses work with :class:`PoolClosedError` and :meth:`shutdown` returns
@@ -507,6 +516,10 @@ class ThreadPool(Executor):
         self._count_lock = threading.RLock()
         #: keeps the timer thread up while the pool has workers (see _timer.hold)
         self._timer_hold: _timer.TimerHold | None = None
+        # Dropped without shutdown(): its idle threads wake and end (see _worker_main).
+        # (In a box: a forked child's pool has a new condition, see _after_fork_in_child.)
+        self._cond_box = [self._cond]
+        weakref.finalize(self, _wake_all, self._cond_box).atexit = False
         _live_pools.add(self)
         _interpreter_exit.register(self)
 
@@ -766,6 +779,7 @@ class ThreadPool(Executor):
             if cancel_futures:
                 dropped = list(self._queue)
                 self._queue.clear()
+                _queued.discard(self)
             stopping: list[_WorkItem] = []
             if cancel_running:
                 stopping = [w.item for w in self._workers if w.item is not None]
@@ -887,6 +901,7 @@ class ThreadPool(Executor):
         with self._lock:
             if not self._shutdown and self._broken is None:
                 self._queue.append(item)
+                _queued.add(self)  # until a worker that holds the pool finds the queue empty
                 if not self._shutdown:
                     if self._idle:
                         self._cond.notify()
@@ -917,7 +932,9 @@ class ThreadPool(Executor):
                 name = f"{self._thread_name_prefix}_{next(self._thread_numbers)}"
             else:
                 name = f"cancelflow-thread-{next(_thread_ids)}"
-            thread = threading.Thread(target=self._work, args=(worker,), name=name, daemon=True)
+            thread = threading.Thread(
+                target=_worker_main, args=(weakref.ref(self), worker), name=name, daemon=True
+            )
             worker.thread = thread
             self._workers.add(worker)
             self._active += 1
@@ -925,8 +942,20 @@ class ThreadPool(Executor):
             thread.start()
 
     # -- internals: workers -------------------------------------------------------------
-    def _work(self, worker: _Worker) -> None:
-        """Worker thread body.
+    def _begin(self, worker: _Worker) -> bool:
+        """A new worker thread's first step: run the initializer; ``False`` if it failed."""
+        worker.ident = threading.get_ident()
+        if self._initializer is not None and not self._initialize(worker):
+            return False
+        with self._lock:
+            self._idle -= 1  # undo the count made when spawned
+        return True
+
+    def _work(self, worker: _Worker) -> bool:
+        """Run tasks while there are any (see :func:`_worker_main`, the thread's body).
+
+        Returns ``True`` when the thread is to wait for more work: then it *holds the
+        pool's lock*, counted idle (see :meth:`_take`); ``False`` when it must end.
 
         A thread interrupt (``interrupt_on_cancel``) may land anywhere in this loop after
         the task's own frames returned; the state kept on ``worker`` makes every step
@@ -938,16 +967,13 @@ class ThreadPool(Executor):
         methods whose frames are gone when they return), so an idle worker keeps nothing
         of its last task alive.
         """
-        worker.ident = threading.get_ident()
-        if self._initializer is not None and not self._initialize(worker):
-            return
-        with self._lock:
-            self._idle -= 1  # undo the count made when spawned
         while True:
             try:
                 if worker.finishing is None:
-                    if worker.item is None and not self._take(worker):
-                        return
+                    if worker.item is None:
+                        taken = self._take(worker)
+                        if taken is not True:
+                            return taken is None
                     self._run_item(worker)
                 self._release(worker)
             except CancelledException as exc:
@@ -982,6 +1008,7 @@ class ThreadPool(Executor):
                 self._broken_cause = exc
             dropped = list(self._queue)
             self._queue.clear()
+            _queued.discard(self)
             self._cond.notify_all()  # idle workers end: no task can come any more
         safe_log(
             "CRITICAL",
@@ -1001,28 +1028,34 @@ class ThreadPool(Executor):
             worker.outcome = _call(item)
         worker.finishing = item
 
-    def _take(self, worker: _Worker) -> bool:
-        """Wait for a task and make it ``worker.item``; ``False`` means the thread must end."""
-        with self._lock:
-            while True:
-                if worker.retire:
-                    self._remove(worker)
-                    return False
-                while self._queue:
-                    item = self._queue.popleft()
-                    if self._start(item, worker):
-                        worker.item = item
-                        return True
-                    del item  # cancelled while queued; do not keep it while we wait
-                if self._shutdown or self._broken is not None:
-                    self._active -= 1
-                    self._remove(worker)
-                    return False
-                self._idle += 1
-                try:
-                    self._cond.wait()
-                finally:
-                    self._idle -= 1
+    def _take(self, worker: _Worker) -> bool | None:
+        """Make the next queued task ``worker.item`` (``True``); ``False`` means the thread
+        must end; ``None``, that there is no task now: then this returns *holding the
+        lock*, the thread counted idle, for :func:`_worker_main` to wait on ``_cond``."""
+        lock = self._lock
+        lock.acquire()
+        waits = False
+        try:
+            if worker.retire:
+                self._remove(worker)
+                return False
+            while self._queue:
+                item = self._queue.popleft()
+                if self._start(item, worker):
+                    worker.item = item
+                    return True
+                del item  # cancelled while queued; do not keep it while we wait
+            _queued.discard(self)
+            if self._shutdown or self._broken is not None:
+                self._active -= 1
+                self._remove(worker)
+                return False
+            self._idle += 1
+            waits = True
+            return None
+        finally:
+            if not waits:
+                lock.release()
 
     def _remove(self, worker: _Worker) -> None:
         """Forget an ending worker. Caller holds the lock."""
@@ -1192,6 +1225,7 @@ class ThreadPool(Executor):
         # Another thread may have held these at the fork: new ones, never waited on.
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
+        self._cond_box[0] = self._cond
         self._count_lock = threading.RLock()
         self._timer_hold = None  # the timer thread is not in the child either
         self._queue.clear()
@@ -1332,9 +1366,48 @@ def _pending(future: Future[Any]) -> bool:
 
 
 _live_pools: weakref.WeakSet[ThreadPool] = weakref.WeakSet()
+#: Pools with queued work (added under the pool's lock as a task is queued, discarded
+#: under it by a worker that finds the queue empty): a pool dropped right after a submit
+#: is kept until a worker, which then holds it, has taken every queued task.
+_queued: set[ThreadPool] = set()
+
+
+def _worker_main(ref: weakref.ref[ThreadPool], worker: _Worker) -> None:
+    """A worker thread's body: it holds its pool only while it has work.
+
+    It waits for work holding a weak reference alone, so a pool dropped without
+    ``shutdown()`` is collected once its queue is empty and no task runs (as the
+    stdlib's ``ThreadPoolExecutor``), and its finalizer wakes the idle threads, which
+    end. (Queued work keeps the pool alive: see ``_queued``.)
+    """
+    pool = ref()
+    if pool is None or not pool._begin(worker):
+        return
+    while pool._work(worker):  # True: no work now, and this thread holds the lock
+        cond = pool._cond
+        del pool  # (if that was the last reference, the finalizer ran here: no wait)
+        try:
+            if ref() is not None:
+                cond.wait()
+        finally:
+            pool = ref()
+            if pool is not None:
+                pool._idle -= 1
+            cond.release()
+        if pool is None:
+            return
+
+
+def _wake_all(box: list[threading.Condition]) -> None:
+    """Wake every idle worker of a pool that was collected (they end). The one thread
+    that may hold the lock then is a worker just woken, which ends at once."""
+    cond = box[0]
+    with cond:
+        cond.notify_all()
 
 
 def _after_fork_in_child() -> None:
+    _queued.clear()
     for pool in list(_live_pools):
         pool._after_fork_in_child()
 
