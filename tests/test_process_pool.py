@@ -42,6 +42,17 @@ class TestProcessPool:
         """Test that a submitted task's result comes back through its future."""
         assert pool.submit(workloads.add, 2, 3).result(WAIT) == 5
 
+    def test_result_raises_an_exception_that_is_false_in_a_boolean_context(
+        self, pool: ProcessPool
+    ) -> None:
+        """Test that result() raises a task's exception whose __bool__ is False (the
+        stdlib's Future of 3.11 and 3.12 returned None for it)."""
+        future = pool.submit(workloads.raise_falsey, "falsey")
+        with pytest.raises(workloads.FalseyError, match="falsey"):
+            future.result(WAIT)
+        assert isinstance(future.exception(WAIT), workloads.FalseyError)
+        assert future.fate == "failed"
+
     def test_map_returns_results_in_order(self, pool: ProcessPool) -> None:
         """Test that map yields results in the order of its inputs."""
         assert list(pool.map(workloads.add, range(10), range(10))) == [2 * i for i in range(10)]

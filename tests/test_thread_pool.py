@@ -89,6 +89,23 @@ class TestThreadPool:
         with pytest.raises(KeyError):
             future.result(WAIT)
 
+    def test_result_raises_an_exception_that_is_false_in_a_boolean_context(self) -> None:
+        """Test that result() raises a task's exception whose __len__ is 0 (the stdlib's
+        Future of 3.11 and 3.12 returned None for it)."""
+
+        class Empty(Exception):
+            def __len__(self) -> int:
+                return 0
+
+        def fail() -> None:
+            raise Empty("empty")
+
+        with ThreadPool(1) as pool:
+            future = pool.submit(fail)
+            with pytest.raises(Empty, match="empty"):
+                future.result(WAIT)
+            assert fate(future) == "failed"
+
     def test_current_token_inside_task(self, pool: ThreadPool) -> None:
         """Test that current_token() in a task is the task's own token, a child of the caller's."""
         parent = CancellationToken()

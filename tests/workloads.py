@@ -144,6 +144,17 @@ def fork_then_spin() -> None:
         pass
 
 
+class FalseyError(Exception):
+    """An exception that is false in a boolean context."""
+
+    def __bool__(self) -> bool:
+        return False
+
+
+def raise_falsey(message: str) -> None:
+    raise FalseyError(message)
+
+
 def segfault() -> None:
     _context.store_partial("pid", os.getpid())
     ctypes.string_at(0)

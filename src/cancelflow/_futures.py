@@ -34,11 +34,32 @@ import functools
 import threading
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _timer
 
-__all__ = ("held_here", "lock", "run_callbacks", "settle_locked", "start_locked")
+__all__ = ("PoolFuture", "held_here", "lock", "run_callbacks", "settle_locked", "start_locked")
+
+T = TypeVar("T")
+
+
+class PoolFuture(Future[T]):
+    """The base of the pools' futures: a stdlib future whose :meth:`result` raises the
+    task's exception even when that exception is false in a boolean context.
+
+    (On CPython 3.11 and 3.12 the stdlib's ``result()`` tests the exception's truth, so
+    one whose ``__bool__`` or ``__len__`` says false made it return ``None``, the error
+    silently lost; later versions test ``is not None``, as this does.)
+    """
+
+    def _Future__get_result(self) -> T:  # the stdlib's private helper behind result()
+        error = self._exception
+        if error is not None:
+            try:
+                raise error
+            finally:
+                del error, self  # no cycle through the traceback's frame
+        return self._result  # type: ignore[return-value]
 
 
 def lock(future: Future[Any]) -> threading.Condition:

@@ -304,7 +304,7 @@ def _timeout_reason(seconds: float) -> str:
     return f"timeout after {seconds:g}s"
 
 
-class ThreadTaskFuture(Future[T]):
+class ThreadTaskFuture(_futures.PoolFuture[T]):
     """The future of a :class:`ThreadPool` task; unlike its base class, cancellable while running.
 
     :meth:`cancel` works in every state but finished: a queued task is never started, and a

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -21,7 +20,7 @@ __all__ = ("StopKind", "Task", "TaskFuture")
 StopKind = Literal["cancel", "timeout", "future", "shutdown", "error"]
 
 
-class TaskFuture(concurrent.futures.Future[Any]):
+class TaskFuture(_futures.PoolFuture[Any]):
     """The future of one :class:`ProcessPool` task, whose :meth:`cancel` works while it runs.
 
     Attributes:
