@@ -297,6 +297,8 @@ class TestShutdownFromASignalHandler:
             check(not pending, "every earlier task settled")
             pool.shutdown()
             check(pool.statistics().workers == 0, "the workers ended")
+            from cancelflow import _thread_pool
+            check(pool not in _thread_pool._queued, "nothing keeps the pool for its queue")
             """
             )
         )

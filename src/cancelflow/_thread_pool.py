@@ -911,6 +911,8 @@ class ThreadPool(Executor):
                 # submit is refused, as one a moment later would be.
                 with contextlib.suppress(ValueError):
                     self._queue.remove(item)
+                if not self._queue:
+                    _queued.discard(self)
         if item.cancel_handle is not None:
             item.cancel_handle.remove()
         if item.token is not None:
