@@ -904,16 +904,21 @@ class Supervisor:
         if not self.queue or self.broken is not None:
             return
         for worker in self.workers.values():
-            if worker.state != "idle" or worker.pid <= 1:
+            if worker.state != "idle" or worker.pid <= 1 or worker.killed_early:
                 continue
-            while self.queue:
-                task = self.queue.popleft()
-                if self._claim(task, worker):
-                    break
-            else:
-                return
-            worker.state = "busy"
+            # Under the slot lock, which an asking thread holds while it kills a worker
+            # whose task it saw running (_kill_from_here): a worker killed after its task
+            # returned, before this thread read the result, is never given the next one.
             with worker.slot_lock:
+                if worker.killed_early:
+                    continue
+                while self.queue:
+                    task = self.queue.popleft()
+                    if self._claim(task, worker):
+                        break
+                else:
+                    return
+                worker.state = "busy"
                 worker.task = task
                 worker.slot.reset()
             task.future.pid = worker.pid
