@@ -144,6 +144,20 @@ def fork_then_spin() -> None:
         pass
 
 
+def critical_sections_in_a_loop(path: str) -> None:
+    """Loop over short critical sections, each writing "E" to ``path`` as it starts and
+    "X" as it ends (a log that ends in "E" was stopped inside one); stores "pid" first."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    _context.store_partial("pid", os.getpid())
+    while True:
+        with cancelflow.critical_section(30):
+            os.write(fd, b"E")
+            deadline = time.monotonic() + 0.0005
+            while time.monotonic() < deadline:
+                pass
+            os.write(fd, b"X")
+
+
 class FalseyError(Exception):
     """An exception that is false in a boolean context."""
 

@@ -211,12 +211,16 @@ def critical_section(max_seconds: float) -> AbstractContextManager[None]:
     Inside a process worker, the pool's SIGTERM and SIGKILL steps wait until the block
     ends or its declared time runs out, whichever is first; a SIGTERM that arrives
     meanwhile is delivered as soon as the block exits, or once the declared time has
-    run out if the block is still running then. Cooperative cancellation is not
-    affected (the token is still set at once). Elsewhere (threads, the event loop) there
-    is nothing to defer and this is a plain no-op context manager.
+    run out if the block is still running then. Once the pool has decided to SIGKILL the
+    task (at once, or when the block open then ends), no block starts any more: entering
+    one raises :class:`CancelledException` instead, so the kill never lands inside a
+    block that began after the decision. Cooperative cancellation is not affected (the
+    token is still set at once). Elsewhere (threads, the event loop) there is nothing to
+    defer and this is a plain no-op context manager.
 
     Raises:
         TypeError / ValueError: ``max_seconds`` is not a positive finite number.
+        CancelledException: in a process worker whose task the pool is killing.
     """
     error = seconds_error(max_seconds, "max_seconds", positive=True, noun="a number")
     if error is not None:

@@ -23,6 +23,7 @@ import ctypes
 import pickle
 import socket
 import struct
+import threading
 from typing import Any, Literal, NamedTuple
 
 __all__ = (
@@ -65,7 +66,22 @@ class Control(ctypes.Structure):
         # 1 while the parent defers a stop step for a critical section: the worker, leaving
         # its outermost one, clears it and says so (CriticalEnded)
         ("step_waits", ctypes.c_int32),
+        # 1 from just before a SIGKILL is decided (critical_until read) until the worker's
+        # next task: a section the task enters meanwhile does not start
+        ("kill_pending", ctypes.c_int32),
     )
+
+
+_barrier = threading.Lock()
+
+
+def full_barrier() -> None:
+    """Order a store to shared memory before a later load (an atomic read-modify-write:
+    a lock's acquire and release). The pool writes ``Control.kill_pending`` then reads
+    ``critical_until``; the worker writes ``critical_until`` then reads
+    ``kill_pending``: with this between, at least one of them sees the other's write."""
+    _barrier.acquire()
+    _barrier.release()
 
 
 # -- parent -> worker ----------------------------------------------------------------------

@@ -76,6 +76,7 @@ from ._protocol import (
     Swept,
     WorkerMessage,
     ZygoteReady,
+    full_barrier,
     read,
     recv_record,
     send_record,
@@ -443,7 +444,7 @@ class Supervisor:
                 or not view.open
             ):
                 return
-            if not unconditional and worker.control.critical_until > time.monotonic():
+            if not unconditional and _open_section_end(worker.control):
                 return  # the supervisor defers the step (see _escalate)
             worker.killed_early = True  # before the signal: see _kill
             send_signal(worker.pid, signal.SIGKILL)
@@ -721,6 +722,7 @@ class Supervisor:
         control.critical_until = 0.0
         control.pid = 0
         control.step_waits = 0
+        control.kill_pending = 0
         worker = WorkerHandle(index, parent_end, slot, slot_lock, control)
         self.workers[index] = worker
         parent_end.setblocking(False)  # never block the supervisor on a frozen worker
@@ -921,6 +923,7 @@ class Supervisor:
                 worker.state = "busy"
                 worker.task = task
                 worker.slot.reset()
+                worker.control.kill_pending = 0  # (raised for its last task, see _escalate)
             task.future.pid = worker.pid
             task.future.fate = _RUNNING
             self._send_to(worker, encode(wire(RunTask(task.seq, task.payload))))
@@ -964,13 +967,17 @@ class Supervisor:
             return
         control = worker.control
         control.step_waits = 1  # before the read: a section ending after it is told
-        critical = control.critical_until
-        now = time.monotonic()
-        if critical > now:
+        if task.stage >= 2 or task.term_grace <= 0:  # the step is SIGKILL
+            critical = _open_section_end(control)
+        else:  # SIGTERM: inside a section, the worker's handler defers it itself
+            critical = control.critical_until
+            if critical <= time.monotonic():
+                critical = 0.0
+        if critical:
             # Until the section's declared end, or sooner: the worker says when the task
             # leaves it (CriticalEnded).
             task.deferred = True
-            self._at(critical - now, self._resume_deferred, task)
+            self._at(max(0.0, critical - time.monotonic()), self._resume_deferred, task)
             return
         control.step_waits = 0
         task.deferred = False  # taken now: a deferral's timer or CriticalEnded is stale
@@ -1295,6 +1302,21 @@ class Supervisor:
         with contextlib.suppress(Exception):
             self._selector.close()
         self.closed.set()
+
+
+def _open_section_end(control: Control) -> float:
+    """Before a SIGKILL: the declared end of the critical section the worker's task is
+    in, or ``0.0`` if none is open, and then the kill may go.
+
+    ``kill_pending`` is raised before the read and stays raised until the worker's next
+    task (``_dispatch`` lowers it): a section open now runs to its end, and no section
+    the task enters after the read starts (see ``_worker._critical_section``), so a task
+    going from section to section is killed in the first gap, never inside one.
+    """
+    control.kill_pending = 1
+    full_barrier()
+    critical = float(control.critical_until)
+    return critical if critical > time.monotonic() else 0.0
 
 
 def _crash_error(worker: WorkerHandle) -> WorkerCrashedError:

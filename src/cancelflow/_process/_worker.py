@@ -68,6 +68,7 @@ from ._protocol import (
     Retire,
     RunTask,
     WorkerMessage,
+    full_barrier,
     read,
     wire,
 )
@@ -106,6 +107,14 @@ def _critical_section(
     outer = _state.critical_depth == 0
     if outer:
         _state.critical_until = control.critical_until = time.monotonic() + seconds
+        full_barrier()
+        if control.kill_pending:
+            # The pool is killing this task (at once, or as soon as the section open when
+            # it decided has ended): the kill may land any moment, so the block must not
+            # start.
+            _state.critical_until = control.critical_until = 0.0
+            on_outer_exit()
+            raise CancelledException("the task is being killed: its critical section did not start")
     _state.critical_depth += 1
     try:
         yield
