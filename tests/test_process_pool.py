@@ -14,7 +14,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
@@ -27,6 +27,7 @@ from cancelflow import (
     PipelineTimeoutException,
     PoolClosedError,
     ProcessPool,
+    TaskFuture,
     WorkerCrashedError,
 )
 from support import REAPS_ORPHANS, WAIT, Announcements, assert_gone
@@ -514,6 +515,32 @@ def _exits_within(pid: int, seconds: float) -> bool:
         os.close(fd)
 
 
+def _stop_while_held_up(
+    pool: ProcessPool,
+    future: TaskFuture,
+    monkeypatch: pytest.MonkeyPatch,
+    stop: Callable[[], None],
+) -> None:
+    """Run ``stop`` (which stops ``future``'s task and checks what it expects) while the
+    supervisor thread is held up; then the future ends killed."""
+    release = _hold_commands(pool, monkeypatch)
+    try:
+        stop()
+    finally:
+        release.set()
+    with pytest.raises(concurrent.futures.CancelledError):
+        future.result(WAIT)
+    assert future.fate == "killed"
+
+
+def _cancel_and_see_it_die(future: TaskFuture, pid: int) -> Callable[[], None]:
+    def stop() -> None:
+        assert future.cancel()
+        assert _exits_within(pid, WAIT), "the worker was not killed"
+
+    return stop
+
+
 @pytest.mark.skipif(not REAPS_ORPHANS, reason="the asking thread kills only on linux")
 class TestKillFromTheAskingThread:
     """A stop with no grace at all (or a kill) SIGKILLs the worker from the thread that
@@ -527,15 +554,7 @@ class TestKillFromTheAskingThread:
         with ProcessPool(1, grace_period=0, term_grace_period=0) as pool:
             future = pool.submit_task(workloads.announce_and_spin, partial_sink=seen)
             pid = seen.wait("pid")
-            release = _hold_commands(pool, monkeypatch)
-            try:
-                assert future.cancel()
-                assert _exits_within(pid, WAIT), "the worker was not killed"
-            finally:
-                release.set()
-            with pytest.raises(concurrent.futures.CancelledError):
-                future.result(WAIT)
-            assert future.fate == "killed"
+            _stop_while_held_up(pool, future, monkeypatch, _cancel_and_see_it_die(future, pid))
 
     def test_a_task_in_a_critical_section_is_left_to_the_supervisor(
         self, monkeypatch: pytest.MonkeyPatch
@@ -548,17 +567,14 @@ class TestKillFromTheAskingThread:
                 workloads.announce_then_critical, (4 * WAIT,), partial_sink=seen
             )
             pid = seen.wait("pid")
-            release = _hold_commands(pool, monkeypatch)
-            try:
+
+            def stop() -> None:
                 assert future.cancel()
                 assert not _exits_within(pid, 0.3), "killed inside its critical section"
                 assert future.kill()
                 assert _exits_within(pid, WAIT), "kill() did not kill"
-            finally:
-                release.set()
-            with pytest.raises(concurrent.futures.CancelledError):
-                future.result(WAIT)
-            assert future.fate == "killed"
+
+            _stop_while_held_up(pool, future, monkeypatch, stop)
 
     def test_a_kill_racing_the_tasks_return_never_reaches_the_next_task(self) -> None:
         """Test that a task cancelled (no grace) just as it returns, its worker killed by
@@ -624,15 +640,7 @@ class TestKillFromTheAskingThread:
             child = seen.wait("child")
             at_release: list[bool] = []
             future.add_done_callback(lambda _: at_release.append(psutil.pid_exists(child)))
-            release = _hold_commands(pool, monkeypatch)
-            try:
-                assert future.cancel()
-                assert _exits_within(pid, WAIT), "the worker was not killed"
-            finally:
-                release.set()
-            with pytest.raises(concurrent.futures.CancelledError):
-                future.result(WAIT)
-            assert future.fate == "killed"
+            _stop_while_held_up(pool, future, monkeypatch, _cancel_and_see_it_die(future, pid))
             assert at_release == [False], "the caller was released before the child died"
 
 
