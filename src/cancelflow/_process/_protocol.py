@@ -47,6 +47,7 @@ __all__ = (
     "WorkerMessage",
     "ZygoteMessage",
     "ZygoteReady",
+    "full_barrier",
     "read",
     "recv_record",
     "send_record",
