@@ -401,19 +401,31 @@ class Supervisor:
         takes the step again, a no-op, and goes on down the ladder). Skipped, leaving the
         step to the supervisor, when the task has no grace period (the supervisor kills it
         at once: the kill must not wait for this), is not running on a worker, or when its
-        slot is changing hands at this moment (a non-blocking try: a signal handler
-        that interrupted the holder must not wait for it). Under the lock, the slot
-        belongs to ``task`` if its worker still says so: the supervisor resets a slot for
-        its next task under the same lock.
+        slot is changing hands at this moment (see :meth:`_lock_running_worker`; the
+        supervisor resets a slot for its next task under that lock).
         """
-        worker = task.worker
-        if worker is None or self.forked or not worker.slot_lock.acquire(blocking=False):
+        worker = self._lock_running_worker(task)
+        if worker is None:
             return
         try:
-            if worker.task is task and worker.state == "busy":
-                worker.slot.cancel(reason)
+            worker.slot.cancel(reason)
         finally:
             worker.slot_lock.release()
+
+    def _lock_running_worker(self, task: Task) -> WorkerHandle | None:
+        """For a step taken by the asking thread: the worker running ``task``, returned
+        with its slot lock held (the caller releases it), or ``None`` (no lock held) if
+        the task runs on no worker, this is a fork of the owner, or the slot is changing
+        hands at this moment (a non-blocking try: a signal handler that interrupted the
+        holder must not wait for it). Under the lock the worker still runs ``task`` if
+        it says so: the supervisor gives it its next task under the same lock."""
+        worker = task.worker
+        if worker is None or self.forked or not worker.slot_lock.acquire(blocking=False):
+            return None
+        if worker.task is task and worker.state == "busy":
+            return worker
+        worker.slot_lock.release()
+        return None
 
     def _kill_from_here(self, task: Task, *, unconditional: bool) -> None:
         """Take the ladder's SIGKILL step here and now, for a task stopped with no grace
@@ -427,22 +439,15 @@ class Supervisor:
         sweep instead. Where the worker's ``/proc`` cannot be read (``"posix"``) the
         step is left to the supervisor, as it is when the task is not running on a worker,
         is inside a critical section (unless ``unconditional``: :meth:`TaskFuture.kill`),
-        or when its slot is changing hands at this moment (a non-blocking try, as in
-        :meth:`_cancel_slot_now`).
+        or when its slot is changing hands at this moment (see
+        :meth:`_lock_running_worker`).
         """
-        worker = task.worker
-        if worker is None or self.forked or not worker.slot_lock.acquire(blocking=False):
+        worker = self._lock_running_worker(task)
+        if worker is None:
             return
         try:
             view = worker.view
-            if (
-                worker.task is not task
-                or worker.state != "busy"
-                or worker.gone
-                or worker.pid <= 1
-                or view is None
-                or not view.open
-            ):
+            if worker.gone or worker.pid <= 1 or view is None or not view.open:
                 return
             if not unconditional and _open_section_end(worker.control):
                 return  # the supervisor defers the step (see _escalate)
