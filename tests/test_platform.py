@@ -494,6 +494,66 @@ class TestProcessView:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
 
+    def test_childless_while_a_process_with_no_child_lives_not_once_it_exited(
+        self,
+    ) -> None:
+        """Test that childless() is True for a live single-threaded process with no
+        child, and False once it exited (what it held is no longer its own to list)."""
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        view = ProcessView(pid)
+        pidfd = os.pidfd_open(pid)
+        try:
+            assert view.childless()
+            os.kill(pid, signal.SIGKILL)
+            assert select.select([pidfd], [], [], WAIT)[0], "the child did not exit"
+            assert not view.childless()
+        finally:
+            os.close(pidfd)
+            view.close()
+            os.waitpid(pid, 0)
+
+    def test_not_childless_with_a_child(self) -> None:
+        """Test that childless() is False for a process that has children."""
+        with subprocess.Popen(
+            [sys.executable, "-c", _FORK_TWO], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        ) as proc:
+            assert proc.stdin is not None
+            assert proc.stdout is not None
+            view = ProcessView(proc.pid)
+            try:
+                assert len(proc.stdout.readline().split()) == 2
+                assert not view.childless()
+            finally:
+                view.close()
+                proc.kill()
+
+    def test_not_childless_with_several_threads(self) -> None:
+        """Test that childless() is False for a process with no child that runs more
+        than one thread (the other threads' children would not be in the view)."""
+        code = (
+            "import sys, threading\n"
+            "threading.Thread(target=sys.stdin.readline).start()\n"
+            "print('ready', flush=True)\n"
+        )
+        with subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        ) as proc:
+            assert proc.stdin is not None
+            assert proc.stdout is not None
+            view = ProcessView(proc.pid)
+            try:
+                assert proc.stdout.readline().strip() == b"ready"
+                assert view.children() is None
+                assert not view.childless()
+            finally:
+                view.close()
+                proc.stdin.write(b"\n")
+                proc.stdin.flush()
+                assert proc.wait(WAIT) == 0
+
     def test_close_releases_both_descriptors_and_is_idempotent(self) -> None:
         """Test that close() closes what the view opened, and may be called again."""
         before = len(os.listdir("/proc/self/fd"))

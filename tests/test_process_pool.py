@@ -747,52 +747,114 @@ class TestTaskFutureKill:
             assert_gone(worker)
 
 
-class TestKilledTaskRelease:
-    def test_the_caller_is_released_once_the_tree_is_dead_not_after_the_sweep(
-        self, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        """Test that a killed task's future settles as soon as its worker and tree are
-        known dead, while the zygote's sweep of the worker is still outstanding (the
-        worker's slot is replaced only after the sweep)."""
+class _SweepsHeld:
+    """Holds back every sweep the supervisor asks the zygote for until ``release``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         from cancelflow._process import _supervisor
         from cancelflow._process._protocol import Sweep, send_record as real_send
 
-        release = threading.Event()
-        asked = threading.Event()
-        held: list[threading.Thread] = []
+        self.release = threading.Event()
+        self.asked = threading.Event()
+        self.held: list[threading.Thread] = []
 
         def send_record(sock: Any, record: Any, *args: Any) -> None:
             if isinstance(record, Sweep):  # the sweep goes out only once the test says so
 
                 def later() -> None:
-                    release.wait(WAIT)
+                    self.release.wait(WAIT)
                     real_send(sock, record, *args)
 
-                held.append(threading.Thread(target=later))
-                held[-1].start()
-                asked.set()
+                self.held.append(threading.Thread(target=later))
+                self.held[-1].start()
+                self.asked.set()
                 return
             real_send(sock, record, *args)
 
         monkeypatch.setattr(_supervisor, "send_record", send_record)  # as the pool calls it
-        seen = Announcements()
+
+    def end(self) -> None:
+        self.release.set()
+        for thread in self.held:
+            thread.join(WAIT)
+
+
+class TestKilledTaskRelease:
+    @pytest.fixture
+    def sweeps(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[_SweepsHeld]:
+        held = _SweepsHeld(monkeypatch)
         try:
-            with ProcessPool(1, grace_period=0, term_grace_period=0) as pool:
-                future = pool.submit_task(workloads.announce_and_spin, partial_sink=seen)
-                worker = seen.wait("pid")
-                assert future.cancel()
-                with pytest.raises(concurrent.futures.CancelledError):
-                    future.result(WAIT)
-                assert future.fate == "killed"
-                # The supervisor asks for the sweep just after it settled the future.
-                assert asked.wait(WAIT), "no sweep was asked for"
-                assert_gone(worker)
-                release.set()
-                assert pool.submit(abs, -1).result(WAIT) == 1
+            yield held
         finally:
-            release.set()
-            for thread in held:
-                thread.join(WAIT)
+            held.end()
+
+    @staticmethod
+    def cancel_while_sweeps_are_held(sweeps: _SweepsHeld) -> None:
+        seen = Announcements()
+        with ProcessPool(1, grace_period=0, term_grace_period=0) as pool:
+            future = pool.submit_task(workloads.announce_and_spin, partial_sink=seen)
+            worker = seen.wait("pid")
+            assert future.cancel()
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(WAIT)
+            assert future.fate == "killed"
+            # The supervisor asks for the sweep just after it settled the future.
+            assert sweeps.asked.wait(WAIT), "no sweep was asked for"
+            assert_gone(worker)
+            sweeps.release.set()
+            assert pool.submit(abs, -1).result(WAIT) == 1
+
+    def test_the_caller_is_released_once_the_tree_is_dead_not_after_the_sweep(
+        self, sweeps: _SweepsHeld
+    ) -> None:
+        """Test that a killed task's future settles as soon as its worker and tree are
+        known dead, while the zygote's sweep of the worker is still outstanding (the
+        worker's slot is replaced only after the sweep)."""
+        self.cancel_while_sweeps_are_held(sweeps)
+
+    @pytest.mark.skipif(not REAPS_ORPHANS, reason="the asking thread kills only on linux")
+    def test_a_childless_worker_is_released_before_the_sweep_when_its_walk_comes_late(
+        self, sweeps: _SweepsHeld, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that a worker SIGKILLed by the asking thread, with no child at that moment,
+        releases its caller before the sweep even when the supervisor reaches it only
+        after its exit (a loaded machine: CI's failure on 0a077cd)."""
+        from cancelflow._process._supervisor import Supervisor
+
+        kill = Supervisor._kill
+
+        def late_kill(self: Supervisor, worker: Any) -> None:
+            if worker.killed_early:  # the supervisor thread comes after the worker's exit
+                assert _exits_within(worker.pid, WAIT)
+            kill(self, worker)
+
+        monkeypatch.setattr(Supervisor, "_kill", late_kill)
+        self.cancel_while_sweeps_are_held(sweeps)
+
+    @pytest.mark.skipif(not REAPS_ORPHANS, reason="the asking thread kills only on linux")
+    def test_a_killed_worker_whose_exit_is_seen_before_the_stop_request_releases_its_caller(
+        self, sweeps: _SweepsHeld, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that the caller is released before the sweep when the asking thread's
+        SIGKILL ends the worker and the supervisor handles the exit before the stop
+        request the asking thread posts after it."""
+        from cancelflow._process._supervisor import Supervisor
+
+        gone = threading.Event()
+        on_gone, post = Supervisor._on_gone, Supervisor.post
+
+        def noted_gone(self: Supervisor, worker: Any) -> None:
+            on_gone(self, worker)
+            gone.set()
+
+        def late_post(self: Supervisor, command: Any) -> None:
+            if type(command).__name__ == "StopTask":
+                assert gone.wait(WAIT), "the worker's exit was not handled"
+            post(self, command)
+
+        monkeypatch.setattr(Supervisor, "_on_gone", noted_gone)
+        monkeypatch.setattr(Supervisor, "post", late_post)
+        self.cancel_while_sweeps_are_held(sweeps)
 
 
 class TestSupervisorWakeups:

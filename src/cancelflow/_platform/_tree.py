@@ -171,6 +171,14 @@ class ProcessView:
             return False
         return state not in (b"Z", b"X", b"x", b"")
 
+    def childless(self) -> bool:
+        """Whether the process, read now, has one thread and no child, and still holds
+        its children (:meth:`still_parent`, read after). For a process that can fork no
+        more (SIGKILLed: the kernel fails a fork once a fatal signal is pending, and
+        lists a child before it checks) ``True`` is final: its tree is itself alone.
+        ``False`` when any of that cannot be told."""
+        return self.children() == [] and self.still_parent()
+
     def close(self) -> None:
         """Close the descriptors (idempotent)."""
         for fd in (self._stat, self._children):

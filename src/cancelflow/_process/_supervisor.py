@@ -171,6 +171,9 @@ class WorkerHandle:
         #: SIGKILLed by the thread that asked for the stop, before the supervisor's walk
         #: of its tree (see Supervisor._kill_from_here)
         self.killed_early = False
+        #: read by that thread just after its SIGKILL: it had no child then, and can have
+        #: none since (see ProcessView.childless): its tree is itself
+        self.killed_alone = False
         #: that walk may have come after its exit handed its children to the zygote: the
         #: caller is released once the zygote's sweep is done, not before
         self.walk_late = False
@@ -436,7 +439,9 @@ class Supervisor:
         until its exit hands them to the zygote, about a millisecond later (the kernel
         tears the worker down first); if the walk came too late for that
         (:meth:`ProcessView.still_parent`), the caller is released after the zygote's
-        sweep instead. Where the worker's ``/proc`` cannot be read (``"posix"``) the
+        sweep instead. Right after the signal this thread reads whether the worker has
+        any child (:meth:`ProcessView.childless`): if it has none, it can have none
+        later, and there is nothing to walk, however late the supervisor comes. Where the worker's ``/proc`` cannot be read (``"posix"``) the
         step is left to the supervisor, as it is when the task is not running on a worker,
         is inside a critical section (unless ``unconditional``: :meth:`TaskFuture.kill`),
         or when its slot is changing hands at this moment (see
@@ -453,6 +458,7 @@ class Supervisor:
                 return  # the supervisor defers the step (see _escalate)
             worker.killed_early = True  # before the signal: see _kill
             send_signal(worker.pid, signal.SIGKILL)
+            worker.killed_alone = view.childless()
         finally:
             worker.slot_lock.release()
 
@@ -1012,11 +1018,18 @@ class Supervisor:
         """Freeze the worker, kill its whole tree and the worker, watch each one go."""
         worker.state = "dying"
         self.stats["killed"] += 1
-        if worker.gone or (worker.killed_early and not self._still_parent(worker)):
-            # Gone, or its exit is handing its children to the zygote: its pid may be
-            # another process's soon, so it is not signalled; what is left of its tree
-            # is the zygote's, whose sweep ends it (the caller is released after that).
-            worker.walk_late = worker.killed_early
+        if (
+            worker.gone
+            or worker.killed_alone
+            or (worker.killed_early and not self._still_parent(worker))
+        ):
+            # Gone, SIGKILLed with no child to walk, or its exit is handing its children
+            # to the zygote: its pid may be another process's soon, so it is not
+            # signalled; in that last case what is left of its tree is the zygote's,
+            # whose sweep ends it (the caller is released after that).
+            worker.walk_late = worker.killed_early and not worker.killed_alone
+            if worker.gone:  # its pidfd came first: nothing else will release the caller
+                self._settle_killed(worker)
             return
         tree = kill_tree(worker.pid, include_root=True, watch=True, view=worker.view)
         for pid, fd in tree.items():
