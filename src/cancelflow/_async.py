@@ -13,6 +13,14 @@ that one wait, for the async library that runs the caller:
 
 anyio runs on one of the two, so its users get the same behaviour. trio is imported only
 when a trio run is detected; nothing here requires it.
+
+It also holds the library's one way to wait for an asyncio future without cancelling it
+(:func:`shielded`, :func:`until_done`), used instead of ``asyncio.shield`` and
+``asyncio.wait``: ``asyncio.run``'s Ctrl-C handler cancels the main task from inside the
+signal handler, which Python runs between any two bytecodes of whatever is running, so
+it can land inside those helpers' own callbacks, between their "is the outer future
+done?" check and their ``set_result``: asyncio then logs an ``InvalidStateError`` traceback
+(a program stopped with Ctrl-C printed one, rarely, on Python 3.11).
 """
 
 from __future__ import annotations
@@ -20,15 +28,58 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-__all__ = ("WhenDone", "running_trio", "wait_for_callback")
+__all__ = ("WhenDone", "running_trio", "shielded", "until_done", "wait_for_callback")
+
+T = TypeVar("T")
 
 #: ``when_done(callback)`` arranges for ``callback()`` to be called once, from any thread,
 #: when the work is over (at once if it already is); it may return an ``undo`` callable
 #: that cancels that arrangement (called when the wait ends).
 WhenDone = Callable[[Callable[[], object]], "Callable[[], object] | None"]
+
+
+async def until_done(future: asyncio.Future[Any], timeout: float | None = None) -> bool:
+    """Wait until ``future`` is done, or ``timeout`` seconds passed; whether it is done.
+
+    A cancel of the awaiting task ends the wait (``CancelledError``) and never reaches
+    ``future``, whatever the moment, even from a signal handler; ``future`` is not read
+    (an exception it holds is not raised, nor marked retrieved).
+    """
+    if future.done():
+        return True
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        # No "is it done?" check before the set: a signal handler may cancel the waiter
+        # between the two; the set's own refusal is the check.
+        with contextlib.suppress(asyncio.InvalidStateError):
+            waiter.set_result(None)
+
+    future.add_done_callback(wake)
+    timer = None if timeout is None else loop.call_later(timeout, wake)
+    try:
+        await waiter
+    finally:
+        future.remove_done_callback(wake)
+        if timer is not None:
+            timer.cancel()
+    return future.done()
+
+
+async def shielded(aw: Awaitable[T]) -> T:
+    """``await asyncio.shield(aw)``, safe from signal handlers (see the module's text).
+
+    ``aw`` (a coroutine is wrapped in a task) runs on if the awaiting task is cancelled,
+    which raises ``CancelledError`` here; otherwise its result is returned, or its
+    exception raised.
+    """
+    future = asyncio.ensure_future(aw)
+    await until_done(future)
+    return future.result()
 
 
 def running_trio() -> bool:
@@ -81,7 +132,7 @@ async def wait_for_callback(
 
     undo = when_done(on_done)
     try:
-        await asyncio.shield(done)
+        await until_done(done)
     except asyncio.CancelledError:
         if on_cancelled is not None:
             on_cancelled()
@@ -92,7 +143,7 @@ async def wait_for_callback(
             with _anyio_shield():
                 while not done.done():
                     with contextlib.suppress(BaseException):
-                        await asyncio.shield(done)
+                        await until_done(done)
         raise
     finally:
         if undo is not None:

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
+from ._async import shielded
 from ._backends._base import PoolBackend
 from ._events import EventBus, PipelineEvent
 from ._exceptions import (
@@ -442,7 +443,8 @@ class PipelineExecutor:
         for run in runs:
             run.request_cancel(reason)
         if runs:
-            await asyncio.gather(*(asyncio.shield(run.done) for run in runs))
+            for run in runs:
+                await shielded(run.done)
         pools, self._owned_pools = self._owned_pools, []
         for pool in pools:
             await _shutdown_pool(pool)
@@ -668,7 +670,7 @@ async def _shutdown_pool(pool: PoolBackend) -> None:
             pass
 
     threading.Thread(target=work, name="cancelflow-pool-shutdown", daemon=True).start()
-    await asyncio.shield(done)
+    await shielded(done)
 
 
 def _check_mode(mode: object) -> Mode:

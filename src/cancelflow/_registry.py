@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future as ConcurrentFuture
 from typing import Any
 
+from ._async import shielded
 from ._exceptions import PipelineDefinitionError
 from ._log import safe_log
 from ._token import CancellationToken, check_reason
@@ -356,9 +357,9 @@ class CancellationRegistry:
             except RuntimeError:  # its loop is closed: clean up here instead
                 entry.loop = loop
             else:
-                await asyncio.shield(asyncio.wrap_future(future))
+                await shielded(asyncio.wrap_future(future))
                 return
-        await asyncio.shield(self._request_cleanup(entry))
+        await shielded(self._request_cleanup(entry))
 
     def _request_cleanup(self, entry: _Entry) -> asyncio.Task[None]:
         """Start the entry's cleanup task unless it exists; return it (loop thread only)."""
@@ -512,7 +513,7 @@ class RunHandle:
         if run_handlers and (entry.handlers or entry.cleanup_task is not None):
             registry._request_cleanup(entry)
         if entry.cleanup_task is not None:
-            await asyncio.shield(entry.cleanup_task)
+            await shielded(entry.cleanup_task)
         errors = tuple(entry.cleanup_errors)
         registry._drop(entry)
         return errors

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ._async import shielded, until_done
 from ._backends._base import PoolBackend
 from ._events import EventBus, PipelineEvent
 from ._exceptions import (
@@ -290,9 +291,7 @@ class Run:
             node_run.task = loop.create_task(self._run_node(node_run))
         while not wave_done.done():
             try:
-                await asyncio.wait(
-                    (wave_done,), timeout=_RECANCEL_INTERVAL if self.interrupted else None
-                )
+                await until_done(wave_done, _RECANCEL_INTERVAL if self.interrupted else None)
             except asyncio.CancelledError:
                 self._on_caller_cancelled()
                 continue
@@ -533,7 +532,7 @@ async def _uncancellable(aw: Awaitable[RunOutcome], run: Run) -> RunOutcome:
     cancelled = run.caller_cancelled
     while True:
         try:
-            outcome = await asyncio.shield(task)
+            outcome = await shielded(task)
             break
         except asyncio.CancelledError:
             if task.done():

@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from ._async import shielded
 from ._exceptions import CancelledException
 from ._log import safe_log
 from ._token import CancellationToken
@@ -100,7 +101,7 @@ class Superseder:
         ran = False
         try:
             if previous is not None:
-                await asyncio.shield(previous.done)
+                await shielded(previous.done)
             if slot.token.is_cancelled:
                 why = slot.token.cancel_reason
                 raise CancelledException(why or "superseded before it started", reason=why)

@@ -35,6 +35,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._async import shielded, until_done
 from .._context import PartialSink, deliver_partial, report_lost_attempt
 from .._exceptions import (
     CancelledException,
@@ -178,7 +179,7 @@ class _Core:
             starting = None  # a failed start is not kept: the cluster may be fixed since
         if starting is None:
             starting = self.starting = asyncio.ensure_future(self._start())
-        await asyncio.shield(starting)
+        await shielded(starting)
 
     async def _start(self) -> None:
         import cloudpickle
@@ -824,7 +825,7 @@ class DaskRunner:
                 asyncio.run_coroutine_threadsafe(core.drive(call), core.loop)
             )
         try:
-            return await asyncio.shield(driving)
+            return await shielded(driving)
         except asyncio.CancelledError:
             if driving.done():
                 raise
@@ -832,7 +833,7 @@ class DaskRunner:
             core.soon(call.wake.set)
             while not driving.done():
                 with contextlib.suppress(BaseException):
-                    await asyncio.shield(driving)
+                    await until_done(driving)
             raise
 
     async def aclose(self, timeout: float | None = 30.0) -> None:
