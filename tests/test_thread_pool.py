@@ -820,6 +820,30 @@ class TestTimerThreadHold:
             release.set()
             pool.shutdown(wait=True)
 
+    def test_shutdown_with_wait_returns_once_the_timer_thread_it_kept_has_ended(
+        self,
+    ) -> None:
+        """Test that shutdown(wait=True) of the pool that kept the timer thread up returns
+        only once that thread has ended, even while it is busy with a last callback (a
+        loaded machine: the contract suite found it alive after shutdown)."""
+        from cancelflow import _timer
+
+        pool = ThreadPool(1)
+        assert pool.submit(abs, -1).result(WAIT) == 1
+        assert _timer_threads()
+        entered, returned = threading.Event(), threading.Event()
+
+        def last_callback() -> None:
+            entered.set()
+            returned.wait(0.2)  # ends on its own if shutdown (rightly) waits for it
+
+        _timer.call_at(0.0, last_callback)
+        wait(entered)
+        pool.shutdown(wait=True)
+        alive = _timer_threads()
+        returned.set()
+        assert alive == []
+
     def test_a_pool_dropped_without_shutdown_lets_the_timer_thread_go(self) -> None:
         """Test that a pool collected without a shutdown (broken by its initializer, so
         its threads are gone) gives its hold on the timer thread back."""

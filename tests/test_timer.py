@@ -190,6 +190,29 @@ class TestTimerThread:
         _timer.call_at(soon(), second.set)
         wait(second)
 
+    def test_wait_idle_end_returns_at_once_while_a_hold_keeps_the_thread(self) -> None:
+        """Test that wait_idle_end() does not wait for a timer thread that something
+        else still holds (it is not the caller's), and waits it out once released."""
+        held = _timer.hold()
+        try:
+            _timer.wait_idle_end()
+            assert timer_threads()
+        finally:
+            held.release()
+        _timer.wait_idle_end()
+        assert timer_threads() == []
+
+    def test_wait_idle_end_returns_at_once_while_a_timer_is_pending(self) -> None:
+        """Test that wait_idle_end() does not wait for a pending timer's deadline."""
+        handle = _timer.call_at(soon(3600), lambda: None)
+        try:
+            _timer.wait_idle_end()
+            assert timer_threads()
+        finally:
+            handle.cancel()
+        _timer.wait_idle_end()
+        assert timer_threads() == []
+
     def test_a_forked_child_starts_with_no_timers_and_runs_its_own(self) -> None:
         """Test that a forked child inherits none of the parent's pending timers, can
         schedule its own, and the parent's timer still runs in the parent."""

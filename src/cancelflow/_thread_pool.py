@@ -745,7 +745,9 @@ class ThreadPool(Executor):
 
         Args:
             wait: return only once every non-abandoned worker thread has ended, that is
-                once the queued tasks left and the running ones have returned.
+                once the queued tasks left and the running ones have returned, and the
+                timer thread the pool kept up has ended too, unless something else in the
+                process still needs it (a pending timer, another open pool).
             cancel_futures: cancel every task not started: its future becomes cancelled
                 (``cancelled()`` is true; ``cancel_reason`` is ``"pool shut down"``) and it
                 never runs. Running tasks are left alone, and waited for if ``wait``.
@@ -810,6 +812,7 @@ class ThreadPool(Executor):
         for thread in exited:
             if thread is not me:
                 thread.join()
+        _timer.wait_idle_end()  # the timer thread this pool kept up, unless still needed
 
     def statistics(self) -> ThreadPoolStatistics:
         """A consistent snapshot of the pool's counters; never blocks on a task."""

@@ -35,9 +35,10 @@ from collections.abc import Callable
 from ._log import safe_log
 from ._platform import at_fork, futex_wait, futex_wake
 
-__all__ = ("TimerHandle", "call_at", "hold", "pending")
+__all__ = ("TimerHandle", "call_at", "hold", "pending", "wait_idle_end")
 
 _lock = threading.Lock()  # taken by the timer thread only
+_IDLE_RECHECK = 0.01  # seconds: see wait_idle_end
 _heap: list[tuple[float, int]] = []
 _entries: dict[int, Callable[[], object]] = {}
 _ids = itertools.count()
@@ -53,6 +54,8 @@ _kick_address = ctypes.addressof(_kicks)
 # added and discarded in one atomic step each, so no lock (a signal handler may release
 # one while its thread is inside hold()).
 _holds: set[TimerHold] = set()
+# The timer thread last started (for wait_idle_end); it may have ended since.
+_thread: threading.Thread | None = None
 
 
 def _kick() -> None:
@@ -93,7 +96,7 @@ def call_at(deadline: float, callback: Callable[[], object]) -> TimerHandle:
     except IndexError:
         _kick()  # a timer thread runs: make it look at the new entry
     else:
-        threading.Thread(target=_run, name="cancelflow-timer", daemon=True).start()
+        _start()
     return TimerHandle(ident)
 
 
@@ -125,8 +128,29 @@ def hold(owner: object | None = None) -> TimerHold:
     except IndexError:
         pass  # a timer thread runs; it sees the hold before it could leave
     else:
-        threading.Thread(target=_run, name="cancelflow-timer", daemon=True).start()
+        _start()
     return held
+
+
+def _start() -> None:
+    """Start a timer thread (the caller popped the ticket)."""
+    global _thread
+    _thread = thread = threading.Thread(target=_run, name="cancelflow-timer", daemon=True)
+    thread.start()
+
+
+def wait_idle_end() -> None:
+    """Wait for the timer thread to end, for as long as nothing keeps it: no hold and no
+    pending timer (it ends soon after the last one goes). Returns at once when none
+    runs, when it is the calling thread, or as soon as a hold or a timer appears (the
+    thread is then another part of the program's, not the caller's to wait for)."""
+    thread = _thread
+    if thread is None or thread is threading.current_thread():
+        return
+    while thread.is_alive() and not _holds and not _entries:
+        # Returns as soon as the thread ends; the bound only re-reads the two conditions,
+        # which a lock-free call_at or hold may change without telling anyone.
+        thread.join(_IDLE_RECHECK)
 
 
 def pending() -> int:
@@ -182,10 +206,11 @@ def _run() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _ticket
+    global _lock, _ticket, _thread
     _lock = threading.Lock()  # another thread may have held it at the fork
     _holds.clear()  # the holders' threads (pools) do not survive a fork either
     _ticket = [None]  # the timer thread does not survive a fork
+    _thread = None
     _heap.clear()
     _incoming.clear()
     _entries.clear()
