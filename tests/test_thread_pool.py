@@ -6,6 +6,9 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import functools
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -344,6 +347,56 @@ class TestThreadPool:
             assert nxt.result(WAIT) == sum(range(20_000))
             assert fate(nxt) == "finished"
         assert one_worker.statistics().workers == 1
+
+    def test_a_dropped_interrupt_leaves_the_interpreter_traceable(self) -> None:
+        """Test that after interrupts that raced with their task's return were dropped,
+        a function traced with sys.settrace still runs (on Python 3.11, clearing a sent
+        interrupt left the interpreter's pending flag set, and the next traced call looped
+        forever). In a child process: the loop would never end."""
+        code = textwrap.dedent(
+            """
+            import sys, threading
+            from cancelflow import ThreadPool, current_token
+            from cancelflow import _thread_pool
+
+            dropped = []
+            discard = _thread_pool._discard_pending_interrupt
+            def counted():
+                dropped.append(1)
+                discard()
+            _thread_pool._discard_pending_interrupt = counted
+
+            def racer(spins, started):
+                token = current_token()
+                started.set()
+                while not token.is_cancelled:
+                    pass
+                for _ in range(spins):
+                    pass
+
+            with ThreadPool(1) as pool:
+                for i in range(400):
+                    started = threading.Event()
+                    future = pool.submit_task(
+                        racer, ((i * 7919) % 200_000, started),
+                        grace_period=0, interrupt_on_cancel=True,
+                    )
+                    started.wait()
+                    future.cancel()
+                    pool.submit(int).result()
+                    if dropped:
+                        break
+            sys.settrace(lambda frame, event, arg: None)
+            sum(abs(i) for i in range(10))
+            sys.settrace(None)
+            print("dropped" if dropped else "none dropped")
+            """
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "dropped"
 
     def test_map_returns_results_in_order(self, pool: ThreadPool) -> None:
         """Test that map yields each call's result in input order."""

@@ -63,14 +63,34 @@ _UNDER_WAY = (Fate.PENDING, Fate.RUNNING)
 # Read once: a member access on an Enum class costs ~0.2 µs on Python 3.11.
 _RUNNING, _FINISHED, _FAILED = Fate.RUNNING, Fate.FINISHED, Fate.FAILED
 
-# PyThreadState_SetAsyncExc(thread_id, exc): two prototypes of the same C function, one that
-# passes an exception type and one that passes NULL (which clears a pending exception).
+# PyThreadState_SetAsyncExc(thread_id, exc): raise exc in that thread at its next check.
 _send_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
     ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
 )
-_clear_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
-    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
-)
+
+
+class _Discarded(BaseException):
+    """Takes the place of an undelivered interrupt, to be raised and dropped at once."""
+
+
+def _discard_pending_interrupt() -> None:
+    """In a worker thread: drop an interrupt sent to this thread and not delivered yet.
+
+    Not by clearing it (``PyThreadState_SetAsyncExc(id, NULL)``): on Python 3.11 that
+    leaves the interpreter's "async exception pending" flag set for good, since only
+    the delivery of one resets it; every thread then handles a pending event at each
+    check of the eval loop, and a thread running under ``sys.settrace`` loops forever
+    at the first call it makes. So the interrupt is replaced by a private exception,
+    which this frame receives (the flag is reset) and drops.
+    """
+    try:
+        # Delivered at the eval loop's next check: as the call returns, or at the latest
+        # at the loop's first backward jump.
+        if _send_async_exc(threading.get_ident(), _Discarded) == 1:
+            while True:
+                pass
+    except _Discarded:
+        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -1102,7 +1122,7 @@ class ThreadPool(Executor):
             worker.item = None
         finishing = worker.finishing
         if finishing is not None and finishing.interrupt_sent:
-            _clear_async_exc(worker.ident, None)
+            _discard_pending_interrupt()
 
     def _complete(self, worker: _Worker) -> None:
         """Deliver a returned task's outcome and return the thread to the pool."""
