@@ -789,10 +789,12 @@ class TestKilledTaskRelease:
             held.end()
 
     @staticmethod
-    def cancel_while_sweeps_are_held(sweeps: _SweepsHeld) -> None:
+    def cancel_while_sweeps_are_held(
+        sweeps: _SweepsHeld, task: Callable[[], None] = workloads.announce_and_spin
+    ) -> None:
         seen = Announcements()
         with ProcessPool(1, grace_period=0, term_grace_period=0) as pool:
-            future = pool.submit_task(workloads.announce_and_spin, partial_sink=seen)
+            future = pool.submit_task(task, partial_sink=seen)
             worker = seen.wait("pid")
             assert future.cancel()
             with pytest.raises(concurrent.futures.CancelledError):
@@ -829,7 +831,10 @@ class TestKilledTaskRelease:
             kill(self, worker)
 
         monkeypatch.setattr(Supervisor, "_kill", late_kill)
-        self.cancel_while_sweeps_are_held(sweeps)
+        # The asking thread reads the worker right after its SIGKILL, while the kernel
+        # tears it down: a worker holding much memory makes that take long enough for
+        # the read to come first on any machine (a bare one goes in about a millisecond).
+        self.cancel_while_sweeps_are_held(sweeps, workloads.announce_and_spin_holding_memory)
 
     @pytest.mark.skipif(not REAPS_ORPHANS, reason="the asking thread kills only on linux")
     def test_a_killed_worker_whose_exit_is_seen_before_the_stop_request_releases_its_caller(

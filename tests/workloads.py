@@ -29,6 +29,16 @@ def announce_and_spin() -> None:
         pass
 
 
+def announce_and_spin_holding_memory() -> None:
+    """As announce_and_spin, holding 128 MiB of written memory: the kernel takes tens of
+    milliseconds to tear the process down after a SIGKILL, a wide window in which it
+    still holds its children."""
+    held = b"\x01" * (128 << 20)
+    _context.store_partial("pid", os.getpid())
+    while held:
+        pass
+
+
 def announce_and_wait_cooperatively() -> str:
     token = _context.current_token()
     _context.store_partial("pid", os.getpid())

@@ -9,12 +9,13 @@ is still reached through the group by :func:`kill_tree` and :func:`kill_remains`
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 
 from ._exit_watch import pidfd_open
 from ._flavour import FLAVOUR
-from ._libc import libc as _libc
+from ._libc import libc as _libc, libc_keeping_gil as _libc_keeping_gil
 from ._signals import send_signal
 
 __all__ = (
@@ -110,6 +111,22 @@ def children(pid: int) -> list[int]:
     return _children_of(pid)
 
 
+def _pread(fd: int, size: int) -> bytes:
+    """``os.pread(fd, size, 0)``, keeping the GIL where libc can be called that way.
+
+    A read of a ``/proc`` file never blocks; releasing the GIL around it (as ``os.pread``
+    does) lets a busy thread take the GIL, and getting it back can cost a switch
+    interval (5 ms): long enough, right after a SIGKILL, for the process to be gone
+    before it is read (see :meth:`ProcessView.childless`)."""
+    if _libc_keeping_gil is None:
+        return os.pread(fd, size, 0)
+    buffer = ctypes.create_string_buffer(size)
+    count = _libc_keeping_gil.pread(fd, buffer, ctypes.c_size_t(size), ctypes.c_long(0))
+    if count < 0:
+        raise OSError(f"pread of descriptor {fd} failed")
+    return buffer.raw[:count]
+
+
 class ProcessView:
     """Descriptors held open on one process's ``/proc`` entries (``"linux"`` only), so that
     a kill of its tree reads the process's children without looking up a path.
@@ -140,11 +157,11 @@ class ProcessView:
         if self._children < 0:
             return None
         try:
-            stat = os.pread(self._stat, 4096, 0)
+            stat = _pread(self._stat, 4096)
             # Field 20 is num_threads: the 18th after the ")" that ends the name.
             if stat[stat.rindex(b")") + 2 :].split()[17] != b"1":
                 return None
-            data = os.pread(self._children, 65536, 0)
+            data = _pread(self._children, 65536)
         except (OSError, ValueError, IndexError):
             return None
         if len(data) == 65536:
@@ -165,7 +182,7 @@ class ProcessView:
         if self._stat < 0:
             return False
         try:
-            stat = os.pread(self._stat, 4096, 0)
+            stat = _pread(self._stat, 4096)
             state = stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3]
         except (OSError, ValueError):
             return False
