@@ -422,6 +422,37 @@ _FORK_TWO = (
 )
 
 
+@contextlib.contextmanager
+def _viewed_sleeping_child() -> Iterator[tuple[int, ProcessView]]:
+    """A forked child that sleeps, with a view of it; killed and reaped at the end."""
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    view = ProcessView(pid)
+    try:
+        yield pid, view
+    finally:
+        view.close()
+        try:
+            running = os.waitpid(pid, os.WNOHANG) == (0, 0)
+        except ChildProcessError:
+            running = False  # reaped by the test: its pid may be another's by now
+        if running:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def _kill_and_see_exit(pid: int) -> None:
+    """SIGKILL a child and wait until it has exited (a zombie, not reaped)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        assert select.select([pidfd], [], [], WAIT)[0], "the child did not exit"
+    finally:
+        os.close(pidfd)
+
+
 @linux_only
 class TestProcessView:
     """Descriptors held open on a process's /proc entries, for a fast kill of its tree."""
@@ -473,47 +504,24 @@ class TestProcessView:
         """Test that still_parent() is True while the process lives, False once it
         exited (a zombie) and once it is reaped, and that a reaped process's view reads
         nothing (its pid, free again, is never read through it)."""
-        pid = os.fork()
-        if pid == 0:
-            time.sleep(60)
-            os._exit(0)
-        view = ProcessView(pid)
-        pidfd = os.pidfd_open(pid)
-        try:
+        with _viewed_sleeping_child() as (pid, view):
             assert view.open
             assert view.still_parent()
-            os.kill(pid, signal.SIGKILL)
-            assert select.select([pidfd], [], [], WAIT)[0], "the child did not exit"
+            _kill_and_see_exit(pid)
             assert not view.still_parent()  # a zombie: not reaped yet
             os.waitpid(pid, 0)
             assert not view.still_parent()
             assert view.children() is None
-        finally:
-            os.close(pidfd)
-            view.close()
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
 
     def test_childless_while_a_process_with_no_child_lives_not_once_it_exited(
         self,
     ) -> None:
         """Test that childless() is True for a live single-threaded process with no
         child, and False once it exited (what it held is no longer its own to list)."""
-        pid = os.fork()
-        if pid == 0:
-            time.sleep(60)
-            os._exit(0)
-        view = ProcessView(pid)
-        pidfd = os.pidfd_open(pid)
-        try:
+        with _viewed_sleeping_child() as (pid, view):
             assert view.childless()
-            os.kill(pid, signal.SIGKILL)
-            assert select.select([pidfd], [], [], WAIT)[0], "the child did not exit"
+            _kill_and_see_exit(pid)
             assert not view.childless()
-        finally:
-            os.close(pidfd)
-            view.close()
-            os.waitpid(pid, 0)
 
     def test_not_childless_with_a_child(self) -> None:
         """Test that childless() is False for a process that has children."""
