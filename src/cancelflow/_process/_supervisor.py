@@ -441,7 +441,8 @@ class Supervisor:
         (:meth:`ProcessView.still_parent`), the caller is released after the zygote's
         sweep instead. Right after the signal this thread reads whether the worker has
         any child (:meth:`ProcessView.childless`): if it has none, it can have none
-        later, and there is nothing to walk, however late the supervisor comes. Where the worker's ``/proc`` cannot be read (``"posix"``) the
+        later, and there is nothing to walk, however late the supervisor comes.
+        Where the worker's ``/proc`` cannot be read (``"posix"``) the
         step is left to the supervisor, as it is when the task is not running on a worker,
         is inside a critical section (unless ``unconditional``: :meth:`TaskFuture.kill`),
         or when its slot is changing hands at this moment (see
@@ -1028,7 +1029,10 @@ class Supervisor:
             # signalled; in that last case what is left of its tree is the zygote's,
             # whose sweep ends it (the caller is released after that).
             worker.walk_late = worker.killed_early and not worker.killed_alone
-            if worker.gone:  # its pidfd came first: nothing else will release the caller
+            if worker.gone and worker.killed_alone:
+                # Its pidfd came first, and it had no tree: nothing else would release
+                # the caller before the sweep. (Gone with a tree, the orphans are the
+                # zygote's: the caller waits for the sweep.)
                 self._settle_killed(worker)
             return
         tree = kill_tree(worker.pid, include_root=True, watch=True, view=worker.view)
