@@ -507,7 +507,10 @@ def _hold_commands(pool: ProcessPool, monkeypatch: pytest.MonkeyPatch) -> thread
 
 def _exits_within(pid: int, seconds: float) -> bool:
     """Whether process ``pid`` (not a child of ours) exits within ``seconds``."""
-    fd = os.pidfd_open(pid)
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True  # exited and reaped already
     try:
         readable, _, _ = select.select([fd], [], [], seconds)
         return bool(readable)
