@@ -647,6 +647,30 @@ class TestKillFromTheAskingThread:
             assert at_release == [False], "the caller was released before the child died"
 
 
+@pytest.mark.skipif(not workloads.CAN_CLONE_PARENT, reason="clone(CLONE_PARENT) on Linux")
+class TestSiblingsOfAStoppedTask:
+    """A process a task starts as its worker's sibling (``clone(CLONE_PARENT)``) is in no
+    worker's tree: the worker cannot kill it when the task is stopped, the zygote does
+    (its parent: it is a stray there). It does not hold the caller up."""
+
+    @pytest.mark.parametrize("cooperative", [True, False], ids=["cooperative", "sigterm"])
+    def test_a_stopped_task_leaves_no_sibling_behind(self, cooperative: bool) -> None:
+        """Test that the sibling of a task stopped by its token (cooperatively, or by the
+        ladder's SIGTERM) is killed although its worker lives on."""
+        seen = Announcements()
+        with ProcessPool(1, grace_period=5.0 if cooperative else 0.0) as pool:
+            future = pool.submit_task(workloads.start_sibling, (cooperative,), partial_sink=seen)
+            sibling = seen.wait("sibling")
+            workers = pool.statistics().worker_pids
+            future.cancel()
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(WAIT)
+            assert future.fate == ("cancelled" if cooperative else "terminated")
+            assert _exits_within(sibling, WAIT), "the sibling outlived its stopped task"
+            assert pool.statistics().worker_pids == workers  # the worker lived on
+            assert pool.submit(workloads.add, 2, 3).result(WAIT) == 5
+
+
 class TestFirstStep:
     """The ladder's first step (cancel the task's token in its worker) is taken by the
     thread that asks for the stop; the supervisor thread takes the later ones."""

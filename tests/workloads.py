@@ -154,6 +154,35 @@ def fork_then_spin() -> None:
         pass
 
 
+#: ``clone``'s system call number and whether its last two arguments are (tls, ctid)
+#: rather than (ctid, tls), where the tests know them
+_CLONE = {"x86_64": (56, False), "aarch64": (220, True)}
+CAN_CLONE_PARENT = sys.platform.startswith("linux") and os.uname().machine in _CLONE
+
+
+def start_sibling(then_stop_cooperatively: bool) -> None:
+    """Start a process as this worker's *sibling* (``clone(CLONE_PARENT)``: a child of the
+    worker's parent, in no tree of the worker's) that sleeps until killed; store its pid
+    as "sibling"; then poll the task's token (or spin without ever checking it)."""
+    number, _ = _CLONE[os.uname().machine]
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_parent, sigchld = 0x00008000, signal.SIGCHLD
+    # No new stack: like fork, the child runs on a copy of this one.
+    pid = libc.syscall(number, clone_parent | sigchld, 0, 0, 0, 0)
+    if pid == 0:
+        try:
+            while True:
+                time.sleep(1)
+        finally:
+            os._exit(0)
+    assert pid > 0, os.strerror(ctypes.get_errno())
+    _context.store_partial("sibling", pid)
+    token = _context.current_token()
+    while not (then_stop_cooperatively and token.is_cancelled):
+        pass
+    token.raise_if_cancelled()
+
+
 def critical_sections_in_a_loop(path: str) -> None:
     """Loop over short critical sections, each writing "E" to ``path`` as it starts and
     "X" as it ends (a log that ends in "E" was stopped inside one); stores "pid" first."""

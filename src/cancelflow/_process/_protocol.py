@@ -43,6 +43,7 @@ __all__ = (
     "Spawn",
     "Spawned",
     "Sweep",
+    "SweepStrays",
     "Swept",
     "WorkerMessage",
     "ZygoteMessage",
@@ -180,6 +181,14 @@ class Sweep(NamedTuple):
     pid: int
 
 
+class SweepStrays(NamedTuple):
+    """A task was stopped and its worker lives on: kill every stray (no answer).
+
+    The worker killed its own tree; what a task started as the worker's *sibling*
+    (``clone(CLONE_PARENT)``) is in no worker's tree, only among the zygote's children.
+    """
+
+
 # -- zygote -> parent ----------------------------------------------------------------------
 class ZygoteReady(NamedTuple):
     """The zygote imported ``__main__`` and takes spawn requests."""
@@ -229,6 +238,7 @@ _CLASSES: dict[str, Any] = {
     "setup": Setup,
     "spawn": Spawn,
     "sweep": Sweep,
+    "sweep-strays": SweepStrays,
     "zygote-ready": ZygoteReady,
     "spawned": Spawned,
     "swept": Swept,

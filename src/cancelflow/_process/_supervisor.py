@@ -73,6 +73,7 @@ from ._protocol import (
     Spawn,
     Spawned,
     Sweep,
+    SweepStrays,
     Swept,
     WorkerMessage,
     ZygoteReady,
@@ -814,6 +815,8 @@ class Supervisor:
             task = worker.task
             if task is not None and task.seq == message.seq:
                 self._on_result(worker, task, message)
+                if message.outcome == "terminated" or worker.slot.is_cancelled:
+                    self._sweep_strays()  # (after: the caller does not wait for it)
             return
         match message:
             case Ready(pid):
@@ -1083,6 +1086,15 @@ class Supervisor:
             except OSError:
                 worker.swept = True  # the zygote is dying; its EOF is handled next
         self._retire(worker)
+
+    def _sweep_strays(self) -> None:
+        """A task was stopped and its worker killed the task's tree: have the zygote kill
+        what the task started outside that tree, as its worker's sibling (see
+        :class:`SweepStrays`). Nothing waits for it."""
+        zygote = self._zygote_sock
+        if zygote is not None:
+            with contextlib.suppress(OSError):  # the zygote is dying: its EOF is handled
+                send_record(zygote, SweepStrays())
 
     def _drain(self, worker: WorkerHandle) -> None:
         sock = worker.sock

@@ -48,6 +48,7 @@ from ._protocol import (
     Spawn,
     Spawned,
     Sweep,
+    SweepStrays,
     Swept,
     ZygoteMessage,
     ZygoteReady,
@@ -196,6 +197,8 @@ def zygote_main(control_fd: int, chunk_fd: int) -> None:
                     except OSError:
                         running = False
                         break
+                elif isinstance(message, SweepStrays):
+                    _kill_strays(workers, time.monotonic() + 1.0)
                 elif isinstance(message, Sweep):
                     pid = message.pid
                     status, swept = _sweep(pid, workers, statuses, unreported)
@@ -244,13 +247,10 @@ def _sweep(
 ) -> tuple[int | None, int]:
     """After ``worker`` died: reap it, then kill and reap every stray process.
 
-    A stray is any child of the zygote that is not a live worker: what is left of a
-    stopped tree (re-parented here when its parent died). Loops until none is left, since
-    killing a stray re-parents its own children here. Returns the worker's exit status
-    (``None`` if it could not be had within the bound) and how many strays were killed.
+    Returns the worker's exit status (``None`` if it could not be had within the bound)
+    and how many strays were killed.
     """
     deadline = time.monotonic() + 10.0
-    swept = 0
     while True:
         _reap(workers, statuses, reaped)
         if worker in workers:  # not exited yet (the parent saw it die, so it is a zombie
@@ -263,15 +263,30 @@ def _sweep(
                 statuses[pid] = status
             continue
         kill_remains(worker)  # "posix": what is left of its process group (not counted)
+        return statuses.pop(worker, None), _kill_strays(workers, deadline)
+
+
+def _kill_strays(workers: set[int], deadline: float) -> int:
+    """Kill (each with its tree, frozen first) and reap every stray, until none is left
+    or ``deadline`` passes; return how many processes were killed.
+
+    A stray is any child of the zygote that is not a live worker: what is left of a
+    stopped tree (re-parented here when its parent died), or a process a task started as
+    its worker's sibling (``clone(CLONE_PARENT)``). Loops, since killing a stray
+    re-parents its own children here.
+    """
+    swept = 0
+    while time.monotonic() <= deadline:
         strays = [pid for pid in children(os.getpid()) if pid not in workers]
-        if not strays or time.monotonic() > deadline:
-            return statuses.pop(worker, None), swept
+        if not strays:
+            break
         for stray in strays:
             with contextlib.suppress(ValueError):  # refused: never ours to signal
                 swept += 1 + len(kill_tree(stray, include_root=True))
         for stray in strays:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(stray, 0)
+    return swept
 
 
 def _send_or_exit(ctrl: socket.socket, message: ZygoteMessage) -> None:
