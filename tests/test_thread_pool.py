@@ -874,28 +874,57 @@ class TestTimerThreadHold:
             pool.shutdown(wait=True)
 
     def test_shutdown_with_wait_returns_once_the_timer_thread_it_kept_has_ended(
-        self,
+        self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Test that shutdown(wait=True) of the pool that kept the timer thread up returns
-        only once that thread has ended, even while it is busy with a last callback (a
-        loaded machine: the contract suite found it alive after shutdown)."""
+        only once that thread has ended, even when it is slow to leave (a loaded machine:
+        the contract suite found it alive after shutdown)."""
         from cancelflow import _timer
 
         pool = ThreadPool(1)
         assert pool.submit(abs, -1).result(WAIT) == 1
         assert _timer_threads()
-        entered, returned = threading.Event(), threading.Event()
+        leaving, returned = threading.Event(), threading.Event()
+        next_due = _timer._next_due
 
-        def last_callback() -> None:
-            entered.set()
-            returned.wait(0.2)  # ends on its own if shutdown (rightly) waits for it
+        def slow_to_leave() -> tuple[Any, float | None]:
+            due = next_due()
+            if due[1] is None and not _timer._holds:  # it is about to leave
+                leaving.set()
+                returned.wait(0.2)  # leaves on its own if shutdown (rightly) waits for it
+            return due
 
-        _timer.call_at(0.0, last_callback)
-        wait(entered)
+        monkeypatch.setattr(_timer, "_next_due", slow_to_leave)
         pool.shutdown(wait=True)
         alive = _timer_threads()
         returned.set()
+        assert leaving.is_set()
         assert alive == []
+
+    def test_shutdown_with_wait_does_not_wait_for_a_callback_of_someone_else(self) -> None:
+        """Test that shutdown(wait=True) does not wait for the timer thread while it runs a
+        callback that is not the pool's (here a token timeout's, which waits for a lock
+        the caller of shutdown holds: waiting for it would deadlock)."""
+        pool = ThreadPool(1)
+        assert pool.submit(abs, -1).result(WAIT) == 1
+        app_lock = threading.Lock()
+        entered = threading.Event()
+
+        def on_timeout() -> None:
+            entered.set()
+            with app_lock:
+                pass
+
+        with app_lock:
+            token = CancellationToken(timeout=0.001)
+            token.on_cancel(on_timeout)
+            wait(entered)
+            closer = threading.Thread(target=pool.shutdown, kwargs={"wait": True})
+            closer.start()
+            closer.join(WAIT)
+            deadlocked = closer.is_alive()
+        closer.join(WAIT)
+        assert not deadlocked, "shutdown(wait=True) waited for a callback that waits for it"
 
     def test_a_pool_dropped_without_shutdown_lets_the_timer_thread_go(self) -> None:
         """Test that a pool collected without a shutdown (broken by its initializer, so

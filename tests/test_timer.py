@@ -213,6 +213,28 @@ class TestTimerThread:
         _timer.wait_idle_end()
         assert timer_threads() == []
 
+    def test_wait_idle_end_returns_at_once_while_a_callback_runs(self) -> None:
+        """Test that wait_idle_end() does not wait for a callback that is running (it is
+        someone's work, which may itself wait for the caller)."""
+        entered, release = threading.Event(), threading.Event()
+
+        def busy() -> None:
+            entered.set()
+            release.wait(WAIT)
+
+        _timer.call_at(soon(), busy)
+        wait(entered)
+        try:
+            waiter = threading.Thread(target=_timer.wait_idle_end)
+            waiter.start()
+            waiter.join(WAIT)
+            assert not waiter.is_alive(), "wait_idle_end() waited for a running callback"
+            assert timer_threads()
+        finally:
+            release.set()
+        _timer.wait_idle_end()
+        assert wait_until(lambda: not timer_threads())
+
     def test_a_forked_child_starts_with_no_timers_and_runs_its_own(self) -> None:
         """Test that a forked child inherits none of the parent's pending timers, can
         schedule its own, and the parent's timer still runs in the parent."""

@@ -41,6 +41,9 @@ _lock = threading.Lock()  # taken by the timer thread only
 _IDLE_RECHECK = 0.01  # seconds: see wait_idle_end
 _heap: list[tuple[float, int]] = []
 _entries: dict[int, Callable[[], object]] = {}
+# Non-empty while the timer thread runs a callback: it is doing someone's work then (set
+# before the callback leaves _entries, so that wait_idle_end never sees neither).
+_calling: list[None] = []
 _ids = itertools.count()
 # New timers wait here until the timer thread moves them into the heap: call_at takes no
 # lock, so a signal handler can schedule a timer while its thread is inside call_at.
@@ -140,14 +143,16 @@ def _start() -> None:
 
 
 def wait_idle_end() -> None:
-    """Wait for the timer thread to end, for as long as nothing keeps it: no hold and no
-    pending timer (it ends soon after the last one goes). Returns at once when none
-    runs, when it is the calling thread, or as soon as a hold or a timer appears (the
-    thread is then another part of the program's, not the caller's to wait for)."""
+    """Wait for the timer thread to end, for as long as nothing keeps it: no hold, no
+    pending timer and no callback running (it ends soon after the last one goes).
+    Returns at once when none runs, when it is the calling thread, or as soon as a hold,
+    a timer or a running callback appears (the thread is then another part of the
+    program's, not the caller's to wait for: a callback may even wait for a lock the
+    caller holds)."""
     thread = _thread
     if thread is None or thread is threading.current_thread():
         return
-    while thread.is_alive() and not _holds and not _entries:
+    while thread.is_alive() and not _holds and not _entries and not _calling:
         # Returns as soon as the thread ends; the bound only re-reads the two conditions,
         # which a lock-free call_at or hold may change without telling anyone.
         thread.join(_IDLE_RECHECK)
@@ -174,7 +179,11 @@ def _next_due() -> tuple[Callable[[], object] | None, float | None]:
     if delay > 0:
         return None, delay
     heapq.heappop(_heap)
-    return _entries.pop(ident, None), 0.0
+    _calling.append(None)  # (see _calling: before the entry goes)
+    callback = _entries.pop(ident, None)
+    if callback is None:  # cancelled meanwhile
+        _calling.clear()
+    return callback, 0.0
 
 
 def _run() -> None:
@@ -202,6 +211,8 @@ def _run() -> None:
             callback()
         except Exception as exc:  # noqa: BLE001 - one timer must not stop the others
             safe_log("ERROR", "timer callback raised", exception=exc)
+        finally:
+            _calling.clear()
         del callback
 
 
@@ -214,6 +225,7 @@ def _after_fork_in_child() -> None:
     _heap.clear()
     _incoming.clear()
     _entries.clear()
+    _calling.clear()
 
 
 at_fork(after_in_child=_after_fork_in_child)
