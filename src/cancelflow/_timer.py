@@ -153,7 +153,7 @@ def wait_idle_end() -> None:
     if thread is None or thread is threading.current_thread():
         return
     while thread.is_alive() and not _holds and not _entries and not _calling:
-        # Returns as soon as the thread ends; the bound only re-reads the two conditions,
+        # Returns as soon as the thread ends; the bound only re-reads the conditions,
         # which a lock-free call_at or hold may change without telling anyone.
         thread.join(_IDLE_RECHECK)
 
