@@ -30,7 +30,7 @@ from cancelflow import (
     TaskFuture,
     WorkerCrashedError,
 )
-from support import REAPS_ORPHANS, WAIT, Announcements, assert_gone
+from support import REAPS_ORPHANS, WAIT, Announcements, assert_gone, wait_until
 
 
 @pytest.fixture
@@ -669,6 +669,46 @@ class TestSiblingsOfAStoppedTask:
             assert _exits_within(sibling, WAIT), "the sibling outlived its stopped task"
             assert pool.statistics().worker_pids == workers  # the worker lived on
             assert pool.submit(workloads.add, 2, 3).result(WAIT) == 5
+
+    @pytest.mark.skipif(not REAPS_ORPHANS, reason="the zygote's children are read on linux")
+    @pytest.mark.parametrize("sibling", [False, True], ids=["no-sibling", "sibling"])
+    def test_the_zygote_is_asked_to_sweep_only_when_a_stop_left_a_stray(
+        self, sibling: bool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that after a stopped task the zygote is asked to sweep only when it has a
+        child that is not a worker (a stop must not cost a wake-up of the zygote for
+        nothing)."""
+        from cancelflow._process import _supervisor
+        from cancelflow._process._protocol import SweepStrays, send_record as real_send
+
+        asked: list[object] = []
+
+        def send_record(sock: Any, record: Any, *args: Any) -> None:
+            if isinstance(record, SweepStrays):
+                asked.append(record)
+            real_send(sock, record, *args)
+
+        monkeypatch.setattr(_supervisor, "send_record", send_record)
+        seen = Announcements()
+        with ProcessPool(1, grace_period=5.0) as pool:
+            if sibling:
+                future = pool.submit_task(workloads.start_sibling, (True,), partial_sink=seen)
+                seen.wait("sibling")
+            else:
+                future = pool.submit_task(
+                    workloads.announce_and_wait_cooperatively, partial_sink=seen
+                )
+                seen.wait("pid")
+            future.cancel()
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(WAIT)
+            supervisor = pool._supervisor
+
+            def looked() -> bool:
+                return supervisor._strays_due is None
+
+            assert wait_until(looked)
+        assert len(asked) == (1 if sibling else 0)
 
 
 class TestFirstStep:

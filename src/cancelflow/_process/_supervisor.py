@@ -111,6 +111,10 @@ _supervisors: weakref.WeakSet[Supervisor] = weakref.WeakSet()
 WorkerState = Literal["starting", "idle", "busy", "retiring", "dying", "dead"]
 
 
+#: seconds from a stopped task to the look for a sibling it left (see _sweep_strays)
+_STRAYS_DELAY = 0.02
+
+
 # -- commands to the supervisor thread -----------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Dispatch:
@@ -248,6 +252,10 @@ class Supervisor:
         self._crash_streak = 0
         self._zygote_streak = 0
         self._zygote_ready = False
+        #: the zygote's /proc entries, held open once a stopped task needs them
+        self._zygote_view: ProcessView | None = None
+        #: when to look for strays after a stopped task (see _sweep_strays), else None
+        self._strays_due: float | None = None
         self.ready_event = threading.Event()
         self._wake_pending = False
 
@@ -508,6 +516,9 @@ class Supervisor:
         timeout = None
         if self._timers:
             timeout = max(0.0, self._timers[0][0] - time.monotonic())
+        if self._strays_due is not None:
+            due = max(0.0, self._strays_due - time.monotonic())
+            timeout = due if timeout is None else min(timeout, due)
         for key, mask in self._selector.select(timeout):
             kind = key.data[0]
             if kind == "wake":
@@ -537,6 +548,9 @@ class Supervisor:
             timed = ref()
             if timed is not None and not timed.done:
                 self._guarded(timed, action, timed)
+        if self._strays_due is not None and self._strays_due <= now:
+            self._strays_due = None
+            self._guarded(None, self._sweep_strays)
         self._guarded(None, self._dispatch)
         return self._closing_done()
 
@@ -815,8 +829,10 @@ class Supervisor:
             task = worker.task
             if task is not None and task.seq == message.seq:
                 self._on_result(worker, task, message)
-                if message.outcome == "terminated" or worker.slot.is_cancelled:
-                    self._sweep_strays()  # (after: the caller does not wait for it)
+                if (
+                    message.outcome == "terminated" or worker.slot.is_cancelled
+                ) and self._strays_due is None:
+                    self._strays_due = time.monotonic() + _STRAYS_DELAY
             return
         match message:
             case Ready(pid):
@@ -1088,13 +1104,34 @@ class Supervisor:
         self._retire(worker)
 
     def _sweep_strays(self) -> None:
-        """A task was stopped and its worker killed the task's tree: have the zygote kill
-        what the task started outside that tree, as its worker's sibling (see
-        :class:`SweepStrays`). Nothing waits for it."""
+        """After a stopped task (whose worker killed the task's tree): have the zygote
+        kill what the task started outside that tree, as its worker's sibling (see
+        :class:`SweepStrays`).
+
+        Run :data:`_STRAYS_DELAY` after the stop, once for every stop in that time: the
+        caller of the stopped task is not held up by it, nor by the zygote's wake-up
+        (the reads of ``/proc`` here keep the GIL). Asked only when the zygote has a
+        child that is not a known worker (its ``/proc`` entries read here, ``"linux"``),
+        so that a stop does not wake the zygote for nothing. Elsewhere (``"posix"``) a
+        sibling is in its worker's process group, which the worker kills after a
+        stopped task.
+        """
         zygote = self._zygote_sock
-        if zygote is not None:
-            with contextlib.suppress(OSError):  # the zygote is dying: its EOF is handled
-                send_record(zygote, SweepStrays())
+        if zygote is None:
+            return
+        view = self._zygote_view
+        if view is None or view.pid != self._zygote.pid:
+            if view is not None:
+                view.close()
+            self._zygote_view = view = ProcessView(self._zygote.pid)
+        if not view.open:
+            return
+        known = {worker.pid for worker in self.workers.values()}
+        found = view.children()
+        if found is not None and known.issuperset(found):
+            return
+        with contextlib.suppress(OSError):  # the zygote is dying: its EOF is handled
+            send_record(zygote, SweepStrays())
 
     def _drain(self, worker: WorkerHandle) -> None:
         sock = worker.sock
@@ -1275,6 +1312,8 @@ class Supervisor:
             if self._zygote_sock is not None:
                 self._zygote_sock.close()  # EOF: the zygote kills every worker tree and exits
                 self._zygote_sock = None
+            if self._zygote_view is not None:
+                self._zygote_view.close()
             try:
                 self._zygote.wait(timeout=10)
             except subprocess.TimeoutExpired:
