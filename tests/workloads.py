@@ -154,9 +154,9 @@ def fork_then_spin() -> None:
         pass
 
 
-#: ``clone``'s system call number and whether its last two arguments are (tls, ctid)
-#: rather than (ctid, tls), where the tests know them
-_CLONE = {"x86_64": (56, False), "aarch64": (220, True)}
+#: ``clone``'s system call number, where the tests know it (its pointer arguments, whose
+#: order differs between these, are all 0 here)
+_CLONE = {"x86_64": 56, "aarch64": 220}
 CAN_CLONE_PARENT = sys.platform.startswith("linux") and os.uname().machine in _CLONE
 
 
@@ -164,7 +164,7 @@ def start_sibling(then_stop_cooperatively: bool) -> None:
     """Start a process as this worker's *sibling* (``clone(CLONE_PARENT)``: a child of the
     worker's parent, in no tree of the worker's) that sleeps until killed; store its pid
     as "sibling"; then poll the task's token (or spin without ever checking it)."""
-    number, _ = _CLONE[os.uname().machine]
+    number = _CLONE[os.uname().machine]
     libc = ctypes.CDLL(None, use_errno=True)
     clone_parent, sigchld = 0x00008000, signal.SIGCHLD
     # No new stack: like fork, the child runs on a copy of this one.
