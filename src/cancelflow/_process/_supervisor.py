@@ -49,6 +49,7 @@ from .._platform import (
     HAVE_PIDFD,
     ProcessView,
     at_fork,
+    children,
     kill_tree,
     pidfd_open,
     preload_tree_functions,
@@ -252,8 +253,6 @@ class Supervisor:
         self._crash_streak = 0
         self._zygote_streak = 0
         self._zygote_ready = False
-        #: the zygote's /proc entries, held open once a stopped task needs them
-        self._zygote_view: ProcessView | None = None
         #: when to look for strays after a stopped task (see _sweep_strays), else None
         self._strays_due: float | None = None
         self.ready_event = threading.Event()
@@ -1108,27 +1107,16 @@ class Supervisor:
         kill what the task started outside that tree, as its worker's sibling (see
         :class:`SweepStrays`).
 
-        Run :data:`_STRAYS_DELAY` after the stop, once for every stop in that time: the
-        caller of the stopped task is not held up by it, nor by the zygote's wake-up
-        (the reads of ``/proc`` here keep the GIL). Asked only when the zygote has a
-        child that is not a known worker (its ``/proc`` entries read here, ``"linux"``),
-        so that a stop does not wake the zygote for nothing. Elsewhere (``"posix"``) a
-        sibling is in its worker's process group, which the worker kills after a
-        stopped task.
+        Run :data:`_STRAYS_DELAY` after the stop, once for every stop in that time, so
+        that neither the look at the zygote's children nor the zygote's wake-up holds up
+        the stopped task's caller; the zygote is asked only when it has a child that is
+        not a known worker.
         """
         zygote = self._zygote_sock
         if zygote is None:
             return
-        view = self._zygote_view
-        if view is None or view.pid != self._zygote.pid:
-            if view is not None:
-                view.close()
-            self._zygote_view = view = ProcessView(self._zygote.pid)
-        if not view.open:
-            return
         known = {worker.pid for worker in self.workers.values()}
-        found = view.children()
-        if found is not None and known.issuperset(found):
+        if known.issuperset(children(self._zygote.pid)):
             return
         with contextlib.suppress(OSError):  # the zygote is dying: its EOF is handled
             send_record(zygote, SweepStrays())
@@ -1312,8 +1300,6 @@ class Supervisor:
             if self._zygote_sock is not None:
                 self._zygote_sock.close()  # EOF: the zygote kills every worker tree and exits
                 self._zygote_sock = None
-            if self._zygote_view is not None:
-                self._zygote_view.close()
             try:
                 self._zygote.wait(timeout=10)
             except subprocess.TimeoutExpired:
