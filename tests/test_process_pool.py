@@ -794,7 +794,9 @@ class TestFirstStep:
             assert running.worker is not None
             assert running.worker is ended.worker
             pool._supervisor._cancel_slot_now(ended, "late")
-            assert not running.worker.slot.is_cancelled, "the next task's token was cancelled"
+            assert not running.worker.slots[running.slot].is_cancelled, (
+                "the next task's token was cancelled"
+            )
             own.cancel("its own")
             with pytest.raises(CancelledException) as info:
                 following.result(WAIT)

@@ -1236,7 +1236,8 @@ class TestSupervisorEvents:
         with ProcessPool(1) as p:
             ours, theirs = socket.socketpair()
             theirs.close()
-            retired = WorkerHandle(0, ours, CancellationToken(), threading.Lock(), Control())
+            slots = (CancellationToken(), CancellationToken())
+            retired = WorkerHandle(0, ours, slots, threading.Lock(), Control())
             ours.close()
             p._supervisor._on_socket(retired)  # what the supervisor does with the late event
             assert p.submit(contractloads.square, 3).result(WAIT) == 9

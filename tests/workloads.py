@@ -321,3 +321,31 @@ def remote_in_fork_child(parent_address: str) -> bool:
         return handle._address != parent_address
     finally:
         handle.close()
+
+
+def record_run(path: str) -> str:
+    """Append one line to ``path`` per run: a test counts the runs."""
+    with open(path, "a") as file:
+        file.write("ran\n")
+    return "ran"
+
+
+def wait_for_path(path: str) -> str:
+    """Return once ``path`` exists (the test creates it)."""
+    while not os.path.exists(path):
+        time.sleep(0.001)
+    return "went"
+
+
+def mark_then_wait_for_path(mark: str, path: str) -> str:
+    """Create ``mark`` (a sign the task started that needs no pool message), then return
+    once ``path`` exists."""
+    with open(mark, "w"):
+        pass
+    return wait_for_path(path)
+
+
+def wait_then_exit_hard(path: str) -> None:
+    """Exit the worker (no result) once ``path`` exists."""
+    wait_for_path(path)
+    os._exit(3)

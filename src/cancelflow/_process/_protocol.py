@@ -31,11 +31,13 @@ __all__ = (
     "Cancel",
     "Control",
     "Exited",
+    "Held",
     "InitFailed",
     "Outcome",
     "Partial",
     "PrepareFailed",
     "Ready",
+    "Release",
     "Result",
     "Retire",
     "RunTask",
@@ -71,6 +73,17 @@ class Control(ctypes.Structure):
         # 1 from just before a SIGKILL is decided (critical_until read) until the worker's
         # next task: a section the task enters meanwhile does not start
         ("kill_pending", ctypes.c_int32),
+        # The seq of the last task the worker claimed (0: none yet): written just before
+        # it starts one, after which it reads ``stop_for`` (see _worker._Worker.claim)
+        ("running", ctypes.c_int64),
+        # The seq of the last task the pool decided to signal (SIGTERM, SIGKILL, the
+        # freeze of its tree): written just before it reads ``running`` (see
+        # _supervisor.Supervisor._may_signal). A worker that finished that task holds
+        # the next one until the pool releases it (Held, Release).
+        ("stop_for", ctypes.c_int64),
+        # The seq of the last task the pool took back to run on another worker; written
+        # and read in the same order as ``stop_for`` (see _supervisor.Supervisor._steal)
+        ("steal_for", ctypes.c_int64),
     )
 
 
@@ -88,13 +101,29 @@ def full_barrier() -> None:
 
 # -- parent -> worker ----------------------------------------------------------------------
 class RunTask(NamedTuple):
-    """Run this task: ``payload`` is the pickled ``(fn, args, kwargs)``."""
+    """Run this task: ``payload`` is the pickled ``(fn, args, kwargs)``; its token is the
+    worker's token slot number ``slot`` (0 or 1: a worker holds at most two tasks, the
+    one it runs and the next, each on its own slot)."""
 
     seq: int
     payload: bytes
+    slot: int
+
+
+class Release(NamedTuple):
+    """Go on with the task the worker holds (see :class:`Held`): no signal of the pool
+    for the task before it is on its way."""
 
 
 # -- worker -> parent ----------------------------------------------------------------------
+class Held(NamedTuple):
+    """The worker holds task ``seq`` without starting it: the pool decided to signal the
+    task before it (``Control.stop_for``), and the signal may still be on its way. The
+    pool answers :class:`Release` unless it is killing the worker."""
+
+    seq: int
+
+
 class Ready(NamedTuple):
     """The worker's initializer ran; it takes tasks from now on."""
 
@@ -139,7 +168,8 @@ class CriticalEnded(NamedTuple):
     seq: int
 
 
-Outcome = Literal["ok", "error", "stopped", "terminated"]
+#: "moved": the pool took the task back before the worker claimed it (it never started)
+Outcome = Literal["ok", "error", "stopped", "terminated", "moved"]
 
 
 class Result(NamedTuple):
@@ -158,7 +188,7 @@ class Result(NamedTuple):
     text: str
 
 
-WorkerMessage = Ready | InitFailed | Retire | Partial | Cancel | CriticalEnded | Result
+WorkerMessage = Ready | InitFailed | Retire | Partial | Cancel | CriticalEnded | Result | Held
 
 
 # -- parent -> zygote ----------------------------------------------------------------------
@@ -167,8 +197,9 @@ class Setup(NamedTuple):
 
 
 class Spawn(NamedTuple):
-    """Fork worker number ``worker``; its socket is the passed fd; its token slot and
-    control block are at these offsets of the chunk."""
+    """Fork worker number ``worker``; its socket is the passed fd; its two token slots
+    are at ``token_offset`` and the slot after it, its control block at
+    ``control_offset`` of the chunk."""
 
     worker: int
     token_offset: int
@@ -228,6 +259,8 @@ ZygoteMessage = ZygoteReady | Spawned | Swept | Exited | PrepareFailed
 
 _CLASSES: dict[str, Any] = {
     "task": RunTask,
+    "release": Release,
+    "held": Held,
     "ready": Ready,
     "init-failed": InitFailed,
     "retire": Retire,

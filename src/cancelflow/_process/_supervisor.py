@@ -64,10 +64,12 @@ from ._protocol import (
     Control,
     CriticalEnded,
     Exited,
+    Held,
     InitFailed,
     Partial,
     PrepareFailed,
     Ready,
+    Release,
     Result,
     Retire,
     RunTask,
@@ -163,7 +165,7 @@ class WorkerHandle:
         self,
         index: int,
         sock: socket.socket,
-        slot: CancellationToken,
+        slots: tuple[CancellationToken, CancellationToken],
         slot_lock: threading.Lock,
         control: Control,
     ) -> None:
@@ -184,7 +186,14 @@ class WorkerHandle:
         #: caller is released once the zygote's sweep is done, not before
         self.walk_late = False
         self.state: WorkerState = "starting"
+        #: the task it runs (or is about to claim: see _worker._Worker.claim)
         self.task: Task | None = None
+        #: the task handed to it behind ``task``, which it starts once ``task`` ended
+        #: (unless that task's stop revoked it first: see Supervisor._revoke)
+        self.next: Task | None = None
+        #: the seq of a task taken back from it before it claimed it (Supervisor._steal):
+        #: it takes no task until it said it did not start that one
+        self.moving: int | None = None
         #: pid -> pidfd of each member of the tree being killed, until it is gone
         self.waiting: dict[int, int] = {}
         self.status: int | None = None
@@ -196,8 +205,9 @@ class WorkerHandle:
         self.swept = False
         #: why it is being ended by the pool itself (the zygote died), if so
         self.lost: str | None = None
-        self.slot = slot
-        #: held while the slot changes hands (see Supervisor._cancel_slot_now)
+        #: its two token slots: a task runs on the one ``task`` does not use
+        self.slots = slots
+        #: held while a slot or ``task`` changes hands (see Supervisor._cancel_slot_now)
         self.slot_lock = slot_lock
         self.control = control
 
@@ -213,7 +223,7 @@ class WorkerHandle:
     def drop_views(self) -> None:
         """Forget this worker's views of the shared chunk (so it can be unmapped)."""
         with self.slot_lock, contextlib.suppress(AttributeError):
-            del self.slot, self.control
+            del self.slots, self.control
 
 
 class Supervisor:
@@ -257,17 +267,25 @@ class Supervisor:
         self._strays_due: float | None = None
         self.ready_event = threading.Event()
         self._wake_pending = False
+        #: how a shutdown stops running tasks (Close.running), once one asked
+        self._force: Force | None = None
+        #: a shutdown cancelled the queue: a task handed back by a worker is dropped too
+        self._queue_cancelled = False
 
         preload_tree_functions()  # a first kill must not wait for an import
-        self._chunk = _cell.Chunk(2 * size + 1, pinned=True, label="cancelflow-pool")
+        # Per worker, three slots: its two token slots, then its control block.
+        self._chunk = _cell.Chunk(3 * size + 1, pinned=True, label="cancelflow-pool")
         self._chunk.mark_shared()
         self._slot_tokens = [
-            token_on_slot(self._chunk, (1 + 2 * i) * _SLOT, name=f"{name}-slot-{i}")
+            (
+                token_on_slot(self._chunk, _token_offset(i), name=f"{name}-slot-{i}a"),
+                token_on_slot(self._chunk, _token_offset(i) + _SLOT, name=f"{name}-slot-{i}b"),
+            )
             for i in range(size)
         ]
         self._slot_locks = [threading.Lock() for _ in range(size)]
         self._controls = [
-            Control.from_buffer(self._chunk.mm, (2 + 2 * i) * _SLOT) for i in range(size)
+            Control.from_buffer(self._chunk.mm, _token_offset(i) + 2 * _SLOT) for i in range(size)
         ]
         self._wake_r, self._wake_w = os.pipe()  # not inherited by what Python starts
         os.set_blocking(self._wake_r, False)
@@ -331,6 +349,8 @@ class Supervisor:
             return
         with self.lock:
             self.shutting_down = True
+            if cancel_futures:
+                self._queue_cancelled = True
             queued = list(self.queue) if cancel_futures else []
         for task in queued:
             self._drop_queued(task, "future", "pool shut down")
@@ -352,7 +372,8 @@ class Supervisor:
 
     def _holds_a_task(self) -> bool:
         """Whether the calling thread holds the future lock of a task not over yet."""
-        tasks = list(self.queue) + [w.task for w in list(self.workers.values()) if w.task]
+        workers = list(self.workers.values())
+        tasks = list(self.queue) + [t for w in workers for t in (w.task, w.next) if t is not None]
         return any(not task.done and _futures.held_here(task.future) for task in tasks)
 
     def check_open(self) -> None:
@@ -398,7 +419,9 @@ class Supervisor:
             return
         command = KillTask(task, kind, reason) if kill else StopTask(task, kind, reason)
         try:
-            if kill or (task.grace <= 0 and task.term_grace <= 0):  # (first, or a kill)
+            if self._revoke_from_here(task):
+                pass  # it never starts: settled here (the supervisor's step is a no-op)
+            elif kill or (task.grace <= 0 and task.term_grace <= 0):  # (first, or a kill)
                 self._kill_from_here(task, unconditional=kill)
             elif first and task.grace > 0:  # (no grace: the next step comes at once)
                 self._cancel_slot_now(task, reason)
@@ -419,9 +442,35 @@ class Supervisor:
         if worker is None:
             return
         try:
-            worker.slot.cancel(reason)
+            worker.slots[task.slot].cancel(reason)
         finally:
             worker.slot_lock.release()
+
+    def _revoke_from_here(self, task: Task) -> bool:
+        """Settle a stopped task that waits behind its worker's running task here and
+        now, if the worker has not claimed it (as the supervisor would: see
+        :meth:`_revoke`): ``True`` if it ended cancelled. ``False`` when it is not
+        waiting, the worker claimed it (its ladder runs once it is the worker's task), this
+        is a fork of the owner, or its slot is changing hands at this moment (then the
+        supervisor decides, a moment later)."""
+        worker = task.worker
+        if worker is None or self.forked or not worker.slot_lock.acquire(blocking=False):
+            return False
+        try:
+            if worker.next is not task or task.done:
+                return False
+            try:
+                slot, control = worker.slots[task.slot], worker.control
+            except AttributeError:  # the views are gone: the pool is closing
+                return False
+            slot.cancel(task.stop_reason)
+            full_barrier()
+            if control.running == task.seq:
+                return False
+        finally:
+            worker.slot_lock.release()
+        self.finish(task, Fate.CANCELLED)
+        return True
 
     def _lock_running_worker(self, task: Task) -> WorkerHandle | None:
         """For a step taken by the asking thread: the worker running ``task``, returned
@@ -463,6 +512,8 @@ class Supervisor:
             view = worker.view
             if worker.gone or worker.pid <= 1 or view is None or not view.open:
                 return
+            if not self._may_signal(worker, task):
+                return  # over: the worker runs the task after it (see _may_signal)
             if not unconditional and _open_section_end(worker.control):
                 return  # the supervisor defers the step (see _escalate)
             worker.killed_early = True  # before the signal: see _kill
@@ -479,14 +530,18 @@ class Supervisor:
             if task.dropped:
                 return True
             task.dropped = True
-            task.stop_kind, task.stop_reason = kind, reason
+            if task.stop_kind is None:  # (else stopped while a worker handed it back)
+                task.stop_kind, task.stop_reason = kind, reason
         self.finish(task, Fate.CANCELLED)
         return True
 
     def _claim(self, task: Task, worker: WorkerHandle) -> bool:
         """Give a queued task to ``worker``, unless it was dropped meanwhile."""
         with task.future.decision_lock:
-            if task.dropped or task.done or not task.future.start_running():
+            # (stop_kind: stopped while its worker handed it back: see _stop)
+            if task.dropped or task.done or task.stop_kind is not None:
+                return False
+            if not task.requeued and not task.future.start_running():
                 return False
             task.worker = worker
         return True
@@ -572,7 +627,8 @@ class Supervisor:
         the stop is complete."""
         if task.error is None:
             task.error = error
-        if task.worker is None or task.worker.task is not task:
+        worker = task.worker
+        if worker is None or (worker.task is not task and worker.next is not task):
             self.finish(task, Fate.FAILED, error=task.error)
         else:
             self._stop(task, "error", f"the pool could not handle the task: {error!r}")
@@ -582,13 +638,18 @@ class Supervisor:
             case StopTask(task, kind, reason):
                 self._stop(task, kind, reason)
             case KillTask(task, kind, reason):
+                task.kill_asked = True  # (for a task waiting behind another: see _promote)
                 self._kill_now(task)  # first: then _stop finds the ladder under way
                 self._stop(task, kind, reason)
-            case Close(running=str(how)):
+            case Close(running=how):
+                self._force = how
                 for worker in list(self.workers.values()):
-                    if worker.task is not None:
+                    if worker.task is not None and how is not None:
                         self._stop_for_shutdown(worker.task, how)
-            case Dispatch() | Close():
+                    if worker.next is not None and self._queue_cancelled:
+                        # Not started: it ends as the queued tasks did (see shutdown).
+                        self._stop(worker.next, "future", "pool shut down")
+            case Dispatch():
                 pass  # dispatching follows every turn of the loop
 
     def _stop_for_shutdown(self, task: Task, how: Force) -> None:
@@ -599,13 +660,12 @@ class Supervisor:
             return
         if task.stop_kind is None:
             task.stop_kind, task.stop_reason = "shutdown", f"pool shut down ({how})"
-        worker = task.worker
         if how == "terminate":  # (with no term_grace_period, _escalate kills at once)
             if task.stage >= 2:
                 return  # SIGTERM was sent: its term_grace_period runs on
             if task.stage < 1:  # the token step, without its grace period
                 task.stage = 1
-                worker.slot.cancel(task.stop_reason)
+                task.worker.slots[task.slot].cancel(task.stop_reason)
             self._escalate(task)
         else:
             self._kill_now(task)
@@ -617,7 +677,7 @@ class Supervisor:
         if task.done or worker is None or worker.task is not task or task.stage >= 3:
             return
         task.stage = 3
-        if worker.state != "dying":
+        if worker.state != "dying" and self._may_signal(worker, task):
             self._kill(worker)
 
     def _at(self, delay: float, action: Callable[[Task], None], task: Task) -> None:
@@ -741,22 +801,26 @@ class Supervisor:
         if self.broken is not None or self._zygote_sock is None or not self._zygote_ready:
             return  # a new zygote spawns every missing worker once it is ready
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        slot, slot_lock = self._slot_tokens[index], self._slot_locks[index]
+        slots, slot_lock = self._slot_tokens[index], self._slot_locks[index]
         with slot_lock:
-            slot.reset()
+            for slot in slots:
+                slot.reset()
         control = self._controls[index]
         control.critical_until = 0.0
         control.pid = 0
         control.step_waits = 0
         control.kill_pending = 0
-        worker = WorkerHandle(index, parent_end, slot, slot_lock, control)
+        control.running = 0
+        control.stop_for = 0
+        control.steal_for = 0
+        worker = WorkerHandle(index, parent_end, slots, slot_lock, control)
         self.workers[index] = worker
         parent_end.setblocking(False)  # never block the supervisor on a frozen worker
         self._selector.register(parent_end, selectors.EVENT_READ, ("sock", worker))
         try:
             send_record(
                 self._zygote_sock,
-                Spawn(index, (1 + 2 * index) * _SLOT, (2 + 2 * index) * _SLOT),
+                Spawn(index, _token_offset(index), _token_offset(index) + 2 * _SLOT),
                 [child_end.fileno()],
             )
         except OSError:
@@ -825,15 +889,20 @@ class Supervisor:
 
     def _on_message(self, worker: WorkerHandle, message: WorkerMessage) -> None:
         if type(message) is Result:  # the one message of every task: the shortest way
+            if message.seq == worker.moving:  # it did not start it: the slot is free
+                worker.moving = None
+                return
             task = worker.task
             if task is not None and task.seq == message.seq:
+                stopped = worker.slots[task.slot].is_cancelled
                 self._on_result(worker, task, message)
-                if (
-                    message.outcome == "terminated" or worker.slot.is_cancelled
-                ) and self._strays_due is None:
+                if (message.outcome == "terminated" or stopped) and self._strays_due is None:
                     self._strays_due = time.monotonic() + _STRAYS_DELAY
             return
         match message:
+            case Held(seq):
+                self._release(worker, seq)
+                return
             case Ready(pid):
                 if not worker.pid:  # before the zygote's "spawned": the pid is known now
                     self._know_pid(worker, pid)
@@ -881,11 +950,14 @@ class Supervisor:
                 self._resume_deferred(task)
 
     def _on_result(self, worker: WorkerHandle, task: Task, result: Result) -> None:
-        worker.task = None
-        if worker.state == "busy":
-            worker.state = "idle"
-        self.stats["completed"] += 1
+        self._promote(worker)
+        if result.outcome != "moved":
+            self.stats["completed"] += 1
         outcome, blob, text = result.outcome, result.blob, result.text
+        slot = worker.slots[task.slot]
+        if outcome == "moved":  # see _steal: it never started
+            self._requeue(task)
+            return
         if outcome == "terminated":
             if task.stop_kind is None:  # a SIGTERM the pool did not send: from outside
                 self.stats["crashed"] += 1
@@ -921,10 +993,10 @@ class Supervisor:
                 self.finish(task, _FINISHED, value=value)
         elif outcome == "stopped" or (
             isinstance(value, CancelledException)
-            and (task.stop_kind is not None or worker.slot.is_cancelled)
+            and (task.stop_kind is not None or slot.is_cancelled)
         ):
             if task.stop_kind is None:
-                task.stop_kind, task.stop_reason = "cancel", worker.slot.cancel_reason
+                task.stop_kind, task.stop_reason = "cancel", slot.cancel_reason
             self.finish(task, Fate.CANCELLED)
         else:
             if text and isinstance(value, BaseException):
@@ -933,34 +1005,181 @@ class Supervisor:
 
     # -- dispatch -------------------------------------------------------------
     def _dispatch(self) -> None:
-        if not self.queue or self.broken is not None:
+        """Hand queued tasks to workers: first to idle ones, then one to each busy worker
+        whose running task was not asked to stop, to start as soon as that task ends
+        (no wake-up of a sleeping worker per task: the pool's throughput on short
+        tasks). A worker holds at most those two tasks, on its two token slots; a worker
+        that goes idle with nothing queued takes a waiting task from another worker
+        (:meth:`_steal`), so a task never waits behind a long one while a worker idles."""
+        if self.broken is not None:
             return
-        for worker in self.workers.values():
-            if worker.state != "idle" or worker.pid <= 1 or worker.killed_early:
-                continue
-            # Under the slot lock, which an asking thread holds while it kills a worker
-            # whose task it saw running (_kill_from_here): a worker killed after its task
-            # returned, before this thread read the result, is never given the next one.
-            with worker.slot_lock:
-                if worker.killed_early:
-                    continue
-                while self.queue:
-                    task = self.queue.popleft()
-                    if self._claim(task, worker):
-                        break
-                else:
+        for worker in list(self.workers.values()):
+            if worker.state == "idle" and self._can_take(worker):
+                if not self.queue:
+                    self._steal()
+                if not self.queue or not self._give(worker, None):
                     return
+        for worker in list(self.workers.values()):
+            if not self.queue:
+                return
+            behind = worker.task
+            if (
+                worker.state == "busy"
+                and worker.next is None
+                and behind is not None
+                and behind.stop_kind is None
+                and self._can_take(worker)
+                and not self._give(worker, behind)
+            ):
+                return
+
+    @staticmethod
+    def _can_take(worker: WorkerHandle) -> bool:
+        """Whether the worker may be handed a task (its slots free, not being killed)."""
+        return worker.pid > 1 and not worker.killed_early and worker.moving is None
+
+    def _give(self, worker: WorkerHandle, behind: Task | None) -> bool:
+        """Hand the first queued task that is still wanted to ``worker``, to run now
+        (``behind`` is ``None``: the worker is idle) or once ``behind`` ended; ``False``
+        if none is left."""
+        # Under the slot lock, which an asking thread holds while it kills a worker
+        # whose task it saw running (_kill_from_here): a worker killed after its task
+        # returned, before this thread read the result, is never given the next one.
+        with worker.slot_lock:
+            if worker.killed_early:
+                return True
+            while self.queue:
+                task = self.queue.popleft()
+                if self._claim(task, worker):
+                    break
+            else:
+                return False
+            index = 1 if behind is not None and behind.slot == 0 else 0
+            task.slot = index
+            worker.slots[index].reset()
+            if behind is None:
                 worker.state = "busy"
                 worker.task = task
-                worker.slot.reset()
-                worker.control.kill_pending = 0  # (raised for its last task, see _escalate)
-            task.future.pid = worker.pid
-            task.future.fate = _RUNNING
-            self._send_to(worker, encode(wire(RunTask(task.seq, task.payload))))
-            if task.timeout is not None:
-                self._at(task.timeout, self._on_timeout, task)
-            if task.stop_kind is None and task.token is not None and task.token.is_cancelled:
-                self._stop(task, "cancel", task.token.cancel_reason)
+                control = worker.control
+                # Raised for its last task, see _escalate and _may_signal: any signal
+                # decided for it was sent (under this lock) and heard by now.
+                control.kill_pending = 0
+                control.stop_for = 0
+            else:
+                worker.next = task
+        task.future.pid = worker.pid
+        task.future.fate = _RUNNING
+        self._send_to(worker, encode(wire(RunTask(task.seq, task.payload, index))))
+        if behind is None:
+            self._started(task)
+        elif task.stop_kind is None and task.token is not None and task.token.is_cancelled:
+            self._stop(task, "cancel", task.token.cancel_reason)
+        return True
+
+    def _steal(self) -> None:
+        """Queue again (first) a task waiting behind another worker's running task, if
+        that worker has not claimed it (``Control.steal_for`` written, then ``running``
+        read: see _worker._Worker.claim): it never starts there, and that worker takes
+        no task until it has said so (``moving``: the task's slot is the worker's until
+        then). If the worker claimed it, it runs there, unless the worker saw
+        ``steal_for`` too: then it answers "moved", and the task is queued again then
+        (:meth:`_on_result`)."""
+        for worker in self.workers.values():
+            task = worker.next
+            if task is None or task.done or task.stop_kind is not None:
+                continue
+            control = worker.control
+            if control.steal_for == task.seq:
+                continue  # asked already: its worker's answer tells
+            control.steal_for = task.seq
+            full_barrier()
+            if control.running == task.seq:
+                continue
+            with worker.slot_lock:
+                worker.next = None
+                worker.moving = task.seq
+            self._requeue(task)
+            self.stats["moved"] += 1
+            return
+
+    def _started(self, task: Task) -> None:
+        """``task`` became its worker's task (dispatched to an idle worker, or the task
+        before it ended): its timeout runs from now, and a stop asked while it waited
+        (or the shutdown's force) starts its ladder now."""
+        if task.done:
+            return
+        if task.timeout is not None:
+            self._at(task.timeout, self._on_timeout, task)
+        if task.kill_asked:
+            self._kill_now(task)
+        if self._force is not None and task.stop_kind in (None, "shutdown"):
+            self._stop_for_shutdown(task, self._force)
+        elif task.stop_kind is not None:
+            self._stop(task, task.stop_kind, task.stop_reason)
+        elif task.token is not None and task.token.is_cancelled:
+            self._stop(task, "cancel", task.token.cancel_reason)
+
+    def _promote(self, worker: WorkerHandle) -> None:
+        """The worker's task ended (its result is being read): the task behind it, if
+        any, is its task now. A worker retiring or dying keeps it as ``next``: it never
+        starts it, and :meth:`_retire` queues it again."""
+        following = worker.next
+        if following is not None and worker.state == "busy":
+            with worker.slot_lock:  # see _lock_running_worker
+                worker.task, worker.next = following, None
+            self._started(following)
+            if self.queue and following.stop_kind is None and self._can_take(worker):
+                self._give(worker, following)  # now: it must not wait for this loop's end
+            return
+        worker.task = None
+        if worker.state == "busy":
+            worker.state = "idle"
+
+    def _release(self, worker: WorkerHandle, seq: int) -> None:
+        """The worker holds task ``seq`` (see :class:`Held`): let it go on unless it is
+        being killed. Every signal decided for the task before it was sent under the
+        slot lock (or by this thread), so none can reach ``seq`` now."""
+        with worker.slot_lock:
+            if worker.state in ("dying", "dead") or worker.killed_early or worker.gone:
+                return
+            control = worker.control
+            if control.stop_for != seq:  # (else the task itself is stopped: it never starts)
+                control.stop_for = 0
+            control.kill_pending = 0
+            control.step_waits = 0
+        self._send_to(worker, encode(wire(Release())))
+
+    def _revoke(self, task: Task) -> None:
+        """Stop a task that waits behind its worker's running task: if the worker has
+        not claimed it, it never will (its token slot is cancelled first, and the worker
+        reads the slot after its claim: see _worker._Worker.claim), and it ends cancelled
+        now; if it has, the task before it is over and its ladder starts once it is the
+        worker's task (:meth:`_started`)."""
+        worker = task.worker
+        assert worker is not None
+        worker.slots[task.slot].cancel(task.stop_reason)
+        full_barrier()
+        if worker.control.running != task.seq:
+            self.finish(task, Fate.CANCELLED)
+
+    @staticmethod
+    def _may_signal(worker: WorkerHandle, task: Task) -> bool:
+        """Whether a signal step for ``task``, its worker's task (SIGTERM, the freeze and
+        SIGKILL of its tree), may go to the worker: ``False`` once the worker has
+        claimed the task after it (``task`` is over: its result is on its way). Not
+        started yet, ``task`` never starts (the worker, claiming it, sees ``stop_for``
+        name it): a signal then ends at most a worker that runs nothing, and a worker
+        that ends before it claimed a task hands it back (:meth:`_retire`).
+
+        ``Control.stop_for`` is written before ``running`` is read, the worker doing the
+        reverse (see _worker._Worker.claim), so a signal sent after ``True`` never
+        reaches the task after ``task``: the worker holds that one until
+        :meth:`_release`."""
+        control = worker.control
+        control.stop_for = task.seq
+        full_barrier()
+        following = worker.next
+        return following is None or bool(control.running != following.seq)
 
     def _on_timeout(self, task: Task) -> None:
         self._stop(task, "timeout", f"timeout after {task.timeout:g}s")
@@ -969,23 +1188,27 @@ class Supervisor:
     def _stop(self, task: Task, kind: StopKind, reason: str | None) -> None:
         if task.done:
             return
-        if task.worker is None:
-            self.request_stop(task, kind, reason)
+        if task.worker is None:  # queued, or handed back by a worker (see _requeue)
+            self._drop_queued(task, kind, reason)
             return
         if task.stop_kind is None:
             task.stop_kind, task.stop_reason = kind, reason
+        if task.worker.next is task:
+            self._revoke(task)
+            return
         if task.stage >= 1:
             return  # already on its ladder, which goes on as it is
         task.stage = 1
+        slot = task.worker.slots[task.slot]
         if task.grace <= 0 and task.term_grace <= 0:
             # Straight to SIGKILL, before the token's cancel (~85 µs of a kill's path on
             # the test VM), which a task killed now never reads: only a step deferred by a
             # critical section (or a worker not busy any more) leaves the token to tell.
             self._escalate(task)
             if task.stage < 3:
-                task.worker.slot.cancel(reason)
+                slot.cancel(reason)
             return
-        task.worker.slot.cancel(reason)
+        slot.cancel(reason)
         if task.grace <= 0:
             self._escalate(task)
         else:
@@ -995,6 +1218,8 @@ class Supervisor:
         worker = task.worker
         if task.done or worker is None or worker.task is not task or worker.state != "busy":
             return
+        if not self._may_signal(worker, task):
+            return  # over: its result is on its way, its worker runs the next task
         control = worker.control
         control.step_waits = 1  # before the read: a section ending after it is told
         if task.stage >= 2 or task.term_grace <= 0:  # the step is SIGKILL
@@ -1141,9 +1366,22 @@ class Supervisor:
         if not worker.swept:
             self._settle_killed(worker)
             return
-        task = worker.task
-        worker.task = None
+        task, following = worker.task, worker.next
+        claimed = worker.control.running if hasattr(worker, "control") else 0
+        with worker.slot_lock:  # (the asking threads read them under it)
+            worker.task = worker.next = None
         worker.state = "dead"
+        # What it never claimed never started: it runs elsewhere (see _hand_back). It
+        # claims in the order it was handed tasks (a task handed back comes again, so
+        # seqs are not in that order): ``running`` names the last task it claimed.
+        handed = [t for t in (task, following) if t is not None]
+        started = next((i + 1 for i, t in enumerate(handed) if t.seq == claimed), 0)
+        unstarted = handed[started:]
+        for waiting in unstarted:
+            if not waiting.done:
+                self._hand_back(waiting)
+        if task in unstarted:
+            task = None
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(worker.sock)
         worker.sock.close()
@@ -1175,6 +1413,32 @@ class Supervisor:
                 return
             self._spawn(index=worker.index)
 
+    def _hand_back(self, task: Task) -> None:
+        """A worker ended before it claimed ``task`` (it retired, crashed or was killed
+        during the task before it, or the zygote died): the task never started. It
+        runs on another worker, first in the queue, unless it was asked to stop or the
+        shutdown cancelled the queue (then it ends cancelled)."""
+        if self._queue_cancelled or self.broken is not None:
+            with task.future.decision_lock:  # (a caller's stop may race us)
+                if task.stop_kind is None:
+                    task.stop_kind, task.stop_reason = "shutdown", "pool shut down"
+        self._requeue(task)
+
+    def _requeue(self, task: Task) -> None:
+        """Put a task that never started first in the queue again; one asked to stop
+        meanwhile ends cancelled instead."""
+        with task.future.decision_lock:  # _drop_queued decides by task.worker under it
+            stopped = task.stop_kind is not None or task.done
+            if not stopped:
+                task.worker = None
+                task.requeued = True
+        if stopped:
+            self.finish(task, Fate.CANCELLED)
+            return
+        task.future.pid = None
+        task.future.fate = Fate.PENDING
+        self.queue.appendleft(task)
+
     def _settle_killed(self, worker: WorkerHandle) -> None:
         """Release the caller of a task the pool killed as soon as the whole tree is
         known dead, before the zygote's sweep comes back (the worker's slot is replaced
@@ -1201,9 +1465,10 @@ class Supervisor:
     def finish(
         self, task: Task, fate: Fate, *, value: Any = None, error: BaseException | None = None
     ) -> None:
-        if task.done:
-            return
-        task.done = True
+        with task.future.decision_lock:  # the asking thread may settle it too
+            if task.done:
+                return
+            task.done = True
         if task.handle is not None:
             task.handle.remove()
         # Release what the finished task no longer needs (tokens, payload, the link back).
@@ -1274,8 +1539,9 @@ class Supervisor:
                 task.dropped = True
             self.finish(task, Fate.FAILED, error=error)
         for worker in list(self.workers.values()):
-            if worker.task is not None:
-                self.finish(worker.task, Fate.FAILED, error=error)
+            for held in (worker.task, worker.next):
+                if held is not None:
+                    self.finish(held, Fate.FAILED, error=error)
 
     def _closing_done(self) -> bool:
         """Whether the supervisor can end: shut down (or broken) and no task left."""
@@ -1286,9 +1552,10 @@ class Supervisor:
         # (A copy: an enqueue interrupted by the shutdown may append while we look.)
         if any(not (t.dropped or t.done) for t in list(self.queue)):
             return False
-        return all(w.task is None or w.task.done for w in self.workers.values()) and all(
-            not w.waiting for w in self.workers.values()
-        )
+        return all(
+            (w.task is None or w.task.done) and (w.next is None or w.next.done)
+            for w in self.workers.values()
+        ) and all(not w.waiting for w in self.workers.values())
 
     def _teardown(self) -> None:
         try:
@@ -1376,6 +1643,12 @@ def _open_section_end(control: Control) -> float:
     full_barrier()
     critical = float(control.critical_until)
     return critical if critical > time.monotonic() else 0.0
+
+
+def _token_offset(index: int) -> int:
+    """Where worker ``index``'s first token slot is in the pool's chunk (slot 0 is the
+    chunk's header)."""
+    return (1 + 3 * index) * _SLOT
 
 
 def _crash_error(worker: WorkerHandle) -> WorkerCrashedError:

@@ -51,7 +51,9 @@ class TaskFuture(_futures.PoolFuture[Any]):
         finished, nor when another stop (its token, its timeout) got there first, which
         ends it with :class:`CancelledException`, nor in a forked child of the pool's
         owner (the task is the parent's). For a queued task the future is
-        cancelled before this returns. For a running task this only starts the stop:
+        cancelled before this returns; so it is for a task handed to a busy worker to
+        start after its running one (the future says running), unless the worker has
+        just started it. For a running task this only starts the stop:
         the future becomes cancelled (and ``result()`` raises
         :class:`concurrent.futures.CancelledError`) once the task returned or its worker
         and process tree are confirmed gone, never before.
@@ -131,6 +133,12 @@ class Task:
     timeout: float | None
     partial_sink: Callable[[str, Any], None] | None
     worker: WorkerHandle | None = None
+    #: which of ``worker``'s two token slots is its token (from dispatch on)
+    slot: int = 0
+    #: handed to a worker that ended before it claimed the task, and queued again
+    requeued: bool = False
+    #: a kill was asked while it waited behind its worker's running task
+    kill_asked: bool = False
     stop_kind: StopKind | None = None
     stop_reason: str | None = None
     stage: int = 0  # 1 token set, 2 SIGTERM sent, 3 SIGKILL sent

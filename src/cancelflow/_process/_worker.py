@@ -28,6 +28,7 @@ cannot be restored retires the worker.
 from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]
+import collections
 import contextlib
 import os
 import pickle
@@ -37,7 +38,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 try:
     import resource
@@ -60,10 +61,12 @@ from ._protocol import (
     Cancel,
     Control,
     CriticalEnded,
+    Held,
     InitFailed,
     Outcome,
     Partial,
     Ready,
+    Release,
     Result,
     Retire,
     RunTask,
@@ -333,8 +336,14 @@ class _Worker:
     ) -> None:
         self.sock = sock
         self.chunk = chunk
-        self.token_offset = token_offset
+        #: the worker's two token slots: a task runs on the one its RunTask names
+        self.token_offsets = (token_offset, token_offset + _cell.SLOT_SIZE)
         self.control = control
+        #: the seq of the task claimed last (run or stopped before it started), and of
+        #: the one run last (0: none yet), see claim
+        self.last = self.ran = 0
+        #: tasks that arrived while the worker held one (see claim), in order
+        self.arrived: collections.deque[RunTask] = collections.deque()
         # Re-entrant, with a queue for re-entry: a signal handler in the task may cancel
         # the task's token (which sends) while this thread is inside send().
         self.send_lock = threading.RLock()
@@ -378,15 +387,85 @@ class _Worker:
         except OSError:  # the pool closed this worker's channel while it was starting
             return
         while True:
-            try:
-                message = recv_frame(self.sock)
-            except (EOFError, OSError):
+            task = self.arrived.popleft() if self.arrived else self.receive()
+            if task is None:
                 return
-            task = read(message)
-            if isinstance(task, RunTask):
-                self.run_task(task.seq, task.payload)
-                if self.retiring is not None:
-                    return  # the pool was told; it replaces this worker once it exits
+            token = token_on_slot(
+                self.chunk, self.token_offsets[task.slot], name=f"task-{task.seq}", kind=_TaskToken
+            )
+            verdict = self.claim(task.seq, token)
+            if verdict is None:
+                return
+            if verdict != "run":  # stopped before it started, or moved: nothing ran
+                self.send(Result(task.seq, verdict, None, ""))
+                continue
+            self.run_task(task.seq, task.payload, token)
+            if self.retiring is not None:
+                return  # the pool was told; it replaces this worker once it exits
+
+    def receive(self) -> RunTask | None:
+        """The next task from the pool (``None``: the channel closed). A ``Release`` read
+        here is a late one, for a hold that ended already: skipped."""
+        while True:
+            try:
+                message = read(recv_frame(self.sock))
+            except (EOFError, OSError):
+                return None
+            if isinstance(message, RunTask):
+                return message
+
+    def claim(
+        self, seq: int, token: CancellationToken
+    ) -> Literal["run", "stopped", "moved"] | None:
+        """Claim task ``seq`` (whose token is ``token``) before it starts: ``"run"`` it,
+        or not: ``"stopped"`` before it started, ``"moved"`` to another worker; ``None``
+        if the channel closed.
+
+        The pool may hand a worker its next task while the current one runs, and stops
+        a task with signals to the worker's process, so a signal meant for one task must
+        never reach another. The worker writes ``Control.running`` (it claims the task),
+        then reads ``Control.stop_for``; the pool writes ``stop_for`` (the task it is
+        about to signal), then reads ``running`` and signals only if it names that task
+        (:meth:`Supervisor._may_signal`), with a full barrier on both sides: at least one
+        of them sees the other's write. So:
+
+        * ``stop_for`` names this task: the pool is stopping it, maybe with a signal on
+          its way: it never starts. So it does not when its token is cancelled: the pool
+          cancels it before it reads ``running`` to learn whether a waiting task it
+          stops was claimed (:meth:`Supervisor._revoke`);
+        * ``steal_for`` names this task: the pool took it back to run it on another
+          worker, if this worker had not claimed it yet; it does not start here, and
+          the pool learns from this worker's answer where it did not know;
+        * it names the task claimed last: a signal for that one may still be on its
+          way: the worker holds this task, says so (``Held``) and waits until the pool,
+          which has sent every signal it decided by then, says ``Release`` (or kills it).
+
+        While the worker does not run the task, ``running`` names the task it ran last.
+        """
+        control = self.control
+        while True:
+            control.running = seq
+            full_barrier()
+            stop, moved = control.stop_for, control.steal_for == seq
+            if stop == seq or token.is_cancelled or moved:
+                control.running = self.ran
+                self.last = seq
+                return "moved" if moved else "stopped"
+            if not self.last or stop != self.last:
+                self.last = self.ran = seq
+                return "run"
+            control.running = self.ran
+            with contextlib.suppress(OSError):
+                self.send(Held(seq))
+            while True:  # tasks sent meanwhile wait their turn
+                try:
+                    message = read(recv_frame(self.sock))
+                except (EOFError, OSError):
+                    return None
+                if isinstance(message, Release):
+                    break
+                if isinstance(message, RunTask):
+                    self.arrived.append(message)
 
     def critical_ended(self) -> None:
         """The task left its outermost critical section: if the pool deferred a stop step
@@ -411,8 +490,7 @@ class _Worker:
             return False
         return True
 
-    def run_task(self, seq: int, payload: bytes) -> None:
-        token = token_on_slot(self.chunk, self.token_offset, name=f"task-{seq}", kind=_TaskToken)
+    def run_task(self, seq: int, payload: bytes, token: _TaskToken) -> None:
         token._worker = self
         token._seq = seq
 

@@ -1,0 +1,309 @@
+"""Specification of the hand-over of tasks to a ProcessPool's workers.
+
+A busy worker is handed its next task before the running one ends (it then starts it
+without waiting for the pool: the throughput of short tasks). Handed over is not
+started: a task waiting behind another is stopped before it starts when asked, is taken
+back when another worker goes idle, runs elsewhere when its worker ends first, and no
+signal meant for one task ever reaches the next.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import contractloads
+import workloads
+from cancelflow import (
+    CancellationToken,
+    CancelledException,
+    ProcessPool,
+    TaskFuture,
+    WorkerCrashedError,
+)
+from support import WAIT, Announcements, run_script, wait_until, zygote_pid
+
+
+def _busy_with_a_cooperative_task(pool: ProcessPool) -> TaskFuture:
+    seen = Announcements()
+    first = pool.submit_task(workloads.announce_and_wait_cooperatively, partial_sink=seen)
+    seen.wait("pid")
+    return first
+
+
+def _runs(path: Path) -> int:
+    return path.read_text().count("ran\n") if path.exists() else 0
+
+
+class TestATaskWaitingBehindARunningOne:
+    def test_is_handed_to_the_busy_worker(self, tmp_path: Path) -> None:
+        """Test that a task queued while the only worker is busy is handed to that
+        worker (running, as the stdlib's call-queue items are) and runs once the first
+        task ends."""
+        with ProcessPool(1) as pool:
+            first = _busy_with_a_cooperative_task(pool)
+            waiting = pool.submit(workloads.record_run, str(tmp_path / "runs"))
+            assert wait_until(waiting.running)
+            assert _runs(tmp_path / "runs") == 0
+            first.cancel()
+            assert waiting.result(WAIT) == "ran"
+            assert _runs(tmp_path / "runs") == 1
+
+    def test_its_token_cancelled_ends_it_before_it_starts(self, tmp_path: Path) -> None:
+        """Test that cancelling the token of a waiting task releases its caller while the
+        task before it still runs, and the task never runs."""
+        with ProcessPool(1) as pool:
+            first = _busy_with_a_cooperative_task(pool)
+            token = CancellationToken()
+            waiting = pool.submit_task(workloads.record_run, (str(tmp_path / "runs"),), token=token)
+            assert wait_until(waiting.running)
+            token.cancel("not needed")
+            assert waiting.done()  # settled by the cancelling thread
+            with pytest.raises(CancelledException) as info:
+                waiting.result(WAIT)
+            assert info.value.reason == "not needed"
+            assert waiting.fate == "cancelled"
+            assert first.running()
+            first.cancel()
+            with pytest.raises(concurrent.futures.CancelledError):
+                first.result(WAIT)
+            assert pool.submit(workloads.add, 1, 2).result(WAIT) == 3
+        assert _runs(tmp_path / "runs") == 0
+
+    @pytest.mark.parametrize("how", ["cancel", "kill"])
+    def test_its_future_stopped_ends_it_cancelled_before_it_starts(
+        self, tmp_path: Path, how: str
+    ) -> None:
+        """Test that future.cancel() and future.kill() of a waiting task end it cancelled
+        at once (the stdlib's cancelled(), never started), the running task untouched."""
+        with ProcessPool(1) as pool:
+            first = _busy_with_a_cooperative_task(pool)
+            waiting = pool.submit(workloads.record_run, str(tmp_path / "runs"))
+            assert wait_until(waiting.running)
+            stop: Callable[[], bool] = getattr(waiting, how)
+            assert stop()
+            assert waiting.done()  # settled before stop() returned
+            with pytest.raises(concurrent.futures.CancelledError):
+                waiting.result(WAIT)
+            assert waiting.cancelled()
+            assert waiting.fate == "cancelled"
+            assert first.running()
+            first.cancel()
+        assert _runs(tmp_path / "runs") == 0
+
+    def test_a_shutdown_that_cancels_the_queue_cancels_it(self, tmp_path: Path) -> None:
+        """Test that shutdown(cancel_futures=True) ends a waiting task as the queued ones
+        (cancelled, never started)."""
+        pool = ProcessPool(1)
+        first = _busy_with_a_cooperative_task(pool)
+        waiting = pool.submit(workloads.record_run, str(tmp_path / "runs"))
+        queued = pool.submit(workloads.record_run, str(tmp_path / "runs"))
+        assert wait_until(waiting.running)
+        pool.shutdown(wait=True, cancel_futures=True, cancel_running=True)
+        assert waiting.cancelled()
+        assert queued.cancelled()
+        assert first.done()
+        assert _runs(tmp_path / "runs") == 0
+
+    def test_its_timeout_runs_from_its_start(self) -> None:
+        """Test that a waiting task's timeout counts from when it starts, not while it
+        waits behind the running task (as a queued task's does)."""
+        with ProcessPool(1) as pool:
+            first = pool.submit(time.sleep, 1.0)
+            assert wait_until(first.running)
+            waiting = pool.submit_task(workloads.add, (1, 2), timeout=0.5)
+            assert wait_until(waiting.running)
+            assert first.result(WAIT) is None
+            assert waiting.result(WAIT) == 3
+
+    def test_a_result_that_does_not_pickle_fails_it_alone(self) -> None:
+        """Test that a waiting task whose result cannot be pickled fails with the
+        pickling error, and its worker serves on."""
+        with ProcessPool(1) as pool:
+            first = _busy_with_a_cooperative_task(pool)
+            waiting = pool.submit(contractloads.return_unpicklable)
+            after = pool.submit(workloads.add, 2, 2)
+            assert wait_until(waiting.running)
+            first.cancel()
+            with pytest.raises(TypeError, match="refuses to pickle"):
+                waiting.result(WAIT)
+            assert after.result(WAIT) == 4
+            assert len(pool.statistics().worker_pids) == 1
+
+    def test_cannot_be_cancelled_from_a_fork_of_the_owner(self, tmp_path: Path) -> None:
+        """Test that in a child forked from the pool's owner, cancel() and kill() of a
+        waiting task say False and leave it alone: it runs once in the parent."""
+        runs = tmp_path / "runs"
+        result = run_script(
+            f"""
+            import os, sys
+            import workloads
+            from cancelflow import ProcessPool
+            from support import Announcements, wait_until
+
+            with ProcessPool(1) as pool:
+                seen = Announcements()
+                first = pool.submit_task(
+                    workloads.announce_and_wait_cooperatively, partial_sink=seen
+                )
+                seen.wait("pid")
+                waiting = pool.submit(workloads.record_run, {str(runs)!r})
+                assert wait_until(waiting.running)
+                pid = os.fork()
+                if pid == 0:
+                    print("child:", waiting.cancel(), waiting.kill(), flush=True)
+                    os._exit(0)
+                os.waitpid(pid, 0)
+                first.cancel()
+                print("parent:", waiting.result(30))
+            """
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["child: False False", "parent: ran"]
+        assert _runs(runs) == 1
+
+    def test_a_signal_handler_stopping_another_task_inside_its_stop_does_not_deadlock(
+        self,
+    ) -> None:
+        """Test that a signal handler cancelling the running task while the main
+        thread, inside the waiting task's cancel(), holds its worker's slot lock neither
+        hangs nor loses either stop."""
+        result = run_script(
+            """
+            import concurrent.futures, signal, threading
+            import workloads
+            from cancelflow import ProcessPool
+            from support import Announcements, wait_until
+
+            with ProcessPool(1) as pool:
+                seen = Announcements()
+                first = pool.submit_task(
+                    workloads.announce_and_wait_cooperatively, partial_sink=seen
+                )
+                seen.wait("pid")
+                waiting = pool.submit(workloads.add, 1, 1)
+                assert wait_until(waiting.running)
+                signal.signal(signal.SIGUSR1, lambda *a: print("first:", first.cancel()))
+                worker = first._task.worker
+
+                class Interrupting(tuple):
+                    armed = True
+
+                    def __getitem__(self, index):
+                        if Interrupting.armed and threading.current_thread() is main:
+                            Interrupting.armed = False
+                            signal.raise_signal(signal.SIGUSR1)  # the slot lock is held
+                        return super().__getitem__(index)
+
+                main = threading.main_thread()
+                worker.slots = Interrupting(worker.slots)
+                print("waiting:", waiting.cancel(), waiting.cancelled(), flush=True)
+                assert not Interrupting.armed
+                concurrent.futures.wait([first], 30)
+                print("after:", first.cancelled(), pool.submit(workloads.add, 2, 3).result(30))
+            """
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [
+            "first: True",
+            "waiting: True True",
+            "after: True 5",
+        ]
+
+
+class TestAWorkerThatGoesIdle:
+    def test_takes_the_task_waiting_behind_a_long_one(self) -> None:
+        """Test that short tasks all finish while a long task runs on the other worker:
+        one handed to the long task's worker is taken back for the idle worker."""
+        with ProcessPool(2) as pool:
+            long = _busy_with_a_cooperative_task(pool)
+            short = [pool.submit(workloads.add, i, 1) for i in range(8)]
+            assert [future.result(WAIT) for future in short] == [i + 1 for i in range(8)]
+            assert long.running()
+            long.cancel()
+
+
+class TestAWorkerThatEnds:
+    @pytest.mark.parametrize("end", ["killed", "crashed"])
+    def test_during_its_task_hands_back_the_one_waiting(self, tmp_path: Path, end: str) -> None:
+        """Test that a task waiting behind one whose worker dies (killed by the pool, or
+        exiting by itself) runs once, on the next worker."""
+        with ProcessPool(1, grace_period=0, term_grace_period=0) as pool:
+            if end == "killed":
+                first = _busy_with_a_cooperative_task(pool)
+            else:
+                first = pool.submit(workloads.wait_then_exit_hard, str(tmp_path / "go"))
+            waiting = pool.submit(workloads.record_run, str(tmp_path / "runs"))
+            assert wait_until(waiting.running)
+            if end == "killed":
+                first.kill()
+            else:
+                (tmp_path / "go").touch()
+            expected = concurrent.futures.CancelledError if end == "killed" else WorkerCrashedError
+            with pytest.raises(expected):
+                first.result(WAIT)
+            assert waiting.result(WAIT) == "ran"
+        assert _runs(tmp_path / "runs") == 1
+
+    def test_when_the_zygote_dies_hands_back_the_one_waiting(self, tmp_path: Path) -> None:
+        """Test that a task waiting behind a running one when the zygote is killed
+        runs exactly once, on a worker of the new zygote."""
+        with ProcessPool(1) as pool:
+            first = _busy_with_a_cooperative_task(pool)
+            waiting = pool.submit(workloads.record_run, str(tmp_path / "runs"))
+            assert wait_until(waiting.running)
+            os.kill(zygote_pid(pool), signal.SIGKILL)
+            first.exception(WAIT)  # however the pool ends it, it ends
+            assert waiting.result(WAIT) == "ran"
+            assert pool.submit(workloads.add, 1, 2).result(WAIT) == 3
+        assert _runs(tmp_path / "runs") == 1
+
+    def test_before_its_next_task_every_task_runs_once(self, tmp_path: Path) -> None:
+        """Test that with a new worker for every task each of 60 tasks runs exactly once
+        (a retiring worker never starts the task handed to it: it runs elsewhere)."""
+        runs = tmp_path / "runs"
+        with ProcessPool(2, max_tasks_per_child=1) as pool:
+            futures = [pool.submit(workloads.record_run, str(runs)) for _ in range(60)]
+            assert [future.result(WAIT) for future in futures] == ["ran"] * 60
+        assert _runs(runs) == 60
+
+
+class TestASignalForOneTask:
+    def test_never_reaches_the_task_its_worker_runs_next(self, tmp_path: Path) -> None:
+        """Test that a kill of a task that has just ended, asked before the pool read its
+        result, leaves alone the next task, which its worker already runs: the worker
+        claimed it, so the stop finds the first task over (the pool's reading of results
+        is held back to stage it)."""
+        with ProcessPool(1, grace_period=0, term_grace_period=0) as pool:
+            supervisor = pool._supervisor
+            gate = threading.Event()
+            read = supervisor._on_socket
+
+            def held_back(worker: object) -> None:
+                gate.wait(WAIT)
+                read(worker)  # type: ignore[arg-type]
+
+            assert pool.wait_ready(WAIT)
+            first = pool.submit(workloads.wait_for_path, str(tmp_path / "first"))
+            assert wait_until(first.running)
+            mark, go = tmp_path / "started", tmp_path / "second"
+            following = pool.submit(workloads.mark_then_wait_for_path, str(mark), str(go))
+            assert wait_until(following.running)
+            (worker_pid,) = pool.statistics().worker_pids
+            supervisor._on_socket = held_back  # type: ignore[method-assign]
+            (tmp_path / "first").touch()
+            assert wait_until(mark.exists), "the worker never started the next task"
+            first.kill()
+            gate.set()
+            go.touch()
+            assert following.result(WAIT) == "went"
+            assert following.fate == "finished"
+            assert pool.statistics().worker_pids == (worker_pid,)
+            assert first.done()
