@@ -252,6 +252,24 @@ class TestAWorkerThatEnds:
             assert waiting.result(WAIT) == "ran"
         assert _runs(tmp_path / "runs") == 1
 
+    def test_in_the_middle_of_a_claim_hands_back_the_task_it_claimed(self, tmp_path: Path) -> None:
+        """Test that a worker dying after it wrote ``Control.running`` for the waiting
+        task, before it learned whether it may start it, hands that task back: it never
+        started, and runs once elsewhere (regression: it failed with the worker)."""
+        with ProcessPool(1) as pool:
+            first = pool.submit(workloads.wait_for_path, str(tmp_path / "never"))
+            assert wait_until(first.running)
+            waiting = pool.submit(workloads.record_run, str(tmp_path / "runs"))
+            assert wait_until(waiting.running)
+            (worker_pid,) = pool.statistics().worker_pids
+            os.kill(worker_pid, signal.SIGSTOP)  # (its claim staged while it is frozen)
+            pool._supervisor.workers[0].control.running = waiting._task.seq  # type: ignore[union-attr]
+            os.kill(worker_pid, signal.SIGKILL)
+            with pytest.raises(WorkerCrashedError):
+                first.result(WAIT)
+            assert waiting.result(WAIT) == "ran"
+        assert _runs(tmp_path / "runs") == 1
+
     def test_when_the_zygote_dies_hands_back_the_one_waiting(self, tmp_path: Path) -> None:
         """Test that a task waiting behind a running one when the zygote is killed
         runs exactly once, on a worker of the new zygote."""

@@ -34,7 +34,12 @@ _seq = itertools.count(1)
 
 @dataclass(frozen=True)
 class ProcessPoolStatistics:
-    """A snapshot of a :class:`ProcessPool` (for debugging and tests)."""
+    """A snapshot of a :class:`ProcessPool` (for debugging and tests).
+
+    ``queued`` counts the tasks not started yet: in the pool's queue, or handed to a
+    busy worker to start after its running task (their futures say ``running()``, as
+    the stdlib's call-queue items do; one its worker is just starting may be counted).
+    """
 
     workers: int
     idle: int
@@ -435,7 +440,8 @@ class ProcessPool(concurrent.futures.Executor):
             workers=sum(1 for w in workers if w.state in ("starting", "idle", "busy")),
             idle=sum(1 for w in workers if w.state == "idle"),
             busy=sum(1 for w in workers if w.state == "busy"),
-            queued=sum(1 for t in list(supervisor.queue) if not (t.dropped or t.done)),
+            queued=sum(1 for t in list(supervisor.queue) if not (t.dropped or t.done))
+            + sum(1 for w in workers for t in tuple(w.behind) if not t.done),
             worker_pids=tuple(w.pid for w in workers if w.pid and w.state in ("idle", "busy")),
             replaced_total=supervisor.stats["replaced"],
             killed_total=supervisor.stats["killed"],

@@ -84,6 +84,11 @@ class Control(ctypes.Structure):
         # The seq of the last task the pool took back to run on another worker; written
         # and read in the same order as ``stop_for`` (see _supervisor.Supervisor._steal)
         ("steal_for", ctypes.c_int64),
+        # The seq of the last task the worker started (0: none yet), written once its
+        # claim succeeded, before any of the task's code runs: a worker that dies hands
+        # back what it holds after it (``running`` alone cannot tell: a worker may die
+        # between writing it and learning it must hold or not start the task)
+        ("started", ctypes.c_int64),
     )
 
 
@@ -102,8 +107,8 @@ def full_barrier() -> None:
 # -- parent -> worker ----------------------------------------------------------------------
 class RunTask(NamedTuple):
     """Run this task: ``payload`` is the pickled ``(fn, args, kwargs)``; its token is the
-    worker's token slot number ``slot`` (0 or 1: a worker holds at most two tasks, the
-    one it runs and the next, each on its own slot)."""
+    worker's token slot number ``slot`` (a worker holds a few tasks, the one it runs and
+    those it starts after it, each on its own slot)."""
 
     seq: int
     payload: bytes
@@ -168,8 +173,9 @@ class CriticalEnded(NamedTuple):
     seq: int
 
 
-#: "moved": the pool took the task back before the worker claimed it (it never started)
-Outcome = Literal["ok", "error", "stopped", "terminated", "moved"]
+#: Never started: "moved", the pool took the task back before the worker claimed it;
+#: "revoked", it was stopped before (its token slot cancelled, or the pool stopping it)
+Outcome = Literal["ok", "error", "stopped", "terminated", "moved", "revoked"]
 
 
 class Result(NamedTuple):
@@ -197,9 +203,9 @@ class Setup(NamedTuple):
 
 
 class Spawn(NamedTuple):
-    """Fork worker number ``worker``; its socket is the passed fd; its two token slots
-    are at ``token_offset`` and the slot after it, its control block at
-    ``control_offset`` of the chunk."""
+    """Fork worker number ``worker``; its socket is the passed fd; its token slots are
+    the slots from ``token_offset`` up to its control block at ``control_offset`` of
+    the chunk."""
 
     worker: int
     token_offset: int

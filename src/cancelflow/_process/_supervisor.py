@@ -107,6 +107,11 @@ _SETTLED_PLAINLY = (_FINISHED, _FAILED)
 _ASKED_TO_STOP = ("cancel", "timeout", "future", "shutdown")
 
 _SLOT = _cell.SLOT_SIZE
+#: The most tasks a worker holds: the one it runs and those handed to it to start
+#: after it, each on its own token slot (see _dispatch). Deep enough that a worker
+#: finishing short tasks does not wait for the supervisor's turn, which on a machine
+#: with as many busy workers as cores comes once per scheduler slice.
+DEPTH = 4
 _supervisors: weakref.WeakSet[Supervisor] = weakref.WeakSet()
 
 #: starting (forked, not ready) -> idle <-> busy -> retiring (no more tasks) -> dying
@@ -165,7 +170,7 @@ class WorkerHandle:
         self,
         index: int,
         sock: socket.socket,
-        slots: tuple[CancellationToken, CancellationToken],
+        slots: tuple[CancellationToken, ...],
         slot_lock: threading.Lock,
         control: Control,
     ) -> None:
@@ -188,9 +193,10 @@ class WorkerHandle:
         self.state: WorkerState = "starting"
         #: the task it runs (or is about to claim: see _worker._Worker.claim)
         self.task: Task | None = None
-        #: the task handed to it behind ``task``, which it starts once ``task`` ended
-        #: (unless that task's stop revoked it first: see Supervisor._revoke)
-        self.next: Task | None = None
+        #: the tasks handed to it behind ``task``, which it starts in this order once
+        #: ``task`` ended (unless a stop revoked one first: see Supervisor._revoke);
+        #: changed under ``slot_lock``
+        self.behind: collections.deque[Task] = collections.deque()
         #: the seq of a task taken back from it before it claimed it (Supervisor._steal):
         #: it takes no task until it said it did not start that one
         self.moving: int | None = None
@@ -205,7 +211,7 @@ class WorkerHandle:
         self.swept = False
         #: why it is being ended by the pool itself (the zygote died), if so
         self.lost: str | None = None
-        #: its two token slots: a task runs on the one ``task`` does not use
+        #: its token slots (DEPTH of them): each task it holds has its own
         self.slots = slots
         #: held while a slot or ``task`` changes hands (see Supervisor._cancel_slot_now)
         self.slot_lock = slot_lock
@@ -273,19 +279,22 @@ class Supervisor:
         self._queue_cancelled = False
 
         preload_tree_functions()  # a first kill must not wait for an import
-        # Per worker, three slots: its two token slots, then its control block.
-        self._chunk = _cell.Chunk(3 * size + 1, pinned=True, label="cancelflow-pool")
+        # Per worker: its DEPTH token slots, then its control block.
+        self._chunk = _cell.Chunk((DEPTH + 1) * size + 1, pinned=True, label="cancelflow-pool")
         self._chunk.mark_shared()
         self._slot_tokens = [
-            (
-                token_on_slot(self._chunk, _token_offset(i), name=f"{name}-slot-{i}a"),
-                token_on_slot(self._chunk, _token_offset(i) + _SLOT, name=f"{name}-slot-{i}b"),
+            tuple(
+                token_on_slot(
+                    self._chunk, _token_offset(i) + j * _SLOT, name=f"{name}-slot-{i}.{j}"
+                )
+                for j in range(DEPTH)
             )
             for i in range(size)
         ]
         self._slot_locks = [threading.Lock() for _ in range(size)]
         self._controls = [
-            Control.from_buffer(self._chunk.mm, _token_offset(i) + 2 * _SLOT) for i in range(size)
+            Control.from_buffer(self._chunk.mm, _token_offset(i) + DEPTH * _SLOT)
+            for i in range(size)
         ]
         self._wake_r, self._wake_w = os.pipe()  # not inherited by what Python starts
         os.set_blocking(self._wake_r, False)
@@ -373,7 +382,7 @@ class Supervisor:
     def _holds_a_task(self) -> bool:
         """Whether the calling thread holds the future lock of a task not over yet."""
         workers = list(self.workers.values())
-        tasks = list(self.queue) + [t for w in workers for t in (w.task, w.next) if t is not None]
+        tasks = list(self.queue) + [t for w in workers for t in (w.task, *w.behind) if t]
         return any(not task.done and _futures.held_here(task.future) for task in tasks)
 
     def check_open(self) -> None:
@@ -457,7 +466,7 @@ class Supervisor:
         if worker is None or self.forked or not worker.slot_lock.acquire(blocking=False):
             return False
         try:
-            if worker.next is not task or task.done:
+            if task.done or task not in worker.behind:
                 return False
             try:
                 slot, control = worker.slots[task.slot], worker.control
@@ -628,7 +637,7 @@ class Supervisor:
         if task.error is None:
             task.error = error
         worker = task.worker
-        if worker is None or (worker.task is not task and worker.next is not task):
+        if worker is None or (worker.task is not task and task not in worker.behind):
             self.finish(task, Fate.FAILED, error=task.error)
         else:
             self._stop(task, "error", f"the pool could not handle the task: {error!r}")
@@ -646,9 +655,9 @@ class Supervisor:
                 for worker in list(self.workers.values()):
                     if worker.task is not None and how is not None:
                         self._stop_for_shutdown(worker.task, how)
-                    if worker.next is not None and self._queue_cancelled:
+                    for waiting in list(worker.behind) if self._queue_cancelled else ():
                         # Not started: it ends as the queued tasks did (see shutdown).
-                        self._stop(worker.next, "future", "pool shut down")
+                        self._stop(waiting, "future", "pool shut down")
             case Dispatch():
                 pass  # dispatching follows every turn of the loop
 
@@ -811,6 +820,7 @@ class Supervisor:
         control.step_waits = 0
         control.kill_pending = 0
         control.running = 0
+        control.started = 0
         control.stop_for = 0
         control.steal_for = 0
         worker = WorkerHandle(index, parent_end, slots, slot_lock, control)
@@ -820,7 +830,7 @@ class Supervisor:
         try:
             send_record(
                 self._zygote_sock,
-                Spawn(index, _token_offset(index), _token_offset(index) + 2 * _SLOT),
+                Spawn(index, _token_offset(index), _token_offset(index) + DEPTH * _SLOT),
                 [child_end.fileno()],
             )
         except OSError:
@@ -951,13 +961,17 @@ class Supervisor:
 
     def _on_result(self, worker: WorkerHandle, task: Task, result: Result) -> None:
         self._promote(worker)
-        if result.outcome != "moved":
-            self.stats["completed"] += 1
         outcome, blob, text = result.outcome, result.blob, result.text
-        slot = worker.slots[task.slot]
         if outcome == "moved":  # see _steal: it never started
             self._requeue(task)
             return
+        slot = worker.slots[task.slot]
+        if outcome == "revoked":  # see _revoke: it never started
+            if task.stop_kind is None:
+                task.stop_kind, task.stop_reason = "cancel", slot.cancel_reason
+            self.finish(task, Fate.CANCELLED)
+            return
+        self.stats["completed"] += 1
         if outcome == "terminated":
             if task.stop_kind is None:  # a SIGTERM the pool did not send: from outside
                 self.stats["crashed"] += 1
@@ -1017,31 +1031,36 @@ class Supervisor:
             if worker.state == "idle" and self._can_take(worker):
                 if not self.queue:
                     self._steal()
-                if not self.queue or not self._give(worker, None):
+                if not self.queue or not self._give(worker, queue_behind=False):
                     return
-        for worker in list(self.workers.values()):
-            if not self.queue:
-                return
-            behind = worker.task
-            if (
-                worker.state == "busy"
-                and worker.next is None
-                and behind is not None
-                and behind.stop_kind is None
-                and self._can_take(worker)
-                and not self._give(worker, behind)
-            ):
-                return
+        busy = [w for w in self.workers.values() if self._may_queue_behind(w)]
+        while busy and self.queue:  # one each in turn: the queue spread over the workers
+            for worker in busy:
+                if not self._give(worker, queue_behind=True):
+                    return
+            busy = [w for w in busy if self._may_queue_behind(w)]
+
+    def _may_queue_behind(self, worker: WorkerHandle) -> bool:
+        """Whether a task may be handed to busy ``worker`` to start after those it holds:
+        it holds fewer than :data:`DEPTH` and its running task was not asked to stop."""
+        task = worker.task
+        return (
+            worker.state == "busy"
+            and task is not None
+            and task.stop_kind is None
+            and len(worker.behind) < DEPTH - 1
+            and self._can_take(worker)
+        )
 
     @staticmethod
     def _can_take(worker: WorkerHandle) -> bool:
         """Whether the worker may be handed a task (its slots free, not being killed)."""
         return worker.pid > 1 and not worker.killed_early and worker.moving is None
 
-    def _give(self, worker: WorkerHandle, behind: Task | None) -> bool:
+    def _give(self, worker: WorkerHandle, *, queue_behind: bool) -> bool:
         """Hand the first queued task that is still wanted to ``worker``, to run now
-        (``behind`` is ``None``: the worker is idle) or once ``behind`` ended; ``False``
-        if none is left."""
+        (the worker is idle) or, ``queue_behind``, after those it holds; ``False`` if
+        none is left."""
         # Under the slot lock, which an asking thread holds while it kills a worker
         # whose task it saw running (_kill_from_here): a worker killed after its task
         # returned, before this thread read the result, is never given the next one.
@@ -1054,10 +1073,13 @@ class Supervisor:
                     break
             else:
                 return False
-            index = 1 if behind is not None and behind.slot == 0 else 0
+            held = {t.slot for t in worker.behind}
+            if worker.task is not None and queue_behind:
+                held.add(worker.task.slot)
+            index = min(set(range(DEPTH)) - held)
             task.slot = index
             worker.slots[index].reset()
-            if behind is None:
+            if not queue_behind:
                 worker.state = "busy"
                 worker.task = task
                 control = worker.control
@@ -1066,11 +1088,11 @@ class Supervisor:
                 control.kill_pending = 0
                 control.stop_for = 0
             else:
-                worker.next = task
+                worker.behind.append(task)
         task.future.pid = worker.pid
         task.future.fate = _RUNNING
         self._send_to(worker, encode(wire(RunTask(task.seq, task.payload, index))))
-        if behind is None:
+        if not queue_behind:
             self._started(task)
         elif task.stop_kind is None and task.token is not None and task.token.is_cancelled:
             self._stop(task, "cancel", task.token.cancel_reason)
@@ -1084,9 +1106,11 @@ class Supervisor:
         then). If the worker claimed it, it runs there, unless the worker saw
         ``steal_for`` too: then it answers "moved", and the task is queued again then
         (:meth:`_on_result`)."""
-        for worker in self.workers.values():
-            task = worker.next
-            if task is None or task.done or task.stop_kind is not None:
+        for worker in sorted(self.workers.values(), key=lambda w: -len(w.behind)):
+            if not worker.behind:
+                return
+            task = worker.behind[-1]  # the last to be claimed
+            if task.done or task.stop_kind is not None:
                 continue
             control = worker.control
             if control.steal_for == task.seq:
@@ -1096,7 +1120,7 @@ class Supervisor:
             if control.running == task.seq:
                 continue
             with worker.slot_lock:
-                worker.next = None
+                worker.behind.pop()
                 worker.moving = task.seq
             self._requeue(task)
             self.stats["moved"] += 1
@@ -1120,16 +1144,17 @@ class Supervisor:
             self._stop(task, "cancel", task.token.cancel_reason)
 
     def _promote(self, worker: WorkerHandle) -> None:
-        """The worker's task ended (its result is being read): the task behind it, if
-        any, is its task now. A worker retiring or dying keeps it as ``next``: it never
-        starts it, and :meth:`_retire` queues it again."""
-        following = worker.next
-        if following is not None and worker.state == "busy":
+        """The worker's task ended (its result is being read): the first task behind it,
+        if any, is its task now. A worker retiring or dying keeps them behind: it never
+        starts them, and :meth:`_retire` queues them again."""
+        if worker.behind and worker.state == "busy":
             with worker.slot_lock:  # see _lock_running_worker
-                worker.task, worker.next = following, None
+                following = worker.task = worker.behind.popleft()
             self._started(following)
-            if self.queue and following.stop_kind is None and self._can_take(worker):
-                self._give(worker, following)  # now: it must not wait for this loop's end
+            # Topped up now: it must not wait for this loop's end.
+            while self.queue and self._may_queue_behind(worker):
+                if not self._give(worker, queue_behind=True):
+                    break
             return
         worker.task = None
         if worker.state == "busy":
@@ -1178,8 +1203,8 @@ class Supervisor:
         control = worker.control
         control.stop_for = task.seq
         full_barrier()
-        following = worker.next
-        return following is None or bool(control.running != following.seq)
+        running = control.running
+        return all(following.seq != running for following in tuple(worker.behind))
 
     def _on_timeout(self, task: Task) -> None:
         self._stop(task, "timeout", f"timeout after {task.timeout:g}s")
@@ -1193,7 +1218,7 @@ class Supervisor:
             return
         if task.stop_kind is None:
             task.stop_kind, task.stop_reason = kind, reason
-        if task.worker.next is task:
+        if task in task.worker.behind:
             self._revoke(task)
             return
         if task.stage >= 1:
@@ -1366,15 +1391,19 @@ class Supervisor:
         if not worker.swept:
             self._settle_killed(worker)
             return
-        task, following = worker.task, worker.next
-        claimed = worker.control.running if hasattr(worker, "control") else 0
+        task, following = worker.task, list(worker.behind)
+        # (without its control block, at the pool's end: its task is taken as started)
+        claimed = (
+            worker.control.started if hasattr(worker, "control") else (task.seq if task else 0)
+        )
         with worker.slot_lock:  # (the asking threads read them under it)
-            worker.task = worker.next = None
+            worker.task = None
+            worker.behind.clear()
         worker.state = "dead"
-        # What it never claimed never started: it runs elsewhere (see _hand_back). It
-        # claims in the order it was handed tasks (a task handed back comes again, so
-        # seqs are not in that order): ``running`` names the last task it claimed.
-        handed = [t for t in (task, following) if t is not None]
+        # What it never started runs elsewhere (see _hand_back). It claims in the order
+        # it was handed tasks (a task handed back comes again, so seqs are not in that
+        # order): ``started`` names the last task it started.
+        handed = [t for t in (task, *following) if t is not None]
         started = next((i + 1 for i, t in enumerate(handed) if t.seq == claimed), 0)
         unstarted = handed[started:]
         for waiting in unstarted:
@@ -1539,7 +1568,7 @@ class Supervisor:
                 task.dropped = True
             self.finish(task, Fate.FAILED, error=error)
         for worker in list(self.workers.values()):
-            for held in (worker.task, worker.next):
+            for held in (worker.task, *worker.behind):
                 if held is not None:
                     self.finish(held, Fate.FAILED, error=error)
 
@@ -1553,7 +1582,7 @@ class Supervisor:
         if any(not (t.dropped or t.done) for t in list(self.queue)):
             return False
         return all(
-            (w.task is None or w.task.done) and (w.next is None or w.next.done)
+            (w.task is None or w.task.done) and all(t.done for t in w.behind)
             for w in self.workers.values()
         ) and all(not w.waiting for w in self.workers.values())
 
@@ -1648,7 +1677,7 @@ def _open_section_end(control: Control) -> float:
 def _token_offset(index: int) -> int:
     """Where worker ``index``'s first token slot is in the pool's chunk (slot 0 is the
     chunk's header)."""
-    return (1 + 3 * index) * _SLOT
+    return (1 + (DEPTH + 1) * index) * _SLOT
 
 
 def _crash_error(worker: WorkerHandle) -> WorkerCrashedError:

@@ -331,13 +331,15 @@ class _Worker:
         sock: socket.socket,
         chunk: _cell.Chunk,
         token_offset: int,
+        control_offset: int,
         control: Control,
         max_tasks: int | None,
     ) -> None:
         self.sock = sock
         self.chunk = chunk
-        #: the worker's two token slots: a task runs on the one its RunTask names
-        self.token_offsets = (token_offset, token_offset + _cell.SLOT_SIZE)
+        #: the worker's token slots, up to its control block: a task's RunTask names its
+        #: own (a worker holds several tasks: the one it runs and those after it)
+        self.token_offsets = tuple(range(token_offset, control_offset, _cell.SLOT_SIZE))
         self.control = control
         #: the seq of the task claimed last (run or stopped before it started), and of
         #: the one run last (0: none yet), see claim
@@ -416,9 +418,9 @@ class _Worker:
 
     def claim(
         self, seq: int, token: CancellationToken
-    ) -> Literal["run", "stopped", "moved"] | None:
+    ) -> Literal["run", "revoked", "moved"] | None:
         """Claim task ``seq`` (whose token is ``token``) before it starts: ``"run"`` it,
-        or not: ``"stopped"`` before it started, ``"moved"`` to another worker; ``None``
+        or not: ``"revoked"`` (stopped before it started), ``"moved"`` to another worker; ``None``
         if the channel closed.
 
         The pool may hand a worker its next task while the current one runs, and stops
@@ -450,9 +452,10 @@ class _Worker:
             if stop == seq or token.is_cancelled or moved:
                 control.running = self.ran
                 self.last = seq
-                return "moved" if moved else "stopped"
+                return "moved" if moved else "revoked"
             if not self.last or stop != self.last:
                 self.last = self.ran = seq
+                control.started = seq
                 return "run"
             control.running = self.ran
             with contextlib.suppress(OSError):
@@ -598,7 +601,7 @@ def worker_main(
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
     sock = socket.socket(fileno=sock_fd)
-    worker = _Worker(sock, chunk, token_offset, control, options.get("max_tasks"))
+    worker = _Worker(sock, chunk, token_offset, control_offset, control, options.get("max_tasks"))
     try:
         worker.serve(options.get("initializer"))
     finally:
