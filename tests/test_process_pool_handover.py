@@ -217,6 +217,25 @@ class TestATaskWaitingBehindARunningOne:
             "after: True 5",
         ]
 
+    def test_a_shutdown_that_stops_running_tasks_stops_it_before_it_starts(
+        self, tmp_path: Path
+    ) -> None:
+        """Test that shutdown(cancel_running=True) ends a waiting task (its future says
+        running) cancelled without starting it, while a task still in the queue runs,
+        as queued tasks do without cancel_futures."""
+        pool = ProcessPool(1)
+        first = _busy_with_a_cooperative_task(pool)
+        held = [pool.submit(workloads.record_run, str(tmp_path / "held")) for _ in range(3)]
+        assert wait_until(lambda: all(f.running() for f in held))
+        queued = pool.submit(workloads.record_run, str(tmp_path / "queued"))
+        assert not queued.running()
+        pool.shutdown(wait=True, cancel_running=True)
+        assert all(isinstance(f.exception(0), CancelledException) for f in held)
+        assert [f.fate for f in held] == ["cancelled"] * 3
+        assert queued.result(0) == "ran"
+        assert first.done()
+        assert _runs(tmp_path / "held") == 0
+
 
 class TestAWorkerThatGoesIdle:
     def test_takes_the_task_waiting_behind_a_long_one(self) -> None:
@@ -228,6 +247,29 @@ class TestAWorkerThatGoesIdle:
             assert [future.result(WAIT) for future in short] == [i + 1 for i in range(8)]
             assert long.running()
             long.cancel()
+
+    def test_taking_back_again_and_again_runs_every_task_once(self, tmp_path: Path) -> None:
+        """Test that when idle workers take back several tasks from the same busy worker
+        (one at a time, each before that worker answered for the one before), every
+        task runs exactly once (regression: the second take-back let the first run on
+        its old worker too)."""
+        gates = [tmp_path / f"gate-{i}" for i in range(3)]
+        with ProcessPool(3) as pool:
+            assert pool.wait_ready(WAIT)
+            blockers = []
+            for gate in gates:
+                blockers.append(pool.submit(workloads.wait_for_path, str(gate)))
+                assert wait_until(blockers[-1].running)
+            runs = [tmp_path / f"runs-{i}" for i in range(9)]
+            futures = [pool.submit(workloads.record_run, str(path)) for path in runs]
+            assert wait_until(lambda: all(f.running() for f in futures))
+            gates[1].touch()  # its worker runs what it holds, then takes back the others'
+            assert wait_until(lambda: sum(f.done() for f in futures) >= 5)
+            gates[0].touch()
+            gates[2].touch()
+            assert [f.result(WAIT) for f in futures] == ["ran"] * 9
+            assert [b.result(WAIT) for b in blockers] == ["went"] * 3
+        assert [_runs(path) for path in runs] == [1] * 9
 
 
 class TestAWorkerThatEnds:
@@ -257,8 +299,9 @@ class TestAWorkerThatEnds:
         task, before it learned whether it may start it, hands that task back: it never
         started, and runs once elsewhere (regression: it failed with the worker)."""
         with ProcessPool(1) as pool:
-            first = pool.submit(workloads.wait_for_path, str(tmp_path / "never"))
-            assert wait_until(first.running)
+            mark = tmp_path / "started"
+            first = pool.submit(workloads.mark_then_wait_for_path, str(mark), str(tmp_path / "no"))
+            assert wait_until(mark.exists)
             waiting = pool.submit(workloads.record_run, str(tmp_path / "runs"))
             assert wait_until(waiting.running)
             (worker_pid,) = pool.statistics().worker_pids

@@ -379,7 +379,9 @@ class ProcessPool(concurrent.futures.Executor):
                 thread are gone. With ``False``, return at once; the work still runs.
             cancel_futures: queued tasks never start (their futures end cancelled).
             cancel_running: stop the tasks running now with the ladder (not part of the
-                stdlib's API); combine with ``cancel_futures`` to stop everything.
+                stdlib's API); combine with ``cancel_futures`` to stop everything. Tasks
+                handed to a busy worker to start after its task (their futures say
+                ``running()``) are stopped too: they never start.
 
         Idempotent. Everything the pool started (workers, their process trees, the zygote,
         pipes, the shared-memory chunk) is released; nothing is left running. In a forked

@@ -61,6 +61,13 @@ __all__ = (
 TASK_TOKEN_ID = "cancelflow.task-token"
 
 
+#: The most tasks a worker holds: the one it runs and those handed to it to start after
+#: it, each on its own token slot (see _supervisor.Supervisor._dispatch). Deep enough
+#: that a worker finishing short tasks does not wait for the supervisor's turn, which on
+#: a machine with as many busy workers as cores comes once per scheduler slice.
+DEPTH = 4
+
+
 class Control(ctypes.Structure):
     """Per-worker words the parent reads without asking the worker."""
 
@@ -81,9 +88,10 @@ class Control(ctypes.Structure):
         # _supervisor.Supervisor._may_signal). A worker that finished that task holds
         # the next one until the pool releases it (Held, Release).
         ("stop_for", ctypes.c_int64),
-        # The seq of the last task the pool took back to run on another worker; written
-        # and read in the same order as ``stop_for`` (see _supervisor.Supervisor._steal)
-        ("steal_for", ctypes.c_int64),
+        # Per token slot, the seq of the last task on it the pool took back to run on
+        # another worker; written and read in the same order as ``stop_for`` (see
+        # _supervisor.Supervisor._steal): several can be taken back at once
+        ("steal_for", ctypes.c_int64 * DEPTH),
         # The seq of the last task the worker started (0: none yet), written once its
         # claim succeeded, before any of the task's code runs: a worker that dies hands
         # back what it holds after it (``running`` alone cannot tell: a worker may die

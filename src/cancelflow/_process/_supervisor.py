@@ -60,6 +60,7 @@ from .._token import CancellationToken, token_on_slot
 from . import _zygote
 from ._channel import FrameReader, encode
 from ._protocol import (
+    DEPTH,
     Cancel,
     Control,
     CriticalEnded,
@@ -107,11 +108,6 @@ _SETTLED_PLAINLY = (_FINISHED, _FAILED)
 _ASKED_TO_STOP = ("cancel", "timeout", "future", "shutdown")
 
 _SLOT = _cell.SLOT_SIZE
-#: The most tasks a worker holds: the one it runs and those handed to it to start
-#: after it, each on its own token slot (see _dispatch). Deep enough that a worker
-#: finishing short tasks does not wait for the supervisor's turn, which on a machine
-#: with as many busy workers as cores comes once per scheduler slice.
-DEPTH = 4
 _supervisors: weakref.WeakSet[Supervisor] = weakref.WeakSet()
 
 #: starting (forked, not ready) -> idle <-> busy -> retiring (no more tasks) -> dying
@@ -197,9 +193,9 @@ class WorkerHandle:
         #: ``task`` ended (unless a stop revoked one first: see Supervisor._revoke);
         #: changed under ``slot_lock``
         self.behind: collections.deque[Task] = collections.deque()
-        #: the seq of a task taken back from it before it claimed it (Supervisor._steal):
-        #: it takes no task until it said it did not start that one
-        self.moving: int | None = None
+        #: seq -> token slot of each task taken back from it before it claimed it
+        #: (Supervisor._steal): the slot is reserved until it said it did not start it
+        self.moving: dict[int, int] = {}
         #: pid -> pidfd of each member of the tree being killed, until it is gone
         self.waiting: dict[int, int] = {}
         self.status: int | None = None
@@ -651,21 +647,25 @@ class Supervisor:
                 self._kill_now(task)  # first: then _stop finds the ladder under way
                 self._stop(task, kind, reason)
             case Close(running=how):
-                self._force = how
+                if how is not None:
+                    self._force = how
                 for worker in list(self.workers.values()):
-                    if worker.task is not None and how is not None:
-                        self._stop_for_shutdown(worker.task, how)
                     for waiting in list(worker.behind) if self._queue_cancelled else ():
                         # Not started: it ends as the queued tasks did (see shutdown).
                         self._stop(waiting, "future", "pool shut down")
+                    if how is None:
+                        continue
+                    for held in (worker.task, *worker.behind):  # (futures say running)
+                        if held is not None:
+                            self._stop_for_shutdown(held, how)
             case Dispatch():
                 pass  # dispatching follows every turn of the loop
 
     def _stop_for_shutdown(self, task: Task, how: Force) -> None:
         """Stop a running task for a shutdown: down the ladder, or from its SIGTERM or
         SIGKILL step at once (``terminate_workers``, ``kill_workers``)."""
-        if how == "ladder" or task.done or task.worker is None:
-            self._stop(task, "shutdown", "pool shut down")
+        if how == "ladder" or task.done or task.worker is None or task in task.worker.behind:
+            self._stop(task, "shutdown", "pool shut down")  # (one not started: revoked)
             return
         if task.stop_kind is None:
             task.stop_kind, task.stop_reason = "shutdown", f"pool shut down ({how})"
@@ -822,7 +822,8 @@ class Supervisor:
         control.running = 0
         control.started = 0
         control.stop_for = 0
-        control.steal_for = 0
+        for index_ in range(DEPTH):
+            control.steal_for[index_] = 0
         worker = WorkerHandle(index, parent_end, slots, slot_lock, control)
         self.workers[index] = worker
         parent_end.setblocking(False)  # never block the supervisor on a frozen worker
@@ -899,8 +900,7 @@ class Supervisor:
 
     def _on_message(self, worker: WorkerHandle, message: WorkerMessage) -> None:
         if type(message) is Result:  # the one message of every task: the shortest way
-            if message.seq == worker.moving:  # it did not start it: the slot is free
-                worker.moving = None
+            if worker.moving.pop(message.seq, None) is not None:  # not started: slot free
                 return
             task = worker.task
             if task is not None and task.seq == message.seq:
@@ -1048,14 +1048,14 @@ class Supervisor:
             worker.state == "busy"
             and task is not None
             and task.stop_kind is None
-            and len(worker.behind) < DEPTH - 1
+            and len(worker.behind) + len(worker.moving) < DEPTH - 1
             and self._can_take(worker)
         )
 
     @staticmethod
     def _can_take(worker: WorkerHandle) -> bool:
         """Whether the worker may be handed a task (its slots free, not being killed)."""
-        return worker.pid > 1 and not worker.killed_early and worker.moving is None
+        return worker.pid > 1 and not worker.killed_early
 
     def _give(self, worker: WorkerHandle, *, queue_behind: bool) -> bool:
         """Hand the first queued task that is still wanted to ``worker``, to run now
@@ -1073,12 +1073,14 @@ class Supervisor:
                     break
             else:
                 return False
-            held = {t.slot for t in worker.behind}
+            held = {t.slot for t in worker.behind} | set(worker.moving.values())
             if worker.task is not None and queue_behind:
                 held.add(worker.task.slot)
             index = min(set(range(DEPTH)) - held)
             task.slot = index
             worker.slots[index].reset()
+            # (free: a task taken back from this slot was answered for, see _steal)
+            worker.control.steal_for[index] = 0
             if not queue_behind:
                 worker.state = "busy"
                 worker.task = task
@@ -1099,13 +1101,12 @@ class Supervisor:
         return True
 
     def _steal(self) -> None:
-        """Queue again (first) a task waiting behind another worker's running task, if
-        that worker has not claimed it (``Control.steal_for`` written, then ``running``
-        read: see _worker._Worker.claim): it never starts there, and that worker takes
-        no task until it has said so (``moving``: the task's slot is the worker's until
-        then). If the worker claimed it, it runs there, unless the worker saw
-        ``steal_for`` too: then it answers "moved", and the task is queued again then
-        (:meth:`_on_result`)."""
+        """Queue again (first) the last task waiting behind a busy worker's running task,
+        if that worker has not claimed it (``Control.steal_for`` of its slot written,
+        then ``running`` read: see _worker._Worker.claim): it never starts there, and
+        its slot stays reserved until that worker has said so (``moving``). If the
+        worker claimed it, it runs there, unless the worker saw ``steal_for`` too: then
+        it answers "moved", and the task is queued again then (:meth:`_on_result`)."""
         for worker in sorted(self.workers.values(), key=lambda w: -len(w.behind)):
             if not worker.behind:
                 return
@@ -1113,15 +1114,15 @@ class Supervisor:
             if task.done or task.stop_kind is not None:
                 continue
             control = worker.control
-            if control.steal_for == task.seq:
+            if control.steal_for[task.slot] == task.seq:
                 continue  # asked already: its worker's answer tells
-            control.steal_for = task.seq
+            control.steal_for[task.slot] = task.seq
             full_barrier()
             if control.running == task.seq:
                 continue
             with worker.slot_lock:
                 worker.behind.pop()
-                worker.moving = task.seq
+                worker.moving[task.seq] = task.slot
             self._requeue(task)
             self.stats["moved"] += 1
             return
@@ -1136,8 +1137,8 @@ class Supervisor:
             self._at(task.timeout, self._on_timeout, task)
         if task.kill_asked:
             self._kill_now(task)
-        if self._force is not None and task.stop_kind in (None, "shutdown"):
-            self._stop_for_shutdown(task, self._force)
+        if self._force is not None and task.stop_kind == "shutdown":
+            self._stop_for_shutdown(task, self._force)  # (claimed before it was revoked)
         elif task.stop_kind is not None:
             self._stop(task, task.stop_kind, task.stop_reason)
         elif task.token is not None and task.token.is_cancelled:

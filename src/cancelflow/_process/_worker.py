@@ -395,7 +395,7 @@ class _Worker:
             token = token_on_slot(
                 self.chunk, self.token_offsets[task.slot], name=f"task-{task.seq}", kind=_TaskToken
             )
-            verdict = self.claim(task.seq, token)
+            verdict = self.claim(task.seq, task.slot, token)
             if verdict is None:
                 return
             if verdict != "run":  # stopped before it started, or moved: nothing ran
@@ -417,9 +417,9 @@ class _Worker:
                 return message
 
     def claim(
-        self, seq: int, token: CancellationToken
+        self, seq: int, slot: int, token: CancellationToken
     ) -> Literal["run", "revoked", "moved"] | None:
-        """Claim task ``seq`` (whose token is ``token``) before it starts: ``"run"`` it,
+        """Claim task ``seq`` (whose token is ``token``, on token slot ``slot``) before it starts: ``"run"`` it,
         or not: ``"revoked"`` (stopped before it started), ``"moved"`` to another worker; ``None``
         if the channel closed.
 
@@ -435,7 +435,7 @@ class _Worker:
           its way: it never starts. So it does not when its token is cancelled: the pool
           cancels it before it reads ``running`` to learn whether a waiting task it
           stops was claimed (:meth:`Supervisor._revoke`);
-        * ``steal_for`` names this task: the pool took it back to run it on another
+        * ``steal_for`` of its slot names this task: the pool took it back to run it on another
           worker, if this worker had not claimed it yet; it does not start here, and
           the pool learns from this worker's answer where it did not know;
         * it names the task claimed last: a signal for that one may still be on its
@@ -448,7 +448,7 @@ class _Worker:
         while True:
             control.running = seq
             full_barrier()
-            stop, moved = control.stop_for, control.steal_for == seq
+            stop, moved = control.stop_for, control.steal_for[slot] == seq
             if stop == seq or token.is_cancelled or moved:
                 control.running = self.ran
                 self.last = seq
