@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +28,12 @@ from cancelflow import (
     ProcessPool,
     TaskFuture,
     WorkerCrashedError,
+    _cell,
 )
+from cancelflow._process._channel import encode, recv_frame
+from cancelflow._process._protocol import DEPTH, Control, Held, Release, read, wire
+from cancelflow._process._worker import _Worker
+from cancelflow._token import token_on_slot
 from support import WAIT, Announcements, run_script, wait_until, zygote_pid
 
 
@@ -368,3 +374,40 @@ class TestASignalForOneTask:
             assert following.fate == "finished"
             assert pool.statistics().worker_pids == (worker_pid,)
             assert first.done()
+
+
+class TestAWorkerClaimingATask:
+    def test_holds_it_while_a_signal_for_a_task_before_may_be_on_its_way(self) -> None:
+        """Test that a worker that ran task 1, then found task 2 stopped before it
+        started, holds task 3 while the pool's decision to signal task 1 stands (it says
+        Held and starts only on Release): a signal meant for task 1 never reaches task 3
+        (regression: the task not started made the worker forget task 1)."""
+        chunk = _cell.Chunk(DEPTH + 2, pinned=True)
+        ours, theirs = socket.socketpair()
+        try:
+            offsets = [(1 + j) * _cell.SLOT_SIZE for j in range(DEPTH)]
+            control_offset = (1 + DEPTH) * _cell.SLOT_SIZE
+            control = Control.from_buffer(chunk.mm, control_offset)
+            worker = _Worker(theirs, chunk, offsets[0], control_offset, control, None)
+            tokens = [token_on_slot(chunk, offset) for offset in offsets]
+            assert worker.claim(1, 0, tokens[0]) == "run"
+            control.stop_for = 1  # the pool decided to signal task 1 (not yet sent)
+            tokens[1].cancel("stopped")  # and stopped task 2 before it started
+            assert worker.claim(2, 1, tokens[1]) == "revoked"
+            verdict: list[str | None] = []
+            claiming = threading.Thread(
+                target=lambda: verdict.append(worker.claim(3, 2, tokens[2]))
+            )
+            claiming.start()
+            ours.settimeout(WAIT)
+            assert read(recv_frame(ours)) == Held(3)
+            assert verdict == []
+            control.stop_for = 0  # as the pool's release does, once its signal went
+            ours.sendall(encode(wire(Release())))
+            claiming.join(WAIT)
+            assert verdict == ["run"]
+            assert control.started == 3
+        finally:
+            ours.close()
+            theirs.close()
+            chunk.close()

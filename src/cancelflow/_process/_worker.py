@@ -341,9 +341,10 @@ class _Worker:
         #: own (a worker holds several tasks: the one it runs and those after it)
         self.token_offsets = tuple(range(token_offset, control_offset, _cell.SLOT_SIZE))
         self.control = control
-        #: the seq of the task claimed last (run or stopped before it started), and of
-        #: the one run last (0: none yet), see claim
-        self.last = self.ran = 0
+        #: the seq of the task run last (0: none yet), and the tasks claimed since it,
+        #: it first (run or not started): a signal for any of them may be on its way
+        self.ran = 0
+        self.since: list[int] = []
         #: tasks that arrived while the worker held one (see claim), in order
         self.arrived: collections.deque[RunTask] = collections.deque()
         # Re-entrant, with a queue for re-entry: a signal handler in the task may cancel
@@ -419,9 +420,9 @@ class _Worker:
     def claim(
         self, seq: int, slot: int, token: CancellationToken
     ) -> Literal["run", "revoked", "moved"] | None:
-        """Claim task ``seq`` (whose token is ``token``, on token slot ``slot``) before it starts: ``"run"`` it,
-        or not: ``"revoked"`` (stopped before it started), ``"moved"`` to another worker; ``None``
-        if the channel closed.
+        """Claim task ``seq`` (whose token is ``token``, on token slot ``slot``) before
+        it starts: ``"run"`` it, or not: ``"revoked"`` (stopped before it started),
+        ``"moved"`` to another worker; ``None`` if the channel closed.
 
         The pool may hand a worker its next task while the current one runs, and stops
         a task with signals to the worker's process, so a signal meant for one task must
@@ -435,12 +436,14 @@ class _Worker:
           its way: it never starts. So it does not when its token is cancelled: the pool
           cancels it before it reads ``running`` to learn whether a waiting task it
           stops was claimed (:meth:`Supervisor._revoke`);
-        * ``steal_for`` of its slot names this task: the pool took it back to run it on another
-          worker, if this worker had not claimed it yet; it does not start here, and
-          the pool learns from this worker's answer where it did not know;
-        * it names the task claimed last: a signal for that one may still be on its
-          way: the worker holds this task, says so (``Held``) and waits until the pool,
-          which has sent every signal it decided by then, says ``Release`` (or kills it).
+        * ``steal_for`` of its slot names this task: the pool took it back to run it on
+          another worker, if this worker had not claimed it yet; it does not start
+          here, and the pool learns from this worker's answer where it did not know;
+        * it names the task run last or one claimed since (which did not start: the
+          pool may signal a task it has not heard of as not started): a signal for
+          that one may still be on its way: the worker holds this task, says so
+          (``Held``) and waits until the pool, which has sent every signal it decided by
+          then, says ``Release`` (or kills it).
 
         While the worker does not run the task, ``running`` names the task it ran last.
         """
@@ -451,11 +454,11 @@ class _Worker:
             stop, moved = control.stop_for, control.steal_for[slot] == seq
             if stop == seq or token.is_cancelled or moved:
                 control.running = self.ran
-                self.last = seq
+                self.since.append(seq)
                 return "moved" if moved else "revoked"
-            if not self.last or stop != self.last:
-                self.last = self.ran = seq
-                control.started = seq
+            if stop not in self.since:
+                self.since = [seq]
+                self.ran = control.started = seq
                 return "run"
             control.running = self.ran
             with contextlib.suppress(OSError):
