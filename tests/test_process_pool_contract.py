@@ -72,24 +72,46 @@ class TestShutdownRightAfterSubmit:
         assert [f.result(WAIT) for f in futures] == [0, 1, 4, 9, 16]
         p.shutdown(wait=True)
 
-    def test_cancel_futures_cancels_only_queued_tasks(self) -> None:
-        """Test that shutdown(cancel_futures=True) cancels the queued futures and lets the
-        running task finish."""
+    def test_cancel_futures_cancels_only_the_futures_not_running(self) -> None:
+        """Test that shutdown(cancel_futures=True) cancels the pending futures and lets
+        the running ones finish: the task running and those handed to its worker to
+        start after it (their futures say running, as the stdlib's call-queue items)."""
         p = ProcessPool(max_workers=1)
         announce = Announcements()
         running = p.submit_task(contractloads.wait_until_cancelled, partial_sink=announce)
         announce.wait("pid")
-        queued = [p.submit(contractloads.square, i) for i in range(3)]
+        futures = [p.submit(contractloads.square, i) for i in range(8)]
+        assert wait_until(lambda: sum(f.running() for f in futures) == 3)
+        held = [f for f in futures if f.running()]
+        pending = [f for f in futures if not f.running()]
         token_less = threading.Thread(target=p.shutdown, kwargs={"cancel_futures": True})
         token_less.start()
-        done, _ = concurrent.futures.wait(queued, timeout=WAIT)
-        assert done == set(queued)
-        assert all(f.cancelled() for f in queued)
+        done, _ = concurrent.futures.wait(pending, timeout=WAIT)
+        assert done == set(pending)
+        assert all(f.cancelled() for f in pending)
         assert not running.done()
         running.cancel()
+        assert [f.result(WAIT) for f in held] == [i * i for i in range(3)]
         token_less.join(WAIT)
         assert not token_less.is_alive()
         assert running.cancelled()
+
+    @pytest.mark.parametrize("ready", [True, False])
+    def test_cancel_futures_right_after_submit_still_runs_what_starts_at_once(
+        self, ready: bool
+    ) -> None:
+        """Test that shutdown(cancel_futures=True) right after many submits cancels most
+        of them and runs, without error, one per worker (starting or idle), as the
+        stdlib's executor runs what its call queue holds (regression: all cancelled)."""
+        p = ProcessPool(max_workers=2)
+        if ready:
+            assert p.wait_ready(WAIT)
+        futures = [p.submit(contractloads.square, i) for i in range(50)]
+        p.shutdown(wait=True, cancel_futures=True)
+        ran = [f for f in futures if not f.cancelled()]
+        assert sum(f.cancelled() for f in futures) > 20
+        assert len(ran) >= 1
+        assert all(f.done() and f.exception() is None for f in ran)
 
     def test_a_pool_dropped_without_shutdown_runs_its_work_then_ends(self) -> None:
         """Test that a pool collected without shutdown() still runs what was submitted,
@@ -351,6 +373,35 @@ class TestFork:
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.split() == ["False", "True"]
+
+    def test_closing_a_workers_descriptors_twice_closes_nothing_reused(self) -> None:
+        """Test that a worker's descriptors, once closed (the pool's teardown), are not
+        closed again by a fork of the owner's hook, when their numbers may already be
+        another library's (regression: a stdlib ProcessPoolExecutor made right after a
+        shutdown(wait=False) broke, 9 to 10 times in 15)."""
+        import socket
+
+        from cancelflow._process._protocol import Control
+        from cancelflow._process._supervisor import WorkerHandle
+
+        ours, theirs = socket.socketpair()
+        try:
+            worker = WorkerHandle(
+                0, ours, (CancellationToken(), CancellationToken()), threading.Lock(), Control()
+            )
+            worker.pidfd = os.open(os.devnull, os.O_RDONLY)
+            worker.close_descriptors()  # the teardown
+            reader, writer = os.pipe()  # (the lowest free number: the old pidfd's)
+            try:
+                worker.close_descriptors()  # the hook in a fork of the owner
+                os.fstat(reader)
+                os.fstat(writer)
+            finally:
+                os.close(reader)
+                os.close(writer)
+        finally:
+            ours.close()
+            theirs.close()
 
     def test_a_forked_child_does_not_keep_the_zygote_alive(self) -> None:
         """Test that when the owner is SIGKILLed while a forked child of it lives on,

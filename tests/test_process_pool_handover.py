@@ -104,17 +104,34 @@ class TestATaskWaitingBehindARunningOne:
             first.cancel()
         assert _runs(tmp_path / "runs") == 0
 
-    def test_a_shutdown_that_cancels_the_queue_cancels_it(self, tmp_path: Path) -> None:
-        """Test that shutdown(cancel_futures=True) ends a waiting task as the queued ones
-        (cancelled, never started)."""
+    def test_a_shutdown_that_cancels_the_queue_lets_it_run(self, tmp_path: Path) -> None:
+        """Test that shutdown(cancel_futures=True) cancels the queued tasks but lets the
+        waiting ones (their futures say running) run, as the stdlib's call-queue items."""
         pool = ProcessPool(1)
         first = _busy_with_a_cooperative_task(pool)
-        waiting = pool.submit(workloads.record_run, str(tmp_path / "runs"))
-        queued = pool.submit(workloads.record_run, str(tmp_path / "runs"))
-        assert wait_until(waiting.running)
+        futures = [pool.submit(workloads.record_run, str(tmp_path / "runs")) for _ in range(5)]
+        assert wait_until(lambda: sum(f.running() for f in futures) == 3)
+        held, queued = futures[:3], futures[3:]
+        assert all(f.running() for f in held)
+        pool.shutdown(wait=False, cancel_futures=True)
+        assert all(f.cancelled() for f in queued)
+        first.cancel()
+        assert [f.result(WAIT) for f in held] == ["ran"] * 3
+        pool.shutdown(wait=True)
+        assert _runs(tmp_path / "runs") == 3
+
+    def test_a_shutdown_that_stops_everything_stops_it_before_it_starts(
+        self, tmp_path: Path
+    ) -> None:
+        """Test that shutdown(cancel_futures=True, cancel_running=True) ends the waiting
+        tasks as the queued ones: cancelled(), never started."""
+        pool = ProcessPool(1)
+        first = _busy_with_a_cooperative_task(pool)
+        futures = [pool.submit(workloads.record_run, str(tmp_path / "runs")) for _ in range(5)]
+        assert wait_until(lambda: sum(f.running() for f in futures) == 3)
         pool.shutdown(wait=True, cancel_futures=True, cancel_running=True)
-        assert waiting.cancelled()
-        assert queued.cancelled()
+        assert [f.fate for f in futures] == ["cancelled"] * 5
+        assert all(f.cancelled() for f in futures)
         assert first.done()
         assert _runs(tmp_path / "runs") == 0
 

@@ -198,11 +198,12 @@ class ProcessView:
 
     def close(self) -> None:
         """Close the descriptors (idempotent)."""
-        for fd in (self._stat, self._children):
+        fds = (self._stat, self._children)
+        self._stat = self._children = -1  # (first: a fork now must not close them again)
+        for fd in fds:
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self._stat = self._children = -1
 
 
 def _children_of(pid: int, view: ProcessView | None = None) -> list[int]:

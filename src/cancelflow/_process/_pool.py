@@ -377,11 +377,15 @@ class ProcessPool(concurrent.futures.Executor):
         Args:
             wait: block until every task is over and every process and the supervisor
                 thread are gone. With ``False``, return at once; the work still runs.
-            cancel_futures: queued tasks never start (their futures end cancelled).
+            cancel_futures: pending futures are cancelled: queued tasks never start,
+                but for one per worker that is not busy (idle or still starting), which
+                runs, as the stdlib fills its call queue before it cancels the rest.
+                Futures that say ``running()`` (those handed to a busy worker too)
+                are left to finish.
             cancel_running: stop the tasks running now with the ladder (not part of the
                 stdlib's API); combine with ``cancel_futures`` to stop everything. Tasks
                 handed to a busy worker to start after its task (their futures say
-                ``running()``) are stopped too: they never start.
+                ``running()``) are stopped too: they never start (fate ``cancelled``).
 
         Idempotent. Everything the pool started (workers, their process trees, the zygote,
         pipes, the shared-memory chunk) is released; nothing is left running. In a forked

@@ -215,8 +215,13 @@ class WorkerHandle:
 
     def close_descriptors(self) -> None:
         """Close every descriptor held on this worker's processes (the owner's teardown,
-        a forked child's): its pidfd, those of a tree being killed, its ``/proc`` view."""
-        for fd in ([self.pidfd] if self.pidfd is not None else []) + list(self.waiting.values()):
+        a forked child's): its pidfd, those of a tree being killed, its ``/proc`` view.
+        Idempotent: a fork of the owner after the pool's teardown must not close the
+        numbers again (by then they may be another library's descriptors)."""
+        fds = ([self.pidfd] if self.pidfd is not None else []) + list(self.waiting.values())
+        self.pidfd = None
+        self.waiting.clear()
+        for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
         if self.view is not None:
@@ -356,8 +361,14 @@ class Supervisor:
             self.shutting_down = True
             if cancel_futures:
                 self._queue_cancelled = True
-            queued = list(self.queue) if cancel_futures else []
-        for task in queued:
+            queued = [t for t in list(self.queue) if not (t.dropped or t.done)]
+            if running is None:
+                # As the stdlib's (whose call queue is filled before it cancels the rest):
+                # one task per worker that is not busy is not pending any more.
+                busy = sum(1 for w in list(self.workers.values()) if w.state == "busy")
+                starting = max(0, self.size - busy)  # (idle, or not started yet)
+                queued = queued[starting:]
+        for task in queued if cancel_futures else ():
             self._drop_queued(task, "future", "pool shut down")
         self.post(Close(running))
         if not wait or threading.current_thread() is self.thread:
@@ -649,12 +660,14 @@ class Supervisor:
             case Close(running=how):
                 if how is not None:
                     self._force = how
+                # (cancel_futures alone leaves the tasks handed to busy workers, whose
+                # futures say running, to run: as the stdlib's call-queue items)
                 for worker in list(self.workers.values()):
-                    for waiting in list(worker.behind) if self._queue_cancelled else ():
-                        # Not started: it ends as the queued tasks did (see shutdown).
-                        self._stop(waiting, "future", "pool shut down")
                     if how is None:
-                        continue
+                        break
+                    for waiting in list(worker.behind) if self._queue_cancelled else ():
+                        # Stop everything: not started, it ends as the queued tasks do.
+                        self._stop(waiting, "future", "pool shut down")
                     for held in (worker.task, *worker.behind):  # (futures say running)
                         if held is not None:
                             self._stop_for_shutdown(held, how)
@@ -1329,9 +1342,9 @@ class Supervisor:
             return
         if worker.pidfd is None:  # already handled by an earlier event of the same select
             return
-        self._selector.unregister(worker.pidfd)
-        os.close(worker.pidfd)
-        worker.pidfd = None
+        pidfd, worker.pidfd = worker.pidfd, None  # (first: a fork now must not close it)
+        self._selector.unregister(pidfd)
+        os.close(pidfd)
         self._on_gone(worker)
 
     def _on_gone(self, worker: WorkerHandle) -> None:
