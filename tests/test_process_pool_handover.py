@@ -428,3 +428,10 @@ class TestAWorkerClaimingATask:
             ours.close()
             theirs.close()
             chunk.close()
+
+    def test_its_control_block_fits_in_one_slot(self) -> None:
+        """Test that a worker's Control block (with a steal_for per task it may hold)
+        fits in the one chunk slot the pool gives it after its DEPTH token slots."""
+        import ctypes
+
+        assert ctypes.sizeof(Control) <= _cell.SLOT_SIZE

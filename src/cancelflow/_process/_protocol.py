@@ -27,6 +27,7 @@ import threading
 from typing import Any, Literal, NamedTuple
 
 __all__ = (
+    "DEPTH",
     "TASK_TOKEN_ID",
     "Cancel",
     "Control",

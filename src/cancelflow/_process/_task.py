@@ -133,7 +133,7 @@ class Task:
     timeout: float | None
     partial_sink: Callable[[str, Any], None] | None
     worker: WorkerHandle | None = None
-    #: which of ``worker``'s two token slots is its token (from dispatch on)
+    #: which of ``worker``'s token slots is its token (from dispatch on)
     slot: int = 0
     #: handed to a worker that ended before it claimed the task, and queued again
     requeued: bool = False
