@@ -30,7 +30,7 @@ from cancelflow import (
     WorkerCrashedError,
     _cell,
 )
-from cancelflow._process._channel import encode, recv_frame
+from cancelflow._process._channel import FrameSource, encode
 from cancelflow._process._protocol import DEPTH, Control, Held, Release, read, wire
 from cancelflow._process._worker import _Worker
 from cancelflow._token import token_on_slot
@@ -417,7 +417,7 @@ class TestAWorkerClaimingATask:
             )
             claiming.start()
             ours.settimeout(WAIT)
-            assert read(recv_frame(ours)) == Held(3)
+            assert read(FrameSource(ours).next()) == Held(3)
             assert verdict == []
             control.stop_for = 0  # as the pool's release does, once its signal went
             ours.sendall(encode(wire(Release())))

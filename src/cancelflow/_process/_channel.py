@@ -13,7 +13,7 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ("FrameReader", "encode", "send")
+__all__ = ("FrameReader", "FrameSource", "encode", "send")
 
 _HEADER = struct.Struct("!I")
 
@@ -54,20 +54,36 @@ class FrameReader:
             del buffer[:offset]
 
 
-def recv_frame(sock: socket.socket) -> Any:
-    """Blocking read of exactly one frame (worker side); ``EOFError`` at end of stream."""
-    header = _recv_exact(sock, 4)
-    (size,) = _HEADER.unpack(header)
-    return pickle.loads(_recv_exact(sock, size))
+class FrameSource:
+    """Blocking reads of whole frames from one socket (a worker's side of its channel).
 
+    Buffered: one ``recv`` takes every frame the pool has sent so far, so frames sent
+    together cost one system call. Nothing else may read the socket.
+    """
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    chunks = []
-    remaining = size
-    while remaining:
-        chunk = sock.recv(min(remaining, 1 << 20))
-        if not chunk:
-            raise EOFError("channel closed")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
+    __slots__ = ("_buffer", "_sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+
+    def next(self) -> Any:
+        """The next frame, unpickled; ``EOFError`` at the end of the stream."""
+        buffer = self._buffer
+        while True:
+            want = 4
+            if len(buffer) >= 4:
+                (size,) = _HEADER.unpack_from(buffer)
+                want = 4 + size
+                if len(buffer) >= want:
+                    view = memoryview(buffer)
+                    try:
+                        frame = pickle.loads(view[4:want])
+                    finally:
+                        view.release()
+                    del buffer[:want]
+                    return frame
+            chunk = self._sock.recv(min(max(want - len(buffer), 1 << 16), 1 << 20))
+            if not chunk:
+                raise EOFError("channel closed")
+            buffer += chunk

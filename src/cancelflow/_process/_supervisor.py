@@ -117,6 +117,8 @@ WorkerState = Literal["starting", "idle", "busy", "retiring", "dying", "dead"]
 
 #: seconds from a stopped task to the look for a sibling it left (see _sweep_strays)
 _STRAYS_DELAY = 0.02
+#: the most frames one ``sendmsg`` carries (Linux and macOS take 1024 buffers)
+_IOV_MAX = 512
 
 
 # -- commands to the supervisor thread -----------------------------------------------------
@@ -201,7 +203,9 @@ class WorkerHandle:
         self.status: int | None = None
         self.gone = False
         self.ready = False  # said "ready" (its initializer ran)
-        self.outbox = bytearray()  # frames the socket could not take yet
+        #: frames not sent yet: queued this turn of the loop, or the socket was full
+        self.outbox: list[bytes | memoryview] = []
+        self.writable_watched = False  # the outbox waits for the socket to be writable
         self.feeding = False  # its frames are being handled (see Supervisor._feed)
         #: the zygote reaped it and killed what was left of its tree (or cannot any more)
         self.swept = False
@@ -264,6 +268,8 @@ class Supervisor:
         # One receive buffer, reused: recv(1 MiB) would allocate (mmap) a new one each time.
         self._inbox = bytearray(1 << 16)
         self._timers: list[tuple[float, int, Callable[[Task], None], weakref.ref[Task]]] = []
+        #: workers with frames queued this turn of the loop (see _send_to)
+        self._unsent: dict[WorkerHandle, None] = {}
         self._timer_ids = itertools.count()
         self.stats = collections.Counter[str]()
         self.workers: dict[int, WorkerHandle] = {}
@@ -622,6 +628,7 @@ class Supervisor:
             self._strays_due = None
             self._guarded(None, self._sweep_strays)
         self._guarded(None, self._dispatch)
+        self._send_queued()
         return self._closing_done()
 
     def _guarded(self, task: Task | None, action: Callable[..., None], *args: Any) -> None:
@@ -854,36 +861,52 @@ class Supervisor:
 
     # -- worker channels ------------------------------------------------------
     def _send_to(self, worker: WorkerHandle, frame: bytes) -> None:
-        """Send a frame without blocking: what the socket cannot take now waits in the
-        worker's outbox and goes when the socket is writable (see :meth:`_flush`)."""
-        if worker.outbox:
-            worker.outbox += frame
-            return
-        try:
-            sent = worker.sock.send(frame)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            return  # the worker is dying; its pidfd will tell
-        if sent < len(frame):
-            worker.outbox += memoryview(frame)[sent:]
-            self._watch_writable(worker, True)
+        """Queue a frame for ``worker``; it goes, with every other frame queued for that
+        worker in the same turn of the loop, in one ``sendmsg`` at the end of the turn
+        (:meth:`_send_queued`), without blocking: what the socket cannot take then waits
+        until the socket is writable (:meth:`_flush`)."""
+        worker.outbox.append(frame)
+        if not worker.writable_watched:
+            self._unsent[worker] = None
+
+    def _send_queued(self) -> None:
+        """Send what this turn queued (see :meth:`_send_to`)."""
+        unsent, self._unsent = self._unsent, {}
+        for worker in unsent:
+            if not worker.writable_watched:
+                self._guarded(worker.task, self._flush, worker)
 
     def _flush(self, worker: WorkerHandle) -> None:
-        if worker.sock.fileno() < 0:  # retired by an earlier event of the same select
+        """Send as much of ``worker``'s outbox as its socket takes now; watch the socket
+        for writability while something is left."""
+        outbox = worker.outbox
+        if worker.sock.fileno() < 0:  # retired by an earlier event of the same turn
+            outbox.clear()
             return
-        try:
-            sent = worker.sock.send(worker.outbox)
-        except BlockingIOError:
-            return
-        except OSError:
-            sent = len(worker.outbox)  # dying: what it did not read is lost with it
-        del worker.outbox[:sent]
-        if not worker.outbox:
-            self._watch_writable(worker, False)
+        while outbox:
+            try:
+                sent = worker.sock.sendmsg(outbox[:_IOV_MAX])
+            except BlockingIOError:
+                break
+            except OSError:  # dying: what it did not read is lost with it
+                outbox.clear()
+                break
+            done = 0
+            for frame in outbox:
+                if sent < len(frame):
+                    break
+                sent -= len(frame)
+                done += 1
+            del outbox[:done]
+            if sent:
+                outbox[0] = memoryview(outbox[0])[sent:]
+                break  # the socket took part of a frame: it is full
+        if bool(outbox) != worker.writable_watched:
+            self._watch_writable(worker, bool(outbox))
 
     def _watch_writable(self, worker: WorkerHandle, writable: bool) -> None:
         """Have the selector report the worker's socket writable too, or no longer."""
+        worker.writable_watched = writable
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writable else 0)
         with contextlib.suppress(KeyError, ValueError):  # no longer watched: it is gone
             self._selector.modify(worker.sock, events, ("sock", worker))
@@ -1035,9 +1058,10 @@ class Supervisor:
         """Hand queued tasks to workers: first to idle ones, then one to each busy worker
         whose running task was not asked to stop, to start as soon as that task ends
         (no wake-up of a sleeping worker per task: the pool's throughput on short
-        tasks). A worker holds at most those two tasks, on its two token slots; a worker
-        that goes idle with nothing queued takes a waiting task from another worker
-        (:meth:`_steal`), so a task never waits behind a long one while a worker idles."""
+        tasks). A worker holds at most :data:`DEPTH` tasks, each on its own token slot; a
+        worker that goes idle with nothing queued takes a waiting task from another
+        worker (:meth:`_steal`), so a task never waits behind a long one while a worker
+        idles."""
         if self.broken is not None:
             return
         for worker in list(self.workers.values()):
@@ -1086,10 +1110,11 @@ class Supervisor:
                     break
             else:
                 return False
-            held = {t.slot for t in worker.behind} | set(worker.moving.values())
+            held = [t.slot for t in worker.behind]
+            held.extend(worker.moving.values())
             if worker.task is not None and queue_behind:
-                held.add(worker.task.slot)
-            index = min(set(range(DEPTH)) - held)
+                held.append(worker.task.slot)
+            index = next(slot for slot in range(DEPTH) if slot not in held)
             task.slot = index
             worker.slots[index].reset()
             # (free: a task taken back from this slot was answered for, see _steal)

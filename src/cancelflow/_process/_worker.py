@@ -54,7 +54,7 @@ from .._platform import (
     set_parent_death_signal,
 )
 from .._token import CancellationToken, token_on_slot
-from ._channel import encode, recv_frame
+from ._channel import FrameSource, encode
 from ._pickling import dump_result
 from ._protocol import (
     TASK_TOKEN_ID,
@@ -336,6 +336,7 @@ class _Worker:
         max_tasks: int | None,
     ) -> None:
         self.sock = sock
+        self.frames = FrameSource(sock)
         self.chunk = chunk
         #: the worker's token slots, up to its control block: a task's RunTask names its
         #: own (a worker holds several tasks: the one it runs and those after it)
@@ -411,7 +412,7 @@ class _Worker:
         here is a late one, for a hold that ended already: skipped."""
         while True:
             try:
-                message = read(recv_frame(self.sock))
+                message = read(self.frames.next())
             except (EOFError, OSError):
                 return None
             if isinstance(message, RunTask):
@@ -465,7 +466,7 @@ class _Worker:
                 self.send(Held(seq))
             while True:  # tasks sent meanwhile wait their turn
                 try:
-                    message = read(recv_frame(self.sock))
+                    message = read(self.frames.next())
                 except (EOFError, OSError):
                     return None
                 if isinstance(message, Release):
