@@ -336,6 +336,47 @@ class TestAWorkerThatEnds:
             assert waiting.result(WAIT) == "ran"
         assert _runs(tmp_path / "runs") == 1
 
+    def test_a_task_handed_back_keeps_no_timeout_from_its_start_that_never_was(
+        self, tmp_path: Path
+    ) -> None:
+        """Test that a task that became its worker's task, but was handed back because
+        the worker died before claiming it, gets its whole timeout from its real start
+        elsewhere (regression: the timeout armed when it became the dead worker's task
+        stopped it early). Staged: the worker is made to hold the task (``stop_for``
+        names the task it ran last) and is never released, then killed."""
+        timeout = 1.0
+        with ProcessPool(1) as pool:
+            supervisor = pool._supervisor
+            held = threading.Event()
+            held_at: list[float] = []
+
+            def never_release(worker: object, seq: int) -> None:
+                held_at.append(time.monotonic())
+                held.set()
+
+            supervisor._release = never_release  # type: ignore[method-assign]
+            mark, go = tmp_path / "started", tmp_path / "go"
+            first = pool.submit(workloads.mark_then_wait_for_path, str(mark), str(go))
+            assert wait_until(mark.exists)
+            second = pool.submit_task(
+                workloads.mark_then_wait_for_path,
+                (str(tmp_path / "second"), str(tmp_path / "finish")),
+                timeout=timeout,
+            )
+            assert wait_until(second.running)
+            (worker_pid,) = pool.statistics().worker_pids
+            supervisor.workers[0].control.stop_for = first._task.seq  # type: ignore[union-attr]
+            go.touch()
+            assert first.result(WAIT) == "went"
+            assert held.wait(WAIT)  # it is now the worker's task, held before it started
+            # Its real start comes well after: the stale deadline would end it early.
+            assert wait_until(lambda: time.monotonic() > held_at[0] + 0.6 * timeout)
+            os.kill(worker_pid, signal.SIGKILL)
+            assert wait_until((tmp_path / "second").exists)
+            assert wait_until(lambda: time.monotonic() > held_at[0] + timeout + 0.1)
+            (tmp_path / "finish").touch()
+            assert second.result(WAIT) == "went"
+
     def test_when_the_zygote_dies_hands_back_the_one_waiting(self, tmp_path: Path) -> None:
         """Test that a task waiting behind a running one when the zygote is killed
         runs exactly once, on a worker of the new zygote."""

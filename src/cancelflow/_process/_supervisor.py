@@ -1171,8 +1171,16 @@ class Supervisor:
         (or the shutdown's force) starts its ladder now."""
         if task.done:
             return
+        task.starts += 1
         if task.timeout is not None:
-            self._at(task.timeout, self._on_timeout, task)
+            # (only for this start: a worker that dies before it claims the task hands
+            # it back, and its timeout runs again from its next start)
+            start = task.starts
+            self._at(
+                task.timeout,
+                lambda task: self._on_timeout(task) if task.starts == start else None,
+                task,
+            )
         if task.kill_asked:
             self._kill_now(task)
         if self._force is not None and task.stop_kind == "shutdown":

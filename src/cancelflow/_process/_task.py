@@ -137,6 +137,9 @@ class Task:
     slot: int = 0
     #: handed to a worker that ended before it claimed the task, and queued again
     requeued: bool = False
+    #: how many times it became its worker's task (more than once: handed back, see
+    #: Supervisor._started): a timeout armed for an earlier time is stale
+    starts: int = 0
     #: a kill was asked while it waited behind its worker's running task
     kill_asked: bool = False
     stop_kind: StopKind | None = None
