@@ -137,6 +137,22 @@ class TestShutdownRightAfterSubmit:
             p.submit(contractloads.square, 1)
 
 
+class TestFuturesSetByTheCaller:
+    def test_a_future_the_caller_settled_keeps_its_value_and_the_pool_serves_on(
+        self, pool: ProcessPool, tmp_path: Path
+    ) -> None:
+        """Test that a caller's own set_result() on a running task's future (the stdlib
+        allows it) keeps that value when the task's result comes, and breaks nothing."""
+        go = tmp_path / "go"
+        future = pool.submit(workloads.wait_for_path, str(go))
+        assert wait_until(future.running)
+        future.set_result("mine")
+        go.touch()
+        assert future.result(WAIT) == "mine"
+        assert pool.submit(contractloads.square, 3).result(WAIT) == 9
+        assert "open" in repr(pool)
+
+
 class TestUnreadableMessages:
     def test_an_exception_that_cannot_be_unpickled_fails_its_task_alone(
         self, pool: ProcessPool
