@@ -62,12 +62,14 @@ class PoolFuture(Future[T]):
         return self._result  # type: ignore[return-value]
 
 
-def lock(future: Future[Any]) -> threading.Condition:
-    """The future's own condition, over a re-entrant lock: what its methods take.
+def lock(future: Future[Any]) -> threading.RLock:
+    """The re-entrant lock under the future's own condition: what its methods take.
 
-    Held, it makes a pool's change of its task's state atomic with the future's.
+    Held, it makes a pool's change of its task's state atomic with the future's. (The
+    lock itself, not the condition: a ``with`` on a ``threading.Condition`` runs its
+    ``__enter__`` and ``__exit__`` in Python, and this is on every task's path.)
     """
-    return future._condition
+    return future._condition._lock  # type: ignore[attr-defined,no-any-return]
 
 
 def held_here(future: Future[Any]) -> bool:
@@ -119,7 +121,7 @@ def settle_locked(
             _notify_waiter(waiter, method, future)
         else:
             getattr(waiter, method)(future)
-    lock(future).notify_all()
+    future._condition.notify_all()
 
 
 def run_callbacks(future: Future[Any]) -> None:
