@@ -23,6 +23,10 @@ StopKind = Literal["cancel", "timeout", "future", "shutdown", "error"]
 class TaskFuture(_futures.PoolFuture[Any]):
     """The future of one :class:`ProcessPool` task, whose :meth:`cancel` works while it runs.
 
+    Its done-callbacks run on the pool's supervisor thread (as the stdlib's run on its
+    executor's management thread), at the end of the turn that read the task's end: a
+    callback must be quick, and must not wait for another task of the same pool.
+
     Attributes:
         fate: how the task ended (a :class:`Fate`): ``finished``, ``failed`` (raised),
             ``cancelled`` (stopped before starting, or returned/raised after being asked
