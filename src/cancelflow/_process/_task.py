@@ -110,16 +110,9 @@ class TaskFuture(_futures.PoolFuture[Any]):
         self._pooled = True
 
     def forget_task(self) -> None:
-        """Drop the link to the supervisor's record: the future is settled."""
+        """Drop the link to the supervisor's record: the task is over (its future is
+        resolved, or will be at the end of the supervisor's turn)."""
         self._task = None
-
-    def settle_cancelled(self) -> None:
-        """End this future cancelled, whether it was pending or running."""
-        with _futures.lock(self):
-            if self.done():
-                return
-            _futures.settle_locked(self, cancelled=True)
-        _futures.run_callbacks(self)
 
 
 @dataclass(eq=False)
