@@ -2,7 +2,8 @@
 
 Runs 3 warm-up batches, then 10 batches of 2,000 ``submit`` + ``result`` of a trivial
 function on a 2-worker pool, and prints tasks/s with the CPU time (user + system) the
-parent process and the workers spent per task. Meant for comparing two versions of
+parent process and the workers spent per task, and the parent's context switches per
+task (a thread woken, or one giving up the GIL). Meant for comparing two versions of
 cancelflow run alternately on the same machine (put each version's ``src`` first on
 ``PYTHONPATH``): throughput alone is noisy, CPU per task tells which side got dearer.
 
@@ -30,6 +31,11 @@ def cpu(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
+def switches(process: psutil.Process) -> int:
+    counts = process.num_ctx_switches()
+    return int(counts.voluntary + counts.involuntary)
+
+
 def main() -> None:
     with ProcessPool(2) as pool:
         pool.wait_ready(30)
@@ -38,6 +44,7 @@ def main() -> None:
         workers = [psutil.Process(pid) for pid in pool.statistics().worker_pids]
         me = psutil.Process()
         workers_before, me_before = sum(cpu(w) for w in workers), cpu(me)
+        switches_before = switches(me)
         start = time.perf_counter()
         for _ in range(BATCHES):
             [f.result() for f in [pool.submit(square, i) for i in range(TASKS)]]
@@ -45,8 +52,10 @@ def main() -> None:
         n = BATCHES * TASKS
         parent = (cpu(me) - me_before) / n * 1e6
         children = (sum(cpu(w) for w in workers) - workers_before) / n * 1e6
+        switched = (switches(me) - switches_before) / n
         print(
-            f"{n / elapsed:.0f} tasks/s  parent {parent:.1f} us/task  workers {children:.1f} us/task"
+            f"{n / elapsed:.0f} tasks/s  parent {parent:.1f} us/task  workers {children:.1f} "
+            f"us/task  parent context switches {switched:.2f}/task"
         )
 
 
