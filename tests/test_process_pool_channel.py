@@ -8,7 +8,9 @@ The worker reads whole frames, however the stream was cut.
 
 from __future__ import annotations
 
+import pickle
 import socket
+import struct
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -73,6 +75,18 @@ class TestFrameSource:
         ours.sendall(data)
         reader.join(WAIT)
         assert received == [blob]
+
+    def test_a_frame_that_does_not_unpickle_is_consumed(
+        self, pair: tuple[socket.socket, socket.socket]
+    ) -> None:
+        """Test that a frame whose pickle is broken raises, and the next frame reads."""
+        ours, theirs = pair
+        broken = b"\x80\x05not a pickle"
+        ours.sendall(struct.pack("!I", len(broken)) + broken + encode("next"))
+        source = FrameSource(theirs)
+        with pytest.raises(pickle.UnpicklingError):
+            source.next()
+        assert source.next() == "next"
 
     def test_says_end_of_stream_when_the_peer_closes(
         self, pair: tuple[socket.socket, socket.socket]

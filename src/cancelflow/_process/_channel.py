@@ -78,11 +78,10 @@ class FrameSource:
                 if len(buffer) >= want:
                     view = memoryview(buffer)
                     try:
-                        frame = pickle.loads(view[4:want])
-                    finally:
+                        return pickle.loads(view[4:want])
+                    finally:  # (consumed even if it does not unpickle)
                         view.release()
-                    del buffer[:want]
-                    return frame
+                        del buffer[:want]
             chunk = self._sock.recv(min(max(want - len(buffer), 1 << 16), 1 << 20))
             if not chunk:
                 raise EOFError("channel closed")
