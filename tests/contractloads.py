@@ -93,6 +93,15 @@ def wait_until_cancelled() -> str:
     return token.cancel_reason or ""
 
 
+def raise_once_cancelled() -> None:
+    """Raise an ordinary exception (never ``CancelledException``) once asked to stop."""
+    cancelflow.store_partial("pid", os.getpid())
+    token = cancelflow.current_token()
+    while not token.is_cancelled:
+        time.sleep(0.001)
+    raise ValueError("late")
+
+
 def set_sigterm(disposition: str) -> int:
     """Change this worker's SIGTERM disposition and return (a later task sees the effect)."""
     signal.signal(signal.SIGTERM, getattr(signal, disposition))

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -32,7 +33,10 @@ from cancelflow import (
     BrokenPoolError,
     CancellationToken,
     CancelledException,
+    Fate,
+    PipelineTimeoutException,
     ProcessPool,
+    TaskFuture,
     UnreadableResultError,
     WorkerCrashedError,
 )
@@ -135,6 +139,123 @@ class TestShutdownRightAfterSubmit:
         p.shutdown()
         with pytest.raises(RuntimeError):
             p.submit(contractloads.square, 1)
+
+
+class TestAStopAndHowTheTaskEnds:
+    """What ``cancel()`` returned is how the future ends; a task that returns or raises
+    after it was asked to stop ends stopped, as in ThreadPool."""
+
+    @staticmethod
+    def _raising_after_its_stop(pool: ProcessPool, **options: Any) -> TaskFuture:
+        announce = Announcements()
+        future = pool.submit_task(
+            contractloads.raise_once_cancelled, partial_sink=announce, **options
+        )
+        announce.wait("pid")
+        return future
+
+    def test_an_error_raised_after_cancel_ends_the_future_cancelled(self) -> None:
+        """Test that future.cancel() of a task that then raises ValueError (within its
+        grace period) ends the future cancelled (regression: it failed with ValueError
+        although cancel() had returned True)."""
+        with ProcessPool(1, grace_period=WAIT) as pool:
+            future = self._raising_after_its_stop(pool)
+            assert future.cancel()
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(WAIT)
+            assert future.cancelled()
+            assert future.fate == Fate.CANCELLED
+
+    def test_an_error_raised_after_its_token_is_cancelled_is_a_cancel(self) -> None:
+        """Test that a task raising ValueError once its token is cancelled ends with
+        CancelledException (regression: ValueError)."""
+        with ProcessPool(1, grace_period=WAIT) as pool:
+            token = CancellationToken()
+            future = self._raising_after_its_stop(pool, token=token)
+            token.cancel("enough")
+            with pytest.raises(CancelledException) as caught:
+                future.result(WAIT)
+            assert caught.value.reason == "enough"
+            assert future.fate == Fate.CANCELLED
+
+    def test_an_error_raised_after_its_timeout_is_a_timeout(self) -> None:
+        """Test that a task raising ValueError once its timeout stopped it ends with
+        PipelineTimeoutException (regression: ValueError)."""
+        with ProcessPool(1, grace_period=WAIT) as pool:
+            future = pool.submit_task(contractloads.raise_once_cancelled, timeout=0.2)
+            with pytest.raises(PipelineTimeoutException):
+                future.result(WAIT)
+
+    def test_a_cancel_between_the_result_and_its_decision_wins(self) -> None:
+        """Test that a cancel() that returns True after the supervisor read the task's
+        result, before it decided how the task ends, ends the future cancelled
+        (regression: the decision read the stop outside the future's lock, and the
+        future finished with its result). Staged: the cancel is made from inside the
+        supervisor's call that decides."""
+        with ProcessPool(1) as pool:
+            supervisor = pool._supervisor
+            decide = supervisor.finish
+            said: list[bool] = []
+
+            def cancel_first(task: Any, fate: Fate, **options: Any) -> None:
+                if not said:
+                    done = threading.Event()
+
+                    def cancel() -> None:
+                        said.append(task.future.cancel())
+                        done.set()
+
+                    threading.Thread(target=cancel).start()
+                    assert done.wait(WAIT)
+                decide(task, fate, **options)
+
+            supervisor.finish = cancel_first  # type: ignore[method-assign]
+            future = pool.submit(contractloads.square, 3)
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(WAIT)
+            assert said == [True]
+            supervisor.finish = decide  # type: ignore[method-assign]
+
+    def test_cancel_called_again_and_again_keeps_saying_true(self) -> None:
+        """Test that cancel(), called in a loop from the first call until the future is
+        done, returns True every time for a future that ends cancelled (regression: in
+        more than half the rounds one call in the last moments returned False)."""
+        with ProcessPool(1, grace_period=0, term_grace_period=0) as pool:
+            for _ in range(20):
+                announce = Announcements()
+                future = pool.submit_task(contractloads.wait_until_cancelled, partial_sink=announce)
+                announce.wait("pid")
+                said = [future.cancel()]
+                while not future.done():
+                    said.append(future.cancel())
+                said.append(future.cancel())
+                assert future.cancelled()
+                assert all(said), f"cancel() said False at call {said.index(False)} of {len(said)}"
+
+    def test_cancel_says_true_until_the_future_it_cancelled_ends(self) -> None:
+        """Test that cancel(), called again while the pool resolves the future it
+        cancelled (at the end of the supervisor's turn), still returns True
+        (regression: it returned False in that window, then the future ended
+        cancelled). Staged: cancel() is called right before the turn resolves it."""
+        with ProcessPool(1, grace_period=0, term_grace_period=0) as pool:
+            supervisor = pool._supervisor
+            resolve = supervisor._settle_turn
+            said: list[bool] = []
+            announce = Announcements()
+            future = pool.submit_task(contractloads.wait_until_cancelled, partial_sink=announce)
+            announce.wait("pid")
+
+            def cancel_again_first() -> None:
+                if any(item[0] is future for item in supervisor._settling):
+                    said.append(future.cancel())
+                resolve()
+
+            supervisor._settle_turn = cancel_again_first  # type: ignore[method-assign]
+            assert future.cancel()
+            with pytest.raises(concurrent.futures.CancelledError):
+                future.result(WAIT)
+            assert said == [True]
+            supervisor._settle_turn = resolve  # type: ignore[method-assign]
 
 
 class TestFuturesSetByTheCaller:

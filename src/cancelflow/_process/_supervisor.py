@@ -1017,9 +1017,7 @@ class Supervisor:
             return
         slot = worker.slots[task.slot]
         if outcome == "revoked":  # see _revoke: it never started
-            if task.stop_kind is None:
-                task.stop_kind, task.stop_reason = "cancel", slot.cancel_reason
-            self.finish(task, Fate.CANCELLED)
+            self.finish(task, Fate.CANCELLED, stopped_by=("cancel", slot.cancel_reason))
             return
         self.stats["completed"] += 1
         if outcome == "terminated":
@@ -1048,24 +1046,19 @@ class Supervisor:
             error.__cause__ = exc
             self.finish(task, Fate.FAILED, error=error)
             return
+        # Returned or raised after it was asked to stop: it ends stopped, as documented
+        # (what it returned or raised then is dropped, as in ThreadPool).
         if outcome == "ok":
-            if task.stop_kind in _ASKED_TO_STOP:
-                # Returned after it was asked to stop: it ends stopped, as documented (a
-                # value it returns then is dropped, as in ThreadPool).
-                self.finish(task, Fate.CANCELLED)
-            else:
-                self.finish(task, _FINISHED, value=value)
+            self.finish(task, _FINISHED, value=value, unless_asked=True)
         elif outcome == "stopped" or (
             isinstance(value, CancelledException)
             and (task.stop_kind is not None or slot.is_cancelled)
         ):
-            if task.stop_kind is None:
-                task.stop_kind, task.stop_reason = "cancel", slot.cancel_reason
-            self.finish(task, Fate.CANCELLED)
+            self.finish(task, Fate.CANCELLED, stopped_by=("cancel", slot.cancel_reason))
         else:
             if text and isinstance(value, BaseException):
                 value.__cause__ = _remote_traceback(text)
-            self.finish(task, Fate.FAILED, error=value)
+            self.finish(task, Fate.FAILED, error=value, unless_asked=True)
 
     # -- dispatch -------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -1553,12 +1546,32 @@ class Supervisor:
 
     # -- endings --------------------------------------------------------------
     def finish(
-        self, task: Task, fate: Fate, *, value: Any = None, error: BaseException | None = None
+        self,
+        task: Task,
+        fate: Fate,
+        *,
+        value: Any = None,
+        error: BaseException | None = None,
+        unless_asked: bool = False,
+        stopped_by: tuple[StopKind, str | None] | None = None,
     ) -> None:
+        """Decide that ``task`` is over, as ``fate``, once (the first call decides), and
+        resolve its future (see :meth:`_settle`).
+
+        Decided under the future's lock, which a stop asked from another thread takes
+        too (``request_stop``), so what the caller's ``cancel()`` returned is how the
+        future ends: ``unless_asked``, a task that returned or raised after it was asked
+        to stop ends cancelled instead (as in every pool); ``stopped_by`` names the stop
+        of a task that ended stopped, if none was asked.
+        """
         with task.future.decision_lock:  # the asking thread may settle it too
             if task.done:
                 return
             task.done = True
+            if stopped_by is not None and task.stop_kind is None:
+                task.stop_kind, task.stop_reason = stopped_by
+            if unless_asked and task.stop_kind in _ASKED_TO_STOP:
+                fate = Fate.CANCELLED
         if task.handle is not None:
             task.handle.remove()
         # Release what the finished task no longer needs (tokens, payload, the link back).
@@ -1604,7 +1617,6 @@ class Supervisor:
                 )
             stopped.fate = fate
             self._settle(future, exception=stopped)
-        future.forget_task()  # a racing cancel() sees the task until it is settled
         if fate not in _SETTLED_PLAINLY:  # (after: the caller need not wait for the log)
             safe_log(
                 "INFO",
@@ -1627,17 +1639,22 @@ class Supervisor:
         wait for the GIL this thread holds, then hold it while this thread waits (the
         owner's throughput on short tasks). Elsewhere, now.
 
-        Until then the future is not done: ``cancel()`` returns ``False`` (the task is
-        forgotten), ``result()`` waits. A future the caller settled itself with
-        ``set_result()`` keeps what it was given."""
+        Until then the future is not done and keeps its link to the task, so a racing
+        ``cancel()`` still says how it will end (``True`` only if cancelled); then the
+        link goes. A future the caller settled itself with ``set_result()`` keeps what
+        it was given."""
         if self._turn == threading.get_ident():
             self._settling.append((future, result, exception, cancelled))
             return
         with _futures.lock(future):
-            if future.done():
-                return
-            _futures.settle_locked(future, result=result, exception=exception, cancelled=cancelled)
-        _futures.run_callbacks(future)
+            resolved = not future.done()
+            if resolved:
+                _futures.settle_locked(
+                    future, result=result, exception=exception, cancelled=cancelled
+                )
+        future.forget_task()
+        if resolved:
+            _futures.run_callbacks(future)
 
     def _settle_turn(self) -> None:
         """Resolve the futures this turn decided (see :meth:`_settle`), then run their
@@ -1646,12 +1663,14 @@ class Supervisor:
         settled = []
         for future, result, exception, cancelled in settling:
             with _futures.lock(future):
-                if future.done():
-                    continue
-                _futures.settle_locked(
-                    future, result=result, exception=exception, cancelled=cancelled
-                )
-            settled.append(future)
+                resolved = not future.done()
+                if resolved:
+                    _futures.settle_locked(
+                        future, result=result, exception=exception, cancelled=cancelled
+                    )
+            future.forget_task()
+            if resolved:
+                settled.append(future)
         for future in settled:
             _futures.run_callbacks(future)
 

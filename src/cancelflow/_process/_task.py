@@ -72,7 +72,8 @@ class TaskFuture(_futures.PoolFuture[Any]):
         task.supervisor.request_stop(task, "future", "future cancelled")
         # True only if this call's stop is the one that ends the task (a token's or a
         # timeout's stop that won the race ends it with CancelledException instead).
-        return task.stop_kind == "future" and (self.cancelled() or not self.done())
+        # (done() first: a future resolved between the two reads is cancelled by now.)
+        return task.stop_kind == "future" and (not self.done() or self.cancelled())
 
     def kill(self, reason: str | None = "killed") -> bool:
         """Stop the task at once: SIGKILL its worker and whole process tree, no grace.
@@ -90,7 +91,7 @@ class TaskFuture(_futures.PoolFuture[Any]):
         if task.supervisor.forked:
             return False  # a forked child of the pool's owner cannot stop its tasks
         task.supervisor.request_stop(task, "future", reason, kill=True)
-        return self.cancelled() or not self.done()
+        return not self.done() or self.cancelled()
 
     # -- the supervisor's handle (package-internal) ---------------------------------------
     @property
