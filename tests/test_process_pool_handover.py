@@ -377,6 +377,20 @@ class TestAWorkerThatEnds:
             (tmp_path / "finish").touch()
             assert second.result(WAIT) == "went"
 
+    def test_hands_back_what_waited_in_the_order_it_was_handed(self, tmp_path: Path) -> None:
+        """Test that the tasks waiting behind a worker that is killed run elsewhere in the
+        order they were submitted (regression: handed back in reverse)."""
+        with ProcessPool(1) as pool:
+            first = _busy_with_a_cooperative_task(pool)
+            order = tmp_path / "order"
+            waiting = [pool.submit(workloads.record_name, str(order), n) for n in "abc"]
+            assert wait_until(lambda: all(f.running() for f in waiting))
+            (worker_pid,) = pool.statistics().worker_pids
+            os.kill(worker_pid, signal.SIGKILL)
+            first.exception(WAIT)
+            assert [f.result(WAIT) for f in waiting] == ["a", "b", "c"]
+        assert order.read_text().split() == ["a", "b", "c"]
+
     def test_when_the_zygote_dies_hands_back_the_one_waiting(self, tmp_path: Path) -> None:
         """Test that a task waiting behind a running one when the zygote is killed
         runs exactly once, on a worker of the new zygote."""

@@ -330,6 +330,13 @@ def record_run(path: str) -> str:
     return "ran"
 
 
+def record_name(path: str, name: str) -> str:
+    """Append ``name`` as a line to ``path``: a test reads the order tasks ran in."""
+    with open(path, "a") as file:
+        file.write(f"{name}\n")
+    return name
+
+
 def wait_for_path(path: str) -> str:
     """Return once ``path`` exists (the test creates it)."""
     while not os.path.exists(path):

@@ -1460,7 +1460,7 @@ class Supervisor:
         handed = [t for t in (task, *following) if t is not None]
         started = next((i + 1 for i, t in enumerate(handed) if t.seq == claimed), 0)
         unstarted = handed[started:]
-        for waiting in unstarted:
+        for waiting in reversed(unstarted):  # (each goes first: they keep their order)
             if not waiting.done:
                 self._hand_back(waiting)
         if task in unstarted:
