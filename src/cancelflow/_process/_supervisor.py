@@ -1643,9 +1643,26 @@ class Supervisor:
         ``cancel()`` still says how it will end (``True`` only if cancelled); then the
         link goes. A future the caller settled itself with ``set_result()`` keeps what
         it was given."""
+        outcome = (future, result, exception, cancelled)
         if self._turn == threading.get_ident():
-            self._settling.append((future, result, exception, cancelled))
-            return
+            self._settling.append(outcome)
+        elif self._resolve(*outcome):
+            _futures.run_callbacks(future)
+
+    def _settle_turn(self) -> None:
+        """Resolve the futures this turn decided (see :meth:`_settle`), then run their
+        done-callbacks."""
+        settling, self._settling = self._settling, []
+        settled = [outcome[0] for outcome in settling if self._resolve(*outcome)]
+        for future in settled:
+            _futures.run_callbacks(future)
+
+    @staticmethod
+    def _resolve(
+        future: TaskFuture, result: Any, exception: BaseException | None, cancelled: bool
+    ) -> bool:
+        """Resolve ``future`` (waking its waiters) unless the caller did, then drop its
+        link to the task; whether this resolved it (its callbacks are then to run)."""
         with _futures.lock(future):
             resolved = not future.done()
             if resolved:
@@ -1653,26 +1670,7 @@ class Supervisor:
                     future, result=result, exception=exception, cancelled=cancelled
                 )
         future.forget_task()
-        if resolved:
-            _futures.run_callbacks(future)
-
-    def _settle_turn(self) -> None:
-        """Resolve the futures this turn decided (see :meth:`_settle`), then run their
-        done-callbacks."""
-        settling, self._settling = self._settling, []
-        settled = []
-        for future, result, exception, cancelled in settling:
-            with _futures.lock(future):
-                resolved = not future.done()
-                if resolved:
-                    _futures.settle_locked(
-                        future, result=result, exception=exception, cancelled=cancelled
-                    )
-            future.forget_task()
-            if resolved:
-                settled.append(future)
-        for future in settled:
-            _futures.run_callbacks(future)
+        return resolved
 
     def _fail_all(self, error: BaseException) -> None:
         """Fail every task that is not over (called once their processes are gone).
