@@ -30,7 +30,9 @@ def send(sock: socket.socket, obj: Any) -> None:
 
 
 class FrameReader:
-    """Reassembles frames from the bytes a non-blocking socket delivers."""
+    """Reassembles frames from the bytes a socket delivers: the pool's side feeds it
+    what each non-blocking read returns, a worker's reads through :class:`FrameSource`.
+    """
 
     __slots__ = ("_buffer",)
 
@@ -38,20 +40,34 @@ class FrameReader:
         self._buffer = bytearray()
 
     def feed(self, data: bytes | memoryview) -> Iterator[Any]:
-        """Add received bytes (copied: ``data`` may be reused by the caller once this
-        returns); yield every frame now complete, unpickled."""
+        """Add received bytes (:meth:`add`); yield every frame now complete, unpickled."""
+        self.add(data)
+        while not self.missing():
+            yield self.pop()
+
+    def add(self, data: bytes | memoryview) -> None:
+        """Add received bytes (copied: ``data`` may be reused by the caller)."""
+        self._buffer += data
+
+    def missing(self) -> int:
+        """How many more bytes the next frame needs (0: it is complete)."""
         buffer = self._buffer
-        buffer += data
-        offset = 0
-        while len(buffer) - offset >= 4:
-            (size,) = _HEADER.unpack_from(buffer, offset)
-            if len(buffer) - offset - 4 < size:
-                break
-            start = offset + 4
-            yield pickle.loads(memoryview(buffer)[start : start + size])
-            offset = start + size
-        if offset:
-            del buffer[:offset]
+        if len(buffer) < 4:
+            return 4 - len(buffer)
+        size: int = _HEADER.unpack_from(buffer)[0]
+        return max(0, 4 + size - len(buffer))
+
+    def pop(self) -> Any:
+        """The next frame (complete: see :meth:`missing`), unpickled; consumed even if
+        it does not unpickle, so the frame after it reads."""
+        buffer = self._buffer
+        end: int = 4 + _HEADER.unpack_from(buffer)[0]
+        view = memoryview(buffer)
+        try:
+            return pickle.loads(view[4:end])
+        finally:
+            view.release()
+            del buffer[:end]
 
 
 class FrameSource:
@@ -61,28 +77,18 @@ class FrameSource:
     together cost one system call. Nothing else may read the socket.
     """
 
-    __slots__ = ("_buffer", "_sock")
+    __slots__ = ("_reader", "_sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._buffer = bytearray()
+        self._reader = FrameReader()
 
     def next(self) -> Any:
         """The next frame, unpickled; ``EOFError`` at the end of the stream."""
-        buffer = self._buffer
-        while True:
-            want = 4
-            if len(buffer) >= 4:
-                (size,) = _HEADER.unpack_from(buffer)
-                want = 4 + size
-                if len(buffer) >= want:
-                    view = memoryview(buffer)
-                    try:
-                        return pickle.loads(view[4:want])
-                    finally:  # (consumed even if it does not unpickle)
-                        view.release()
-                        del buffer[:want]
-            chunk = self._sock.recv(min(max(want - len(buffer), 1 << 16), 1 << 20))
+        reader = self._reader
+        while missing := reader.missing():
+            chunk = self._sock.recv(min(max(missing, 1 << 16), 1 << 20))
             if not chunk:
                 raise EOFError("channel closed")
-            buffer += chunk
+            reader.add(chunk)
+        return reader.pop()

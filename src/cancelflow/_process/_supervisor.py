@@ -369,16 +369,17 @@ class Supervisor:
             return
         with self.lock:
             self.shutting_down = True
+            queued: list[Task] = []
             if cancel_futures:
                 self._queue_cancelled = True
-            queued = [t for t in list(self.queue) if not (t.dropped or t.done)]
-            if running is None:
-                # As the stdlib's (whose call queue is filled before it cancels the rest):
-                # one task per worker that is not busy is not pending any more.
-                busy = sum(1 for w in list(self.workers.values()) if w.state == "busy")
-                starting = max(0, self.size - busy)  # (idle, or not started yet)
-                queued = queued[starting:]
-        for task in queued if cancel_futures else ():
+                queued = [t for t in list(self.queue) if not (t.dropped or t.done)]
+                if running is None:
+                    # As the stdlib's (whose call queue is filled before it cancels the
+                    # rest): one task per worker that is not busy is not pending any more.
+                    busy = sum(1 for w in list(self.workers.values()) if w.state == "busy")
+                    starting = max(0, self.size - busy)  # (idle, or not started yet)
+                    queued = queued[starting:]
+        for task in queued:
             self._drop_queued(task, "future", "pool shut down")
         self.post(Close(running))
         if not wait or threading.current_thread() is self.thread:
@@ -675,17 +676,16 @@ class Supervisor:
             case StopTask(task, kind, reason):
                 self._stop(task, kind, reason)
             case KillTask(task, kind, reason):
-                task.kill_asked = True  # (for a task waiting behind another: see _promote)
+                task.kill_asked = True  # (for a task waiting behind another: see _started)
                 self._kill_now(task)  # first: then _stop finds the ladder under way
                 self._stop(task, kind, reason)
             case Close(running=how):
-                if how is not None:
-                    self._force = how
-                # (cancel_futures alone leaves the tasks handed to busy workers, whose
-                # futures say running, to run: as the stdlib's call-queue items)
+                # (without ``how``, the tasks handed to busy workers, whose futures say
+                # running, run on: as the stdlib's call-queue items)
+                if how is None:
+                    return
+                self._force = how
                 for worker in list(self.workers.values()):
-                    if how is None:
-                        break
                     for waiting in list(worker.behind) if self._queue_cancelled else ():
                         # Stop everything: not started, it ends as the queued tasks do.
                         self._stop(waiting, "future", "pool shut down")
