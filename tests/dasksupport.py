@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -133,24 +134,34 @@ class Reports:
 
 # -- a cluster of separate processes ---------------------------------------------------------
 def dask_cli(
-    module: str, *arguments: str, environment: dict[str, str] | None = None
+    module: str,
+    *arguments: str,
+    environment: dict[str, str] | None = None,
+    log: str | None = None,
 ) -> subprocess.Popen[bytes]:
-    """``python -m distributed.cli.<module> ARGUMENTS`` (no profiler thread)."""
+    """``python -m distributed.cli.<module> ARGUMENTS`` (no profiler thread); what it
+    prints goes to the file ``log`` (appended), else nowhere."""
     env = dict(os.environ, DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED="False")
     env.update(environment or {})
-    return subprocess.Popen(
-        [sys.executable, "-m", f"distributed.cli.{module}", *arguments],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with open(log or os.devnull, "ab") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", f"distributed.cli.{module}", *arguments],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+        )
 
 
 class SeparateCluster:
     """A ``dask scheduler`` and one ``dask worker`` (no nanny, 1 thread), each its own
     process, on 127.0.0.1 only (dashboards included); killed and reaped, with everything
     under them, when the test ends.
+
+    The scheduler picks its own port and tells it in a scheduler file, which the workers
+    read: a port chosen here and handed over could be taken by another process before the
+    scheduler binds it (then it exits, and every connection times out). What the scheduler
+    prints is kept in a log that a failed :meth:`start` quotes.
 
     ``scheduler_environment``: extra environment of the scheduler (Dask settings as
     ``DASK_...`` variables); ``first_worker``: start the first worker (else the test
@@ -163,17 +174,27 @@ class SeparateCluster:
         scheduler_environment: dict[str, str] | None = None,
         first_worker: bool = True,
     ) -> None:
-        with socket.socket() as probe:  # a free port for the scheduler
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.address = f"tcp://127.0.0.1:{port}"
-        loopback = ("--host=127.0.0.1", "--dashboard-address=127.0.0.1:0")
+        self._directory = tempfile.TemporaryDirectory(prefix="cancelflow-cluster-")
+        self.scheduler_file = os.path.join(self._directory.name, "scheduler.json")
+        self.log = os.path.join(self._directory.name, "scheduler.log")
         self.scheduler = dask_cli(
-            "dask_scheduler", *loopback, f"--port={port}", environment=scheduler_environment
+            "dask_scheduler",
+            "--host=127.0.0.1",
+            "--port=0",
+            "--dashboard-address=127.0.0.1:0",
+            f"--scheduler-file={self.scheduler_file}",
+            environment=scheduler_environment,
+            log=self.log,
         )
         self.workers: list[subprocess.Popen[bytes]] = []
         if first_worker:
             self.start_worker()
+
+    @property
+    def address(self) -> str:
+        """The scheduler's address, once it listens (after :meth:`start`)."""
+        with open(self.scheduler_file) as file:
+            return str(json.load(file)["address"])
 
     def start_worker(
         self,
@@ -187,7 +208,7 @@ class SeparateCluster:
         that cannot import cancelflow, as on a machine where it is not installed, if
         asked); it is stopped with the cluster."""
         arguments = [
-            self.address,
+            f"--scheduler-file={self.scheduler_file}",
             "--host=127.0.0.1",
             "--dashboard-address=127.0.0.1:0",
             "--nanny" if nanny else "--no-nanny",
@@ -217,12 +238,24 @@ class SeparateCluster:
 
     async def start(self, workers: int = 1) -> None:
         """Return once the scheduler answers and ``workers`` workers have joined it."""
-        # The client keeps retrying to connect until the scheduler listens (or WAIT).
+        # The client waits for the scheduler file, then retries until the scheduler
+        # listens (or WAIT).
         client: Any = distributed.Client(  # type: ignore[no-untyped-call]
-            self.address, asynchronous=True, timeout=WAIT
+            scheduler_file=self.scheduler_file, asynchronous=True, timeout=WAIT
         )
-        async with client:
-            await client.wait_for_workers(workers, timeout=WAIT)
+        try:
+            async with client:
+                await client.wait_for_workers(workers, timeout=WAIT)
+        except Exception as error:
+            raise RuntimeError(
+                f"the test cluster did not start (scheduler exit status "
+                f"{self.scheduler.poll()}); the scheduler printed:\n{self.printed()}"
+            ) from error
+
+    def printed(self) -> str:
+        """The end of what the scheduler printed."""
+        with open(self.log, errors="replace") as log:
+            return log.read()[-4000:]
 
     def processes(self) -> list[int]:
         roots = [self.scheduler, *self.workers]
@@ -242,6 +275,7 @@ class SeparateCluster:
                 os.kill(pid, signal.SIGKILL)
         for pid in pids:
             assert_gone(pid)
+        self._directory.cleanup()
 
     def __enter__(self) -> SeparateCluster:
         return self
