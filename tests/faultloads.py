@@ -255,6 +255,20 @@ def rlimit_as() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_AS)
 
 
+def rlimit_nofile() -> tuple[int, int]:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def lower_soft_nofile_limit_with_prlimit() -> int:
+    """Lower the soft RLIMIT_NOFILE through ``prlimit`` on this process, by a name
+    imported in the task; return the worker's pid."""
+    from resource import prlimit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    prlimit(os.getpid(), resource.RLIMIT_NOFILE, (min(soft, 64), hard))
+    return os.getpid()
+
+
 def exhaust_memory() -> None:
     """The task form of :func:`node_exhaust_memory`."""
     limit = _mapped_bytes() + 64 * 1024 * 1024

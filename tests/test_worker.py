@@ -65,6 +65,18 @@ class TestStateRestoredBetweenTasks:
             assert pool.submit(workloads.whoami).result(WAIT) == pid
             assert pool.statistics().replaced_total == 0
 
+    def test_a_limit_lowered_through_prlimit_is_restored(self) -> None:
+        """Test that a soft limit lowered with ``resource.prlimit`` (the other way to set
+        one, imported by name in the task) is put back after the task, in the same
+        worker."""
+        with ProcessPool(1, name="prlimit") as pool:
+            pid = pool.submit(faultloads.lower_soft_nofile_limit_with_prlimit).result(WAIT)
+            assert pool.submit(faultloads.rlimit_nofile).result(WAIT) == resource.getrlimit(
+                resource.RLIMIT_NOFILE
+            )
+            assert pool.submit(workloads.whoami).result(WAIT) == pid
+            assert pool.statistics().replaced_total == 0
+
     def test_blocked_sigterm_is_unblocked_after_the_task(self) -> None:
         """Test that a task that blocks SIGTERM and returns does not leave it blocked: the
         next task on that worker is still stopped by SIGTERM (fate terminated, the worker

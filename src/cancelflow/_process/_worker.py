@@ -30,6 +30,7 @@ from __future__ import annotations
 import _signal  # type: ignore[import-not-found]
 import collections
 import contextlib
+import functools
 import os
 import pickle
 import signal
@@ -85,9 +86,31 @@ class _State:
     term_pending = False
     #: how this worker keeps its task's orphans (``contain_descendants``)
     containment: str | None = None
+    #: a task called ``resource.setrlimit`` or ``resource.prlimit`` (see _watch_limits)
+    limits_touched = False
 
 
 _state = _State()
+
+
+def _watch_limits() -> None:
+    """Have ``resource.setrlimit`` and ``resource.prlimit`` note that they were called.
+
+    Reading every limit back after each task (16 system calls on Linux) cost more than a
+    trivial task itself; a task changes a limit through these two functions, so only a
+    task that called one has its limits compared and put back. (Not seen: a limit
+    changed behind :mod:`resource`'s back, through ctypes or by another process.)
+    """
+    for name in ("setrlimit", "prlimit"):
+        original = getattr(resource, name, None)
+        if original is None or getattr(original, "__wrapped__", None) is not None:
+            continue
+
+        def watched(*args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+            _state.limits_touched = True
+            return _original(*args, **kwargs)
+
+        setattr(resource, name, functools.wraps(original)(watched))
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -222,8 +245,8 @@ class _ProcessState:
     otherwise reach every later task of that worker: a lowered ``RLIMIT_AS`` makes
     them all fail with ``MemoryError``, a task's own SIGTERM handler (or ``SIG_IGN``)
     defeats the ladder's second step. Restored after each task: the signal mask, every
-    signal's disposition (as set through :mod:`signal`), resource limits, the working
-    directory and the environment. The worker *retires* (the pool replaces it) when
+    signal's disposition (as set through :mod:`signal`), resource limits (as set through
+    :mod:`resource`), the working directory and the environment. The worker *retires* (the pool replaces it) when
     something cannot be put back: a hard limit lowered for good, a working directory
     that is gone, or a thread the task started that is still running.
 
@@ -236,11 +259,13 @@ class _ProcessState:
     delivered to the worker's own handler).
 
     Not restored (documented): file descriptors the task left open, module-level state
-    it changed (imports, globals, caches), dispositions changed behind :mod:`signal`'s
-    back (``sigaction`` through ctypes). Use ``max_tasks_per_child`` to bound those.
+    it changed (imports, globals, caches), dispositions and limits changed behind the back
+    of :mod:`signal` and :mod:`resource` (``sigaction`` or ``setrlimit`` through ctypes,
+    ``prlimit`` from another process). Use ``max_tasks_per_child`` to bound those.
     """
 
     def __init__(self) -> None:
+        _state.limits_touched = False
         self.limits = {limit: resource.getrlimit(limit) for limit in _RLIMITS}
         self.mask = _sigmask(signal.SIG_BLOCK, ())
         self.handlers = list(map(_getsignal, _SIGNALS))
@@ -249,14 +274,17 @@ class _ProcessState:
         self.threads = {t.ident for t in threading.enumerate()}
 
     def check(self) -> str | None:
-        """Put back the limits and the working directory; return why the worker must
-        retire (this or a thread the task left running), else ``None``."""
-        for limit, values in self.limits.items():
-            if resource.getrlimit(limit) != values:
-                try:
-                    resource.setrlimit(limit, values)
-                except (ValueError, OSError) as exc:
-                    return f"a resource limit changed by the task cannot be restored: {exc}"
+        """Put back the limits (if the task set one) and the working directory; return
+        why the worker must retire (this or a thread the task left running), else
+        ``None``."""
+        if _state.limits_touched:
+            _state.limits_touched = False
+            for limit, values in self.limits.items():
+                if resource.getrlimit(limit) != values:
+                    try:
+                        resource.setrlimit(limit, values)
+                    except (ValueError, OSError) as exc:
+                        return f"a resource limit changed by the task cannot be restored: {exc}"
         try:
             if os.getcwd() != self.cwd:
                 os.chdir(self.cwd)
@@ -600,6 +628,7 @@ def worker_main(
     if os.getppid() != zygote:  # the zygote died before we could ask to die with it
         os._exit(1)
     _state.containment = contain_descendants()
+    _watch_limits()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
