@@ -60,6 +60,29 @@ def pool() -> Iterator[ProcessPool]:
         yield p
 
 
+class ContendedLock:
+    """Wraps a lock: :attr:`tried` is set when the thread ``watched`` finds it held."""
+
+    def __init__(self, lock: Any, watched: int) -> None:
+        self.lock, self.watched, self.tried = lock, watched, threading.Event()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self.lock.acquire(False):
+            return True
+        if threading.get_ident() == self.watched:
+            self.tried.set()
+        return bool(self.lock.acquire(blocking, timeout)) if blocking else False
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class TestShutdownRightAfterSubmit:
     def test_with_block_runs_every_submitted_task(self) -> None:
         """Test that leaving a ``with`` block right after submit() runs every task
@@ -215,6 +238,58 @@ class TestAStopAndHowTheTaskEnds:
                 future.result(WAIT)
             assert said == [True]
             supervisor.finish = decide  # type: ignore[method-assign]
+
+    def test_a_task_waiting_behind_is_cancelled_before_cancel_returns_while_its_slot_is_busy(
+        self,
+    ) -> None:
+        """Test that cancel() of a task handed to a busy worker (not claimed yet) ends it
+        cancelled before it returns, even when the worker's slot lock is held at that
+        moment by another thread, as the supervisor holds it for an instant while it
+        hands the worker a task (regression: the cancel left the decision to the
+        supervisor, and returned True with the future not done). Staged: a thread holds
+        the lock until this thread tries to take it, and the supervisor's own decision
+        waits until the future was read."""
+        with ProcessPool(1) as pool:
+            supervisor = pool._supervisor
+            revoke, checked = supervisor._revoke, threading.Event()
+
+            def revoke_once_checked(task: Any) -> None:
+                checked.wait(WAIT)
+                revoke(task)
+
+            supervisor._revoke = revoke_once_checked  # type: ignore[method-assign]
+            announce = Announcements()
+            blocker = pool.submit_task(contractloads.wait_until_cancelled, partial_sink=announce)
+            announce.wait("pid")
+            behind = pool.submit(contractloads.square, 2)
+            task = behind._task
+            assert task is not None
+            assert wait_until(lambda: task.worker is not None)
+            worker = task.worker
+            assert worker is not None
+            real = worker.slot_lock
+            contended = ContendedLock(real, threading.get_ident())
+            held = threading.Event()
+
+            def hold_the_slot_lock() -> None:
+                with real:
+                    held.set()
+                    contended.tried.wait(WAIT)
+
+            holder = threading.Thread(target=hold_the_slot_lock)
+            worker.slot_lock = contended  # type: ignore[assignment]
+            holder.start()
+            try:
+                assert held.wait(WAIT)
+                assert behind.cancel()
+                assert behind.cancelled()
+            finally:
+                checked.set()
+                contended.tried.set()
+                holder.join(WAIT)
+                worker.slot_lock = real
+                supervisor._revoke = revoke  # type: ignore[method-assign]
+                blocker.cancel()
 
     def test_cancel_called_again_and_again_keeps_saying_true(self) -> None:
         """Test that cancel(), called in a loop from the first call until the future is
@@ -723,6 +798,44 @@ class TestOwnersGroupKilled:
             owner.wait(WAIT)
             owner.stdout.close()
         for pid in pids:
+            assert_not_running(pid)
+
+
+_OWNER_OF_AN_IDLE_POOL = """
+import json, time
+import contractloads
+from cancelflow import ProcessPool
+
+if __name__ == "__main__":
+    pool = ProcessPool(2)
+    for _ in range(5):  # bursts: each worker runs tasks back to back, then waits
+        [f.result(30) for f in [pool.submit(contractloads.square, i) for i in range(200)]]
+    stats = pool.statistics()
+    print(json.dumps([stats.zygote_pid, *stats.worker_pids]), flush=True)
+    time.sleep(3600)
+"""
+
+
+class TestOwnerAndZygoteKilled:
+    def test_no_idle_worker_outlives_its_owner_and_zygote(self, tmp_path: Path) -> None:
+        """Test that workers waiting for work after bursts of tasks run back to back die
+        when the owner and then the zygote are SIGKILLed (the owner gone, nobody could
+        end a worker frozen by its zygote's death: an idle one must die with it)."""
+        script = tmp_path / "owner.py"
+        script.write_text(
+            f"import sys\nsys.path.insert(0, {TESTS!r})\n" + textwrap.dedent(_OWNER_OF_AN_IDLE_POOL)
+        )
+        owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+        assert owner.stdout is not None
+        try:
+            zygote, *workers = json.loads(owner.stdout.readline())
+        finally:
+            owner.kill()
+            owner.wait(WAIT)
+            owner.stdout.close()
+        assert len(workers) == 2
+        os.kill(zygote, signal.SIGKILL)
+        for pid in (zygote, *workers):
             assert_not_running(pid)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pickle
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 __all__ = ("FrameReader", "FrameSource", "encode", "send")
@@ -74,19 +74,26 @@ class FrameSource:
     """Blocking reads of whole frames from one socket (a worker's side of its channel).
 
     Buffered: one ``recv`` takes every frame the pool has sent so far, so frames sent
-    together cost one system call. Nothing else may read the socket.
+    together cost one system call. Nothing else may read the socket. ``before_wait``,
+    if given, is called before each ``recv`` (which may block): never when the next
+    frame was buffered already.
     """
 
-    __slots__ = ("_reader", "_sock")
+    __slots__ = ("_before_wait", "_reader", "_sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(
+        self, sock: socket.socket, before_wait: Callable[[], object] | None = None
+    ) -> None:
         self._sock = sock
         self._reader = FrameReader()
+        self._before_wait = before_wait
 
     def next(self) -> Any:
         """The next frame, unpickled; ``EOFError`` at the end of the stream."""
         reader = self._reader
         while missing := reader.missing():
+            if self._before_wait is not None:
+                self._before_wait()
             chunk = self._sock.recv(min(max(missing, 1 << 16), 1 << 20))
             if not chunk:
                 raise EOFError("channel closed")

@@ -119,6 +119,9 @@ WorkerState = Literal["starting", "idle", "busy", "retiring", "dying", "dead"]
 _STRAYS_DELAY = 0.02
 #: the most frames one ``sendmsg`` carries (Linux and macOS take 1024 buffers)
 _IOV_MAX = 512
+#: the longest a stop asked from another thread waits for a worker's slot lock (see
+#: _revoke_from_here): far beyond the instant the supervisor holds it
+_SLOT_WAIT = 0.05
 
 
 # -- commands to the supervisor thread -----------------------------------------------------
@@ -478,10 +481,16 @@ class Supervisor:
         now, if the worker has not claimed it (as the supervisor would: see
         :meth:`_revoke`): ``True`` if it ended cancelled. ``False`` when it is not
         waiting, the worker claimed it (its ladder runs once it is the worker's task), this
-        is a fork of the owner, or its slot is changing hands at this moment (then the
-        supervisor decides, a moment later)."""
+        is a fork of the owner, or its slot stays busy longer than :data:`_SLOT_WAIT`
+        (then the supervisor decides, a moment later).
+
+        The supervisor holds the slot lock for an instant at a time (handing the worker a
+        task): this waits for it, so that the caller's cancel() keeps its promise (the
+        future is cancelled before it returns). Bounded, never forever: the holder may be
+        the frame a signal handler interrupted (this very thread), or the supervisor may
+        wait there for a future's lock that this thread holds."""
         worker = task.worker
-        if worker is None or self.forked or not worker.slot_lock.acquire(blocking=False):
+        if worker is None or self.forked or not worker.slot_lock.acquire(timeout=_SLOT_WAIT):
             return False
         try:
             if task.done or task not in worker.behind:

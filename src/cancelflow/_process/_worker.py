@@ -364,7 +364,9 @@ class _Worker:
         max_tasks: int | None,
     ) -> None:
         self.sock = sock
-        self.frames = FrameSource(sock)
+        self.frames = FrameSource(sock, before_wait=self.die_with_zygote)
+        #: the parent-death signal is SIGSTOP (see run_task), else SIGKILL
+        self.freezes = False
         self.chunk = chunk
         #: the worker's token slots, up to its control block: a task's RunTask names its
         #: own (a worker holds several tasks: the one it runs and those after it)
@@ -502,6 +504,14 @@ class _Worker:
                 if isinstance(message, RunTask):
                     self.arrived.append(message)
 
+    def die_with_zygote(self) -> None:
+        """Called before the worker may block reading its channel: from now on it dies
+        with the zygote instead of freezing (it holds no task's tree; the pool kills a
+        frozen worker all the same, whatever it did)."""
+        if self.freezes:
+            self.freezes = False
+            set_parent_death_signal(signal.SIGKILL)
+
     def critical_ended(self) -> None:
         """The task left its outermost critical section: if the pool deferred a stop step
         for it (``Control.step_waits``), say so once, and the pool takes the step now
@@ -537,7 +547,11 @@ class _Worker:
         # While a task runs, the zygote's death freezes this worker with the task's tree
         # under it (the pool then kills the tree); an idle worker just dies with it. (On
         # "posix", where the worker's group holds the tree, both kill the group at once.)
-        set_parent_death_signal(signal.SIGSTOP)
+        # It keeps freezing until it may block for the pool (die_with_zygote): one
+        # task to the next one already sent costs no system call.
+        if not self.freezes:
+            self.freezes = True
+            set_parent_death_signal(signal.SIGSTOP)
         self.seq = seq
         try:
             _state.running = True
@@ -558,7 +572,6 @@ class _Worker:
             # answer for the task nor read the worker's channel.
             os._exit(1 if kind == "error" else 0)
         self.state.restore_handlers()
-        set_parent_death_signal(signal.SIGKILL)
         stopped = token.is_cancelled
         if kind == "terminated" or stopped:
             kill_and_reap_tree()
