@@ -79,6 +79,40 @@ class TestCallAt:
         wait(last)
         assert order == ["first", "second", "third"]
 
+    def test_a_timer_due_before_the_one_the_thread_sleeps_for_wakes_it(self) -> None:
+        """Test that a timer scheduled while the thread sleeps until a later deadline runs
+        at its own deadline, not at the later one."""
+        later, sooner = threading.Event(), threading.Event()
+        far = time.monotonic() + 10 * WAIT
+        handle = _timer.call_at(far, later.set)
+        try:
+            assert wait_until(lambda: _timer._wakes_at == far)  # asleep until `far`
+            _timer.call_at(soon(), sooner.set)
+            wait(sooner)
+            assert not later.is_set()
+        finally:
+            handle.cancel()
+
+    def test_a_timer_due_after_the_one_the_thread_sleeps_for_does_not_wake_it(self) -> None:
+        """Test that a timer due after the deadline the thread sleeps until is scheduled
+        without waking it (no kick: a woken thread takes the GIL from the program), and
+        runs after that deadline's timer."""
+        order: list[str] = []
+        done = threading.Event()
+        first = soon(0.05)
+        _timer.call_at(first, lambda: order.append("first"))
+        assert wait_until(lambda: _timer._wakes_at == first)
+        kicks = _timer._kicks.value
+
+        def second() -> None:
+            order.append("second")
+            done.set()
+
+        _timer.call_at(first + 0.01, second)
+        assert _timer._kicks.value == kicks
+        wait(done)
+        assert order == ["first", "second"]
+
     def test_a_deadline_in_the_past_runs_at_once(self) -> None:
         """Test that a timer whose deadline has already passed still runs."""
         ran = threading.Event()

@@ -27,6 +27,7 @@ import collections
 import ctypes
 import heapq
 import itertools
+import math
 import threading
 import time
 import weakref
@@ -52,6 +53,10 @@ _incoming: collections.deque[tuple[float, int]] = collections.deque()
 _ticket: list[None] = [None]
 # Bumped (and futex-woken) whenever the timer thread should look again.
 _kicks = ctypes.c_uint32(0)
+# When the timer thread wakes by itself at the latest (math.inf: not before a kick),
+# written before it last looked at _incoming and went to sleep. A timer due no earlier
+# needs no kick (see call_at): it is in _incoming when the thread wakes.
+_wakes_at = -math.inf
 _kick_address = ctypes.addressof(_kicks)
 # The holds that keep the timer thread running while no timer is pending (see hold()):
 # added and discarded in one atomic step each, so no lock (a signal handler may release
@@ -97,7 +102,12 @@ def call_at(deadline: float, callback: Callable[[], object]) -> TimerHandle:
     try:
         _ticket.pop()
     except IndexError:
-        _kick()  # a timer thread runs: make it look at the new entry
+        # A timer thread runs. It wakes by itself by _wakes_at, which it wrote before it
+        # last looked at _incoming: if it did not see this entry, it wakes in time for it,
+        # or is kicked here. (So a timeout token made while an earlier timer is pending
+        # wakes no thread that would take the GIL from this one.)
+        if deadline < _wakes_at:
+            _kick()
     else:
         _start()
     return TimerHandle(ident)
@@ -164,7 +174,8 @@ def pending() -> int:
 
 
 def _next_due() -> tuple[Callable[[], object] | None, float | None]:
-    """Under ``_lock``: pop a due callback, or say how long to sleep (``None``: exit)."""
+    """Under ``_lock``: pop a due callback (and ``0.0``), or say until when to sleep
+    (a deadline; ``None``: no timer)."""
     while _incoming:
         heapq.heappush(_heap, _incoming.popleft())
     while _heap and _heap[0][1] not in _entries:
@@ -175,9 +186,8 @@ def _next_due() -> tuple[Callable[[], object] | None, float | None]:
     if not _heap:
         return None, None
     deadline, ident = _heap[0]
-    delay = deadline - time.monotonic()
-    if delay > 0:
-        return None, delay
+    if deadline > time.monotonic():
+        return None, deadline
     heapq.heappop(_heap)
     _calling.append(None)  # (see _calling: before the entry goes)
     callback = _entries.pop(ident, None)
@@ -187,14 +197,17 @@ def _next_due() -> tuple[Callable[[], object] | None, float | None]:
 
 
 def _run() -> None:
+    global _wakes_at
     while True:
         seen = _kicks.value  # read before looking, so a later kick cannot be missed
         with _lock:
-            callback, delay = _next_due()
-        if delay is None and _holds:
-            futex_wait(_kick_address, seen, None)  # held: idle until a kick
+            callback, until = _next_due()
+        if until is None and _holds:
+            _wakes_at = math.inf
+            if not _incoming:  # (after _wakes_at: see call_at)
+                futex_wait(_kick_address, seen, None)  # held: idle until a kick
             continue
-        if delay is None:
+        if until is None:
             _ticket.append(None)  # we are leaving: the next call_at starts a thread
             if not _incoming and not _holds:
                 return
@@ -204,7 +217,9 @@ def _run() -> None:
                 return  # ...or another thread already took over
             continue
         if callback is None:
-            if delay > 0:
+            _wakes_at = until
+            delay = until - time.monotonic()
+            if delay > 0 and not _incoming:  # (after _wakes_at: see call_at)
                 futex_wait(_kick_address, seen, delay)
             continue
         try:
@@ -217,7 +232,8 @@ def _run() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _ticket, _thread
+    global _lock, _ticket, _thread, _wakes_at
+    _wakes_at = -math.inf
     _lock = threading.Lock()  # another thread may have held it at the fork
     _holds.clear()  # the holders' threads (pools) do not survive a fork either
     _ticket = [None]  # the timer thread does not survive a fork
