@@ -238,12 +238,17 @@ class SeparateCluster:
 
     async def start(self, workers: int = 1) -> None:
         """Return once the scheduler answers and ``workers`` workers have joined it."""
-        # The client waits for the scheduler file, then retries until the scheduler
-        # listens (or WAIT).
-        client: Any = distributed.Client(  # type: ignore[no-untyped-call]
-            scheduler_file=self.scheduler_file, asynchronous=True, timeout=WAIT
-        )
         try:
+            # (Dask's client waits for a scheduler file without a deadline.)
+            deadline = time.monotonic() + WAIT
+            while not self.written():
+                if self.scheduler.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the scheduler wrote no scheduler file")
+                await asyncio.sleep(0.01)  # re-check soon: no event tells of a new file
+            # The client retries until the scheduler listens (or WAIT).
+            client: Any = distributed.Client(  # type: ignore[no-untyped-call]
+                scheduler_file=self.scheduler_file, asynchronous=True, timeout=WAIT
+            )
             async with client:
                 await client.wait_for_workers(workers, timeout=WAIT)
         except Exception as error:
@@ -251,6 +256,10 @@ class SeparateCluster:
                 f"the test cluster did not start (scheduler exit status "
                 f"{self.scheduler.poll()}); the scheduler printed:\n{self.printed()}"
             ) from error
+
+    def written(self) -> bool:
+        """Whether the scheduler wrote its scheduler file (it listens then)."""
+        return os.path.exists(self.scheduler_file)
 
     def printed(self) -> str:
         """The end of what the scheduler printed."""
@@ -266,16 +275,18 @@ class SeparateCluster:
         return pids
 
     def stop(self) -> None:
-        pids = self.processes()
-        for proc in (*self.workers, self.scheduler):
-            proc.kill()
-            proc.wait(WAIT)
-        for pid in pids:  # what a nanny started, or a worker left, goes too
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for pid in pids:
-            assert_gone(pid)
-        self._directory.cleanup()
+        try:
+            pids = self.processes()
+            for proc in (*self.workers, self.scheduler):
+                proc.kill()
+                proc.wait(WAIT)
+            for pid in pids:  # what a nanny started, or a worker left, goes too
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for pid in pids:
+                assert_gone(pid)
+        finally:
+            self._directory.cleanup()
 
     def __enter__(self) -> SeparateCluster:
         return self

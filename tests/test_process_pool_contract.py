@@ -816,11 +816,13 @@ if __name__ == "__main__":
 """
 
 
-class TestOwnerAndZygoteKilled:
-    def test_no_idle_worker_outlives_its_owner_and_zygote(self, tmp_path: Path) -> None:
-        """Test that workers waiting for work after bursts of tasks run back to back die
-        when the owner and then the zygote are SIGKILLed (the owner gone, nobody could
-        end a worker frozen by its zygote's death: an idle one must die with it)."""
+class TestZygoteKilledUnderAFrozenOwner:
+    def test_idle_workers_die_with_their_zygote(self, tmp_path: Path) -> None:
+        """Test that workers waiting for work, after bursts of tasks run back to back, die
+        with their zygote by themselves: the owner is frozen (SIGSTOP: it can neither
+        close their channels nor kill them, as when it dies in the same instant), then
+        the zygote is SIGKILLed (a worker that kept freezing on its zygote's death from
+        one task to the next, and never went back to dying with it, stays stopped)."""
         script = tmp_path / "owner.py"
         script.write_text(
             f"import sys\nsys.path.insert(0, {TESTS!r})\n" + textwrap.dedent(_OWNER_OF_AN_IDLE_POOL)
@@ -829,14 +831,15 @@ class TestOwnerAndZygoteKilled:
         assert owner.stdout is not None
         try:
             zygote, *workers = json.loads(owner.stdout.readline())
+            assert len(workers) == 2
+            os.kill(owner.pid, signal.SIGSTOP)
+            os.kill(zygote, signal.SIGKILL)
+            for pid in workers:
+                assert_not_running(pid)
         finally:
             owner.kill()
             owner.wait(WAIT)
             owner.stdout.close()
-        assert len(workers) == 2
-        os.kill(zygote, signal.SIGKILL)
-        for pid in (zygote, *workers):
-            assert_not_running(pid)
 
 
 def _alive(pid: int) -> bool:

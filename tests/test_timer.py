@@ -13,6 +13,8 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from cancelflow import CancellationToken, _timer
 from support import WAIT, LogCapture, pipe, receive, running, wait, wait_until
 
@@ -93,6 +95,7 @@ class TestCallAt:
         finally:
             handle.cancel()
 
+    @pytest.mark.skipif(not _timer._GIL, reason="without a GIL every new timer kicks")
     def test_a_timer_due_after_the_one_the_thread_sleeps_for_does_not_wake_it(self) -> None:
         """Test that a timer due after the deadline the thread sleeps until is scheduled
         without waking it (no kick: a woken thread takes the GIL from the program), and

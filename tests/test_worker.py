@@ -9,6 +9,7 @@ traceback text) are tested directly.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import resource
 import signal
@@ -32,6 +33,36 @@ def signal_pending(pid: int, signum: int) -> bool:
             int(line.split()[1], 16) for line in status if line.startswith(("SigPnd", "ShdPnd"))
         ]
     return any(mask >> (signum - 1) & 1 for mask in masks)
+
+
+_BINDS_SETRLIMIT = """
+import os
+from resource import RLIMIT_NOFILE, getrlimit, setrlimit
+
+
+def lower():
+    soft, hard = getrlimit(RLIMIT_NOFILE)
+    setrlimit(RLIMIT_NOFILE, (min(soft, 64), hard))
+    return os.getpid(), list(getrlimit(RLIMIT_NOFILE))
+"""
+
+_LOWERS_THROUGH_A_BOUND_NAME = """
+import json, os, resource, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import binds_setrlimit
+from cancelflow import ProcessPool
+
+
+def read():
+    return os.getpid(), list(resource.getrlimit(resource.RLIMIT_NOFILE))
+
+
+if __name__ == "__main__":
+    with ProcessPool(1) as pool:
+        lowered = pool.submit(binds_setrlimit.lower).result(30)
+        after = pool.submit(read).result(30)
+    print(json.dumps([lowered, after, list(resource.getrlimit(resource.RLIMIT_NOFILE))]))
+"""
 
 
 class TestStateRestoredBetweenTasks:
@@ -76,6 +107,22 @@ class TestStateRestoredBetweenTasks:
             )
             assert pool.submit(workloads.whoami).result(WAIT) == pid
             assert pool.statistics().replaced_total == 0
+
+    def test_a_limit_lowered_through_a_name_bound_by_the_main_programs_imports_is_restored(
+        self, tmp_path: Path
+    ) -> None:
+        """Test that a limit lowered by a task through ``setrlimit`` as bound by a module
+        that the program's ``__main__`` imports (``from resource import setrlimit``,
+        run in the zygote before any worker exists) is put back after the task
+        (regression: the name kept the unwatched function, and every later task of the
+        worker ran with the lowered limit)."""
+        (tmp_path / "binds_setrlimit.py").write_text(_BINDS_SETRLIMIT)
+        result = run_script(_LOWERS_THROUGH_A_BOUND_NAME, path=tmp_path / "main.py")
+        assert result.returncode == 0, result.stderr
+        lowered, after, expected = json.loads(result.stdout)
+        assert lowered[0] == after[0]  # the same worker
+        assert lowered[1] != expected
+        assert after[1] == expected
 
     def test_blocked_sigterm_is_unblocked_after_the_task(self) -> None:
         """Test that a task that blocks SIGTERM and returns does not leave it blocked: the

@@ -28,6 +28,7 @@ import ctypes
 import heapq
 import itertools
 import math
+import sys
 import threading
 import time
 import weakref
@@ -57,6 +58,8 @@ _kicks = ctypes.c_uint32(0)
 # written before it last looked at _incoming and went to sleep. A timer due no earlier
 # needs no kick (see call_at): it is in _incoming when the thread wakes.
 _wakes_at = -math.inf
+#: this interpreter runs with a GIL (free-threaded builds may run without one)
+_GIL: bool = getattr(sys, "_is_gil_enabled", lambda: True)()
 _kick_address = ctypes.addressof(_kicks)
 # The holds that keep the timer thread running while no timer is pending (see hold()):
 # added and discarded in one atomic step each, so no lock (a signal handler may release
@@ -105,8 +108,10 @@ def call_at(deadline: float, callback: Callable[[], object]) -> TimerHandle:
         # A timer thread runs. It wakes by itself by _wakes_at, which it wrote before it
         # last looked at _incoming: if it did not see this entry, it wakes in time for it,
         # or is kicked here. (So a timeout token made while an earlier timer is pending
-        # wakes no thread that would take the GIL from this one.)
-        if deadline < _wakes_at:
+        # wakes no thread that would take the GIL from this one.) Each side writes, then
+        # reads the other's write: that takes the order the GIL gives; without a GIL,
+        # always kick.
+        if deadline < _wakes_at or not _GIL:
             _kick()
     else:
         _start()

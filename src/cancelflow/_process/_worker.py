@@ -86,20 +86,24 @@ class _State:
     term_pending = False
     #: how this worker keeps its task's orphans (``contain_descendants``)
     containment: str | None = None
-    #: a task called ``resource.setrlimit`` or ``resource.prlimit`` (see _watch_limits)
+    #: a task called ``resource.setrlimit`` or ``resource.prlimit`` (see watch_limits)
     limits_touched = False
 
 
 _state = _State()
 
 
-def _watch_limits() -> None:
+def watch_limits() -> None:
     """Have ``resource.setrlimit`` and ``resource.prlimit`` note that they were called.
 
     Reading every limit back after each task (16 system calls on Linux) cost more than a
     trivial task itself; a task changes a limit through these two functions, so only a
-    task that called one has its limits compared and put back. (Not seen: a limit
-    changed behind :mod:`resource`'s back, through ctypes or by another process.)
+    task that called one has its limits compared and put back. The zygote wraps them
+    before it imports the program's ``__main__`` (a module that binds the name then
+    binds the wrapper). Not seen: a limit changed behind :mod:`resource`'s back (by C
+    code or ctypes calling ``setrlimit``, by another process), or through a name bound
+    to the original before the zygote started (in ``cancelflow``'s own imports).
+    Idempotent.
     """
     for name in ("setrlimit", "prlimit"):
         original = getattr(resource, name, None)
@@ -278,13 +282,15 @@ class _ProcessState:
         why the worker must retire (this or a thread the task left running), else
         ``None``."""
         if _state.limits_touched:
-            _state.limits_touched = False
-            for limit, values in self.limits.items():
-                if resource.getrlimit(limit) != values:
-                    try:
-                        resource.setrlimit(limit, values)
-                    except (ValueError, OSError) as exc:
-                        return f"a resource limit changed by the task cannot be restored: {exc}"
+            try:
+                for limit, values in self.limits.items():
+                    if resource.getrlimit(limit) != values:
+                        try:
+                            resource.setrlimit(limit, values)
+                        except (ValueError, OSError) as exc:
+                            return f"a resource limit changed by the task cannot be restored: {exc}"
+            finally:
+                _state.limits_touched = False  # (after: this very setrlimit sets it)
         try:
             if os.getcwd() != self.cwd:
                 os.chdir(self.cwd)
@@ -641,7 +647,7 @@ def worker_main(
     if os.getppid() != zygote:  # the zygote died before we could ask to die with it
         os._exit(1)
     _state.containment = contain_descendants()
-    _watch_limits()
+    watch_limits()  # (done in the zygote already: a no-op unless started otherwise)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)

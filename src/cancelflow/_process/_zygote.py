@@ -55,7 +55,7 @@ from ._protocol import (
     recv_record,
     send_record,
 )
-from ._worker import kill_and_reap_tree, worker_main
+from ._worker import kill_and_reap_tree, watch_limits, worker_main
 
 __all__ = ("importing_main", "start", "zygote_main")
 
@@ -137,6 +137,9 @@ def zygote_main(control_fd: int, chunk_fd: int) -> None:
         os._exit(0)
     with os.fdopen(fds[0], "rb") as setup_file:  # a file: the setup may be large
         prep, options = pickle.load(setup_file)
+    # Before the program's __main__ is imported: a module that binds the name
+    # (``from resource import setrlimit``) binds the watched function.
+    watch_limits()
     global importing_main
     importing_main = True
     try:
