@@ -28,6 +28,7 @@ import faulthandler
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 from typing import Any
@@ -152,7 +153,10 @@ async def waves(executor: PipelineExecutor) -> None:
 # -- cleanup ----------------------------------------------------------------------------------
 
 
-async def cleanup(executor: PipelineExecutor) -> None:
+async def cleanup(executor: PipelineExecutor, *, signal_own_thread: bool = False) -> None:
+    """``signal_own_thread``: the sync handler sends SIGINT to its own thread, which takes
+    it (as any thread may take a signal sent to the process): the main thread, blocked in
+    the loop, is not interrupted, and runs the handler only when the loop wakes."""
     first = CancellationToken(name="first")
     handlers_ran: list[str] = []
 
@@ -163,6 +167,8 @@ async def cleanup(executor: PipelineExecutor) -> None:
     def sync_handler() -> None:
         handlers_ran.append("sync")
         ready("cleanup")
+        if signal_own_thread:
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
         facts["signal_seen_in_handler"] = signalled.wait_blocking(WATCHDOG)
 
     async def async_handler() -> None:
@@ -363,7 +369,33 @@ def pool_storm() -> None:
 # -- main -------------------------------------------------------------------------------------
 
 
+def wake_the_loop_on_signals(
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[socket.socket, socket.socket]:
+    """Have every signal wake ``loop``, which runs on the main thread (as the token's
+    docs advise for ``signal.signal`` handlers): a handler runs only when the main thread
+    runs Python, and a signal that lands just before the loop blocks would otherwise wait
+    for the loop's next wake-up (seen once: a cleanup handler waiting for the signal
+    timed out after 5 s). Returns the sockets to close."""
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    loop.add_reader(reader.fileno(), reader.recv, 4096)
+    return reader, writer
+
+
+def stop_waking_the_loop(
+    loop: asyncio.AbstractEventLoop, sockets: tuple[socket.socket, socket.socket]
+) -> None:
+    signal.set_wakeup_fd(-1)
+    loop.remove_reader(sockets[0].fileno())
+    for sock in sockets:
+        sock.close()
+
+
 async def main() -> None:
+    waker = wake_the_loop_on_signals(asyncio.get_running_loop())
     pool = ProcessPool(1 if PHASE == "healing" else 2, grace_period=0.05, term_grace_period=0.5)
     threads = ThreadPool(4, grace_period=0.5)
     executor = PipelineExecutor(
@@ -379,6 +411,8 @@ async def main() -> None:
             await waves(executor)
         elif PHASE == "cleanup":
             await cleanup(executor)
+        elif PHASE == "cleanup-signal-own-thread":
+            await cleanup(executor, signal_own_thread=True)
         elif PHASE == "healing":
             await healing(executor, pool)
         elif PHASE == "storm":
@@ -389,6 +423,7 @@ async def main() -> None:
         await executor.aclose()
         threads.shutdown(wait=True, cancel_futures=True)
         pool.shutdown(wait=True, cancel_futures=True, cancel_running=True)
+        stop_waking_the_loop(asyncio.get_running_loop(), waker)
 
 
 if __name__ == "__main__":

@@ -181,6 +181,21 @@ class TestSignalWhileCleanupRuns:
         assert child.facts["cleanup_errors"] == []
 
 
+    def test_a_signal_another_thread_takes_during_cleanup_is_handled_at_once(
+        self, tmp_path: Path
+    ) -> None:
+        """Test that a signal taken by a thread other than the main one (here the cleanup
+        handler's own, as the kernel may pick any thread for a signal sent to the process)
+        is handled while the cleanup handler waits for it, not after the handler's 5 s
+        timeout: the program's loop wakes on the signal (regression: the main thread,
+        blocked in the loop, ran the handler only when the timeout woke it)."""
+        child = run_child(tmp_path, "cleanup-signal-own-thread", "registry", None)
+        child.assert_clean()
+        assert child.ended == ["cancelled", "first"]
+        assert child.facts["signal_seen_in_handler"] is True
+        assert child.facts["cleanup_errors"] == []
+
+
 class TestSignalWhilePoolHeals:
     @pytest.mark.parametrize(
         ("signum", "method"),
