@@ -180,7 +180,6 @@ class TestSignalWhileCleanupRuns:
         assert child.facts["handlers_ran"] == ["sync", "async"]
         assert child.facts["cleanup_errors"] == []
 
-
     def test_a_signal_another_thread_takes_during_cleanup_is_handled_at_once(
         self, tmp_path: Path
     ) -> None:
