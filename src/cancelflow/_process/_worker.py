@@ -250,9 +250,10 @@ class _ProcessState:
     them all fail with ``MemoryError``, a task's own SIGTERM handler (or ``SIG_IGN``)
     defeats the ladder's second step. Restored after each task: the signal mask, every
     signal's disposition (as set through :mod:`signal`), resource limits (as set through
-    :mod:`resource`), the working directory and the environment. The worker *retires* (the pool replaces it) when
-    something cannot be put back: a hard limit lowered for good, a working directory
-    that is gone, or a thread the task started that is still running.
+    :mod:`resource`), the working directory and the environment. The worker *retires*
+    (the pool replaces it) when something cannot be put back: a hard limit lowered for
+    good, a working directory that is gone, or a thread the task started that is still
+    running.
 
     In steps, so that the caller does not wait for the last: as soon as the task is
     over, :meth:`restore_handlers` (a signal the ladder sends while the result is built
