@@ -345,23 +345,15 @@ def run_script(
         pytest.fail(f"watchdog: the script did not end: {exc.stderr!r}")
 
 
-class SignallingLock:
-    """A lock that raises ``signum`` in the main thread the first time the main thread
-    takes it once :attr:`armed` (the handler runs before :meth:`acquire` returns).
+class WrappedLock:
+    """A lock standing in for one under test: behaves as ``lock``; subclasses change
+    what :meth:`acquire` does around it."""
 
-    For programs run by :func:`run_script`: put one in place of a lock under test to
-    make a signal handler run right while the lock is held.
-    """
-
-    def __init__(self, lock: Any, signum: int = signal.SIGUSR1) -> None:
-        self.lock, self.signum, self.armed = lock, signum, False
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
 
     def acquire(self, *args: Any, **kwargs: Any) -> bool:
-        got: bool = self.lock.acquire(*args, **kwargs)
-        if got and self.armed and threading.current_thread() is threading.main_thread():
-            self.armed = False
-            signal.raise_signal(self.signum)
-        return got
+        return bool(self.lock.acquire(*args, **kwargs))
 
     def release(self) -> None:
         self.lock.release()
@@ -374,6 +366,42 @@ class SignallingLock:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.lock, name)
+
+
+class SignallingLock(WrappedLock):
+    """A lock that raises ``signum`` in the main thread the first time the main thread
+    takes it once :attr:`armed` (the handler runs before :meth:`acquire` returns).
+
+    For programs run by :func:`run_script`: put one in place of a lock under test to
+    make a signal handler run right while the lock is held.
+    """
+
+    def __init__(self, lock: Any, signum: int = signal.SIGUSR1) -> None:
+        super().__init__(lock)
+        self.signum, self.armed = signum, False
+
+    def acquire(self, *args: Any, **kwargs: Any) -> bool:
+        got = super().acquire(*args, **kwargs)
+        if got and self.armed and threading.current_thread() is threading.main_thread():
+            self.armed = False
+            signal.raise_signal(self.signum)
+        return got
+
+
+class ContendedLock(WrappedLock):
+    """A lock that sets :attr:`tried` when the thread ``watched`` finds it held (then
+    waits for it as asked)."""
+
+    def __init__(self, lock: Any, watched: int) -> None:
+        super().__init__(lock)
+        self.watched, self.tried = watched, threading.Event()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self.lock.acquire(False):
+            return True
+        if threading.get_ident() == self.watched:
+            self.tried.set()
+        return bool(self.lock.acquire(blocking, timeout)) if blocking else False
 
 
 # -- logs -------------------------------------------------------------------------------------

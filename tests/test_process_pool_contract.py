@@ -45,6 +45,7 @@ from support import (
     TESTS,
     WAIT,
     Announcements,
+    ContendedLock,
     assert_gone,
     assert_not_running,
     ended,
@@ -58,29 +59,6 @@ from support import (
 def pool() -> Iterator[ProcessPool]:
     with ProcessPool(2, grace_period=0.05, term_grace_period=2.0) as p:
         yield p
-
-
-class ContendedLock:
-    """Wraps a lock: :attr:`tried` is set when the thread ``watched`` finds it held."""
-
-    def __init__(self, lock: Any, watched: int) -> None:
-        self.lock, self.watched, self.tried = lock, watched, threading.Event()
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        if self.lock.acquire(False):
-            return True
-        if threading.get_ident() == self.watched:
-            self.tried.set()
-        return bool(self.lock.acquire(blocking, timeout)) if blocking else False
-
-    def release(self) -> None:
-        self.lock.release()
-
-    def __enter__(self) -> bool:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 class TestShutdownRightAfterSubmit:
