@@ -95,7 +95,9 @@ _WHY_PEER_FASTER = {
     ),
     ("*", "caller_raises/thread"): (
         "Event.set() is one C call; cancelflow's token.cancel() runs Python (child-token "
-        "propagation, callbacks that settle the future) while the spinning task holds the GIL"
+        "propagation, callbacks that settle the future), then wakes the timer thread for the "
+        "grace period (a futex wake-up of a sleeping thread, made holding the GIL the woken "
+        "caller waits for)"
     ),
     ("*", "task_stopped/thread"): (
         "Event.set() is one C call; cancelflow's token.cancel() runs Python (child-token "
