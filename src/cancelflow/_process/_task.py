@@ -111,8 +111,8 @@ class TaskFuture(_futures.PoolFuture[Any]):
         self._pooled = True
 
     def forget_task(self) -> None:
-        """Drop the link to the supervisor's record: the task is over (its future is
-        resolved, or will be at the end of the supervisor's turn)."""
+        """Drop the link to the supervisor's record: the task is over and its future
+        resolved."""
         self._task = None
 
 

@@ -648,7 +648,6 @@ def worker_main(
     if os.getppid() != zygote:  # the zygote died before we could ask to die with it
         os._exit(1)
     _state.containment = contain_descendants()
-    watch_limits()  # (done in the zygote already: a no-op unless started otherwise)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
