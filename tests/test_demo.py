@@ -297,6 +297,15 @@ class _Terminal:
                 return marker in self.text
         return True
 
+    def read_until_match(self, pattern: str, timeout: float = 60.0) -> bool:
+        """Read until the regular expression ``pattern`` matches what was read."""
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.text):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._read_some(remaining):
+                return re.search(pattern, self.text) is not None
+        return True
+
     def read_to_end(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while (remaining := deadline - time.monotonic()) > 0 and self._read_some(remaining):
@@ -332,6 +341,10 @@ class TestDemoInTerminal:
         term = _Terminal("--cancel-after", "60", "--grace", "30")
         try:
             assert term.read_until("wave 3/4 'crunch' started"), term.text
+            # simulate_risk runs in its worker (it reported progress): the interrupt then
+            # finds it running (on a loaded machine its worker may not have claimed it yet
+            # a few milliseconds after the wave started, and it would end never started)
+            assert term.read_until_match(r"simulate_risk +process +\S+ +[1-9]\d*%"), term.text
             term.ctrl_c()
             assert term.read_until("press Ctrl-C again to interrupt now"), term.text
             assert term.proc.poll() is None  # graceful: the running wave goes on
