@@ -490,7 +490,9 @@ class Supervisor:
         the frame a signal handler interrupted (this very thread), or the supervisor may
         wait there for a future's lock that this thread holds."""
         worker = task.worker
-        if worker is None or self.forked or not worker.slot_lock.acquire(timeout=_SLOT_WAIT):
+        if worker is None or self.forked or task not in worker.behind:
+            return False  # (read again under the lock; no wait for a task not waiting)
+        if not worker.slot_lock.acquire(timeout=_SLOT_WAIT):
             return False
         try:
             if task.done or task not in worker.behind:
