@@ -707,7 +707,8 @@ class TestSiblingsOfAStoppedTask:
             supervisor = pool._supervisor
 
             def looked() -> bool:
-                return supervisor._strays_due is None
+                # (the caller may hear of the stop before the pool reads the task's end)
+                return pool.statistics().completed_total == 1 and supervisor._strays_due is None
 
             assert wait_until(looked)
         assert len(asked) == (1 if sibling else 0)

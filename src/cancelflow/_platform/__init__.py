@@ -18,7 +18,9 @@ sequence, memory of a tree), ``_libc``.
 * :func:`futex_wait` / :func:`futex_wake`: block on a 32-bit word until another thread
   (with :data:`HAVE_FUTEX`, also another process) changes it; event-driven on every
   flavour. Without futex, :func:`wake_all_parked` is how a cross-process wake-up that
-  arrived through a doorbell reaches this process's waiters.
+  arrived through a doorbell reaches this process's waiters. :func:`futex_bump` (with
+  :data:`HAVE_FUTEX` only): add 1 to a shared word and wake its waiters in one atomic
+  step, so that several threads and processes can bump one word.
 * :func:`make_doorbell` / :func:`ring_doorbell` / :class:`DoorbellRinger` /
   :class:`DoorbellListener` / :func:`discard_doorbell`: a wake-up that crosses
   processes, for the flavours without futex.
@@ -88,7 +90,7 @@ from ._tree import (
     proportional_memory,
     set_child_subreaper,
 )
-from ._wake import HAVE_FUTEX, futex_wait, futex_wake, wake_all_parked
+from ._wake import HAVE_FUTEX, futex_bump, futex_wait, futex_wake, wake_all_parked
 
 __all__ = (
     "CAN_FORK",
@@ -110,6 +112,7 @@ __all__ = (
     "contain_descendants",
     "descendants",
     "discard_doorbell",
+    "futex_bump",
     "futex_wait",
     "futex_wake",
     "kill_group_members",

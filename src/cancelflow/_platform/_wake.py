@@ -19,10 +19,14 @@ from ._flavour import FLAVOUR, FUTEX_SYSCALL
 from ._fork import at_fork
 from ._libc import libc as _libc, libc_keeping_gil as _libc_keeping_gil
 
-__all__ = ("HAVE_FUTEX", "futex_wait", "futex_wake")
+__all__ = ("HAVE_FUTEX", "futex_bump", "futex_wait", "futex_wake")
 
 _FUTEX_WAIT = 0
 _FUTEX_WAKE = 1
+_FUTEX_WAKE_OP = 5
+#: FUTEX_WAKE_OP's operation: add 1 to the word (FUTEX_OP_ADD << 28 | oparg 1 << 12);
+#: its comparison (== 0) only decides a second wake-up, of nobody (val2 = 0)
+_ADD_ONE = (1 << 28) | (1 << 12)
 _INT_MAX = 2**31 - 1
 #: longest single wait (one day); a longer ``timeout`` just returns early
 _MAX_WAIT = 86_400.0
@@ -106,6 +110,27 @@ def futex_wake(address: int) -> None:
             lock.release()
         except RuntimeError:
             pass  # woken already
+
+
+def futex_bump(address: int) -> None:
+    """Add 1 to the 32-bit word at ``address`` and wake every thread blocked in
+    :func:`futex_wait` on it, in every process: one atomic step of the kernel
+    (``FUTEX_WAKE_OP``), so that several threads and processes may bump one word without
+    losing a change, and a waiter that read the word before the bump never sleeps through
+    it. ``"linux"`` only (the word must be in memory shared by those processes).
+
+    Never blocks and takes no lock. An address that is not mapped any more fails quietly.
+    """
+    assert _libc_keeping_gil is not None  # ("linux" only)
+    _libc_keeping_gil.syscall(
+        FUTEX_SYSCALL,
+        ctypes.c_void_p(address),
+        _FUTEX_WAKE_OP,
+        _INT_MAX,
+        None,  # val2: how many to wake on the second word (the same word): none more
+        ctypes.c_void_p(address),
+        _ADD_ONE,
+    )
 
 
 def wake_all_parked() -> None:

@@ -98,6 +98,25 @@ class Control(ctypes.Structure):
         # back what it holds after it (``running`` alone cannot tell: a worker may die
         # between writing it and learning it must hold or not start the task)
         ("started", ctypes.c_int64),
+        # The seq of the last task that ended stopped (it raised its CancelledException
+        # once its token was cancelled), written once its tree is reaped, just before its
+        # result, after ``stopped_frames`` (how many frames it sent before its result:
+        # partial results, its own cancel...), and then ``ended`` is bumped: a caller
+        # blocked in its future's result() settles it from this, once the pool has handled
+        # that many frames of it, without waiting for the pool to read the result (see
+        # Supervisor.wait_on_worker)
+        ("stopped_frames", ctypes.c_int64),
+        ("stopped", ctypes.c_int64),
+        # A futex word that callers blocked in a result() of this worker's task sleep on:
+        # bumped (futex_bump: add 1 and wake, atomically) by the worker after ``stopped``,
+        # and by the parent when it resolves a future that such a caller waits for
+        ("ended", ctypes.c_uint32),
+        # A futex word the worker sleeps on for a moment after bumping ``ended`` for a
+        # task a caller waits for (``waiting``): that caller bumps it once it settled the
+        # future, and the worker sends the result then (see _Worker.tell_callers_stopped)
+        ("acked", ctypes.c_uint32),
+        # The seq of the last task a caller blocked in result() waited for on ``ended``
+        ("waiting", ctypes.c_int64),
     )
 
 

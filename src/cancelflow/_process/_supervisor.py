@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import heapq
 import itertools
 import os
@@ -33,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .. import _cell, _futures, _interpreter_exit
+from .. import _cell, _futures, _interpreter_exit, _timer
 from .._context import deliver_partial
 from .._exceptions import (
     BrokenPoolError,
@@ -46,10 +47,13 @@ from .._exceptions import (
 from .._fate import Fate
 from .._log import safe_log
 from .._platform import (
+    HAVE_FUTEX,
     HAVE_PIDFD,
     ProcessView,
     at_fork,
     children,
+    futex_bump,
+    futex_wait,
     kill_tree,
     pidfd_open,
     preload_tree_functions,
@@ -122,6 +126,11 @@ _IOV_MAX = 512
 #: the longest a stop asked from another thread waits for a worker's slot lock (see
 #: _revoke_from_here): far beyond the instant the supervisor holds it
 _SLOT_WAIT = 0.05
+#: the longest a caller blocked in a task's result() sleeps on its worker's word at once
+#: (see Supervisor.wait_on_worker: a guard, never what wakes it)
+_LONGEST_SLEEP = 1.0
+#: what a worker sends about its running task before its result (counted: Task.frames)
+_TASK_FRAMES = (Partial, Cancel, CriticalEnded)
 
 
 # -- commands to the supervisor thread -----------------------------------------------------
@@ -132,11 +141,13 @@ class Dispatch:
 
 @dataclass(frozen=True, slots=True)
 class StopTask:
-    """Stop a dispatched task with the ladder (token, SIGTERM, SIGKILL)."""
+    """Stop a dispatched task with the ladder (token, SIGTERM, SIGKILL); ``at``: when the
+    stop was asked (``time.monotonic()``), from which its grace period runs."""
 
     task: Task
     kind: StopKind
     reason: str | None
+    at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +335,9 @@ class Supervisor:
             os.close(self._wake_w)
             self._release_chunk()
             raise
+        #: the timer thread kept up while the pool is open: a stop taken from the asking
+        #: thread wakes this one through it (see _post_by_grace_end), never starting it
+        self._timer_hold = _timer.hold(self)
         self.thread = threading.Thread(target=self._run, name=f"cancelflow-{name}", daemon=True)
         self.thread.start()
         _supervisors.add(self)
@@ -423,6 +437,10 @@ class Supervisor:
     def post(self, command: Command) -> None:
         """Hand ``command`` to the supervisor thread (any thread, a signal handler too)."""
         self._commands.append(command)
+        self._kick()
+
+    def _kick(self) -> None:
+        """Wake the supervisor thread for its next turn (any thread, a signal handler too)."""
         wake = self._wake_w
         if wake >= 0 and not self._wake_pending:
             self._wake_pending = True
@@ -447,19 +465,45 @@ class Supervisor:
                 task.stop_kind, task.stop_reason = kind, reason
         if not (first or kill):
             return
-        command = KillTask(task, kind, reason) if kill else StopTask(task, kind, reason)
+        command: Command
+        if kill:
+            command = KillTask(task, kind, reason)
+        else:
+            command = StopTask(task, kind, reason, time.monotonic())
+        quiet = False
         try:
             if self._revoke_from_here(task):
                 pass  # it never starts: settled here (the supervisor's step is a no-op)
             elif kill or (task.grace <= 0 and task.term_grace <= 0):  # (first, or a kill)
                 self._kill_from_here(task, unconditional=kill)
             elif first and task.grace > 0:  # (no grace: the next step comes at once)
-                self._cancel_slot_now(task, reason)
+                quiet = self._cancel_slot_now(task, reason)
         finally:  # even if interrupted there (Ctrl-C): the stop is recorded, so it must go
-            self.post(command)
+            if quiet:
+                self._post_by_grace_end(command, task)
+            else:
+                self.post(command)
 
-    def _cancel_slot_now(self, task: Task, reason: str | None) -> None:
-        """Take the ladder's first step here and now: cancel the running task's token.
+    def _post_by_grace_end(self, command: Command, task: Task) -> None:
+        """Hand the stop ``command`` of a task whose token was just cancelled here to the
+        supervisor thread without waking it: it takes the command at its next turn,
+        which the task's result starts if the task ends within its grace period (as a
+        cooperative task does), and at the latest when that period ends (a timer wakes
+        it then; :meth:`finish` drops the timer). Until then the supervisor thread takes
+        no CPU and no GIL from the task ending and from its caller."""
+        self._commands.append(command)
+        at = command.at if isinstance(command, StopTask) else time.monotonic()
+        try:
+            task.wake = wake = _timer.call_at(at + task.grace, self._kick)
+        except BaseException:  # (a signal handler raised): the command must not wait
+            self._kick()
+            raise
+        if task.done:  # settled meanwhile (a caller's thread, without a GIL): no timer
+            wake.cancel()
+
+    def _cancel_slot_now(self, task: Task, reason: str | None) -> bool:
+        """Take the ladder's first step here and now: cancel the running task's token;
+        ``True`` if this did.
 
         The task then sees its cancel without waiting for the supervisor thread (which
         takes the step again, a no-op, and goes on down the ladder). Skipped, leaving the
@@ -470,11 +514,12 @@ class Supervisor:
         """
         worker = self._lock_running_worker(task)
         if worker is None:
-            return
+            return False
         try:
             worker.slots[task.slot].cancel(reason)
         finally:
             worker.slot_lock.release()
+        return True
 
     def _revoke_from_here(self, task: Task) -> bool:
         """Settle a stopped task that waits behind its worker's running task here and
@@ -509,6 +554,86 @@ class Supervisor:
             worker.slot_lock.release()
         self.finish(task, Fate.CANCELLED)
         return True
+
+    def wait_on_worker(self, task: Task, deadline: float | None) -> None:
+        """Block the calling thread (in ``result()`` or ``exception()`` of ``task``'s
+        future) until the future is done, ``deadline`` (``time.monotonic()``) passes, or
+        this way of waiting stops applying (the caller then waits on the future's
+        condition, as the stdlib does).
+
+        The way: sleep on the futex word ``Control.ended`` of the worker running the
+        task, which the worker bumps when the task ends stopped (``Control.stopped``),
+        and the future's condition bumps when anyone resolves the future (the caller's
+        address is registered under the future's lock, read with the word's value, so
+        no bump is missed). In the first case, once the pool has handled every frame
+        the task sent before its result (its partial results: ``Task.frames``), this
+        thread settles the future itself, as the supervisor would once it reads that
+        result, then tells the worker (``Control.acked``), which holds its result
+        until then (see :meth:`_Worker.tell_callers_stopped`): the caller of a
+        cooperative stop hears it with one wake-up across processes instead of two,
+        and without waiting for the supervisor thread's turn. Applies on ``"linux"``
+        (futex across processes), to a task running on a worker, outside the
+        supervisor thread and a fork of the owner.
+        """
+        future = task.future
+        condition = future._condition
+        bumps: list[int] | None = getattr(condition, "bumps", None)
+        if not HAVE_FUTEX or bumps is None or self.forked:
+            return
+        if threading.current_thread() is self.thread:
+            return
+        while not future.done():
+            worker = task.worker
+            if worker is None or not worker.slot_lock.acquire(timeout=_SLOT_WAIT):
+                return
+            try:
+                if worker.task is not task or worker.state != "busy":
+                    return  # waiting behind another, or moving: the condition tells
+                try:
+                    control, slot = worker.control, worker.slots[task.slot]
+                except AttributeError:  # the views are gone: the pool is closing
+                    return
+                # (the views cannot go while the slot lock is held: the word is mapped)
+                base = ctypes.addressof(control)
+                address = base + Control.ended.offset
+                control.waiting = task.seq
+                full_barrier()  # written before ``stopped`` is read: the worker waits for us
+                with condition:
+                    if future.done():
+                        return
+                    expected = control.ended
+                    bumps.append(address)
+                full_barrier()  # the word read before ``stopped``: see tell_callers_stopped
+                stopped = control.stopped == task.seq
+                if stopped:
+                    full_barrier()  # (written before ``stopped``)
+                    frames, reason = control.stopped_frames, slot.cancel_reason
+            finally:
+                worker.slot_lock.release()
+            registered = True
+            try:
+                if stopped:
+                    with condition:
+                        handled = task.frames == frames  # its partial results are in
+                        if handled:
+                            bumps.remove(address)  # (the settle below need not wake us)
+                            registered = False
+                    if handled:
+                        self.finish(task, Fate.CANCELLED, stopped_by=("cancel", reason))
+                    futex_bump(base + Control.acked.offset)  # the worker sends its result
+                    if handled:
+                        return
+                    # (else the pool has yet to read some of its frames: it settles it)
+                left = _LONGEST_SLEEP
+                if deadline is not None:
+                    left = min(left, deadline - time.monotonic())
+                    if left <= 0:
+                        return
+                futex_wait(address, expected, left)
+            finally:
+                if registered:
+                    with condition:
+                        bumps.remove(address)
 
     def _lock_running_worker(self, task: Task) -> WorkerHandle | None:
         """For a step taken by the asking thread: the worker running ``task``, returned
@@ -684,8 +809,8 @@ class Supervisor:
 
     def _on_command(self, command: Command) -> None:
         match command:
-            case StopTask(task, kind, reason):
-                self._stop(task, kind, reason)
+            case StopTask(task, kind, reason, at):
+                self._stop(task, kind, reason, since=at)
             case KillTask(task, kind, reason):
                 task.kill_asked = True  # (for a task waiting behind another: see _started)
                 self._kill_now(task)  # first: then _stop finds the ladder under way
@@ -954,8 +1079,12 @@ class Supervisor:
     def _feed(self, worker: WorkerHandle, data: bytes | memoryview) -> None:
         worker.feeding = True  # a handler that drains this worker must not re-enter
         try:
-            for message in worker.reader.feed(data):
-                self._guarded(worker.task, self._on_message, worker, read(message))
+            for raw in worker.reader.feed(data):
+                message, task = read(raw), worker.task
+                self._guarded(task, self._on_message, worker, message)
+                if type(message) in _TASK_FRAMES and task is not None and task.seq == message.seq:
+                    with task.future.decision_lock:  # handled: see wait_on_worker
+                        task.frames += 1
         finally:
             worker.feeding = False
 
@@ -1275,7 +1404,8 @@ class Supervisor:
         self._stop(task, "timeout", f"timeout after {task.timeout:g}s")
 
     # -- the ladder -----------------------------------------------------------
-    def _stop(self, task: Task, kind: StopKind, reason: str | None) -> None:
+    def _stop(self, task: Task, kind: StopKind, reason: str | None, *, since: float = 0.0) -> None:
+        """Start the ladder of ``task`` (asked ``since``, ``time.monotonic()``; 0: now)."""
         if task.done:
             return
         if task.worker is None:  # queued, or handed back by a worker (see _requeue)
@@ -1302,7 +1432,10 @@ class Supervisor:
         if task.grace <= 0:
             self._escalate(task)
         else:
-            self._escalate_later(task.grace, task)
+            grace = task.grace
+            if since:  # (a command taken late: see _post_by_grace_end)
+                grace = max(0.0, since + grace - time.monotonic())
+            self._escalate_later(grace, task)
 
     def _escalate(self, task: Task) -> None:
         worker = task.worker
@@ -1585,6 +1718,9 @@ class Supervisor:
                 fate = Fate.CANCELLED
         if task.handle is not None:
             task.handle.remove()
+        if task.wake is not None:
+            task.wake.cancel()
+            task.wake = None
         # Release what the finished task no longer needs (tokens, payload, the link back).
         task.handle = None
         task.token = None
@@ -1744,6 +1880,7 @@ class Supervisor:
             self._release_chunk()
         finally:
             self.shutting_down = True
+            self._timer_hold.release()
             self.closed.set()
 
     def _release_chunk(self) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from .. import _futures
 from .._fate import Fate
+from .._platform import HAVE_FUTEX, futex_bump
 from .._token import CancellationToken
 
 if TYPE_CHECKING:
@@ -18,6 +22,23 @@ __all__ = ("StopKind", "Task", "TaskFuture")
 #: Who stopped a task: its token (or the task itself), its timeout, its future
 #: (``cancel()``/``kill()``), the pool's shutdown, or the pool (a message it could not read).
 StopKind = Literal["cancel", "timeout", "future", "shutdown", "error"]
+
+
+class _BumpingCondition(threading.Condition):
+    """A task future's condition: every ``notify_all()`` (which each change of the
+    future's state makes) also bumps the futex words that callers blocked in its
+    ``result()`` sleep on (see :meth:`Supervisor.wait_on_worker`). Changed and read under
+    the condition's lock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: addresses of the words (``Control.ended`` of a worker) callers sleep on now
+        self.bumps: list[int] = []
+
+    def notify_all(self) -> None:
+        super().notify_all()
+        for address in self.bumps:
+            futex_bump(address)
 
 
 class TaskFuture(_futures.PoolFuture[Any]):
@@ -40,6 +61,8 @@ class TaskFuture(_futures.PoolFuture[Any]):
 
     def __init__(self) -> None:
         super().__init__()
+        if HAVE_FUTEX:
+            self._condition = _BumpingCondition()
         self.fate = Fate.PENDING
         self.cancel_reason: str | None = None
         self.partial_results: dict[str, Any] = {}
@@ -47,6 +70,30 @@ class TaskFuture(_futures.PoolFuture[Any]):
         self._task: Task | None = None
         #: made by a pool: once ``_task`` is gone the task is settled or being settled
         self._pooled = False
+
+    def result(self, timeout: float | None = None) -> Any:
+        """As :meth:`concurrent.futures.Future.result`. A caller blocked here while the
+        task runs is woken by its worker when the task ends stopped (see
+        :meth:`cancel`), not only by the pool's thread."""
+        return super().result(self._wait_on_worker(timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """As :meth:`concurrent.futures.Future.exception` (woken as :meth:`result` is)."""
+        return super().exception(self._wait_on_worker(timeout))
+
+    def _wait_on_worker(self, timeout: float | None) -> float | None:
+        """Wait as :meth:`Supervisor.wait_on_worker` does, if it applies; return what is
+        left of ``timeout`` for the stdlib's own wait (which also raises for a bad one)."""
+        task = self._task
+        if task is None or self.done():
+            return timeout
+        if timeout is not None and not (
+            isinstance(timeout, int | float) and math.isfinite(timeout)
+        ):
+            return timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        task.supervisor.wait_on_worker(task, deadline)
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def cancel(self) -> bool:
         """Stop the task: a queued one never starts; a running one goes down the ladder.
@@ -149,6 +196,12 @@ class Task:
     #: dropped before it was dispatched (decided under the future's lock, see _claim)
     dropped: bool = False
     handle: Any = None
+    #: the timer that wakes the supervisor when its grace period ends, for a stop whose
+    #: first step the asking thread took (see Supervisor._post_by_grace_end)
+    wake: Any = None
     partials: dict[str, Any] = field(default_factory=dict)
+    #: how many of its frames sent before its result (partial results, its own cancel, a
+    #: critical section's end) the pool has handled (changed under the future's lock)
+    frames: int = 0
     #: an error that ends the task whatever it returns (a message that could not be read)
     error: BaseException | None = None

@@ -30,6 +30,7 @@ from __future__ import annotations
 import _signal  # type: ignore[import-not-found]
 import collections
 import contextlib
+import ctypes
 import functools
 import os
 import pickle
@@ -49,7 +50,10 @@ except ImportError:  # the "windows" flavour: importable, never runs a worker
 from .. import _cell, _context
 from .._exceptions import CancelledException, Terminated, UnreadableResultError
 from .._platform import (
+    HAVE_FUTEX,
     contain_descendants,
+    futex_bump,
+    futex_wait,
     kill_group_members,
     kill_tree,
     set_parent_death_signal,
@@ -344,6 +348,11 @@ class _TaskToken(CancellationToken):
         return won
 
 
+#: the longest a worker holds the result of a stopped task for the caller that settles it
+#: (see _Worker.tell_callers_stopped)
+_HEAD_START = 0.002
+
+
 def _type_name(value: object) -> str:
     kind = type(value)
     return f"{kind.__module__}.{kind.__qualname__}"
@@ -390,6 +399,8 @@ class _Worker:
         self.send_lock = threading.RLock()
         self.sending = False
         self.pending: list[bytes] = []
+        #: frames sent so far (a task that sent none but its result: see run_task)
+        self.sent = 0
         self.state = _ProcessState()
         self.retiring: str | None = None
         #: the task running now (see critical_ended)
@@ -404,6 +415,7 @@ class _Worker:
         queued and sent right after the interrupted one: frames never interleave.
         """
         data = encode(wire(message))
+        self.sent += 1
         with self.send_lock:
             if self.sending:
                 self.pending.append(data)
@@ -560,6 +572,7 @@ class _Worker:
             self.freezes = True
             set_parent_death_signal(signal.SIGSTOP)
         self.seq = seq
+        sent = self.sent
         try:
             _state.running = True
             with _context.task_scope(token, sink):
@@ -586,6 +599,7 @@ class _Worker:
             _reap_children()
         if stopped and kind == "error" and isinstance(value, CancelledException):
             kind = "stopped"  # the pool makes the caller's error: nothing to pickle
+        frames = self.sent - sent  # what the pool reads of it before its result
         self.retiring = self.state.check()
         if self.retiring is None and self.tasks_left is not None:
             self.tasks_left -= 1
@@ -594,8 +608,32 @@ class _Worker:
         if self.retiring is not None:
             # Said before the result, so that the pool never hands this worker a task.
             self.send(Retire(seq, self.retiring))
+        if kind == "stopped":
+            self.tell_callers_stopped(seq, frames)
         self.send(self.outcome(seq, kind, value))
         self.state.reset()  # before the next task is read; the caller need not wait
+
+    def tell_callers_stopped(self, seq: int, frames: int) -> None:
+        """Task ``seq`` ended stopped, its tree reaped, having sent ``frames`` frames
+        before the result about to go: say so in ``Control.stopped`` and wake the callers
+        blocked in its future's ``result()``, which settle it without waiting for the pool
+        to read that result, once the pool has handled those frames (the pool would
+        decide the same, from nothing more).
+
+        If a caller waits (``Control.waiting``), the result goes once it says it settled
+        the future (``Control.acked``), or after at most :data:`_HEAD_START`: the pool's
+        thread, woken by the result, would otherwise take the parent's GIL first and keep
+        the caller waiting for its whole turn."""
+        control = self.control
+        control.stopped_frames = frames
+        full_barrier()  # (read after ``stopped``)
+        control.stopped = seq
+        if not HAVE_FUTEX:
+            return
+        acked = control.acked
+        futex_bump(ctypes.addressof(control) + Control.ended.offset)
+        if control.waiting == seq:
+            futex_wait(ctypes.addressof(control) + Control.acked.offset, acked, _HEAD_START)
 
     def outcome(self, seq: int, kind: Outcome, value: Any) -> Result:
         """The result message: builtins outside, the value as its own pickle inside.
