@@ -356,3 +356,16 @@ def wait_then_exit_hard(path: str) -> None:
     """Exit the worker (no result) once ``path`` exists."""
     wait_for_path(path)
     os._exit(3)
+
+
+def wait_cooperatively_then_store_progress(progress: int) -> str:
+    """Announces its pid, polls its token; on its cancel, stores ``progress`` as a partial
+    result (as a task saving its work on a stop does), then lets the stop go on."""
+    token = _context.current_token()
+    _context.store_partial("pid", os.getpid())
+    try:
+        while True:
+            token.raise_if_cancelled()
+    except cancelflow.CancelledException:
+        _context.store_partial("progress", progress)
+        raise

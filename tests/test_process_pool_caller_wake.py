@@ -1,0 +1,160 @@
+"""Specification of how a caller blocked in a ProcessPool task's ``result()`` hears that
+the task stopped.
+
+A task that ends stopped (it raised its ``CancelledException`` once its token was
+cancelled) is reported by its worker straight to the threads blocked in its future's
+``result()`` or ``exception()``, which settle the future as the pool would: the caller
+does not wait for the pool's own thread. What the pool decides stays the same: the
+exception, its reason, and every partial result the task stored, even one stored as
+it stopped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import workloads
+from cancelflow import CancellationToken, CancelledException, ProcessPool, TaskFuture
+from cancelflow._platform import HAVE_FUTEX
+from support import WAIT, Announcements, wait_until
+
+
+class BlockedCaller:
+    """A thread blocked in ``future.exception()``; :attr:`outcome` once it returned."""
+
+    def __init__(self, future: TaskFuture) -> None:
+        self.outcome: BaseException | None = None
+        self.returned = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(future,))
+        self._thread.start()
+
+    def _run(self, future: TaskFuture) -> None:
+        try:
+            self.outcome = future.exception(WAIT)
+        finally:
+            self.returned.set()
+
+    def join(self) -> None:
+        self._thread.join(WAIT)
+
+
+@contextmanager
+def pool_thread_held(pool: ProcessPool) -> Iterator[None]:
+    """Keep the pool's own thread busy (inside a done-callback) until the block ends."""
+    inside, gate = threading.Event(), threading.Event()
+
+    def hold(_: Future[Any]) -> None:
+        inside.set()
+        gate.wait(WAIT)
+
+    pool.submit(workloads.add, 1, 2).add_done_callback(hold)
+    assert inside.wait(WAIT), "watchdog: the done-callback never ran"
+    try:
+        yield
+    finally:
+        gate.set()
+
+
+def sleeping_on_its_worker(future: TaskFuture) -> bool:
+    """Whether a caller sleeps on the word of the worker running the task (white-box)."""
+    return bool(getattr(future._condition, "bumps", None))
+
+
+def reported_stopped(future: TaskFuture) -> bool:
+    """Whether the task's worker has said the task ended stopped (white-box)."""
+    task = future._task
+    return (
+        task is not None and task.worker is not None and (task.worker.control.stopped == task.seq)
+    )
+
+
+def start_cooperative_task(pool: ProcessPool, *args: Any) -> tuple[TaskFuture, CancellationToken]:
+    seen = Announcements()
+    token = CancellationToken()
+    if args:
+        fn: Any = workloads.wait_cooperatively_then_store_progress
+    else:
+        fn = workloads.announce_and_wait_cooperatively
+    future = pool.submit_task(fn, args, token=token, partial_sink=seen)
+    seen.wait("pid")
+    return future, token
+
+
+@pytest.mark.skipif(not HAVE_FUTEX, reason="the worker wakes the caller through a futex")
+class TestACallerBlockedInResult:
+    def test_hears_a_cooperative_stop_while_the_pools_thread_is_busy(self) -> None:
+        """Test that a cooperative stop reaches a caller blocked in result() without the
+        pool's thread, which is busy (in a done-callback) the whole time."""
+        with ProcessPool(2) as pool:
+            future, token = start_cooperative_task(pool)
+            caller = BlockedCaller(future)
+            assert wait_until(lambda: sleeping_on_its_worker(future))
+            with pool_thread_held(pool):
+                token.cancel("enough")
+                assert caller.returned.wait(WAIT), "the caller waited for the pool's thread"
+            caller.join()
+        assert isinstance(caller.outcome, CancelledException)
+        assert caller.outcome.reason == "enough"
+        assert future.partial_results == {"pid": future.pid}
+
+    def test_every_caller_blocked_on_the_future_hears_it(self) -> None:
+        """Test that two threads blocked on the same future both get its exception."""
+        with ProcessPool(1) as pool:
+            future, token = start_cooperative_task(pool)
+            callers = [BlockedCaller(future), BlockedCaller(future)]
+            token.cancel("both")
+            for caller in callers:
+                caller.join()
+        assert [type(c.outcome) for c in callers] == [CancelledException] * 2
+        assert callers[0].outcome is callers[1].outcome
+
+    def test_hears_a_task_that_returns(self, tmp_path: Path) -> None:
+        """Test that a caller blocked in result() of a running task gets what it returned
+        (any change of the future wakes it, not only a stop its worker reports)."""
+        mark, go = tmp_path / "running", tmp_path / "go"
+        with ProcessPool(1) as pool:
+            future = pool.submit(workloads.mark_then_wait_for_path, str(mark), str(go))
+            assert wait_until(mark.exists)
+            caller = threading.Thread(target=future.result, args=(WAIT,))
+            results: list[str] = []
+            future.add_done_callback(lambda f: results.append(f.result()))
+            caller.start()
+            assert wait_until(lambda: sleeping_on_its_worker(future))
+            go.touch()
+            caller.join(WAIT)
+            assert not caller.is_alive()
+        assert results == ["went"]
+
+
+class TestWhatTheCallerGets:
+    """The same on every implementation: the pool's thread or the caller's settles it."""
+
+    @pytest.mark.parametrize("busy_pool_thread", [False, True], ids=["idle", "busy"])
+    def test_a_partial_result_stored_as_the_task_stops_is_in_the_exception(
+        self, busy_pool_thread: bool
+    ) -> None:
+        """Test that a partial result the task stores while it stops (after its cancel,
+        before its end) is in the caller's exception: the caller does not settle the
+        future before the pool has read it, even when the pool's thread is busy."""
+        with ProcessPool(2) as pool:
+            future, token = start_cooperative_task(pool, 42)
+            caller = BlockedCaller(future)
+            if busy_pool_thread:
+                with pool_thread_held(pool):
+                    token.cancel("save it")
+                    # the worker told the callers, its frames wait for the pool's thread
+                    assert wait_until(lambda: reported_stopped(future))
+            else:
+                token.cancel("save it")
+            caller.join()
+        assert isinstance(caller.outcome, CancelledException)
+        assert caller.outcome.partial_results["progress"] == 42
+        assert future.partial_results["progress"] == 42
+        assert caller.outcome.reason == "save it"
