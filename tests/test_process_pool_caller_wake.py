@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import workloads
-from cancelflow import CancellationToken, CancelledException, ProcessPool, TaskFuture
+from cancelflow import CancellationToken, CancelledException, ProcessPool, TaskFuture, _futures
 from cancelflow._platform import HAVE_FUTEX
 from support import WAIT, Announcements, wait_until
 
@@ -64,7 +64,8 @@ def pool_thread_held(pool: ProcessPool) -> Iterator[None]:
 
 def sleeping_on_its_worker(future: TaskFuture) -> bool:
     """Whether a caller sleeps on the word of the worker running the task (white-box)."""
-    return bool(getattr(future._condition, "bumps", None))
+    with _futures.lock(future):
+        return bool(_futures.sleepers(future))
 
 
 def reported_stopped(future: TaskFuture) -> bool:

@@ -20,6 +20,10 @@ These few helpers are the only place that touches the stdlib's private fields
   ``set_running_or_notify_cancel()`` plus the checks around it took the lock three times.
 * **A running task's future can be cancelled.** ``Future.cancel()`` refuses a running
   future; a pool's ``cancel()`` does not.
+* **A process task's caller can be woken by its worker.** A thread blocked in a process
+  task's ``result()`` may sleep on a futex word its worker bumps instead of on the
+  condition (see ``Supervisor.wait_on_worker``); :func:`sleepers` makes the condition
+  bump those words too, whatever changes the future's state.
 * **The cancel path must be safe in a signal handler.** ``Future.cancel()`` and
   ``set_exception()`` call each waiter directly, and ``as_completed()`` holds its
   waiter's plain lock for a moment in the caller's thread: a signal handler landing
@@ -37,8 +41,17 @@ from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, PENDING, 
 from typing import Any, TypeVar
 
 from . import _timer
+from ._platform import futex_bump
 
-__all__ = ("PoolFuture", "held_here", "lock", "run_callbacks", "settle_locked", "start_locked")
+__all__ = (
+    "PoolFuture",
+    "held_here",
+    "lock",
+    "run_callbacks",
+    "settle_locked",
+    "sleepers",
+    "start_locked",
+)
 
 T = TypeVar("T")
 
@@ -122,6 +135,29 @@ def settle_locked(
         else:
             getattr(waiter, method)(future)
     future._condition.notify_all()
+
+
+def sleepers(future: Future[Any]) -> list[int]:
+    """The addresses of the futex words that threads blocked in ``future``'s ``result()``
+    sleep on instead of its condition (the caller holds :func:`lock`, and adds or removes
+    its own address): every ``notify_all()`` of the condition bumps each of them
+    (:func:`futex_bump`), so any change of the future's state wakes those threads, as it
+    wakes the condition's waiters. Set up on first use, under the lock that every
+    ``notify_all()`` of a future holds: a future nobody sleeps on that way costs nothing
+    more. ``"linux"`` only (futex)."""
+    condition: Any = future._condition
+    words: list[int] | None = condition.__dict__.get("_cf_sleepers")
+    if words is None:
+        words = condition._cf_sleepers = []
+        notify_all = condition.notify_all
+
+        def notify_all_and_bump() -> None:
+            notify_all()
+            for address in words:
+                futex_bump(address)
+
+        condition.notify_all = notify_all_and_bump
+    return words
 
 
 def run_callbacks(future: Future[Any]) -> None:

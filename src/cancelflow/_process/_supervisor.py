@@ -575,13 +575,10 @@ class Supervisor:
         (futex across processes), to a task running on a worker, outside the
         supervisor thread and a fork of the owner.
         """
+        if not HAVE_FUTEX or self.forked or threading.current_thread() is self.thread:
+            return
         future = task.future
-        condition = future._condition
-        bumps: list[int] | None = getattr(condition, "bumps", None)
-        if not HAVE_FUTEX or bumps is None or self.forked:
-            return
-        if threading.current_thread() is self.thread:
-            return
+        condition = _futures.lock(future)
         while not future.done():
             worker = task.worker
             if worker is None or not worker.slot_lock.acquire(timeout=_SLOT_WAIT):
@@ -602,7 +599,8 @@ class Supervisor:
                     if future.done():
                         return
                     expected = control.ended
-                    bumps.append(address)
+                    sleepers = _futures.sleepers(future)
+                    sleepers.append(address)
                 full_barrier()  # the word read before ``stopped``: see tell_callers_stopped
                 stopped = control.stopped == task.seq
                 if stopped:
@@ -616,7 +614,7 @@ class Supervisor:
                     with condition:
                         handled = task.frames == frames  # its partial results are in
                         if handled:
-                            bumps.remove(address)  # (the settle below need not wake us)
+                            sleepers.remove(address)  # (the settle below need not wake us)
                             registered = False
                     if handled:
                         self.finish(task, Fate.CANCELLED, stopped_by=("cancel", reason))
@@ -633,7 +631,7 @@ class Supervisor:
             finally:
                 if registered:
                     with condition:
-                        bumps.remove(address)
+                        sleepers.remove(address)
 
     def _lock_running_worker(self, task: Task) -> WorkerHandle | None:
         """For a step taken by the asking thread: the worker running ``task``, returned

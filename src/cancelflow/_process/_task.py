@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .. import _futures
 from .._fate import Fate
-from .._platform import HAVE_FUTEX, futex_bump
 from .._token import CancellationToken
 
 if TYPE_CHECKING:
@@ -22,23 +20,6 @@ __all__ = ("StopKind", "Task", "TaskFuture")
 #: Who stopped a task: its token (or the task itself), its timeout, its future
 #: (``cancel()``/``kill()``), the pool's shutdown, or the pool (a message it could not read).
 StopKind = Literal["cancel", "timeout", "future", "shutdown", "error"]
-
-
-class _BumpingCondition(threading.Condition):
-    """A task future's condition: every ``notify_all()`` (which each change of the
-    future's state makes) also bumps the futex words that callers blocked in its
-    ``result()`` sleep on (see :meth:`Supervisor.wait_on_worker`). Changed and read under
-    the condition's lock."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        #: addresses of the words (``Control.ended`` of a worker) callers sleep on now
-        self.bumps: list[int] = []
-
-    def notify_all(self) -> None:
-        super().notify_all()
-        for address in self.bumps:
-            futex_bump(address)
 
 
 class TaskFuture(_futures.PoolFuture[Any]):
@@ -61,8 +42,6 @@ class TaskFuture(_futures.PoolFuture[Any]):
 
     def __init__(self) -> None:
         super().__init__()
-        if HAVE_FUTEX:
-            self._condition = _BumpingCondition()
         self.fate = Fate.PENDING
         self.cancel_reason: str | None = None
         self.partial_results: dict[str, Any] = {}
