@@ -23,26 +23,29 @@ import pytest
 import workloads
 from cancelflow import CancellationToken, CancelledException, ProcessPool, TaskFuture, _futures
 from cancelflow._platform import HAVE_FUTEX
+from cancelflow._process import _supervisor
 from support import WAIT, Announcements, wait_until
 
 
 class BlockedCaller:
-    """A thread blocked in ``future.exception()``; :attr:`outcome` once it returned."""
+    """A thread blocked in ``future.exception()`` with no timeout (a daemon: a caller
+    nothing wakes fails the test's watchdog, not the run); :attr:`outcome` once it
+    returned."""
 
     def __init__(self, future: TaskFuture) -> None:
         self.outcome: BaseException | None = None
         self.returned = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(future,))
+        self._thread = threading.Thread(target=self._run, args=(future,), daemon=True)
         self._thread.start()
 
     def _run(self, future: TaskFuture) -> None:
         try:
-            self.outcome = future.exception(WAIT)
+            self.outcome = future.exception()
         finally:
             self.returned.set()
 
     def join(self) -> None:
-        self._thread.join(WAIT)
+        assert self.returned.wait(WAIT), "watchdog: nothing woke the caller"
 
 
 @contextmanager
@@ -62,10 +65,11 @@ def pool_thread_held(pool: ProcessPool) -> Iterator[None]:
         gate.set()
 
 
-def sleeping_on_its_worker(future: TaskFuture) -> bool:
-    """Whether a caller sleeps on the word of the worker running the task (white-box)."""
+def sleeping_on_its_worker(future: TaskFuture, callers: int = 1) -> bool:
+    """Whether ``callers`` threads sleep on the word of the worker running the task
+    (white-box; reads without setting anything up)."""
     with _futures.lock(future):
-        return bool(_futures.sleepers(future))
+        return len(future._condition.__dict__.get("_cf_sleepers", ())) >= callers
 
 
 def reported_stopped(future: TaskFuture) -> bool:
@@ -86,6 +90,12 @@ def start_cooperative_task(pool: ProcessPool, *args: Any) -> tuple[TaskFuture, C
     future = pool.submit_task(fn, args, token=token, partial_sink=seen)
     seen.wait("pid")
     return future, token
+
+
+@pytest.fixture(autouse=True)
+def _no_guard_wake(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sleeping caller is woken by what it waits for, never by the guard's timeout."""
+    monkeypatch.setattr(_supervisor, "_LONGEST_SLEEP", 10 * WAIT)
 
 
 @pytest.mark.skipif(not HAVE_FUTEX, reason="the worker wakes the caller through a futex")
@@ -110,6 +120,7 @@ class TestACallerBlockedInResult:
         with ProcessPool(1) as pool:
             future, token = start_cooperative_task(pool)
             callers = [BlockedCaller(future), BlockedCaller(future)]
+            assert wait_until(lambda: sleeping_on_its_worker(future, callers=2))
             token.cancel("both")
             for caller in callers:
                 caller.join()
@@ -123,15 +134,73 @@ class TestACallerBlockedInResult:
         with ProcessPool(1) as pool:
             future = pool.submit(workloads.mark_then_wait_for_path, str(mark), str(go))
             assert wait_until(mark.exists)
-            caller = threading.Thread(target=future.result, args=(WAIT,))
             results: list[str] = []
-            future.add_done_callback(lambda f: results.append(f.result()))
+            caller = threading.Thread(target=lambda: results.append(future.result()), daemon=True)
             caller.start()
             assert wait_until(lambda: sleeping_on_its_worker(future))
             go.touch()
             caller.join(WAIT)
             assert not caller.is_alive()
         assert results == ["went"]
+
+    def test_the_futures_done_callbacks_still_run_on_the_pools_thread(self) -> None:
+        """Test that a caller which settles the future itself leaves its done-callbacks to
+        the pool's thread (as documented: a callback may take a lock the caller holds)."""
+        ran_on: list[str] = []
+        held = threading.Lock()
+        with ProcessPool(1) as pool:
+            future, token = start_cooperative_task(pool)
+
+            def callback(_: Future[Any]) -> None:
+                with held:
+                    ran_on.append(threading.current_thread().name)
+
+            future.add_done_callback(callback)
+            caller = BlockedCaller(future)
+            assert wait_until(lambda: sleeping_on_its_worker(future))
+            with held:  # the caller returns while a callback would wait for this lock
+                token.cancel("go")
+                assert caller.returned.wait(WAIT)
+            assert wait_until(lambda: bool(ran_on))
+        assert isinstance(caller.outcome, CancelledException)
+        assert ran_on == [pool._supervisor.thread.name]
+
+    def test_a_settle_cut_short_by_an_interrupt_is_completed_by_the_pool(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that a KeyboardInterrupt raised in the caller's thread while it settles the
+        future (a Ctrl-C in a result() of the main thread) leaves the future to the pool,
+        which settles it: nobody else waits forever."""
+        conclude = _supervisor.Supervisor._conclude
+        cut: list[bool] = []
+
+        def cut_short(self: Any, task: Any, *args: Any) -> None:
+            if threading.current_thread() is not self.thread and not cut:
+                cut.append(True)
+                raise KeyboardInterrupt
+            conclude(self, task, *args)
+
+        monkeypatch.setattr(_supervisor.Supervisor, "_conclude", cut_short)
+        with ProcessPool(1) as pool:
+            future, token = start_cooperative_task(pool)
+            interrupted: list[BaseException] = []
+
+            def caller() -> None:
+                try:
+                    future.result(WAIT)
+                except BaseException as exc:  # noqa: BLE001 - what the test looks at
+                    interrupted.append(exc)
+
+            thread = threading.Thread(target=caller)
+            thread.start()
+            assert wait_until(lambda: sleeping_on_its_worker(future))
+            token.cancel("cut")
+            thread.join(WAIT)
+            outcome = future.exception(WAIT)
+        assert cut == [True]
+        assert [type(exc) for exc in interrupted] == [KeyboardInterrupt]
+        assert isinstance(outcome, CancelledException)
+        assert outcome.reason == "cut"
 
 
 class TestWhatTheCallerGets:
@@ -147,6 +216,8 @@ class TestWhatTheCallerGets:
         with ProcessPool(2) as pool:
             future, token = start_cooperative_task(pool, 42)
             caller = BlockedCaller(future)
+            if HAVE_FUTEX:
+                assert wait_until(lambda: sleeping_on_its_worker(future))
             if busy_pool_thread:
                 with pool_thread_held(pool):
                     token.cancel("save it")

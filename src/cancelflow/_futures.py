@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import Any, TypeVar
@@ -45,6 +47,7 @@ from ._platform import futex_bump
 
 __all__ = (
     "PoolFuture",
+    "has_callbacks",
     "held_here",
     "lock",
     "run_callbacks",
@@ -149,15 +152,27 @@ def sleepers(future: Future[Any]) -> list[int]:
     words: list[int] | None = condition.__dict__.get("_cf_sleepers")
     if words is None:
         words = condition._cf_sleepers = []
-        notify_all = condition.notify_all
-
-        def notify_all_and_bump() -> None:
-            notify_all()
-            for address in words:
-                futex_bump(address)
-
-        condition.notify_all = notify_all_and_bump
+        # (the condition through a weak reference: no cycle through its own __dict__)
+        condition.notify_all = functools.partial(
+            _notify_all_and_bump, type(condition).notify_all, weakref.ref(condition), words
+        )
     return words
+
+
+def _notify_all_and_bump(
+    notify_all: Callable[[Any], None], condition: weakref.ref[Any], words: list[int]
+) -> None:
+    target = condition()
+    if target is not None:
+        notify_all(target)
+    for address in words:
+        futex_bump(address)
+
+
+def has_callbacks(future: Future[Any]) -> bool:
+    """Whether ``future`` has done-callbacks to run (once resolved, no more are added:
+    ``add_done_callback`` then runs the callback at once)."""
+    return bool(future._done_callbacks)  # type: ignore[attr-defined]
 
 
 def run_callbacks(future: Future[Any]) -> None:

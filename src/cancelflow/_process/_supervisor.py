@@ -172,7 +172,14 @@ class Close:
     running: Force | None
 
 
-Command = Dispatch | StopTask | KillTask | Close
+@dataclass(frozen=True, slots=True)
+class RunCallbacks:
+    """Run the done-callbacks of a future another thread resolved (see ``finish``)."""
+
+    future: TaskFuture
+
+
+Command = Dispatch | StopTask | KillTask | Close | RunCallbacks
 
 
 class WorkerHandle:
@@ -286,6 +293,8 @@ class Supervisor:
         self._turn = 0
         #: the futures this turn decided, to resolve at its end (see _settle)
         self._settling: list[tuple[TaskFuture, Any, BaseException | None, bool]] = []
+        #: futures another thread resolved, whose done-callbacks run at this turn's end
+        self._callbacks_due: list[TaskFuture] = []
         #: workers with frames queued this turn of the loop (see _send_to)
         self._unsent: dict[WorkerHandle, None] = {}
         self._timer_ids = itertools.count()
@@ -579,59 +588,91 @@ class Supervisor:
             return
         future = task.future
         condition = _futures.lock(future)
-        while not future.done():
-            worker = task.worker
-            if worker is None or not worker.slot_lock.acquire(timeout=_SLOT_WAIT):
-                return
-            try:
-                if worker.task is not task or worker.state != "busy":
-                    return  # waiting behind another, or moving: the condition tells
-                try:
-                    control, slot = worker.control, worker.slots[task.slot]
-                except AttributeError:  # the views are gone: the pool is closing
-                    return
-                # (the views cannot go while the slot lock is held: the word is mapped)
-                base = ctypes.addressof(control)
-                address = base + Control.ended.offset
-                control.waiting = task.seq
-                full_barrier()  # written before ``stopped`` is read: the worker waits for us
-                with condition:
-                    if future.done():
-                        return
-                    expected = control.ended
-                    sleepers = _futures.sleepers(future)
-                    sleepers.append(address)
-                full_barrier()  # the word read before ``stopped``: see tell_callers_stopped
-                stopped = control.stopped == task.seq
-                if stopped:
-                    full_barrier()  # (written before ``stopped``)
-                    frames, reason = control.stopped_frames, slot.cancel_reason
-            finally:
-                worker.slot_lock.release()
-            registered = True
-            try:
-                if stopped:
-                    with condition:
-                        handled = task.frames == frames  # its partial results are in
-                        if handled:
-                            sleepers.remove(address)  # (the settle below need not wake us)
-                            registered = False
-                    if handled:
-                        self.finish(task, Fate.CANCELLED, stopped_by=("cancel", reason))
-                    futex_bump(base + Control.acked.offset)  # the worker sends its result
-                    if handled:
-                        return
-                    # (else the pool has yet to read some of its frames: it settles it)
+        waited_on: WorkerHandle | None = None  # whose Control.waiting names the task
+        try:
+            while not future.done():
                 left = _LONGEST_SLEEP
                 if deadline is not None:
                     left = min(left, deadline - time.monotonic())
                     if left <= 0:
                         return
-                futex_wait(address, expected, left)
-            finally:
-                if registered:
+                worker = task.worker
+                if worker is None or not worker.slot_lock.acquire(timeout=min(left, _SLOT_WAIT)):
+                    return
+                try:
+                    if worker.task is not task or worker.state != "busy":
+                        return  # waiting behind another, or moving: the condition tells
+                    try:
+                        control, slot = worker.control, worker.slots[task.slot]
+                    except AttributeError:  # the views are gone: the pool is closing
+                        return
+                    # (the views cannot go while the slot lock is held: the word is mapped)
+                    base = ctypes.addressof(control)
+                    address = base + Control.ended.offset
+                    control.waiting = task.seq
+                    waited_on = worker
+                    full_barrier()  # written before ``stopped`` is read: the worker waits
                     with condition:
-                        sleepers.remove(address)
+                        if future.done():
+                            return
+                        expected = control.ended
+                        sleepers = _futures.sleepers(future)
+                        sleepers.append(address)
+                    full_barrier()  # the word read before ``stopped``: see tell_callers_stopped
+                    stopped = control.stopped == task.seq
+                    if stopped:
+                        full_barrier()  # (written before ``stopped``)
+                        frames, reason = control.stopped_frames, slot.cancel_reason
+                finally:
+                    worker.slot_lock.release()
+                registered = True
+                try:
+                    if stopped:
+                        with condition:
+                            handled = task.frames == frames  # its partial results are in
+                            if handled:
+                                sleepers.remove(address)  # (the settle below need not wake us)
+                                registered = False
+                        if handled:
+                            waited_on = None  # (the worker reads it no more)
+                            self.finish(
+                                task,
+                                Fate.CANCELLED,
+                                stopped_by=("cancel", reason),
+                                callbacks_on_pool=True,
+                            )
+                        futex_bump(base + Control.acked.offset)  # the worker sends its result
+                        if handled:
+                            return
+                        # (else the pool has yet to read some of its frames: it settles it)
+                    futex_wait(address, expected, left)
+                finally:
+                    if registered:
+                        with condition:
+                            sleepers.remove(address)
+        finally:
+            if waited_on is not None:
+                self._stop_waiting(waited_on, task)
+
+    def _stop_waiting(self, worker: WorkerHandle, task: Task) -> None:
+        """A caller leaves :meth:`wait_on_worker` without having settled ``task`` (its
+        timeout, the future settled by the pool): unless another caller still sleeps on
+        it, clear ``Control.waiting``, so that the worker does not hold the result of a
+        later stop for a caller that is gone. Best effort (a busy slot lock skips it:
+        the worker then holds that result for at most its head start)."""
+        if not worker.slot_lock.acquire(timeout=_SLOT_WAIT):
+            return
+        try:
+            with _futures.lock(task.future):
+                others = bool(_futures.sleepers(task.future))
+            try:
+                control = worker.control
+            except AttributeError:
+                return
+            if not others and control.waiting == task.seq:
+                control.waiting = 0
+        finally:
+            worker.slot_lock.release()
 
     def _lock_running_worker(self, task: Task) -> WorkerHandle | None:
         """For a step taken by the asking thread: the worker running ``task``, returned
@@ -813,6 +854,8 @@ class Supervisor:
                 task.kill_asked = True  # (for a task waiting behind another: see _started)
                 self._kill_now(task)  # first: then _stop finds the ladder under way
                 self._stop(task, kind, reason)
+            case RunCallbacks(future):
+                self._callbacks_due.append(future)
             case Close(running=how):
                 # (without ``how``, the tasks handed to busy workers, whose futures say
                 # running, run on: as the stdlib's call-queue items)
@@ -1696,6 +1739,7 @@ class Supervisor:
         error: BaseException | None = None,
         unless_asked: bool = False,
         stopped_by: tuple[StopKind, str | None] | None = None,
+        callbacks_on_pool: bool = False,
     ) -> None:
         """Decide that ``task`` is over, as ``fate``, once (the first call decides), and
         resolve its future (see :meth:`_settle`).
@@ -1704,7 +1748,13 @@ class Supervisor:
         too (``request_stop``), so what the caller's ``cancel()`` returned is how the
         future ends: ``unless_asked``, a task that returned or raised after it was asked
         to stop ends cancelled instead (as in every pool); ``stopped_by`` names the stop
-        of a task that ended stopped, if none was asked.
+        of a task that ended stopped, if none was asked. ``callbacks_on_pool``: called
+        from another thread, which resolves the future, but its done-callbacks run on
+        this pool's thread, as the class promises (see :meth:`wait_on_worker`).
+
+        Called from another thread and cut short by an exception (a signal handler's)
+        before the future is resolved, the decision is undone: the next call (the
+        supervisor's, on the task's result) decides, so the future never stays pending.
         """
         with task.future.decision_lock:  # the asking thread may settle it too
             if task.done:
@@ -1714,6 +1764,23 @@ class Supervisor:
                 task.stop_kind, task.stop_reason = stopped_by
             if unless_asked and task.stop_kind in _ASKED_TO_STOP:
                 fate = Fate.CANCELLED
+        try:
+            self._conclude(task, fate, value, error, callbacks_on_pool)
+        except BaseException:
+            if self._turn != threading.get_ident() and not task.future.done():
+                with task.future.decision_lock:
+                    task.done = False
+            raise
+
+    def _conclude(
+        self,
+        task: Task,
+        fate: Fate,
+        value: Any,
+        error: BaseException | None,
+        callbacks_on_pool: bool,
+    ) -> None:
+        """The rest of :meth:`finish`, once it decided: release, resolve, log."""
         if task.handle is not None:
             task.handle.remove()
         if task.wake is not None:
@@ -1736,14 +1803,14 @@ class Supervisor:
             future.partial_results = dict(task.partials)
         future.cancel_reason = task.stop_reason
         if task.error is not None:
-            self._settle(future, exception=task.error)
+            self._settle(future, exception=task.error, on_pool=callbacks_on_pool)
         elif fate is _FINISHED:
-            self._settle(future, result=value)
+            self._settle(future, result=value, on_pool=callbacks_on_pool)
         elif fate in (Fate.FAILED, Fate.CRASHED):
             assert error is not None
-            self._settle(future, exception=error)
+            self._settle(future, exception=error, on_pool=callbacks_on_pool)
         elif task.stop_kind == "future":
-            self._settle(future, cancelled=True)
+            self._settle(future, cancelled=True, on_pool=callbacks_on_pool)
         else:
             stopped: CancelledException
             if task.stop_kind == "timeout":
@@ -1761,7 +1828,7 @@ class Supervisor:
                     reason=reason,
                 )
             stopped.fate = fate
-            self._settle(future, exception=stopped)
+            self._settle(future, exception=stopped, on_pool=callbacks_on_pool)
         if fate not in _SETTLED_PLAINLY:  # (after: the caller need not wait for the log)
             safe_log(
                 "INFO",
@@ -1777,12 +1844,14 @@ class Supervisor:
         result: Any = None,
         exception: BaseException | None = None,
         cancelled: bool = False,
+        on_pool: bool = False,
     ) -> None:
         """Resolve the future of a task :meth:`finish` decided is done. On this pool's
         thread, in a turn of its loop, at the end of the turn (:meth:`_settle_turn`),
         all at once: the threads blocked on them woken one result at a time would each
         wait for the GIL this thread holds, then hold it while this thread waits (the
-        owner's throughput on short tasks). Elsewhere, now.
+        owner's throughput on short tasks). Elsewhere, now, and its done-callbacks run
+        now, or, ``on_pool``, at the end of this pool's next turn (``RunCallbacks``).
 
         Until then the future is not done and keeps its link to the task, so a racing
         ``cancel()`` still says how it will end (``True`` only if cancelled); then the
@@ -1791,15 +1860,20 @@ class Supervisor:
         outcome = (future, result, exception, cancelled)
         if self._turn == threading.get_ident():
             self._settling.append(outcome)
-        elif self._resolve(*outcome):
+        elif not self._resolve(*outcome):
+            pass
+        elif not on_pool:
             _futures.run_callbacks(future)
+        elif _futures.has_callbacks(future):
+            self.post(RunCallbacks(future))
 
     def _settle_turn(self) -> None:
         """Resolve the futures this turn decided (see :meth:`_settle`), then run their
-        done-callbacks."""
+        done-callbacks, and those of the futures other threads resolved (RunCallbacks)."""
         settling, self._settling = self._settling, []
         settled = [outcome[0] for outcome in settling if self._resolve(*outcome)]
-        for future in settled:
+        due, self._callbacks_due = self._callbacks_due, []
+        for future in (*settled, *due):
             _futures.run_callbacks(future)
 
     @staticmethod
@@ -1875,6 +1949,10 @@ class Supervisor:
             os.close(wake_w)
             # Every process of the pool is gone: only now may a pending task hear of it.
             self._fail_all(self.broken or PoolClosedError(f"{self.name} is shut down"))
+            # (callbacks of futures other threads resolved after the last turn)
+            due = [c.future for c in self._commands if isinstance(c, RunCallbacks)]
+            for future in (*self._callbacks_due, *due):
+                _futures.run_callbacks(future)
             self._release_chunk()
         finally:
             self.shutting_down = True

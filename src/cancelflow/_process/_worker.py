@@ -415,8 +415,8 @@ class _Worker:
         queued and sent right after the interrupted one: frames never interleave.
         """
         data = encode(wire(message))
-        self.sent += 1
         with self.send_lock:
+            self.sent += 1
             if self.sending:
                 self.pending.append(data)
                 return
@@ -625,12 +625,12 @@ class _Worker:
         thread, woken by the result, would otherwise take the parent's GIL first and keep
         the caller waiting for its whole turn."""
         control = self.control
+        acked = control.acked  # (before ``stopped``: a caller may ack as soon as it is read)
         control.stopped_frames = frames
         full_barrier()  # (read after ``stopped``)
         control.stopped = seq
         if not HAVE_FUTEX:
             return
-        acked = control.acked
         futex_bump(ctypes.addressof(control) + Control.ended.offset)
         if control.waiting == seq:
             futex_wait(ctypes.addressof(control) + Control.acked.offset, acked, _HEAD_START)
