@@ -26,8 +26,10 @@ class TaskFuture(_futures.PoolFuture[Any]):
     """The future of one :class:`ProcessPool` task, whose :meth:`cancel` works while it runs.
 
     Its done-callbacks run on the pool's supervisor thread (as the stdlib's run on its
-    executor's management thread), at the end of the turn that read the task's end: a
-    callback must be quick, and must not wait for another task of the same pool.
+    executor's management thread), at the end of the turn that read the task's end (or,
+    for a stop a caller blocked in :meth:`result` heard from the task's worker, of the
+    turn after): a callback must be quick, and must not wait for another task of the
+    same pool.
 
     Attributes:
         fate: how the task ended (a :class:`Fate`): ``finished``, ``failed`` (raised),
