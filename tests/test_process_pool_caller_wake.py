@@ -202,6 +202,22 @@ class TestACallerBlockedInResult:
         assert isinstance(outcome, CancelledException)
         assert outcome.reason == "cut"
 
+    def test_a_caller_whose_timeout_ran_out_is_not_waited_for(self) -> None:
+        """Test that a caller leaving result() on its timeout no longer counts as waiting
+        (white-box: the worker would hold a later stop's result for it)."""
+        import concurrent.futures
+
+        with ProcessPool(1) as pool:
+            future, token = start_cooperative_task(pool)
+            with pytest.raises(concurrent.futures.TimeoutError):
+                future.result(0.05)
+            task = future._task
+            assert task is not None
+            assert task.worker is not None
+            assert task.worker.control.waiting != task.seq
+            token.cancel("later")
+            assert isinstance(future.exception(WAIT), CancelledException)
+
 
 class TestWhatTheCallerGets:
     """The same on every implementation: the pool's thread or the caller's settles it."""

@@ -651,12 +651,12 @@ class Supervisor:
                         with condition:
                             sleepers.remove(address)
         finally:
-            if waited_on is not None:
+            if waited_on is not None and not future.done():  # (done: no stop will come)
                 self._stop_waiting(waited_on, task)
 
     def _stop_waiting(self, worker: WorkerHandle, task: Task) -> None:
-        """A caller leaves :meth:`wait_on_worker` without having settled ``task`` (its
-        timeout, the future settled by the pool): unless another caller still sleeps on
+        """A caller leaves :meth:`wait_on_worker` before ``task`` is over (its timeout, an
+        interrupt): unless another caller still sleeps on
         it, clear ``Control.waiting``, so that the worker does not hold the result of a
         later stop for a caller that is gone. Best effort (a busy slot lock skips it:
         the worker then holds that result for at most its head start)."""
