@@ -399,7 +399,7 @@ class _Worker:
         self.send_lock = threading.RLock()
         self.sending = False
         self.pending: list[bytes] = []
-        #: frames sent so far (a task that sent none but its result: see run_task)
+        #: frames sent so far (a stopped task says how many it sent: see run_task)
         self.sent = 0
         self.state = _ProcessState()
         self.retiring: str | None = None
