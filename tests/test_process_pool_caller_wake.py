@@ -181,7 +181,7 @@ class TestACallerBlockedInResult:
             conclude(self, task, *args)
 
         monkeypatch.setattr(_supervisor.Supervisor, "_conclude", cut_short)
-        with ProcessPool(1) as pool:
+        with ProcessPool(2) as pool:
             future, token = start_cooperative_task(pool)
             interrupted: list[BaseException] = []
 
@@ -194,10 +194,12 @@ class TestACallerBlockedInResult:
             thread = threading.Thread(target=caller)
             thread.start()
             assert wait_until(lambda: sleeping_on_its_worker(future))
-            token.cancel("cut")
-            thread.join(WAIT)
+            with pool_thread_held(pool):  # so the caller, not the pool, settles it first
+                token.cancel("cut")
+                thread.join(WAIT)
+                assert cut == [True]
+                assert not future.done()
             outcome = future.exception(WAIT)
-        assert cut == [True]
         assert [type(exc) for exc in interrupted] == [KeyboardInterrupt]
         assert isinstance(outcome, CancelledException)
         assert outcome.reason == "cut"
