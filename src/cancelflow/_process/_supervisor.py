@@ -606,7 +606,9 @@ class Supervisor:
                         control, slot = worker.control, worker.slots[task.slot]
                     except AttributeError:  # the views are gone: the pool is closing
                         return
-                    # (the views cannot go while the slot lock is held: the word is mapped)
+                    # (the views cannot go while the slot lock is held: the word is mapped;
+                    # and ``control``, a view, keeps the mapping while this frame holds it,
+                    # so the words slept on and bumped below are never another mapping's)
                     base = ctypes.addressof(control)
                     address = base + Control.ended.offset
                     control.waiting = task.seq
