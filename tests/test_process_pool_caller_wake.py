@@ -11,6 +11,7 @@ it stopped.
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -50,15 +51,25 @@ class BlockedCaller:
 
 @contextmanager
 def pool_thread_held(pool: ProcessPool) -> Iterator[None]:
-    """Keep the pool's own thread busy (inside a done-callback) until the block ends."""
+    """Keep the pool's own thread busy (inside a done-callback) until the block ends.
+
+    The task ends only once its callback is attached (a callback attached to a future
+    already done would run here, in the test's thread)."""
     inside, gate = threading.Event(), threading.Event()
+    on_pool_thread: list[bool] = []
 
     def hold(_: Future[Any]) -> None:
+        on_pool_thread.append(threading.current_thread() is pool._supervisor.thread)
         inside.set()
         gate.wait(WAIT)
 
-    pool.submit(workloads.add, 1, 2).add_done_callback(hold)
-    assert inside.wait(WAIT), "watchdog: the done-callback never ran"
+    with tempfile.TemporaryDirectory() as directory:
+        go = Path(directory, "go")
+        future = pool.submit(workloads.wait_for_path, str(go))
+        future.add_done_callback(hold)
+        go.touch()
+        assert inside.wait(WAIT), "watchdog: the done-callback never ran"
+    assert on_pool_thread == [True]
     try:
         yield
     finally:
@@ -72,12 +83,10 @@ def sleeping_on_its_worker(future: TaskFuture, callers: int = 1) -> bool:
         return len(future._condition.__dict__.get("_cf_sleepers", ())) >= callers
 
 
-def reported_stopped(future: TaskFuture) -> bool:
-    """Whether the task's worker has said the task ended stopped (white-box)."""
-    task = future._task
-    return (
-        task is not None and task.worker is not None and (task.worker.control.stopped == task.seq)
-    )
+def reported_stopped(task: Any) -> bool:
+    """Whether the worker of ``task`` (a future's ``_task``) has said the task ended
+    stopped (white-box)."""
+    return task.worker is not None and task.worker.control.stopped == task.seq
 
 
 def start_cooperative_task(pool: ProcessPool, *args: Any) -> tuple[TaskFuture, CancellationToken]:
@@ -237,10 +246,12 @@ class TestWhatTheCallerGets:
             if HAVE_FUTEX:
                 assert wait_until(lambda: sleeping_on_its_worker(future))
             if busy_pool_thread:
+                task = future._task
                 with pool_thread_held(pool):
                     token.cancel("save it")
                     # the worker told the callers, its frames wait for the pool's thread
-                    assert wait_until(lambda: reported_stopped(future))
+                    assert wait_until(lambda: reported_stopped(task))
+                    assert not future.done()
             else:
                 token.cancel("save it")
             caller.join()
