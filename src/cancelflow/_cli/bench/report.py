@@ -81,9 +81,10 @@ _WHY_PEER_FASTER = {
         "thread, which first freezes the worker (SIGSTOP) and walks its process tree in /proc"
     ),
     ("*", "caller_raises/process"): (
-        "the peer's worker writes to a pipe its caller reads; cancelflow's outcome goes "
-        "worker -> supervisor thread -> caller thread, two wake-ups, each slower the longer "
-        "the machine idled (the cancel itself reaches the task from the cancelling thread)"
+        "the peer's worker writes to a pipe its caller reads; cancelflow's worker wakes the "
+        "caller through a futex word and the caller's thread settles the future, after the "
+        "cancel's own path to the task's token (Python, then the slot's record lock): each "
+        "step slower the longer the machine idled"
     ),
     ("anyio", "caller_raises/thread"): (
         "anyio's cancel only flags the scope, read by from_thread.check_cancelled(); cancelflow's "
