@@ -488,12 +488,12 @@ class Supervisor:
             elif first and task.grace > 0:  # (no grace: the next step comes at once)
                 quiet = self._cancel_slot_now(task, reason)
         finally:  # even if interrupted there (Ctrl-C): the stop is recorded, so it must go
-            if quiet:
+            if quiet and isinstance(command, StopTask):  # (a kill is never quiet)
                 self._post_by_grace_end(command, task)
             else:
                 self.post(command)
 
-    def _post_by_grace_end(self, command: Command, task: Task) -> None:
+    def _post_by_grace_end(self, command: StopTask, task: Task) -> None:
         """Hand the stop ``command`` of a task whose token was just cancelled here to the
         supervisor thread without waking it: it takes the command at its next turn,
         which the task's result starts if the task ends within its grace period (as a
@@ -501,9 +501,8 @@ class Supervisor:
         it then; :meth:`finish` drops the timer). Until then the supervisor thread takes
         no CPU and no GIL from the task ending and from its caller."""
         self._commands.append(command)
-        at = command.at if isinstance(command, StopTask) else time.monotonic()
         try:
-            task.wake = wake = _timer.call_at(at + task.grace, self._kick)
+            task.wake = wake = _timer.call_at(command.at + task.grace, self._kick)
         except BaseException:  # (a signal handler raised): the command must not wait
             self._kick()
             raise
@@ -1862,12 +1861,11 @@ class Supervisor:
         outcome = (future, result, exception, cancelled)
         if self._turn == threading.get_ident():
             self._settling.append(outcome)
-        elif not self._resolve(*outcome):
-            pass
-        elif not on_pool:
-            _futures.run_callbacks(future)
-        elif _futures.has_callbacks(future):
-            self.post(RunCallbacks(future))
+        elif self._resolve(*outcome):
+            if not on_pool:
+                _futures.run_callbacks(future)
+            elif _futures.has_callbacks(future):
+                self.post(RunCallbacks(future))
 
     def _settle_turn(self) -> None:
         """Resolve the futures this turn decided (see :meth:`_settle`), then run their
