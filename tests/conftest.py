@@ -27,7 +27,7 @@ import psutil  # noqa: E402
 import pytest  # noqa: E402
 from loguru import logger  # noqa: E402
 
-from cancelflow import ThreadPool  # noqa: E402
+from cancelflow import ThreadPool, _timer  # noqa: E402
 from support import START_METHODS, LogCapture  # noqa: E402
 
 # Processes that multiprocessing itself keeps for the life of the interpreter.
@@ -52,6 +52,8 @@ def _children() -> dict[int, str]:
 # The process-wide token arena (one memfd, or an unlinked file without memfd, shared by
 # every CancellationToken) lives as long as any token does, which a test's traceback can
 # prolong; tests/test_token.py checks that it is released once the tokens are collected.
+# The timer thread's alarm (a timerfd on Linux) is opened with the first timer thread and
+# kept for the life of the process; tests/test_timer.py checks that it is the only one.
 # Everything else counts.
 _SHARED_ARENA = "cancelflow-tokens"
 
@@ -63,6 +65,8 @@ def _fds() -> set[int]:
     except OSError:
         return found
     for name in names:
+        if int(name) == _timer._alarm_fd:
+            continue
         try:
             if _SHARED_ARENA in os.readlink(f"/proc/self/fd/{name}"):
                 continue

@@ -8,6 +8,7 @@ milliseconds away, and what it checks is order, never how long anything took.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import threading
 import time
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from cancelflow import CancellationToken, _timer
+from cancelflow._platform import HAVE_ALARM
 from support import WAIT, LogCapture, pipe, receive, running, wait, wait_until
 
 
@@ -118,6 +120,30 @@ class TestCallAt:
         wait(done)
         assert order == ["first", "second"]
 
+    @pytest.mark.skipif(
+        not (HAVE_ALARM and _timer._GIL), reason="needs the alarm (timerfd) and a GIL"
+    )
+    def test_a_timer_due_before_the_one_the_thread_sleeps_for_wakes_no_thread_now(
+        self,
+    ) -> None:
+        """Test that with an alarm, a timer due before the thread's deadline is scheduled
+        by bringing the alarm forward, not by waking the thread (which would take the
+        GIL from the program at once: a cancel's grace timer), and runs at its own
+        deadline."""
+        later, sooner = threading.Event(), threading.Event()
+        handle = _timer.call_at(time.monotonic() + 10 * WAIT, later.set)
+        try:
+            assert wait_until(lambda: _timer._wakes_at > time.monotonic() + 1)
+            kicks = _timer._kicks.value
+            deadline = soon(0.05)
+            _timer.call_at(deadline, sooner.set)
+            assert _timer._kicks.value == kicks
+            assert _timer._alarm_at == deadline
+            wait(sooner)
+            assert not later.is_set()
+        finally:
+            handle.cancel()
+
     def test_a_deadline_in_the_past_runs_at_once(self) -> None:
         """Test that a timer whose deadline has already passed still runs."""
         ran = threading.Event()
@@ -165,6 +191,17 @@ class TestCallAt:
         for thread in threads:
             thread.join(WAIT)
         assert all(done.acquire(timeout=WAIT) for _ in range(count))
+
+
+def _child_disarms_its_alarm(conn: Any) -> None:
+    """In a forked child: run a timer, then hold the thread idle (its alarm disarmed)."""
+    fired = threading.Event()
+    _timer.call_at(soon(), fired.set)
+    held = _timer.hold()
+    assert fired.wait(WAIT)
+    assert wait_until(lambda: _timer._wakes_at == math.inf)
+    conn.send(_timer._alarm_fd)
+    held.release()
 
 
 class TestTimerHandle:
@@ -273,6 +310,45 @@ class TestTimerThread:
             release.set()
         _timer.wait_idle_end()
         assert wait_until(lambda: not timer_threads())
+
+    @pytest.mark.skipif(not HAVE_ALARM, reason="needs the alarm (timerfd)")
+    def test_a_forked_child_does_not_move_the_parents_alarm(self) -> None:
+        """Test that a forked child sets an alarm of its own: the parent's timer still
+        runs after the child ran a timer and then left its alarm disarmed (a shared
+        timerfd would have disarmed the parent's too, and its timer would never run)."""
+        fired = threading.Event()
+        handle = _timer.call_at(soon(0.5), fired.set)
+        try:
+            assert wait_until(lambda: _timer._alarm_fd >= 0)
+            with (
+                pipe() as (reader, writer),
+                running(
+                    multiprocessing.get_context("fork"), _child_disarms_its_alarm, writer
+                ) as child,
+            ):
+                assert isinstance(receive(reader), int)
+                child.join(WAIT)
+                assert child.exitcode == 0
+            wait(fired)
+        finally:
+            handle.cancel()
+
+    @pytest.mark.skipif(not HAVE_ALARM, reason="needs the alarm (timerfd)")
+    def test_the_alarm_is_one_descriptor_kept_across_timer_threads(self) -> None:
+        """Test that each new timer thread sleeps on the same alarm: the process holds one
+        descriptor for it, however often the thread starts and ends."""
+        fired = threading.Event()
+        _timer.call_at(soon(), fired.set)
+        wait(fired)
+        first = _timer._alarm_fd
+        assert first >= 0
+        for _ in range(3):
+            _timer.wait_idle_end()
+            assert wait_until(lambda: not timer_threads())
+            fired.clear()
+            _timer.call_at(soon(), fired.set)
+            wait(fired)
+            assert _timer._alarm_fd == first
 
     def test_a_forked_child_starts_with_no_timers_and_runs_its_own(self) -> None:
         """Test that a forked child inherits none of the parent's pending timers, can

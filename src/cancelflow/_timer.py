@@ -16,6 +16,13 @@ Signal safety: :meth:`TimerHandle.cancel` takes no lock (it is reached from
 very module). It removes the entry in one atomic step and wakes the timer thread through a
 ``futex`` on a private word; the timer thread never waits on a condition variable.
 
+Where the platform has an *alarm* (``"linux"``: a timerfd, see ``_platform._alarm``), the
+timer thread sleeps on it instead, and a new timer due before the thread would wake does
+not wake it: :func:`call_at` brings the alarm forward (one short system call, no
+wake-up). A cancel that schedules a grace timer then wakes no thread that would take the
+GIL from the threads the cancel releases. The alarm's descriptor is opened with the first
+timer thread and kept for the life of the process (a forked child opens its own).
+
 Timers belong to the process that scheduled them: a forked child starts with none (the
 parent's timers keep running in the parent, and a token's flag is shared, so a timeout
 fired there is seen in the child).
@@ -28,6 +35,7 @@ import ctypes
 import heapq
 import itertools
 import math
+import os
 import sys
 import threading
 import time
@@ -35,7 +43,15 @@ import weakref
 from collections.abc import Callable
 
 from ._log import safe_log
-from ._platform import at_fork, futex_wait, futex_wake
+from ._platform import (
+    HAVE_ALARM,
+    alarm_open,
+    alarm_set,
+    alarm_wait,
+    at_fork,
+    futex_wait,
+    futex_wake,
+)
 
 __all__ = ("TimerHandle", "call_at", "hold", "pending", "wait_idle_end")
 
@@ -56,8 +72,16 @@ _ticket: list[None] = [None]
 _kicks = ctypes.c_uint32(0)
 # When the timer thread wakes by itself at the latest (math.inf: not before a kick),
 # written before it last looked at _incoming and went to sleep. A timer due no earlier
-# needs no kick (see call_at): it is in _incoming when the thread wakes.
+# needs no kick (see call_at): it is in _incoming when the thread wakes. (With an alarm,
+# call_at goes by _alarm_at, which an earlier timer brings forward.)
 _wakes_at = -math.inf
+# The timer thread's alarm (see the module's docstring): its descriptor once open (-1:
+# none, the futex word above is slept on), and the time it is set for (math.inf: never;
+# written under _alarm_lock only, re-entrant so that a signal handler that interrupted
+# its own thread inside _set_alarm can take it too).
+_alarm_fd = -1
+_alarm_at = math.inf
+_alarm_lock = threading.RLock()
 #: this interpreter runs with a GIL (free-threaded builds may run without one)
 _GIL: bool = getattr(sys, "_is_gil_enabled", lambda: True)()
 _kick_address = ctypes.addressof(_kicks)
@@ -71,7 +95,29 @@ _thread: threading.Thread | None = None
 
 def _kick() -> None:
     _kicks.value = (_kicks.value + 1) & 0xFFFFFFFF
-    futex_wake(_kick_address)
+    if _alarm_fd >= 0:
+        _set_alarm(-math.inf, earlier_only=True)  # now
+    else:
+        futex_wake(_kick_address)
+
+
+def _set_alarm(deadline: float, *, earlier_only: bool) -> None:
+    """Set the alarm for ``deadline`` (``earlier_only``: unless it goes off by then).
+
+    Under ``_alarm_lock``; a signal handler that interrupts this in the same thread and
+    brings the alarm forward is not undone: the set is repeated until ``_alarm_at`` says
+    what was set last.
+    """
+    global _alarm_at
+    with _alarm_lock:
+        if earlier_only and deadline >= _alarm_at:
+            return
+        _alarm_at = deadline
+        while True:
+            alarm_set(_alarm_fd, deadline)
+            if _alarm_at == deadline:
+                return
+            deadline = _alarm_at
 
 
 class TimerHandle:
@@ -88,8 +134,13 @@ class TimerHandle:
         Lock-free and safe from any thread or a signal handler.
         """
         removed = _entries.pop(self._id, None) is not None
-        if removed:
-            _kick()  # the timer thread drops the heap entry, and exits if nothing is left
+        if removed and (not _holds or len(_heap) + len(_incoming) > 2 * len(_entries) + 16):
+            # The timer thread drops the entry and ends if nothing is left. A held one
+            # stays anyway: it drops the entry when it wakes (by its due time at the
+            # latest), so a task's stop that cancels its timer wakes no thread that
+            # would take the GIL from its caller; only a heap grown mostly dead is
+            # worth a kick (made and dropped timeout tokens: see _next_due).
+            _kick()
         return removed
 
 
@@ -105,13 +156,19 @@ def call_at(deadline: float, callback: Callable[[], object]) -> TimerHandle:
     try:
         _ticket.pop()
     except IndexError:
-        # A timer thread runs. It wakes by itself by _wakes_at, which it wrote before it
-        # last looked at _incoming: if it did not see this entry, it wakes in time for it,
-        # or is kicked here. (So a timeout token made while an earlier timer is pending
-        # wakes no thread that would take the GIL from this one.) Each side writes, then
-        # reads the other's write: that takes the order the GIL gives; without a GIL,
-        # always kick.
-        if deadline < _wakes_at or not _GIL:
+        # A timer thread runs. It wakes by itself by _wakes_at (or the alarm's
+        # _alarm_at), which it wrote before it last looked at _incoming: if it did not see
+        # this entry, it wakes in time for it, or is kicked (its alarm brought forward)
+        # here. (So a timeout token made while an earlier timer is pending wakes no
+        # thread that would take the GIL from this one, and with an alarm, neither does
+        # an earlier one.) Each side writes, then reads the other's write: that takes
+        # the order the GIL gives; without a GIL, always kick.
+        if not _GIL:
+            _kick()
+        elif _alarm_fd >= 0:
+            if deadline < _alarm_at:
+                _set_alarm(deadline, earlier_only=True)
+        elif deadline < _wakes_at:
             _kick()
     else:
         _start()
@@ -152,7 +209,12 @@ def hold(owner: object | None = None) -> TimerHold:
 
 def _start() -> None:
     """Start a timer thread (the caller popped the ticket)."""
-    global _thread
+    global _thread, _alarm_fd
+    if HAVE_ALARM and _alarm_fd < 0:
+        try:
+            _alarm_fd = alarm_open()
+        except OSError:  # (no descriptor left): the futex word does
+            pass
     _thread = thread = threading.Thread(target=_run, name="cancelflow-timer", daemon=True)
     thread.start()
 
@@ -201,16 +263,36 @@ def _next_due() -> tuple[Callable[[], object] | None, float | None]:
     return callback, 0.0
 
 
-def _run() -> None:
+def _sleep(deadline: float, seen: int) -> None:
+    """Sleep until ``deadline`` (``math.inf``: a kick), unless a timer arrived or a kick
+    came since the loop read ``seen``; may return early."""
     global _wakes_at
+    _wakes_at = deadline
+    fd = _alarm_fd
+    if fd >= 0:
+        # Set first, then look: the set drops an expiry not read yet (a kick's), and a
+        # kick or an earlier timer from now on sets the alarm after this.
+        _set_alarm(deadline, earlier_only=False)
+        if not _incoming and _kicks.value == seen:
+            alarm_wait(fd)
+        return
+    if _incoming:  # (after _wakes_at: see call_at)
+        return
+    if deadline == math.inf:
+        futex_wait(_kick_address, seen, None)
+        return
+    delay = deadline - time.monotonic()
+    if delay > 0:
+        futex_wait(_kick_address, seen, delay)
+
+
+def _run() -> None:
     while True:
         seen = _kicks.value  # read before looking, so a later kick cannot be missed
         with _lock:
             callback, until = _next_due()
         if until is None and _holds:
-            _wakes_at = math.inf
-            if not _incoming:  # (after _wakes_at: see call_at)
-                futex_wait(_kick_address, seen, None)  # held: idle until a kick
+            _sleep(math.inf, seen)  # held: idle until a kick
             continue
         if until is None:
             _ticket.append(None)  # we are leaving: the next call_at starts a thread
@@ -222,10 +304,7 @@ def _run() -> None:
                 return  # ...or another thread already took over
             continue
         if callback is None:
-            _wakes_at = until
-            delay = until - time.monotonic()
-            if delay > 0 and not _incoming:  # (after _wakes_at: see call_at)
-                futex_wait(_kick_address, seen, delay)
+            _sleep(until, seen)
             continue
         try:
             callback()
@@ -237,8 +316,13 @@ def _run() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _ticket, _thread, _wakes_at
+    global _lock, _ticket, _thread, _wakes_at, _alarm_fd, _alarm_at, _alarm_lock
     _wakes_at = -math.inf
+    if _alarm_fd >= 0:  # the parent's timer too: setting it would move the parent's
+        os.close(_alarm_fd)
+        _alarm_fd = -1
+    _alarm_at = math.inf
+    _alarm_lock = threading.RLock()
     _lock = threading.Lock()  # another thread may have held it at the fork
     _holds.clear()  # the holders' threads (pools) do not survive a fork either
     _ticket = [None]  # the timer thread does not survive a fork

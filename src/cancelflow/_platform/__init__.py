@@ -6,10 +6,11 @@ once at import (:data:`FLAVOUR`, forceable with ``CANCELFLOW_PLATFORM``; see
 ``_flavour``): ``"linux"``, ``"posix"`` (what macOS and the BSDs have) and
 ``"windows"`` (no fork, no fcntl, no POSIX signals). One module per concern:
 ``_flavour`` (the choice), ``_shared_memory`` (token slots and their lock), ``_wake``
-(futex, or a per-process parking lot), ``_doorbell`` (wake-ups across processes without
-futex), ``_fork`` (fork hooks), ``_local_socket`` (an endpoint for local processes), ``_exit_watch`` (pidfd), ``_signals`` (guarded
-signalling, parent-death signal), ``_tree`` (descendants, subreaper, the one kill
-sequence, memory of a tree), ``_libc``.
+(futex, or a per-process parking lot), ``_alarm`` (a sleep until a deadline that others
+can bring forward: timerfd), ``_doorbell`` (wake-ups across processes without futex),
+``_fork`` (fork hooks), ``_local_socket`` (an endpoint for local processes),
+``_exit_watch`` (pidfd), ``_signals`` (guarded signalling, parent-death signal),
+``_tree`` (descendants, subreaper, the one kill sequence, memory of a tree), ``_libc``.
 
 * :func:`shared_memory` / :func:`map_shared` / :func:`lock_range`: a descriptor to map
   shared (memfd, or an unlinked temporary file), its mapping (which does not keep the
@@ -27,6 +28,10 @@ sequence, memory of a tree), ``_libc``.
 * :func:`listen_local` / :func:`connect_local` / :func:`knock_local`: an authenticated
   endpoint for other processes of this machine, named by a path (``AF_UNIX``, or
   loopback TCP with a rendezvous file on ``"windows"``).
+* :func:`alarm_open` / :func:`alarm_set` / :func:`alarm_wait` (:data:`HAVE_ALARM`,
+  ``"linux"``): a sleep until a deadline that another thread can bring forward without
+  waking the sleeper now (``timerfd``): the timer thread's, so that scheduling a grace
+  timer on a cancel path wakes no thread.
 * :func:`at_fork`: ``os.register_at_fork`` where there is fork (:data:`CAN_FORK`).
 * :func:`contain_descendants`: keep this process's descendants reachable after their
   parent exits: a child subreaper (:func:`set_child_subreaper`, ``"linux"``: orphans
@@ -56,6 +61,7 @@ sequence, memory of a tree), ``_libc``.
 
 from __future__ import annotations
 
+from ._alarm import HAVE_ALARM, alarm_open, alarm_set, alarm_wait
 from ._doorbell import (
     FRESH_WAIT as DOORBELL_FRESH_WAIT,
     DoorbellListener,
@@ -97,6 +103,7 @@ __all__ = (
     "ENVIRONMENT_VARIABLE",
     "FLAVOUR",
     "FLAVOURS",
+    "HAVE_ALARM",
     "HAVE_FUTEX",
     "HAVE_PIDFD",
     "PROCESS_POOLS",
@@ -106,6 +113,9 @@ __all__ = (
     "DoorbellListener",
     "DoorbellRinger",
     "UnsafeSignalTarget",
+    "alarm_open",
+    "alarm_set",
+    "alarm_wait",
     "at_fork",
     "children",
     "connect_local",

@@ -111,12 +111,17 @@ class Control(ctypes.Structure):
         # bumped (futex_bump: add 1 and wake, atomically) by the worker after ``stopped``,
         # and by the parent when it resolves a future that such a caller waits for
         ("ended", ctypes.c_uint32),
-        # A futex word the worker sleeps on for a moment after bumping ``ended`` for a
-        # task a caller waits for (``waiting``): that caller bumps it once it settled the
-        # future, and the worker sends the result then (see _Worker.tell_callers_stopped)
+        # What the worker waits for for a moment after bumping ``ended`` for a task a
+        # caller waits for (``waiting``): that caller writes the task's seq (its low 32
+        # bits) here once it settled the future, and the worker sends the result then.
+        # The worker polls it first; a futex word it sleeps on only after writing
+        # ``ack_sleeping``, which the caller reads after its write to decide whether to
+        # wake it (see _Worker.tell_callers_stopped)
         ("acked", ctypes.c_uint32),
         # The seq of the last task a caller blocked in result() waited for on ``ended``
         ("waiting", ctypes.c_int64),
+        # The seq of the last task whose worker went to sleep on ``acked``
+        ("ack_sleeping", ctypes.c_int64),
     )
 
 

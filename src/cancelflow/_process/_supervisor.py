@@ -52,8 +52,8 @@ from .._platform import (
     ProcessView,
     at_fork,
     children,
-    futex_bump,
     futex_wait,
+    futex_wake,
     kill_tree,
     pidfd_open,
     preload_tree_functions,
@@ -256,6 +256,17 @@ class WorkerHandle:
         """Forget this worker's views of the shared chunk (so it can be unmapped)."""
         with self.slot_lock, contextlib.suppress(AttributeError):
             del self.slots, self.control
+
+
+def _ack_stopped(control: Control, base: int, seq: int) -> None:
+    """Tell the worker whose ``Control`` is at ``base`` that the stopped task ``seq`` was
+    settled by its caller (see ``_Worker.tell_callers_stopped``): a store, which the
+    worker polls for a moment, and a wake-up only if it said it went to sleep on the word
+    (read after the store, as the worker writes that before its last read of the word)."""
+    control.acked = seq & 0xFFFFFFFF
+    full_barrier()
+    if control.ack_sleeping == seq:
+        futex_wake(base + Control.acked.offset)
 
 
 class Supervisor:
@@ -642,7 +653,7 @@ class Supervisor:
                                 stopped_by=("cancel", reason),
                                 callbacks_on_pool=True,
                             )
-                        futex_bump(base + Control.acked.offset)  # the worker sends its result
+                        _ack_stopped(control, base, task.seq)  # the worker sends its result
                         if handled:
                             return
                         # (else the pool has yet to read some of its frames: it settles it)

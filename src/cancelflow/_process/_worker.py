@@ -351,6 +351,9 @@ class _TaskToken(CancellationToken):
 #: the longest a worker holds the result of a stopped task for the caller that settles it
 #: (see _Worker.tell_callers_stopped)
 _HEAD_START = 0.002
+#: how long of that it polls for the caller's word before it sleeps on it: the caller,
+#: usually under way already, then acknowledges with a plain store, no system call
+_ACK_POLL = 0.0003
 
 
 def _type_name(value: object) -> str:
@@ -621,19 +624,34 @@ class _Worker:
         decide the same, from nothing more).
 
         If a caller waits (``Control.waiting``), the result goes once it says it settled
-        the future (``Control.acked``), or after at most :data:`_HEAD_START`: the pool's
-        thread, woken by the result, would otherwise take the parent's GIL first and keep
-        the caller waiting for its whole turn."""
+        the future (``Control.acked`` reads the task's seq), or after at most
+        :data:`_HEAD_START`: the pool's thread, woken by the result, would otherwise take
+        the parent's GIL first and keep the caller waiting for its whole turn. It polls
+        the word for :data:`_ACK_POLL` (yielding its CPU between reads), so that the caller
+        acknowledges with a store; then it says it sleeps (``Control.ack_sleeping``) and
+        sleeps on the word, and the caller, reading that after its store, wakes it."""
         control = self.control
-        acked = control.acked  # (before ``stopped``: a caller may ack as soon as it is read)
         control.stopped_frames = frames
         full_barrier()  # (read after ``stopped``)
         control.stopped = seq
         if not HAVE_FUTEX:
             return
         futex_bump(ctypes.addressof(control) + Control.ended.offset)
-        if control.waiting == seq:
-            futex_wait(ctypes.addressof(control) + Control.acked.offset, acked, _HEAD_START)
+        if control.waiting != seq:
+            return
+        mine = seq & 0xFFFFFFFF
+        now = time.monotonic()
+        until, poll_until = now + _HEAD_START, now + _ACK_POLL
+        while control.acked != mine:
+            if time.monotonic() >= poll_until:
+                break
+            os.sched_yield()
+        else:
+            return
+        control.ack_sleeping = seq
+        full_barrier()  # (written before ``acked`` is read again: see Supervisor.ack_stopped)
+        while (seen := control.acked) != mine and (left := until - time.monotonic()) > 0:
+            futex_wait(ctypes.addressof(control) + Control.acked.offset, seen, left)
 
     def outcome(self, seq: int, kind: Outcome, value: Any) -> Result:
         """The result message: builtins outside, the value as its own pickle inside.
