@@ -25,7 +25,7 @@ import workloads
 from cancelflow import CancellationToken, CancelledException, ProcessPool, TaskFuture, _futures
 from cancelflow._platform import HAVE_FUTEX
 from cancelflow._process import _supervisor
-from support import WAIT, Announcements, wait_until
+from support import WAIT, Announcements, LogCapture, wait_until
 
 
 class BlockedCaller:
@@ -228,6 +228,27 @@ class TestACallerBlockedInResult:
             assert task.worker.control.waiting != task.seq
             token.cancel("later")
             assert isinstance(future.exception(WAIT), CancelledException)
+
+    def test_the_pools_thread_still_logs_the_stop_and_drops_the_tasks_links(
+        self, logs: LogCapture
+    ) -> None:
+        """Test that what a caller's settle leaves to the pool's thread (its next turn) is
+        done there: the stop is logged, bound to the pool, and the task lets go of its
+        token's callback and its grace timer (white-box)."""
+        with ProcessPool(2) as pool:
+            future, token = start_cooperative_task(pool)
+            task = future._task
+            assert task is not None
+            caller = BlockedCaller(future)
+            assert wait_until(lambda: sleeping_on_its_worker(future))
+            with pool_thread_held(pool):
+                token.cancel("loose ends")
+                caller.join()
+                assert task.handle is not None, "the caller did the pool thread's part"
+            record = logs.wait_for(lambda r: f"task {task.seq} cancelled" in r["message"])
+            assert record["extra"]["pool"] == pool.name
+            assert wait_until(lambda: task.handle is None and task.wake is None)
+        assert isinstance(caller.outcome, CancelledException)
 
 
 class TestWhatTheCallerGets:

@@ -106,7 +106,8 @@ def _set_alarm(deadline: float, *, earlier_only: bool) -> None:
 
     Under ``_alarm_lock``; a signal handler that interrupts this in the same thread and
     brings the alarm forward is not undone: the set is repeated until ``_alarm_at`` says
-    what was set last.
+    what was set last. (A handler runs only at a call or a backward jump, so none runs
+    between the comparison with ``_alarm_at`` and the store to it.)
     """
     global _alarm_at
     with _alarm_lock:

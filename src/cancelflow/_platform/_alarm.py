@@ -16,7 +16,6 @@ one timer), so the owner drops it in the child and opens another.
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import time
 
@@ -28,6 +27,9 @@ __all__ = ("HAVE_ALARM", "alarm_open", "alarm_set", "alarm_wait")
 _CLOCK_MONOTONIC = 1
 _TFD_CLOEXEC = 0o2000000
 _TFD_TIMER_ABSTIME = 1
+#: seconds on the monotonic clock from which a deadline counts as never (a ``long`` of
+#: seconds holds less than 2**63; nothing that far comes within the life of a process)
+_NEVER = float(2**62)
 
 
 class _Timespec(ctypes.Structure):
@@ -70,13 +72,13 @@ def alarm_open() -> int:
 def alarm_set(fd: int, deadline: float) -> None:
     """Make the alarm ``fd`` go off at ``deadline`` (``time.monotonic()`` clock) instead of
     whenever it was set for: at once for a deadline already passed, never for
-    ``math.inf``. An expiry not read yet is dropped. Never blocks, keeps the GIL and
+    ``math.inf`` (or one beyond 2**62 s). An expiry not read yet is dropped. Never blocks, keeps the GIL and
     takes no lock, so it is safe in a signal handler; a closed descriptor fails quietly.
     """
     assert _libc is not None
     spec = _Itimerspec()
-    if deadline == math.inf:
-        pass  # all zero: disarmed
+    if deadline >= _NEVER:
+        pass  # all zero: disarmed (a deadline this far would wrap the C field)
     elif deadline <= time.monotonic():
         spec.it_value.tv_nsec = 1  # an absolute time long past: now
     else:

@@ -179,7 +179,18 @@ class RunCallbacks:
     future: TaskFuture
 
 
-Command = Dispatch | StopTask | KillTask | Close | RunCallbacks
+@dataclass(frozen=True, slots=True)
+class LooseEnds:
+    """What :meth:`Supervisor.finish` leaves to the pool's thread when another thread
+    (a caller in ``result()``) settled the task: drop the task's link to its token and
+    its grace timer, and log how it ended. Posted without waking the pool's thread: the
+    task's result, which its worker sends next, starts its next turn."""
+
+    task: Task
+    fate: Fate
+
+
+Command = Dispatch | StopTask | KillTask | Close | RunCallbacks | LooseEnds
 
 
 class WorkerHandle:
@@ -868,6 +879,8 @@ class Supervisor:
                 self._stop(task, kind, reason)
             case RunCallbacks(future):
                 self._callbacks_due.append(future)
+            case LooseEnds(task, fate):
+                self._tie_loose_ends(task, fate)
             case Close(running=how):
                 # (without ``how``, the tasks handed to busy workers, whose futures say
                 # running, run on: as the stdlib's call-queue items)
@@ -1792,16 +1805,12 @@ class Supervisor:
         error: BaseException | None,
         callbacks_on_pool: bool,
     ) -> None:
-        """The rest of :meth:`finish`, once it decided: release, resolve, log."""
-        if task.handle is not None:
-            task.handle.remove()
-        if task.wake is not None:
-            task.wake.cancel()
-            task.wake = None
-        # Release what the finished task no longer needs (tokens, payload, the link back).
-        task.handle = None
-        task.token = None
-        task.payload = b""
+        """The rest of :meth:`finish`, once it decided: release, resolve, log. Called
+        from another thread (``callbacks_on_pool``), it resolves the future and leaves
+        the rest to the pool's thread (:class:`LooseEnds`): the caller it releases does
+        not wait for it."""
+        if not callbacks_on_pool:
+            self._release_links(task)
         future = task.future
         if task.error is not None:  # a message of the task could not be handled
             error = task.error
@@ -1841,13 +1850,37 @@ class Supervisor:
                 )
             stopped.fate = fate
             self._settle(future, exception=stopped, on_pool=callbacks_on_pool)
-        if fate not in _SETTLED_PLAINLY:  # (after: the caller need not wait for the log)
-            safe_log(
-                "INFO",
-                f"task {task.seq} {fate}" + (f": {task.stop_reason}" if task.stop_reason else ""),
-                pool=self.name,
-                worker_pid=task.worker.pid if task.worker is not None else None,
-            )
+        if callbacks_on_pool:
+            self._commands.append(LooseEnds(task, fate))
+        elif fate not in _SETTLED_PLAINLY:  # (after: the caller need not wait for the log)
+            self._log_end(task, fate)
+
+    @staticmethod
+    def _release_links(task: Task) -> None:
+        """Drop what a task that is over no longer needs: its link to its token, its
+        grace timer, its payload."""
+        if task.handle is not None:
+            task.handle.remove()
+        if task.wake is not None:
+            task.wake.cancel()
+            task.wake = None
+        task.handle = None
+        task.token = None
+        task.payload = b""
+
+    def _log_end(self, task: Task, fate: Fate) -> None:
+        safe_log(
+            "INFO",
+            f"task {task.seq} {fate}" + (f": {task.stop_reason}" if task.stop_reason else ""),
+            pool=self.name,
+            worker_pid=task.worker.pid if task.worker is not None else None,
+        )
+
+    def _tie_loose_ends(self, task: Task, fate: Fate) -> None:
+        """The pool's thread: what a caller's settle left (see :class:`LooseEnds`)."""
+        self._release_links(task)
+        if fate not in _SETTLED_PLAINLY:
+            self._log_end(task, fate)
 
     def _settle(
         self,
@@ -1960,10 +1993,16 @@ class Supervisor:
             os.close(wake_w)
             # Every process of the pool is gone: only now may a pending task hear of it.
             self._fail_all(self.broken or PoolClosedError(f"{self.name} is shut down"))
-            # (callbacks of futures other threads resolved after the last turn)
-            due = [c.future for c in self._commands if isinstance(c, RunCallbacks)]
+            # (what other threads left after the last turn: callbacks, loose ends)
+            left: list[Command] = []
+            while self._commands:
+                left.append(self._commands.popleft())
+            due = [c.future for c in left if isinstance(c, RunCallbacks)]
             for future in (*self._callbacks_due, *due):
                 _futures.run_callbacks(future)
+            for command in left:
+                if isinstance(command, LooseEnds):
+                    self._tie_loose_ends(command.task, command.fate)
             self._release_chunk()
         finally:
             self.shutting_down = True
