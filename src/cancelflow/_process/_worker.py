@@ -649,7 +649,7 @@ class _Worker:
         else:
             return
         control.ack_sleeping = seq
-        full_barrier()  # (written before ``acked`` is read again: see Supervisor.ack_stopped)
+        full_barrier()  # (written before ``acked`` is read again: see _supervisor._ack_stopped)
         while (seen := control.acked) != mine and (left := until - time.monotonic()) > 0:
             futex_wait(ctypes.addressof(control) + Control.acked.offset, seen, left)
 
