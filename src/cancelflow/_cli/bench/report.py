@@ -96,9 +96,8 @@ _WHY_PEER_FASTER = {
     ),
     ("*", "caller_raises/thread"): (
         "Event.set() is one C call; cancelflow's token.cancel() runs Python (child-token "
-        "propagation, callbacks that settle the future), then wakes the timer thread for the "
-        "grace period (a futex wake-up of a sleeping thread, made holding the GIL the woken "
-        "caller waits for)"
+        "propagation, callbacks that settle the future, the grace timer) while it holds the "
+        "GIL the woken caller waits for"
     ),
     ("*", "task_stopped/thread"): (
         "Event.set() is one C call; cancelflow's token.cancel() runs Python (child-token "
