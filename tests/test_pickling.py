@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 
 from cancelflow import CancellationToken, ProcessPool, current_token
-from cancelflow._process._pickling import dump_call
+from cancelflow._process import _sent_functions
+from cancelflow._process._pickling import dump_by_value, dump_call
+from cancelflow._process._sent_functions import load_sent_function, sent_function
 from support import WAIT, run_script
 from workloads import add
 
@@ -139,3 +141,148 @@ class TestProgramsWithoutAnImportableMain:
         """Test the same for a script file, whose guarded function the worker's import of
         the main module never defines."""
         self._check(run_script(_PROGRAM, path=tmp_path / "prog.py"))
+
+
+def _main_functions(source: str) -> dict[str, Any]:
+    """The namespace ``source`` defines as a program's ``__main__`` would (its functions
+    travel by value)."""
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    exec(textwrap.dedent(source), namespace)
+    return namespace
+
+
+def _sent(fn: Callable[..., Any]) -> bytes | None:
+    return sent_function(fn, dump_by_value)  # type: ignore[arg-type]
+
+
+class TestAFunctionSentAgain:
+    """A function sent by value is pickled once while nothing it uses changes
+    (``_process/_sent_functions``); whatever the owner changes travels."""
+
+    def test_its_pickle_is_reused_while_nothing_it_uses_changed(self) -> None:
+        """Test that the second call of a ``__main__`` function reuses the pickle (the
+        same bytes object) and that the call loads with plain pickle."""
+        ns = _main_functions("import math\ndef f(x, k=2):\n    return math.floor(x) * k\n")
+        first = dump_call((ns["f"], (3.5,), {}), None)
+        assert _sent(ns["f"]) is _sent(ns["f"])
+        assert dump_call((ns["f"], (3.5,), {}), None) == first
+        fn, args, kwargs = pickle.loads(first)
+        assert fn(*args, **kwargs) == 6
+
+    def test_a_global_it_reads_rebound_by_the_owner_travels(self) -> None:
+        """Test that rebinding a global the function reads, here and in a helper it
+        calls, changes what the worker runs."""
+        ns = _main_functions(
+            "FACTOR = 2\nOFFSET = 0\n"
+            "def helper(x):\n    return x + OFFSET\n"
+            "def f(x):\n    return helper(x) * FACTOR\n"
+        )
+        with ProcessPool(1) as pool:
+            assert pool.submit(ns["f"], 3).result(WAIT) == 6
+            ns["FACTOR"] = 3
+            assert pool.submit(ns["f"], 3).result(WAIT) == 9
+            ns["OFFSET"] = 1
+            assert pool.submit(ns["f"], 3).result(WAIT) == 12
+
+    def test_a_mutable_global_is_pickled_afresh_every_time(self) -> None:
+        """Test that a function reading a list is never cached: the worker sees what
+        the owner appended."""
+        ns = _main_functions("ITEMS = [1]\ndef total():\n    return sum(ITEMS)\n")
+        assert _sent(ns["total"]) is None
+        with ProcessPool(1) as pool:
+            assert pool.submit(ns["total"]).result(WAIT) == 1
+            ns["ITEMS"].append(2)
+            assert pool.submit(ns["total"]).result(WAIT) == 3
+
+    @pytest.mark.parametrize(
+        "change",
+        [
+            "f.__defaults__ = (5,)",
+            "f.__kwdefaults__ = {'scale': 7}",
+            "f.label = 'new'",
+            "set_offset(9)",
+            "f.__code__ = negated.__code__",
+        ],
+        ids=["defaults", "kwdefaults", "attribute", "closure", "code"],
+    )
+    def test_what_else_it_is_made_of_is_its_state(self, change: str) -> None:
+        """Test that changing a default, a keyword default, an attribute, a closure's
+        value or the code gives a new pickle that loads as the changed function."""
+        ns = _main_functions(
+            """
+            def make():
+                offset = 0
+                def f(x=1, *, scale=1):
+                    return (x + offset) * scale
+                def negated(x=1, *, scale=1):
+                    return -(x + offset) * scale
+                def set_offset(value):
+                    nonlocal offset
+                    offset = value
+                return f, negated, set_offset
+            f, negated, set_offset = make()
+            f.label = 'old'
+            """
+        )
+        before = _sent(ns["f"])
+        exec(change, ns)
+        after = _sent(ns["f"])
+        assert before is not None
+        assert after is not None
+        assert after != before
+        fn, _, _ = pickle.loads(dump_call((ns["f"], (), {}), None))
+        assert (fn(), getattr(fn, "label", None)) == (ns["f"](), getattr(ns["f"], "label", None))
+
+    def test_a_function_redefined_under_its_name_sends_its_new_code(self) -> None:
+        """Test that a REPL's redefinition of a function is what the worker runs."""
+        ns = _main_functions("def f():\n    return 1\n")
+        with ProcessPool(1) as pool:
+            assert pool.submit(ns["f"]).result(WAIT) == 1
+            exec("def f():\n    return 2\n", ns)
+            assert pool.submit(ns["f"]).result(WAIT) == 2
+
+    def test_a_worker_unpickles_a_function_it_was_sent_before_once(self) -> None:
+        """Test that the same worker runs the same function object for the same pickle."""
+        ns = _main_functions("import os\ndef me():\n    return os.getpid(), id(me)\n")
+        with ProcessPool(1) as pool:
+            first = pool.submit(ns["me"]).result(WAIT)
+            assert pool.submit(ns["me"]).result(WAIT) == first
+
+    def test_each_cache_keeps_a_bounded_number_of_pickles(self) -> None:
+        """Test that many distinct functions do not grow the caches past their size."""
+        for index in range(_sent_functions.CACHE_SIZE + 20):
+            fn = _main_functions(f"def f():\n    return {index}\n")["f"]
+            blob = _sent(fn)
+            assert blob is not None
+            assert load_sent_function(blob)() == index
+        assert len(_sent_functions._pickles) <= _sent_functions.CACHE_SIZE
+        assert len(_sent_functions._loaded) <= _sent_functions.CACHE_SIZE
+
+    def test_a_function_with_a_big_constant_is_not_kept(self) -> None:
+        """Test that a pickle past the size limit is not cached on either side (a big
+        global constant would stay in memory twice)."""
+        ns = _main_functions(
+            f"BIG = b'x' * {_sent_functions.MAX_PICKLE}\ndef f():\n    return len(BIG)\n"
+        )
+        assert _sent(ns["f"]) is None
+        fn, _, _ = pickle.loads(dump_call((ns["f"], (), {}), None))
+        assert fn() == _sent_functions.MAX_PICKLE
+
+    def test_a_module_registered_to_travel_by_value_is_not_taken_by_reference(self) -> None:
+        """Test that a function using a module registered with cloudpickle's
+        ``register_pickle_by_value`` is not cached (the module travels by value), while
+        the registration does not stop the caching of functions that do not use it."""
+        import cloudpickle
+
+        import workloads
+
+        ns = _main_functions("def f():\n    return workloads.add(1, 2)\n")
+        ns["workloads"] = workloads
+        plain = _main_functions("def g():\n    return 3\n")
+        cloudpickle.register_pickle_by_value(workloads)
+        try:
+            assert _sent(ns["f"]) is None
+            assert _sent(plain["g"]) is _sent(plain["g"])
+        finally:
+            cloudpickle.unregister_pickle_by_value(workloads)
+        assert _sent(ns["f"]) is _sent(ns["f"])

@@ -10,7 +10,10 @@
   cannot import when the program is a REPL, a notebook, ``python -c``/``python -`` or
   code under ``if __name__ == "__main__":``. The code and the globals it uses travel in
   the pickle; the worker unpickles it with plain :mod:`pickle` (cloudpickle's
-  reconstructors are importable there: same interpreter, same environment).
+  reconstructors are importable there: same interpreter, same environment). A function
+  sent by value again, its state unchanged, reuses its pickle, and the worker the
+  function it unpickled (:mod:`._sent_functions`): the rest of the call goes by
+  reference.
 
 Both paths keep the task's own token out of the pickle (a persistent id the worker
 replaces by its view of the token); any other token is refused with a message that says
@@ -22,11 +25,13 @@ from __future__ import annotations
 import functools
 import io
 import pickle
+import types
 from collections.abc import Callable
 from typing import Any
 
 from .._token import CancellationToken
 from ._protocol import TASK_TOKEN_ID
+from ._sent_functions import SentFunction, sent_function
 
 __all__ = (
     "dump_by_value",
@@ -38,6 +43,7 @@ __all__ = (
 )
 
 _MAIN = b"__main__"
+_FUNCTION = types.FunctionType
 
 
 def _token_id(obj: Any, tokens: tuple[CancellationToken, ...]) -> str | None:
@@ -118,20 +124,36 @@ def dump_call(call: Any, token: CancellationToken | None) -> bytes:
     open file, a token other than ``token``).
     """
     tokens = (token,) if token is not None else ()
+    fn = call[0]
+    if type(fn) is _FUNCTION and (fn.__module__ == "__main__" or "<" in fn.__qualname__):
+        blob = sent_function(fn, dump_by_value)
+        if blob is not None:  # the function's pickle, reused: the rest by reference
+            try:
+                payload = _dump_plain((SentFunction(blob), *call[1:]), tokens)
+            except (pickle.PicklingError, AttributeError, TypeError):
+                pass
+            else:
+                if payload.count(_MAIN) == blob.count(_MAIN):
+                    return payload
     try:
-        try:  # fast path: nothing in the call needs translating
-            payload = pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL)
-        except TypeError:
-            if token is None:
-                raise
-            buffer = io.BytesIO()
-            _TaskPickler(buffer, tokens).dump(call)
-            payload = buffer.getvalue()
+        payload = _dump_plain(call, tokens)
     except (pickle.PicklingError, AttributeError, TypeError):
         return dump_by_value(call, tokens)  # a lambda, a closure, a local class...
     if _MAIN in payload:
         return dump_by_value(call, tokens)  # the worker may not find it in its __main__
     return payload
+
+
+def _dump_plain(obj: Any, tokens: tuple[CancellationToken, ...]) -> bytes:
+    """Plain pickle (the fast path), with the task's token as the task-token reference."""
+    try:  # nothing in the call needs translating
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except TypeError:
+        if not tokens:
+            raise
+    buffer = io.BytesIO()
+    _TaskPickler(buffer, tokens).dump(obj)
+    return buffer.getvalue()
 
 
 def main_attribute(qualname: str) -> Any:
@@ -165,9 +187,6 @@ class _MainByName(pickle.Pickler):
             if qualname and "<locals>" not in qualname:
                 return main_attribute, (qualname,)
         return NotImplemented
-
-
-_FUNCTION = type(main_attribute)
 
 
 def dump_result(value: Any) -> bytes:
