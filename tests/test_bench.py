@@ -202,6 +202,8 @@ def test_a_run_interleaves_systems_round_by_round(tmp_path: Path) -> None:
     assert by_key["check_cost"]["ours"]["tag"] == "check_cancelled()"
     assert by_key["thread_tput_8"]["measured"]
     assert not by_key["process_tput_pebble"]["measured"]
+    main_cells = {r["system"] for r in measured if r["variant"] == "processes_main"}
+    assert main_cells == {"cancelflow", "concurrent.futures"}  # a __main__ function's tput
     assert "## Headline: goals" in proc.stdout
 
 

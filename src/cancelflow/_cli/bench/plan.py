@@ -13,6 +13,7 @@ from .scenarios.coroutine import coroutine_cell
 from .scenarios.overhead import check_cost_cell, throughput_async, throughput_sync
 from .scenarios.pipeline import pipeline_cell
 from .systems import ASYNC_PROCS, SYNC_PROCS, SYNC_THREADS, CancelflowThreads, SyncThreads
+from .tasks import main_square
 
 
 def availability() -> dict[str, str | None]:
@@ -90,13 +91,19 @@ def cell_rows(
         r = row(f"PipelineExecutor, mode={v!r}, token.cancel()")
         return [(r, functools.partial(pipeline_cell, bench, v, r))]
     # scenario 7
-    if v == "processes":
+    if v in ("processes", "processes_main"):
         if system == "raw":
             return cannot("no pool: one new process per task")
+        fn = main_square() if v == "processes_main" else abs
         if system in SYNC_PROCS:
             procs = SYNC_PROCS[system][0](bench)
             r = row(procs.label.split(",")[0])
-            return [(r, functools.partial(throughput_sync, bench, procs, r))]
+            return [(r, functools.partial(throughput_sync, bench, procs, r, 2, fn))]
+        if v == "processes_main":
+            return cannot(
+                "its workers are fresh interpreters, which cannot find a function of the "
+                "program's __main__ by name, and it does not send one by value"
+            )
         r = row(ASYNC_PROCS[system].label.split(",")[0].split(" run_sync")[0])
         return [(r, functools.partial(throughput_async, bench, system, v, r))]
     if v in ("threads", "threads8"):

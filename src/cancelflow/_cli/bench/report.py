@@ -40,6 +40,8 @@ GOALS: tuple[Goal, ...] = (
          "throughput", "pebble", ">=", 1.0),
     Goal("process_tput_mp", "process pool tput vs mp.Pool.apply_async", "7", "processes",
          "throughput", "multiprocessing.Pool", "info"),
+    Goal("process_tput_main", "the same, a __main__ function, vs pebble", "7",
+         "processes_main", "throughput", "pebble", "info"),
     Goal("coop_process", "coop process task: -> raises vs anyio", "3", "process",
          "caller_raises", "anyio", "<=", 1.0),
     Goal("kill_caller", "kill, grace 0: -> caller released vs anyio", "1", "loop",
@@ -116,6 +118,12 @@ _WHY_PEER_FASTER = {
         "supervisor thread handles every task and result in Python"
     ),
     ("*", "throughput/processes"): "no per-task token, timer or partial-result channel",
+    ("*", "throughput/processes_main"): (
+        "cancelflow sends a __main__ function by value (so it runs where the worker cannot "
+        "import it: a REPL, python -c) and reuses that pickle while the function is "
+        "unchanged; pebble and multiprocessing name it, and their forked workers find it "
+        "only if it existed when they forked"
+    ),
     ("*", "throughput/threads8"): (
         "every ThreadPool.submit creates a CancellationToken (a shared-memory cell) and takes "
         "the pool's Condition lock, which the worker threads also take: under the GIL that "

@@ -86,8 +86,8 @@ class SyncProcs:
     def next_task(self, timeout: float) -> None:
         raise NotImplementedError
 
-    def throughput(self, n: int) -> None:
-        futures = [self.submit(abs, (i,)) for i in range(n)]
+    def throughput(self, n: int, fn: Callable[[int], int] = abs) -> None:
+        futures = [self.submit(fn, (i,)) for i in range(n)]
         if not _wait_futures(futures, 20):
             raise TimeoutError(
                 f"{sum(not f.done() for f in futures)} of {n} tasks did not finish within 20 s"
@@ -310,8 +310,8 @@ class MpPoolProcs(_ApplyAsync, SyncProcs):
             raise Cannot("terminate() ends the pool: a new Pool is needed")
         self.pool.apply_async(os.getpid).get(timeout)
 
-    def throughput(self, n: int) -> None:
-        results = [self.pool.apply_async(abs, (i,)) for i in range(n)]
+    def throughput(self, n: int, fn: Callable[[int], int] = abs) -> None:
+        results = [self.pool.apply_async(fn, (i,)) for i in range(n)]
         for result in results:
             result.get(20)
 
@@ -378,7 +378,7 @@ class RawProcs(SyncProcs):
             parent.close()
             process.join(timeout)
 
-    def throughput(self, n: int) -> None:
+    def throughput(self, n: int, fn: Callable[[int], int] = abs) -> None:
         raise Cannot("no pool: one new process per task")
 
     def close(self) -> None:
@@ -530,8 +530,8 @@ class SyncThreads:
     def error(self, handle: Any) -> BaseException | None:
         return _future_error(handle)
 
-    def throughput(self, n: int) -> None:
-        futures = [self.submit(abs, (i,)) for i in range(n)]
+    def throughput(self, n: int, fn: Callable[[int], int] = abs) -> None:
+        futures = [self.submit(fn, (i,)) for i in range(n)]
         if not _wait_futures(futures, 20):
             raise TimeoutError(
                 f"{sum(not f.done() for f in futures)} of {n} tasks did not finish within 20 s"
@@ -599,8 +599,8 @@ class MpThreads(_ApplyAsync, SyncThreads):
     def open(self, workers: int) -> None:
         self.pool = multiprocessing.pool.ThreadPool(workers)
 
-    def throughput(self, n: int) -> None:
-        results = [self.pool.apply_async(abs, (i,)) for i in range(n)]
+    def throughput(self, n: int, fn: Callable[[int], int] = abs) -> None:
+        results = [self.pool.apply_async(fn, (i,)) for i in range(n)]
         for result in results:
             result.get(20)
 
@@ -637,7 +637,7 @@ class RawThreads(SyncThreads):
         errors: list[BaseException] = handle[1]
         return errors[0] if errors else None
 
-    def throughput(self, n: int) -> None:
+    def throughput(self, n: int, fn: Callable[[int], int] = abs) -> None:
         raise Cannot("no pool: one new thread per task")
 
     def close(self) -> None:

@@ -20,17 +20,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 __all__ = (
+    "MAIN_SQUARE",
     "PROCESS_SOURCE",
     "SAFETY_SECONDS",
     "Stopped",
     "coop_anyio_thread",
     "coop_event",
     "coop_token",
+    "main_square",
     "node_first",
     "node_last",
     "node_wave_loop",
@@ -252,3 +256,20 @@ def _work(ctx: Any, name: str) -> str:
         if ticks % 20 == 0:
             ctx.store_partial("ticks", ticks)
     return name
+
+
+#: The name :func:`main_square` defines in the program's ``__main__``.
+MAIN_SQUARE = "cancelflow_bench_square"
+
+
+def main_square() -> Callable[[int], int]:
+    """A trivial function of the program's ``__main__``, as a user's script or REPL
+    defines it: a pool that cannot name it for its workers sends it by value. Defined
+    once, before the pools of the cell start, so that a pool whose workers are forks of
+    this process finds it by name there."""
+    main = sys.modules["__main__"]
+    fn = getattr(main, MAIN_SQUARE, None)
+    if fn is None:
+        exec(f"def {MAIN_SQUARE}(x):\n    return x * x\n", vars(main))
+        fn = getattr(main, MAIN_SQUARE)
+    return fn  # type: ignore[no-any-return]

@@ -138,6 +138,12 @@ SCENARIOS: tuple[Scenario, ...] = (
                 (_TPUT,),
             ),
             Variant(
+                "processes_main",
+                "the same, the function defined in the program's __main__ (a script's or "
+                "a REPL's; sent by value where the pool cannot name it)",
+                (_TPUT,),
+            ),
+            Variant(
                 "threads",
                 "batches of 2,000 trivial tasks (400 with --quick), 2 worker threads",
                 (_TPUT,),

@@ -10,6 +10,7 @@ import multiprocessing.pool
 import threading
 import time
 import timeit
+from collections.abc import Callable
 from typing import Any
 
 from ..harness import Bench, anyio_run
@@ -18,14 +19,18 @@ from ..systems import ASYNC_PROCS, SyncProcs, SyncThreads
 
 
 def throughput_sync(
-    bench: Bench, pool: SyncProcs | SyncThreads, row: Row, workers: int = 2
+    bench: Bench,
+    pool: SyncProcs | SyncThreads,
+    row: Row,
+    workers: int = 2,
+    fn: Callable[[int], int] = abs,
 ) -> None:
     pool.open(workers)
     try:
-        pool.throughput(50)  # warm every worker
+        pool.throughput(50, fn)  # warm every worker
         for _ in range(bench.samples):
             t0 = time.perf_counter()
-            pool.throughput(bench.settings.tasks)
+            pool.throughput(bench.settings.tasks, fn)
             row.add("throughput", bench.settings.tasks / (time.perf_counter() - t0))
     finally:
         pool.close()
