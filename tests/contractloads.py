@@ -223,3 +223,19 @@ class ExitsWhenUnpickled:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _exit_while_unpickled, ()
+
+
+def pause_after_its_result() -> int:
+    """Runs in a worker: once the worker has sent this task's result it sleeps, as if the
+    kernel left it off the CPU right then, instead of going back to wait for work."""
+    from cancelflow._process import _protocol, _worker
+
+    send = _worker._Worker.send
+
+    def send_then_pause(self: Any, message: Any) -> None:
+        send(self, message)
+        if type(message) is _protocol.Result:
+            time.sleep(60)
+
+    _worker._Worker.send = send_then_pause  # type: ignore[method-assign]
+    return os.getpid()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 from cancelflow import CancellationToken, ProcessPool, current_token
 from cancelflow._process import _sent_functions
 from cancelflow._process._pickling import dump_by_value, dump_call
-from cancelflow._process._sent_functions import load_sent_function, sent_function
+from cancelflow._process._sent_functions import SentFunction, load_sent_function
 from support import WAIT, run_script
 from workloads import add
 
@@ -151,8 +152,16 @@ def _main_functions(source: str) -> dict[str, Any]:
     return namespace
 
 
-def _sent(fn: Callable[..., Any]) -> bytes | None:
-    return sent_function(fn, dump_by_value)  # type: ignore[arg-type]
+def _sent(fn: Callable[..., Any]) -> SentFunction | None:
+    """The kept pickle of ``fn`` (made now, or reused), ``None`` if it is not kept."""
+    registered = _sent_functions._registered_by_value()
+    return _sent_functions._sent_function(fn, registered, dump_by_value)  # type: ignore[arg-type]
+
+
+def _run_loaded(payload: bytes) -> Any:
+    """Call what ``payload`` (a call's pickle) holds, as a worker would."""
+    fn, args, kwargs = pickle.loads(payload)
+    return fn(*args, **kwargs)
 
 
 class TestAFunctionSentAgain:
@@ -229,7 +238,7 @@ class TestAFunctionSentAgain:
         after = _sent(ns["f"])
         assert before is not None
         assert after is not None
-        assert after != before
+        assert after.blob != before.blob
         fn, _, _ = pickle.loads(dump_call((ns["f"], (), {}), None))
         assert (fn(), getattr(fn, "label", None)) == (ns["f"](), getattr(ns["f"], "label", None))
 
@@ -252,9 +261,9 @@ class TestAFunctionSentAgain:
         """Test that many distinct functions do not grow the caches past their size."""
         for index in range(_sent_functions.CACHE_SIZE + 20):
             fn = _main_functions(f"def f():\n    return {index}\n")["f"]
-            blob = _sent(fn)
-            assert blob is not None
-            assert load_sent_function(blob)() == index
+            sent = _sent(fn)
+            assert sent is not None
+            assert load_sent_function(sent.ident, sent.blob)() == index
         assert len(_sent_functions._pickles) <= _sent_functions.CACHE_SIZE
         assert len(_sent_functions._loaded) <= _sent_functions.CACHE_SIZE
 
@@ -286,3 +295,42 @@ class TestAFunctionSentAgain:
         finally:
             cloudpickle.unregister_pickle_by_value(workloads)
         assert _sent(ns["f"]) is _sent(ns["f"])
+
+    def test_a_global_set_back_to_an_earlier_value_gets_a_fresh_function(self) -> None:
+        """Test that a pickle made again after a change, with the bytes of an earlier
+        one, is unpickled afresh by a worker that ran the earlier one: what those tasks
+        wrote in its globals is not seen."""
+        ns = _main_functions("N = 0\ndef bump():\n    global N\n    N += 1\n    return N\n")
+        with ProcessPool(1) as pool:
+            assert [pool.submit(ns["bump"]).result(WAIT) for _ in range(2)] == [1, 2]
+            ns["N"] = 100
+            assert pool.submit(ns["bump"]).result(WAIT) == 101
+            ns["N"] = 0
+            assert pool.submit(ns["bump"]).result(WAIT) == 1
+
+    def test_an_argument_from_a_module_registered_by_value_travels_by_value(self) -> None:
+        """Test that an argument of a class of a module registered with cloudpickle's
+        ``register_pickle_by_value`` still travels by value (the worker may not import
+        that module), as when the whole call went through cloudpickle."""
+        import cloudpickle
+
+        module = types.ModuleType("cancelflow_test_unimportable")
+        exec("class Box:\n    def __init__(self, v):\n        self.v = v\n", vars(module))
+        ns = _main_functions("def unbox(box):\n    return box.v\n")
+        sys.modules[module.__name__] = module
+        cloudpickle.register_pickle_by_value(module)
+        try:
+            payload = dump_call((ns["unbox"], (module.Box(5),), {}), None)
+        finally:
+            cloudpickle.unregister_pickle_by_value(module)
+            del sys.modules[module.__name__]
+        assert _run_loaded(payload) == 5
+
+    def test_an_argument_that_its_pickle_holds_too_stays_the_same_object(self) -> None:
+        """Test that a tuple default passed explicitly is the default in the worker too
+        (one pickle keeps identities; the function's kept pickle and its arguments'
+        would not)."""
+        ns = _main_functions("MISSING = ('missing',)\ndef f(x=MISSING):\n    return x is MISSING\n")
+        assert _run_loaded(dump_call((ns["f"], (ns["MISSING"],), {}), None)) is True
+        assert _run_loaded(dump_call((ns["f"], (), {"x": ns["MISSING"]}), None)) is True
+        assert _run_loaded(dump_call((ns["f"], (), {}), None)) is True

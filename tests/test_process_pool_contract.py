@@ -819,6 +819,44 @@ class TestZygoteKilledUnderAFrozenOwner:
             owner.wait(WAIT)
             owner.stdout.close()
 
+    def test_a_worker_past_its_last_result_dies_with_its_zygote(self, tmp_path: Path) -> None:
+        """Test that a worker that sent its last task's result, and has no next task,
+        dies with its zygote even before it waits for work again (it is paused there):
+        the owner saw it idle, so nothing would kill it if it froze instead."""
+        script = tmp_path / "owner.py"
+        script.write_text(
+            f"import sys\nsys.path.insert(0, {TESTS!r})\n"
+            + textwrap.dedent(_OWNER_OF_A_PAUSED_WORKER)
+        )
+        owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+        assert owner.stdout is not None
+        worker = 0
+        try:
+            zygote, worker = json.loads(owner.stdout.readline())
+            os.kill(owner.pid, signal.SIGSTOP)
+            os.kill(zygote, signal.SIGKILL)
+            assert_not_running(worker)
+        finally:
+            owner.kill()
+            owner.wait(WAIT)
+            owner.stdout.close()
+            if worker:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker, signal.SIGKILL)
+
+
+_OWNER_OF_A_PAUSED_WORKER = """
+import json, time
+import contractloads
+from cancelflow import ProcessPool
+
+if __name__ == "__main__":
+    pool = ProcessPool(1)
+    worker = pool.submit(contractloads.pause_after_its_result).result(30)
+    print(json.dumps([pool.statistics().zygote_pid, worker]), flush=True)
+    time.sleep(3600)
+"""
+
 
 def _alive(pid: int) -> bool:
     """Whether ``pid`` still exists, running or (where the pool reaps orphans) as an

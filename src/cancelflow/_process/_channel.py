@@ -88,6 +88,10 @@ class FrameSource:
         self._reader = FrameReader()
         self._before_wait = before_wait
 
+    def buffered(self) -> bool:
+        """Whether the next frame was read already (:meth:`next` will not wait)."""
+        return not self._reader.missing()
+
     def next(self) -> Any:
         """The next frame, unpickled; ``EOFError`` at the end of the stream."""
         reader = self._reader

@@ -31,7 +31,7 @@ from typing import Any
 
 from .._token import CancellationToken
 from ._protocol import TASK_TOKEN_ID
-from ._sent_functions import SentFunction, sent_function
+from ._sent_functions import dump_with_sent_function
 
 __all__ = (
     "dump_by_value",
@@ -126,15 +126,10 @@ def dump_call(call: Any, token: CancellationToken | None) -> bytes:
     tokens = (token,) if token is not None else ()
     fn = call[0]
     if type(fn) is _FUNCTION and (fn.__module__ == "__main__" or "<" in fn.__qualname__):
-        blob = sent_function(fn, dump_by_value)
-        if blob is not None:  # the function's pickle, reused: the rest by reference
-            try:
-                payload = _dump_plain((SentFunction(blob), *call[1:]), tokens)
-            except (pickle.PicklingError, AttributeError, TypeError):
-                pass
-            else:
-                if payload.count(_MAIN) == blob.count(_MAIN):
-                    return payload
+        # The function's kept pickle, the rest by reference (see _sent_functions).
+        payload = dump_with_sent_function(call, lambda obj: _dump_plain(obj, tokens), dump_by_value)
+        if payload is not None:
+            return payload
     try:
         payload = _dump_plain(call, tokens)
     except (pickle.PicklingError, AttributeError, TypeError):

@@ -4,10 +4,10 @@ worker's cache of what it unpickled.
 A function of the program's ``__main__``, a lambda or a closure travels by value
 (cloudpickle, see :mod:`._pickling`): its code, and the globals, defaults and closure
 values it uses. Pickling that for every task costs far more than the task's trivial call
-(~25 µs against ~3 µs by reference), and the worker's unpickling rebuilds the code object
-each time. So :func:`sent_function` keeps the pickle of such a function, keyed by its
-code object, with its **state**: every object the pickle was made from, which the next
-call compares by identity.
+(~25 µs against ~2 µs by reference), and the worker's unpickling rebuilds the code object
+each time. So :func:`dump_with_sent_function` keeps the pickle of such a function, keyed
+by its code object, with its **state**: every object the pickle was made from, which the
+next call compares by identity; the rest of the call goes by plain pickle.
 
 Guarantees:
 
@@ -15,31 +15,41 @@ Guarantees:
   name, qualified name, module, doc, defaults, keyword defaults, annotations,
   ``__dict__``, closure values, and the value (or absence) of every global name its code
   (or code nested in it) reads. Each of those is immutable (``None``, numbers, strings,
-  bytes, tuples and frozensets of those), a module, a builtin, a class or function the
-  worker imports by reference, or a function sent by value whose own state is checked
-  the same way. A function that uses anything else (a list, a dict, an instance, a
-  ``__main__`` class, a token) is never cached: it is pickled afresh every time, as
-  before, so a change the owner made to a mutable global always travels.
+  bytes, tuples and frozensets of those), an imported module (with the set of imported
+  modules unchanged: the pickle names the submodules the worker must import), a
+  builtin, a class or function the worker imports by reference, or a function sent by
+  value whose own state is checked the same way. A function that uses anything else (a
+  list, a dict, an instance, a ``__main__`` class, a token) is never cached: it is
+  pickled afresh every time, as before, so a change the owner made to a mutable global
+  always travels.
 * A function or class of a module registered with
   ``cloudpickle.register_pickle_by_value`` counts as sent by value: a function's state
-  is checked the same way, a class or the module itself is never cached.
+  is checked the same way, a class or the module itself is never cached; an argument
+  that plain pickle would name from such a module (or from ``__main__``) sends the whole
+  call by value, as before.
+* Each pickle made is new to the workers (:attr:`SentFunction.ident`), even when its
+  bytes equal an earlier one's (a global set back to an earlier value): a worker
+  unpickles it afresh.
 
-Not guaranteed: a worker that receives the same pickle again reuses the function it
-unpickled before (:func:`load_sent_function`, keyed by the pickle's bytes), so what a
-task changed in that function's own globals or attributes is seen by the next task the
-same worker runs with it, as for a function sent by reference (and in every other
-pool). The owner's changes always travel: they change the state, and so the pickle.
+Not guaranteed: a worker that receives the same kept pickle again reuses the function it
+unpickled from it (:func:`load_sent_function`), so what a task wrote in that function's
+globals or attributes is seen by the next task the same worker runs with it, as for a
+function sent by reference in every pool (a model loaded once per worker into a global
+stays loaded). An argument that is an object the function's pickle holds too (a tuple
+default passed explicitly) arrives as a copy of its own, unless it is an argument
+itself, not inside one (then the call goes whole by value).
 """
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import sys
 import types
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ("SentFunction", "load_sent_function", "sent_function")
+__all__ = ("SentFunction", "dump_with_sent_function", "load_sent_function")
 
 #: How many pickles each side keeps (the oldest is dropped first).
 CACHE_SIZE = 128
@@ -48,17 +58,20 @@ CACHE_SIZE = 128
 MAX_PICKLE = 64 * 1024
 
 _FUNCTION = types.FunctionType
+_MAIN = b"__main__"
+_SHARED = (tuple, frozenset)
 _IMMUTABLE = frozenset({type(None), bool, int, float, complex, str, bytes, range})
 _ABSENT = object()  # a global name the function's module does not define
 _EMPTY_CELL = object()
 _BASE_GLOBALS = ("__package__", "__name__", "__path__", "__file__")
 
-# code object -> (state, pickle or None if too big): the owner's side
-_pickles: dict[types.CodeType, tuple[tuple[Any, ...], bytes | None]] = {}
-# pickle -> function: the worker's side
-_loaded: dict[bytes, Callable[..., Any]] = {}
-# len(sys.modules), and the object that stands for it in a state
-_imports: list[Any] = [-1, object()]
+# code object -> its function's kept pickle (an empty one if too big): the owner's side
+_pickles: dict[types.CodeType, SentFunction] = {}
+# the owner's SentFunction.ident -> (pickle, function): the worker's side
+_loaded: dict[int, tuple[bytes, Callable[..., Any]]] = {}
+_idents = itertools.count(1)
+# (len(sys.modules), its last key), and the object that stands for it in a state
+_imports: list[Any] = [None, object()]
 # code object -> the global names it (or code nested in it) reads
 _names: dict[types.CodeType, tuple[str, ...]] = {}
 
@@ -68,47 +81,101 @@ class _Uncacheable(Exception):
 
 
 class SentFunction:
-    """A function's by-value pickle, pickled as a call of :func:`load_sent_function`
-    (so the call around it is pickled with plain pickle)."""
+    """A function's kept by-value pickle, and what it was made from; pickled as a call of
+    :func:`load_sent_function`, so that the call around it goes by plain pickle."""
 
-    __slots__ = ("blob",)
+    __slots__ = ("blob", "ident", "shared", "state")
 
-    def __init__(self, blob: bytes) -> None:
+    def __init__(self, state: tuple[Any, ...], blob: bytes) -> None:
+        self.state = state
         self.blob = blob
+        #: new for every pickle made (made again after a change, even back to bytes made
+        #: before): the worker's key, so that it never reuses a function it unpickled
+        #: before that change
+        self.ident = next(_idents)
+        #: the tuples and frozensets the pickle holds: an argument that is one of them
+        #: would arrive as a copy of its own (one pickle keeps identities, two do not)
+        self.shared = frozenset(id(item) for item in state if type(item) in _SHARED)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (load_sent_function, (self.blob,))
+        return (load_sent_function, (self.ident, self.blob))
 
 
-def load_sent_function(blob: bytes) -> Callable[..., Any]:
-    """The function pickled in ``blob``; unpickled once per process and kept."""
-    fn = _loaded.get(blob)
-    if fn is None:
-        fn = pickle.loads(blob)
-        if len(_loaded) >= CACHE_SIZE:
-            _loaded.pop(next(iter(_loaded)), None)
-        _loaded[blob] = fn
-    return fn
+def load_sent_function(ident: int, blob: bytes) -> Callable[..., Any]:
+    """The function pickled in ``blob`` (kept by the owner as ``ident``): unpickled once
+    per process and kept."""
+    kept = _loaded.get(ident)
+    if kept is not None and kept[0] == blob:
+        return kept[1]
+    fn = pickle.loads(blob)
+    _evict(_loaded)
+    _loaded[ident] = (blob, fn)
+    return fn  # type: ignore[no-any-return]
 
 
-def sent_function(fn: types.FunctionType, pickle_by_value: Callable[[Any], bytes]) -> bytes | None:
-    """The by-value pickle of ``fn``, made with ``pickle_by_value`` or reused (see the
-    module); ``None`` if its state includes something mutable or its pickle is bigger
-    than :data:`MAX_PICKLE` (pickle the call afresh)."""
+def dump_with_sent_function(
+    call: tuple[Any, ...],
+    dump_plain: Callable[[Any], bytes],
+    pickle_by_value: Callable[[Any], bytes],
+) -> bytes | None:
+    """The pickle of ``call`` (``(fn, args[, kwargs])``, ``fn`` a plain function) with
+    ``fn``'s kept by-value pickle and the rest by ``dump_plain``; ``None`` where that
+    is not the same as pickling the whole call by value (do that): ``fn``'s state holds
+    something mutable, its pickle is too big, or an argument is (or names) something
+    that would travel by value: a ``__main__`` object, a module registered with
+    ``cloudpickle.register_pickle_by_value`` or its contents, or an object ``fn``'s
+    pickle holds too."""
+    registered = _registered_by_value()
+    sent = _sent_function(call[0], registered, pickle_by_value)
+    if sent is None:
+        return None
+    if sent.shared:
+        for part in call[1:]:
+            for value in part.values() if type(part) is dict else part:
+                if id(value) in sent.shared:
+                    return None
     try:
-        state = _State(_registered_by_value()).of(fn)
+        payload = dump_plain((sent, *call[1:]))
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return None
+    # A name in the arguments' part: one that plain pickle named, and the worker would
+    # look up (or import) instead of receiving it by value.
+    blob = sent.blob
+    for name in (_MAIN, *(name.encode() for name in registered)):
+        if payload.count(name) != blob.count(name):
+            return None
+    return payload
+
+
+def _sent_function(
+    fn: types.FunctionType, registered: frozenset[str], pickle_by_value: Callable[[Any], bytes]
+) -> SentFunction | None:
+    """``fn``'s kept pickle, made with ``pickle_by_value`` or reused (see the module);
+    ``None`` if its state includes something mutable or its pickle is bigger than
+    :data:`MAX_PICKLE`."""
+    try:
+        state = _State(registered).of(fn)
     except Exception:  # noqa: BLE001 - _Uncacheable, or an annotation that fails
         return None
     code = fn.__code__
-    entry = _pickles.get(code)
-    if entry is not None and _same(entry[0], state):
-        return entry[1]
-    made = pickle_by_value(fn)
-    blob = made if len(made) <= MAX_PICKLE else None  # (a big constant): not kept
-    if len(_pickles) >= CACHE_SIZE:
-        _pickles.pop(next(iter(_pickles)), None)
-    _pickles[code] = (state, blob)
-    return blob
+    sent = _pickles.get(code)
+    if sent is not None and _same(sent.state, state):
+        return sent if sent.blob else None
+    blob = pickle_by_value(fn)
+    # (a big constant among its globals: not kept, in the owner or in a worker)
+    sent = SentFunction(state, blob if len(blob) <= MAX_PICKLE else b"")
+    _evict(_pickles)
+    _pickles[code] = sent
+    return sent if sent.blob else None
+
+
+def _evict(cache: dict[Any, Any]) -> None:
+    """Make room for one more entry in ``cache``: drop the oldest if it is full."""
+    while len(cache) >= CACHE_SIZE:
+        try:
+            cache.pop(next(iter(cache)), None)
+        except (RuntimeError, StopIteration):  # (changed by another thread meanwhile)
+            return
 
 
 def _same(old: tuple[Any, ...], new: tuple[Any, ...]) -> bool:
@@ -233,10 +300,12 @@ class _State:
 
 def _imports_seen() -> object:
     """An object that stays the same while no module is imported (compared by identity,
-    as the rest of the state)."""
-    count = len(sys.modules)
-    if _imports[0] != count:
-        _imports[:] = [count, object()]
+    as the rest of the state): it changes with the number of modules and the last one
+    imported."""
+    modules = sys.modules
+    seen = (len(modules), next(reversed(modules), None))
+    if _imports[0] != seen:
+        _imports[:] = [seen, object()]
     return _imports[1]
 
 

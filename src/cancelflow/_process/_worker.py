@@ -600,6 +600,10 @@ class _Worker:
             kill_and_reap_tree()
         else:
             _reap_children()
+        if not (self.arrived or self.frames.buffered()):
+            # Its tree is gone and no next task is here: it dies with the zygote from now
+            # on, before its result may tell the pool (and whoever watches it) it is idle.
+            self.die_with_zygote()
         if stopped and kind == "error" and isinstance(value, CancelledException):
             kind = "stopped"  # the pool makes the caller's error: nothing to pickle
         frames = self.sent - sent  # what the pool reads of it before its result
