@@ -642,8 +642,18 @@ class TestKillFromTheAskingThread:
             pid = seen.wait("pid")
             child = seen.wait("child")
             at_release: list[bool] = []
-            future.add_done_callback(lambda _: at_release.append(psutil.pid_exists(child)))
+            called = threading.Event()
+
+            def at_resolution(_: object) -> None:
+                at_release.append(psutil.pid_exists(child))
+                called.set()
+
+            future.add_done_callback(at_resolution)
             _stop_while_held_up(pool, future, monkeypatch, _cancel_and_see_it_die(future, pid))
+            # Done-callbacks run on the pool's thread once the future is resolved; result()
+            # may return first (as with the stdlib's futures, which notify the waiters,
+            # then run the callbacks).
+            assert called.wait(WAIT), "watchdog: the done-callback never ran"
             assert at_release == [False], "the caller was released before the child died"
 
 

@@ -1060,6 +1060,43 @@ class TestMap:
             blocker.cancel()
         assert p.statistics().completed_total == 1
 
+    def test_a_task_on_its_way_to_a_busy_worker_is_counted_as_queued(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that statistics() counts a task the supervisor is handing to a busy
+        worker (to start after its running task) as queued, while it is on its way.
+
+        Regression: the supervisor took the task off the queue, then added it to what
+        the worker holds, and statistics() read the one and then the other: a read in
+        between missed it (``queued`` read 3 of a map's 4 calls queued behind a busy
+        worker, on a free-threaded build most).
+        """
+        with ProcessPool(1) as p:
+            seen = Announcements()
+            blocker = p.submit_task(contractloads.wait_until_cancelled, partial_sink=seen)
+            seen.wait("pid")
+            supervisor = p._supervisor
+            real_claim = supervisor._claim
+            handing, go = threading.Event(), threading.Event()
+
+            def claim(task: Any, worker: Any) -> bool:
+                claimed: bool = real_claim(task, worker)
+                if worker.task is not None and not handing.is_set():  # a busy worker's
+                    handing.set()
+                    assert go.wait(WAIT)
+                return claimed
+
+            monkeypatch.setattr(supervisor, "_claim", claim)
+            try:
+                results = p.map(contractloads.square, range(4))
+                assert handing.wait(WAIT)  # the supervisor hands the first call to the busy worker
+                assert p.statistics().queued == 4
+            finally:
+                go.set()
+            results.close()  # type: ignore[attr-defined]  # (Executor.map says Iterator)
+            assert p.statistics().queued == 0
+            blocker.cancel()
+
     def test_buffersize_counts_chunks(self, pool: ProcessPool) -> None:
         """Test that with chunksize, buffersize bounds the chunks in flight."""
         taken: list[int] = []

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -1030,6 +1031,61 @@ class TestDroppedWithoutShutdown:
             future.result(WAIT)
         assert ran == list(range(20))
         assert wait_until(lambda: gc.collect() >= 0 and not _threads_named("dropped-queue"))
+
+    def test_a_pool_let_go_just_as_its_thread_goes_idle_ends_the_thread(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that a worker going idle ends when the pool's last other reference goes
+        away while that worker looks at its pool: a look that makes a reference (its
+        weak reference called) then holds the last one, and the pool's finalizer runs on
+        the worker's own thread, before it waits.
+
+        Regression: the worker looked with ``ref() is not None`` and then waited, so the
+        finalizer's wake-up came before the wait and was lost: the thread waited for
+        good. On a free-threaded build a reference another thread drops is merged by the
+        pool's owner thread later, at any moment, so any look could hold the last one.
+        Here the pool is made on a thread that has ended (its reference counts merge at
+        once), and the other reference is let go from inside the look; a worker that
+        makes no reference to look waits idle, and the test lets go then.
+        """
+        from cancelflow import _thread_pool
+
+        holder: list[ThreadPool] = []
+
+        class LetGoWhileLooking(weakref.ref[ThreadPool]):
+            """As the idle worker (holding the pool's lock, nothing queued) calls it, the
+            holder lets the pool go."""
+
+            def __call__(self) -> ThreadPool | None:
+                found = super().__call__()
+                owned = found is not None and found._lock._is_owned()  # type: ignore[attr-defined]
+                if found is not None and holder and owned and not found._queue:
+                    holder.clear()
+                return found
+
+        real_worker_main = _thread_pool._worker_main
+
+        def worker_main(ref: weakref.ref[ThreadPool], worker: Any) -> None:
+            real_worker_main(LetGoWhileLooking(ref()), worker)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(_thread_pool, "_worker_main", worker_main)
+        go = threading.Event()
+        conds: list[threading.Condition] = []
+
+        def make() -> None:
+            holder.append(ThreadPool(1, thread_name_prefix="dropped-looking"))
+            conds.append(holder[0]._cond)
+            holder[0].submit(go.wait, WAIT)
+
+        maker = threading.Thread(target=make)
+        maker.start()
+        maker.join(WAIT)
+        (thread,) = _threads_named("dropped-looking")
+        go.set()  # the task returns, and the thread goes idle
+        assert wait_until(lambda: len(conds[0]._waiters) == 1)  # type: ignore[attr-defined]
+        holder.clear()  # (if the look has not let go of it already)
+        thread.join(WAIT)
+        assert not thread.is_alive(), "the thread waits for a pool that is gone"
 
     def test_a_task_submitted_to_an_idle_pool_right_before_the_drop_still_runs(self) -> None:
         """Test that a task given to a pool whose thread waits idle (holding no reference

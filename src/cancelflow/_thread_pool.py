@@ -537,9 +537,10 @@ class ThreadPool(Executor):
         #: keeps the timer thread up while the pool has workers (see _timer.hold)
         self._timer_hold: _timer.TimerHold | None = None
         # Dropped without shutdown(): its idle threads wake and end (see _worker_main).
-        # (In a box: a forked child's pool has a new condition, see _after_fork_in_child.)
-        self._cond_box = [self._cond]
-        weakref.finalize(self, _wake_all, self._cond_box).atexit = False
+        # (Apart from the pool: a forked child's pool has a new condition, see
+        # _after_fork_in_child.)
+        self._wake = _Wake(self._cond)
+        weakref.finalize(self, _wake_all, self._wake).atexit = False
         _live_pools.add(self)
         _interpreter_exit.register(self)
 
@@ -1250,7 +1251,7 @@ class ThreadPool(Executor):
         # Another thread may have held these at the fork: new ones, never waited on.
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
-        self._cond_box[0] = self._cond
+        self._wake.cond = self._cond
         self._count_lock = threading.RLock()
         self._timer_hold = None  # the timer thread is not in the child either
         self._queue.clear()
@@ -1404,15 +1405,23 @@ def _worker_main(ref: weakref.ref[ThreadPool], worker: _Worker) -> None:
     ``shutdown()`` is collected once its queue is empty and no task runs (as the
     stdlib's ``ThreadPoolExecutor``), and its finalizer wakes the idle threads, which
     end. (Queued work keeps the pool alive: see ``_queued``.)
+
+    Before it waits, it reads whether the pool was collected from the flag the finalizer
+    sets under the lock this thread holds, not by calling ``ref()``: the reference that
+    call makes may be the last one when another thread lets go meanwhile (on a
+    free-threaded build, a reference dropped by another thread is merged by the pool's
+    owner thread later, at any moment), and dropping it would run the finalizer here,
+    its wake-up lost before the wait began: the thread would wait for good.
     """
     pool = ref()
     if pool is None or not pool._begin(worker):
         return
+    wake = pool._wake
     while pool._work(worker):  # True: no work now, and this thread holds the lock
         cond = pool._cond
         del pool  # (if that was the last reference, the finalizer ran here: no wait)
         try:
-            if ref() is not None:
+            if not wake.collected:  # else the finalizer ran, here or before we held the lock
                 cond.wait()
         finally:
             pool = ref()
@@ -1423,11 +1432,25 @@ def _worker_main(ref: weakref.ref[ThreadPool], worker: _Worker) -> None:
             return
 
 
-def _wake_all(box: list[threading.Condition]) -> None:
+class _Wake:
+    """What the idle workers of a pool wait on, kept apart from the pool for its
+    finalizer (see :func:`_wake_all`)."""
+
+    __slots__ = ("collected", "cond")
+
+    def __init__(self, cond: threading.Condition) -> None:
+        self.cond = cond
+        #: the pool was collected (set under ``cond``'s lock)
+        self.collected = False
+
+
+def _wake_all(wake: _Wake) -> None:
     """Wake every idle worker of a pool that was collected (they end). The one thread
-    that may hold the lock then is a worker just woken, which ends at once."""
-    cond = box[0]
+    that may hold the lock then is a worker going idle or just woken, which reads
+    ``collected`` before it would wait, and ends."""
+    cond = wake.cond
     with cond:
+        wake.collected = True
         cond.notify_all()
 
 

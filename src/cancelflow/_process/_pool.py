@@ -39,6 +39,7 @@ class ProcessPoolStatistics:
     ``queued`` counts the tasks not started yet: in the pool's queue, or handed to a
     busy worker to start after its running task (their futures say ``running()``, as
     the stdlib's call-queue items do; one its worker is just starting may be counted).
+    A task on its way between the queue and a worker is counted once.
     """
 
     workers: int
@@ -442,12 +443,18 @@ class ProcessPool(concurrent.futures.Executor):
         """A snapshot of the pool's workers, queue and counters."""
         supervisor = self._supervisor
         workers = list(supervisor.workers.values())
+        # The queue, then what the workers hold, then the queue again: the supervisor
+        # moves a task between them by adding it where it goes before it takes it from
+        # where it was (see Supervisor._give, _steal), so a task on its way is in one of
+        # these reads (or two: it counts once).
+        queued = {id(t): t for t in list(supervisor.queue)}
+        queued.update((id(t), t) for w in workers for t in tuple(w.behind))
+        queued.update((id(t), t) for t in list(supervisor.queue))
         return ProcessPoolStatistics(
             workers=sum(1 for w in workers if w.state in ("starting", "idle", "busy")),
             idle=sum(1 for w in workers if w.state == "idle"),
             busy=sum(1 for w in workers if w.state == "busy"),
-            queued=sum(1 for t in list(supervisor.queue) if not (t.dropped or t.done))
-            + sum(1 for w in workers for t in tuple(w.behind) if not t.done),
+            queued=sum(1 for t in queued.values() if not (t.dropped or t.done)),
             worker_pids=tuple(w.pid for w in workers if w.pid and w.state in ("idle", "busy")),
             replaced_total=supervisor.stats["replaced"],
             killed_total=supervisor.stats["killed"],

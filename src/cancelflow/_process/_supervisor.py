@@ -565,8 +565,10 @@ class Supervisor:
         the frame a signal handler interrupted (this very thread), or the supervisor may
         wait there for a future's lock that this thread holds."""
         worker = task.worker
-        if worker is None or self.forked or task not in worker.behind:
-            return False  # (read again under the lock; no wait for a task not waiting)
+        if worker is None or self.forked or task is worker.task:
+            return False  # (read again under the lock; no wait for a task that runs)
+        # Not "not in worker.behind": a task on its way there (claimed, under the lock)
+        # is not in it yet, and must be waited for as one that waits already.
         if not worker.slot_lock.acquire(timeout=_SLOT_WAIT):
             return False
         try:
@@ -1318,9 +1320,10 @@ class Supervisor:
             if worker.killed_early:
                 return True
             while self.queue:
-                task = self.queue.popleft()
+                task = self.queue[0]
                 if self._claim(task, worker):
                     break
+                self._unqueue(task)
             else:
                 return False
             held = [t.slot for t in worker.behind]
@@ -1342,6 +1345,9 @@ class Supervisor:
                 control.stop_for = 0
             else:
                 worker.behind.append(task)
+            # Off the queue only now that the worker holds it: statistics() reads the
+            # queue, then what the workers hold, so a task on its way is seen there.
+            self._unqueue(task)
         task.future.pid = worker.pid
         task.future.fate = _RUNNING
         self._send_to(worker, encode(wire(RunTask(task.seq, task.payload, index))))
@@ -1371,12 +1377,24 @@ class Supervisor:
             full_barrier()
             if control.running == task.seq:
                 continue
+            # First in the queue before it leaves the worker's hands: statistics()
+            # reads the queue again after what the workers hold (see _give).
+            self._requeue(task)
             with worker.slot_lock:
                 worker.behind.pop()
                 worker.moving[task.seq] = task.slot
-            self._requeue(task)
             self.stats["moved"] += 1
             return
+
+    def _unqueue(self, task: Task) -> None:
+        """Take ``task`` off the queue (this thread alone takes tasks off its front: it
+        is there still, first unless an enqueue taken back at the pool's end removed
+        one before it)."""
+        if self.queue and self.queue[0] is task:
+            self.queue.popleft()
+        else:
+            with contextlib.suppress(ValueError):
+                self.queue.remove(task)
 
     def _started(self, task: Task) -> None:
         """``task`` became its worker's task (dispatched to an idle worker, or the task
