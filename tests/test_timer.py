@@ -234,6 +234,48 @@ class TestTimerHandle:
         assert handle.cancel() is False
         assert _timer.pending() == before - 1
 
+    @pytest.mark.skipif(not HAVE_ALARM, reason="needs the alarm (timerfd)")
+    def test_cancel_does_not_wait_for_a_thread_setting_the_alarm(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that cancelling a timer returns while another thread is inside the
+        alarm's set (that thread may wait for a lock the canceller holds), and that the
+        kick it skipped is made once that thread is done: the timer thread ends.
+
+        Regression (free-threaded 3.13, a hang at a fork): a token freed inside the
+        alarm's set waited in its finalizer for the token slots' lock, which a thread
+        held whose own token finalizer cancelled a timer, and that cancel's kick waited
+        for the alarm's lock."""
+        monkeypatch.setattr(_timer, "_holds", set())  # (a cancel then always kicks)
+        inside, cancelled = threading.Event(), threading.Event()
+        real_alarm_set = _timer.alarm_set  # type: ignore[attr-defined]
+
+        def slow_alarm_set(fd: int, deadline: float) -> None:
+            if threading.current_thread().name == "bench-setter" and not inside.is_set():
+                inside.set()
+                cancelled.wait(WAIT)  # (as a finalizer waiting for the canceller's lock)
+            real_alarm_set(fd, deadline)
+
+        monkeypatch.setattr(_timer, "alarm_set", slow_alarm_set)
+        handle = _timer.call_at(soon(3600), lambda: None)
+        setter = threading.Thread(target=_timer._kick, name="bench-setter")
+        setter.start()
+        try:
+            assert inside.wait(WAIT)
+
+            def cancel() -> None:
+                if handle.cancel():
+                    cancelled.set()
+
+            canceller = threading.Thread(target=cancel)
+            canceller.start()
+            canceller.join(WAIT)
+            assert cancelled.is_set(), "cancel() waited for the alarm's lock"
+        finally:
+            cancelled.set()
+            setter.join(WAIT)
+        assert wait_until(lambda: not timer_threads()), "the skipped kick was never made"
+
 
 class TestTimerThread:
     def test_timeout_tokens_share_one_timer_thread(self) -> None:

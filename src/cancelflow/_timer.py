@@ -82,6 +82,8 @@ _wakes_at = -math.inf
 _alarm_fd = -1
 _alarm_at = math.inf
 _alarm_lock = threading.RLock()
+# A kick that would not wait for _alarm_lock is due (see _set_alarm).
+_kick_missed = False
 #: this interpreter runs with a GIL (free-threaded builds may run without one)
 _GIL: bool = getattr(sys, "_is_gil_enabled", lambda: True)()
 _kick_address = ctypes.addressof(_kicks)
@@ -93,24 +95,36 @@ _holds: set[TimerHold] = set()
 _thread: threading.Thread | None = None
 
 
-def _kick() -> None:
+def _kick(*, wait: bool = True) -> None:
+    """Make the timer thread look again now; ``wait=False``: unless that means waiting
+    for another thread that is setting the alarm (then the thread looks when it wakes)."""
     _kicks.value = (_kicks.value + 1) & 0xFFFFFFFF
     if _alarm_fd >= 0:
-        _set_alarm(-math.inf, earlier_only=True)  # now
+        _set_alarm(-math.inf, earlier_only=True, wait=wait)  # now
     else:
         futex_wake(_kick_address)
 
 
-def _set_alarm(deadline: float, *, earlier_only: bool) -> None:
+def _set_alarm(deadline: float, *, earlier_only: bool, wait: bool = True) -> None:
     """Set the alarm for ``deadline`` (``earlier_only``: unless it goes off by then).
 
-    Under ``_alarm_lock``; a signal handler that interrupts this in the same thread and
-    brings the alarm forward is not undone: the set is repeated until ``_alarm_at`` says
-    what was set last. (A handler runs only at a call or a backward jump, so none runs
-    between the comparison with ``_alarm_at`` and the store to it.)
+    Under ``_alarm_lock``; ``wait=False`` (a kick) does not wait for another thread
+    that holds it: that thread sets the alarm to now once it gave the lock back. A
+    signal handler that interrupts this in the same thread and brings the alarm forward
+    is not undone: the set is repeated until ``_alarm_at`` says what was set last. (A
+    handler runs only at a call or a backward jump, so none runs between the comparison
+    with ``_alarm_at`` and the store to it.)
     """
-    global _alarm_at
-    with _alarm_lock:
+    global _alarm_at, _kick_missed
+    if not wait:
+        # Said before the try: a holder that we fail to wait for reads it after it gave
+        # the lock back, and kicks for us.
+        _kick_missed = True
+    if not _alarm_lock.acquire(blocking=wait):
+        return
+    if not wait:
+        _kick_missed = False  # (this is that kick: a later miss is seen after the release)
+    try:
         if earlier_only and deadline >= _alarm_at:
             return
         _alarm_at = deadline
@@ -119,6 +133,11 @@ def _set_alarm(deadline: float, *, earlier_only: bool) -> None:
             if _alarm_at == deadline:
                 return
             deadline = _alarm_at
+    finally:
+        _alarm_lock.release()
+        if _kick_missed:
+            _kick_missed = False
+            _set_alarm(-math.inf, earlier_only=True, wait=False)
 
 
 class TimerHandle:
@@ -141,7 +160,11 @@ class TimerHandle:
             # latest), so a task's stop that cancels its timer wakes no thread that
             # would take the GIL from its caller; only a heap grown mostly dead is
             # worth a kick (made and dropped timeout tokens: see _next_due).
-            _kick()
+            # Never a wait for the alarm's lock: a token's finalizer cancels its timer
+            # wherever the token is freed, maybe inside a lock that the thread setting
+            # the alarm waits for (its own alarm_set may free a token): a deadlock. This
+            # kick is never urgent (the thread drops the entry when it wakes).
+            _kick(wait=False)
         return removed
 
 
@@ -317,13 +340,14 @@ def _run() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _ticket, _thread, _wakes_at, _alarm_fd, _alarm_at, _alarm_lock
+    global _lock, _ticket, _thread, _wakes_at, _alarm_fd, _alarm_at, _alarm_lock, _kick_missed
     _wakes_at = -math.inf
     if _alarm_fd >= 0:  # the parent's timer too: setting it would move the parent's
         os.close(_alarm_fd)
         _alarm_fd = -1
     _alarm_at = math.inf
     _alarm_lock = threading.RLock()
+    _kick_missed = False
     _lock = threading.Lock()  # another thread may have held it at the fork
     _holds.clear()  # the holders' threads (pools) do not survive a fork either
     _ticket = [None]  # the timer thread does not survive a fork
