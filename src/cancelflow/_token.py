@@ -476,6 +476,8 @@ class CancellationToken(_Cell):
         return ``False`` and leave the token not cancelled; it never deadlocks and never
         runs a callback twice.
         """
+        if not (self._flag or self._undelivered) and self._once and self._applied:
+            return  # never cancelled since it was made or last reset: nothing to undo
         self._clear_shared()
         self._reason = None
         self._undelivered = False
