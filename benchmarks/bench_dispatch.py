@@ -3,8 +3,10 @@
 1. Pickling one call ``(fn, (1, 2), {})`` in the parent: a module-level function (plain
    pickle, by reference), a lambda and a closure (cloudpickle, by value), and a
    function of this ``__main__`` (by value: the worker may not find it).
-2. Throughput of a 2-worker ProcessPool on 2,000 trivial tasks, by reference and by
-   value, interleaved in rounds.
+2. Throughput of a 2-worker ProcessPool on 2,000 trivial tasks, by reference, by value
+   (a lambda) and of ``main_square``, interleaved in rounds. A function sent by value
+   again, unchanged, reuses its pickle (``_process/_sent_functions``): the first row of
+   1. is that reuse for the lambda, the closure and the ``__main__`` function.
 
 Run: ``python -m benchmarks.bench_dispatch [rounds]`` (as a module, ``main_square`` is not
 in ``__main__``; run ``python benchmarks/bench_dispatch.py`` to time that path too).
@@ -21,7 +23,10 @@ from typing import Any
 from cancelflow import ProcessPool
 from cancelflow._process._pickling import dump_call
 
-from .bench_pool_throughput import square
+try:
+    from .bench_pool_throughput import square
+except ImportError:  # run as a script: this directory is on the path
+    from bench_pool_throughput import square  # type: ignore[no-redef,import-not-found]
 
 
 def _closure() -> Callable[[int, int], int]:
@@ -69,12 +74,13 @@ def run(rounds: int) -> None:
         cost = per_call(fn)
         print(f"  {name:34s} {cost * 1e6:7.2f} us  ({cost / ref:5.1f}x by reference)")
     print(f"2. ProcessPool(2), 2,000 trivial tasks, {rounds} interleaved rounds")
-    results: dict[str, list[float]] = {"by reference": [], "by value": []}
+    results: dict[str, list[float]] = {"by reference": [], "by value": [], "__main__": []}
     with ProcessPool(2) as pool:
         throughput(pool, square, 200)  # warm
         for _ in range(rounds):
             results["by reference"].append(throughput(pool, square, 2000))
             results["by value"].append(throughput(pool, lam, 2000))
+            results["__main__"].append(throughput(pool, main_square, 2000))
     base = statistics.median(results["by reference"])
     for name, values in results.items():
         median = statistics.median(values)
