@@ -600,10 +600,6 @@ class _Worker:
             kill_and_reap_tree()
         else:
             _reap_children()
-        if not (self.arrived or self.frames.buffered()):
-            # Its tree is gone and no next task is here: it dies with the zygote from now
-            # on, before its result may tell the pool (and whoever watches it) it is idle.
-            self.die_with_zygote()
         if stopped and kind == "error" and isinstance(value, CancelledException):
             kind = "stopped"  # the pool makes the caller's error: nothing to pickle
         frames = self.sent - sent  # what the pool reads of it before its result
@@ -616,8 +612,13 @@ class _Worker:
             # Said before the result, so that the pool never hands this worker a task.
             self.send(Retire(seq, self.retiring))
         if kind == "stopped":
-            self.tell_callers_stopped(seq, frames)
-        self.send(self.outcome(seq, kind, value))
+            self.tell_callers_stopped(seq, frames)  # (first: it is the callers' wake-up)
+        result = self.outcome(seq, kind, value)
+        if not (self.arrived or self.frames.buffered()):
+            # Its tree is gone and no next task is here: it dies with the zygote from now
+            # on, before its result may tell the pool (and whoever watches it) it is idle.
+            self.die_with_zygote()
+        self.send(result)
         self.state.reset()  # before the next task is read; the caller need not wait
 
     def tell_callers_stopped(self, seq: int, frames: int) -> None:
