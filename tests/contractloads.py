@@ -239,3 +239,22 @@ def pause_after_its_result() -> int:
 
     _worker._Worker.send = send_then_pause  # type: ignore[method-assign]
     return os.getpid()
+
+
+class _SlowToPickle:
+    """A result whose pickling takes a minute (it writes its pid to the FIFO at ``path``
+    as it starts)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        with open(self.path, "w") as file:
+            file.write(str(os.getpid()))
+        time.sleep(60)
+        return (str, ("pickled",))
+
+
+def slow_to_pickle(path: str) -> _SlowToPickle:
+    """A task whose result takes a minute to pickle in the worker."""
+    return _SlowToPickle(path)

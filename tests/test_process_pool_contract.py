@@ -844,6 +844,48 @@ class TestZygoteKilledUnderAFrozenOwner:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker, signal.SIGKILL)
 
+    def test_a_worker_pickling_its_result_dies_with_its_zygote(self, tmp_path: Path) -> None:
+        """Test that a worker whose task returned (its tree is gone) dies with its
+        zygote while it pickles the result, however long that takes: nothing would end
+        it if it froze, the owner being gone too."""
+        marker = tmp_path / "pickling"
+        os.mkfifo(marker)  # (the worker writes its pid there as it starts pickling)
+        script = tmp_path / "owner.py"
+        script.write_text(
+            f"import sys\nsys.path.insert(0, {TESTS!r})\n"
+            + textwrap.dedent(_OWNER_OF_A_WORKER_PICKLING).replace("MARKER", repr(str(marker)))
+        )
+        owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+        assert owner.stdout is not None
+        worker = 0
+        try:
+            zygote, worker = json.loads(owner.stdout.readline())
+            os.kill(owner.pid, signal.SIGSTOP)
+            os.kill(zygote, signal.SIGKILL)
+            assert_not_running(worker)
+        finally:
+            owner.kill()
+            owner.wait(WAIT)
+            owner.stdout.close()
+            if worker:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker, signal.SIGKILL)
+
+
+_OWNER_OF_A_WORKER_PICKLING = """
+import json, os, time
+import contractloads
+from cancelflow import ProcessPool
+
+if __name__ == "__main__":
+    pool = ProcessPool(1)
+    pool.submit(contractloads.slow_to_pickle, MARKER)
+    with open(MARKER) as fifo:  # (blocks until the worker has written its pid)
+        worker = int(fifo.read())
+    print(json.dumps([pool.statistics().zygote_pid, worker]), flush=True)
+    time.sleep(3600)
+"""
+
 
 _OWNER_OF_A_PAUSED_WORKER = """
 import json, time

@@ -235,17 +235,19 @@ class TestTimerHandle:
         assert _timer.pending() == before - 1
 
     @pytest.mark.skipif(not HAVE_ALARM, reason="needs the alarm (timerfd)")
-    def test_cancel_does_not_wait_for_a_thread_setting_the_alarm(
-        self, monkeypatch: pytest.MonkeyPatch
+    @pytest.mark.parametrize("letting_go", ["cancel", "release"])
+    def test_letting_go_does_not_wait_for_a_thread_setting_the_alarm(
+        self, monkeypatch: pytest.MonkeyPatch, letting_go: str
     ) -> None:
-        """Test that cancelling a timer returns while another thread is inside the
-        alarm's set (that thread may wait for a lock the canceller holds), and that the
-        kick it skipped is made once that thread is done: the timer thread ends.
+        """Test that cancelling a timer, or releasing a hold (both run in finalizers,
+        wherever a token or a pool is freed), returns while another thread is inside the
+        alarm's set (that thread may wait for a lock the caller holds), and that the kick
+        it skipped is made once that thread is done: the timer thread ends.
 
         Regression (free-threaded 3.13, a hang at a fork): a token freed inside the
         alarm's set waited in its finalizer for the token slots' lock, which a thread
         held whose own token finalizer cancelled a timer, and that cancel's kick waited
-        for the alarm's lock."""
+        for the alarm's lock. (Review: a pool's finalizer releasing its hold did too.)"""
         monkeypatch.setattr(_timer, "_holds", set())  # (a cancel then always kicks)
         inside, cancelled = threading.Event(), threading.Event()
         real_alarm_set = _timer.alarm_set  # type: ignore[attr-defined]
@@ -258,22 +260,30 @@ class TestTimerHandle:
 
         monkeypatch.setattr(_timer, "alarm_set", slow_alarm_set)
         handle = _timer.call_at(soon(3600), lambda: None)
+        held = _timer.hold()
         setter = threading.Thread(target=_timer._kick, name="bench-setter")
         setter.start()
         try:
             assert inside.wait(WAIT)
 
-            def cancel() -> None:
-                if handle.cancel():
-                    cancelled.set()
+            def let_go() -> None:
+                if letting_go == "cancel":
+                    handle.cancel()
+                    held.release()  # (before the setter goes on: no kick from it here)
+                else:
+                    handle.cancel()  # (its kick is skipped: the setter holds the lock)
+                    _timer._kick_missed = False  # (so that only the release's can help)
+                    held.release()
+                cancelled.set()
 
-            canceller = threading.Thread(target=cancel)
+            canceller = threading.Thread(target=let_go)
             canceller.start()
             canceller.join(WAIT)
-            assert cancelled.is_set(), "cancel() waited for the alarm's lock"
+            assert cancelled.is_set(), f"{letting_go} waited for the alarm's lock"
         finally:
             cancelled.set()
             setter.join(WAIT)
+            held.release()
         assert wait_until(lambda: not timer_threads()), "the skipped kick was never made"
 
 

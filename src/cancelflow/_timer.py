@@ -120,7 +120,8 @@ def _set_alarm(deadline: float, *, earlier_only: bool, wait: bool = True) -> Non
         # Said before the try: a holder that we fail to wait for reads it after it gave
         # the lock back, and kicks for us.
         _kick_missed = True
-    if not _alarm_lock.acquire(blocking=wait):
+    lock = _alarm_lock  # (the one released below, even if a fork in between made another)
+    if not lock.acquire(blocking=wait):
         return
     if not wait:
         _kick_missed = False  # (this is that kick: a later miss is seen after the release)
@@ -134,7 +135,7 @@ def _set_alarm(deadline: float, *, earlier_only: bool, wait: bool = True) -> Non
                 return
             deadline = _alarm_at
     finally:
-        _alarm_lock.release()
+        lock.release()
         if _kick_missed:
             _kick_missed = False
             _set_alarm(-math.inf, earlier_only=True, wait=False)
@@ -209,7 +210,9 @@ class TimerHold:
         Idempotent, lock-free, safe from any thread and from a signal handler."""
         if self in _holds:
             _holds.discard(self)
-            _kick()  # an idle timer thread looks again, and ends if it may
+            # (never a wait for the alarm's lock: a pool's finalizer releases its hold
+            # wherever the pool is freed; see TimerHandle.cancel)
+            _kick(wait=False)  # an idle timer thread looks again, and ends if it may
 
 
 def hold(owner: object | None = None) -> TimerHold:

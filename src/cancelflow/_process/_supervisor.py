@@ -1678,19 +1678,20 @@ class Supervisor:
         claimed = (
             worker.control.started if hasattr(worker, "control") else (task.seq if task else 0)
         )
-        with worker.slot_lock:  # (the asking threads read them under it)
-            worker.task = None
-            worker.behind.clear()
-        worker.state = "dead"
         # What it never started runs elsewhere (see _hand_back). It claims in the order
         # it was handed tasks (a task handed back comes again, so seqs are not in that
-        # order): ``started`` names the last task it started.
+        # order): ``started`` names the last task it started. Queued again before they
+        # leave the worker's hands: statistics() reads the queue again after them.
         handed = [t for t in (task, *following) if t is not None]
         started = next((i + 1 for i, t in enumerate(handed) if t.seq == claimed), 0)
         unstarted = handed[started:]
         for waiting in reversed(unstarted):  # (each goes first: they keep their order)
             if not waiting.done:
                 self._hand_back(waiting)
+        with worker.slot_lock:  # (the asking threads read them under it)
+            worker.task = None
+            worker.behind.clear()
+        worker.state = "dead"
         if task in unstarted:
             task = None
         with contextlib.suppress(KeyError, ValueError):

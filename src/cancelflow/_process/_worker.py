@@ -453,6 +453,7 @@ class _Worker:
             if verdict is None:
                 return
             if verdict != "run":  # stopped before it started, or moved: nothing ran
+                self.idle_unless_next()
                 self.send(Result(task.seq, verdict, None, ""))
                 continue
             self.run_task(task.seq, task.payload, token)
@@ -525,6 +526,12 @@ class _Worker:
                     break
                 if isinstance(message, RunTask):
                     self.arrived.append(message)
+
+    def idle_unless_next(self) -> None:
+        """No task's tree is under this worker now: it dies with the zygote, unless it
+        goes on with a next task it has read already (and does not retire)."""
+        if self.retiring is not None or not (self.arrived or self.frames.buffered()):
+            self.die_with_zygote()
 
     def die_with_zygote(self) -> None:
         """Called before the worker may block reading its channel: from now on it dies
@@ -608,17 +615,17 @@ class _Worker:
             self.tasks_left -= 1
             if self.tasks_left <= 0:
                 self.retiring = "max_tasks_per_child reached"
+        # Its tree is gone: unless it runs a next task (here already), it dies with the
+        # zygote from now on, before anything it sends may tell the pool (and whoever
+        # watches it) it is idle, and before anything that may take long (the callers'
+        # acknowledgement, pickling the result).
+        self.idle_unless_next()
         if self.retiring is not None:
             # Said before the result, so that the pool never hands this worker a task.
             self.send(Retire(seq, self.retiring))
         if kind == "stopped":
-            self.tell_callers_stopped(seq, frames)  # (first: it is the callers' wake-up)
-        result = self.outcome(seq, kind, value)
-        if not (self.arrived or self.frames.buffered()):
-            # Its tree is gone and no next task is here: it dies with the zygote from now
-            # on, before its result may tell the pool (and whoever watches it) it is idle.
-            self.die_with_zygote()
-        self.send(result)
+            self.tell_callers_stopped(seq, frames)
+        self.send(self.outcome(seq, kind, value))
         self.state.reset()  # before the next task is read; the caller need not wait
 
     def tell_callers_stopped(self, seq: int, frames: int) -> None:
