@@ -79,11 +79,18 @@ async def assert_workers_clean(client: Any) -> None:
     """Nothing of cancelflow is left on any worker or on the scheduler."""
     # A task the scheduler cancelled on its own (another client's cancel) leaves the
     # worker's books once its Dask thread has returned, which may be after the caller
-    # heard: wait for that, with a deadline.
+    # heard; and a process pool's worker whose task stopped cooperatively counts as busy
+    # until the pool's thread has read its result, which may be after the caller's
+    # thread settled the future (as documented): wait for both, with a deadline.
     deadline = time.monotonic() + WAIT
     while True:
         census = await client.run(worker_census)
-        if all(not state["tasks"] and not state["runs"] for state in census.values()):
+        if all(
+            not state["tasks"]
+            and not state["runs"]
+            and (state["pool"] is None or state["pool"]["busy"] == 0)
+            for state in census.values()
+        ):
             break
         if time.monotonic() > deadline:
             break  # the asserts below say what is left
