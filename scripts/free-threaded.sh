@@ -81,4 +81,4 @@ fi
   tests/test_platform.py tests/test_thread_pool.py tests/test_thread_pool_contract.py \
   tests/test_to_thread.py tests/test_process_pool.py tests/test_process_pool_contract.py \
   tests/test_to_process.py tests/test_executor.py tests/test_protocol.py tests/test_node_fates.py \
-  tests/test_process_pool_handover.py tests/test_process_pool_channel.py
+  tests/test_process_pool_handover.py tests/test_process_pool_channel.py tests/test_pickling.py
