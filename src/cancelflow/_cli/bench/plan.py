@@ -101,8 +101,9 @@ def cell_rows(
             return [(r, functools.partial(throughput_sync, bench, procs, r, 2, fn))]
         if v == "processes_main":
             return cannot(
-                "its workers are fresh interpreters, which cannot find a function of the "
-                "program's __main__ by name, and it does not send one by value"
+                "measured on the pools driven from a thread only (anyio's and "
+                "trio-parallel's workers are fresh interpreters, which cannot find a "
+                "function of the program's __main__ by name)"
             )
         r = row(ASYNC_PROCS[system].label.split(",")[0].split(" run_sync")[0])
         return [(r, functools.partial(throughput_async, bench, system, v, r))]
