@@ -531,12 +531,21 @@ class TestProcessView:
             assert proc.stdin is not None
             assert proc.stdout is not None
             view = ProcessView(proc.pid)
+            kids: list[int] = []
             try:
-                assert len(proc.stdout.readline().split()) == 2
+                kids = [int(pid) for pid in proc.stdout.readline().split()]
+                assert len(kids) == 2
                 assert not view.childless()
+                proc.stdin.write(b"\n\n")  # the program kills and reaps both, then ends
+                proc.stdin.flush()
+                assert proc.wait(WAIT) == 0
             finally:
                 view.close()
-                proc.kill()
+                if proc.poll() is None:
+                    proc.kill()
+                    for kid in kids:  # (orphans now: they would sleep on for a minute)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(kid, signal.SIGKILL)
 
     def test_not_childless_with_several_threads(self) -> None:
         """Test that childless() is False for a process with no child that runs more
