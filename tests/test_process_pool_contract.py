@@ -794,55 +794,45 @@ if __name__ == "__main__":
 """
 
 
+def _kill_the_zygote_under_a_frozen_owner(tmp_path: Path, program: str, workers: int) -> None:
+    """Run ``program`` (an owner that prints ``[zygote_pid, *worker_pids]``, then
+    sleeps), freeze it (SIGSTOP: it can neither close its workers' channels nor kill
+    them, as when it dies in the same instant), SIGKILL its zygote, and check that each
+    of its ``workers`` workers ends by itself."""
+    script = tmp_path / "owner.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {TESTS!r})\n" + textwrap.dedent(program))
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None
+    pids: list[int] = []
+    try:
+        zygote, *pids = json.loads(owner.stdout.readline())
+        assert len(pids) == workers
+        os.kill(owner.pid, signal.SIGSTOP)
+        os.kill(zygote, signal.SIGKILL)
+        for pid in pids:
+            assert_not_running(pid)
+    finally:
+        owner.kill()
+        owner.wait(WAIT)
+        owner.stdout.close()
+        for pid in pids:  # (a worker that froze instead: nothing else would end it)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 class TestZygoteKilledUnderAFrozenOwner:
     def test_idle_workers_die_with_their_zygote(self, tmp_path: Path) -> None:
         """Test that workers waiting for work, after bursts of tasks run back to back, die
-        with their zygote by themselves: the owner is frozen (SIGSTOP: it can neither
-        close their channels nor kill them, as when it dies in the same instant), then
-        the zygote is SIGKILLed (a worker that kept freezing on its zygote's death from
-        one task to the next, and never went back to dying with it, stays stopped)."""
-        script = tmp_path / "owner.py"
-        script.write_text(
-            f"import sys\nsys.path.insert(0, {TESTS!r})\n" + textwrap.dedent(_OWNER_OF_AN_IDLE_POOL)
-        )
-        owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-        assert owner.stdout is not None
-        try:
-            zygote, *workers = json.loads(owner.stdout.readline())
-            assert len(workers) == 2
-            os.kill(owner.pid, signal.SIGSTOP)
-            os.kill(zygote, signal.SIGKILL)
-            for pid in workers:
-                assert_not_running(pid)
-        finally:
-            owner.kill()
-            owner.wait(WAIT)
-            owner.stdout.close()
+        with their zygote by themselves: the owner is frozen, then the zygote is
+        SIGKILLed (a worker that kept freezing on its zygote's death from one task to the
+        next, and never went back to dying with it, stays stopped)."""
+        _kill_the_zygote_under_a_frozen_owner(tmp_path, _OWNER_OF_AN_IDLE_POOL, workers=2)
 
     def test_a_worker_past_its_last_result_dies_with_its_zygote(self, tmp_path: Path) -> None:
         """Test that a worker that sent its last task's result, and has no next task,
         dies with its zygote even before it waits for work again (it is paused there):
         the owner saw it idle, so nothing would kill it if it froze instead."""
-        script = tmp_path / "owner.py"
-        script.write_text(
-            f"import sys\nsys.path.insert(0, {TESTS!r})\n"
-            + textwrap.dedent(_OWNER_OF_A_PAUSED_WORKER)
-        )
-        owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-        assert owner.stdout is not None
-        worker = 0
-        try:
-            zygote, worker = json.loads(owner.stdout.readline())
-            os.kill(owner.pid, signal.SIGSTOP)
-            os.kill(zygote, signal.SIGKILL)
-            assert_not_running(worker)
-        finally:
-            owner.kill()
-            owner.wait(WAIT)
-            owner.stdout.close()
-            if worker:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker, signal.SIGKILL)
+        _kill_the_zygote_under_a_frozen_owner(tmp_path, _OWNER_OF_A_PAUSED_WORKER, workers=1)
 
     def test_a_worker_pickling_its_result_dies_with_its_zygote(self, tmp_path: Path) -> None:
         """Test that a worker whose task returned (its tree is gone) dies with its
@@ -850,26 +840,8 @@ class TestZygoteKilledUnderAFrozenOwner:
         it if it froze, the owner being gone too."""
         marker = tmp_path / "pickling"
         os.mkfifo(marker)  # (the worker writes its pid there as it starts pickling)
-        script = tmp_path / "owner.py"
-        script.write_text(
-            f"import sys\nsys.path.insert(0, {TESTS!r})\n"
-            + textwrap.dedent(_OWNER_OF_A_WORKER_PICKLING).replace("MARKER", repr(str(marker)))
-        )
-        owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-        assert owner.stdout is not None
-        worker = 0
-        try:
-            zygote, worker = json.loads(owner.stdout.readline())
-            os.kill(owner.pid, signal.SIGSTOP)
-            os.kill(zygote, signal.SIGKILL)
-            assert_not_running(worker)
-        finally:
-            owner.kill()
-            owner.wait(WAIT)
-            owner.stdout.close()
-            if worker:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker, signal.SIGKILL)
+        program = _OWNER_OF_A_WORKER_PICKLING.replace("MARKER", repr(str(marker)))
+        _kill_the_zygote_under_a_frozen_owner(tmp_path, program, workers=1)
 
 
 _OWNER_OF_A_WORKER_PICKLING = """
