@@ -42,6 +42,28 @@ def stdlib_records() -> Iterator[list[logging.LogRecord]]:
         root.setLevel(level)
 
 
+#: a program's lines that make cancelflow log an error: a cancel callback that raises
+_CALLBACK_ERROR = textwrap.dedent(
+    """
+    def fail():
+        raise RuntimeError("boom")
+
+    token = cancelflow.CancellationToken()
+    token.on_cancel(fail)
+    token.cancel("go")
+    """
+)
+
+
+def _run(program: str) -> subprocess.CompletedProcess[str]:
+    """Run ``program`` in a fresh interpreter; it must succeed."""
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=WAIT
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 class TestSilentByDefault:
     def test_a_program_that_runs_pipelines_prints_nothing(self) -> None:
         """Test that a fresh program running a completed and a cancelled pipeline (which
@@ -73,6 +95,32 @@ class TestSilentByDefault:
         )
         assert done.returncode == 0, done.stderr
         assert (done.stdout, done.stderr) == ("", "")
+
+    def test_importing_cancelflow_does_not_import_loguru(self) -> None:
+        """Test that loguru (and the asyncio it imports) is not imported by cancelflow: a
+        record logged where loguru was never imported could reach no sink."""
+        done = _run("import sys, cancelflow; print('loguru' in sys.modules)")
+        assert done.stdout == "False\n"
+
+    @pytest.mark.parametrize("first", ["cancelflow", "loguru"])
+    def test_records_stay_off_whichever_is_imported_first(self, first: str) -> None:
+        """Test that a program importing loguru before or after cancelflow (loguru's
+        default sink writes to stderr) sees nothing of a callback's error record."""
+        second = "loguru" if first == "cancelflow" else "cancelflow"
+        done = _run(f"import {first}, {second}\n{_CALLBACK_ERROR}")
+        assert (done.stdout, done.stderr) == ("", "")
+
+    def test_enable_after_importing_loguru_later_turns_the_records_on(self) -> None:
+        """Test that ``logger.enable("cancelflow")`` works in a program that imports
+        loguru after cancelflow (the library was silenced as loguru's module ran, before
+        the application's call)."""
+        program = (
+            "import cancelflow\nfrom loguru import logger\n"
+            f'logger.enable("cancelflow")\n{_CALLBACK_ERROR}'
+        )
+        done = _run(program)
+        assert "raised" in done.stderr, done.stderr
+        assert "RuntimeError: boom" in done.stderr
 
     def test_enabling_cancelflow_turns_the_records_on(self, logs: LogCapture) -> None:
         """Test that logger.enable("cancelflow") (what the logs fixture does) delivers the

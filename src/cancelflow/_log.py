@@ -21,23 +21,107 @@ Logging can be reached from a signal handler (a ``cancel()`` that runs callbacks
 reports their errors). loguru refuses re-entrant use of a sink from the same thread with
 a ``RuntimeError`` instead of deadlocking; :func:`safe_log` swallows exactly that case so
 that a cancellation is never turned into a crash by its own log line.
+
+**loguru is imported only when something else imports it.** A record logged in a
+process where loguru was never imported could reach no sink, so :func:`safe_log` drops
+it without importing loguru (a pool's workers, and a program that never configures
+logging, do not carry loguru and asyncio, which it imports: a worker forked from a
+zygote that does is slower to start and to kill). The rule above still holds as if
+loguru had been imported with cancelflow: when loguru is imported later, by anyone,
+``cancelflow`` is disabled right after loguru's own module runs, before the importer
+can call ``enable``.
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
+import importlib.machinery
+import importlib.util
+import sys
 import traceback
-from typing import TYPE_CHECKING, Any
-
-from loguru import logger as _root
+import types
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
-    from loguru import Message
+    from importlib.abc import Loader
 
-logger = _root.bind(cancelflow=True)
-_root.disable("cancelflow")
+    from loguru import Logger, Message
 
-__all__ = ("log_to_logging", "logger", "safe_log")
+__all__ = ("log_to_logging", "safe_log")
+
+_LOGURU = "loguru"
+_bound: Logger | None = None  # loguru's logger with cancelflow=True bound, once imported
+_silenced = False  # cancelflow was disabled in loguru (once, when loguru was first seen)
+
+
+def _silence(loguru: types.ModuleType) -> None:
+    """loguru's rule for libraries: ``cancelflow`` is disabled until the application
+    enables it."""
+    global _silenced
+    loguru.logger.disable("cancelflow")
+    _silenced = True
+
+
+class _SilenceOnImport:
+    """Runs :func:`_silence` right after loguru's module is executed, whoever imports
+    it, then steps out of the import system."""
+
+    def __init__(self) -> None:
+        self.loader: Loader | None = None  # loguru's own, once found
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None,
+        target: types.ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != _LOGURU or self.loader is not None:
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)  # what the other finders find
+        if spec is None or spec.loader is None:
+            return None
+        self.loader = spec.loader
+        spec.loader = cast("Loader", self)  # a loader by protocol, not by base class
+        return spec
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        assert self.loader is not None
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        assert self.loader is not None
+        # What loguru's module sees of its loader is its own one.
+        module.__loader__ = self.loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        _silence(module)
+
+
+_finder = _SilenceOnImport()
+if _LOGURU in sys.modules:
+    _silence(sys.modules[_LOGURU])
+else:
+    sys.meta_path.insert(0, _finder)
+
+
+def _logger() -> Logger | None:
+    """cancelflow's bound logger, or None while loguru is not imported (no sink can
+    exist) or is being imported."""
+    global _bound
+    if _bound is None:
+        loguru = sys.modules.get(_LOGURU)
+        if loguru is None:
+            return None
+        if not _silenced:
+            if _finder.loader is not None:  # loguru's module is running
+                return None
+            _silence(loguru)  # imported past the finder: silenced when first seen
+        _bound = loguru.logger.bind(cancelflow=True)
+    return _bound
 
 
 def safe_log(
@@ -48,6 +132,9 @@ def safe_log(
     With ``exception``, the record carries the exception without its frames, and the
     message ends with its formatted traceback (no local variables).
     """
+    logger = _bound if _bound is not None else _logger()
+    if logger is None:
+        return
     try:
         if exception is None:
             logger.bind(**ids).opt(depth=1).log(level, message)
@@ -57,10 +144,6 @@ def safe_log(
         bound.log(level, f"{message}\n{text}")
     except Exception:  # noqa: BLE001 - a log line must never break a cancellation
         pass
-
-
-#: attribute names of a LogRecord, which bound ids may not overwrite
-_RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
 def log_to_logging(level: str | int = "DEBUG") -> int:
@@ -79,6 +162,13 @@ def log_to_logging(level: str | int = "DEBUG") -> int:
     ``loguru.logger.disable("cancelflow")`` to be silent again).
     """
 
+    import logging
+
+    from loguru import logger as root
+
+    # attribute names of a LogRecord, which bound ids may not overwrite
+    reserved = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
     def forward(message: Message) -> None:
         record = message.record
         target = logging.getLogger(record["name"] or "cancelflow")
@@ -89,7 +179,7 @@ def log_to_logging(level: str | int = "DEBUG") -> int:
             return
         error = record["exception"]
         exc_info = (error.type, error.value, None) if error is not None else None
-        extra = {k: v for k, v in record["extra"].items() if k not in _RESERVED}
+        extra = {k: v for k, v in record["extra"].items() if k not in reserved}
         log_record = target.makeRecord(
             target.name,
             number,
@@ -103,12 +193,12 @@ def log_to_logging(level: str | int = "DEBUG") -> int:
         )
         target.handle(log_record)
 
-    sink_id = _root.add(
+    sink_id = root.add(
         forward,
         level=level,
         format="{message}",
         filter=lambda record: bool(record["extra"].get("cancelflow")),
         catch=True,
     )
-    _root.enable("cancelflow")
+    root.enable("cancelflow")
     return sink_id

@@ -17,7 +17,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
 
 from . import _cell, _timer
-from ._async import wait_for_callback
 from ._exceptions import CancelledException
 from ._log import safe_log
 from ._platform import HAVE_FUTEX, TOKENS_CROSS_PROCESSES, at_fork, futex_wait, futex_wake
@@ -535,6 +534,8 @@ class CancellationToken(_Cell):
 
         def when_cancelled(callback: Callable[[], object]) -> Callable[[], object]:
             return self.on_cancel(callback).remove
+
+        from ._async import wait_for_callback  # asyncio: imported where it is used
 
         await wait_for_callback(when_cancelled)
 
