@@ -213,6 +213,64 @@ class TestStateRestoredBetweenTasks:
             assert p.statistics().replaced_total == 1
 
 
+class TestWhatAWorkerCarries:
+    """A worker is a fork of its zygote and carries what the zygote imported: the less,
+    the sooner a killed worker is gone (the kernel tears down what it maps)."""
+
+    def test_a_workers_imports_leave_out_the_parent_side_and_logging(self) -> None:
+        """Test that in a program that imports only cancelflow, a worker has not imported
+        asyncio, loguru or the pool's and the executor's parent side."""
+        done = run_script(
+            """
+            import json
+            import workloads
+            from cancelflow import ProcessPool
+
+            with ProcessPool(1) as pool:
+                print(json.dumps(pool.submit(workloads.imported_modules).result()))
+            """
+        )
+        assert done.returncode == 0, done.stderr
+        modules = set(json.loads(done.stdout))
+        assert "cancelflow._process._worker" in modules  # the list is the worker's
+        heavy = {
+            "asyncio",
+            "loguru",
+            "cancelflow._process._supervisor",
+            "cancelflow._process._pool",
+            "cancelflow._executor",
+        }
+        assert heavy & modules == set()
+
+    def test_a_task_reaches_every_public_name(self) -> None:
+        """Test that a task sees the whole of ``cancelflow`` (its ``__init__`` runs in the
+        worker once a public name is asked for)."""
+        with ProcessPool(1) as pool:
+            assert pool.submit(workloads.missing_public_names).result(timeout=WAIT) == []
+
+    def test_a_public_class_says_it_lives_in_cancelflow_before_a_task_asks(self) -> None:
+        """Test that a worker's own ``CancelledException`` (what its tracebacks name) says
+        ``cancelflow``, as in the parent, though no task asked ``cancelflow`` for it."""
+        done = run_script(
+            """
+            import workloads
+            from cancelflow import ProcessPool
+
+            with ProcessPool(1) as pool:
+                print(pool.submit(workloads.module_of_cancelled_exception).result())
+            """
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "cancelflow\n"
+
+    def test_a_star_import_in_a_task_gives_the_public_classes(self) -> None:
+        """Test that ``from cancelflow import *`` in a task binds the public classes,
+        each saying it lives in ``cancelflow``."""
+        with ProcessPool(1) as pool:
+            future = pool.submit(workloads.public_modules_of_public_names)
+            assert future.result(timeout=WAIT) == ["cancelflow"]
+
+
 class TestSignals:
     def test_an_idle_worker_survives_a_stray_sigterm(self) -> None:
         """Test that a SIGTERM reaching a worker between tasks is ignored: the worker

@@ -369,3 +369,36 @@ def wait_cooperatively_then_store_progress(progress: int) -> str:
     except cancelflow.CancelledException:
         _context.store_partial("progress", progress)
         raise
+
+
+def imported_modules() -> list[str]:
+    """The names of the modules the worker running this has imported."""
+    return sorted(sys.modules)
+
+
+def missing_public_names() -> list[str]:
+    """The names of ``cancelflow.__all__`` a task cannot reach as ``cancelflow.X``."""
+    import cancelflow as package
+
+    return [name for name in package.__all__ if not hasattr(package, name)]
+
+
+def public_modules_of_public_names() -> list[str]:
+    """The ``__module__`` of every public class of :mod:`cancelflow`, seen in a worker."""
+    namespace: dict[str, object] = {}
+    exec("from cancelflow import *", namespace)
+    return sorted(
+        {
+            getattr(value, "__module__", "cancelflow")
+            for value in namespace.values()
+            if isinstance(value, type)
+        }
+    )
+
+
+def module_of_cancelled_exception() -> str:
+    """What the worker's ``CancelledException`` says it lives in, reached by its private
+    module (no task asked ``cancelflow`` for it)."""
+    from cancelflow import _exceptions
+
+    return _exceptions.CancelledException.__module__

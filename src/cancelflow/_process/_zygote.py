@@ -41,6 +41,7 @@ from .._platform import (
     prepare_parent_death_signals,
     set_child_subreaper,
 )
+from . import _lazy_package
 from ._protocol import (
     Exited,
     PrepareFailed,
@@ -62,6 +63,39 @@ __all__ = ("importing_main", "start", "zygote_main")
 #: True while a zygote imports the program's ``__main__``: a pool made then would be made
 #: by the zygote itself (a script without an ``if __name__ == "__main__":`` guard).
 importing_main = False
+
+
+#: Packages whose ``__init__`` the zygote does not run: their names are imported one by
+#: one as they are asked for (:mod:`._lazy_package` says why).
+_LAZY_PACKAGES = ("cancelflow", "cancelflow._process")
+
+#: The zygote's program (``python -c``). The zygote runs this process's implementation of
+#: the platform layer (their messages depend on it), whatever its environment says; the
+#: variable is put back as it was for the tasks.
+_START = """\
+import importlib.util, os, sys
+sys.path.append({root!r})
+try:
+    spec = importlib.util.spec_from_file_location({lazy_name!r}, {lazy_file!r})
+    lazy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lazy)
+    lazy.install({packages!r})
+    sys.modules[spec.name] = lazy
+except Exception:  # the packages as every process has them, only heavier
+    lazy = None
+    for name in {packages!r}:
+        sys.modules.pop(name, None)
+was = os.environ.get({variable!r})
+os.environ[{variable!r}] = {flavour!r}
+from {module} import zygote_main
+if was is None:
+    os.environ.pop({variable!r})
+else:
+    os.environ[{variable!r}] = was
+if lazy is not None:
+    lazy.serve_loaded()
+zygote_main({control}, {chunk})
+"""
 
 
 def start(
@@ -95,16 +129,17 @@ def start(
                     *subprocess._args_from_interpreter_flags(),  # type: ignore[attr-defined]
                     "-P",
                     "-c",
-                    # The zygote runs this process's implementation of the platform layer
-                    # (their messages depend on it), whatever its environment says; the
-                    # variable is put back as it was for the tasks.
-                    f"import os, sys; sys.path.append({package_root!r}); "
-                    f"was = os.environ.get({ENVIRONMENT_VARIABLE!r}); "
-                    f"os.environ[{ENVIRONMENT_VARIABLE!r}] = {FLAVOUR!r}; "
-                    f"from {__name__} import zygote_main; "
-                    f"os.environ.pop({ENVIRONMENT_VARIABLE!r}) if was is None "
-                    f"else os.environ.__setitem__({ENVIRONMENT_VARIABLE!r}, was); "
-                    f"zygote_main({zygote_end.fileno()}, {chunk_fd})",
+                    _START.format(
+                        root=package_root,
+                        variable=ENVIRONMENT_VARIABLE,
+                        flavour=FLAVOUR,
+                        lazy_name=_lazy_package.__name__,
+                        lazy_file=_lazy_package.__file__,
+                        packages=_LAZY_PACKAGES,
+                        module=__name__,
+                        control=zygote_end.fileno(),
+                        chunk=chunk_fd,
+                    ),
                 ],
                 pass_fds=(zygote_end.fileno(), chunk_fd),
                 stdin=subprocess.DEVNULL,

@@ -1,0 +1,145 @@
+"""A package whose names are imported one by one, as they are asked for: the zygote's.
+
+cancelflow's ``__init__`` imports all of it (asyncio, the executor, the pools' parent
+side), and a worker, a fork of its zygote, carries whatever the zygote imported: the more
+it maps, the longer the kernel takes to tear it down after a SIGKILL (a fork of a
+28 MB interpreter ~0.9 ms here, of a 19.5 MB one ~0.65 ms; a caller waits for that).
+So the zygote does not run the ``__init__`` of the packages it names; :func:`install`
+puts in ``sys.modules`` a module for each of them, with its ``__path__`` (its submodules
+import as usual) and a module ``__getattr__`` that serves the names its ``__init__``
+binds by importing only the module each one comes from. ``cancelflow.CancelledException``
+in a task costs nothing (the worker has it), ``cancelflow.PipelineExecutor`` imports the
+executor in that worker.
+
+Guaranteed: every name the real ``__init__`` binds by import, and its literal
+assignments (``__all__``), is served, the same object as in any other process, and a
+public class or function says it lives in the package (as the real ``__init__`` does);
+a submodule's name imports the submodule. Not guaranteed: other statements of the
+``__init__`` do not run (cancelflow's and ``cancelflow._process``'s have none that
+matter to a worker: the tests check that a task reaches every public name).
+
+Loaded by file path before ``cancelflow`` exists, so it imports nothing of cancelflow.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import inspect
+import sys
+import types
+from typing import Any
+
+__all__ = ("install", "serve_loaded")
+
+_installed: list[tuple[types.ModuleType, dict[str, _Source]]] = []
+
+
+class _Source:
+    """Where one name of a package comes from: a module's attribute, or a literal."""
+
+    __slots__ = ("attribute", "module", "value")
+
+    def __init__(self, module: str | None, attribute: str, value: Any = None) -> None:
+        self.module = module  # absolute module name, None for a literal
+        self.attribute = attribute
+        self.value = value
+
+
+def _sources(package: str, init_file: str) -> dict[str, _Source]:
+    """The names the package's ``__init__`` binds, read from its source."""
+    with open(init_file, encoding="utf-8") as source:
+        tree = ast.parse(source.read(), init_file)
+    names: dict[str, _Source] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            for alias in node.names:
+                bound = alias.asname or alias.name
+                if node.module is None:  # from . import submodule
+                    names[bound] = _Source(f"{base}.{alias.name}", "")
+                else:
+                    names[bound] = _Source(base, alias.name)
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+            if isinstance(target, ast.Name):
+                try:
+                    names[target.id] = _Source(None, target.id, ast.literal_eval(node.value))
+                except (ValueError, TypeError, SyntaxError):  # not a literal: not served
+                    pass
+    return names
+
+
+def _serve(package: types.ModuleType, sources: dict[str, _Source], name: str) -> Any:
+    source = sources.get(name)
+    if source is None:
+        submodule = f"{package.__name__}.{name}"
+        if not name.startswith("__") and importlib.util.find_spec(submodule) is not None:
+            return importlib.import_module(submodule)
+        raise AttributeError(f"module {package.__name__!r} has no attribute {name!r}")
+    # No lock of ours around the import: the import system's own module locks serialise
+    # it, and two threads that serve one name store the same object.
+    if source.module is None:
+        value = source.value
+    elif not source.attribute:
+        value = importlib.import_module(source.module)
+    else:
+        value = getattr(importlib.import_module(source.module), source.attribute)
+    if (
+        not name.startswith("_")
+        and (inspect.isclass(value) or inspect.isroutine(value))
+        and getattr(value, "__module__", "").startswith(f"{package.__name__}._")
+    ):
+        try:  # what the real __init__ does: cancelflow.X in reprs and tracebacks
+            value.__module__ = package.__name__
+        except (AttributeError, TypeError):
+            pass
+    vars(package)[name] = value
+    return value
+
+
+def install(packages: tuple[str, ...]) -> None:
+    """Put a module for each of ``packages`` (parents first) in ``sys.modules`` that
+    serves its names one by one instead of running its ``__init__``."""
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None or spec.submodule_search_locations is None:
+            raise ImportError(f"{name!r} is not a package")
+        package = importlib.util.module_from_spec(spec)
+        sources = _sources(name, spec.origin)
+
+        def __getattr__(
+            attribute: str,
+            package: types.ModuleType = package,
+            sources: dict[str, _Source] = sources,
+        ) -> Any:
+            return _serve(package, sources, attribute)
+
+        def __dir__(
+            package: types.ModuleType = package, sources: dict[str, _Source] = sources
+        ) -> list[str]:
+            return sorted(set(vars(package)) | set(sources))
+
+        package.__getattr__ = __getattr__  # type: ignore[method-assign]
+        package.__dir__ = __dir__  # type: ignore[method-assign]
+        sys.modules[name] = package
+        _installed.append((package, sources))
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, package)
+
+
+def serve_loaded() -> None:
+    """Serve now every name whose module is already imported, in every package
+    :func:`install` made (so that what those names are says it lives in the package
+    before a task asks)."""
+    lazy = {package.__name__: package for package, _ in _installed}
+    for package, sources in reversed(_installed):  # a subpackage's names first
+        for name, source in sources.items():
+            if source.module in lazy:  # served by that package only if it has it now
+                loaded = source.attribute in vars(lazy[source.module])
+            else:
+                loaded = source.module is None or source.module in sys.modules
+            if loaded:
+                _serve(package, sources, name)
