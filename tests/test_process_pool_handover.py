@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,8 +31,18 @@ from cancelflow import (
     WorkerCrashedError,
     _cell,
 )
+from cancelflow._process import _supervisor
 from cancelflow._process._channel import FrameSource, encode
-from cancelflow._process._protocol import DEPTH, Control, Held, Release, read, wire
+from cancelflow._process._protocol import (
+    DEPTH,
+    SHALLOW,
+    WORKER_SLOTS,
+    Control,
+    Held,
+    Release,
+    read,
+    wire,
+)
 from cancelflow._process._worker import _Worker
 from cancelflow._token import token_on_slot
 from support import WAIT, Announcements, run_script, wait_until, zygote_pid
@@ -458,7 +469,7 @@ class TestAWorkerClaimingATask:
         started, holds task 3 while the pool's decision to signal task 1 stands (it says
         Held and starts only on Release): a signal meant for task 1 never reaches task 3
         (regression: the task not started made the worker forget task 1)."""
-        chunk = _cell.Chunk(DEPTH + 2, pinned=True)
+        chunk = _cell.Chunk(1 + WORKER_SLOTS, pinned=True)
         ours, theirs = socket.socketpair()
         try:
             offsets = [(1 + j) * _cell.SLOT_SIZE for j in range(DEPTH)]
@@ -488,9 +499,71 @@ class TestAWorkerClaimingATask:
             theirs.close()
             chunk.close()
 
-    def test_its_control_block_fits_in_one_slot(self) -> None:
+    def test_its_control_block_fits_in_the_slots_after_its_token_slots(self) -> None:
         """Test that a worker's Control block (with a steal_for per task it may hold)
-        fits in the one chunk slot the pool gives it after its DEPTH token slots."""
+        fits in the chunk slots the pool gives it after its DEPTH token slots."""
         import ctypes
 
-        assert ctypes.sizeof(Control) <= _cell.SLOT_SIZE
+        assert ctypes.sizeof(Control) <= (WORKER_SLOTS - DEPTH) * _cell.SLOT_SIZE
+
+
+def _held_after_the_pool_looked(
+    pool: ProcessPool, tmp_path: Path, calls: list[tuple[Any, ...]]
+) -> int:
+    """Occupy the pool's one worker, submit ``calls`` (each ``(fn, *args)``), and return
+    how many of them its worker was handed to start after its running task, once the
+    pool's dispatch has seen them all: the running task stores two partial results, the
+    second after the test read the first, so the pool reads the second in a later turn
+    than the first, whose end handed out what was queued; then it ends."""
+    gates = [str(tmp_path / f"gate-{i}") for i in range(3)]
+    seen = Announcements()
+    first = pool.submit_task(workloads.store_at_gates, gates, partial_sink=seen)
+    assert wait_until(first.running)
+    futures = [pool.submit(*call) for call in calls]
+    for i, gate in enumerate(gates[:2]):
+        Path(gate).touch()
+        seen.wait(f"gate-{i}")
+    held = sum(f.running() for f in futures)
+    Path(gates[2]).touch()  # it ends
+    assert first.result(WAIT) == "went"
+    concurrent.futures.wait(futures, WAIT)
+    return held
+
+
+class TestHowManyTasksAWorkerHolds:
+    """A busy worker is handed tasks to start after its running one: SHALLOW of them,
+    and up to DEPTH - 1 while its tasks are quick and their calls small."""
+
+    def test_a_worker_of_quick_tasks_holds_up_to_depth(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that a worker whose last task was quick is handed DEPTH - 1 small calls
+        to start after its running task (the rest wait in the pool's queue)."""
+        monkeypatch.setattr(_supervisor, "QUICK_TASK", WAIT)  # every task is quick
+        with ProcessPool(1) as pool:
+            assert pool.submit(workloads.add, 1, 1).result(WAIT) == 2
+            calls = [(workloads.add, i, 1) for i in range(DEPTH + 2)]
+            assert _held_after_the_pool_looked(pool, tmp_path, calls) == DEPTH - 1
+
+    def test_a_worker_of_slow_tasks_holds_only_a_few(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that a worker whose last task was not quick is handed only SHALLOW
+        tasks to start after its running one: the others stay in the queue, where
+        cancel() and shutdown(cancel_futures=True) drop them (as the stdlib's)."""
+        monkeypatch.setattr(_supervisor, "QUICK_TASK", 0.0)  # no task is quick
+        with ProcessPool(1) as pool:
+            assert pool.submit(workloads.add, 1, 1).result(WAIT) == 2
+            calls = [(workloads.add, i, 1) for i in range(DEPTH + 2)]
+            assert _held_after_the_pool_looked(pool, tmp_path, calls) == SHALLOW
+
+    def test_big_calls_do_not_pile_up_in_a_worker(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that quick tasks whose calls are big (200 KiB each) are handed to a busy
+        worker only SHALLOW at a time: they do not pile up in its memory."""
+        monkeypatch.setattr(_supervisor, "QUICK_TASK", WAIT)
+        with ProcessPool(1) as pool:
+            assert pool.submit(workloads.add, 1, 1).result(WAIT) == 2
+            calls = [(workloads.add, bytes(200 * 1024), b"") for _ in range(DEPTH + 2)]
+            assert _held_after_the_pool_looked(pool, tmp_path, calls) == SHALLOW

@@ -402,3 +402,12 @@ def module_of_cancelled_exception() -> str:
     from cancelflow import _exceptions
 
     return _exceptions.CancelledException.__module__
+
+
+def store_at_gates(*gates: str) -> str:
+    """For each of ``gates`` but the last in turn: wait until the path exists, then
+    store a partial result ``gate-<i>``; return once the last path exists."""
+    for i, gate in enumerate(gates[:-1]):
+        wait_for_path(gate)
+        _context.store_partial(f"gate-{i}", i)
+    return wait_for_path(gates[-1])

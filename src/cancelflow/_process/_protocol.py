@@ -26,8 +26,13 @@ import struct
 import threading
 from typing import Any, Literal, NamedTuple
 
+from .._cell import SLOT_SIZE
+
 __all__ = (
+    "DEEP_BYTES",
     "DEPTH",
+    "QUICK_TASK",
+    "SHALLOW",
     "TASK_TOKEN_ID",
     "Cancel",
     "Control",
@@ -48,6 +53,7 @@ __all__ = (
     "Sweep",
     "SweepStrays",
     "Swept",
+    "WORKER_SLOTS",
     "WorkerMessage",
     "ZygoteMessage",
     "ZygoteReady",
@@ -65,8 +71,20 @@ TASK_TOKEN_ID = "cancelflow.task-token"
 #: The most tasks a worker holds: the one it runs and those handed to it to start after
 #: it, each on its own token slot (see _supervisor.Supervisor._dispatch). Deep enough
 #: that a worker finishing short tasks does not wait for the supervisor's turn, which on
-#: a machine with as many busy workers as cores comes once per scheduler slice.
-DEPTH = 4
+#: a machine with as many busy workers as cores comes once per scheduler slice (trivial
+#: tasks on 2 workers: 4 → 16 took ``benchmarks/bench_pool_throughput.py`` from
+#: ~25k to ~34k tasks/s).
+DEPTH = 16
+#: A busy worker is handed tasks to start after its running one up to this many ...
+SHALLOW = 3
+#: ... and beyond that (up to ``DEPTH - 1``) only if its last task took less than
+#: ``QUICK_TASK`` seconds (where the supervisor's turn is what it waits for; tasks of a
+#: tenth of a second stay in the pool's queue, where ``cancel()`` and
+#: ``shutdown(cancel_futures=True)`` drop them, as the stdlib's) ...
+QUICK_TASK = 0.001
+#: ... and while the calls waiting in its hands total at most this many pickled bytes
+#: (big arguments do not pile up in a worker's memory and socket buffers).
+DEEP_BYTES = 256 * 1024
 
 
 class Control(ctypes.Structure):
@@ -124,6 +142,10 @@ class Control(ctypes.Structure):
         ("ack_sleeping", ctypes.c_int64),
     )
 
+
+#: Chunk slots per worker in a pool's shared memory: its DEPTH token slots, then its
+#: Control block (in as many slots as it takes).
+WORKER_SLOTS = DEPTH + -(-ctypes.sizeof(Control) // SLOT_SIZE)
 
 _barrier = threading.Lock()
 

@@ -64,7 +64,11 @@ from .._token import CancellationToken, token_on_slot
 from . import _zygote
 from ._channel import FrameReader, encode
 from ._protocol import (
+    DEEP_BYTES,
     DEPTH,
+    QUICK_TASK,
+    SHALLOW,
+    WORKER_SLOTS,
     Cancel,
     Control,
     CriticalEnded,
@@ -227,6 +231,10 @@ class WorkerHandle:
         #: ``task`` ended (unless a stop revoked one first: see Supervisor._revoke);
         #: changed under ``slot_lock``
         self.behind: collections.deque[Task] = collections.deque()
+        #: when its ``task`` became its task (time.monotonic()), and whether the one
+        #: before took less than QUICK_TASK (see Supervisor._may_queue_behind)
+        self.task_since = 0.0
+        self.quick = False
         #: seq -> token slot of each task taken back from it before it claimed it
         #: (Supervisor._steal): the slot is reserved until it said it did not start it
         self.moving: dict[int, int] = {}
@@ -336,7 +344,7 @@ class Supervisor:
 
         preload_tree_functions()  # a first kill must not wait for an import
         # Per worker: its DEPTH token slots, then its control block.
-        self._chunk = _cell.Chunk((DEPTH + 1) * size + 1, pinned=True, label="cancelflow-pool")
+        self._chunk = _cell.Chunk(WORKER_SLOTS * size + 1, pinned=True, label="cancelflow-pool")
         self._chunk.mark_shared()
         self._slot_tokens = [
             tuple(
@@ -1293,16 +1301,26 @@ class Supervisor:
             busy = [w for w in busy if self._may_queue_behind(w)]
 
     def _may_queue_behind(self, worker: WorkerHandle) -> bool:
-        """Whether a task may be handed to busy ``worker`` to start after those it holds:
-        it holds fewer than :data:`DEPTH` and its running task was not asked to stop."""
+        """Whether the first queued task may be handed to busy ``worker`` to start after
+        those it holds: its running task was not asked to stop, and it holds fewer than
+        :data:`SHALLOW` behind it, or (its last task took less than :data:`QUICK_TASK`)
+        fewer than :data:`DEPTH` - 1 whose calls and the queued one's total at most
+        :data:`DEEP_BYTES`."""
         task = worker.task
-        return (
+        if not (
             worker.state == "busy"
             and task is not None
             and task.stop_kind is None
-            and len(worker.behind) + len(worker.moving) < DEPTH - 1
             and self._can_take(worker)
-        )
+        ):
+            return False
+        held = len(worker.behind) + len(worker.moving)
+        if held < SHALLOW:
+            return True
+        if held >= DEPTH - 1 or not worker.quick or not self.queue:
+            return False
+        waiting = sum(len(t.payload) for t in worker.behind)
+        return waiting + len(self.queue[0].payload) <= DEEP_BYTES
 
     @staticmethod
     def _can_take(worker: WorkerHandle) -> bool:
@@ -1338,6 +1356,7 @@ class Supervisor:
             if not queue_behind:
                 worker.state = "busy"
                 worker.task = task
+                worker.task_since = time.monotonic()
                 control = worker.control
                 # Raised for its last task, see _escalate and _may_signal: any signal
                 # decided for it was sent (under this lock) and heard by now.
@@ -1425,6 +1444,8 @@ class Supervisor:
         """The worker's task ended (its result is being read): the first task behind it,
         if any, is its task now. A worker retiring or dying keeps them behind: it never
         starts them, and :meth:`_retire` queues them again."""
+        now = time.monotonic()
+        worker.quick, worker.task_since = now - worker.task_since < QUICK_TASK, now
         if worker.behind and worker.state == "busy":
             with worker.slot_lock:  # see _lock_running_worker
                 following = worker.task = worker.behind.popleft()
@@ -2091,7 +2112,7 @@ def _open_section_end(control: Control) -> float:
 def _token_offset(index: int) -> int:
     """Where worker ``index``'s first token slot is in the pool's chunk (slot 0 is the
     chunk's header)."""
-    return (1 + (DEPTH + 1) * index) * _SLOT
+    return (1 + WORKER_SLOTS * index) * _SLOT
 
 
 def _crash_error(worker: WorkerHandle) -> WorkerCrashedError:
