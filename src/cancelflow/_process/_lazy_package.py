@@ -12,9 +12,9 @@ in a task costs nothing (the worker has it), ``cancelflow.PipelineExecutor`` imp
 executor in that worker.
 
 Guaranteed: every name the real ``__init__`` binds by import, and its literal
-assignments (``__all__``), is served, the same object as in any other process, and a
-public class or function says it lives in the package (as the real ``__init__`` does);
-a submodule's name imports the submodule. Not guaranteed: other statements of the
+assignments (``__all__``), is served, the same object as in any other process; a public
+class or function of ``cancelflow`` says it lives there (as its ``__init__`` does); a
+submodule's name imports the submodule. Not guaranteed: other statements of the
 ``__init__`` do not run (cancelflow's and ``cancelflow._process``'s have none that
 matter to a worker: the tests check that a task reaches every public name).
 
@@ -34,6 +34,7 @@ from typing import Any
 __all__ = ("install", "serve_loaded")
 
 _installed: list[tuple[types.ModuleType, dict[str, _Source]]] = []
+_public = ""  # the package whose public classes and functions say they live in it
 
 
 class _Source:
@@ -87,7 +88,8 @@ def _serve(package: types.ModuleType, sources: dict[str, _Source], name: str) ->
     else:
         value = getattr(importlib.import_module(source.module), source.attribute)
     if (
-        not name.startswith("_")
+        package.__name__ == _public
+        and not name.startswith("_")
         and (inspect.isclass(value) or inspect.isroutine(value))
         and getattr(value, "__module__", "").startswith(f"{package.__name__}._")
     ):
@@ -99,9 +101,12 @@ def _serve(package: types.ModuleType, sources: dict[str, _Source], name: str) ->
     return value
 
 
-def install(packages: tuple[str, ...]) -> None:
+def install(packages: tuple[str, ...], public: str) -> None:
     """Put a module for each of ``packages`` (parents first) in ``sys.modules`` that
-    serves its names one by one instead of running its ``__init__``."""
+    serves its names one by one instead of running its ``__init__``; the public names
+    of package ``public`` say they live there (its ``__init__`` does that)."""
+    global _public
+    _public = public
     for name in packages:
         spec = importlib.util.find_spec(name)
         if spec is None or spec.origin is None or spec.submodule_search_locations is None:

@@ -79,7 +79,7 @@ try:
     spec = importlib.util.spec_from_file_location({lazy_name!r}, {lazy_file!r})
     lazy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lazy)
-    lazy.install({packages!r})
+    lazy.install({packages!r}, {packages[0]!r})
     sys.modules[spec.name] = lazy
 except Exception:  # the packages as every process has them, only heavier
     lazy = None
