@@ -9,6 +9,7 @@ and the generation word are tested through the module's own functions.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import gc
 import multiprocessing
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 
 from cancelflow import CancellationToken, _cell
-from cancelflow._platform import HAVE_FUTEX, futex_wait
+from cancelflow._platform import HAVE_FUTEX, _doorbell, futex_wait
 from cancelflow._token import token_on_slot
 from support import WAIT, Recorder, memfds, needs_shared_tokens, pipe, receive, running, share
 
@@ -209,6 +210,23 @@ class TestAcrossProcesses:
                 assert receive(reader) == "listening"
                 chunk.ring()
                 assert receive(reader) is True
+
+    @pytest.mark.skipif(HAVE_FUTEX, reason="doorbells: the implementations without futex")
+    def test_a_listener_that_cannot_be_counted_is_closed(
+        self, chunk: _cell.Chunk, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that when the listener count in the chunk's header cannot be bumped (its
+        record lock fails: the chunk closing meanwhile), the socket just bound is closed,
+        not leaked (seen once as a ResourceWarning from a hub)."""
+
+        def fail(*args: object) -> None:
+            raise OSError(errno.EBADF, "closed meanwhile")
+
+        before = set(_doorbell._listening)
+        monkeypatch.setattr(_cell, "lock_range", fail)
+        with pytest.raises(OSError, match="closed meanwhile"):
+            chunk._new_listener()
+        assert set(_doorbell._listening) == before
 
     @pytest.mark.skipif(HAVE_FUTEX, reason="doorbells: the implementations without futex")
     def test_a_cancel_made_here_reaches_other_objects_on_its_slot_without_the_hub(

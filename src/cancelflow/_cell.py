@@ -267,10 +267,15 @@ class Chunk:
         listener = DoorbellListener(self.doorbell, hub=hub)
         header = self.header
         if header is not None and self.fd >= 0:
-            # Threads of one process are not kept apart by a record lock: the RLock does
-            # (re-entrant for a signal handler that waits while its thread was binding).
-            with _listeners_lock, lock_range(self.fd, 0, SLOT_SIZE):
-                header.listeners = (header.listeners + 1) & 0xFFFFFFFF
+            try:
+                # Threads of one process are not kept apart by a record lock: the RLock
+                # does (re-entrant for a signal handler that waits while its thread was
+                # binding).
+                with _listeners_lock, lock_range(self.fd, 0, SLOT_SIZE):
+                    header.listeners = (header.listeners + 1) & 0xFFFFFFFF
+            except BaseException:  # (the chunk closed meanwhile, an interrupt): not counted
+                listener.close(last=False)
+                raise
         return listener
 
     def listen(self) -> DoorbellListener | None:
