@@ -122,6 +122,49 @@ class TestSilentByDefault:
         assert "raised" in done.stderr, done.stderr
         assert "RuntimeError: boom" in done.stderr
 
+    def test_enable_after_a_probe_for_loguru_turns_the_records_on(self) -> None:
+        """Test that asking whether loguru is installed (``importlib.util.find_spec``)
+        before importing it leaves ``enable("cancelflow")`` working (regression: the
+        probe used up the import hook, and the records were dropped for good)."""
+        program = (
+            "import importlib.util, cancelflow\n"
+            "assert importlib.util.find_spec('loguru') is not None\n"
+            "from loguru import logger\n"
+            f'logger.enable("cancelflow")\n{_CALLBACK_ERROR}'
+        )
+        assert "RuntimeError: boom" in _run(program).stderr
+
+    def test_enable_works_when_loguru_was_imported_past_the_hook(self) -> None:
+        """Test that a program that put back ``sys.meta_path`` as it was before it
+        imported cancelflow, then imports loguru and enables cancelflow, gets the records
+        (regression: the first record disabled what the program had enabled)."""
+        program = (
+            "import sys\nsaved = list(sys.meta_path)\nimport cancelflow\n"
+            "sys.meta_path[:] = saved\nfrom loguru import logger\n"
+            f'logger.enable("cancelflow")\n{_CALLBACK_ERROR}'
+        )
+        assert "RuntimeError: boom" in _run(program).stderr
+
+    def test_loguru_imported_past_the_hook_stays_silent(self) -> None:
+        """Test that without ``enable``, a loguru imported past the hook sees nothing of
+        cancelflow's records."""
+        program = (
+            "import sys\nsaved = list(sys.meta_path)\nimport cancelflow\n"
+            f"sys.meta_path[:] = saved\nimport loguru\n{_CALLBACK_ERROR}"
+        )
+        done = _run(program)
+        assert (done.stdout, done.stderr) == ("", "")
+
+    def test_reloading_loguru_does_not_turn_the_records_on(self) -> None:
+        """Test that ``importlib.reload(loguru)`` (a fresh logger with loguru's default
+        stderr sink) does not make cancelflow print (regression: it logged to the new
+        logger, never disabled)."""
+        program = (
+            f"import importlib, cancelflow, loguru\nimportlib.reload(loguru)\n{_CALLBACK_ERROR}"
+        )
+        done = _run(program)
+        assert (done.stdout, done.stderr) == ("", "")
+
     def test_enabling_cancelflow_turns_the_records_on(self, logs: LogCapture) -> None:
         """Test that logger.enable("cancelflow") (what the logs fixture does) delivers the
         library's records."""

@@ -29,7 +29,12 @@ logging, do not carry loguru and asyncio, which it imports: a worker forked from
 zygote that does is slower to start and to kill). The rule above still holds as if
 loguru had been imported with cancelflow: when loguru is imported later, by anyone,
 ``cancelflow`` is disabled right after loguru's own module runs, before the importer
-can call ``enable``.
+can call ``enable`` (a hook first on ``sys.meta_path`` until then; a ``find_spec`` that
+imports nothing leaves it in place). Records then go to that loguru's logger, also
+after an ``importlib.reload(loguru)``. A loguru imported past the hook (a finder
+before it, ``sys.meta_path`` put back as it was) is handled at cancelflow's first
+record: disabled then, unless loguru's activation list already says something about
+``cancelflow`` or every library (``enable("")`` leaves nothing there: not seen).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import contextlib
 import importlib.machinery
 import importlib.util
 import sys
+import threading
 import traceback
 import types
 from collections.abc import Sequence
@@ -51,24 +57,25 @@ if TYPE_CHECKING:
 __all__ = ("log_to_logging", "safe_log")
 
 _LOGURU = "loguru"
-_bound: Logger | None = None  # loguru's logger with cancelflow=True bound, once imported
-_silenced = False  # cancelflow was disabled in loguru (once, when loguru was first seen)
+#: loguru's logger with cancelflow=True bound, from the loguru cancelflow disabled itself
+#: in (kept: after an ``importlib.reload(loguru)`` records still go where they went)
+_bound: Logger | None = None
+_searching = threading.local()  # the finder below is looking for loguru's spec
 
 
 def _silence(loguru: types.ModuleType) -> None:
     """loguru's rule for libraries: ``cancelflow`` is disabled until the application
-    enables it."""
-    global _silenced
+    enables it; then bind the logger this module logs through."""
+    global _bound
     loguru.logger.disable("cancelflow")
-    _silenced = True
+    _bound = loguru.logger.bind(cancelflow=True)
 
 
 class _SilenceOnImport:
-    """Runs :func:`_silence` right after loguru's module is executed, whoever imports
-    it, then steps out of the import system."""
-
-    def __init__(self) -> None:
-        self.loader: Loader | None = None  # loguru's own, once found
+    """First on ``sys.meta_path`` until loguru's module has run: it gives loguru's spec
+    (as the finders after it find it) a loader that runs :func:`_silence` right after
+    loguru's module, whoever imports it. A search that imports nothing (``find_spec``)
+    changes nothing."""
 
     def find_spec(
         self,
@@ -76,29 +83,53 @@ class _SilenceOnImport:
         path: Sequence[str] | None,
         target: types.ModuleType | None = None,
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != _LOGURU or self.loader is not None:
+        if fullname != _LOGURU or getattr(_searching, "active", False):
             return None
-        with contextlib.suppress(ValueError):
-            sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)  # what the other finders find
+        _searching.active = True
+        try:
+            spec = importlib.util.find_spec(fullname)  # what the other finders find
+        finally:
+            _searching.active = False
         if spec is None or spec.loader is None:
             return None
-        self.loader = spec.loader
-        spec.loader = cast("Loader", self)  # a loader by protocol, not by base class
+        spec.loader = cast("Loader", _Silencing(spec.loader))
         return spec
 
+
+class _Silencing:
+    """loguru's own loader, then :func:`_silence`."""
+
+    running = False  # loguru's module is running: the silence comes right after
+
+    def __init__(self, loader: Loader) -> None:
+        self.loader = loader
+
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
-        assert self.loader is not None
         return self.loader.create_module(spec)
 
     def exec_module(self, module: types.ModuleType) -> None:
-        assert self.loader is not None
         # What loguru's module sees of its loader is its own one.
         module.__loader__ = self.loader
         if module.__spec__ is not None:
             module.__spec__.loader = self.loader
-        self.loader.exec_module(module)
-        _silence(module)
+        _Silencing.running = True
+        try:
+            self.loader.exec_module(module)
+            _silence(module)
+        finally:
+            _Silencing.running = False
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(_finder)
+
+
+def _decided(loguru: types.ModuleType) -> bool:
+    """Whether loguru's activation list already says something about cancelflow (the
+    application enabled or disabled it, or every library)."""
+    try:
+        entries = loguru.logger._core.activation_list
+        return any("cancelflow.".startswith(name) for name, _ in entries)
+    except Exception:  # noqa: BLE001 - another loguru: nothing known
+        return False
 
 
 _finder = _SilenceOnImport()
@@ -110,17 +141,19 @@ else:
 
 def _logger() -> Logger | None:
     """cancelflow's bound logger, or None while loguru is not imported (no sink can
-    exist) or is being imported."""
+    exist) or its module is running."""
     global _bound
     if _bound is None:
         loguru = sys.modules.get(_LOGURU)
-        if loguru is None:
+        if loguru is None or not hasattr(loguru, "logger") or _Silencing.running:
             return None
-        if not _silenced:
-            if _finder.loader is not None:  # loguru's module is running
-                return None
-            _silence(loguru)  # imported past the finder: silenced when first seen
+        # Imported past the finder (a finder before it, sys.meta_path restored):
+        # silenced now, unless the application decided about cancelflow already.
+        if not _decided(loguru):
+            loguru.logger.disable("cancelflow")
         _bound = loguru.logger.bind(cancelflow=True)
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(_finder)
     return _bound
 
 
