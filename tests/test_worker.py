@@ -242,6 +242,36 @@ class TestWhatAWorkerCarries:
         }
         assert heavy & modules == set()
 
+    def test_a_program_module_named_like_the_standard_library_does_not_stand_in(
+        self, tmp_path: Path
+    ) -> None:
+        """Test that a program that puts its own directory, holding a ``secrets.py``,
+        first on ``sys.path`` after importing cancelflow still gets the standard
+        library's ``secrets`` where cancelflow imports it late, in a worker (found where
+        the owner found it; regression: the program's file, AttributeError)."""
+        (tmp_path / "secrets.py").write_text("API_KEY = 'xyz'\n")
+        done = run_script(
+            f"""
+            import sys
+            import workloads
+            from cancelflow import ProcessPool
+
+            sys.path.insert(0, {str(tmp_path)!r})
+            with ProcessPool(1) as pool:
+                print(pool.submit(workloads.remote_token_kind).result())
+            """
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "RemoteToken\n"
+
+    def test_a_task_sees_the_package_docstring(self) -> None:
+        """Test that ``cancelflow.__doc__`` in a task is the package's (what ``help()``
+        shows; regression: None in a worker)."""
+        import cancelflow
+
+        with ProcessPool(1) as pool:
+            assert pool.submit(workloads.package_docstring).result(WAIT) == cancelflow.__doc__
+
     def test_a_task_reaches_every_public_name(self) -> None:
         """Test that a task sees the whole of ``cancelflow`` (its ``__init__`` runs in the
         worker once a public name is asked for)."""

@@ -411,3 +411,13 @@ def store_at_gates(*gates: str) -> str:
         wait_for_path(gate)
         _context.store_partial(f"gate-{i}", i)
     return wait_for_path(gates[-1])
+
+
+def remote_token_kind() -> str:
+    """Make a token's remote handle in the worker (its module imports ``secrets``)."""
+    return type(cancelflow.CancellationToken().remote()).__name__
+
+
+def package_docstring() -> str | None:
+    """``cancelflow.__doc__`` as a task sees it."""
+    return cancelflow.__doc__

@@ -16,7 +16,11 @@ assignments (``__all__``), is served, the same object as in any other process; a
 class or function of ``cancelflow`` says it lives there (as its ``__init__`` does); a
 submodule's name imports the submodule. Not guaranteed: other statements of the
 ``__init__`` do not run (cancelflow's and ``cancelflow._process``'s have none that
-matter to a worker: the tests check that a task reaches every public name).
+matter to a worker: the tests check that a task reaches every public name); a public
+class whose module a task imports without asking ``cancelflow`` for it (a
+``ThreadPool`` that ``to_thread`` makes) says it lives in its private module
+(``cancelflow._thread_pool``) until some code asks ``cancelflow`` for its name; the
+classes the zygote has say ``cancelflow`` from the start (:func:`serve_loaded`).
 
 Loaded by file path before ``cancelflow`` exists, so it imports nothing of cancelflow.
 """
@@ -25,13 +29,15 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
+import os
 import sys
 import types
 from typing import Any
 
-__all__ = ("install", "serve_loaded")
+__all__ = ("install", "pin_standard_library", "serve_loaded", "standard_library_locations")
 
 _installed: list[tuple[types.ModuleType, dict[str, _Source]]] = []
 _public = ""  # the package whose public classes and functions say they live in it
@@ -49,10 +55,11 @@ class _Source:
 
 
 def _sources(package: str, init_file: str) -> dict[str, _Source]:
-    """The names the package's ``__init__`` binds, read from its source."""
+    """The names the package's ``__init__`` binds, read from its source (its docstring
+    as ``__doc__``)."""
     with open(init_file, encoding="utf-8") as source:
         tree = ast.parse(source.read(), init_file)
-    names: dict[str, _Source] = {}
+    names: dict[str, _Source] = {"__doc__": _Source(None, "__doc__", ast.get_docstring(tree))}
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and node.module != "__future__":
             base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
@@ -113,6 +120,7 @@ def install(packages: tuple[str, ...], public: str) -> None:
             raise ImportError(f"{name!r} is not a package")
         package = importlib.util.module_from_spec(spec)
         sources = _sources(name, spec.origin)
+        package.__doc__ = sources.pop("__doc__").value
 
         def __getattr__(
             attribute: str,
@@ -148,3 +156,51 @@ def serve_loaded() -> None:
                 loaded = source.module is None or source.module in sys.modules
             if loaded:
                 _serve(package, sources, name)
+
+
+def standard_library_locations() -> dict[str, str]:
+    """Where this process found each top-level module of the standard library it has
+    imported from a file: name → the ``sys.path`` entry it came from."""
+    locations: dict[str, str] = {}
+    for name, module in list(sys.modules.items()):
+        if "." in name or name not in sys.stdlib_module_names:
+            continue
+        spec = getattr(module, "__spec__", None)
+        if spec is None or not spec.has_location or not spec.origin:
+            continue
+        directory = os.path.dirname(spec.origin)
+        if spec.submodule_search_locations is not None:  # a package: .../name/__init__.py
+            directory = os.path.dirname(directory)
+        locations[name] = directory
+    return locations
+
+
+class _WhereTheOwnerFoundIt:
+    """Finds the standard library's top-level modules where the pool's owner found them."""
+
+    def __init__(self, locations: dict[str, str]) -> None:
+        self.locations = locations
+
+    def find_spec(
+        self, fullname: str, path: object = None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        directory = self.locations.get(fullname)
+        if directory is None:
+            return None
+        return importlib.machinery.PathFinder.find_spec(fullname, [directory], target)
+
+
+def pin_standard_library(locations: dict[str, str]) -> None:
+    """From now on, a top-level module of the standard library that the owner had (and
+    this process has not) is found where the owner found it, whatever ``sys.path`` says:
+    the names served here import their modules late, in a worker, after the program's
+    ``sys.path`` is in place, where a program's own ``secrets.py`` must not stand in for
+    the one the owner's cancelflow imported. Only directories on this process's own
+    ``sys.path`` (the standard library of the same interpreter) are used."""
+    ours = set(sys.path)  # (another interpreter's directories are not pinned)
+    finder = _WhereTheOwnerFoundIt({n: d for n, d in locations.items() if d in ours})
+    for index, other in enumerate(sys.meta_path):
+        if other is importlib.machinery.PathFinder:
+            sys.meta_path.insert(index, finder)
+            return
+    sys.meta_path.append(finder)

@@ -119,7 +119,8 @@ def start(
         # The setup travels in a file (its descriptor passed once): initargs may be
         # large, and the zygote reads it before its loop starts.
         with tempfile.TemporaryFile() as setup:
-            pickle.dump((prep, options), setup, pickle.HIGHEST_PROTOCOL)
+            stdlib = _lazy_package.standard_library_locations()
+            pickle.dump((prep, options, stdlib), setup, pickle.HIGHEST_PROTOCOL)
             setup.flush()
             setup.seek(0)
             zygote = subprocess.Popen(
@@ -171,7 +172,8 @@ def zygote_main(control_fd: int, chunk_fd: int) -> None:
     if not isinstance(message, Setup) or not fds:
         os._exit(0)
     with os.fdopen(fds[0], "rb") as setup_file:  # a file: the setup may be large
-        prep, options = pickle.load(setup_file)
+        prep, options, stdlib = pickle.load(setup_file)
+    _lazy_package.pin_standard_library(stdlib)  # before the program's sys.path is in
     # Before the program's __main__ is imported: a module that binds the name
     # (``from resource import setrlimit``) binds the watched function.
     watch_limits()
