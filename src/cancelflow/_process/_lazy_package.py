@@ -59,7 +59,9 @@ def _sources(package: str, init_file: str) -> dict[str, _Source]:
     as ``__doc__``)."""
     with open(init_file, encoding="utf-8") as source:
         tree = ast.parse(source.read(), init_file)
-    names: dict[str, _Source] = {"__doc__": _Source(None, "__doc__", ast.get_docstring(tree))}
+    names: dict[str, _Source] = {
+        "__doc__": _Source(None, "__doc__", ast.get_docstring(tree, clean=False))
+    }
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and node.module != "__future__":
             base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
