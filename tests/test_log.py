@@ -165,6 +165,43 @@ class TestSilentByDefault:
         done = _run(program)
         assert (done.stdout, done.stderr) == ("", "")
 
+    def test_cancelflow_imports_where_loguru_is_blocked(self) -> None:
+        """Test that ``import cancelflow`` works where loguru's import is blocked
+        (``sys.modules["loguru"] = None``) and a record is dropped there (regression:
+        AttributeError at import)."""
+        program = f"import sys\nsys.modules['loguru'] = None\nimport cancelflow\n{_CALLBACK_ERROR}"
+        done = _run(program)
+        assert (done.stdout, done.stderr) == ("", "")
+
+    def test_one_module_enabled_past_the_hook_stays_enabled(self) -> None:
+        """Test that ``enable("cancelflow._token")`` on a loguru imported past the hook
+        is kept when cancelflow adopts that loguru (regression: wiped by its disable)."""
+        program = (
+            "import sys\nsaved = list(sys.meta_path)\nimport cancelflow\n"
+            "sys.meta_path[:] = saved\nfrom loguru import logger\n"
+            f'logger.enable("cancelflow._token")\n{_CALLBACK_ERROR}'
+        )
+        assert "RuntimeError: boom" in _run(program).stderr
+
+    def test_enable_after_reloading_loguru_turns_the_records_on(self) -> None:
+        """Test that after ``importlib.reload(loguru)``, ``enable("cancelflow")`` on the
+        new logger delivers the records (regression: they went to the old one)."""
+        program = (
+            "import importlib, cancelflow, loguru\nimportlib.reload(loguru)\n"
+            f'loguru.logger.enable("cancelflow")\n{_CALLBACK_ERROR}'
+        )
+        assert "RuntimeError: boom" in _run(program).stderr
+
+    def test_a_probed_spec_of_loguru_reads_its_data(self) -> None:
+        """Test that loguru's spec found after cancelflow's import has a loader that
+        answers what loguru's own does (``pkgutil.get_data``; regression: None)."""
+        program = (
+            "import cancelflow, importlib.util\n"
+            "spec = importlib.util.find_spec('loguru')\n"
+            "print(spec.loader.is_package('loguru'), spec.loader.get_data(spec.origin)[:0])"
+        )
+        assert _run(program).stdout == "True b''\n"
+
     def test_enabling_cancelflow_turns_the_records_on(self, logs: LogCapture) -> None:
         """Test that logger.enable("cancelflow") (what the logs fixture does) delivers the
         library's records."""

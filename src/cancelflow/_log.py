@@ -30,11 +30,12 @@ zygote that does is slower to start and to kill). The rule above still holds as 
 loguru had been imported with cancelflow: when loguru is imported later, by anyone,
 ``cancelflow`` is disabled right after loguru's own module runs, before the importer
 can call ``enable`` (a hook first on ``sys.meta_path`` until then; a ``find_spec`` that
-imports nothing leaves it in place). Records then go to that loguru's logger, also
-after an ``importlib.reload(loguru)``. A loguru imported past the hook (a finder
-before it, ``sys.meta_path`` put back as it was) is handled at cancelflow's first
-record: disabled then, unless loguru's activation list already says something about
-``cancelflow`` or every library (``enable("")`` leaves nothing there: not seen).
+imports nothing leaves it in place). A ``loguru.logger`` that cancelflow has not seen
+yet (loguru imported past the hook: a finder before it, ``sys.meta_path`` put back as
+it was; or a new one made by ``importlib.reload(loguru)``) is adopted at cancelflow's
+next record: ``cancelflow`` disabled there, unless loguru's activation list already
+says something about it or about every library (``enable("")`` leaves nothing there:
+not seen), keeping what it says about cancelflow's modules.
 """
 
 from __future__ import annotations
@@ -57,23 +58,36 @@ if TYPE_CHECKING:
 __all__ = ("log_to_logging", "safe_log")
 
 _LOGURU = "loguru"
-#: loguru's logger with cancelflow=True bound, from the loguru cancelflow disabled itself
-#: in (kept: after an ``importlib.reload(loguru)`` records still go where they went)
-_bound: Logger | None = None
+_root: Logger | None = None  # the loguru logger cancelflow logs through ...
+_bound: Logger | None = None  # ... with cancelflow=True bound
 _searching = threading.local()  # the finder below is looking for loguru's spec
 
 
-def _silence(loguru: types.ModuleType) -> None:
-    """loguru's rule for libraries: ``cancelflow`` is disabled until the application
-    enables it; then bind the logger this module logs through."""
-    global _bound
-    loguru.logger.disable("cancelflow")
-    _bound = loguru.logger.bind(cancelflow=True)
+def _adopt(loguru: types.ModuleType, *, first: bool) -> None:
+    """Log through ``loguru.logger`` from now on, with ``cancelflow`` disabled there as
+    loguru's rule for libraries asks, as if that had happened when cancelflow was
+    imported: ``first`` (loguru's module just ran, or cancelflow is being imported), or
+    else (loguru imported past the hook, or reloaded) unless its activation list already
+    says something about cancelflow or every library; what it says about cancelflow's
+    modules (``enable("cancelflow._registry")``) is kept."""
+    global _root, _bound
+    logger = loguru.logger
+    try:
+        entries = list(logger._core.activation_list)
+    except Exception:  # noqa: BLE001 - another loguru: nothing known
+        entries = []
+    if first or not any("cancelflow.".startswith(name) for name, _ in entries):
+        logger.disable("cancelflow")  # (drops the entries of cancelflow's modules)
+        for name, enabled in sorted(entries, key=lambda entry: entry[0].count(".")):
+            if name.startswith("cancelflow.") and name != "cancelflow.":
+                (logger.enable if enabled else logger.disable)(name[:-1])
+    _root = logger
+    _bound = logger.bind(cancelflow=True)
 
 
 class _SilenceOnImport:
     """First on ``sys.meta_path`` until loguru's module has run: it gives loguru's spec
-    (as the finders after it find it) a loader that runs :func:`_silence` right after
+    (as the finders after it find it) a loader that runs :func:`_adopt` right after
     loguru's module, whoever imports it. A search that imports nothing (``find_spec``)
     changes nothing."""
 
@@ -97,12 +111,16 @@ class _SilenceOnImport:
 
 
 class _Silencing:
-    """loguru's own loader, then :func:`_silence`."""
+    """loguru's own loader, then :func:`_adopt`; anything else a loader answers (its
+    data, its source) is loguru's own loader's."""
 
-    running = False  # loguru's module is running: the silence comes right after
+    running = False  # loguru's module is running: the adoption comes right after
 
     def __init__(self, loader: Loader) -> None:
         self.loader = loader
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
         return self.loader.create_module(spec)
@@ -115,43 +133,32 @@ class _Silencing:
         _Silencing.running = True
         try:
             self.loader.exec_module(module)
-            _silence(module)
+            _adopt(module, first=True)
         finally:
             _Silencing.running = False
         with contextlib.suppress(ValueError):
             sys.meta_path.remove(_finder)
 
 
-def _decided(loguru: types.ModuleType) -> bool:
-    """Whether loguru's activation list already says something about cancelflow (the
-    application enabled or disabled it, or every library)."""
-    try:
-        entries = loguru.logger._core.activation_list
-        return any("cancelflow.".startswith(name) for name, _ in entries)
-    except Exception:  # noqa: BLE001 - another loguru: nothing known
-        return False
-
-
 _finder = _SilenceOnImport()
-if _LOGURU in sys.modules:
-    _silence(sys.modules[_LOGURU])
+if sys.modules.get(_LOGURU) is not None:
+    _adopt(sys.modules[_LOGURU], first=True)
 else:
     sys.meta_path.insert(0, _finder)
 
 
 def _logger() -> Logger | None:
     """cancelflow's bound logger, or None while loguru is not imported (no sink can
-    exist) or its module is running."""
-    global _bound
-    if _bound is None:
-        loguru = sys.modules.get(_LOGURU)
-        if loguru is None or not hasattr(loguru, "logger") or _Silencing.running:
-            return None
-        # Imported past the finder (a finder before it, sys.meta_path restored):
-        # silenced now, unless the application decided about cancelflow already.
-        if not _decided(loguru):
-            loguru.logger.disable("cancelflow")
-        _bound = loguru.logger.bind(cancelflow=True)
+    exist) or its module is running. Follows ``loguru.logger``: one imported past the
+    hook, or made anew by a reload, is adopted at the first record."""
+    loguru = sys.modules.get(_LOGURU)
+    if loguru is None:
+        return None
+    logger = getattr(loguru, "logger", None)
+    if logger is None or _Silencing.running:
+        return None
+    if logger is not _root:
+        _adopt(loguru, first=False)
         with contextlib.suppress(ValueError):
             sys.meta_path.remove(_finder)
     return _bound
@@ -165,7 +172,7 @@ def safe_log(
     With ``exception``, the record carries the exception without its frames, and the
     message ends with its formatted traceback (no local variables).
     """
-    logger = _bound if _bound is not None else _logger()
+    logger = _logger()
     if logger is None:
         return
     try:
@@ -197,7 +204,11 @@ def log_to_logging(level: str | int = "DEBUG") -> int:
 
     import logging
 
-    from loguru import logger as root
+    import loguru  # noqa: F401 - cancelflow adopts it here if nothing imported it yet
+
+    _logger()  # (a loguru reloaded since the last record: the one to send from)
+    root = _root
+    assert root is not None
 
     # attribute names of a LogRecord, which bound ids may not overwrite
     reserved = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
