@@ -273,8 +273,8 @@ class TestWhatAWorkerCarries:
             assert pool.submit(workloads.package_docstring).result(WAIT) == cancelflow.__doc__
 
     def test_a_task_reaches_every_public_name(self) -> None:
-        """Test that a task sees the whole of ``cancelflow`` (its ``__init__`` runs in the
-        worker once a public name is asked for)."""
+        """Test that a task sees the whole of ``cancelflow`` (the worker imports each
+        name's module when a task first asks for it)."""
         with ProcessPool(1) as pool:
             assert pool.submit(workloads.missing_public_names).result(timeout=WAIT) == []
 
