@@ -55,6 +55,13 @@ _CALLBACK_ERROR = textwrap.dedent(
 )
 
 
+#: a program's first lines: import cancelflow, then put back the import hooks as they
+#: were before, so that loguru, imported next, is imported past cancelflow's hook
+_PAST_THE_HOOK = (
+    "import sys\nsaved = list(sys.meta_path)\nimport cancelflow\nsys.meta_path[:] = saved\n"
+)
+
+
 def _run(program: str) -> subprocess.CompletedProcess[str]:
     """Run ``program`` in a fresh interpreter; it must succeed."""
     done = subprocess.run(
@@ -139,8 +146,7 @@ class TestSilentByDefault:
         imported cancelflow, then imports loguru and enables cancelflow, gets the records
         (regression: the first record disabled what the program had enabled)."""
         program = (
-            "import sys\nsaved = list(sys.meta_path)\nimport cancelflow\n"
-            "sys.meta_path[:] = saved\nfrom loguru import logger\n"
+            f"{_PAST_THE_HOOK}from loguru import logger\n"
             f'logger.enable("cancelflow")\n{_CALLBACK_ERROR}'
         )
         assert "RuntimeError: boom" in _run(program).stderr
@@ -148,10 +154,7 @@ class TestSilentByDefault:
     def test_loguru_imported_past_the_hook_stays_silent(self) -> None:
         """Test that without ``enable``, a loguru imported past the hook sees nothing of
         cancelflow's records."""
-        program = (
-            "import sys\nsaved = list(sys.meta_path)\nimport cancelflow\n"
-            f"sys.meta_path[:] = saved\nimport loguru\n{_CALLBACK_ERROR}"
-        )
+        program = f"{_PAST_THE_HOOK}import loguru\n{_CALLBACK_ERROR}"
         done = _run(program)
         assert (done.stdout, done.stderr) == ("", "")
 
@@ -177,8 +180,7 @@ class TestSilentByDefault:
         """Test that ``enable("cancelflow._token")`` on a loguru imported past the hook
         is kept when cancelflow adopts that loguru (regression: wiped by its disable)."""
         program = (
-            "import sys\nsaved = list(sys.meta_path)\nimport cancelflow\n"
-            "sys.meta_path[:] = saved\nfrom loguru import logger\n"
+            f"{_PAST_THE_HOOK}from loguru import logger\n"
             f'logger.enable("cancelflow._token")\n{_CALLBACK_ERROR}'
         )
         assert "RuntimeError: boom" in _run(program).stderr

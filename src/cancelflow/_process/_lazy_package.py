@@ -54,14 +54,12 @@ class _Source:
         self.value = value
 
 
-def _sources(package: str, init_file: str) -> dict[str, _Source]:
-    """The names the package's ``__init__`` binds, read from its source (its docstring
-    as ``__doc__``)."""
+def _sources(package: str, init_file: str) -> tuple[str | None, dict[str, _Source]]:
+    """The package's docstring and the names its ``__init__`` binds, read from its
+    source."""
     with open(init_file, encoding="utf-8") as source:
         tree = ast.parse(source.read(), init_file)
-    names: dict[str, _Source] = {
-        "__doc__": _Source(None, "__doc__", ast.get_docstring(tree, clean=False))
-    }
+    names: dict[str, _Source] = {}
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and node.module != "__future__":
             base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
@@ -78,7 +76,7 @@ def _sources(package: str, init_file: str) -> dict[str, _Source]:
                     names[target.id] = _Source(None, target.id, ast.literal_eval(node.value))
                 except (ValueError, TypeError, SyntaxError):  # not a literal: not served
                     pass
-    return names
+    return ast.get_docstring(tree, clean=False), names
 
 
 def _serve(package: types.ModuleType, sources: dict[str, _Source], name: str) -> Any:
@@ -121,8 +119,7 @@ def install(packages: tuple[str, ...], public: str) -> None:
         if spec is None or spec.origin is None or spec.submodule_search_locations is None:
             raise ImportError(f"{name!r} is not a package")
         package = importlib.util.module_from_spec(spec)
-        sources = _sources(name, spec.origin)
-        package.__doc__ = sources.pop("__doc__").value
+        package.__doc__, sources = _sources(name, spec.origin)
 
         def __getattr__(
             attribute: str,
