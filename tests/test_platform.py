@@ -1103,7 +1103,8 @@ def _socket_file(directory: str, name: str) -> None:
 
 @pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="doorbells need AF_UNIX")
 class TestDoorbellSweep:
-    """Doorbells left behind by processes that could not clean up are swept."""
+    """Doorbells (and the other private directories of _platform._scratch) left behind by
+    processes that could not clean up are swept."""
 
     def make(self, base: str) -> str:
         path = tempfile.mkdtemp(prefix="cf-", dir=base)  # mode 0700
@@ -1111,7 +1112,7 @@ class TestDoorbellSweep:
 
     def test_a_doorbell_whose_listeners_are_all_gone_is_removed(self, tmp_path: Path) -> None:
         """Test that a directory holding only sockets of exited processes is removed."""
-        from cancelflow._platform._doorbell import sweep
+        from cancelflow._platform._scratch import sweep
 
         stale = self.make(str(tmp_path))
         _socket_file(stale, f"{_gone_pid()}.1")
@@ -1120,7 +1121,7 @@ class TestDoorbellSweep:
 
     def test_a_doorbell_with_a_live_listener_stays(self, tmp_path: Path) -> None:
         """Test that a directory where a live process listens keeps that socket."""
-        from cancelflow._platform._doorbell import sweep
+        from cancelflow._platform._scratch import sweep
 
         live = self.make(str(tmp_path))
         _socket_file(live, f"{os.getpid()}.1")
@@ -1130,7 +1131,7 @@ class TestDoorbellSweep:
 
     def test_what_is_not_a_doorbell_is_left_alone(self, tmp_path: Path) -> None:
         """Test that other names, other modes and symbolic links are not touched."""
-        from cancelflow._platform._doorbell import sweep
+        from cancelflow._platform._scratch import sweep
 
         other = tmp_path / "other"
         other.mkdir(mode=0o700)

@@ -11,15 +11,17 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cancelflow import CancellationToken, RemoteToken
-from support import WAIT
+from cancelflow import CancellationToken, ProcessPool, RemoteToken
+from support import WAIT, needs_process_pools
 from workloads import (
     cancel_remote_token,
     poll_remote_token,
+    remote_handle_directory,
     remote_in_fork_child,
     remote_reader_threads,
 )
@@ -138,6 +140,62 @@ class TestOwnerAndCleanup:
         assert handle.is_cancelled
         assert handle.cancel_reason == "the token's owner is gone"
         assert not os.path.exists(os.path.dirname(handle._address))
+
+    @needs_process_pools
+    def test_a_handle_made_by_a_process_pool_task_leaves_no_directory(self) -> None:
+        """Test that a handle a task made in a cancelflow worker (and never closed) has
+        its server's directory removed when the worker ends: a worker exits with
+        ``os._exit``, which runs no ``atexit`` callback."""
+        with ProcessPool(1) as pool:
+            directory = pool.submit(remote_handle_directory).result(WAIT)
+            assert os.path.isdir(directory)
+        assert not os.path.exists(directory)
+
+    def test_a_directory_left_by_a_killed_owner_is_swept_by_the_next_server(
+        self, tmp_path: Path
+    ) -> None:
+        """Test that the socket directory of an owner that could not remove it (it ended
+        with ``os._exit``) is removed by the next process that serves a handle from the
+        same temporary directory, and that a live owner's directory stays."""
+        env = {**os.environ, "TMPDIR": str(tmp_path)}
+        serve = (
+            "import os, sys; from cancelflow import CancellationToken; "
+            "h = CancellationToken().remote(); print(os.path.dirname(h._address), flush=True); "
+        )
+        died = subprocess.run(
+            [sys.executable, "-c", serve + "os._exit(0)"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=WAIT,
+        )
+        assert died.returncode == 0, died.stderr
+        left = died.stdout.strip()
+        assert os.path.isdir(left)
+        assert os.path.dirname(left) == str(tmp_path)
+        live = subprocess.Popen(
+            [sys.executable, "-c", serve + "sys.stdin.read()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            assert live.stdout is not None
+            kept = live.stdout.readline().strip()
+            assert not os.path.exists(left)
+            again = subprocess.run(
+                [sys.executable, "-c", serve + "os._exit(0)"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=WAIT,
+            )
+            assert again.returncode == 0, again.stderr
+            assert os.path.isdir(kept)  # its owner still runs
+        finally:
+            live.communicate("", timeout=WAIT)
+        assert not os.path.exists(kept)  # its owner exited normally
 
     def test_the_server_ends_with_the_last_handle(self) -> None:
         """Test that closing the last handle removes the server's socket directory (the

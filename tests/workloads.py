@@ -413,6 +413,12 @@ def store_at_gates(*gates: str) -> str:
     return wait_for_path(gates[-1])
 
 
+def remote_handle_directory() -> str:
+    """Make a token's remote handle here, leave it open, and return its server's directory."""
+    handle = cancelflow.CancellationToken().remote()
+    return os.path.dirname(handle._address)
+
+
 def remote_token_kind() -> str:
     """Make a token's remote handle in the worker (its module imports ``secrets``)."""
     return type(cancelflow.CancellationToken().remote()).__name__

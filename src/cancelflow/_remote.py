@@ -19,7 +19,10 @@ connected handle without polling; ``store_partial`` values reach the owner's sin
 order one handle sent them. If the owner is gone (exited, killed, or closed the handle),
 a handle reports itself cancelled with a reason that says so, so work stops rather than
 runs on for nobody. The server ends, and its socket directory is removed, when the last
-handle of the process is closed or at interpreter exit.
+handle of the process is closed, at interpreter exit, or when the cancelflow worker whose
+task made it ends. The directory of an owner that could not remove it (SIGKILLed, or ended
+with ``os._exit``) is removed by the next process that makes one in the same temporary
+directory (``_platform._scratch``).
 
 Not promised: a handle that crosses a ``fork`` keeps its flag but not its reader thread
 (unpickle a fresh one in the child); values stored must pickle.
@@ -35,7 +38,6 @@ import os
 import secrets
 import shutil
 import socket
-import tempfile
 import threading
 import weakref
 from collections.abc import Callable
@@ -44,7 +46,14 @@ from typing import Any
 
 from ._exceptions import CancelledException
 from ._log import safe_log
-from ._platform import connect_local, knock_local, listen_local, local_pair
+from ._platform import (
+    connect_local,
+    knock_local,
+    listen_local,
+    local_pair,
+    make_scratch_directory,
+    scratch_entry,
+)
 
 __all__ = ("RemoteToken",)
 
@@ -121,9 +130,8 @@ class _Server:
 
     def __init__(self) -> None:
         self.pid = os.getpid()  # a fork's copy is not this server (its threads are gone)
-        self.directory = tempfile.mkdtemp(prefix="cancelflow-")
-        os.chmod(self.directory, 0o700)
-        self.address = os.path.join(self.directory, "tokens")
+        self.directory = make_scratch_directory()  # (sweeps what dead owners left)
+        self.address = os.path.join(self.directory, scratch_entry("tokens"))
         self.authkey = secrets.token_bytes(32)
         self.listener = listen_local(self.address, self.authkey)
         self.shares: dict[str, _Share] = {}
@@ -141,7 +149,7 @@ class _Server:
             thread.start()
 
     def add(self, token: Any, sink: PartialSink | None) -> str:
-        share_id = secrets.token_hex(8)
+        share_id = scratch_entry(secrets.token_hex(8))  # (the name of its flag file)
         share = _Share(token, sink, os.path.join(self.directory, share_id))
         share.handle = token.on_cancel(lambda: self._push_cancel(share))
         with self.lock:
@@ -294,7 +302,10 @@ def _get_server() -> _Server:
 
 
 @atexit.register
-def _close_server() -> None:
+def close_server() -> None:
+    """End this process's server, if it runs one (its handles report the owner gone) and
+    remove its directory. At interpreter exit, and when a cancelflow worker ends (with
+    ``os._exit``, which runs no ``atexit`` callback)."""
     server = _server
     if server is not None and server.pid == os.getpid():
         server.close()

@@ -9,6 +9,7 @@ once at import (:data:`FLAVOUR`, forceable with ``CANCELFLOW_PLATFORM``; see
 (futex, or a per-process parking lot), ``_alarm`` (a sleep until a deadline that others
 can bring forward: timerfd), ``_doorbell`` (wake-ups across processes without futex),
 ``_fork`` (fork hooks), ``_local_socket`` (an endpoint for local processes),
+``_scratch`` (private directories in the temporary directory, and their sweep),
 ``_exit_watch`` (pidfd), ``_signals`` (guarded signalling, parent-death signal),
 ``_tree`` (descendants, subreaper, the one kill sequence, memory of a tree), ``_libc``.
 
@@ -28,6 +29,9 @@ can bring forward: timerfd), ``_doorbell`` (wake-ups across processes without fu
 * :func:`listen_local` / :func:`connect_local` / :func:`knock_local`: an authenticated
   endpoint for other processes of this machine, named by a path (``AF_UNIX``, or
   loopback TCP with a rendezvous file on ``"windows"``).
+* :func:`make_scratch_directory` / :func:`scratch_entry`: a private directory (mode
+  0700) whose entries are named after the processes that made them, so that the first
+  one made by a later process sweeps what dead processes left (a doorbell's is one).
 * :func:`alarm_open` / :func:`alarm_set` / :func:`alarm_wait` (:data:`HAVE_ALARM`,
   ``"linux"``): a sleep until a deadline that another thread can bring forward without
   waking the sleeper now (``timerfd``): the timer thread's, so that scheduling a grace
@@ -74,6 +78,7 @@ from ._exit_watch import HAVE_PIDFD, pidfd_open
 from ._flavour import ENVIRONMENT_VARIABLE, FLAVOUR, FLAVOURS, TOKENS_CROSS_PROCESSES
 from ._fork import CAN_FORK, at_fork
 from ._local_socket import connect_local, knock_local, listen_local, local_pair
+from ._scratch import entry_name as scratch_entry, make_directory as make_scratch_directory
 from ._shared_memory import lock_range, map_shared, shared_memory
 from ._signals import (
     UnsafeSignalTarget,
@@ -133,6 +138,7 @@ __all__ = (
     "local_pair",
     "lock_range",
     "make_doorbell",
+    "make_scratch_directory",
     "map_shared",
     "pidfd_open",
     "preload_tree_functions",
@@ -141,6 +147,7 @@ __all__ = (
     "require_process_pools",
     "proportional_memory",
     "ring_doorbell",
+    "scratch_entry",
     "send_signal",
     "set_child_subreaper",
     "set_parent_death_signal",

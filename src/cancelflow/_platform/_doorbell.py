@@ -33,9 +33,10 @@ the exit of any process that listened in it, once empty; a process killed while
 listening leaves a socket file that the next :func:`ring` finds refused, and removes.
 A directory can still be left behind when no process of its chunk rings again: every one
 was SIGKILLed, or ended with ``os._exit`` (a forked ``multiprocessing`` child does) while
-listening. Those are swept by the next process that makes a doorbell in the same
-temporary directory (:func:`sweep`: this user's ``cf-*`` directories, mode 0700, whose
-every socket belongs to a process that is gone).
+listening. Those are swept by the next process that makes a private directory (a
+doorbell, a ``RemoteToken`` server's) in the same temporary directory
+(:func:`._scratch.sweep`: this user's ``cf-*`` directories, mode 0700, whose every
+entry belongs to a process that is gone).
 
 Not promised: a wake-up is only a hint (anyone who can write to the directory can send
 one), so the listener re-reads shared memory, which is the truth.
@@ -45,20 +46,17 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import errno
 import itertools
 import os
 import socket
-import tempfile
 import threading
 import weakref
 
+from . import _scratch
 from ._fork import at_fork
 
-__all__ = ("FRESH_WAIT", "DoorbellListener", "Ringer", "discard", "make_directory", "ring", "sweep")
+__all__ = ("FRESH_WAIT", "DoorbellListener", "Ringer", "discard", "make_directory", "ring")
 
-#: longest socket path every POSIX system accepts (macOS: 104 bytes with the NUL)
-_MAX_SOCKET_PATH = 100
 _ids = itertools.count(1)
 #: the most listeners a Ringer keeps a socket connected to (each is a descriptor of the
 #: ringing process); beyond, it rings by path like :func:`ring`
@@ -71,18 +69,11 @@ FRESH_WAIT = 0.005
 
 
 def make_directory() -> str:
-    """Make a new doorbell directory (mode 0700) and return its path; the first time in a
-    process, sweep the doorbells left behind in the same place first."""
-    for base in (tempfile.gettempdir(), "/tmp"):
-        if base not in _swept:
-            _swept.add(base)
-            sweep(base)
-        path = tempfile.mkdtemp(prefix="cf-", dir=base)
-        if len(os.fsencode(path)) + 24 <= _MAX_SOCKET_PATH:  # the limit is in bytes
-            _made.add(path)
-            return path
-        os.rmdir(path)
-    raise OSError(errno.ENAMETOOLONG, "no temporary directory with a short enough path")
+    """Make a new doorbell directory (mode 0700) and return its path (see
+    :func:`._scratch.make_directory`, which first sweeps the ones left behind)."""
+    path = _scratch.make_directory()
+    _made.add(path)
+    return path
 
 
 def ring(directory: str) -> None:
@@ -254,57 +245,6 @@ def _connect(path: str) -> socket.socket | None:
     return sock
 
 
-def sweep(base: str) -> int:
-    """Remove the doorbell directories in ``base`` that nobody can use any more; return
-    how many.
-
-    Only this user's ``cf-*`` directories (not symbolic links) with mode 0700 are looked
-    at. A socket whose maker (the pid in its name) is gone is removed, and then the
-    directory if that left it empty. A directory that is empty already is removed too:
-    a chunk's listeners make it again when they bind (as when its last listener left).
-    Never raises.
-    """
-    removed = 0
-    try:
-        entries = [entry for entry in os.scandir(base) if entry.name.startswith("cf-")]
-    except OSError:
-        return 0
-    me = os.getuid() if hasattr(os, "getuid") else None
-    for entry in entries:
-        try:
-            info = entry.stat(follow_symlinks=False)
-            if not entry.is_dir(follow_symlinks=False) or info.st_mode & 0o777 != 0o700:
-                continue
-            if me is not None and info.st_uid != me:
-                continue
-            for name in os.listdir(entry.path):
-                if not _maker_alive(name):
-                    with contextlib.suppress(OSError):
-                        os.unlink(os.path.join(entry.path, name))
-            os.rmdir(entry.path)  # fails while a live listener is bound in it
-        except OSError:
-            continue
-        removed += 1
-    return removed
-
-
-def _maker_alive(name: str) -> bool:
-    """Whether the process that bound the socket ``name`` (``<pid>.<n>``) may still run."""
-    try:
-        pid = int(name.split(".", 1)[0])
-    except ValueError:
-        return True  # not one of ours: leave it (and so its directory)
-    if pid <= 0:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # it exists (another user's, say)
-    return True
-
-
 def discard(directory: str) -> None:
     """Remove ``directory`` if no live listener is bound in it (the chunk's owner, on close)."""
     _made.discard(directory)
@@ -323,7 +263,7 @@ class DoorbellListener:
     def __init__(self, directory: str, *, hub: bool = False) -> None:
         self.directory = directory
         kind = _HUB if hub else ""
-        self.path = os.path.join(directory, f"{os.getpid()}.{kind}{next(_ids)}")
+        self.path = os.path.join(directory, _scratch.entry_name(f"{kind}{next(_ids)}"))
         #: True until the first wait (see FRESH_WAIT)
         self.fresh = True
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # blocking; see drain
@@ -414,8 +354,6 @@ except (AttributeError, OSError):  # no AF_UNIX (the windows flavour never rings
 #: directories this process made and has not discarded, its listeners, and every directory
 #: it listened in (removed at exit if empty by then) - none of them a fork's
 _made: set[str] = set()
-#: temporary directories already swept by this process (see sweep)
-_swept: set[str] = set()
 _listening: weakref.WeakSet[DoorbellListener] = weakref.WeakSet()
 _ringers: weakref.WeakSet[Ringer] = weakref.WeakSet()
 _used: set[str] = set()

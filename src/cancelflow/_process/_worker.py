@@ -36,6 +36,7 @@ import os
 import pickle
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -726,4 +727,15 @@ def worker_main(
         worker.serve(options.get("initializer"))
     finally:
         kill_and_reap_tree()
+        _end_services()
         os._exit(0)
+
+
+def _end_services() -> None:
+    """End what cancelflow serves from this worker for other processes, which ``atexit``
+    would end in a process that exits normally: the server of ``RemoteToken`` handles
+    that a task made (its socket directory goes with it). Never raises."""
+    remote = sys.modules.get("cancelflow._remote")
+    if remote is not None:
+        with contextlib.suppress(Exception):
+            remote.close_server()
