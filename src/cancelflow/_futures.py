@@ -39,7 +39,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
-from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import Any, TypeVar
 
 from . import _timer
@@ -47,16 +47,20 @@ from ._platform import futex_bump
 
 __all__ = (
     "PoolFuture",
+    "done_locked",
     "has_callbacks",
     "held_here",
     "lock",
     "run_callbacks",
+    "running_locked",
     "settle_locked",
     "sleepers",
     "start_locked",
 )
 
 T = TypeVar("T")
+#: the states of a future that ``done()`` reports done
+_DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
 
 
 class PoolFuture(Future[T]):
@@ -104,6 +108,18 @@ def start_locked(future: Future[Any]) -> bool:
         return False
     future._state = RUNNING
     return True
+
+
+def running_locked(future: Future[Any]) -> bool:
+    """``future.running()`` for a caller that holds :func:`lock` (one test of the state
+    instead of a method that takes the lock again through the condition's Python
+    ``__enter__``: this is on every cancel's path)."""
+    return bool(future._state == RUNNING)  # type: ignore[attr-defined]
+
+
+def done_locked(future: Future[Any]) -> bool:
+    """``future.done()`` for a caller that holds :func:`lock` (see :func:`running_locked`)."""
+    return bool(future._state in _DONE)  # type: ignore[attr-defined]
 
 
 def settle_locked(

@@ -1153,7 +1153,7 @@ class ThreadPool(Executor):
                 settled = self._settle_locked(item)
                 if item.fate != Fate.ABANDONED:
                     item.settle_fate(Fate.CANCELLED)
-            elif not future.done():
+            elif not _futures.done_locked(future):
                 resolved = True
                 item.fate = _FAILED if outcome.exc is not None else _FINISHED
                 _futures.settle_locked(future, result=outcome.value, exception=outcome.exc)
@@ -1215,7 +1215,7 @@ class ThreadPool(Executor):
         with _futures.lock(future):
             if future.cancelled():
                 return True
-            if future.done():
+            if _futures.done_locked(future):
                 return False
             item.cancel_as_future = True
         item.task_token().cancel(reason)
@@ -1271,7 +1271,7 @@ class ThreadPool(Executor):
         """
         future = item.future
         with _futures.lock(future):
-            running = future.running() and not item.returned
+            running = _futures.running_locked(future) and not item.returned
             resolved = self._settle_locked(item)
             if resolved and running:
                 item.cancelled_at = time.monotonic()
@@ -1291,9 +1291,9 @@ class ThreadPool(Executor):
     def _settle_locked(self, item: _WorkItem) -> bool:
         """Resolve as cancelled if still unresolved; caller holds the future's lock."""
         future = item.future
-        if future.done():
+        if _futures.done_locked(future):
             return False
-        if not future.running():
+        if not _futures.running_locked(future):
             item.fate = Fate.CANCELLED
             _drop_call(item)  # it will never run: _start checks the state under this lock
         elif item.returned:
