@@ -114,12 +114,12 @@ def running_locked(future: Future[Any]) -> bool:
     """``future.running()`` for a caller that holds :func:`lock` (one test of the state
     instead of a method that takes the lock again through the condition's Python
     ``__enter__``: this is on every cancel's path)."""
-    return bool(future._state == RUNNING)  # type: ignore[attr-defined]
+    return bool(future._state == RUNNING)
 
 
 def done_locked(future: Future[Any]) -> bool:
     """``future.done()`` for a caller that holds :func:`lock` (see :func:`running_locked`)."""
-    return bool(future._state in _DONE)  # type: ignore[attr-defined]
+    return bool(future._state in _DONE)
 
 
 def settle_locked(
