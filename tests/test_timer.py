@@ -210,12 +210,20 @@ class TestTimerHandle:
         one's earlier deadline has passed by then) and is no longer pending."""
         cancelled_ran = threading.Event()
         later = threading.Event()
-        before = _timer.pending()
-        handle = _timer.call_at(soon(0.01), cancelled_ran.set)
-        _timer.call_at(soon(0.02), later.set)
-        assert _timer.pending() == before + 2
-        assert handle.cancel() is True
-        assert _timer.pending() == before + 1
+        # The timer thread runs callbacks one at a time: while it is held in this one,
+        # nothing scheduled below can run, however long this thread is descheduled.
+        blocking, gate = threading.Event(), threading.Event()
+        _timer.call_at(soon(0), lambda: (blocking.set(), gate.wait(WAIT)))
+        wait(blocking)
+        try:
+            before = _timer.pending()
+            handle = _timer.call_at(soon(0.01), cancelled_ran.set)
+            _timer.call_at(soon(0.02), later.set)
+            assert _timer.pending() == before + 2
+            assert handle.cancel() is True
+            assert _timer.pending() == before + 1
+        finally:
+            gate.set()
         wait(later)
         assert not cancelled_ran.is_set()
 
