@@ -9,15 +9,16 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cancelflow import CancellationToken, ProcessPool, RemoteToken
-from support import WAIT, needs_process_pools
+from cancelflow._platform import HAVE_PIDFD
+from support import WAIT, needs_process_pools, wait_until
 from workloads import (
     cancel_remote_token,
     poll_remote_token,
@@ -37,6 +38,14 @@ def foreign_pool(
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
         pool.submit(os.getpid).result(WAIT)  # the worker runs before any handle exists
         yield pool
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[str]:
+    """A temporary directory short enough to hold a Unix socket's path (pytest's own
+    ``tmp_path`` may not be: cancelflow then makes its directories elsewhere)."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as directory:
+        yield directory
 
 
 class Sink:
@@ -142,22 +151,28 @@ class TestOwnerAndCleanup:
         assert not os.path.exists(os.path.dirname(handle._address))
 
     @needs_process_pools
+    @pytest.mark.skipif(
+        not HAVE_PIDFD,
+        reason="without pidfd the closing pool does not watch its workers exit: the "
+        "zygote ends them, and the next process's sweep removes the directory",
+    )
     def test_a_handle_made_by_a_process_pool_task_leaves_no_directory(self) -> None:
         """Test that a handle a task made in a cancelflow worker (and never closed) has
-        its server's directory removed when the worker ends: a worker exits with
-        ``os._exit``, which runs no ``atexit`` callback."""
+        its server's directory removed when the pool closes: a worker exits with
+        ``os._exit``, which runs no ``atexit`` callback, and the pool lets a worker that
+        serves exit on its own before the zygote ends what is left."""
         with ProcessPool(1) as pool:
             directory = pool.submit(remote_handle_directory).result(WAIT)
             assert os.path.isdir(directory)
         assert not os.path.exists(directory)
 
     def test_a_directory_left_by_a_killed_owner_is_swept_by_the_next_server(
-        self, tmp_path: Path
+        self, short_tmp: str
     ) -> None:
         """Test that the socket directory of an owner that could not remove it (it ended
         with ``os._exit``) is removed by the next process that serves a handle from the
         same temporary directory, and that a live owner's directory stays."""
-        env = {**os.environ, "TMPDIR": str(tmp_path)}
+        env = {**os.environ, "TMPDIR": short_tmp}
         serve = (
             "import os, sys; from cancelflow import CancellationToken; "
             "h = CancellationToken().remote(); print(os.path.dirname(h._address), flush=True); "
@@ -172,7 +187,7 @@ class TestOwnerAndCleanup:
         assert died.returncode == 0, died.stderr
         left = died.stdout.strip()
         assert os.path.isdir(left)
-        assert os.path.dirname(left) == str(tmp_path)
+        assert os.path.dirname(left) == short_tmp
         live = subprocess.Popen(
             [sys.executable, "-c", serve + "sys.stdin.read()"],
             stdin=subprocess.PIPE,
@@ -196,6 +211,43 @@ class TestOwnerAndCleanup:
         finally:
             live.communicate("", timeout=WAIT)
         assert not os.path.exists(kept)  # its owner exited normally
+
+    def test_ending_the_server_hangs_up_connected_handles(self) -> None:
+        """Test that ending the server (at exit, or in a worker that ends) does not wait
+        for the processes still connected to it: every thread of the server has ended
+        when it returns, and a connected handle hears that the owner is gone."""
+        from cancelflow import _remote
+
+        handle = CancellationToken().remote()
+        server = _remote._server
+        assert server is not None
+
+        def serving() -> int:
+            return sum(thread.name == "cancelflow-remote-token" for thread in server.threads)
+
+        before = serving()  # (earlier tests' serving threads stay in the list)
+        program = (
+            "import pickle, sys, time; h = pickle.loads(sys.stdin.buffer.read()); "
+            "print('attached', flush=True); deadline = time.monotonic() + 30\n"
+            "while not h.is_cancelled and time.monotonic() < deadline: time.sleep(0.01)\n"
+            "print(h.cancel_reason, flush=True)"
+        )
+        with subprocess.Popen(
+            [sys.executable, "-c", program], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        ) as child:
+            assert child.stdin is not None
+            assert child.stdout is not None
+            try:
+                child.stdin.write(pickle.dumps(handle))
+                child.stdin.close()
+                assert child.stdout.readline() == b"attached\n"
+                assert wait_until(lambda: serving() > before)  # the child's connection
+                _remote.close_server()
+                assert not [thread.name for thread in server.threads if thread.is_alive()]
+                assert child.stdout.readline() == b"the token's owner is gone\n"
+            finally:
+                child.kill()
+                handle.close()
 
     def test_the_server_ends_with_the_last_handle(self) -> None:
         """Test that closing the last handle removes the server's socket directory (the

@@ -213,7 +213,12 @@ class TestTimerHandle:
         # The timer thread runs callbacks one at a time: while it is held in this one,
         # nothing scheduled below can run, however long this thread is descheduled.
         blocking, gate = threading.Event(), threading.Event()
-        _timer.call_at(soon(0), lambda: (blocking.set(), gate.wait(WAIT)))
+
+        def hold_the_timer_thread() -> None:
+            blocking.set()
+            gate.wait(WAIT)
+
+        _timer.call_at(soon(0), hold_the_timer_thread)
         wait(blocking)
         try:
             before = _timer.pending()

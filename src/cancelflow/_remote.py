@@ -135,6 +135,8 @@ class _Server:
         self.authkey = secrets.token_bytes(32)
         self.listener = listen_local(self.address, self.authkey)
         self.shares: dict[str, _Share] = {}
+        #: every accepted connection not closed yet (hung up when the server closes)
+        self.connections: set[Connection] = set()
         self.lock = threading.Lock()
         self.closed = False
         # A cancel may come from a signal handler: its callback only sets a flag and
@@ -180,9 +182,16 @@ class _Server:
         with _server_lock:
             if _server is self:
                 _server = None
-        if self.closed:
-            return
-        self.closed = True
+        # Every connection still open is hung up: its serving thread ends at once (so the
+        # joins below wait for nobody), and its handle hears that the owner is gone. (One
+        # accepted after this sees ``closed`` under the same lock, and is closed there.)
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            connections = list(self.connections)
+        for connection in connections:
+            _hang_up(connection)
         # Closing a listening socket does not wake a thread blocked in accept(): a
         # connection that fails the handshake does, and the accept thread sees closed.
         knock_local(self.address)
@@ -200,7 +209,11 @@ class _Server:
                     connection = self.listener.accept()
                 except Exception:  # noqa: BLE001 - a client that failed the handshake
                     continue
-                if self.closed:
+                with self.lock:  # (close() hangs up every connection added before it)
+                    closed = self.closed
+                    if not closed:
+                        self.connections.add(connection)
+                if closed:
                     connection.close()
                     return
                 server = threading.Thread(
@@ -248,6 +261,8 @@ class _Server:
             if share is not None:
                 with share.lock, contextlib.suppress(ValueError):
                     share.connections.remove(connection)
+            with self.lock:
+                self.connections.discard(connection)
             with contextlib.suppress(OSError):
                 connection.close()
 
@@ -299,6 +314,12 @@ def _get_server() -> _Server:
         if _server is None or _server.closed or _server.pid != os.getpid():
             _server = _Server()
         return _server
+
+
+def serving() -> bool:
+    """Whether this process runs a server (a handle of one of its tokens may be in use)."""
+    server = _server
+    return server is not None and not server.closed and server.pid == os.getpid()
 
 
 @atexit.register

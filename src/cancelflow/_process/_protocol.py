@@ -140,6 +140,10 @@ class Control(ctypes.Structure):
         ("waiting", ctypes.c_int64),
         # The seq of the last task whose worker went to sleep on ``acked``
         ("ack_sleeping", ctypes.c_int64),
+        # 1 once a task left the worker serving other processes (a RemoteToken server):
+        # a closing pool lets such a worker exit on its own, which ends the server (see
+        # Supervisor._let_idle_workers_exit)
+        ("serves", ctypes.c_int32),
     )
 
 

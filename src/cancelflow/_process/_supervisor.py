@@ -23,6 +23,7 @@ import heapq
 import itertools
 import os
 import pickle
+import select
 import selectors
 import signal
 import socket
@@ -133,6 +134,9 @@ _SLOT_WAIT = 0.05
 #: the longest a caller blocked in a task's result() sleeps on its worker's word at once
 #: (see Supervisor.wait_on_worker: a guard, never what wakes it)
 _LONGEST_SLEEP = 1.0
+#: the longest a closing pool waits for its idle workers to exit on their own (see
+#: Supervisor._let_idle_workers_exit): each takes about a millisecond
+_IDLE_EXIT_WAIT = 0.5
 #: what a worker sends about its running task before its result (counted: Task.frames)
 _TASK_FRAMES = (Partial, Cancel, CriticalEnded)
 
@@ -2016,6 +2020,8 @@ class Supervisor:
                 if worker.state != "dead":
                     with contextlib.suppress(OSError):
                         worker.sock.close()
+            self._let_idle_workers_exit()
+            for worker in self.workers.values():
                 worker.close_descriptors()
             if self._zygote_sock is not None:
                 self._zygote_sock.close()  # EOF: the zygote kills every worker tree and exits
@@ -2048,6 +2054,27 @@ class Supervisor:
             self.shutting_down = True
             self._timer_hold.release()
             self.closed.set()
+
+    def _let_idle_workers_exit(self) -> None:
+        """Wait, for at most :data:`_IDLE_EXIT_WAIT` seconds, until every idle worker
+        that serves other processes (``Control.serves``: a ``RemoteToken`` server a task
+        started) has exited on its own, its channel just closed, before the zygote ends
+        what is left: the worker's own exit ends that server and removes its socket
+        directory (see ``_worker._end_services``), which the zygote's SIGKILL would leave
+        for a later sweep. The other workers are not waited for. Where exits are not
+        watched (no pidfd), the zygote ends every worker at once."""
+        pidfds = [
+            worker.pidfd
+            for worker in self.workers.values()
+            if worker.state == "idle" and worker.pidfd is not None and _serves(worker)
+        ]
+        deadline = time.monotonic() + _IDLE_EXIT_WAIT
+        while pidfds and (left := deadline - time.monotonic()) > 0:
+            try:
+                readable, _, _ = select.select(pidfds, [], [], left)
+            except InterruptedError:
+                continue
+            pidfds = [fd for fd in pidfds if fd not in readable]
 
     def _release_chunk(self) -> None:
         """Drop every view of the shared chunk so that its mapping (and fd) go now."""
@@ -2092,6 +2119,15 @@ class Supervisor:
         with contextlib.suppress(Exception):
             self._selector.close()
         self.closed.set()
+
+
+def _serves(worker: WorkerHandle) -> bool:
+    """Whether the worker said a task left it serving other processes (``False`` once
+    its views are gone)."""
+    try:
+        return bool(worker.control.serves)
+    except AttributeError:
+        return False
 
 
 def _open_section_end(control: Control) -> float:

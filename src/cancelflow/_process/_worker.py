@@ -611,6 +611,8 @@ class _Worker:
         if stopped and kind == "error" and isinstance(value, CancelledException):
             kind = "stopped"  # the pool makes the caller's error: nothing to pickle
         frames = self.sent - sent  # what the pool reads of it before its result
+        if not self.control.serves and _serving():
+            self.control.serves = 1
         self.retiring = self.state.check()
         if self.retiring is None and self.tasks_left is not None:
             self.tasks_left -= 1
@@ -731,10 +733,17 @@ def worker_main(
         os._exit(0)
 
 
+def _serving() -> bool:
+    """Whether a task left this worker serving other processes (see :func:`_end_services`)."""
+    remote = sys.modules.get("cancelflow._remote")
+    return remote is not None and bool(remote.serving())
+
+
 def _end_services() -> None:
     """End what cancelflow serves from this worker for other processes, which ``atexit``
     would end in a process that exits normally: the server of ``RemoteToken`` handles
-    that a task made (its socket directory goes with it). Never raises."""
+    that a task made (its socket directory goes with it). A closing pool lets a worker
+    that says so (``Control.serves``) exit on its own. Never raises."""
     remote = sys.modules.get("cancelflow._remote")
     if remote is not None:
         with contextlib.suppress(Exception):
