@@ -20,9 +20,11 @@ order one handle sent them. If the owner is gone (exited, killed, or closed the 
 a handle reports itself cancelled with a reason that says so, so work stops rather than
 runs on for nobody. The server ends, and its socket directory is removed, when the last
 handle of the process is closed, at interpreter exit, or when the cancelflow worker whose
-task made it ends. The directory of an owner that could not remove it (SIGKILLed, or ended
-with ``os._exit``) is removed by the next process that makes one in the same temporary
-directory (``_platform._scratch``).
+task made it ends (a closing pool lets such a worker exit on its own where it watches
+exits with pidfd, ``"linux"``); ending it hangs up every connected handle, which then
+reports the owner gone. The directory of an owner that could not remove it (SIGKILLed,
+ended with ``os._exit``, a worker the zygote ended) is removed by the next process that
+makes one in the same temporary directory (``_platform._scratch``).
 
 Not promised: a handle that crosses a ``fork`` keeps its flag but not its reader thread
 (unpickle a fresh one in the child); values stored must pickle.
