@@ -41,6 +41,7 @@ from cancelflow._platform import (
     set_child_subreaper,
     set_parent_death_signal,
 )
+from cancelflow._platform._scratch import _mark_of
 from support import TESTS, WAIT, assert_not_running, wait_until
 
 needs_futex = pytest.mark.skipif(not HAVE_FUTEX, reason="no futex on this platform")
@@ -1076,7 +1077,8 @@ class TestDoorbellRinger:
             ringer.ring(2)
             names = {sock: name for name, sock in ringer._by_name.items()}
             order = [names[sock] for sock in ringer._socks]
-            assert [name.startswith(f"{os.getpid()}.") for name in order] == [False, True]
+            mark = f"{_mark_of(os.getpid())}."
+            assert [name.startswith(mark) for name in order] == [False, True]
         finally:
             os.close(write)
             os.waitpid(pid, 0)
@@ -1115,7 +1117,7 @@ class TestDoorbellSweep:
         from cancelflow._platform._scratch import sweep
 
         stale = self.make(str(tmp_path))
-        _socket_file(stale, f"{_gone_pid()}.1")
+        _socket_file(stale, f"{_mark_of(_gone_pid())}.1")
         assert sweep(str(tmp_path)) == 1
         assert not os.path.exists(stale)
 
@@ -1124,10 +1126,21 @@ class TestDoorbellSweep:
         from cancelflow._platform._scratch import sweep
 
         live = self.make(str(tmp_path))
-        _socket_file(live, f"{os.getpid()}.1")
-        _socket_file(live, f"{_gone_pid()}.2")
+        _socket_file(live, f"{_mark_of(os.getpid())}.1")
+        _socket_file(live, f"{_mark_of(_gone_pid())}.2")
         assert sweep(str(tmp_path)) == 0
-        assert os.listdir(live) == [f"{os.getpid()}.1"]
+        assert os.listdir(live) == [f"{_mark_of(os.getpid())}.1"]
+
+    def test_an_entry_of_another_pid_namespace_is_left_alone(self, tmp_path: Path) -> None:
+        """Test that an entry whose maker is of another pid namespace (a container
+        sharing the temporary directory) is not judged by this namespace's pids."""
+        from cancelflow._platform._scratch import sweep
+
+        other = self.make(str(tmp_path))
+        name = f"{_gone_pid()}-1.1"  # (its pid is gone here; no namespace has inode 1)
+        _socket_file(other, name)
+        assert sweep(str(tmp_path)) == 0
+        assert os.listdir(other) == [name]
 
     def test_what_is_not_a_doorbell_is_left_alone(self, tmp_path: Path) -> None:
         """Test that other names, other modes and symbolic links are not touched."""

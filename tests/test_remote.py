@@ -7,6 +7,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from cancelflow import CancellationToken, ProcessPool, RemoteToken
-from cancelflow._platform import HAVE_PIDFD
+from cancelflow._platform import HAVE_PIDFD, make_scratch_directory
 from support import WAIT, needs_process_pools, wait_until
 from workloads import (
     cancel_remote_token,
@@ -211,6 +212,77 @@ class TestOwnerAndCleanup:
         finally:
             live.communicate("", timeout=WAIT)
         assert not os.path.exists(kept)  # its owner exited normally
+
+    def test_a_process_of_another_pid_namespace_leaves_a_live_owner_alone(self) -> None:
+        """Test that a process of another pid namespace sharing the temporary directory
+        (a container), to which this owner's pid means nothing, does not sweep the live
+        owner's socket directory when it makes its own."""
+        unshare = shutil.which("unshare")
+        command = [unshare or "unshare", "--pid", "--fork", "--mount-proc"]
+        if unshare is None or subprocess.run([*command, "true"], capture_output=True).returncode:
+            pytest.skip("cannot start a process in a new pid namespace here")
+        handle = CancellationToken().remote()
+        try:
+            directory = os.path.dirname(handle._address)
+            entries = sorted(os.listdir(directory))
+            env = {**os.environ, "TMPDIR": os.path.dirname(directory)}  # (where it sweeps)
+            serve = "from cancelflow import CancellationToken; CancellationToken().remote()"
+            done = subprocess.run(
+                [*command, sys.executable, "-c", serve],
+                capture_output=True,
+                env=env,
+                timeout=WAIT,
+            )
+            assert done.returncode == 0, done.stderr
+            assert sorted(os.listdir(directory)) == entries
+        finally:
+            handle.close()
+
+    def test_a_server_whose_new_directory_was_swept_makes_another(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that a server whose directory another process's sweep removed while it
+        was still empty (before its socket was bound) makes another one."""
+        from cancelflow import _remote
+
+        made: list[str] = []
+        make = make_scratch_directory
+
+        def swept_first() -> str:
+            path = make()
+            made.append(path)
+            if len(made) == 1:
+                os.rmdir(path)  # what a sweep does to an empty directory
+            return path
+
+        monkeypatch.setattr(_remote, "make_scratch_directory", swept_first)
+        _remote.close_server()  # (the next handle starts a server)
+        handle = CancellationToken().remote()
+        try:
+            assert len(made) == 2
+            assert os.path.dirname(handle._address) == made[1]
+        finally:
+            handle.close()
+
+    @needs_process_pools
+    @pytest.mark.skipif(not HAVE_PIDFD, reason="the closing pool watches exits with pidfd")
+    def test_a_pool_closing_with_descriptors_past_1024_ends_everything(self) -> None:
+        """Test that a pool whose processes' descriptors are numbered past 1024 (where
+        ``select()`` refuses them) still ends its zygote and lets its serving worker
+        remove its server's directory."""
+        import resource  # (POSIX only)
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < 1200:
+            pytest.skip(f"needs more than 1200 descriptors (RLIMIT_NOFILE {soft})")
+        filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+        try:
+            with ProcessPool(1) as pool:
+                directory = pool.submit(remote_handle_directory).result(WAIT)
+            assert not os.path.exists(directory)
+        finally:
+            for fd in filler:
+                os.close(fd)
 
     def test_ending_the_server_hangs_up_connected_handles(self) -> None:
         """Test that ending the server (at exit, or in a worker that ends) does not wait

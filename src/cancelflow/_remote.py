@@ -132,10 +132,18 @@ class _Server:
 
     def __init__(self) -> None:
         self.pid = os.getpid()  # a fork's copy is not this server (its threads are gone)
-        self.directory = make_scratch_directory()  # (sweeps what dead owners left)
-        self.address = os.path.join(self.directory, scratch_entry("tokens"))
         self.authkey = secrets.token_bytes(32)
-        self.listener = listen_local(self.address, self.authkey)
+        for attempt in range(3):
+            self.directory = make_scratch_directory()  # (sweeps what dead owners left)
+            self.address = os.path.join(self.directory, scratch_entry("tokens"))
+            try:
+                self.listener = listen_local(self.address, self.authkey)
+                break
+            except FileNotFoundError:
+                # Another process's sweep took the directory while it was still empty
+                # (between its making and the bind): make another one.
+                if attempt == 2:
+                    raise
         self.shares: dict[str, _Share] = {}
         #: every accepted connection not closed yet (hung up when the server closes)
         self.connections: set[Connection] = set()
@@ -187,13 +195,14 @@ class _Server:
         # Every connection still open is hung up: its serving thread ends at once (so the
         # joins below wait for nobody), and its handle hears that the owner is gone. (One
         # accepted after this sees ``closed`` under the same lock, and is closed there.)
+        # (Under the lock: a serving thread forgets its connection under it before it
+        # closes it, so no descriptor hung up here is anyone else's by now.)
         with self.lock:
             if self.closed:
                 return
             self.closed = True
-            connections = list(self.connections)
-        for connection in connections:
-            _hang_up(connection)
+            for connection in self.connections:
+                _hang_up(connection)
         # Closing a listening socket does not wake a thread blocked in accept(): a
         # connection that fails the handshake does, and the accept thread sees closed.
         knock_local(self.address)
@@ -302,8 +311,13 @@ def _hang_up(connection: Connection) -> None:
     """Shut the connection's socket down: a thread blocked reading it wakes (end of file),
     and so does the other side; closing it alone would not wake the reader."""
     with contextlib.suppress(OSError, ValueError):
-        with socket.socket(fileno=os.dup(connection.fileno())) as sock:
+        # A view of the connection's own socket, detached again (on Windows its fileno()
+        # is a socket handle, which os.dup cannot copy).
+        sock = socket.socket(fileno=connection.fileno())
+        try:
             sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.detach()
 
 
 _server: _Server | None = None

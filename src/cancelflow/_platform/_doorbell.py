@@ -61,7 +61,8 @@ _ids = itertools.count(1)
 #: the most listeners a Ringer keeps a socket connected to (each is a descriptor of the
 #: ringing process); beyond, it rings by path like :func:`ring`
 MAX_CONNECTED = 64
-#: what marks a hub's socket in its name (``<pid>.h<n>``; a waiter's is ``<pid>.<n>``)
+#: what marks a hub's socket in its name (``<maker>.h<n>``; a waiter's is ``<maker>.<n>``, see
+#: _scratch.entry_name)
 _HUB = "h"
 #: the longest a new listener's first wait lasts before its caller re-reads shared memory
 #: (see the module docstring: a ring racing with its bind)
@@ -196,7 +197,7 @@ class Ringer:
             sock.close()
 
     def _set(self, by_name: dict[str, socket.socket]) -> None:
-        mine, hub = f"{os.getpid()}.", f"{os.getpid()}.{_HUB}"
+        mine, hub = _scratch.entry_name(""), _scratch.entry_name(_HUB)
         self._by_name = by_name
         self._socks = tuple(
             sock

@@ -23,7 +23,6 @@ import heapq
 import itertools
 import os
 import pickle
-import select
 import selectors
 import signal
 import socket
@@ -1072,6 +1071,7 @@ class Supervisor:
         control.running = 0
         control.started = 0
         control.stop_for = 0
+        control.serves = 0
         for index_ in range(DEPTH):
             control.steal_for[index_] = 0
         worker = WorkerHandle(index, parent_end, slots, slot_lock, control)
@@ -2068,13 +2068,17 @@ class Supervisor:
             for worker in self.workers.values()
             if worker.state == "idle" and worker.pidfd is not None and _serves(worker)
         ]
+        if not pidfds:
+            return
         deadline = time.monotonic() + _IDLE_EXIT_WAIT
-        while pidfds and (left := deadline - time.monotonic()) > 0:
-            try:
-                readable, _, _ = select.select(pidfds, [], [], left)
-            except InterruptedError:
-                continue
-            pidfds = [fd for fd in pidfds if fd not in readable]
+        with selectors.DefaultSelector() as exits:  # (not select(): descriptors >= 1024)
+            for fd in pidfds:
+                exits.register(fd, selectors.EVENT_READ)
+            waiting = len(pidfds)
+            while waiting and (left := deadline - time.monotonic()) > 0:
+                for key, _ in exits.select(left):
+                    exits.unregister(key.fileobj)
+                    waiting -= 1
 
     def _release_chunk(self) -> None:
         """Drop every view of the shared chunk so that its mapping (and fd) go now."""
