@@ -178,15 +178,20 @@ class TestOwnerAndCleanup:
             "import os, sys; from cancelflow import CancellationToken; "
             "h = CancellationToken().remote(); print(os.path.dirname(h._address), flush=True); "
         )
-        died = subprocess.run(
-            [sys.executable, "-c", serve + "os._exit(0)"],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=WAIT,
-        )
-        assert died.returncode == 0, died.stderr
-        left = died.stdout.strip()
+
+        def serve_and_die() -> str:
+            """Serve a handle in a new process that ends with os._exit: its directory."""
+            died = subprocess.run(
+                [sys.executable, "-c", serve + "os._exit(0)"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=WAIT,
+            )
+            assert died.returncode == 0, died.stderr
+            return died.stdout.strip()
+
+        left = serve_and_die()
         assert os.path.isdir(left)
         assert os.path.dirname(left) == short_tmp
         live = subprocess.Popen(
@@ -200,14 +205,7 @@ class TestOwnerAndCleanup:
             assert live.stdout is not None
             kept = live.stdout.readline().strip()
             assert not os.path.exists(left)
-            again = subprocess.run(
-                [sys.executable, "-c", serve + "os._exit(0)"],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=WAIT,
-            )
-            assert again.returncode == 0, again.stderr
+            serve_and_die()  # (its sweep looks at the live owner's directory)
             assert os.path.isdir(kept)  # its owner still runs
         finally:
             live.communicate("", timeout=WAIT)
