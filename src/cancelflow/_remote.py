@@ -193,10 +193,10 @@ class _Server:
             if _server is self:
                 _server = None
         # Every connection still open is hung up: its serving thread ends at once (so the
-        # joins below wait for nobody), and its handle hears that the owner is gone. (One
-        # accepted after this sees ``closed`` under the same lock, and is closed there.)
-        # (Under the lock: a serving thread forgets its connection under it before it
-        # closes it, so no descriptor hung up here is anyone else's by now.)
+        # joins below wait for nobody), and its handle hears that the owner is gone. Under
+        # the lock: one accepted later sees ``closed`` under it and is closed there, and a
+        # serving thread forgets its connection under it before closing it, so no
+        # descriptor hung up here can be another's by now.
         with self.lock:
             if self.closed:
                 return
