@@ -958,6 +958,39 @@ class TestConstructor:
         with ProcessPool(1, initializer=contractloads.remember, initargs=(1, "a")) as p:
             assert p.submit(contractloads.initialized).result(WAIT) == [(1, "a")]
 
+    def test_initargs_may_be_any_iterable_as_in_the_stdlib(self) -> None:
+        """Test that initargs given as a list reach the initializer, as the stdlib's
+        ``*initargs`` takes them (regression: anything but a tuple was refused)."""
+        with ProcessPool(1, initializer=contractloads.remember, initargs=[1, "a"]) as p:
+            assert p.submit(contractloads.initialized).result(WAIT) == [(1, "a")]
+
+    def test_initargs_that_are_not_arguments_are_refused(self) -> None:
+        """Test that a str as initargs raises TypeError naming it, before anything starts."""
+        with pytest.raises(TypeError, match="initargs"):
+            ProcessPool(1, initializer=print, initargs="ab")
+
+    @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+    def test_the_default_size_is_the_stdlibs_on_this_python(self) -> None:
+        """Test that ProcessPool() has as many workers as ProcessPoolExecutor() in a
+        process allowed on one CPU: from 3.13 the stdlib counts the CPUs it may run on
+        (regression: cancelflow counted all of the machine's)."""
+        result = run_script(
+            """
+            import concurrent.futures, os, re
+            from cancelflow import ProcessPool
+            os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+            if __name__ == "__main__":
+                stdlib = concurrent.futures.ProcessPoolExecutor()
+                pool = ProcessPool()
+                print(stdlib._max_workers, re.search(r"workers=(\\d+)", repr(pool)).group(1))
+                pool.shutdown()
+                stdlib.shutdown()
+            """
+        )
+        assert result.returncode == 0, result.stderr
+        stdlib, ours = result.stdout.split()
+        assert ours == stdlib
+
     def test_a_failing_initializer_breaks_the_pool(self) -> None:
         """Test that an initializer that raises breaks the pool as the stdlib does: the
         pending futures fail with BrokenProcessPool, and so does submit()."""
@@ -1060,15 +1093,17 @@ class TestMap:
         assert wait_until(lambda: pool.statistics().busy == 0)
         assert pool.statistics().queued == 0
 
-    def test_a_map_closed_before_its_first_result_stops_every_call(self) -> None:
+    @pytest.mark.parametrize("chunksize", [1, 2])
+    def test_a_map_closed_before_its_first_result_stops_every_call(self, chunksize: int) -> None:
         """Test that closing map's iterator before the first next() drops the tasks it
-        queued (regression: a generator that never started ran no cleanup)."""
+        queued, with or without chunks (regressions: a generator that never started ran
+        no cleanup; with chunksize > 1 the iterator was another generator around it)."""
         with ProcessPool(1) as p:
             seen = Announcements()
             blocker = p.submit_task(contractloads.wait_until_cancelled, partial_sink=seen)
             seen.wait("pid")
-            results = p.map(contractloads.square, range(4))
-            assert p.statistics().queued == 4
+            results = p.map(contractloads.square, range(4), chunksize=chunksize)
+            assert p.statistics().queued == 4 // chunksize
             results.close()  # type: ignore[attr-defined]  # (Executor.map says Iterator)
             assert p.statistics().queued == 0
             blocker.cancel()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import dataclasses
+import decimal
 import functools
 import subprocess
 import sys
@@ -596,6 +598,92 @@ class TestThreadPool:
         assert asyncio.run(main()) == "caller"
 
 
+_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("test_thread_pool_var", default="unset")
+
+
+class TestTaskContext:
+    """Tasks run in their worker thread's own context, as ``ThreadPoolExecutor``'s do."""
+
+    def test_a_task_does_not_change_the_submitters_decimal_context(
+        self, one_worker: ThreadPool
+    ) -> None:
+        """Test that a task setting the decimal precision leaves the submitter's alone
+        (regression: tasks ran in a copy of the submitter's context, which shares its
+        decimal.Context object, so the task changed the submitter's precision)."""
+        mine = decimal.getcontext()
+        before = mine.prec
+
+        def task() -> int:
+            decimal.getcontext().prec = before + 7
+            return decimal.getcontext().prec
+
+        assert one_worker.submit(task).result(WAIT) == before + 7
+        assert decimal.getcontext() is mine
+        assert mine.prec == before
+
+    def test_tasks_on_two_threads_keep_their_own_decimal_precision(self) -> None:
+        """Test that tasks running at once on two threads each compute with the precision
+        they set (regression: they shared the submitter's decimal.Context)."""
+        decimal.getcontext()  # the submitter has a decimal context of its own
+        both = threading.Barrier(2, timeout=WAIT)
+
+        def task(precision: int) -> tuple[int, int]:
+            decimal.getcontext().prec = precision
+            both.wait()  # the other task has set its precision too
+            digits = len(str(decimal.Decimal(1) / decimal.Decimal(7))) - 2
+            return precision, digits
+
+        with ThreadPool(2) as pool:
+            results = [f.result(WAIT) for f in [pool.submit(task, 5), pool.submit(task, 40)]]
+        assert results == [(5, 5), (40, 40)]
+
+    def test_the_initializers_context_is_the_tasks(self) -> None:
+        """Test that what the initializer sets in its thread's context (a ContextVar, the
+        decimal precision) is seen by the tasks of that thread, as with ThreadPoolExecutor."""
+
+        def init() -> None:
+            _VAR.set("from the initializer")
+            decimal.getcontext().prec = 9
+
+        def task() -> tuple[str, int]:
+            return _VAR.get(), decimal.getcontext().prec
+
+        with ThreadPool(1, initializer=init) as pool:
+            assert pool.submit(task).result(WAIT) == ("from the initializer", 9)
+
+    def test_the_submitters_contextvars_are_not_the_tasks(self, one_worker: ThreadPool) -> None:
+        """Test that a ContextVar set by the submitter is not seen by a submitted task
+        (ThreadPoolExecutor's behaviour; run_sync copies the caller's context instead)."""
+        reset = _VAR.set("submitter")
+        try:
+            assert one_worker.submit(_VAR.get).result(WAIT) == "unset"
+        finally:
+            _VAR.reset(reset)
+
+    def test_each_task_has_its_own_token_and_none_is_left_after_it(
+        self, one_worker: ThreadPool
+    ) -> None:
+        """Test that two tasks run one after the other in the same thread each see their
+        own token, and that the thread's context holds no task scope between them."""
+
+        def outside() -> str:
+            try:
+                current_token()
+            except RuntimeError:
+                return "no task"
+            return "task"
+
+        first = one_worker.submit(current_token).result(WAIT)
+        second = one_worker.submit(current_token).result(WAIT)
+        assert first is not second
+        finished = one_worker.submit(lambda: None)
+        found: list[str] = []
+        finished.add_done_callback(lambda _: found.append(outside()))  # runs in the worker
+        finished.result(WAIT)
+        wait_until(lambda: found)
+        assert found == ["no task"]
+
+
 class TestThreadTaskFuture:
     def test_cancel_queued_task_never_starts(self, one_worker: ThreadPool) -> None:
         """Test that cancelling a queued task resolves it at once and it never runs."""
@@ -699,6 +787,37 @@ class TestThreadPoolStatistics:
         one_worker.shutdown(wait=True)
         stats = one_worker.statistics()
         assert (stats.completed, stats.cancelled, stats.workers, stats.busy) == (1, 1, 0, 0)
+
+    def test_a_refused_submission_is_not_counted_as_cancelled(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that a submit_task refused because the pool shut down while it was being
+        made, its caller's token cancelled in that moment too, raises PoolClosedError
+        naming the function and counts no cancelled task (regression: the cancel settled
+        and counted the refused task, and the error named a placeholder)."""
+        pool = ThreadPool(1)
+        source = CancellationToken()
+        real_on_cancel = CancellationToken.on_cancel
+        armed = [True]
+
+        def on_cancel(self: CancellationToken, callback: Callable[[], object]) -> Any:
+            handle = real_on_cancel(self, callback)
+            if self is not source and armed:  # the pool's, on the task's token
+                armed.clear()
+                pool.shutdown(wait=False)
+                source.cancel("the caller gave up")
+            return handle
+
+        def answer() -> int:
+            return 42
+
+        monkeypatch.setattr(CancellationToken, "on_cancel", on_cancel)
+        with pytest.raises(PoolClosedError, match="answer"):
+            pool.submit_task(answer, token=source)
+        monkeypatch.undo()
+        assert not armed
+        assert pool.statistics().cancelled == 0
+        pool.shutdown()
 
     def test_is_frozen(self, pool: ThreadPool) -> None:
         """Test that a statistics snapshot cannot be modified."""

@@ -13,6 +13,7 @@ import concurrent.futures
 import gc
 import itertools
 import os
+import re
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -119,6 +120,28 @@ class TestConstructor:
         with ThreadPool(2, thread_name_prefix="SpecialPool") as pool:
             names = {f.result(WAIT) for f in [pool.submit(task), pool.submit(task)]}
         assert names == {"SpecialPool_0", "SpecialPool_1"}
+
+    @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+    def test_the_default_size_is_the_stdlibs_on_this_python(self) -> None:
+        """Test that ThreadPool() allows as many threads as ThreadPoolExecutor() in a
+        thread allowed on one CPU: from 3.13 the stdlib counts the CPUs it may run on
+        (regression: cancelflow counted all of the machine's)."""
+        found: list[int] = []
+
+        def compare() -> None:
+            os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+            stdlib = concurrent.futures.ThreadPoolExecutor()
+            with ThreadPool() as pool:
+                size = re.search(r"max_workers=(\d+)", repr(pool))
+                assert size is not None
+                found.extend([stdlib._max_workers, int(size.group(1))])
+            stdlib.shutdown()
+
+        thread = threading.Thread(target=compare)  # the affinity is this thread's alone
+        thread.start()
+        thread.join(WAIT)
+        assert len(found) == 2
+        assert found[1] == found[0]
 
     @pytest.mark.parametrize("max_workers", [0, -1])
     def test_max_workers_error_uses_stdlib_wording(self, max_workers: int) -> None:

@@ -146,6 +146,19 @@ def enter_scope_for_good(scope: TaskScope) -> None:
     _scope.set(scope)
 
 
+def run_in_scope(
+    scope: TaskScope, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Call ``fn(*args, **kwargs)`` with ``scope`` current in this thread's context, and
+    the scope that was current before restored when it returns or raises (a thread
+    pool's task run in its worker thread's own context, as ``ThreadPoolExecutor`` does)."""
+    reset = _scope.set(scope)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _scope.reset(reset)
+
+
 def current_scope() -> TaskScope | None:
     """The running task's scope, or ``None`` outside a cancelflow task."""
     return _scope.get()

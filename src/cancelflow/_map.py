@@ -44,7 +44,8 @@ def ordered_map(
     *,
     timeout: float | None,
     buffersize: object,
-) -> Iterator[T]:
+    chunked: bool = False,
+) -> Iterator[Any]:
     """Submit ``fn(*args)`` for each ``args`` of ``zip(*iterables)`` and return an iterator
     over the results, in input order.
 
@@ -62,6 +63,9 @@ def ordered_map(
     a worker freed by the stop of a running one finds none of them. What ``cancel()``
     does to a running call is the pool's (both pools stop it). Collected before its
     first result, it cancels nothing (see :class:`_Results`).
+
+    ``chunked``: each call returns a list of results (a chunk of a ``chunksize`` > 1),
+    whose items the iterator yields one by one; everything above holds for the chunks.
 
     With ``buffersize`` the iterator holds the pool's ``submit``, so the pool stays alive
     while the iterator does (the stdlib's ``map`` stops submitting, and so ends early,
@@ -85,7 +89,7 @@ def ordered_map(
     # the pool (a pool dropped while its results are read is collected, its threads end).
     more = submit if window is not None else None
 
-    def results() -> Generator[T, None, None]:
+    def results() -> Generator[Any, None, None]:
         try:
             while pending:
                 if more is not None:
@@ -93,7 +97,10 @@ def ordered_map(
                     if args is not _END:
                         pending.append(more(fn, *args))  # type: ignore[misc]
                 left = None if end_time is None else end_time - time.monotonic()
-                yield _pop_result(pending, left)
+                if chunked:
+                    yield from _pop_result(pending, left)  # type: ignore[misc]  # a list here
+                else:
+                    yield _pop_result(pending, left)
         finally:
             _cancel_all(pending)
 

@@ -10,13 +10,14 @@ whose wording differs between pools; what is here is said the same way everywher
 from __future__ import annotations
 
 import concurrent.futures
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ._token import CancellationToken
 from ._validate import check_seconds
 
-__all__ = ("check_call", "future_done", "ladder_seconds")
+__all__ = ("check_call", "check_initializer", "future_done", "ladder_seconds", "usable_cpus")
 
 
 def check_call(
@@ -40,6 +41,29 @@ def check_call(
         raise TypeError(f"token must be a CancellationToken or None, not {type(token).__name__}")
     if partial_sink is not None and not callable(partial_sink):
         raise TypeError(f"partial_sink must be callable, not {type(partial_sink).__name__}")
+
+
+def check_initializer(initializer: object, initargs: object) -> tuple[Any, ...]:
+    """Refuse an ``initializer`` that is neither callable nor ``None``, and ``initargs``
+    that are not an iterable of arguments (a ``str`` or ``bytes`` is refused); return the
+    arguments as a tuple (any iterable is taken, as ``*initargs`` takes it in the stdlib).
+
+    Raises:
+        TypeError: naming the argument.
+    """
+    if initializer is not None and not callable(initializer):
+        raise TypeError("initializer must be a callable")
+    if isinstance(initargs, (str, bytes)) or not isinstance(initargs, Iterable):
+        raise TypeError(f"initargs must be an iterable, not {type(initargs).__name__}")
+    return tuple(initargs)
+
+
+def usable_cpus() -> int:
+    """The CPUs the stdlib's executors size their default pool by: those this process may
+    run on (``os.process_cpu_count()``, CPU affinity included) from Python 3.13, all of
+    the machine's before (``os.cpu_count()``); at least 1."""
+    count = getattr(os, "process_cpu_count", os.cpu_count)()
+    return count or 1
 
 
 def ladder_seconds(value: float | None, default: float, what: str) -> float:

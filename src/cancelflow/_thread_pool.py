@@ -17,7 +17,6 @@ import contextvars
 import ctypes
 import functools
 import itertools
-import os
 import threading
 import time
 import weakref
@@ -29,7 +28,7 @@ from typing import Any, ParamSpec, TypeVar, TypeVarTuple
 
 from . import _futures, _interpreter_exit, _timer
 from ._async import wait_for_callback
-from ._context import PartialSink, TaskScope, enter_scope_for_good, lazy_scope
+from ._context import PartialSink, TaskScope, enter_scope_for_good, lazy_scope, run_in_scope
 from ._exceptions import (
     BrokenPoolError,
     CancelledException,
@@ -40,7 +39,7 @@ from ._fate import Fate
 from ._log import safe_log
 from ._map import ordered_map
 from ._platform import at_fork
-from ._pool_calls import check_call, ladder_seconds
+from ._pool_calls import check_call, check_initializer, ladder_seconds, usable_cpus
 from ._token import CancellationToken
 from ._validate import check_seconds as _check_timeout
 
@@ -51,7 +50,6 @@ P = ParamSpec("P")
 PosArgsT = TypeVarTuple("PosArgsT")
 
 
-_EMPTY_CONTEXT = contextvars.Context()
 _pool_ids = itertools.count(1)
 _thread_ids = itertools.count(1)
 _task_ids = itertools.count(1)
@@ -147,6 +145,7 @@ class _WorkItem:
         "cancel_handle",
         "cancelled_at",
         "context",
+        "counted",
         "error",
         "fate",
         "fn",
@@ -162,6 +161,7 @@ class _WorkItem:
         "partials",
         "pool_name",
         "pool_ref",
+        "refused",
         "returned",
         "source",
         "timed_out",
@@ -203,7 +203,9 @@ class _WorkItem:
         self.user_sink = user_sink
         self.interrupt = interrupt
         self.name = f"task-{next(_task_ids)}"
-        self.context = contextvars.copy_context()
+        #: where the task runs: ``None`` for the worker thread's own context (as
+        #: ``ThreadPoolExecutor`` does), else a copy of the caller's (``run_sync``)
+        self.context: contextvars.Context | None = None
         self.partials: dict[str, Any] = {}
         self.future: ThreadTaskFuture[Any] = ThreadTaskFuture()
         self.future._item = self
@@ -212,6 +214,9 @@ class _WorkItem:
         self.returned = False
         self.cancel_as_future = False
         self.timed_out = False
+        #: the pool refused the submission (shut down meanwhile): its cancel counts for
+        #: nothing; ``counted``: a cancel did count it (both under the future's lock)
+        self.refused = self.counted = False
         self.interrupt_sent = False
         self.cancelled_at = 0.0
         self.cancel_handle: Any = None
@@ -294,13 +299,18 @@ class _WorkItem:
             self.user_sink(key, value)
 
     def run(self) -> Any:
-        """Call the task (in :attr:`context`, its own copy, dropped when it ends: the
-        scope set here needs no reset)."""
+        """Call the task with its scope current: in the worker thread's own context (what
+        the thread's initializer and earlier tasks set there is seen, as with
+        ``ThreadPoolExecutor``; the scope is reset when the task ends), or in
+        :attr:`context`, a copy of the caller's dropped when the task ends (the scope set
+        there needs no reset)."""
         token = self.token
-        if token is None:
-            enter_scope_for_good(lazy_scope(self.task_token, self.sink))
-        else:
-            enter_scope_for_good(TaskScope(token, self.sink))
+        scope = (
+            lazy_scope(self.task_token, self.sink) if token is None else TaskScope(token, self.sink)
+        )
+        if self.context is None:
+            return run_in_scope(scope, self.fn, self.args, self.kwargs)
+        enter_scope_for_good(scope)
         return self.fn(*self.args, **self.kwargs)
 
     def cancel_exception(self) -> CancelledException:
@@ -452,14 +462,18 @@ class ThreadPool(Executor):
 
     Workers are daemon threads named ``cancelflow-thread-N`` (``{thread_name_prefix}_{n}``,
     ``n`` counting from 0 in this pool, when a prefix is given), started on demand. Each
-    task runs in a copy of the submitter's :mod:`contextvars` context (as in
-    :func:`asyncio.to_thread`). Methods are safe to call from any thread, including from
+    task runs in its worker thread's own :mod:`contextvars` context, as in
+    :class:`~concurrent.futures.ThreadPoolExecutor`: what the ``initializer`` or a task sets
+    there (a ``ContextVar``, the :mod:`decimal` context) is seen by that thread's later
+    tasks, and nothing of the submitter's is; :meth:`run_sync` instead runs the call in a
+    copy of the awaiting coroutine's context, as :func:`asyncio.to_thread` does. Methods are safe to call from any thread, including from
     inside a task (except ``shutdown(wait=True)`` waiting for the task's own thread, which
     it skips).
 
     Args:
         max_workers: the most non-abandoned threads at once; ``None`` for
-            ``min(32, os.cpu_count() + 4)``, as in :class:`~concurrent.futures.ThreadPoolExecutor`.
+            ``min(32, cpus + 4)``, as in :class:`~concurrent.futures.ThreadPoolExecutor`
+            (``cpus``: ``os.process_cpu_count()`` from Python 3.13, ``os.cpu_count()`` before).
         thread_name_prefix: names the workers ``{thread_name_prefix}_{n}``; ``""`` keeps
             ``cancelflow-thread-N``.
         initializer: called as ``initializer(*initargs)`` in each new worker thread before
@@ -491,15 +505,12 @@ class ThreadPool(Executor):
         name: str | None = None,
     ) -> None:
         if max_workers is None:
-            max_workers = min(32, (os.cpu_count() or 1) + 4)
+            max_workers = min(32, usable_cpus() + 4)
         elif isinstance(max_workers, bool) or not isinstance(max_workers, int):
             raise TypeError(f"max_workers must be an int or None, not {type(max_workers).__name__}")
         elif max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
-        if isinstance(initargs, (str, bytes)) or not isinstance(initargs, Iterable):
-            raise TypeError(f"initargs must be an iterable, not {type(initargs).__name__}")
+        initargs = check_initializer(initializer, initargs)
         if not isinstance(thread_name_prefix, str):
             raise TypeError(
                 f"thread_name_prefix must be a str, not {type(thread_name_prefix).__name__}"
@@ -512,7 +523,7 @@ class ThreadPool(Executor):
         self._thread_name_prefix = thread_name_prefix
         self._thread_numbers = itertools.count()
         self._initializer = initializer
-        self._initargs = tuple(initargs)
+        self._initargs = initargs
         # Re-entrant so that shutdown() can tell a signal handler that interrupted this
         # thread inside the pool (it holds the lock, see shutdown) from another thread.
         self._lock = threading.RLock()
@@ -667,7 +678,8 @@ class ThreadPool(Executor):
         """Run ``fn(*args)`` in a worker thread and return its result, from asyncio.
 
         Behaves like calling ``fn(*args)`` except that it runs in this pool, leaving the
-        event loop free; the options are those of :meth:`submit_task`.
+        event loop free; the options are those of :meth:`submit_task`. ``fn`` runs in a
+        copy of the caller's :mod:`contextvars` context, as with :func:`asyncio.to_thread`.
 
         If cancelled while blocked: ``token`` is checked on entry, and if it is already
         cancelled :class:`CancelledException` is raised before a worker is taken. If
@@ -703,6 +715,7 @@ class ThreadPool(Executor):
             assert token is not None
             token.raise_if_cancelled()
             raise AssertionError("unreachable")  # pragma: no cover
+        item.context = contextvars.copy_context()  # as asyncio.to_thread
         self._enqueue(item)
         future: ThreadTaskFuture[T] = item.future
         stop = functools.partial(self._stop_for_awaiter, item)
@@ -919,7 +932,7 @@ class ThreadPool(Executor):
         # The callback never takes self._lock, so it may run here (an already-cancelled
         # token) or from a signal handler that interrupts the block below. A task without
         # a token yet registers it when the token is made (_WorkItem.task_token).
-        token = item.token
+        token, fn = item.token, item.fn  # (a cancel that settles the future drops item.fn)
         if token is not None:
             item.cancel_handle = token.on_cancel(functools.partial(self._settle_cancelled, item))
         with self._lock:
@@ -939,9 +952,15 @@ class ThreadPool(Executor):
                     _queued.discard(self)
         if item.cancel_handle is not None:
             item.cancel_handle.remove()
+        with _futures.lock(item.future):
+            # A cancel that settled the future meanwhile counted a task that never was.
+            item.refused = True
+            if item.counted:
+                with self._count_lock:
+                    self._cancelled -= 1
         if item.token is not None:
             item.token.close()
-        self._check_accepting(item.fn)
+        self._check_accepting(fn)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _spawn_if_needed(self) -> None:
@@ -1305,8 +1324,10 @@ class ThreadPool(Executor):
             if item.fate not in _UNDER_WAY:
                 item.error.fate = item.fate
             _futures.settle_locked(future, exception=item.error, signal_safe=True)
-        with self._count_lock:
-            self._cancelled += 1
+        if not item.refused:
+            item.counted = True
+            with self._count_lock:
+                self._cancelled += 1
         return True
 
     def _grace_expired(self, item: _WorkItem) -> None:
@@ -1361,7 +1382,8 @@ class ThreadPool(Executor):
 
 def _call(item: _WorkItem) -> _Outcome:
     try:
-        return _Outcome(item.context.run(item.run))
+        context = item.context
+        return _Outcome(item.run() if context is None else context.run(item.run))
     except BaseException as exc:  # noqa: BLE001 - the task's outcome, whatever it is
         return _Outcome(exc=exc)
 
@@ -1381,7 +1403,7 @@ def _drop_call(item: _WorkItem) -> None:
     item.fn = _noop
     item.args = ()
     item.kwargs = {}
-    item.context = _EMPTY_CONTEXT
+    item.context = None
     item.user_sink = None
     item.source = None
 

@@ -19,7 +19,7 @@ from .._exceptions import CancelledException
 from .._fate import Fate
 from .._map import ordered_map
 from .._platform import require_process_pools
-from .._pool_calls import check_call, future_done, ladder_seconds
+from .._pool_calls import check_call, check_initializer, future_done, ladder_seconds, usable_cpus
 from .._token import CancellationToken
 from .._validate import check_seconds as _seconds
 from . import _supervisor, _zygote
@@ -113,13 +113,15 @@ class ProcessPool(concurrent.futures.Executor):
     results are only what the task stored before it was stopped.
 
     Args:
-        max_workers: number of workers (default: the CPU count).
+        max_workers: number of workers (default: the CPUs, as in
+            :class:`~concurrent.futures.ProcessPoolExecutor`: ``os.process_cpu_count()``
+            from Python 3.13, ``os.cpu_count()`` before).
         mp_context: only ``None`` (the pool starts its own workers, see the module
             :mod:`cancelflow._process`); anything else raises ``ValueError``.
         initializer: called as ``initializer(*initargs)`` in each worker before it takes a
             task; if it raises, the pool is broken (:class:`BrokenPoolError`), as in the
             stdlib. Must be picklable.
-        initargs: arguments for ``initializer``.
+        initargs: positional arguments for ``initializer`` (any iterable).
         max_tasks_per_child: a worker ends and is replaced after this many tasks
             (``None``: never).
         grace_period: default seconds between the token and SIGTERM (0: skip to the next
@@ -137,7 +139,7 @@ class ProcessPool(concurrent.futures.Executor):
         max_workers: int | None = None,
         mp_context: Any = None,
         initializer: Callable[..., object] | None = None,
-        initargs: tuple[Any, ...] = (),
+        initargs: Iterable[Any] = (),
         *,
         max_tasks_per_child: int | None = None,
         grace_period: float = 0.1,
@@ -146,7 +148,7 @@ class ProcessPool(concurrent.futures.Executor):
     ) -> None:
         require_process_pools("ProcessPool")
         if max_workers is None:
-            max_workers = os.cpu_count() or 1
+            max_workers = usable_cpus()
         if isinstance(max_workers, bool) or not isinstance(max_workers, int):
             raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
         if max_workers <= 0:
@@ -157,10 +159,7 @@ class ProcessPool(concurrent.futures.Executor):
                 "workers (forked from a fresh zygote interpreter that imports __main__ "
                 "the way spawn does), so it cannot use a multiprocessing context; pass None"
             )
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
-        if not isinstance(initargs, tuple):
-            raise TypeError(f"initargs must be a tuple, not {type(initargs).__name__}")
+        initargs = check_initializer(initializer, initargs)
         if max_tasks_per_child is not None:
             if isinstance(max_tasks_per_child, bool) or not isinstance(max_tasks_per_child, int):
                 raise TypeError("max_tasks_per_child must be an int or None")
@@ -358,14 +357,14 @@ class ProcessPool(concurrent.futures.Executor):
         if chunksize == 1:
             return ordered_map(self.submit, fn, iterables, timeout=timeout, buffersize=buffersize)
         chunks = _chunks(zip(*iterables, strict=False), chunksize)
-        results = ordered_map(
+        return ordered_map(
             self.submit,
             functools.partial(run_chunk, fn),
             (chunks,),
             timeout=timeout,
             buffersize=buffersize,
+            chunked=True,
         )
-        return _flatten(results)
 
     def shutdown(
         self, wait: bool = True, *, cancel_futures: bool = False, cancel_running: bool = False
@@ -501,14 +500,3 @@ def _chunks(calls: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[
     while chunk:
         yield chunk
         chunk = list(itertools.islice(calls, size))
-
-
-def _flatten(results: Iterator[list[Any]]) -> Iterator[Any]:
-    """Yield each chunk's results in order; closing this stops the chunks not collected."""
-    try:
-        for chunk in results:
-            yield from chunk
-    finally:
-        close = getattr(results, "close", None)
-        if close is not None:
-            close()
