@@ -680,7 +680,7 @@ class TestTaskContext:
         found: list[str] = []
         finished.add_done_callback(lambda _: found.append(outside()))  # runs in the worker
         finished.result(WAIT)
-        wait_until(lambda: found)
+        wait_until(lambda: bool(found))
         assert found == ["no task"]
 
 

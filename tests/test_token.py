@@ -1285,6 +1285,85 @@ class TestCancellationToken:
         assert token.cancel_reason == "sig"
 
 
+class TestConcurrentCancels:
+    """Several threads cancel one token at once (what a free-threaded build runs truly in
+    parallel; a thread switch can land in the same places under the GIL)."""
+
+    def test_a_losing_cancel_returns_with_the_token_cancelled(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that a cancel() that loses to one still on its way to the flag returns
+        False only once the token reads cancelled, with the winner's reason (regression:
+        it returned at once, the token not cancelled yet)."""
+        token = CancellationToken()
+        claimed, go, waiting = threading.Event(), threading.Event(), threading.Event()
+        real_is_shared = CancellationToken._is_shared
+        real_await = getattr(CancellationToken, "_await_claim", None)
+        held = [True]
+
+        def held_is_shared(self: CancellationToken) -> bool:
+            # The winner's first step after its claim, before it sets the flag: held.
+            if threading.current_thread().name == "winner" and held:
+                held.clear()
+                claimed.set()
+                assert go.wait(WAIT)
+            return real_is_shared(self)
+
+        def watched_await(self: CancellationToken, me: int) -> bool:
+            waiting.set()
+            assert real_await is not None
+            return bool(real_await(self, me))
+
+        monkeypatch.setattr(CancellationToken, "_is_shared", held_is_shared)
+        monkeypatch.setattr(CancellationToken, "_await_claim", watched_await, raising=False)
+        winner = threading.Thread(target=token.cancel, args=("first",), name="winner")
+        winner.start()
+        assert claimed.wait(WAIT)
+        seen: list[tuple[bool, bool, str | None]] = []
+
+        def lose() -> None:
+            seen.append((token.cancel("second"), token.is_cancelled, token.cancel_reason))
+
+        loser = threading.Thread(target=lose)
+        loser.start()
+        assert wait_until(lambda: waiting.is_set() or not loser.is_alive())
+        go.set()
+        loser.join(WAIT)
+        winner.join(WAIT)
+        assert seen == [(False, True, "first")]
+
+    def test_the_winner_runs_every_callback_itself(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Test that a cancel() arriving while the winning one is about to run the callbacks
+        runs none of them: the winner runs them all, in its thread, before it returns
+        (regression: the late call took them for leftovers of an interrupted delivery)."""
+        token = CancellationToken()
+        ran_in: list[str] = []
+        for _ in range(5):
+            token.on_cancel(lambda: ran_in.append(threading.current_thread().name))
+        delivering, go = threading.Event(), threading.Event()
+        real_finish = CancellationToken._finish
+        first = [True]
+
+        def held_finish(self: CancellationToken) -> None:
+            if first:
+                first.clear()
+                delivering.set()
+                assert go.wait(WAIT)
+            real_finish(self)
+
+        monkeypatch.setattr(CancellationToken, "_finish", held_finish)
+        winner = threading.Thread(target=token.cancel, args=("first",), name="winner")
+        winner.start()
+        assert delivering.wait(WAIT)
+        late = threading.Thread(target=token.cancel, args=("late",), name="late")
+        late.start()
+        late.join(WAIT)
+        assert not late.is_alive()
+        go.set()
+        winner.join(WAIT)
+        assert ran_in == ["winner"] * 5
+
+
 class TestTheFlagOtherProcessesSee:
     """A token that only this process can see keeps its flag in a plain attribute (the
     cheapest read); one that another process may see reads the flag in shared memory. A
@@ -1480,7 +1559,7 @@ class TestTheFlagOtherProcessesSee:
 #: Threads make, link, cancel and drop tokens while the main thread forks; each child
 #: cancels every token alive at its fork, and the parent checks that it sees each cancel.
 _FORKS_WHILE_THREADS_DROP_TOKENS = """
-import os, sys, threading
+import gc, os, sys, threading
 from cancelflow import CancellationToken
 
 root = CancellationToken()
@@ -1502,6 +1581,10 @@ def churn():
             t = CancellationToken.linked(root, CancellationToken())
         if i % 7 == 0:
             t.cancel("local")
+        if i % 50 == 0:  # cyclic garbage, collected: on a free-threaded build each
+            loop = [None]  # collection stops the world, as a __class__ switch does
+            loop[0] = loop
+            gc.collect(0)
         tokens.append(t)
         if len(tokens) > 1500:
             del tokens[:500]
@@ -1541,7 +1624,10 @@ class TestForkWhileThreadsDropTokens:
         complete and that every cancel a child makes is seen by the parent (regression,
         free-threaded 3.13: a token freed in the child before the fork hooks ran waited
         for the slots' lock held by a thread the child does not have, and dropped tokens'
-        finalizers nested until the recursion limit)."""
+        finalizers nested until the recursion limit; a token registered between the
+        parent's fork hook and the fork made the child switch its class, which stops the
+        world, whose lock a collecting thread of the parent could hold at the fork: the
+        child hung)."""
         done = run_script(_FORKS_WHILE_THREADS_DROP_TOKENS, "25")
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.split() == ["missed", "0"], done.stdout + done.stderr[-3000:]

@@ -199,7 +199,10 @@ class CancellationToken(_Cell):
             raise TypeError(f"name must be a str or None, not {type(name).__name__}")
         self._init_local(name)
         self._clear_shared()
-        _local_tokens[self._id] = weakref.ref(self)
+        with _registering:
+            _local_tokens[self._id] = weakref.ref(self)
+            if self._born != _cell.fork_epoch:  # a fork came since __new__
+                self._share()
         if timeout is not None:
             self._arm_timer(_check_timeout(timeout, "timeout"))
 
@@ -216,6 +219,8 @@ class CancellationToken(_Cell):
         self._blocked: list[None] = []
         #: one item per _finish() running (callbacks being delivered) in this process
         self._finishing: list[None] = []
+        #: the thread of each cancel() call in progress in this process
+        self._callers: list[int] = []
 
     def _clear_shared(self) -> None:
         self._reason_len = _cell.REASON_NONE
@@ -304,18 +309,62 @@ class CancellationToken(_Cell):
                 changes).
         """
         check_reason(reason)
+        me = threading.get_ident()
+        callers = self._callers
+        callers.append(me)  # (see _lost and _await_claim)
         try:
-            self._once.pop()
-        except IndexError:
-            if self._undelivered:
-                # An earlier call set the flag, then an exception (a KeyboardInterrupt
-                # landing inside cancel()) cut it short before it woke anyone: deliver.
-                self._undelivered = False
-                self._apply()
-            if self._callbacks and self.is_cancelled and not self._applied and not self._finishing:
-                # Leftovers of a delivery cut short by an exception: they still run, once.
-                self._finish()
+            while True:
+                try:
+                    self._once.pop()
+                except IndexError:
+                    if self.is_cancelled or not self._await_claim(me):
+                        return self._lost()
+                    continue  # the claim was given back: claim again
+                break
+            return self._cancel_claimed(reason)
+        finally:
+            callers.remove(me)
+
+    def _lost(self) -> bool:
+        """The end of a :meth:`cancel` that did not claim the token: ``False``, after
+        finishing what an earlier call cut short by an exception left undone."""
+        if self._undelivered:
+            # An earlier call set the flag, then an exception (a KeyboardInterrupt
+            # landing inside cancel()) cut it short before it woke anyone: deliver.
+            self._undelivered = False
+            self._apply()
+        if (
+            self._callbacks
+            and self.is_cancelled
+            and not self._applied
+            and not self._finishing
+            and len(self._callers) == 1  # no other cancel() is still delivering
+        ):
+            # Leftovers of a delivery cut short by an exception: they still run, once.
+            self._finish()
+        return False
+
+    def _await_claim(self, me: int) -> bool:
+        """Another :meth:`cancel` claimed the token and has not set its flag yet (without
+        a GIL, or across a thread switch): wait until it has, so that a ``cancel()`` that
+        returns ``False`` leaves the token cancelled. ``True``: that call gave its claim
+        back (an exception cut it short before it set the flag): claim again.
+
+        Never waits for this very thread (a signal handler that interrupted its own
+        thread's ``cancel()``, which sets the flag once it resumes): ``False`` at once.
+        """
+        if self._callers.count(me) > 1:
             return False
+        delay = 1e-6
+        while not self.is_cancelled:
+            if self._once:
+                return True
+            time.sleep(delay)  # lets the claiming thread run, GIL or not
+            delay = min(delay * 2, 1e-3)
+        return False
+
+    def _cancel_claimed(self, reason: Reason) -> bool:
+        """The rest of :meth:`cancel`, for the call that claimed the token."""
         chunk = self._chunk
         won = True
         woken = False
@@ -746,6 +795,9 @@ class CancellationToken(_Cell):
 #: ``is_cancelled`` is a slot until :meth:`CancellationToken._share` (a fork
 #: shares them all).
 _local_tokens: dict[int, weakref.ref[CancellationToken]] = {}
+#: held while a token registers in ``_local_tokens``, and from just before a fork until
+#: it is over (see _before_fork)
+_registering = threading.RLock()
 #: per thread: the tokens whose finalization waits for the __del__ running there
 _finalizing = threading.local()
 #: token class -> its shared twin (``_shared_twin``)
@@ -804,10 +856,33 @@ def _share_every_token() -> None:
         raise interrupted
 
 
+def _before_fork() -> None:
+    # No token is registered from here until the fork is over: every token the child
+    # finds is shared already, and the child assigns no ``__class__`` (on a free-threaded
+    # build that stops the world, whose lock another thread of the parent may have held
+    # at the fork: the child would hang). A token made meanwhile shares itself once
+    # registered (see __init__).
+    _registering.acquire()
+    _share_every_token()
+
+
+def _after_fork_in_parent() -> None:
+    try:
+        _share_every_token()
+    finally:
+        _registering.release()
+
+
+def _after_fork_in_child() -> None:
+    global _registering
+    _registering = threading.RLock()
+    _share_every_token()  # (finds nothing to switch but what another hook made meanwhile)
+
+
 at_fork(
-    before=_share_every_token,
-    after_in_parent=_share_every_token,
-    after_in_child=_share_every_token,
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
 )
 
 
