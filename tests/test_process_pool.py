@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import os
 import random
@@ -426,6 +427,34 @@ class TestProcessPool:
         owner.stdin.close()
         for pid in (first, second):
             assert_gone(pid)
+
+
+class TestReapOfAStoppedTask:
+    def test_the_pools_kill_waits_for_the_workers_reap(self) -> None:
+        """Test that a stopped task's grandchild in a session of its own, frozen by the
+        worker's reap and orphaned by it (its parent killed first), is killed too when the
+        reap takes longer than the pool's SIGTERM-to-SIGKILL grace (regression on
+        "posix": the pool's SIGKILL cut the reap short between its freezes and its kills,
+        and the orphan, out of every tree and group the pool could find, stayed stopped
+        for good)."""
+        seen = Announcements()
+        with ProcessPool(1, initializer=workloads.slow_down_the_first_kill_of_a_reap) as pool:
+            future = pool.submit_task(
+                workloads.leave_a_session_leader_under_a_child,
+                partial_sink=seen,
+                grace_period=0,
+                term_grace_period=0.05,
+            )
+            child, grandchild = seen.wait("tree")
+            try:
+                future.cancel()
+                with pytest.raises(concurrent.futures.CancelledError):
+                    future.result(WAIT)
+                for pid in (child, grandchild):
+                    assert_gone(pid)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.kill(grandchild, signal.SIGKILL)
 
 
 class TestRunSync:

@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 
+import psutil
+
 import cancelflow
 from cancelflow import _context
 
@@ -140,6 +142,47 @@ def spawn_stubborn_tree() -> None:
     _context.store_partial("tree", [child.pid, grandchild])
     while True:
         pass
+
+
+def leave_a_session_leader_under_a_child() -> None:
+    """Fork a child that forks a grandchild in a session of its own (``setsid()``, so in
+    no group of the worker's); both sleep until killed. Store "tree" ([child, grandchild])
+    and sleep (never checking the token)."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        grandchild = os.fork()
+        if grandchild == 0:
+            os.setsid()
+            os.write(write, b"x")
+            while True:
+                time.sleep(1)
+        while True:
+            time.sleep(1)
+    os.read(read, 1)  # the grandchild is in its own session now
+    grandchild = next(p.pid for p in psutil.Process(child).children())
+    _context.store_partial("tree", [child, grandchild])
+    while True:
+        time.sleep(0.01)
+
+
+def slow_down_the_first_kill_of_a_reap() -> None:
+    """A pool initializer: the first SIGKILL this worker's reap of a stopped task's tree
+    sends is followed by a 0.5 s pause (as a reap of a large tree takes long), so that the
+    pool's own steps may land in the middle of the reap."""
+    from cancelflow._platform import _tree
+
+    real = _tree.send_signal  # type: ignore[attr-defined]
+    first = [True]
+
+    def send_signal(pid: int, signum: int) -> bool:
+        sent = real(pid, signum)
+        if signum == signal.SIGKILL and first:
+            first.clear()
+            time.sleep(0.5)
+        return sent
+
+    _tree.send_signal = send_signal  # type: ignore[attr-defined]
 
 
 def fork_then_spin() -> None:

@@ -355,6 +355,9 @@ _HEAD_START = 0.002
 #: how long of that it polls for the caller's word before it sleeps on it: the caller,
 #: usually under way already, then acknowledges with a plain store, no system call
 _ACK_POLL = 0.0003
+#: the longest the pool's kill of a worker waits for the worker's reap of a stopped
+#: task's tree (see _Worker.reap_stopped_tree): far more than a reap takes
+_REAP_BOUND = 2.0
 
 
 def _type_name(value: object) -> str:
@@ -605,7 +608,7 @@ class _Worker:
         self.state.restore_handlers()
         stopped = token.is_cancelled
         if kind == "terminated" or stopped:
-            kill_and_reap_tree()
+            self.reap_stopped_tree()
         else:
             _reap_children()
         if stopped and kind == "error" and isinstance(value, CancelledException):
@@ -630,6 +633,20 @@ class _Worker:
             self.tell_callers_stopped(seq, frames)
         self.send(self.outcome(seq, kind, value))
         self.state.reset()  # before the next task is read; the caller need not wait
+
+    def reap_stopped_tree(self) -> None:
+        """Kill and reap what a stopped task left, as a critical section (at most
+        :data:`_REAP_BOUND`): the pool's SIGKILL of this worker waits for it, since one
+        landing between the reap's freezes and its kills would leave the frozen processes
+        stopped for good where the pool's own kill cannot find them (on ``"posix"``, an
+        orphan that left this worker's group with ``setsid()``). If the pool is killing
+        this worker already, the reap is left to that kill, which takes this worker's
+        whole tree from outside, this worker frozen first."""
+        try:
+            with _critical_section(_REAP_BOUND, self.control, self.critical_ended):
+                kill_and_reap_tree()
+        except CancelledException:
+            pass  # the pool's kill is on its way: it takes the tree
 
     def tell_callers_stopped(self, seq: int, frames: int) -> None:
         """Task ``seq`` ended stopped, its tree reaped, having sent ``frames`` frames
