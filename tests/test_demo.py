@@ -397,6 +397,24 @@ class TestDemoCommandLine:
         assert done.returncode == 0
         assert done.stdout.strip() == f"cancelflow {__version__}"
 
+    def test_a_platform_without_process_pools_gets_a_usage_error(self) -> None:
+        """Test that the demo on the ``windows`` implementation (no process pool) exits 2
+        with one message naming what is missing and what works, no traceback, and nothing
+        on stdout (regression: it died with a traceback)."""
+        done = subprocess.run(
+            [sys.executable, "-m", "cancelflow", "demo", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "CANCELFLOW_PLATFORM": "windows"},
+        )
+        assert done.returncode == 2, done.stderr
+        assert "process pool" in done.stderr
+        assert "ThreadPool" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert done.stdout == ""
+
     def test_bad_cancel_after_is_a_usage_error(self) -> None:
         """Test that a non-positive ``--cancel-after`` exits 2 without running anything."""
         done = _cli("demo", "--cancel-after", "-1")

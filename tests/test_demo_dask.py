@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from support import wait_until
+
 pytest.importorskip("distributed", reason="cancelflow[dask] is not installed")
 
 DEMO = [sys.executable, "-m", "cancelflow", "demo"]
@@ -135,3 +137,30 @@ class TestDemoDaskCommandLine:
         assert done.returncode == 0
         assert "--dask ADDRESS" in done.stdout
         assert "local" in done.stdout
+
+
+class TestWorkerCensus:
+    def test_a_live_process_is_a_leftover_also_where_proc_cannot_be_read(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Test that the census counts a live child as a leftover and a zombie as none,
+        also where ``/proc`` cannot be read (macOS; regression: any error reading
+        ``/proc`` made a process a multiprocessing helper, so no leftover was ever seen)."""
+        from cancelflow._cli.demo import census
+
+        def no_proc(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if str(path).startswith("/proc/"):
+                raise FileNotFoundError(path)
+            return open(path, *args, **kwargs)
+
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            assert not census._is_mp_helper(child.pid)
+            monkeypatch.setattr(census, "open", no_proc, raising=False)  # the module's reads
+            assert not census._is_mp_helper(child.pid)
+            monkeypatch.undo()
+            child.kill()
+            assert wait_until(lambda: census._is_mp_helper(child.pid))  # a zombie
+        finally:
+            child.kill()
+            child.wait()

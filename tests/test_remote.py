@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import multiprocessing
 import os
 import pickle
@@ -25,6 +26,7 @@ from workloads import (
     poll_remote_token,
     remote_handle_directory,
     remote_in_fork_child,
+    remote_reader_thread_count,
     remote_reader_threads,
 )
 
@@ -132,6 +134,25 @@ class TestInAForeignProcess:
             assert counts == {1}
         finally:
             handle.close()
+
+    def test_handles_of_tokens_dropped_leave_no_thread_behind(
+        self, foreign_pool: concurrent.futures.Executor
+    ) -> None:
+        """Test that a handle of a new token sent with each of many tasks, each token
+        dropped after its task, leaves no reader thread in the worker and no serving
+        thread in the owner (regression: one thread in each, and two descriptors in the
+        owner, per handle, for good)."""
+        for _ in range(30):
+            with CancellationToken() as token:
+                assert foreign_pool.submit(remote_reader_threads, token.remote()).result(WAIT)
+            del token
+        gc.collect()
+        assert wait_until(lambda: not _threads_named("cancelflow-remote-token"))
+        assert wait_until(lambda: foreign_pool.submit(remote_reader_thread_count).result(WAIT) == 0)
+
+
+def _threads_named(name: str) -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == name]
 
 
 class TestOwnerAndCleanup:

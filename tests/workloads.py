@@ -356,6 +356,11 @@ def remote_reader_threads(handle: cancelflow.RemoteToken) -> int:
     return sum(t.name == "cancelflow-remote-token" for t in threading.enumerate())
 
 
+def remote_reader_thread_count() -> int:
+    """How many RemoteToken reader threads this process runs now."""
+    return sum(t.name == "cancelflow-remote-token" for t in threading.enumerate())
+
+
 def remote_in_fork_child(parent_address: str) -> bool:
     """In a forked child of a process serving RemoteTokens: a new handle gets this
     process's own server (not the parent's copy, whose threads did not survive the fork)."""
@@ -456,9 +461,15 @@ def store_at_gates(*gates: str) -> str:
     return wait_for_path(gates[-1])
 
 
+#: handles a task keeps open for the rest of its process (see remote_handle_directory)
+_kept_handles: list[cancelflow.RemoteToken] = []
+
+
 def remote_handle_directory() -> str:
-    """Make a token's remote handle here, leave it open, and return its server's directory."""
+    """Make a token's remote handle here, keep it open (a handle collected ends its share,
+    and the last share the server), and return its server's directory."""
     handle = cancelflow.CancellationToken().remote()
+    _kept_handles.append(handle)
     return os.path.dirname(handle._address)
 
 

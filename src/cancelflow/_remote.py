@@ -16,13 +16,17 @@ handle, served by the owning process:
 
 Guaranteed: a cancel (from any thread, signal handler or process) reaches every
 connected handle without polling; ``store_partial`` values reach the owner's sink in the
-order one handle sent them. If the owner is gone (exited, killed, or closed the handle),
-a handle reports itself cancelled with a reason that says so, so work stops rather than
-runs on for nobody. The server ends, and its socket directory is removed, when the last
-handle of the process is closed, at interpreter exit, or when the cancelflow worker whose
-task made it ends (a closing pool lets such a worker exit on its own where it watches
-exits with pidfd, ``"linux"``); ending it hangs up every connected handle, which then
-reports the owner gone. The directory of an owner that could not remove it (SIGKILLed,
+order one handle sent them. If the owner is gone (exited, killed, closed the handle, or
+dropped both the token and the handle made here, which then end the sharing: the share
+holds its token weakly, the owner's handle strongly), a handle reports itself cancelled
+with a reason that says so, so work stops rather than runs on for nobody. A receiving
+process holds the last 8 handles it received (``_recent``: one sent with every task keeps
+its connection) and the others weakly: a handle collected hangs up, which ends its reader
+thread there and its serving thread in the owner. The server ends, and its socket
+directory is removed, when its last share ends, at interpreter exit, or when the
+cancelflow worker whose task made it ends (a closing pool lets such a worker exit on its
+own where it watches exits with pidfd, ``"linux"``); ending it hangs up every connected
+handle, which then reports the owner gone. The directory of an owner that could not remove it (SIGKILLed,
 ended with ``os._exit``, a worker the zygote ended) is removed by the next process that
 makes one in the same temporary directory (``_platform._scratch``).
 
@@ -33,6 +37,7 @@ Not promised: a handle that crosses a ``fork`` keeps its flag but not its reader
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import ctypes
 import mmap
@@ -56,6 +61,7 @@ from ._platform import (
     make_scratch_directory,
     scratch_entry,
 )
+from ._token import CallbackHandle
 
 __all__ = ("RemoteToken",)
 
@@ -115,7 +121,8 @@ class _Share:
     """One token served to other processes (in the owner)."""
 
     def __init__(self, token: Any, sink: PartialSink | None, path: str) -> None:
-        self.token = token
+        #: weak: a share ends with its token (see _Server.add)
+        self.token_ref = weakref.ref(token)
         self.sink = sink
         self.path = path
         self.flag = _Flag.from_buffer(_map(path, create=True))
@@ -124,7 +131,9 @@ class _Share:
         #: set by the token's callback (any thread, a signal handler): the pusher sends
         self.cancel_pending = False
         self.lock = threading.Lock()
-        self.handle: Any = None
+        #: the id of the token's callback that pushes its cancel (a CallbackHandle would
+        #: hold the token)
+        self.callback_id: int | None = None
 
 
 class _Server:
@@ -163,9 +172,13 @@ class _Server:
     def add(self, token: Any, sink: PartialSink | None) -> str:
         share_id = scratch_entry(secrets.token_hex(8))  # (the name of its flag file)
         share = _Share(token, sink, os.path.join(self.directory, share_id))
-        share.handle = token.on_cancel(lambda: self._push_cancel(share))
+        share.callback_id = token.on_cancel(lambda: self._push_cancel(share))._id
         with self.lock:
             self.shares[share_id] = share
+        # Ended when the token is collected (the share holds it weakly; the handle made
+        # here holds it, for as long as the owner keeps that): nothing can cancel it then,
+        # and its handles hear the owner is gone.
+        weakref.finalize(token, self.remove, share_id)
         return share_id
 
     def remove(self, share_id: str) -> None:
@@ -173,7 +186,10 @@ class _Server:
             share = self.shares.pop(share_id, None)
             last = not self.shares
         if share is not None:
-            share.handle.remove()
+            token = share.token_ref()
+            if token is not None and share.callback_id is not None:
+                CallbackHandle(token, share.callback_id).remove()
+            del token
             if not share.flag.is_cancelled:  # every handle sees it at once
                 _set_flag(share.flag, _OWNER_CLOSED)
             with contextlib.suppress(OSError):
@@ -233,6 +249,8 @@ class _Server:
                     name="cancelflow-remote-token",
                     daemon=True,
                 )
+                # (the serving threads that ended are forgotten: one per connection made)
+                self.threads[2:] = [t for t in self.threads[2:] if t.is_alive()]
                 self.threads.append(server)
                 server.start()
         finally:
@@ -254,9 +272,10 @@ class _Server:
                     connection.send(("gone", _OWNER_CLOSED))
                     return
                 share.connections.append(connection)
-                token = share.token
-                if token.is_cancelled:
+                token = share.token_ref()
+                if token is not None and token.is_cancelled:
                     connection.send(("cancelled", token.cancel_reason))
+                del token
             while True:
                 message = connection.recv()
                 if message[0] == "partial" and share.sink is not None:
@@ -265,7 +284,10 @@ class _Server:
                     except Exception as exc:  # noqa: BLE001 - a sink must not break the stream
                         safe_log("ERROR", "partial_sink raised", exception=exc)
                 elif message[0] == "cancel":
-                    share.token.cancel(message[1])
+                    token = share.token_ref()
+                    if token is not None:
+                        token.cancel(message[1])
+                    del token
         except (EOFError, OSError):
             pass  # the handle's process closed it or ended
         finally:
@@ -280,7 +302,8 @@ class _Server:
     def _push_cancel(self, share: _Share) -> None:
         """The token's callback: any thread or a signal handler; takes no lock. The flag
         every handle reads is set here (reason first); the pusher wakes their waiters."""
-        _set_flag(share.flag, share.token.cancel_reason)
+        token = share.token_ref()
+        _set_flag(share.flag, None if token is None else token.cancel_reason)
         share.cancel_pending = True
         if self.closed:
             return
@@ -297,7 +320,9 @@ class _Server:
                     shares = [share for share in self.shares.values() if share.cancel_pending]
                 for share in shares:
                     share.cancel_pending = False
-                    reason = share.token.cancel_reason
+                    token = share.token_ref()
+                    reason = None if token is None else token.cancel_reason
+                    del token
                     with share.lock:
                         for connection in share.connections:
                             with contextlib.suppress(OSError, ValueError):
@@ -377,6 +402,9 @@ class RemoteToken(ctypes.Structure):
     _event: threading.Event
     _send_lock: threading.Lock
     _connection: Connection | None
+    _connection_lock: threading.Lock
+    #: in the owner: the token (kept alive while its owner keeps this handle)
+    _token: Any
     _memory: mmap.mmap | bytearray
 
     @classmethod
@@ -429,20 +457,18 @@ class RemoteToken(ctypes.Structure):
             self._set_gone(_OWNER_GONE)
             return
         self._connection = connection
-        threading.Thread(target=self._read, name="cancelflow-remote-token", daemon=True).start()
-
-    def _read(self) -> None:
-        connection = self._connection
-        assert connection is not None
-        try:
-            while True:
-                kind, reason = connection.recv()
-                if kind == "gone":
-                    self._set_gone(reason)
-                    return
-                self._event.set()  # cancelled: the flag is set already; wake waiters
-        except (EOFError, OSError):
-            self._set_gone(_OWNER_GONE)
+        # The reader holds the handle weakly: once the handle is collected (the task that
+        # got it is over), the connection is hung up, which ends the reader here and the
+        # owner's thread serving it. The lock keeps a hang-up off a descriptor the reader
+        # closed (and the system may have reused).
+        lock = self._connection_lock = threading.Lock()
+        weakref.finalize(self, _hang_up_unless_closed, connection, lock)
+        threading.Thread(
+            target=_read,
+            args=(weakref.ref(self), connection, lock),
+            name="cancelflow-remote-token",
+            daemon=True,
+        ).start()
 
     def _set_gone(self, reason: str) -> None:
         if not self.is_cancelled:  # visible to every handle of this share
@@ -498,14 +524,50 @@ class RemoteToken(ctypes.Structure):
             return
         connection, self._connection = self._connection, None
         if connection is not None:
-            with contextlib.suppress(OSError):
-                connection.close()
+            _hang_up_unless_closed(connection, self._connection_lock)  # the reader closes it
+
+
+def _read(
+    handle_ref: weakref.ref[RemoteToken], connection: Connection, lock: threading.Lock
+) -> None:
+    """A received handle's reader thread: the owner's messages, until it hangs up or the
+    handle is collected."""
+    try:
+        while True:
+            kind, reason = connection.recv()
+            handle = handle_ref()
+            if handle is None:
+                return
+            if kind == "gone":
+                handle._set_gone(reason)
+                return
+            handle._event.set()  # cancelled: the flag is set already; wake waiters
+            del handle
+    except (EOFError, OSError):
+        handle = handle_ref()
+        if handle is not None:
+            handle._set_gone(_OWNER_GONE)
+    finally:
+        with lock, contextlib.suppress(OSError):
+            connection.close()
+
+
+def _hang_up_unless_closed(connection: Connection, lock: threading.Lock) -> None:
+    with lock:
+        if not connection.closed:
+            _hang_up(connection)
 
 
 #: the handles this process received, by (address, share): a handle sent again (with every
 #: task of a pool, say) reuses its connection and reader thread
 _received: weakref.WeakValueDictionary[tuple[str, str], RemoteToken] = weakref.WeakValueDictionary()
 _received_lock = threading.Lock()
+
+
+#: the handles this process received last, held (the rest only weakly, see _connect): a
+#: handle sent with every task keeps its connection between tasks, and a process sent a
+#: new handle with each task holds a few connections at most, not one more per task
+_recent: collections.deque[RemoteToken] = collections.deque(maxlen=8)
 
 
 def _receive(address: str, authkey: bytes, share_id: str, owner_pid: int) -> RemoteToken:
@@ -515,6 +577,8 @@ def _receive(address: str, authkey: bytes, share_id: str, owner_pid: int) -> Rem
         if handle is None or handle._connection is None:
             handle = RemoteToken._open(address, authkey, share_id, owner_pid)
             _received[(address, share_id)] = handle
+        if not _recent or _recent[-1] is not handle:
+            _recent.append(handle)
         return handle
 
 
@@ -524,4 +588,6 @@ def make_remote(token: Any, partial_sink: PartialSink | None) -> RemoteToken:
         raise TypeError(f"partial_sink must be callable, not {type(partial_sink).__name__}")
     server = _get_server()
     share_id = server.add(token, partial_sink)
-    return RemoteToken._open(server.address, server.authkey, share_id, os.getpid())
+    handle = RemoteToken._open(server.address, server.authkey, share_id, os.getpid())
+    handle._token = token  # (see _Server.add)
+    return handle

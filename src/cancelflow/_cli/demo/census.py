@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import psutil
+
 from cancelflow._backends._dask_worker import PLUGIN_NAME, CancelflowWorkerPlugin
 from cancelflow._platform import descendants
 
@@ -56,23 +58,27 @@ def worker_census(*, dask_worker: Any) -> dict[str, Any]:
 
 def _is_mp_helper(pid: int) -> bool:
     """Not a leftover: multiprocessing's own helpers (resource tracker, forkserver), or a
-    process that has exited and awaits its reaper (a zombie), or one gone meanwhile."""
+    process that has exited and awaits its reaper (a zombie), or one gone meanwhile. One
+    that cannot be read is counted (a leftover is never hidden): psutil, so that the same
+    holds where there is no ``/proc``."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            state = handle.read().rsplit(b")", 1)[1].split()[0]
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            command = handle.read()
-    except (OSError, IndexError):
+        process = psutil.Process(pid)
+        status = process.status()
+        command = " ".join(process.cmdline())
+    except psutil.NoSuchProcess:  # gone, or a zombie (ZombieProcess)
         return True
-    return state == b"Z" or b"resource_tracker" in command or b"forkserver" in command
+    except psutil.Error:
+        return False
+    return (
+        status == psutil.STATUS_ZOMBIE or "resource_tracker" in command or "forkserver" in command
+    )
 
 
 def _describe(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            state = handle.read().rsplit(b")", 1)[1].split()[0].decode()
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            command = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except (OSError, IndexError):
+        process = psutil.Process(pid)
+        state = process.status()
+        command = " ".join(process.cmdline()).strip()
+    except psutil.Error:
         return f"{pid} (gone)"
     return f"{pid} [{state}] {command[:120]}"

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 import psutil
 from loguru import logger
 
+from cancelflow._platform import PROCESS_POOLS
 from cancelflow._thread_pool import ThreadPool
 from cancelflow._version import __version__
 
@@ -36,6 +37,7 @@ from .settings import (
     EXIT_INTERRUPTED,
     EXIT_PROBLEM,
     EXIT_USAGE,
+    NO_PROCESS_POOLS,
     PROCESS_GRACE,
     TERM_GRACE,
     THREAD_GRACE,
@@ -72,7 +74,8 @@ still running (a third one quits at once, skipping the final check).
 exit codes:
   0    the story ran to its end (cancelled, superseded, or completed) and nothing is left
   1    something it started is still running, or something went wrong (see "problems")
-  2    bad command line, or --dask without distributed (pip install 'cancelflow[dask]')
+  2    bad command line, --dask without distributed (pip install 'cancelflow[dask]'),
+       or no process pool on this platform (Windows) without --dask ADDRESS
   130  interrupted by a second Ctrl-C; everything stopped and nothing is left
 """
 
@@ -173,6 +176,10 @@ def run(args: argparse.Namespace) -> int:
         if importlib.util.find_spec("distributed") is None:
             print(DASK_MISSING, file=sys.stderr)
             return EXIT_USAGE
+    local = args.dask is None or args.dask.strip().lower() == "local"
+    if local and not PROCESS_POOLS:
+        print(NO_PROCESS_POOLS.format(platform=sys.platform), file=sys.stderr)
+        return EXIT_USAGE
     out: TextIO = sys.stderr if args.json else sys.stdout
     display = make_display(out, args.plain)
     sink_id: int | None = None

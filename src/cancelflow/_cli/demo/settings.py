@@ -49,6 +49,12 @@ DASK_PATIENCE = 60.0
 #: Threads that ``distributed`` starts once per interpreter and never ends (its offload
 #: executor): not the demo's to stop, so the final check does not count them.
 DASK_PROCESS_WIDE_THREADS = ("Dask-Offload",)
+NO_PROCESS_POOLS = (
+    "cancelflow demo: the story runs process nodes, and cancelflow's process pool does "
+    "not run on this platform ({platform}); tokens, ThreadPool, to_thread and pipelines of "
+    "loop and thread nodes do (see the README's platform table), and --dask ADDRESS runs "
+    "the demo on a cluster whose workers run a process pool"
+)
 DASK_MISSING = (
     "cancelflow demo --dask needs Dask distributed, which is not installed: "
     "pip install 'cancelflow[dask]'"
