@@ -104,7 +104,9 @@ class CancellationToken(_Cell):
     token by itself after that many seconds. Links and timers are dropped as soon as the
     token is cancelled, closed or garbage-collected, so a long-lived parent does not grow
     with the short-lived children it spawns. Links and timers live in the process that
-    made them; the flag they set is shared.
+    made them; the flag they set is shared. So a ``timeout=`` fires only while the process
+    that made the token runs: a child process that outlives it waits on a token nobody
+    will time out (give the child a token of its own with ``timeout=``).
 
     Across processes: pass the token to ``multiprocessing.Process(args=...)`` (any start
     method) or use cancelflow's pools. Either side may cancel and both see it at once;

@@ -71,8 +71,10 @@ class ProcessPool(concurrent.futures.Executor):
       a worker's death fails only the task it was running (:class:`WorkerCrashedError`,
       also a ``BrokenProcessPool``): the pool replaces the worker (a fork of a warm
       zygote, a few milliseconds) and keeps its size, where the stdlib's pool breaks;
-    * a task's arguments are pickled in :meth:`submit`, so one that cannot be sent raises
-      ``TypeError`` there, before anything runs (the stdlib fails the future later);
+    * a task's arguments are pickled in :meth:`submit`, so one that cannot be sent is
+      known there, before anything runs: the future :meth:`submit` returns has already
+      failed with the pickling error, as the stdlib's does later (a note names the part),
+      and :meth:`submit_task` raises ``TypeError``;
     * a result the parent cannot unpickle fails that task alone
       (:class:`UnreadableResultError`), where the stdlib's whole pool breaks.
 
