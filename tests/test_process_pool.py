@@ -769,8 +769,15 @@ class TestFirstStep:
         try:
             seen = Announcements()
             token = CancellationToken()
+            # A grace longer than the test: the stop's SIGTERM, which the released
+            # supervisor would send at once once the pool's 0.05 s passed, must not race
+            # the task's own raise on a loaded machine (the fate would read "terminated").
             future = pool.submit_task(
-                workloads.wait_cooperatively_then_tell, (fifo,), token=token, partial_sink=seen
+                workloads.wait_cooperatively_then_tell,
+                (fifo,),
+                token=token,
+                partial_sink=seen,
+                grace_period=WAIT,
             )
             seen.wait("pid")
             supervisor = pool._supervisor
