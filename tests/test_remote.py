@@ -143,9 +143,11 @@ class TestInAForeignProcess:
         thread in the owner (regression: one thread in each, and two descriptors in the
         owner, per handle, for good)."""
         for _ in range(30):
+            # (each token is dropped as the next one is made: its share ends while the next
+            # share is added, the server ending and a new one starting)
             with CancellationToken() as token:
                 assert foreign_pool.submit(remote_reader_threads, token.remote()).result(WAIT)
-            del token
+        del token
         gc.collect()
         assert wait_until(lambda: not _threads_named("cancelflow-remote-token"))
         assert wait_until(lambda: foreign_pool.submit(remote_reader_thread_count).result(WAIT) == 0)

@@ -26,9 +26,9 @@ thread there and its serving thread in the owner. The server ends, and its socke
 directory is removed, when its last share ends, at interpreter exit, or when the
 cancelflow worker whose task made it ends (a closing pool lets such a worker exit on its
 own where it watches exits with pidfd, ``"linux"``); ending it hangs up every connected
-handle, which then reports the owner gone. The directory of an owner that could not remove it (SIGKILLed,
-ended with ``os._exit``, a worker the zygote ended) is removed by the next process that
-makes one in the same temporary directory (``_platform._scratch``).
+handle, which then reports the owner gone. The directory of an owner that could not
+remove it (SIGKILLed, ended with ``os._exit``, a worker the zygote ended) is removed by
+the next process that makes one in the same temporary directory (``_platform._scratch``).
 
 Not promised: a handle that crosses a ``fork`` keeps its flag but not its reader thread
 (unpickle a fresh one in the child); values stored must pickle.
@@ -158,6 +158,10 @@ class _Server:
         self.connections: set[Connection] = set()
         self.lock = threading.Lock()
         self.closed = False
+        #: its last share ended: it closes, and takes no new share (see add)
+        self.ending = False
+        #: shares whose token was collected, for the pusher to end (see _token_gone)
+        self._gone: list[str] = []
         # A cancel may come from a signal handler: its callback only sets a flag and
         # writes a byte here (no lock); the pusher thread does the sending.
         self._wake_r, self._wake_w = local_pair()
@@ -169,22 +173,45 @@ class _Server:
         for thread in self.threads:
             thread.start()
 
-    def add(self, token: Any, sink: PartialSink | None) -> str:
+    def add(self, token: Any, sink: PartialSink | None) -> str | None:
+        """Serve ``token``; its share's id, or ``None`` if this server is ending (its last
+        share ended meanwhile, maybe on the pusher thread): then serve it on a new one."""
         share_id = scratch_entry(secrets.token_hex(8))  # (the name of its flag file)
-        share = _Share(token, sink, os.path.join(self.directory, share_id))
-        share.callback_id = token.on_cancel(lambda: self._push_cancel(share))._id
+        try:
+            share = _Share(token, sink, os.path.join(self.directory, share_id))
+        except OSError:
+            if self.ending or self.closed:  # its directory is gone, or going
+                return None
+            raise
         with self.lock:
-            self.shares[share_id] = share
+            ending = self.ending
+            if not ending:
+                self.shares[share_id] = share
+        if ending:
+            with contextlib.suppress(OSError):
+                os.unlink(share.path)
+            return None
+        share.callback_id = token.on_cancel(lambda: self._push_cancel(share))._id
         # Ended when the token is collected (the share holds it weakly; the handle made
         # here holds it, for as long as the owner keeps that): nothing can cancel it then,
-        # and its handles hear the owner is gone.
-        weakref.finalize(token, self.remove, share_id)
+        # and its handles hear the owner is gone. Not at exit: the server's own close
+        # ends every share then.
+        weakref.finalize(token, self._token_gone, share_id).atexit = False
         return share_id
+
+    def _token_gone(self, share_id: str) -> None:
+        """A shared token was collected: the pusher ends its share. (A finalizer runs
+        wherever the last reference went, maybe under one of this server's locks: it
+        takes none, as :meth:`_push_cancel`.)"""
+        self._gone.append(share_id)
+        with contextlib.suppress(OSError):  # full buffer: a wake-up is pending already
+            self._wake_w.send(b"x")
 
     def remove(self, share_id: str) -> None:
         with self.lock:
             share = self.shares.pop(share_id, None)
             last = not self.shares
+            self.ending = self.ending or last  # (no share is added from here on)
         if share is not None:
             token = share.token_ref()
             if token is not None and share.callback_id is not None:
@@ -316,6 +343,10 @@ class _Server:
                 self._wake_r.recv(512)
                 if self.closed:
                     return
+                while self._gone:
+                    self.remove(self._gone.pop())  # (its last share: closes the server)
+                if self.closed:
+                    return
                 with self.lock:
                     shares = [share for share in self.shares.values() if share.cancel_pending]
                 for share in shares:
@@ -352,7 +383,7 @@ _server_lock = threading.Lock()
 def _get_server() -> _Server:
     global _server
     with _server_lock:
-        if _server is None or _server.closed or _server.pid != os.getpid():
+        if _server is None or _server.ending or _server.closed or _server.pid != os.getpid():
             _server = _Server()
         return _server
 
@@ -586,8 +617,11 @@ def make_remote(token: Any, partial_sink: PartialSink | None) -> RemoteToken:
     """The handle behind :meth:`CancellationToken.remote`."""
     if partial_sink is not None and not callable(partial_sink):
         raise TypeError(f"partial_sink must be callable, not {type(partial_sink).__name__}")
-    server = _get_server()
-    share_id = server.add(token, partial_sink)
+    while True:
+        server = _get_server()
+        share_id = server.add(token, partial_sink)
+        if share_id is not None:
+            break
     handle = RemoteToken._open(server.address, server.authkey, share_id, os.getpid())
     handle._token = token  # (see _Server.add)
     return handle

@@ -466,9 +466,9 @@ class ThreadPool(Executor):
     :class:`~concurrent.futures.ThreadPoolExecutor`: what the ``initializer`` or a task sets
     there (a ``ContextVar``, the :mod:`decimal` context) is seen by that thread's later
     tasks, and nothing of the submitter's is; :meth:`run_sync` instead runs the call in a
-    copy of the awaiting coroutine's context, as :func:`asyncio.to_thread` does. Methods are safe to call from any thread, including from
-    inside a task (except ``shutdown(wait=True)`` waiting for the task's own thread, which
-    it skips).
+    copy of the awaiting coroutine's context, as :func:`asyncio.to_thread` does. Methods
+    are safe to call from any thread, including from inside a task (except
+    ``shutdown(wait=True)`` waiting for the task's own thread, which it skips).
 
     Args:
         max_workers: the most non-abandoned threads at once; ``None`` for

@@ -696,8 +696,9 @@ class CancellationToken(_Cell):
         ``handle.store_partial(key, value)`` calls ``partial_sink(key, value)`` here (on
         the server's thread: make it quick and thread-safe). ``handle.close()`` here ends
         the sharing, and so does dropping both this token and the handle (the handles
-        elsewhere then report the owner gone). The library's own pools do not need it (they share the token
-        itself, faster). See :class:`cancelflow.RemoteToken` for the guarantees.
+        elsewhere then report the owner gone). The library's own pools do not need it
+        (they share the token itself, faster). See :class:`cancelflow.RemoteToken` for
+        the guarantees.
 
         Raises:
             TypeError: ``partial_sink`` is not callable.
