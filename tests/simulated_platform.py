@@ -36,6 +36,8 @@ for name in ("memfd_create", "MFD_CLOEXEC", "pidfd_open", "pipe2", "eventfd",
              "sched_getaffinity", "sched_setaffinity"):
     if hasattr(os, name):
         delattr(os, name)
+if hasattr(os, "process_cpu_count"):  # 3.13+: without sched_getaffinity, os makes it
+    os.process_cpu_count = os.cpu_count  # an alias of cpu_count (as on macOS, Windows)
 for name in ("SOCK_SEQPACKET",):
     if hasattr(socket, name):
         delattr(socket, name)
@@ -55,6 +57,8 @@ for name in ("fork", "register_at_fork", "forkpty", "getpgrp", "getpgid", "killp
              "geteuid", "mkfifo", "wait3", "wait4", "waitid", "sync"):
     if hasattr(os, name):
         delattr(os, name)
+if hasattr(os, "process_cpu_count"):  # 3.13+: without sched_getaffinity, os makes it
+    os.process_cpu_count = os.cpu_count  # an alias of cpu_count (as on macOS, Windows)
 for name in ("AF_UNIX", "SOCK_SEQPACKET", "SCM_RIGHTS", "CMSG_LEN", "CMSG_SPACE"):
     if hasattr(socket, name):
         delattr(socket, name)
