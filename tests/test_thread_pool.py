@@ -676,12 +676,19 @@ class TestTaskContext:
         first = one_worker.submit(current_token).result(WAIT)
         second = one_worker.submit(current_token).result(WAIT)
         assert first is not second
-        finished = one_worker.submit(lambda: None)
-        found: list[str] = []
-        finished.add_done_callback(lambda _: found.append(outside()))  # runs in the worker
+        release = threading.Event()
+        finished = one_worker.submit(release.wait, WAIT)
+        found: list[tuple[str, str]] = []
+        # Registered while the task runs: the callback runs in the worker, as it settles.
+        finished.add_done_callback(
+            lambda _: found.append((threading.current_thread().name, outside()))
+        )
+        release.set()
         finished.result(WAIT)
-        wait_until(lambda: bool(found))
-        assert found == ["no task"]
+        assert wait_until(lambda: bool(found))
+        [(thread, seen)] = found
+        assert thread.startswith("cancelflow-thread-")  # the worker's
+        assert seen == "no task"
 
 
 class TestThreadTaskFuture:
