@@ -234,6 +234,24 @@ class TestOwnerAndCleanup:
             live.communicate("", timeout=WAIT)
         assert not os.path.exists(kept)  # its owner exited normally
 
+    def test_a_server_its_last_token_ended_just_before_exit_leaves_no_directory(
+        self, short_tmp: str
+    ) -> None:
+        """Test that a process whose only shared token is dropped just before it exits
+        (its server then closes on its own thread) leaves no directory (regression: the
+        daemon thread that removes it could die with the process first: 3 of 8 runs)."""
+        env = {**os.environ, "TMPDIR": short_tmp}
+        serve = (
+            "import os; from cancelflow import CancellationToken; "
+            "print(os.path.dirname(CancellationToken().remote()._address), flush=True)"
+        )
+        for _ in range(8):
+            done = subprocess.run(
+                [sys.executable, "-c", serve], capture_output=True, text=True, env=env, timeout=WAIT
+            )
+            assert done.returncode == 0, done.stderr
+            assert not os.path.exists(done.stdout.strip())
+
     def test_a_process_of_another_pid_namespace_leaves_a_live_owner_alone(self) -> None:
         """Test that a process of another pid namespace sharing the temporary directory
         (a container), to which this owner's pid means nothing, does not sweep the live

@@ -153,6 +153,7 @@ class _Server:
                 # (between its making and the bind): make another one.
                 if attempt == 2:
                     raise
+        _directories[self.directory] = self.pid
         self.shares: dict[str, _Share] = {}
         #: every accepted connection not closed yet (hung up when the server closes)
         self.connections: set[Connection] = set()
@@ -284,6 +285,7 @@ class _Server:
             with contextlib.suppress(OSError):
                 self.listener.close()
             shutil.rmtree(self.directory, ignore_errors=True)
+            _directories.pop(self.directory, None)
 
     def _serve(self, connection: Connection) -> None:
         share: _Share | None = None
@@ -402,6 +404,17 @@ def close_server() -> None:
     server = _server
     if server is not None and server.pid == os.getpid():
         server.close()
+    # A server that closed on its own thread (its last share ended) just before exit may
+    # not have removed its directory yet: its accept thread, a daemon, dies with us.
+    for directory, pid in list(_directories.items()):
+        if pid == os.getpid():
+            shutil.rmtree(directory, ignore_errors=True)
+            _directories.pop(directory, None)
+
+
+#: the directories of this process's servers not removed yet, and the pid that made each
+#: (a fork's copy names its parent's)
+_directories: dict[str, int] = {}
 
 
 class RemoteToken(ctypes.Structure):
